@@ -1,0 +1,219 @@
+"""Official-layout safetensors checkpoints: which tensors exist, and reading / writing them (SPEC §1, §3).
+
+`tensor_shapes` is the one place that names the official tensors. Our modules use those names as their own
+attribute paths (`transformer.h.0.attn.c_attn`), so loading is an identity mapping checked against this table.
+
+Reading goes one tensor at a time through safetensors' memory map, converting each to the requested dtype and
+device before the next is touched: the peak is the finished state dict plus one tensor, never two copies of the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import QwenAudioConfig
+from .errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+Shape = tuple[int, ...]
+
+
+def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
+    """Every tensor an official checkpoint stores, with its shape, in checkpoint order."""
+    d, ff, a = config.hidden_size, config.mlp_width, config.audio
+    shapes: dict[str, Shape] = {"transformer.wte.weight": (config.vocab_size, d)}
+    for i in range(config.num_hidden_layers):
+        h = f"transformer.h.{i}."
+        shapes |= {
+            h + "ln_1.weight": (d,),
+            h + "attn.c_attn.weight": (3 * d, d),  # q | k | v stacked
+            h + "attn.c_attn.bias": (3 * d,),
+            h + "attn.c_proj.weight": (d, d),
+            h + "ln_2.weight": (d,),
+            h + "mlp.w1.weight": (ff, d),
+            h + "mlp.w2.weight": (ff, d),  # carries the SiLU gate
+            h + "mlp.c_proj.weight": (d, ff),
+        }
+    shapes |= {"transformer.ln_f.weight": (d,)}
+    e = "transformer.audio."
+    shapes |= {
+        e + "positional_embedding": (a.n_ctx, a.n_state),
+        e + "conv1.weight": (a.n_state, a.n_mels, 3),
+        e + "conv1.bias": (a.n_state,),
+        e + "conv2.weight": (a.n_state, a.n_state, 3),
+        e + "conv2.bias": (a.n_state,),
+    }
+    for j in range(a.n_layer):
+        b = f"{e}blocks.{j}."
+        shapes |= {
+            b + "attn.query.weight": (a.n_state, a.n_state),
+            b + "attn.query.bias": (a.n_state,),
+            b + "attn.key.weight": (a.n_state, a.n_state),  # Whisper's key projection has no bias
+            b + "attn.value.weight": (a.n_state, a.n_state),
+            b + "attn.value.bias": (a.n_state,),
+            b + "attn.out.weight": (a.n_state, a.n_state),
+            b + "attn.out.bias": (a.n_state,),
+            b + "attn_ln.weight": (a.n_state,),
+            b + "attn_ln.bias": (a.n_state,),
+            b + "mlp.0.weight": (4 * a.n_state, a.n_state),
+            b + "mlp.0.bias": (4 * a.n_state,),
+            b + "mlp.2.weight": (a.n_state, 4 * a.n_state),
+            b + "mlp.2.bias": (a.n_state,),
+            b + "mlp_ln.weight": (a.n_state,),
+            b + "mlp_ln.bias": (a.n_state,),
+        }
+    shapes |= {
+        e + "ln_post.weight": (a.n_state,),
+        e + "ln_post.bias": (a.n_state,),
+        e + "proj.weight": (a.output_dim, a.n_state),
+        e + "proj.bias": (a.output_dim,),
+        e + "audio_bos_eos_token.weight": (2, a.output_dim),  # row 0 BOS, row 1 EOS
+        "lm_head.weight": (config.vocab_size, d),
+    }
+    return shapes
+
+
+def shard_files(path: str | Path) -> dict[str, Path]:
+    """Map each tensor name to the file holding it, for a checkpoint directory (index + shards, or a single
+    `model.safetensors`) or a single `.safetensors` file. Every shard the index names must exist."""
+    path = Path(path)
+    if path.is_file():
+        return {name: path for name in read_header(path)}
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    index = path / INDEX_FILE
+    if not index.exists():
+        single = path / SINGLE_FILE
+        if single.exists():
+            return {name: single for name in read_header(single)}
+        raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} is there")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = {str(name): path / str(shard) for name, shard in weight_map.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
+    missing = sorted({f for f in files.values() if not f.exists()})
+    if missing:
+        listed = ", ".join(f.name for f in missing)
+        raise CheckpointError(f"{path}: missing shard file(s) named in {INDEX_FILE}: {listed}")
+    return files
+
+
+def read_header(file: Path) -> dict[str, tuple[torch.dtype, Shape]]:
+    """Dtype and shape of every tensor in one safetensors file, read from its header alone."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            raw = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError, plus OSError for unreadable files
+        raise CheckpointError(f"{file}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
+    for name, (dtype, _) in raw.items():
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+    return {name: (_DTYPES[dtype], shape) for name, (dtype, shape) in raw.items()}
+
+
+def load_checkpoint(
+    path: str | Path,
+    config: QwenAudioConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read and check every tensor of an official checkpoint.
+
+    `config` defaults to the directory's `config.json`. `dtype` None keeps the stored dtype (bf16 for the official
+    weights). On the meta device nothing but the headers is read, which checks a full-size checkpoint in seconds.
+    Missing, unexpected and wrongly shaped tensors are reported together in one `CheckpointError`.
+    """
+    path = Path(path)
+    files = shard_files(path)
+    if config is None:
+        config = QwenAudioConfig.from_json(path if path.is_dir() else path.parent)
+    headers: dict[str, tuple[torch.dtype, Shape]] = {}
+    for file in sorted(set(files.values())):
+        header = read_header(file)
+        absent = [n for n, f in files.items() if f == file and n not in header]
+        if absent:
+            raise CheckpointError(f"{file}: {INDEX_FILE} places {absent[0]!r} here but the shard does not hold it")
+        headers |= header
+    check_tensors({n: headers[n][1] for n in files}, tensor_shapes(config), source=str(path))
+
+    device = torch.device(device)
+    if device.type == "meta":
+        return {n: torch.empty(headers[n][1], dtype=dtype or headers[n][0], device="meta") for n in files}
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name in files:
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype or headers[name][0])
+    return {n: state[n] for n in files}
+
+
+def check_tensors(found: dict[str, Shape], expected: dict[str, Shape], source: str) -> None:
+    """Raise one error that lists every missing, unexpected and shape-mismatched tensor."""
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    wrong = [f"{n}: stored {list(found[n])}, expected {list(s)}" for n, s in expected.items()
+             if n in found and tuple(found[n]) != tuple(s)]
+    if missing or unexpected or wrong:
+        parts = [f"{source}: checkpoint does not match the config"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = "\n    ".join(items[:10]) + (f"\n    … and {len(items) - 10} more" if len(items) > 10 else "")
+                parts.append(f"  {title} ({len(items)}):\n    {shown}")
+        raise CheckpointError("\n".join(parts))
+
+
+def plan_shards(nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Split tensors, in order, into consecutive shards of at most `max_shard_bytes` (a larger tensor sits alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, n in nbytes.items():
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def shard_name(i: int, count: int) -> str:
+    """`model-00001-of-00009.safetensors`, numbered from 1 as the official shards are."""
+    return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(directory: Path, shards: list[list[str]], total_size: int) -> None:
+    """Write `model.safetensors.index.json` for `shards` (lists of tensor names, one per shard file)."""
+    weight_map = {name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(
+    state: dict[str, torch.Tensor], directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3
+) -> Path:
+    """Write tensors in the official layout: `model-0000i-of-0000N.safetensors` shards plus the index."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nbytes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    shards = plan_shards(nbytes, max_shard_bytes)
+    for i, names in enumerate(shards):
+        tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
+        save_file(tensors, directory / shard_name(i, len(shards)), metadata={"format": "pt"})
+    write_index(directory, shards, sum(nbytes.values()))
+    return directory
+
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}

@@ -1,0 +1,162 @@
+"""Model dimensions read from an official `config.json` (SPEC §2).
+
+The field names are the checkpoint's own, so a reader can hold this file next to `config.json` and see every number.
+Only the fields that change the math are required; everything else in the file (`architectures`, `auto_map`, dropout
+rates, …) is kept in `extra` so that writing the config back reproduces the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """The Whisper-large-v2 audio encoder: `config.json["audio"]`."""
+
+    n_mels: int  # mel bins of the front end (80)
+    n_ctx: int  # frames after the conv stem for 30 s of audio (1500); rows of the positional table
+    n_state: int  # encoder width (1280)
+    n_head: int  # encoder attention heads (20)
+    n_layer: int  # encoder blocks (32)
+    output_dim: int  # width of the projected audio features; equals the decoder's hidden_size (4096)
+    avg_pool: bool  # halve the frame rate before ln_post (must be true: every checkpoint does)
+    add_audio_bos_eos_token: bool  # wrap each clip in learned BOS/EOS rows (must be true likewise)
+    audio_start_id: int  # token id of `<audio>`; `</audio>` is the next id
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def audio_end_id(self) -> int:
+        return self.audio_start_id + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_state // self.n_head
+
+
+@dataclass(frozen=True)
+class QwenAudioConfig:
+    """The Qwen-7B decoder plus its audio sub-config: one official `config.json`."""
+
+    vocab_size: int  # rows of wte and lm_head (155947; the tokenizer only produces ids < 155165)
+    hidden_size: int  # 4096
+    num_attention_heads: int  # 32
+    kv_channels: int  # head dimension (128)
+    num_hidden_layers: int  # 32
+    intermediate_size: int  # 22016: twice the MLP width, see `mlp_width`
+    layer_norm_epsilon: float  # RMSNorm epsilon (1e-6 in the Hugging Face copies, 1e-5 on GitHub)
+    rotary_emb_base: float  # 10000
+    rotary_pct: float  # fraction of each head that is rotated (must be 1.0)
+    seq_length: int  # 2048: where dynamic NTK and logn scaling start
+    use_dynamic_ntk: bool
+    use_logn_attn: bool
+    no_bias: bool  # c_proj has no bias (must be true; c_attn always has one)
+    tie_word_embeddings: bool  # must be false: lm_head is stored separately
+    audio: AudioConfig
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def mlp_width(self) -> int:
+        """Width of w1/w2: the official code builds its MLP with `intermediate_size // 2` (11008)."""
+        return self.intermediate_size // 2
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> QwenAudioConfig:
+        """Build and validate a config; `source` names the file in error messages."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        values = _read_fields(cls, raw, source, prefix="", skip={"audio"})
+        if "audio" not in raw:
+            raise ConfigError(f"{source}: required field 'audio' is missing")
+        if not isinstance(raw["audio"], dict):
+            raise ConfigError(f"{source}: field 'audio' must be an object, got {raw['audio']!r}")
+        audio = AudioConfig(**_read_fields(AudioConfig, raw["audio"], source, prefix="audio."))
+        config = cls(**values, audio=audio)
+        _check_supported(config, source)
+        return config
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> QwenAudioConfig:
+        """Read `config.json` from a file or from a checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The official `config.json` layout, with every field that was read (known or not) written back."""
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "audio"):
+                out[f.name] = getattr(self, f.name)
+        out["audio"] = {**self.audio.extra, **{
+            f.name: getattr(self.audio, f.name) for f in dataclasses.fields(self.audio) if f.name != "extra"
+        }}
+        return out
+
+
+_KINDS = {"int": int, "float": float, "bool": bool}
+
+
+def _read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip: set[str] = frozenset()) -> dict:
+    """Take the dataclass's fields out of `raw` with type checks; the rest goes to `extra`."""
+    names = [f for f in dataclasses.fields(cls) if f.name not in skip and f.name != "extra"]
+    values: dict[str, Any] = {}
+    for f in names:
+        where = f"{source}: field '{prefix}{f.name}'"
+        if f.name not in raw:
+            raise ConfigError(f"{where} is missing")
+        value, kind = raw[f.name], f.type
+        # bool is a subclass of int in Python, so check it first and never accept it as a number.
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        value = _KINDS[kind](value)
+        if kind in ("int", "float") and value <= 0:
+            raise ConfigError(f"{where} must be positive, got {value!r}")
+        values[f.name] = value
+    known = {f.name for f in dataclasses.fields(cls)}
+    values["extra"] = {k: v for k, v in raw.items() if k not in known}
+    return values
+
+
+def _check_supported(c: QwenAudioConfig, source: str) -> None:
+    """Reject consistent-looking configs that the official checkpoints never use and our modules do not implement."""
+    rules = [
+        (c.hidden_size == c.num_attention_heads * c.kv_channels,
+         f"hidden_size ({c.hidden_size}) must equal num_attention_heads × kv_channels "
+         f"({c.num_attention_heads} × {c.kv_channels})"),
+        (c.kv_channels % 2 == 0, f"kv_channels ({c.kv_channels}) must be even for rotary embeddings"),
+        (c.intermediate_size % 2 == 0, f"intermediate_size ({c.intermediate_size}) must be even (MLP width is half)"),
+        (c.rotary_pct == 1.0, f"rotary_pct {c.rotary_pct} is not supported (only 1.0: full-head rotary)"),
+        (c.no_bias, "no_bias false is not supported (official checkpoints have no c_proj bias)"),
+        (not c.tie_word_embeddings, "tie_word_embeddings true is not supported (lm_head is stored separately)"),
+        (c.audio.n_state % c.audio.n_head == 0,
+         f"audio.n_state ({c.audio.n_state}) must be divisible by audio.n_head ({c.audio.n_head})"),
+        (c.audio.output_dim == c.hidden_size,
+         f"audio.output_dim ({c.audio.output_dim}) must equal hidden_size ({c.hidden_size})"),
+        (c.audio.avg_pool, "audio.avg_pool false is not supported"),
+        (c.audio.add_audio_bos_eos_token, "audio.add_audio_bos_eos_token false is not supported"),
+        (c.audio.audio_end_id < c.vocab_size,
+         f"audio.audio_start_id ({c.audio.audio_start_id}) leaves `</audio>` outside vocab_size ({c.vocab_size})"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")

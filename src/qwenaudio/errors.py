@@ -1,0 +1,30 @@
+"""Every exception qwenaudio raises on bad input, in one place.
+
+Each one says which file, tensor, field or argument is at fault, so that a user with a 16 GB checkpoint learns what to
+fix from the message alone. They subclass `ValueError` (or `OSError` for files) so callers that already catch the
+built-in kinds keep working.
+"""
+
+
+class QwenAudioError(Exception):
+    """Base class of every error raised by qwenaudio on bad input."""
+
+
+class ConfigError(QwenAudioError, ValueError):
+    """A `config.json` field is missing, has the wrong type, or holds a value we cannot run."""
+
+
+class CheckpointError(QwenAudioError, OSError):
+    """A checkpoint directory or safetensors file is missing, truncated, or holds the wrong tensors."""
+
+
+class TokenizerError(QwenAudioError, ValueError):
+    """The vocabulary file is missing or corrupt, or text / ids cannot be tokenized as asked."""
+
+
+class AudioError(QwenAudioError, ValueError):
+    """Audio that cannot be turned into model input: unreadable, empty, non-finite, or too short."""
+
+
+class DownloadError(QwenAudioError, OSError):
+    """Checkpoint files could not be fetched (no `huggingface_hub`, offline, or an incomplete download)."""

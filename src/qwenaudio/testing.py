@@ -1,0 +1,158 @@
+"""Tiny random checkpoints in the official layout, so every test and example runs without the 16 GB download.
+
+`make_tiny_checkpoint` writes all the files of a real checkpoint directory (SPEC §1): config.json with shrunk
+dims, generation and tokenizer configs, bf16 safetensors shards with their index, mel_filters.npz and qwen.tiktoken.
+The official remote code loads these directories too, which is how golden activations are recorded (SPEC §13).
+Weights come from numpy's PCG64 generator, so the same seed gives the same bytes under any torch version.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .audio import mel_filters
+from .checkpoint import save_checkpoint, tensor_shapes
+from .config import AudioConfig, QwenAudioConfig
+from .errors import ConfigError
+from .tokenizer import NUM_BPE_RANKS, VOCAB_FILE
+
+# config.json of Qwen/Qwen-Audio on Hugging Face (full size; the Chat checkpoint's is the same).
+OFFICIAL_CONFIG: dict[str, Any] = {
+    "architectures": ["QWenLMHeadModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
+    "attn_dropout_prob": 0.0, "bf16": False, "fp16": False, "fp32": False, "emb_dropout_prob": 0.0,
+    "intermediate_size": 22016, "initializer_range": 0.02, "kv_channels": 128, "layer_norm_epsilon": 1e-06,
+    "model_type": "qwen", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "max_position_embeddings": 8192, "no_bias": True, "onnx_safe": None, "rotary_emb_base": 10000,
+    "rotary_pct": 1.0, "scale_attn_weights": True, "seq_length": 2048, "tie_word_embeddings": False,
+    "tokenizer_type": "QWenTokenizer", "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 155947,
+    "use_dynamic_ntk": True, "use_logn_attn": True,
+    "audio": {
+        "n_mels": 80, "n_ctx": 1500, "n_state": 1280, "n_head": 20, "n_layer": 32, "output_dim": 4096,
+        "avg_pool": True, "add_audio_bos_eos_token": True, "audio_start_id": 155163,
+    },
+}
+
+# Small enough to build in a fraction of a second; vocab_size stays full so real prompts' ids are in range.
+TINY_DIMS: dict[str, Any] = {
+    "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "num_hidden_layers": 2, "intermediate_size": 256,
+    "n_state": 64, "n_head": 4, "n_layer": 2,
+}
+
+GENERATION_CONFIGS: dict[str, dict[str, Any]] = {
+    "base": {
+        "chat_format": "raw", "eos_token_id": 151643, "pad_token_id": 151643, "stop_words_ids": [[151643]],
+        "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "transformers_version": "4.31.0",
+    },
+    "chat": {
+        "chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+        "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.5, "transformers_version": "4.31.0",
+    },
+}
+
+TOKENIZER_CONFIG: dict[str, Any] = {
+    "model_max_length": 8192,
+    "tokenizer_class": "QWenTokenizer",
+    "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+}
+
+
+def tiny_config(**dims: Any) -> dict[str, Any]:
+    """The official config.json with `TINY_DIMS` and then `dims` applied.
+
+    Keys are config.json field names; the audio encoder's (`n_state`, `n_layer`, …) are routed into `"audio"`.
+    `audio.output_dim` follows `hidden_size` unless given, since the two must agree.
+    """
+    raw = json.loads(json.dumps(OFFICIAL_CONFIG))
+    audio_keys = {f for f in AudioConfig.__dataclass_fields__ if f != "extra"}
+    for key, value in {**TINY_DIMS, **dims}.items():
+        if key in audio_keys:
+            raw["audio"][key] = value
+        elif key in QwenAudioConfig.__dataclass_fields__ and key not in ("audio", "extra"):
+            raw[key] = value
+        else:
+            raise ConfigError(f"make_tiny_checkpoint: unknown dimension {key!r}")
+    if "output_dim" not in dims:
+        raw["audio"]["output_dim"] = raw["hidden_size"]
+    return raw
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    seed: int = 0,
+    *,
+    vocab_file: str | Path | None = None,
+    chat: bool = False,
+    max_shard_bytes: int = 8 * 1024**2,
+    **dims: Any,
+) -> Path:
+    """Write a random checkpoint directory in the official layout and return its path.
+
+    `vocab_file` is copied in as qwen.tiktoken (pass the real one for meaningful prompts); without it a byte-level
+    stand-in with the same number of ranks is written, so special-token ids stay exact while text encodes to bytes.
+    `chat` selects Qwen-Audio-Chat's generation_config.json. `dims` override config fields (see `tiny_config`).
+    """
+    path = Path(path)
+    raw = tiny_config(**dims)
+    config = QwenAudioConfig.from_dict(raw, source="make_tiny_checkpoint")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    state = {name: _random_tensor(name, shape, rng) for name, shape in tensor_shapes(config).items()}
+    save_checkpoint(state, path, max_shard_bytes=max_shard_bytes)
+
+    _write_json(path / "config.json", raw)
+    _write_json(path / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])
+    _write_json(path / "tokenizer_config.json", TOKENIZER_CONFIG)
+    np.savez(path / "mel_filters.npz", mel_80=mel_filters(80))
+    if vocab_file is not None:
+        shutil.copyfile(vocab_file, path / VOCAB_FILE)
+    else:
+        _write_byte_vocab(path / VOCAB_FILE)
+    return path
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+    """Values of the right scale for each kind of tensor, so activations neither vanish nor explode."""
+    if name.endswith("positional_embedding"):
+        values = _sinusoids(*shape)
+    else:
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith(".bias"):
+            values = 0.1 * noise
+        elif len(shape) == 1:  # norm gains
+            values = 1.0 + 0.1 * noise
+        elif name.endswith(("wte.weight", "audio_bos_eos_token.weight")):  # embeddings: unit scale
+            values = noise
+        else:  # projections: variance-preserving
+            values = noise / math.sqrt(math.prod(shape[1:]))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+
+
+def _sinusoids(length: int, channels: int) -> np.ndarray:
+    """Whisper's positional table: sin then cos of position × geometric frequencies from 1 down to 1/10000."""
+    increments = np.log(10_000) / (channels // 2 - 1)
+    inv_timescales = np.exp(-increments * np.arange(channels // 2))
+    angles = np.arange(length)[:, None] * inv_timescales[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def _write_byte_vocab(path: Path) -> None:
+    """A stand-in qwen.tiktoken: the 256 single bytes, then unreachable filler ranks up to 151,643."""
+    tokens = [bytes([b]) for b in range(256)]
+    tokens += [b"\xff\xfe" + i.to_bytes(3, "big") for i in range(256, NUM_BPE_RANKS)]
+    lines = (f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens))
+    path.write_text("".join(lines), encoding="ascii")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
