@@ -38,3 +38,10 @@ def tokenizer(vocab_file) -> Tokenizer:
 def tiny_ckpt(tmp_path_factory, vocab_file) -> Path:
     """A read-only tiny checkpoint shared by the whole session (copy it before changing anything)."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "Qwen-Audio-tiny", seed=0, vocab_file=vocab_file)
+
+
+@pytest.fixture(scope="session")
+def shared_audio() -> Path:
+    if not SHARED_AUDIO.is_dir():
+        pytest.skip("the shared recordings (../shared/audio) are not on this machine")
+    return SHARED_AUDIO

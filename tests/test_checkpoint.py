@@ -146,6 +146,16 @@ def test_tiny_dims_can_be_overridden(tmp_path):
         make_tiny_checkpoint(tmp_path / "y", n_layers=2)
 
 
+def test_prefix_reads_only_matching_tensors(tiny_ckpt, broken):
+    encoder = load_checkpoint(tiny_ckpt, prefix="transformer.audio.")
+    assert len(encoder) == 5 + 2 * 15 + 5 and all(n.startswith("transformer.audio.") for n in encoder)
+    index = json.loads((broken / INDEX_FILE).read_text())  # a broken decoder tensor is still reported
+    index["weight_map"]["transformer.h.9.ln_1.weight"] = "model-00001-of-00003.safetensors"
+    (broken / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="places 'transformer.h.9.ln_1.weight' here"):
+        load_checkpoint(broken, prefix="transformer.audio.")
+
+
 def test_single_file_checkpoint(tiny_ckpt, tmp_path):
     state = load_checkpoint(tiny_ckpt)
     from safetensors.torch import save_file

@@ -27,14 +27,15 @@ def run_example(*args):
 def test_transcribe_example_on_tiny_checkpoint(tiny_ckpt, tokenizer):
     clip = SHARED_AUDIO / "1272-128104-0000.flac"  # 5.86 s at 16 kHz: 148 prompt tokens
     out = run_example(str(clip), "--model", str(tiny_ckpt))
-    assert "5.86 s at 16000 Hz, 1 channel(s) -> 148 prompt tokens" in out
+    assert "5.86 s -> 148 prompt tokens" in out
     ids = tokenizer.encode(f"<audio>{clip}</audio><|startoftranscript|><|en|><|transcribe|><|en|>"
                            "<|notimestamps|><|wo_itn|>", audio_spans=[148])
-    assert "59 tensors, 0.020 B parameters" in out and f"{len(ids)} prompt ids" in out
+    assert "59 tensors, 0.020 B parameters" in out and f"{len(ids)} ids: <audio>" in out
+    assert "encoder (148, 64) features: BOS + 146 audio tokens + EOS" in out
 
 
 @pytest.mark.skipif(not SHARED_AUDIO.is_dir(), reason="the shared recordings (../shared/audio) are not on this machine")
 def test_transcribe_example_without_weights(tmp_path):
     out = run_example(str(SHARED_AUDIO / "es.mp3"), "--model", str(tmp_path / "missing"), "--language", "es")
-    assert "8.32 s at 48000 Hz" in out and "<|es|><|transcribe|><|es|>" in out
+    assert "8.32 s -> 210 prompt tokens" in out
     assert f"model   not ready: checkpoint not found: {tmp_path}/missing" in out

@@ -1,15 +1,18 @@
 """qwenaudio: a pure-PyTorch re-implementation of Qwen-Audio and Qwen-Audio-Chat that loads the official checkpoints."""
 
+from .audio import load_audio, log_mel_spectrogram
 from .checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
 from .config import AudioConfig, QwenAudioConfig
+from .encoder import AudioEncoder
 from .errors import AudioError, CheckpointError, ConfigError, DownloadError, QwenAudioError, TokenizerError
 from .hub import download
+from .model import load_encoder
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AudioConfig", "AudioError", "CheckpointError", "ConfigError", "DownloadError", "QwenAudioConfig",
-    "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load_checkpoint", "save_checkpoint",
-    "tensor_shapes",
+    "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "DownloadError",
+    "QwenAudioConfig", "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load_audio",
+    "load_checkpoint", "load_encoder", "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
 ]

@@ -1,12 +1,23 @@
-"""Audio front end constants, clip-length arithmetic and the mel filterbank (SPEC §5).
+"""Audio in, log-mel out: loading, resampling to 16 kHz, and the Whisper front end (SPEC §5).
 
 Qwen-Audio hears audio the way Whisper does: 16 kHz mono, at most 30 s, as an 80-bin log-mel spectrogram with a
-10 ms hop. The lengths below decide how many `<audio>` pad tokens a clip occupies in the prompt.
+10 ms hop. The official code decodes with the ffmpeg CLI; here soundfile decodes (wav, flac, ogg, mp3) and a
+windowed-sinc resampler in torch converts the rate, so no external program is needed. The clip lengths below decide
+how many `<audio>` pad tokens a clip occupies in the prompt.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
 import numpy as np
+import soundfile as sf
+import torch
 
 from .errors import AudioError
 
@@ -15,6 +26,9 @@ N_FFT = 400  # 25 ms window
 HOP_LENGTH = 160  # 10 ms hop: 100 mel frames per second
 CHUNK_LENGTH = 30  # seconds the encoder sees at once
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000: longer clips are truncated, as the official code does
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames per 30 s window
+
+AudioSource = str | Path | bytes | BinaryIO | np.ndarray | torch.Tensor
 
 
 def mel_length(num_samples: int) -> int:
@@ -73,3 +87,135 @@ def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_
     weights = np.maximum(0.0, np.minimum(rising, falling))
     weights *= (2.0 / (mel_edges[2:] - mel_edges[:-2]))[:, None]
     return weights.astype(np.float32)
+
+
+def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | None = None) -> torch.Tensor:
+    """Decode `source` to a mono float32 waveform at `sr` Hz, shape [samples], as the official loader hears it.
+
+    `source` is a file path, the bytes of a file, a binary file object, or an array / tensor of samples, which
+    needs `source_sr` (its sample rate). Arrays are [samples] or [channels, samples]. Channels are averaged (as
+    ffmpeg's `-ac 1` does) and the rate converted; then samples are rounded to the 16-bit grid, because the
+    official loader has ffmpeg emit 16-bit PCM and divides by 32768. A 16-bit file at 16 kHz therefore loads
+    bit-identically to the official path.
+    """
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        if source_sr is None:
+            raise AudioError("an array of samples needs its sample rate: load_audio(array, source_sr=...)")
+        name, samples, rate = "array", _array_to_float(source), source_sr
+    else:
+        name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+        samples, rate = _decode(source, name)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=0)
+    if samples.size == 0:
+        raise AudioError(f"{name}: the audio is empty")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{name}: the audio contains NaN or infinite samples")
+    if not isinstance(rate, int) or rate <= 0:
+        raise AudioError(f"{name}: sample rate must be a positive int, got {rate!r}")
+    audio = resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), rate, sr)
+    return torch.round(audio * 32768).clamp(-32768, 32767) / 32768
+
+
+def _decode(source: str | Path | bytes | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+    """Decode a file with soundfile; returns [channels, samples] float32 and the rate."""
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise AudioError(f"{name}: no such audio file")
+    try:
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source,
+                             dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{name}: not a readable audio file ({e})") from None
+    return data.T, rate
+
+
+def _array_to_float(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Samples as float32 [samples] or [channels, samples]; integer PCM scaled by its full-scale value."""
+    a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if a.ndim not in (1, 2):
+        raise AudioError(f"audio array must be [samples] or [channels, samples], got shape {tuple(a.shape)}")
+    if a.ndim == 2 and a.shape[0] > a.shape[1]:
+        raise AudioError(
+            f"audio array of shape {tuple(a.shape)} looks like [samples, channels]; pass [channels, samples] "
+            "(transpose it)"
+        )
+    if a.dtype == np.uint8:  # 8-bit PCM is unsigned, centred on 128
+        return (a.astype(np.float32) - 128) / 128
+    if np.issubdtype(a.dtype, np.signedinteger):
+        return (a / float(-np.iinfo(a.dtype).min)).astype(np.float32)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise AudioError(f"audio array has dtype {a.dtype}; expected float or integer PCM samples")
+    return a.astype(np.float32)
+
+
+def resample(audio: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE, *, zero_crossings: int = 16,
+             rolloff: float = 0.97, beta: float = 9.0) -> torch.Tensor:
+    """Band-limited resampling of [..., samples] from `orig_sr` to `new_sr` Hz (polyphase windowed sinc).
+
+    With `up / down` the reduced rate ratio, output sample j sits at input time j·down/up. Those times fall on `up`
+    distinct fractional offsets, so one strided convolution with `up` kernels (one per offset) computes them all.
+    Each kernel is a low-pass sinc at `rolloff` × the lower Nyquist frequency, `zero_crossings` lobes each side,
+    under a Kaiser window. The defaults are those of ffmpeg's resampler, which the official loader uses, so the
+    model hears nearly what it hears there; they reject aliases by > 90 dB from 1.19 × the new Nyquist frequency.
+    Output length is ceil(samples·up/down).
+    """
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    if up == down:
+        return audio
+    cutoff = 0.5 * rolloff * min(1.0, up / down)  # cycles per input sample
+    half_width = zero_crossings / (2 * cutoff)  # window half-length in input samples
+    lo = -math.ceil(half_width)
+    hi = math.ceil(half_width + (up - 1) * down / up)
+    offsets = torch.arange(up, dtype=torch.float64)[:, None] * down / up  # [up, 1]
+    t = offsets - torch.arange(lo, hi + 1, dtype=torch.float64)[None, :]  # [up, taps]: output time − input time
+    window = torch.special.i0(beta * torch.sqrt((1 - (t / half_width) ** 2).clamp(min=0))) / torch.special.i0(
+        torch.tensor(beta, dtype=torch.float64))
+    kernels = (2 * cutoff * torch.sinc(2 * cutoff * t) * window * (t.abs() <= half_width)).to(audio.dtype)
+
+    n = audio.shape[-1]
+    n_out = math.ceil(n * up / down)
+    per_phase = math.ceil(n_out / up)
+    x = audio.reshape(-1, 1, n)
+    right = max(0, (per_phase - 1) * down + hi - (n - 1))
+    x = torch.nn.functional.pad(x, (-lo, right))
+    y = torch.nn.functional.conv1d(x, kernels.to(x.device)[:, None, :], stride=down)  # [B, up, per_phase]
+    y = y[..., :per_phase].transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]
+    return y.reshape(*audio.shape[:-1], n_out)
+
+
+def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
+    """Zero-pad or cut [..., samples] to exactly `length` samples (30 s)."""
+    n = audio.shape[-1]
+    if n > length:
+        return audio[..., :length]
+    return torch.nn.functional.pad(audio, (0, length - n))
+
+
+@lru_cache(maxsize=None)
+def _mel_filters_on(device: torch.device, n_mels: int) -> torch.Tensor:
+    return torch.from_numpy(mel_filters(n_mels)).to(device)
+
+
+def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """Whisper's log-mel of 16 kHz audio, [..., samples] -> [..., n_mels, 3000], as the official front end.
+
+    Each clip is padded (or cut) to 30 s first, so the floor of (max − 8) in log10 units is taken over the whole
+    padded window, and the STFT's last frame is dropped (3001 -> 3000). Clips longer than 30 s are truncated with
+    a warning, as the official model does.
+    """
+    if audio.shape[-1] > N_SAMPLES:
+        warnings.warn(
+            f"audio of {audio.shape[-1] / SAMPLE_RATE:.1f} s is cut to its first 30 s, as the official model does; "
+            "split longer recordings into windows of at most 30 s (long-form transcription)",
+            stacklevel=2,
+        )
+    audio = pad_or_trim(audio.float())
+    batch = audio.shape[:-1]
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio.reshape(-1, N_SAMPLES), N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = stft[..., :-1].abs() ** 2
+    mel = _mel_filters_on(audio.device, n_mels) @ power
+    log = mel.clamp(min=1e-10).log10()
+    log = torch.maximum(log, log.amax(dim=(-2, -1), keepdim=True) - 8.0)
+    return ((log + 4.0) / 4.0).reshape(*batch, n_mels, N_FRAMES)

@@ -125,12 +125,14 @@ def load_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    prefix: str = "",
 ) -> dict[str, torch.Tensor]:
     """Read and check every tensor of an official checkpoint.
 
     `config` defaults to the directory's `config.json`. `dtype` None keeps the stored dtype (bf16 for the official
     weights). On the meta device nothing but the headers is read, which checks a full-size checkpoint in seconds.
-    Missing, unexpected and wrongly shaped tensors are reported together in one `CheckpointError`.
+    Missing, unexpected and wrongly shaped tensors are reported together in one `CheckpointError`. With `prefix`,
+    only tensors whose names start with it are read (all headers are still checked).
     """
     path = Path(path)
     files = shard_files(path)
@@ -145,16 +147,17 @@ def load_checkpoint(
         headers |= header
     check_tensors({n: headers[n][1] for n in files}, tensor_shapes(config), source=str(path))
 
+    wanted = [n for n in files if n.startswith(prefix)]
     device = torch.device(device)
     if device.type == "meta":
-        return {n: torch.empty(headers[n][1], dtype=dtype or headers[n][0], device="meta") for n in files}
+        return {n: torch.empty(headers[n][1], dtype=dtype or headers[n][0], device="meta") for n in wanted}
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(set(files.values())):
+    for file in sorted({files[n] for n in wanted}):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name in files:
+                if name.startswith(prefix) and name in files:
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype or headers[name][0])
-    return {n: state[n] for n in files}
+    return {n: state[n] for n in wanted}
 
 
 def check_tensors(found: dict[str, Shape], expected: dict[str, Shape], source: str) -> None:
