@@ -3,16 +3,19 @@
 from .audio import load_audio, log_mel_spectrogram
 from .checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
 from .config import AudioConfig, QwenAudioConfig
+from .decoder import Decoder
 from .encoder import AudioEncoder
-from .errors import AudioError, CheckpointError, ConfigError, DownloadError, QwenAudioError, TokenizerError
+from .errors import (
+    AudioError, CheckpointError, ConfigError, DownloadError, InputError, QwenAudioError, TokenizerError,
+)
 from .hub import download
-from .model import load_encoder
+from .model import load_decoder, load_encoder
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "DownloadError",
-    "QwenAudioConfig", "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load_audio",
-    "load_checkpoint", "load_encoder", "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
+    "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "Decoder", "DownloadError",
+    "InputError", "QwenAudioConfig", "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load_audio",
+    "load_checkpoint", "load_decoder", "load_encoder", "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
 ]

@@ -26,5 +26,10 @@ class AudioError(QwenAudioError, ValueError):
     """Audio that cannot be turned into model input: unreadable, empty, non-finite, or too short."""
 
 
+class InputError(QwenAudioError, ValueError):
+    """Model inputs that do not fit: token ids outside the vocabulary, `<audio>` regions that do not match the
+    encoded clips, positions past the KV cache, or a cached prefix that cannot be reused."""
+
+
 class DownloadError(QwenAudioError, OSError):
     """Checkpoint files could not be fetched (no `huggingface_hub`, offline, or an incomplete download)."""

@@ -84,13 +84,16 @@ def make_waveform(k: int, n: int) -> np.ndarray:
     return (0.5 * x / np.abs(x).max()).astype(np.float32)
 
 
-def load_official_model(official_dir: str, work_dir: str):
-    """Tiny checkpoint + official code in work_dir, loaded by transformers in fp32 on CPU."""
+def load_official_model(official_dir: str, work_dir: str, seed: int = 0, **dims):
+    """Tiny checkpoint (make_tiny_checkpoint(seed, **dims)) + official code in work_dir, loaded in fp32 on CPU.
+
+    The checkpoint directory is ``work_dir/qwen_audio_tiny`` (= ``model.name_or_path``).
+    """
     from qwenaudio.testing import make_tiny_checkpoint
     from transformers import AutoModelForCausalLM
 
     ckpt = os.path.join(work_dir, "qwen_audio_tiny")  # also the name of the dynamic module package
-    make_tiny_checkpoint(ckpt, seed=0, vocab_file=os.path.join(official_dir, "qwen.tiktoken"))
+    make_tiny_checkpoint(ckpt, seed=seed, vocab_file=os.path.join(official_dir, "qwen.tiktoken"), **dims)
     for name in OFFICIAL_FILES:  # the official mel_filters.npz replaces ours, so the mel is fully official
         shutil.copyfile(os.path.join(official_dir, name), os.path.join(ckpt, name))
     open(os.path.join(ckpt, "cpp_kernels.py"), "w").close()  # imported by modeling_qwen.py, unused here

@@ -1,0 +1,313 @@
+"""The language model against its references.
+
+1. Activations recorded from the official code (tests/golden/decoder_official.safetensors, made by
+   tests/golden/record_decoder.py): every block, the final norm and the logits for a text prompt, one clip, two
+   clips and a left-padded batch; NTK and logn cases on a checkpoint with seq_length 16; cached decoding steps.
+2. transformers' Qwen2ForCausalLM with mapped weights (below seq_length its math is Qwen-7B's).
+3. A slow float64 reference written here from the formulas of SPEC §8, for dynamic NTK, logn and frozen alpha.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
+from qwenaudio.decoder import Decoder, ntk_alpha
+from qwenaudio.testing import make_tiny_checkpoint
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_ckpt):
+    return load_decoder(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory, vocab_file):
+    """seq_length 16, so dynamic NTK and logn scaling start after 16 tokens."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", seed=1, vocab_file=vocab_file, seq_length=16)
+
+
+def text_ids(tokenizer, n: int, seed: int = 0) -> list[int]:
+    words = "the quick brown fox jumps over a lazy dog while seven wise owls sing softly under pale moonlight".split()
+    g = torch.Generator().manual_seed(seed)
+    text = " ".join(words[int(i)] for i in torch.randint(len(words), (4 * n,), generator=g))
+    return tokenizer.encode(text)[:n]
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[151643] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def decode_incrementally(decoder: Decoder, ids, mask, prefill: int) -> torch.Tensor:
+    """Prefill `prefill` slots, then feed the rest one token per step; the logits of every slot."""
+    decoder.setup_cache(ids.shape[0], ids.shape[1] + 4)
+    out = [decoder(ids[:, :prefill], torch.arange(prefill), attention_mask=mask[:, :prefill])]
+    for p in range(prefill, ids.shape[1]):
+        out.append(decoder(ids[:, p : p + 1], torch.tensor([p]), attention_mask=mask[:, p : p + 1]))
+    return torch.cat(out, dim=1)
+
+
+# --- structure ----------------------------------------------------------------------------------------------------
+
+def test_module_names_map_to_official(tiny_ckpt, decoder):
+    official = {n: s for n, s in tensor_shapes(QwenAudioConfig.from_json(tiny_ckpt)).items()
+                if not n.startswith("transformer.audio.")}
+    ours = {("" if n.startswith("lm_head") else "transformer.") + n: tuple(t.shape)
+            for n, t in decoder.state_dict().items()}
+    assert ours == official
+
+
+@pytest.mark.parametrize("length, alpha", [(1, 1), (2048, 1), (2049, 3), (4096, 3), (4097, 7), (8192, 7), (8193, 15)])
+def test_ntk_alpha_values(length, alpha):
+    assert ntk_alpha(length, 2048) == alpha  # SPEC §8
+
+
+# --- transformers' Qwen2 ------------------------------------------------------------------------------------------
+
+def qwen2_reference(tiny_ckpt):
+    """Qwen2ForCausalLM with our weights: q/k/v split out of c_attn, up = w1, gate = w2, down = c_proj."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = QwenAudioConfig.from_json(tiny_ckpt)
+    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_attention_heads, rms_norm_eps=c.layer_norm_epsilon,
+                         rope_theta=c.rotary_emb_base, max_position_embeddings=c.seq_length,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    model = Qwen2ForCausalLM(config).eval()
+    s = load_checkpoint(tiny_ckpt, dtype=torch.float32)
+    mapped = {"model.embed_tokens.weight": s["transformer.wte.weight"], "model.norm.weight": s["transformer.ln_f.weight"],
+              "lm_head.weight": s["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        h, m = f"transformer.h.{i}.", f"model.layers.{i}."
+        for name, w, b in zip(("q", "k", "v"), s[h + "attn.c_attn.weight"].chunk(3), s[h + "attn.c_attn.bias"].chunk(3)):
+            mapped |= {m + f"self_attn.{name}_proj.weight": w, m + f"self_attn.{name}_proj.bias": b}
+        mapped |= {m + "self_attn.o_proj.weight": s[h + "attn.c_proj.weight"],
+                   m + "mlp.up_proj.weight": s[h + "mlp.w1.weight"], m + "mlp.gate_proj.weight": s[h + "mlp.w2.weight"],
+                   m + "mlp.down_proj.weight": s[h + "mlp.c_proj.weight"],
+                   m + "input_layernorm.weight": s[h + "ln_1.weight"],
+                   m + "post_attention_layernorm.weight": s[h + "ln_2.weight"]}
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
+def test_equals_transformers_qwen2(tiny_ckpt, decoder, tokenizer):
+    reference = qwen2_reference(tiny_ckpt)
+    ids = torch.tensor([text_ids(tokenizer, 48)])
+    blocks = []
+    hooks = [b.register_forward_hook(lambda m, a, out: blocks.append(out)) for b in decoder.h]
+    with torch.no_grad():
+        ours = decoder(ids)
+        theirs = reference(ids, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    for i, block in enumerate(blocks[:-1]):  # Qwen2's last hidden state is after the final norm
+        assert relative_error(block, theirs.hidden_states[i + 1]) < 1e-5
+    assert relative_error(ours, theirs.logits) < 1e-5
+
+
+# --- float64 reference for NTK, logn and frozen alpha ---------------------------------------------------------------
+
+def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int) -> torch.Tensor:
+    """SPEC §8 in float64, one full pass: alpha of each row from its real tokens among the first `prefill` slots
+    (per row only when prefill > seq_length), positions = slots, logn on queries past seq_length."""
+    c = QwenAudioConfig.from_json(ckpt)
+    w = {k: v.double() for k, v in load_checkpoint(ckpt, c).items() if not k.startswith("transformer.audio.")}
+    b, k_len = ids.shape
+    heads, dh, seq = c.num_attention_heads, c.kv_channels, c.seq_length
+
+    def rms(x, weight):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.layer_norm_epsilon) * weight
+
+    lengths = mask[:, :prefill].sum(-1) if prefill > seq else torch.full((b,), prefill)
+    alphas = [max(2 ** math.ceil(math.log2(int(n) / seq) + 1) - 1, 1) for n in lengths]
+    inv_freq = torch.stack([(c.rotary_emb_base * a ** (dh / (dh - 2))) ** (-torch.arange(0, dh, 2).double() / dh)
+                            for a in alphas])  # [B, dh/2]
+    pos = torch.arange(k_len).double()
+    angle = pos[None, :, None] * inv_freq[:, None, :]  # [B, K, dh/2]
+    cos, sin = torch.cat([angle.cos()] * 2, -1)[:, :, None], torch.cat([angle.sin()] * 2, -1)[:, :, None]
+    rotate = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1) * sin  # noqa: E731
+    logn = torch.where(pos + 1 > seq, torch.log(pos + 1) / math.log(seq), torch.ones_like(pos))[None, :, None, None]
+    allowed = (torch.arange(k_len)[None, :] <= torch.arange(k_len)[:, None])[None] & mask.bool()[:, None, :]
+    x = w["transformer.wte.weight"][ids]
+    for i in range(c.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        qkv = rms(x, w[p + "ln_1.weight"]) @ w[p + "attn.c_attn.weight"].T + w[p + "attn.c_attn.bias"]
+        q, k, v = (t.view(b, k_len, heads, dh) for t in qkv.chunk(3, -1))
+        q, k = rotate(q) * logn, rotate(k)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1).nan_to_num(0.0), v).reshape(b, k_len, -1)
+        x = x + y @ w[p + "attn.c_proj.weight"].T
+        h = rms(x, w[p + "ln_2.weight"])
+        x = x + ((h @ w[p + "mlp.w1.weight"].T) * F.silu(h @ w[p + "mlp.w2.weight"].T)) @ w[p + "mlp.c_proj.weight"].T
+    return rms(x, w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
+
+
+def masked_relative_error(ours, ref, mask):
+    keep = mask.bool()
+    return relative_error(ours[keep], ref[keep])
+
+
+def test_ntk_and_logn_on_prefill(short_ckpt, tokenizer):
+    """40 tokens with seq_length 16: alpha 7 and logn on every query from position 16 on."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32)
+    ids = torch.tensor([text_ids(tokenizer, 40)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert relative_error(decoder(ids), reference_logits(short_ckpt, ids, mask, prefill=40)) < 1e-5
+
+
+def test_alpha_is_frozen_while_decoding_past_seq_length(short_ckpt, tokenizer):
+    """Prefill 12 tokens (alpha 1), decode to 28: alpha stays 1 while logn switches on at position 16."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32)
+    ids = torch.tensor([text_ids(tokenizer, 28)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = decode_incrementally(decoder, ids, mask, prefill=12)
+        frozen = reference_logits(short_ckpt, ids, mask, prefill=12)
+        assert relative_error(ours, frozen) < 1e-5
+        assert relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=28)) > 1e-3  # alpha 3 differs
+
+
+def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
+    """Rows of 40 and 20 real tokens padded to 40: alpha 7 and 3, then 6 frozen decoding steps."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32)
+    full = [text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)]
+    ids, mask = left_pad(full)
+    with torch.no_grad():
+        ours = decode_incrementally(decoder, ids, mask, prefill=40)
+    assert decoder.rope_base.tolist() == [10000 * a ** (16 / 14) for a in (7, 3)]
+    assert masked_relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=40), mask) < 1e-5
+
+
+# --- the KV cache ---------------------------------------------------------------------------------------------------
+
+def test_cache_equals_full_sequence_batch_1(decoder, tokenizer):
+    ids = torch.tensor([text_ids(tokenizer, 30)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        decoder.clear_cache()  # a plain full-sequence pass
+        full = decoder(ids)
+        assert relative_error(decode_incrementally(decoder, ids, mask, prefill=20), full) < 1e-5
+
+
+def test_cache_equals_full_sequence_batch_3_left_padded(tiny_ckpt, tokenizer):
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
+    ids, mask = left_pad([text_ids(tokenizer, 30, seed=s) for s in (3, 4, 5)][:1] +
+                         [text_ids(tokenizer, 22, seed=6), text_ids(tokenizer, 9, seed=7)])
+    with torch.no_grad():
+        full = decoder(ids, attention_mask=mask)
+        ours = decode_incrementally(decoder, ids, mask, prefill=ids.shape[1] - 6)
+    assert masked_relative_error(ours, full, mask) < 1e-5
+
+
+def test_chat_prefix_reused_across_turns(tiny_ckpt, tokenizer):
+    """Turn 2 extends the cache of turn 1 (prompt + reply); the logits equal re-running the whole conversation,
+    which is what the official chat does."""
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
+    turn1 = tokenizer.encode("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
+    reply = tokenizer.encode("hi, how can I help?<|im_end|>")
+    turn2 = tokenizer.encode("\n<|im_start|>user\nsay it again<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([turn1 + reply + turn2])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = decoder(ids)
+        decoder.setup_cache(1, 64)
+        a, b = len(turn1), len(turn1) + len(reply)
+        logits = [decoder(ids[:, :a], torch.arange(a))]
+        logits += [decoder(ids[:, p : p + 1], torch.tensor([p])) for p in range(a, b)]
+        logits.append(decoder(ids[:, b:], torch.arange(b, ids.shape[1]), attention_mask=mask[:, b:]))
+    assert relative_error(torch.cat(logits, dim=1), full) < 1e-5
+
+
+def test_prefix_reuse_refused_when_alpha_would_change(short_ckpt, tokenizer):
+    decoder = load_decoder(short_ckpt, dtype=torch.float32)
+    ids = torch.tensor([text_ids(tokenizer, 30)])
+    decoder.setup_cache(1, 32)
+    with torch.no_grad():
+        decoder(ids[:, :10], torch.arange(10))
+        with pytest.raises(InputError, match="would change the NTK rotary base .*prefill the whole sequence"):
+            decoder(ids[:, 10:30], torch.arange(10, 30))
+
+
+# --- positions under padding ------------------------------------------------------------------------------------
+
+def test_true_positions_make_padding_invisible(short_ckpt, tokenizer):
+    """A 12-token prompt left-padded to 20 slots (seq_length 16). Rotary scores depend only on position
+    differences, so the official shift matters through logn alone: slots 16..19 get scaled queries that the
+    unpadded prompt never has. With true_positions the padded row's logits equal the unpadded prompt's."""
+    prompt, other = text_ids(tokenizer, 12, seed=8), text_ids(tokenizer, 20, seed=9)
+    ids, mask = left_pad([prompt, other])
+    with torch.no_grad():
+        for true_positions, matches in ((False, False), (True, True)):
+            decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
+            alone = decoder(torch.tensor([prompt]))[0]
+            padded = decoder(ids, attention_mask=mask)[0, -len(prompt):]
+            assert (relative_error(padded, alone) < 1e-5) == matches
+            ours = decode_incrementally(decoder, ids, mask, prefill=ids.shape[1] - 3)  # the cache agrees too
+            assert masked_relative_error(ours, decoder(ids, attention_mask=mask), mask) < 1e-5
+
+
+# --- dtypes -------------------------------------------------------------------------------------------------------
+
+# Measured relative logit error against fp32: bf16 8.3e-3, fp16 1.1e-3.
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2.5e-2), (torch.float16, 3.5e-3)])
+def test_reduced_precision_stays_near_fp32(tiny_ckpt, decoder, tokenizer, dtype, tolerance):
+    ids = torch.tensor([text_ids(tokenizer, 24)])
+    low = load_decoder(tiny_ckpt, dtype=dtype)
+    with torch.no_grad():
+        decoder.clear_cache()
+        out = low(ids)
+        assert out.dtype == dtype and relative_error(out, decoder(ids)) < tolerance
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+def test_token_id_out_of_range(decoder):
+    for bad in (155947, -1):
+        with pytest.raises(InputError, match=rf"token id {bad} at \[0, 1\] is outside the vocabulary \(0..155946\)"):
+            decoder(torch.tensor([[9707, bad, 0]]))
+
+
+def test_audio_regions_must_match_clips(tiny_ckpt, decoder, tokenizer):
+    encoder = load_encoder(tiny_ckpt, dtype=torch.float32)
+    clip = torch.randn(8000) * 0.1
+    from qwenaudio.audio import log_mel_spectrogram
+
+    with torch.no_grad():
+        span = encoder.encode(log_mel_spectrogram(clip)[None], [8000])[0]
+    one = torch.tensor([tokenizer.encode("<audio>a.wav</audio>hi", audio_spans=[14])])
+    two = torch.tensor([tokenizer.encode("<audio>a</audio>x<audio>b</audio>", audio_spans=[14, 14])])
+    decoder.clear_cache()
+    with torch.no_grad():
+        assert decoder(one, audio=[span]).shape == (1, 15, 155947)  # 14-token span + "hi"
+        with pytest.raises(InputError, match=r"hold 1 <audio>…</audio> region\(s\) but 2 encoded clip\(s\)"):
+            decoder(one, audio=[span, span])
+        with pytest.raises(InputError, match=r"hold 2 <audio>…</audio> region\(s\) but 1 encoded clip\(s\)"):
+            decoder(two, audio=[span])
+        with pytest.raises(InputError, match=r"hold 1 <audio>…</audio> region\(s\) but 0 encoded clip\(s\)"):
+            decoder(one)
+        with pytest.raises(InputError, match=r"region 0 \(row 0, columns 0..13\) holds 14 tokens but clip 0's encoding "
+                                             r"has shape \(13, 64\)"):
+            decoder(one, audio=[span[:13]])
+        with pytest.raises(InputError, match="unbalanced audio tags"):
+            decoder(torch.tensor([[155163, 9707, 0]]), audio=[span])
+
+
+def test_positions_past_the_cache(tiny_ckpt):
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
+    decoder.setup_cache(1, 8)
+    with torch.no_grad(), pytest.raises(InputError, match="position 9 is past the KV cache of 8 slots"):
+        decoder(torch.zeros(1, 10, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(InputError, match="batch of 2 rows for a KV cache set up for 1"):
+        decoder(torch.zeros(2, 3, dtype=torch.long))
