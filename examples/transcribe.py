@@ -1,8 +1,6 @@
-"""Transcribe an audio file with Qwen-Audio.
+"""Transcribe an audio file with Qwen-Audio: load, log-mel, encode, then greedy decoding with a KV cache.
 
-The decoder is still being built, so for now this runs what exists and prints the rest: it loads and resamples
-the clip, computes its log-mel, encodes it with the checkpoint's audio encoder, and shows the ASR prompt the
-decoder will read (checking the whole checkpoint on the meta device, which reads only the safetensors headers).
+A plain loop for now; sampling, batching, stop strings and the other tasks arrive with `qwenaudio.generate`.
 """
 
 import argparse
@@ -21,29 +19,35 @@ def main() -> None:
     parser.add_argument("audio", help="an audio file (wav, flac, ogg, mp3; any rate, mono or stereo)")
     parser.add_argument("--model", default=str(weights_home() / "Qwen-Audio"), help="checkpoint directory")
     parser.add_argument("--language", default="en", help="spoken language tag: en zh de es ko fr ja it")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parser.parse_args()
 
-    audio = qwenaudio.load_audio(args.audio)  # mono, 16 kHz
+    audio = qwenaudio.load_audio(args.audio)  # mono, 16 kHz, at most 30 s are heard
     span = audio_span(len(audio))
     prompt = f"<audio>{args.audio}</audio>" + ASR_TAGS.format(lang=args.language)
-    print(f"audio   {args.audio}: {len(audio) / 16000:.2f} s -> {span} prompt tokens")
     try:
-        tensors = qwenaudio.load_checkpoint(args.model, device="meta")
-        ids = qwenaudio.Tokenizer.from_pretrained(args.model).encode(prompt, audio_spans=[span])
+        tokenizer = qwenaudio.Tokenizer.from_pretrained(args.model)
         encoder = qwenaudio.load_encoder(args.model, dtype=torch.float32)  # fp32: what runs fast on a CPU
+        decoder = qwenaudio.load_decoder(args.model, dtype=torch.float32)
     except qwenaudio.QwenAudioError as e:
-        print(f"model   not ready: {e}")
-        print("        get it with: python -c \"import qwenaudio; qwenaudio.download('Qwen/Qwen-Audio')\" "
-              "(see weights/README.md)")
+        print(f"model not ready: {e}\nget it with: python -c \"import qwenaudio; qwenaudio.download('Qwen/Qwen-Audio')\""
+              " (see weights/README.md)")
         return
-    print(f"model   {args.model}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()) / 1e9:.3f} B "
-          "parameters")
+    ids = tokenizer.encode(prompt, audio_spans=[span])
+    print(f"{args.audio}: {len(audio) / 16000:.2f} s, {span} audio tokens, {len(ids)} prompt ids")
+
+    decoder.setup_cache(1, len(ids) + args.max_new_tokens)
+    reply: list[int] = []
     with torch.no_grad():
-        features = encoder.encode(qwenaudio.log_mel_spectrogram(audio)[None], [len(audio)])[0]
-    print(f"encoder {tuple(features.shape)} features: BOS + {span - 2} audio tokens + EOS")
-    print(f"prompt  {len(ids)} ids: {prompt}")
-    print("next    the decoder reads the prompt with the features spliced in, then decodes greedily "
-          "(arrives with the language and inference issues)")
+        features = encoder.encode(qwenaudio.log_mel_spectrogram(audio)[None], [len(audio)])
+        logits = decoder(torch.tensor([ids]), audio=features)
+        for step in range(args.max_new_tokens):
+            token = int(logits[0, -1, : len(tokenizer)].argmax())  # only ids the tokenizer can decode
+            if token == tokenizer.eod_id:
+                break
+            reply.append(token)
+            logits = decoder(torch.tensor([[token]]), torch.tensor([len(ids) + step]))
+    print(tokenizer.decode(reply, skip_special_tokens=True))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,27 @@
 3. A slow float64 reference written here from the formulas of SPEC §8, for dynamic NTK, logn and frozen alpha.
 """
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
+from qwenaudio.audio import log_mel_spectrogram
 from qwenaudio.decoder import Decoder, ntk_alpha
 from qwenaudio.testing import make_tiny_checkpoint
+
+from .conftest import GOLDEN
+
+with safe_open(GOLDEN / "decoder_official.safetensors", framework="pt") as f:
+    OFFICIAL = {name: f.get_tensor(name) for name in f.keys()}
+    META = f.metadata()
+with safe_open(GOLDEN / "encoder_official.safetensors", framework="pt") as f:
+    CLIPS = [f.get_tensor(f"single{k}.waveform") for k in range(3)]  # the clips both recordings used
+CASES = list(json.loads(META["case_checkpoint"]))
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,6 +66,76 @@ def decode_incrementally(decoder: Decoder, ids, mask, prefill: int) -> torch.Ten
     for p in range(prefill, ids.shape[1]):
         out.append(decoder(ids[:, p : p + 1], torch.tensor([p]), attention_mask=mask[:, p : p + 1]))
     return torch.cat(out, dim=1)
+
+
+# --- the official code ---------------------------------------------------------------------------------------------
+
+def test_golden_was_recorded_from_official_code():
+    assert META["code"].startswith("QwenLM/Qwen-Audio@e81cc26") and META["transformers"] == "4.32.0"
+    assert CASES == ["text", "one_clip", "two_clips", "batch", "ntk_text", "ntk_batch", "ntk_short"]
+
+
+def run_case(case, ckpt):
+    """Prefill the case's ids (splicing its clips, encoded as the official code batched them), then feed the
+    official greedy steps one at a time; returns the hooked activations, prefill logits and step logits."""
+    ids, mask = OFFICIAL[f"{case}.input_ids"], OFFICIAL[f"{case}.attention_mask"]
+    audio = []
+    clips = [CLIPS[k] for k in json.loads(META["clips"])[case]]
+    if clips:
+        mels = torch.stack([log_mel_spectrogram(c) for c in clips])
+        audio = load_encoder(ckpt, dtype=torch.float32).encode(mels, [len(c) for c in clips])
+    decoder = load_decoder(ckpt, dtype=torch.float32)
+    acts = {}
+
+    def keep_prefill(name):  # the first call is the prefill; hooks must return None to leave the model alone
+        def hook(module, args, out=None):
+            acts.setdefault(name, args[0] if out is None else out)
+        return hook
+
+    hooks = [decoder.h[0].register_forward_pre_hook(keep_prefill("embeds")),
+             decoder.ln_f.register_forward_hook(keep_prefill("ln_f"))]
+    hooks += [b.register_forward_hook(keep_prefill(f"block{i}")) for i, b in enumerate(decoder.h)]
+    steps = OFFICIAL.get(f"{case}.step_ids")
+    b, s = ids.shape
+    decoder.setup_cache(b, s + 8)
+    with torch.no_grad():
+        logits = decoder(ids, attention_mask=mask, audio=audio)
+        step_logits = [decoder(steps[:, t : t + 1], torch.tensor([s + t])) for t in range(8)] if steps is not None else []
+    for h in hooks:
+        h.remove()
+    return acts, logits, step_logits, decoder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_ckpt, short_ckpt):
+    return {"A": tiny_ckpt, "B": short_ckpt}  # A: seed 0, default tiny dims; B: seed 1, seq_length 16
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_layer_and_logits_equal_official(checkpoints, case):
+    acts, logits, _, decoder = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
+    real = OFFICIAL[f"{case}.attention_mask"].bool()  # padded rows are never read; compare the real ones
+    for name in ("embeds", "block0", "block1", "ln_f"):
+        assert relative_error(acts[name][real], OFFICIAL[f"{case}.{name}"][real]) < 1e-5, name
+    cols = OFFICIAL["cols"]
+    assert relative_error(logits[..., cols][real], OFFICIAL[f"{case}.logits_cols"][real]) < 1e-5
+    assert relative_error(logits.double().logsumexp(-1)[real], OFFICIAL[f"{case}.logits_lse"][real]) < 1e-5
+    assert torch.equal(logits.argmax(-1)[real], OFFICIAL[f"{case}.logits_argmax"][real])
+    dim = decoder.config.kv_channels
+    alphas = OFFICIAL[f"{case}.ntk_alpha"].tolist()
+    assert decoder.rope_base.tolist() == [10000 * a ** (dim / (dim - 2)) for a in alphas] * (len(real) // len(alphas))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if f"{c}.step_ids" in OFFICIAL])
+def test_cached_decoding_steps_equal_official(checkpoints, case):
+    _, logits, step_logits, decoder = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
+    steps = OFFICIAL[f"{case}.step_ids"]
+    assert torch.equal(logits[:, -1].argmax(-1), steps[:, 0])  # greedy: the official fed its argmax
+    for t, step in enumerate(step_logits):
+        assert relative_error(step[:, 0, OFFICIAL["cols"]], OFFICIAL[f"{case}.step_logits_cols"][:, t]) < 1e-5
+        assert relative_error(step[:, 0].double().logsumexp(-1), OFFICIAL[f"{case}.step_logits_lse"][:, t]) < 1e-5
+        if t < 7:
+            assert torch.equal(step[:, 0].argmax(-1), steps[:, t + 1])
 
 
 # --- structure ----------------------------------------------------------------------------------------------------
