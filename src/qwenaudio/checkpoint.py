@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,13 +127,15 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     prefix: str = "",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read and check every tensor of an official checkpoint.
 
     `config` defaults to the directory's `config.json`. `dtype` None keeps the stored dtype (bf16 for the official
     weights). On the meta device nothing but the headers is read, which checks a full-size checkpoint in seconds.
     Missing, unexpected and wrongly shaped tensors are reported together in one `CheckpointError`. With `prefix`,
-    only tensors whose names start with it are read (all headers are still checked).
+    only tensors whose names start with it are read (all headers are still checked). `progress(done, total)` is
+    called after each tensor.
     """
     path = Path(path)
     files = shard_files(path)
@@ -157,6 +160,8 @@ def load_checkpoint(
             for name in f.keys():
                 if name.startswith(prefix) and name in files:
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype or headers[name][0])
+                    if progress:
+                        progress(len(state), len(wanted))
     return {n: state[n] for n in wanted}
 
 

@@ -1,4 +1,5 @@
-"""Model dimensions read from an official `config.json` (SPEC §2).
+"""Model dimensions read from an official `config.json` (SPEC §2), and decoding defaults from
+`generation_config.json` (SPEC §9).
 
 The field names are the checkpoint's own, so a reader can hold this file next to `config.json` and see every number.
 Only the fields that change the math are required; everything else in the file (`architectures`, `auto_map`, dropout
@@ -105,6 +106,50 @@ class QwenAudioConfig:
             f.name: getattr(self.audio, f.name) for f in dataclasses.fields(self.audio) if f.name != "extra"
         }}
         return out
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; `from_json` reads a checkpoint's generation_config.json (SPEC §9)."""
+
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    stop_token_ids: tuple[int, ...] = (151643,)  # <|endoftext|>
+    stop_strings: tuple[str, ...] = ()
+    pad_token_id: int = 151643
+    seed: int | None = None
+    chat_format: str = "raw"  # "chatml" for Qwen-Audio-Chat
+    max_window_size: int = 6144  # chat history budget in tokens
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GenerationConfig:
+        """Defaults of a checkpoint directory's generation_config.json; missing file or keys keep ours."""
+        path = Path(path)
+        path = path / "generation_config.json" if path.is_dir() else path
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        stops = [w[0] for w in raw.get("stop_words_ids", []) if len(w) == 1] + [raw.get("eos_token_id", 151643)]
+        if raw.get("chat_format") == "chatml":
+            stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        return cls(**values, stop_token_ids=tuple(dict.fromkeys(stops)))
+
+    def replace(self, **changes) -> GenerationConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
+        changes = {k: tuple(v) if k in ("stop_token_ids", "stop_strings") else v for k, v in changes.items()}
+        return dataclasses.replace(self, **changes)
 
 
 _KINDS = {"int": int, "float": float, "bool": bool}

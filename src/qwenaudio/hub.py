@@ -51,3 +51,16 @@ def _by_hand(repo_id: str, local_dir: Path) -> str:
         f"generation_config.json, tokenizer_config.json, qwen.tiktoken, mel_filters.npz, {INDEX_FILE} and every "
         "model-0000N-of-00009.safetensors shard it names (see weights/README.md)."
     )
+
+
+def resolve(name: str | Path) -> Path:
+    """A checkpoint directory for `name`: an existing directory as is; a repo id ("Qwen/Qwen-Audio") as
+    `weights_home()/Qwen-Audio`, downloaded there first when it is not present."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if isinstance(name, str) and name.count("/") == 1 and not path.exists():
+        local = weights_home() / name.split("/")[1]
+        return local if (local / "config.json").exists() else download(name, local)
+    raise DownloadError(f"{name}: no such checkpoint directory, and not a Hugging Face repo id like "
+                        f"{OFFICIAL_REPOS[0]!r}")

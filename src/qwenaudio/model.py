@@ -1,24 +1,92 @@
-"""Building the networks from an official checkpoint directory.
+"""Qwen-Audio assembled: configuration, tokenizer, audio encoder and decoder, loaded from one checkpoint.
 
 Modules are created on the meta device (no memory, no random init) and then take the checkpoint's tensors
-directly with `load_state_dict(assign=True)`: the weights are read once, in the requested dtype, and never copied
-again. Module attribute paths are the official tensor names with the owner's prefix dropped: the encoder owns
-`transformer.audio.*`, the decoder owns the rest of `transformer.*` and `lm_head.*`.
+directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
+copied again, so loading needs no more memory than the weights themselves. Module attribute paths are the
+official tensor names with the owner's prefix dropped: the encoder owns `transformer.audio.*`, the decoder owns
+the rest of `transformer.*` and `lm_head.*`.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
+from .audio import AudioSource, load_audio, log_mel_spectrogram
 from .checkpoint import load_checkpoint
-from .config import QwenAudioConfig
+from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
+from .errors import ConfigError
+from .hub import resolve
+from .tokenizer import Tokenizer
 
 ENCODER_PREFIX = "transformer.audio."
 DECODER_PREFIX = "transformer."  # plus lm_head.*, which keeps its name
+
+
+class QwenAudio(nn.Module):
+    """The whole model: `encoder` turns clips into spans, `decoder` reads prompts with the spans spliced in."""
+
+    def __init__(self, config: QwenAudioConfig, tokenizer: Tokenizer, generation_config: GenerationConfig,
+                 *, true_positions: bool = False):
+        super().__init__()
+        if tokenizer.audio_start_id != config.audio.audio_start_id:
+            raise ConfigError(f"config.json: audio.audio_start_id is {config.audio.audio_start_id} but the "
+                              f"vocabulary's <audio> is {tokenizer.audio_start_id}")
+        self.config, self.tokenizer, self.generation_config = config, tokenizer, generation_config
+        self.encoder = AudioEncoder(config.audio)
+        self.decoder = Decoder(config, true_positions=true_positions)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.lm_head.weight.device
+
+    def encode_audio(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
+        """Encoded spans of clips (16 kHz waveforms, or anything `load_audio` reads), encoded as one batch, as the
+        official code batches the clips of one prompt or one evaluation batch."""
+        clips = [c if isinstance(c, Tensor) and c.ndim == 1 else load_audio(c) for c in clips]
+        if not clips:
+            return []
+        mel = torch.stack([log_mel_spectrogram(c.to(self.device)) for c in clips])
+        with torch.no_grad():
+            return self.encoder.encode(mel, [len(c) for c in clips])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                audio: Sequence[Tensor] | None = None) -> Tensor:
+        """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their 16 kHz waveforms."""
+        return self.decoder(input_ids.to(self.device), attention_mask=attention_mask,
+                            audio=self.encode_audio(audio or []))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPUs (their bf16 matmuls are slow), bf16 on GPUs that support it, else fp16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(name: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+         true_positions: bool = False, progress: bool = True) -> QwenAudio:
+    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", looked up under $QWENAUDIO_HOME and
+    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (default: `default_dtype`)."""
+    path = resolve(name)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    config = QwenAudioConfig.from_json(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    report = _report_progress if progress else None
+    state = load_checkpoint(path, config, dtype=dtype, device=device, progress=report)
+    generation_config = GenerationConfig.from_json(path)
+    with torch.device("meta"):
+        model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
+    model.encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
+    model.decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
+    return model.eval()
 
 
 def load_encoder(path: str | Path, *, dtype: torch.dtype | None = None,
@@ -28,7 +96,7 @@ def load_encoder(path: str | Path, *, dtype: torch.dtype | None = None,
     state = load_checkpoint(path, config, dtype=dtype, device=device, prefix=ENCODER_PREFIX)
     with torch.device("meta"):
         encoder = AudioEncoder(config.audio)
-    encoder.load_state_dict({k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}, assign=True)
+    encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
     return encoder.eval()
 
 
@@ -39,6 +107,21 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None, device: 
     state = load_checkpoint(path, config, dtype=dtype, device=device)
     with torch.device("meta"):
         decoder = Decoder(config, true_positions=true_positions)
-    decoder.load_state_dict({k.removeprefix(DECODER_PREFIX): v for k, v in state.items()
-                             if not k.startswith(ENCODER_PREFIX)}, assign=True)
+    decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
     return decoder.eval()
+
+
+def _owned(state: dict[str, Tensor], prefix: str, exclude: str | None = None) -> dict[str, Tensor]:
+    """The tensors a module owns, renamed to its attribute paths (`lm_head.*` is the decoder's as is)."""
+    return {k.removeprefix(prefix): v for k, v in state.items()
+            if (k.startswith(prefix) or (prefix == DECODER_PREFIX and k.startswith("lm_head.")))
+            and not (exclude and k.startswith(exclude))}
+
+
+def _report_progress(done: int, total: int) -> None:
+    """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
+    if sys.stderr.isatty():
+        bar = "#" * (30 * done // total)
+        print(f"\rloading weights [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
+    elif done == total:
+        print(f"loaded {total} weight tensors", file=sys.stderr)

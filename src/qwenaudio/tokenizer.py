@@ -65,6 +65,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     AUDIO_START, AUDIO_END,
 )
 
+# The special tokens Qwen-Audio added to Qwen-7B's: the only ones ChatML content may contain as tokens (the
+# official chat encodes content with these allowed, so a typed "<|im_start|>" stays text but "<|en|>" is a tag).
+AUDIO_SPECIAL_TOKENS = frozenset(SPECIAL_TOKENS[SPECIAL_TOKENS.index(AUDIO_PAD):])
+
 AllowedSpecial = AbstractSet[str] | Literal["all"]
 
 
