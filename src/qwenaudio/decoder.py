@@ -135,6 +135,7 @@ class Decoder(nn.Module):
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_seq_len = 0  # no cache until setup_cache
+        self.prefills = 0  # fresh prefills into the cache so far: tells a chat whether its cached prefix survives
         self.rope_base = torch.ones(0)  # per-row base chosen at prefill, frozen while decoding
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -177,6 +178,7 @@ class Decoder(nn.Module):
         if s > 1 or int(input_pos[0]) == 0:  # like the official code, decoding steps are never spliced
             x = splice_audio(x, input_ids, audio or [], self.config.audio.audio_start_id)
         if self.max_seq_len:
+            self.prefills += int(input_pos[0]) == 0
             self.key_valid[:, input_pos] = new_valid
             valid, key_pos = self.key_valid, torch.arange(self.max_seq_len, device=device)
         else:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .config import GenerationConfig
 from .decoder import Decoder
+from .errors import InputError
 from .tokenizer import Tokenizer
 
 
@@ -61,20 +62,22 @@ def generate_steps(
     attention_mask: Tensor | None = None,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
+    prefix_len: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (next ids [B], newly finished rows [B] bool) once per step until every row has stopped.
 
     A row's stop token is yielded in the step it finishes, then padding; callers cut each row at its stop.
+    `prefix_len` > 0 says the decoder's KV cache already holds `input_ids[:, :prefix_len]` (a previous chat turn):
+    only the rest is prefilled, unless the cache is too small or the NTK factor would change (then all is).
     """
     b, s = input_ids.shape
     device = input_ids.device
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     stops = torch.tensor(config.stop_token_ids, device=device)
-    decoder.setup_cache(b, s + config.max_new_tokens)
     seen = input_ids
     replies: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    logits = decoder(input_ids, attention_mask=attention_mask, audio=audio)[:, -1]
+    logits = _prefill(decoder, input_ids, attention_mask, list(audio or []), s + config.max_new_tokens, prefix_len)
     for step in range(config.max_new_tokens):
         scores = process_logits(logits[:, : len(tokenizer)].float(), seen, step, config)
         ids = choose(scores, config, generator).masked_fill(done, config.pad_token_id)
@@ -92,6 +95,24 @@ def generate_steps(
             return
         seen = torch.cat([seen, ids[:, None]], dim=1)
         logits = decoder(ids[:, None], torch.tensor([s + step], device=device))[:, -1]
+
+
+def _prefill(decoder: Decoder, input_ids: Tensor, attention_mask: Tensor | None, audio: list[Tensor],
+             capacity: int, prefix_len: int) -> Tensor:
+    """Last-position logits after feeding the prompt, reusing a cached prefix when it is valid. The cache is
+    reallocated only when it is too small (or of another batch size)."""
+    if decoder.max_seq_len < capacity or decoder.key_valid.shape[0] != input_ids.shape[0]:
+        decoder.setup_cache(input_ids.shape[0], capacity)
+        prefix_len = 0
+    if 0 < prefix_len < input_ids.shape[1]:
+        chunk = input_ids[:, prefix_len:]
+        cached_clips = int((input_ids[:, :prefix_len] == decoder.config.audio.audio_start_id).sum())
+        try:
+            return decoder(chunk, torch.arange(prefix_len, input_ids.shape[1], device=input_ids.device),
+                           audio=audio[cached_clips:])[:, -1]
+        except InputError:  # the longer sequence needs another NTK factor: recompute everything
+            pass
+    return decoder(input_ids, attention_mask=attention_mask, audio=audio)[:, -1]
 
 
 def generate(
@@ -128,13 +149,18 @@ def stream_text(
     *,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
+    prefix_len: int = 0,
+    reply: list[int] | None = None,
 ) -> Iterator[str]:
-    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters."""
+    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters.
+
+    The reply's ids are appended to `reply` if given (the stop token excluded)."""
     if input_ids.shape[0] != 1:
-        raise ValueError("stream_text takes one prompt (a [1, S] batch)")
-    reply: list[int] = []
+        raise InputError("stream_text takes one prompt (a [1, S] batch)")
+    reply = [] if reply is None else reply
     shown = ""
-    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config):
+    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config,
+                                        prefix_len=prefix_len):
         token = int(ids[0])
         if not (bool(finished[0]) and token in config.stop_token_ids):
             reply.append(token)

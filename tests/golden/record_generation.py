@@ -19,7 +19,10 @@ tokenizer and ffmpeg loader resolve against the working directory, so the record
 audio_info=[process_audio(t) for t in texts])``; ``model.generate(..., do_sample=False, max_new_tokens=24,
 min_new_tokens=1, length_penalty=1.0, num_return_sequences=1, repetition_penalty=1.0, use_cache=True,
 pad_token_id=151643, eos_token_id=151643, audio_info=<that list>)``).  Cases ``asr`` and ``timestamps`` (clip1 alone,
-batch of one) and ``batch`` (asr prompt on clip0 + caption prompt on clip1, one left-padded batch).  Per case: texts,
+batch of one), ``batch`` (asr prompt on clip0 + caption prompt on clip1, one left-padded batch), ``asr_clip0`` (batch's
+row 0 alone) and ``batch_stop`` (batch again with ``stop_words_ids`` taken from batch's own ids, so the official
+StopWordsLogitsProcessor forces eos in each row and generate pads the finished row: the random model never emits
+eos by itself within 24 tokens).  Per case: texts,
 input_ids / attention_mask as fed, audio_span_tokens per row, ``generated`` = generate's output after the prompt
 columns, exactly as returned (eos and any trailing pads included), ``pred`` = evaluate_asr.py's cut at the first
 151643, ``text`` = official decode of ``pred``, and ``first_undecodable`` (whether any generated id is >= 155165).
@@ -27,7 +30,9 @@ columns, exactly as returned (eos and any trailing pads included), ``pred`` = ev
 ``chat`` (chat checkpoint's tokenizer): official ``make_context`` (chatml, system "You are a helpful assistant.",
 max_window_size 6144) for a two-turn conversation with one clip per turn (``turns``), what ``model.chat`` feeds to
 ``generate`` for those turns (captured, not generated: ``chat_feeds_same_context``), and ``window``: a text-only
-four-turn history under max_window_size 60 and 6144 (which history turns survive).
+four-turn history under max_window_size 60 and 6144, under the boundary sizes 24/38/52/53 (``window_boundaries``)
+and a long middle turn at 45 (``window_break``); each with ``kept_history_turns``.  ``checks``: the ids that show a
+typed "<|im_start|>" stays plain text while a typed "<|en|>" becomes its special id inside chat content.
 
 How to run (same venv and official files as record_encoder.py; ffmpeg on PATH), from the repository root:
 
@@ -73,12 +78,21 @@ GENERATION_CASES = {
     "asr": [f"<audio>{CLIP1}</audio>{ASR_TAGS}"],
     "timestamps": [f"<audio>{CLIP1}</audio>{TS_TAGS}"],
     "batch": [f"<audio>{CLIP0}</audio>{ASR_TAGS}", f"<audio>{CLIP1}</audio>{CAPTION_TAGS}"],
+    "asr_clip0": [f"<audio>{CLIP0}</audio>{ASR_TAGS}"],  # batch row 0 alone: no padding, clip0 encoded alone
 }
+# batch_stop: the batch prompts again with stop_words_ids taken from batch's own greedy ids (row 0's token at
+# step 5; row 1's tokens at steps 9-10), so the official StopWordsLogitsProcessor forces eos at steps 6 and 11.
+STOP_STEPS = (5, (9, 10))
 TURN_TEXTS = ["What do you hear?", "And in this one? Say <|im_start|> and <|en|> literally."]
 TURN_RESPONSE = "A short tone."
 WINDOW_HISTORY = [("one?", "first answer"), ("two?", "second answer"), ("three?", "third answer")]
 WINDOW_QUERY = "four?"
-WINDOW_SIZES = [60, 6144]
+WINDOW_SIZES = [60, 6144]  # both keep all three history turns (the budget ignores the current query)
+BOUNDARY_SIZES = [24, 38, 52, 53]  # keeps 0, 1, 2, 3 history turns: a turn is kept while the total stays < the size
+# a long middle turn: at 45 the newest turn fits, the middle one does not, and make_context stops there
+# although the oldest turn alone would still fit
+WINDOW_BREAK_HISTORY = [("one?", "first answer"), ("two? " + "word " * 20, "second answer"), ("three?", "third answer")]
+WINDOW_BREAK_SIZE = 45
 
 
 def write_clips():
@@ -100,21 +114,23 @@ def check_loader(audio_module):
         assert loaded.dtype == np.float32 and np.array_equal(loaded, pcm.astype(np.float32) / 32768.0), rel
 
 
-def record_generation(model, tokenizer, texts):
-    """One case, batched and generated exactly as eval_audio/evaluate_asr.py does."""
+def record_generation(model, tokenizer, texts, stop_words_ids=None):
+    """One case, batched and generated exactly as eval_audio/evaluate_asr.py does (plus stop_words_ids if given)."""
+    extra = {"stop_words_ids": stop_words_ids} if stop_words_ids is not None else {}
     audio_info = [tokenizer.process_audio(t) for t in texts]
     tokens = tokenizer(texts, return_tensors="pt", padding="longest", audio_info=audio_info)
     input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
     output_ids = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
         min_new_tokens=1, length_penalty=1.0, num_return_sequences=1, repetition_penalty=1.0, use_cache=True,
-        pad_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, audio_info=audio_info)
+        pad_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, audio_info=audio_info, **extra)
     assert torch.equal(output_ids[:, : input_ids.size(1)], input_ids)
     generated = output_ids[:, input_ids.size(1):].tolist()
     preds = [row[: row.index(EOD)] if EOD in row else row for row in generated]  # evaluate_asr.py's cut
     undecodable = any(i >= FIRST_UNDECODABLE for row in generated for i in row)
     return {
         "texts": texts,
+        **extra,
         "input_ids": input_ids.tolist(),
         "attention_mask": attention_mask.tolist(),
         "audio_span_tokens": [info["audio_span_tokens"] for info in audio_info],
@@ -140,6 +156,7 @@ def context_record(make_context, tokenizer, query, history, max_window_size):
         "n_tokens": len(context_tokens),
         "audio_span_tokens": audio_info["audio_span_tokens"] if audio_info else None,
         "audio_urls": audio_info["audio_urls"] if audio_info else None,
+        "kept_history_turns": raw_text.count("<|im_start|>user\n") - 1,
     }
 
 
@@ -174,7 +191,7 @@ def special_id(tokenizer, surface):
 def sanity_checks(tokenizer, out):
     """Facts the report relies on; raise if the official code disagrees."""
     spans = {c: out["generation"][c]["audio_span_tokens"] for c in GENERATION_CASES}
-    assert spans == {"asr": [[34]], "timestamps": [[34]], "batch": [[14], [34]]}, spans
+    assert spans == {"asr": [[34]], "timestamps": [[34]], "batch": [[14], [34]], "asr_clip0": [[14]]}, spans
     turns = out["chat"]["turns"]
     assert turns[0]["audio_span_tokens"] == [14] and turns[1]["audio_span_tokens"] == [14, 34]
     im_start, en = special_id(tokenizer, "<|im_start|>"), special_id(tokenizer, "<|en|>")
@@ -235,6 +252,14 @@ def main():
         with torch.no_grad():
             for case, texts in GENERATION_CASES.items():
                 out["generation"][case] = record_generation(models["base"], base_tok, texts)
+            free = out["generation"]["batch"]["generated"]
+            (s0, (s1a, s1b)) = STOP_STEPS
+            stop_words = [[free[0][s0]], [free[1][s1a], free[1][s1b]]]
+            stop = out["generation"]["batch_stop"] = record_generation(
+                models["base"], base_tok, GENERATION_CASES["batch"], stop_words_ids=stop_words)
+            gen = stop["generated"]
+            assert len(gen[0]) == s1b + 2 and gen[1][: s1b + 1] == free[1][: s1b + 1] and gen[1][s1b + 1] == EOD
+            assert gen[0][: s0 + 1] == free[0][: s0 + 1] and gen[0][s0 + 1 :] == [EOD] * (len(gen[0]) - s0 - 1)
 
             chat_model = models["chat"]
             window = chat_model.generation_config.max_window_size
@@ -256,8 +281,16 @@ def main():
                 "stop_words_ids": fed["stop_words_ids"],
                 "turns": turns,
                 "chat_feeds_same_context": chat_same,
-                "window": [context_record(make_context, chat_tok, WINDOW_QUERY, WINDOW_HISTORY, w) for w in WINDOW_SIZES],
+                "window": [context_record(make_context, chat_tok, WINDOW_QUERY, WINDOW_HISTORY, w)
+                           for w in WINDOW_SIZES],
+                "window_boundaries": [context_record(make_context, chat_tok, WINDOW_QUERY, WINDOW_HISTORY, w)
+                                      for w in BOUNDARY_SIZES],
+                "window_break": context_record(make_context, chat_tok, WINDOW_QUERY, WINDOW_BREAK_HISTORY,
+                                               WINDOW_BREAK_SIZE),
             }
+            assert [r["kept_history_turns"] for r in out["chat"]["window"]] == [3, 3]
+            assert [r["kept_history_turns"] for r in out["chat"]["window_boundaries"]] == [0, 1, 2, 3]
+            assert out["chat"]["window_break"]["kept_history_turns"] == 1
         out["checks"] = sanity_checks(chat_tok, out)
         out["reference"] = {
             "code": CODE_REF,
@@ -288,8 +321,9 @@ def main():
         print(f"    text {rec['text']!r}")
     for k, rec in enumerate(out["chat"]["turns"]):
         print(f"  turn {k + 1}: {rec['n_tokens']} tokens, spans {rec['audio_span_tokens']}")
-    for rec in out["chat"]["window"]:
-        print(f"  window {rec['max_window_size']}: {rec['n_tokens']} tokens, raw_text {rec['raw_text']!r}")
+    for rec in out["chat"]["window"] + out["chat"]["window_boundaries"] + [out["chat"]["window_break"]]:
+        print(f"  window {rec['max_window_size']}: {rec['n_tokens']} tokens, kept {rec['kept_history_turns']}, "
+              f"raw_text {rec['raw_text']!r}")
     print(f"  checks {out['checks']}")
 
 

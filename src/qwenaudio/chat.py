@@ -1,0 +1,120 @@
+"""Qwen-Audio-Chat: multi-turn ChatML conversations about one or more clips (SPEC §11).
+
+The context is built exactly as the official `make_context`: a system piece, as many past turns as fit in
+`max_window_size` tokens (newest first), then the new query and `<|im_start|>assistant\\n`. Every piece is encoded on
+its own, with only Qwen-Audio's tags allowed as special tokens inside the content, so a user who types
+"<|im_start|>" gets text, not a turn marker. The official chat re-runs the whole conversation every turn; here the
+KV cache of the previous turn is reused when the new context starts with it, which gives the same logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .audio import AudioSource, audio_span, load_audio
+from .errors import InputError
+from .generate import stream_text
+from .model import QwenAudio
+from .tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+Part = str | dict  # "text", {"text": "…"} or {"audio": path}
+History = list[tuple[str, str]]
+
+
+def query_text(parts: str | Sequence[Part]) -> str:
+    """A query from parts: each clip becomes `Audio n:<audio>path</audio>\\n` (n from 1), text is appended as is."""
+    if isinstance(parts, str):
+        return parts
+    out, n = "", 0
+    for part in parts:
+        if isinstance(part, str):
+            out += part
+        elif isinstance(part, dict) and "audio" in part:
+            n += 1
+            out += f"Audio {n}:<audio>{part['audio']}</audio>\n"
+        elif isinstance(part, dict) and "text" in part:
+            out += part["text"]
+        else:
+            raise InputError(f"a query part must be a str, {{'text': …}} or {{'audio': path}}, got {part!r}")
+    return out
+
+
+def build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
+                  span_of) -> tuple[str, list[int]]:
+    """The official chat context: (raw text, ids). `span_of(path)` gives each clip's audio span."""
+    nl = tokenizer.encode("\n")
+
+    def piece(role: str, content: str) -> list[int]:
+        spans = [span_of(p) for p in tokenizer.audio_paths(content, allowed_special=AUDIO_SPECIAL_TOKENS)]
+        body = tokenizer.encode(content, allowed_special=AUDIO_SPECIAL_TOKENS, audio_spans=spans or None)
+        return [tokenizer.im_start_id] + tokenizer.encode(role) + nl + body + [tokenizer.im_end_id]
+
+    system_ids = piece("system", system)
+    kept_ids: list[int] = []
+    kept_text = ""
+    for turn_query, turn_reply in reversed(history):
+        turn = nl + piece("user", turn_query) + nl + piece("assistant", turn_reply)
+        if len(system_ids) + len(turn) + len(kept_ids) >= max_window_size:
+            break
+        kept_ids = turn + kept_ids
+        kept_text = f"\n<|im_start|>user\n{turn_query}<|im_end|>\n<|im_start|>assistant\n{turn_reply}<|im_end|>" + kept_text
+    ids = system_ids + kept_ids + nl + piece("user", query) + nl + [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
+    raw = (f"<|im_start|>system\n{system}<|im_end|>{kept_text}"
+           f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n")
+    return raw, ids
+
+
+class Chat:
+    """A conversation with Qwen-Audio-Chat. `history` holds (query text, reply) pairs, oldest first."""
+
+    def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None):
+        self.model, self.system = model, system
+        self.history: History = list(history or [])
+        self._clips: dict[str, torch.Tensor] = {}
+        self._cached: list[int] = []  # ids whose keys and values the decoder cache holds …
+        self._stamp = -1  # … as long as the decoder has made no other prefill since (its `prefills` count)
+
+    def context(self, query: str | Sequence[Part]) -> tuple[str, list[int]]:
+        """Raw text and ids the model would read for `query` after the current history."""
+        window = self.model.generation_config.max_window_size
+        return build_context(self.model.tokenizer, query_text(query), self.history, self.system, window,
+                             lambda path: audio_span(len(self._clip(path))))
+
+    def stream(self, query: str | Sequence[Part], **generation) -> Iterator[str]:
+        """Yield the reply in text pieces; the turn joins the history once the reply is complete."""
+        text = query_text(query)
+        raw, ids = self.context(text)
+        paths = self.model.tokenizer.audio_paths(raw, allowed_special=AUDIO_SPECIAL_TOKENS)
+        audio = self.model.encode_audio([self._clip(p) for p in paths])
+        decoder = self.model.decoder
+        config = self.model.generation_config.replace(**generation)
+        reusable = decoder.prefills == self._stamp and ids[: len(self._cached)] == self._cached
+        prefix = len(self._cached) if reusable else 0
+        need = len(ids) + config.max_new_tokens
+        if decoder.max_seq_len < need or decoder.key_valid.shape[0] != 1:
+            decoder.setup_cache(1, 2 * need)  # room for the next turns too
+            prefix = 0
+        reply_ids: list[int] = []
+        pieces: list[str] = []
+        with torch.no_grad():
+            for piece in stream_text(decoder, self.model.tokenizer,
+                                     torch.tensor([ids], device=self.model.device), audio=audio, config=config,
+                                     prefix_len=prefix, reply=reply_ids):
+                pieces.append(piece)
+                yield piece
+        self._cached = ids + reply_ids  # the stop token was never fed, so the cache ends with the reply
+        self._stamp = decoder.prefills
+        self.history.append((text, "".join(pieces)))
+
+    def ask(self, query: str | Sequence[Part], **generation) -> str:
+        """The whole reply to `query` (see `stream`)."""
+        return "".join(self.stream(query, **generation))
+
+    def _clip(self, path: str) -> torch.Tensor:
+        if path not in self._clips:
+            self._clips[path] = load_audio(Path(path))
+        return self._clips[path]

@@ -1,0 +1,169 @@
+"""The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (SPEC §10).
+
+The base model is steered by hierarchical tags: what kind of output (`<|startoftranscript|>` or
+`<|startofanalysis|>`), the audio's language, the task, the output language, timestamps or not, and a style. Every
+function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes greedily
+by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
+`GenerationConfig` field to change that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .audio import AudioSource, audio_span, load_audio
+from .errors import InputError
+from .generate import cut_at_stop, generate
+from .model import QwenAudio
+from .subtitles import Word
+from .tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
+
+
+@dataclass(frozen=True)
+class Task:
+    tags: str  # what follows `</audio>`
+    max_new_tokens: int  # the official evaluation's budget
+
+
+def tags(*names: str) -> str:
+    """A custom tag sequence: tags("startofanalysis", "en", "keyword") -> "<|startofanalysis|><|en|><|keyword|>"."""
+    out = "".join(f"<|{n}|>" for n in names)
+    unknown = [n for n in names if f"<|{n}|>" not in SPECIAL_TOKENS]
+    if unknown:
+        raise InputError(f"unknown tags: {unknown}")
+    return out
+
+
+def _language(code: str, *, allow_unknown: bool = False) -> str:
+    if code not in LANGUAGES and not (allow_unknown and code == "unknown"):
+        raise InputError(f"language {code!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    return code
+
+
+def asr_task(language: str = "en", *, itn: bool = False, timestamps: bool = False) -> Task:
+    """Speech recognition; `itn` writes numbers and symbols as written ("$5"), `timestamps` times every word."""
+    lang = _language(language)
+    tail = tags("timestamps", "0.00") if timestamps else tags("notimestamps", "itn" if itn else "wo_itn")
+    return Task(tags("startoftranscript", lang, "transcribe", lang) + tail, 256)
+
+
+def translate_task(source: str = "en", target: str = "zh") -> Task:
+    return Task(tags("startoftranscript", _language(source), "translate", _language(target), "notimestamps", "itn"), 256)
+
+
+TASKS: dict[str, Task] = {
+    "caption": Task(tags("startofanalysis", "unknown", "caption", "en", "notimestamps", "caption_clotho"), 30),
+    "emotion": Task(tags("startofanalysis", "en", "keyword", "en", "notimestamps", "emotion_recognition"), 4),
+    "vocal_sound": Task(tags("startofanalysis", "en", "keyword", "en", "notimestamps", "vocal_classification"), 4),
+    "scene": Task(tags("startofanalysis", "unknown", "keyword", "en", "notimestamps", "scene"), 10),
+    "note_analysis": Task(tags("startofanalysis", "unknown", "keyword", "en", "notimestamps", "note_analysis"), 30),
+}
+
+
+def question_task(question: str) -> Task:
+    """Audio question answering: the question sits between `<|question|>` and `<|answer|>`."""
+    return Task(tags("startofanalysis", "en", "question") + question + tags("answer"), 4)
+
+
+def prompts(task: Task, names: Sequence[str]) -> list[str]:
+    """`<audio>name</audio>` + the task's tags per clip (the name's tokens are replaced by audio pads)."""
+    return [f"<audio>{name}</audio>{task.tags}" for name in names]
+
+
+def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task, **generation) -> list[list[int]]:
+    """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
+    sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
+    clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
+    names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
+    batch = model.tokenizer.encode_batch(prompts(task, names), audio_spans=[[audio_span(len(c))] for c in clips])
+    config = model.generation_config.replace(**{"do_sample": False, "max_new_tokens": task.max_new_tokens, **generation})
+    with torch.no_grad():
+        return generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
+                        attention_mask=batch.attention_mask.to(model.device), audio=model.encode_audio(clips),
+                        config=config)
+
+
+def _texts(model: QwenAudio, replies: list[list[int]], single: bool, stop_strings: Sequence[str] = ()):
+    texts = [cut_at_stop(model.tokenizer.decode(r, skip_special_tokens=True), stop_strings).strip() for r in replies]
+    return texts[0] if single else texts
+
+
+def _single(audio) -> bool:
+    return not isinstance(audio, (list, tuple))
+
+
+def transcribe(model: QwenAudio, audio, *, language: str = "en", itn: bool = False, timestamps: bool = False,
+               **generation) -> str | list[Word] | list:
+    """Speech to text; with `timestamps`, a list of `Word(text, start, end)` per clip instead of text."""
+    replies = run(model, audio, asr_task(language, itn=itn, timestamps=timestamps), **generation)
+    if timestamps:
+        words = [parse_words(model.tokenizer, r) for r in replies]
+        return words[0] if _single(audio) else words
+    return _texts(model, replies, _single(audio), generation.get("stop_strings", ()))
+
+
+def translate(model: QwenAudio, audio, *, source: str = "en", target: str = "zh", **generation):
+    """Speech translation from `source` to `target` language (CoVoST2 style)."""
+    return _texts(model, run(model, audio, translate_task(source, target), **generation), _single(audio))
+
+
+def answer(model: QwenAudio, audio, question: str, **generation):
+    """Answer a question about the clip (ClothoAQA style: a few words)."""
+    return _texts(model, run(model, audio, question_task(question), **generation), _single(audio))
+
+
+def analyse(model: QwenAudio, audio, task: str, **generation):
+    """One of `TASKS`: caption, emotion, vocal_sound, scene, note_analysis."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return _texts(model, run(model, audio, TASKS[task], **generation), _single(audio))
+
+
+def caption(model: QwenAudio, audio, **generation):
+    return analyse(model, audio, "caption", **generation)
+
+
+def emotion(model: QwenAudio, audio, **generation):
+    return analyse(model, audio, "emotion", **generation)
+
+
+def vocal_sound(model: QwenAudio, audio, **generation):
+    return analyse(model, audio, "vocal_sound", **generation)
+
+
+def scene(model: QwenAudio, audio, **generation):
+    return analyse(model, audio, "scene", **generation)
+
+
+def note_analysis(model: QwenAudio, audio, **generation):
+    """Musical note: the reply holds `<|pitch|><|midi_pitch_N|>`, `<|velocity|>…`, `<|instrument|>…`, `<|sonic|>…`;
+    decoded here with its tags kept."""
+    replies = run(model, audio, TASKS["note_analysis"], **generation)
+    texts = [model.tokenizer.decode(r).strip() for r in replies]
+    return texts[0] if _single(audio) else texts
+
+
+def parse_words(tokenizer: Tokenizer, reply: Sequence[int]) -> list[Word]:
+    """Words between timestamp tags. The prompt ends with `<|0.00|>`, so the reply continues
+    `<|sil|><|0.54|>word<|0.86|>next<|1.17|>`: each text run lies between the stamps around it; `<|sil|>` runs
+    (silence) are dropped, and a last run with no closing stamp ends where it starts."""
+    first, last = NUM_BPE_RANKS + SPECIAL_TOKENS.index("<|0.00|>"), NUM_BPE_RANKS + SPECIAL_TOKENS.index("<|30.00|>")
+    assert last - first == MAX_TIMESTAMP_CS
+    words, start, run_ids = [], 0.0, []
+
+    def close(end: float) -> None:
+        text = tokenizer.decode(run_ids, skip_special_tokens=True).strip()
+        if text:
+            words.append(Word(text, start, end))
+
+    for token in reply:
+        if first <= token <= last:
+            close((token - first) / 100)
+            start, run_ids = (token - first) / 100, []
+        else:
+            run_ids.append(token)
+    close(start)
+    return words
