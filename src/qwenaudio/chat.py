@@ -3,8 +3,10 @@
 The context is built exactly as the official `make_context`: a system piece, as many past turns as fit in
 `max_window_size` tokens (newest first), then the new query and `<|im_start|>assistant\\n`. Every piece is encoded on
 its own, with only Qwen-Audio's tags allowed as special tokens inside the content, so a user who types
-"<|im_start|>" gets text, not a turn marker. The official chat re-runs the whole conversation every turn; here the
-KV cache of the previous turn is reused when the new context starts with it, which gives the same logits.
+"<|im_start|>" gets text, not a turn marker. The official chat re-runs the whole conversation every turn, encoding
+all its clips as one batch; here the KV cache of the previous turn is reused when that gives the same logits: the
+new context starts with the cached ids, and the earlier clips encode the same alongside the new ones (a short clip
+batched with a longer one comes out slightly different, SPEC §6, and then everything is recomputed).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Chat:
         self._clips: dict[str, torch.Tensor] = {}
         self._cached: list[int] = []  # ids whose keys and values the decoder cache holds …
         self._stamp = -1  # … as long as the decoder has made no other prefill since (its `prefills` count)
+        self._cached_audio: list[torch.Tensor] = []  # the clip encodings spliced into that prefix
 
     def context(self, query: str | Sequence[Part]) -> tuple[str, list[int]]:
         """Raw text and ids the model would read for `query` after the current history."""
@@ -92,7 +95,8 @@ class Chat:
         audio = self.model.encode_audio([self._clip(p) for p in paths])
         decoder = self.model.decoder
         config = self.model.generation_config.replace(**generation)
-        reusable = decoder.prefills == self._stamp and ids[: len(self._cached)] == self._cached
+        reusable = (decoder.prefills == self._stamp and ids[: len(self._cached)] == self._cached
+                    and _same_encodings(self._cached_audio, audio))
         prefix = len(self._cached) if reusable else 0
         need = len(ids) + config.max_new_tokens
         if decoder.max_seq_len < need or decoder.key_valid.shape[0] != 1:
@@ -108,6 +112,7 @@ class Chat:
                 yield piece
         self._cached = ids + reply_ids  # the stop token was never fed, so the cache ends with the reply
         self._stamp = decoder.prefills
+        self._cached_audio = audio
         self.history.append((text, "".join(pieces)))
 
     def ask(self, query: str | Sequence[Part], **generation) -> str:
@@ -118,3 +123,9 @@ class Chat:
         if path not in self._clips:
             self._clips[path] = load_audio(Path(path))
         return self._clips[path]
+
+
+def _same_encodings(cached: list[torch.Tensor], fresh: list[torch.Tensor]) -> bool:
+    """Whether the clips in the cached prefix encode the same (to 1e-5 relative) in this turn's batch."""
+    return len(fresh) >= len(cached) and all(
+        (a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(cached, fresh))

@@ -1,0 +1,138 @@
+"""Qwen-Audio-Chat: contexts against the official make_context (tests/golden/generation_official.json), the
+history window, and reuse of the KV cache across turns."""
+
+import json
+
+import pytest
+import torch
+
+import qwenaudio
+import qwenaudio.generate
+from qwenaudio.audio import audio_span
+from qwenaudio.chat import Chat, build_context, query_text
+from qwenaudio.testing import make_tiny_checkpoint
+
+from .conftest import GOLDEN, ROOT
+
+OFFICIAL = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["chat"]
+CLIP0, CLIP1 = "tests/golden/clip0.wav", "tests/golden/clip1.wav"  # spans 14 and 34; paths as the recording used
+
+
+def span_of(path):
+    return audio_span(len(qwenaudio.load_audio(ROOT / path)))
+
+
+def test_queries_equal_official():
+    assert query_text([{"audio": CLIP0}, {"text": "What do you hear?"}]) == OFFICIAL["turns"][0]["query"]
+    assert query_text([{"audio": CLIP1}, "And in this one? Say <|im_start|> and <|en|> literally."]) == (
+        OFFICIAL["turns"][1]["query"])
+
+
+@pytest.mark.parametrize("turn", [0, 1])
+def test_two_turn_contexts_equal_official(tokenizer, turn):
+    t = OFFICIAL["turns"][turn]
+    raw, ids = build_context(tokenizer, t["query"], [tuple(h) for h in t["history"]], OFFICIAL["system"],
+                             t["max_window_size"], span_of)
+    assert raw == t["raw_text"] and ids == t["context_tokens"]
+    assert tokenizer.audio_paths(raw) == t["audio_urls"]
+
+
+def window_cases():
+    return [OFFICIAL["window"][0], OFFICIAL["window"][1], *OFFICIAL["window_boundaries"], OFFICIAL["window_break"]]
+
+
+@pytest.mark.parametrize("case", window_cases(), ids=lambda c: f"window{c['max_window_size']}")
+def test_history_window_equals_official(tokenizer, case):
+    raw, ids = build_context(tokenizer, case["query"], [tuple(h) for h in case["history"]], OFFICIAL["system"],
+                             case["max_window_size"], span_of)
+    assert raw == case["raw_text"] and ids == case["context_tokens"]
+
+
+def test_typed_markers_stay_text_but_tags_do_not(tokenizer):
+    raw, ids = build_context(tokenizer, "Say <|im_start|> and <|en|>", [], "sys", 6144, span_of)
+    assert ids.count(tokenizer.im_start_id) == 3  # system, user, assistant: not the typed one
+    assert tokenizer.special_ids["<|en|>"] in ids
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, vocab_file):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", vocab_file=vocab_file, chat=True)
+    return qwenaudio.load(path, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the golden prompts name the clips relative to the repository
+
+
+def test_chat_context_and_history(chat_model, in_repo):
+    chat = Chat(chat_model)
+    t0, t1 = OFFICIAL["turns"]
+    assert chat.context([{"audio": CLIP0}, {"text": "What do you hear?"}]) == (t0["raw_text"], t0["context_tokens"])
+    reply = chat.ask([{"audio": CLIP0}, {"text": "What do you hear?"}], max_new_tokens=3, seed=0)
+    assert chat.history == [(t0["query"], reply)]
+    chat.history = [(t0["query"], "A short tone.")]
+    assert chat.context(t1["query"]) == (t1["raw_text"], t1["context_tokens"])
+
+
+def scripted(monkeypatch, *replies):
+    """Make generation emit each reply's ids then <|im_end|>, turn after turn, and record every prefill."""
+    prefills, script = [], iter([i for reply in replies for i in reply + [151645]])
+    monkeypatch.setattr(qwenaudio.generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
+    original = qwenaudio.generate._prefill
+
+    def spy(decoder, ids, mask, audio, capacity, prefix_len):
+        logits = original(decoder, ids, mask, audio, capacity, prefix_len)
+        prefills.append((prefix_len, ids.shape[1], logits))
+        return logits
+
+    monkeypatch.setattr(qwenaudio.generate, "_prefill", spy)
+    return prefills
+
+
+def full_prefill_logits(model, chat, query):
+    _, ids = chat.context(query)
+    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=qwenaudio.tokenizer.AUDIO_SPECIAL_TOKENS)
+    model.decoder.clear_cache()
+    with torch.no_grad():
+        return model.decoder(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]
+
+
+def test_second_turn_reuses_the_cache(chat_model, in_repo, monkeypatch):
+    reply = chat_model.tokenizer.encode("A short tone.")
+    prefills = scripted(monkeypatch, reply, reply, reply)
+    chat = Chat(chat_model)
+    assert chat.ask([{"audio": CLIP1}, "What do you hear?"]) == "A short tone."
+    assert chat.ask("Say it again.") == "A short tone."
+    (first, n1, _), (second, n2, logits) = prefills
+    assert first == 0 and 0 < second < n2  # only the new turn was prefilled
+    expected = full_prefill_logits(chat_model, Chat(chat_model, history=chat.history[:1]), "Say it again.")
+    assert ((logits - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_cache_is_not_reused_when_earlier_clips_would_encode_differently(chat_model, in_repo, monkeypatch):
+    """Turn 2 brings a longer clip: official chat encodes both together, changing the first clip's span."""
+    reply = chat_model.tokenizer.encode("A short tone.")
+    prefills = scripted(monkeypatch, reply, reply, reply)
+    chat = Chat(chat_model)
+    chat.ask([{"audio": CLIP0}, "What do you hear?"])
+    chat.ask([{"audio": CLIP1}, "And this one?"])
+    assert [p[0] for p in prefills] == [0, 0]
+
+
+def test_another_generation_invalidates_the_cache(chat_model, in_repo, monkeypatch):
+    reply = chat_model.tokenizer.encode("A short tone.")
+    prefills = scripted(monkeypatch, reply, reply, reply)
+    chat = Chat(chat_model)
+    chat.ask("hello")
+    Chat(chat_model).ask("someone else")  # overwrites the decoder's cache
+    chat.ask("hello again")
+    assert [p[0] for p in prefills] == [0, 0, 0]
+
+
+def test_stream_pieces_make_the_reply(chat_model, in_repo, monkeypatch):
+    scripted(monkeypatch, chat_model.tokenizer.encode("Glass breaking, 玻璃."))
+    chat = Chat(chat_model)
+    pieces = list(chat.stream([{"audio": CLIP0}, "What is it?"]))
+    assert "".join(pieces) == "Glass breaking, 玻璃." and len(pieces) > 1
+    assert chat.history[-1][1] == "Glass breaking, 玻璃."

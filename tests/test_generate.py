@@ -1,0 +1,171 @@
+"""Generation: greedy ids against the official generate (tests/golden/generation_official.json, made by
+tests/golden/record_generation.py), and the sampling pipeline on crafted logits through a scripted decoder."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import qwenaudio
+from qwenaudio import GenerationConfig, load_audio
+from qwenaudio.generate import choose, generate, generate_steps, process_logits, stream_text
+from qwenaudio.testing import make_tiny_checkpoint
+
+from .conftest import GOLDEN, ROOT
+
+OFFICIAL = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))
+CASES = OFFICIAL["generation"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+
+
+def official_config(model, **changes):
+    kwargs = OFFICIAL["reference"]["generate_kwargs"]
+    return model.generation_config.replace(do_sample=False, max_new_tokens=kwargs["max_new_tokens"],
+                                           min_new_tokens=kwargs["min_new_tokens"], **changes)
+
+
+@pytest.mark.parametrize("case", ["asr", "timestamps", "batch", "asr_clip0", "batch_stop"])
+def test_greedy_ids_equal_official(model, case):
+    c = CASES[case]
+    clips = [load_audio(ROOT / url) for urls in c["audio_urls"] for url in urls]
+    batch = model.tokenizer.encode_batch(c["texts"], audio_spans=c["audio_span_tokens"], padding_side="left")
+    assert batch.input_ids.tolist() == c["input_ids"] and batch.attention_mask.tolist() == c["attention_mask"]
+    # The official stop words keep their tokens and then force <|endoftext|>; stop strings do the same here.
+    stops = [model.tokenizer.decode(w) for w in c.get("stop_words_ids", [])]
+    with torch.no_grad():
+        replies = generate(model.decoder, model.tokenizer, batch.input_ids, attention_mask=batch.attention_mask,
+                           audio=model.encode_audio(clips), config=official_config(model, stop_strings=stops))
+    assert replies == c["pred"]
+    assert [model.tokenizer.decode(r) for r in replies] == c["text"]
+
+
+def test_task_function_reproduces_official_asr(model):
+    """The same ASR prompt built by qwenaudio.tasks from the wav file alone."""
+    from qwenaudio import tasks
+
+    kwargs = OFFICIAL["reference"]["generate_kwargs"]
+    replies = tasks.run(model, [str(ROOT / "tests/golden/clip1.wav")], tasks.asr_task("en"),
+                        max_new_tokens=kwargs["max_new_tokens"], min_new_tokens=1)
+    assert replies == CASES["asr"]["pred"]
+
+
+# --- the logits pipeline on crafted logits --------------------------------------------------------------------------
+
+def sample_config(**changes):
+    return GenerationConfig(do_sample=True, **changes)
+
+
+def test_temperature_reshapes_but_keeps_order():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    seen = torch.zeros(1, 0, dtype=torch.long)
+    hot = process_logits(logits, seen, 5, sample_config(temperature=2.0))
+    torch.testing.assert_close(hot, logits / 2)
+    assert hot.softmax(-1)[0, 2] < logits.softmax(-1)[0, 2]
+
+
+def test_top_k_keeps_k_best():
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.0, -1.0]])
+    out = process_logits(logits, torch.zeros(1, 0, dtype=torch.long), 5, sample_config(top_k=2))
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    for top_p, kept in [(0.5, 1), (0.6, 2), (0.8, 2), (0.81, 3), (0.99, 4)]:
+        out = process_logits(probs.log(), torch.zeros(1, 0, dtype=torch.long), 5, sample_config(top_p=top_p))
+        assert int(torch.isfinite(out).sum()) == kept, top_p
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = process_logits(logits, torch.tensor([[0, 1]]), 5, GenerationConfig(repetition_penalty=2.0))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_min_new_tokens_suppresses_stops():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    config = GenerationConfig(min_new_tokens=2, stop_token_ids=(1,))
+    assert process_logits(logits, torch.zeros(1, 0, dtype=torch.long), 1, config).argmax().item() == 2
+    assert process_logits(logits, torch.zeros(1, 0, dtype=torch.long), 2, config).argmax().item() == 1
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    logits = torch.randn(4, 1000)
+    config = sample_config(top_p=0.9)
+    draw = lambda seed: choose(logits, config, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+
+
+# --- the loop, through a scripted decoder ---------------------------------------------------------------------------
+
+class ScriptedDecoder:
+    """Stands in for `Decoder`: its logits put all mass on the next id of each row's script."""
+
+    def __init__(self, scripts, vocab=155947):
+        self.scripts, self.vocab, self.step = scripts, vocab, 0
+        self.config = SimpleNamespace(audio=SimpleNamespace(audio_start_id=155163))
+        self.max_seq_len, self.key_valid, self.calls = 0, torch.zeros(0, 0), []
+
+    def setup_cache(self, batch, length):
+        self.max_seq_len, self.key_valid = length, torch.zeros(batch, length)
+
+    def __call__(self, ids, input_pos=None, *, attention_mask=None, audio=None):
+        self.calls.append(ids.shape[1])
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
+        for row, script in enumerate(self.scripts):
+            logits[row, -1, script[min(self.step, len(script) - 1)]] = 10.0
+        self.step += 1
+        return logits
+
+
+def test_rows_stop_on_their_own(tokenizer):
+    decoder = ScriptedDecoder([[9707, 1879, 151643, 42], [9707, 0, 0, 0, 0, 0]])
+    out = generate(decoder, tokenizer, torch.zeros(2, 3, dtype=torch.long), config=GenerationConfig(max_new_tokens=5))
+    assert out == [[9707, 1879], [9707, 0, 0, 0, 0]]
+    assert decoder.calls == [3, 1, 1, 1, 1]  # one prefill, then one token per step until the last row is done
+
+
+def test_stop_strings_end_a_row(tokenizer):
+    hello, world, bang = tokenizer.encode("Hello world!")
+    decoder = ScriptedDecoder([[hello, world, bang, 42, 42]])
+    config = GenerationConfig(max_new_tokens=5, stop_strings=("world",))
+    assert generate(decoder, tokenizer, torch.zeros(1, 2, dtype=torch.long), config=config) == [[hello, world]]
+
+
+def test_undecodable_ids_are_never_generated(tokenizer):
+    decoder = ScriptedDecoder([[155900, 155165]])  # embedding rows the tokenizer has no text for
+    out = generate(decoder, tokenizer, torch.zeros(1, 2, dtype=torch.long), config=GenerationConfig(max_new_tokens=2))
+    assert all(i < len(tokenizer) for i in out[0])
+
+
+def test_stream_yields_text_pieces(tokenizer):
+    ids = tokenizer.encode("Hello 世界!") + [151643]
+    decoder = ScriptedDecoder([ids])
+    pieces = list(stream_text(decoder, tokenizer, torch.zeros(1, 2, dtype=torch.long),
+                              config=GenerationConfig(max_new_tokens=10)))
+    assert "".join(pieces) == "Hello 世界!" and len(pieces) > 1 and "\ufffd" not in "".join(pieces)
+
+
+def test_steps_report_finished_rows(tokenizer):
+    decoder = ScriptedDecoder([[5, 151643], [5, 5, 5]])
+    steps = list(generate_steps(decoder, tokenizer, torch.zeros(2, 1, dtype=torch.long),
+                                config=GenerationConfig(max_new_tokens=3)))
+    assert [f.tolist() for _, f in steps] == [[False, False], [True, False], [False, True]]
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+def test_generation_config_follows_the_checkpoint(tmp_path, vocab_file):
+    base = GenerationConfig.from_json(make_tiny_checkpoint(tmp_path / "base"))
+    assert (base.do_sample, base.top_k, base.top_p, base.max_new_tokens, base.stop_token_ids) == (
+        True, 0, 0.8, 512, (151643,))
+    chat = GenerationConfig.from_json(make_tiny_checkpoint(tmp_path / "chat", chat=True))
+    assert (chat.chat_format, chat.top_p, chat.max_window_size) == ("chatml", 0.5, 6144)
+    assert set(chat.stop_token_ids) == {151643, 151645, 151644}
+    with pytest.raises(qwenaudio.ConfigError, match=r"unknown generation settings: \['topp'\]"):
+        chat.replace(topp=0.9)

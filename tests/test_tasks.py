@@ -1,0 +1,124 @@
+"""Task prompts (SPEC §10, written out literally here), word timestamps, and the subtitle writers."""
+
+import json
+
+import pytest
+import torch
+
+import qwenaudio
+from qwenaudio import InputError, tasks
+from qwenaudio.audio import audio_span
+from qwenaudio.subtitles import Word, to_json, to_srt, to_vtt
+
+from .conftest import ROOT
+
+CLIP = ROOT / "tests" / "golden" / "clip1.wav"  # 1.3 s: span 34
+
+SPEC_PROMPTS = {  # SPEC §10: the tags after </audio>, and the evaluation's max new tokens
+    "transcribe": ("<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>", 256),
+    "transcribe_zh_itn": ("<|startoftranscript|><|zh|><|transcribe|><|zh|><|notimestamps|><|itn|>", 256),
+    "timestamps": ("<|startoftranscript|><|en|><|transcribe|><|en|><|timestamps|><|0.00|>", 256),
+    "translate": ("<|startoftranscript|><|en|><|translate|><|zh|><|notimestamps|><|itn|>", 256),
+    "caption": ("<|startofanalysis|><|unknown|><|caption|><|en|><|notimestamps|><|caption_clotho|>", 30),
+    "question": ("<|startofanalysis|><|en|><|question|>is it raining?<|answer|>", 4),
+    "emotion": ("<|startofanalysis|><|en|><|keyword|><|en|><|notimestamps|><|emotion_recognition|>", 4),
+    "vocal_sound": ("<|startofanalysis|><|en|><|keyword|><|en|><|notimestamps|><|vocal_classification|>", 4),
+    "scene": ("<|startofanalysis|><|unknown|><|keyword|><|en|><|notimestamps|><|scene|>", 10),
+    "note_analysis": ("<|startofanalysis|><|unknown|><|keyword|><|en|><|notimestamps|><|note_analysis|>", 30),
+}
+CALLS = {
+    "transcribe": lambda m, a: tasks.transcribe(m, a),
+    "transcribe_zh_itn": lambda m, a: tasks.transcribe(m, a, language="zh", itn=True),
+    "timestamps": lambda m, a: tasks.transcribe(m, a, timestamps=True),
+    "translate": lambda m, a: tasks.translate(m, a, source="en", target="zh"),
+    "caption": tasks.caption,
+    "question": lambda m, a: tasks.answer(m, a, "is it raining?"),
+    "emotion": tasks.emotion,
+    "vocal_sound": tasks.vocal_sound,
+    "scene": tasks.scene,
+    "note_analysis": tasks.note_analysis,
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("name", SPEC_PROMPTS)
+def test_task_builds_the_official_prompt(model, monkeypatch, name):
+    seen = {}
+
+    def fake_generate(decoder, tokenizer, input_ids, *, attention_mask, audio, config):
+        seen.update(ids=input_ids.tolist(), mask=attention_mask.tolist(), spans=[len(a) for a in audio], config=config)
+        return [[]] * input_ids.shape[0]
+
+    monkeypatch.setattr(tasks, "generate", fake_generate)
+    CALLS[name](model, str(CLIP))
+    tags, max_new = SPEC_PROMPTS[name]
+    expected = model.tokenizer.encode(f"<audio>{CLIP}</audio>{tags}", audio_spans=[34])
+    assert seen["ids"] == [expected] and seen["mask"] == [[1] * len(expected)] and seen["spans"] == [34]
+    assert seen["config"].max_new_tokens == max_new and not seen["config"].do_sample  # greedy, as evaluated
+
+
+def test_custom_tags_and_their_errors():
+    assert tasks.tags("startofanalysis", "en", "keyword") == "<|startofanalysis|><|en|><|keyword|>"
+    with pytest.raises(InputError, match=r"unknown tags: \['klingon'\]"):
+        tasks.tags("startofanalysis", "klingon")
+    with pytest.raises(InputError, match="language 'xx' has no tag; Qwen-Audio knows en, zh, de, es, ko, fr, ja, it"):
+        tasks.asr_task("xx")
+    with pytest.raises(InputError, match="unknown task 'karaoke'"):
+        tasks.analyse(None, "clip.wav", "karaoke")
+
+
+def test_batch_returns_one_result_per_clip(model):
+    one = tasks.transcribe(model, str(CLIP), max_new_tokens=4)
+    two = tasks.transcribe(model, [str(CLIP), load_clip0()], max_new_tokens=4)
+    assert isinstance(one, str) and isinstance(two, list) and len(two) == 2
+    assert two[0] == one  # the longer clip of the batch is encoded as alone (SPEC §6)
+
+
+def load_clip0():
+    return qwenaudio.load_audio(ROOT / "tests" / "golden" / "clip0.wav")
+
+
+def test_timestamps_give_words(model):
+    words = tasks.transcribe(model, str(CLIP), timestamps=True, max_new_tokens=12)
+    assert isinstance(words, list) and all(isinstance(w, Word) for w in words)
+
+
+def ts(tokenizer, seconds):
+    return tokenizer.timestamp_id(seconds)
+
+
+def test_parse_words_from_the_spec_example(tokenizer):
+    """SPEC §10: <|0.00|><|sil|><|0.54|>word<|0.86|>next<|1.17|>; the prompt supplied the <|0.00|>."""
+    reply = [tokenizer.special_ids["<|sil|>"], ts(tokenizer, 0.54), *tokenizer.encode("word"), ts(tokenizer, 0.86),
+             *tokenizer.encode("next"), ts(tokenizer, 1.17)]
+    assert tasks.parse_words(tokenizer, reply) == [Word("word", 0.54, 0.86), Word("next", 0.86, 1.17)]
+    cut = reply[:-1]  # generation stopped before the closing stamp
+    assert tasks.parse_words(tokenizer, cut)[-1] == Word("next", 0.86, 0.86)
+
+
+def test_prompt_span_comes_from_the_clip_length():
+    assert audio_span(len(load_clip0())) == 14
+
+
+WORDS = [Word("hello", 0.54, 0.86), Word("wörld", 61.005, 3723.5)]
+
+
+def test_srt():
+    assert to_srt(WORDS) == ("1\n00:00:00,540 --> 00:00:00,860\nhello\n\n"
+                             "2\n00:01:01,005 --> 01:02:03,500\nwörld\n")
+
+
+def test_vtt():
+    assert to_vtt(WORDS) == ("WEBVTT\n\n00:00:00.540 --> 00:00:00.860\nhello\n\n"
+                             "00:01:01.005 --> 01:02:03.500\nwörld\n")
+
+
+def test_json():
+    data = json.loads(to_json("hello wörld", WORDS, file="a.wav"))
+    assert data == {"text": "hello wörld", "file": "a.wav",
+                    "words": [{"text": "hello", "start": 0.54, "end": 0.86},
+                              {"text": "wörld", "start": 61.005, "end": 3723.5}]}
