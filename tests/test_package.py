@@ -22,13 +22,14 @@ def run_example(*args):
 
 
 def test_transcribe_example_on_tiny_checkpoint(tiny_ckpt, shared_audio):
-    out = run_example(str(shared_audio / "1272-128104-0000.flac"), "--model", str(tiny_ckpt), "--max-new-tokens", "5")
-    header, text = out.split("\n", 1)  # 5.86 s at 16 kHz: 148 prompt tokens for the clip + 6 tags
-    assert header.endswith("1272-128104-0000.flac: 5.86 s, 148 audio tokens, 154 prompt ids")
-    assert text.strip()  # random weights say something (the real ones transcribe)
+    files = [str(shared_audio / "1272-128104-0000.flac"), str(shared_audio / "es.mp3")]
+    out = run_example(*files, "--model", str(tiny_ckpt), "--max-new-tokens", "5")
+    assert [line.split(": ")[0] for line in out.splitlines() if line.startswith(str(shared_audio))] == files
+    out = run_example(files[0], "--model", str(tiny_ckpt), "--max-new-tokens", "5", "--timestamps")
+    assert out.startswith(files[0] + ": ")
 
 
 def test_transcribe_example_without_weights(tmp_path, shared_audio):
-    out = run_example(str(shared_audio / "es.mp3"), "--model", str(tmp_path / "missing"), "--language", "es")
-    assert f"model not ready: {tmp_path}/missing/qwen.tiktoken" in out or "model not ready:" in out
-    assert "qwenaudio.download('Qwen/Qwen-Audio')" in out
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "transcribe.py"), str(shared_audio / "es.mp3"),
+                             "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "no such checkpoint directory" in result.stderr

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qwenaudio import Tokenizer, TokenizerError
@@ -111,9 +111,13 @@ def test_timestamp_out_of_range(tokenizer, seconds):
         tokenizer.timestamp_id(seconds)
 
 
+# Text holding <audio> or </audio> needs audio spans (or raises when unbalanced), so with every special form
+# allowed the round trip is stated for text without them; with none allowed it holds for any text.
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_roundtrip_random_unicode(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text, allowed_special=set())) == unicodedata.normalize("NFC", text)
+    assume(not any(tag in unicodedata.normalize("NFC", text) for tag in AUDIO_TAGS))
     assert tokenizer.decode(tokenizer.encode(text)) == unicodedata.normalize("NFC", text)
 
 
@@ -121,8 +125,9 @@ def test_roundtrip_random_unicode(tokenizer, text):
 @given(st.lists(st.one_of(st.text(max_size=8), st.sampled_from([t for t in SPECIAL_TOKENS if t not in AUDIO_TAGS]))))
 def test_roundtrip_text_mixed_with_tags(tokenizer, pieces):
     text = "".join(pieces)
-    assert tokenizer.decode(tokenizer.encode(text)) == unicodedata.normalize("NFC", text)
     assert tokenizer.decode(tokenizer.encode(text, allowed_special=set())) == unicodedata.normalize("NFC", text)
+    assume(not any(tag in unicodedata.normalize("NFC", text) for tag in AUDIO_TAGS))
+    assert tokenizer.decode(tokenizer.encode(text)) == unicodedata.normalize("NFC", text)
 
 
 def test_audio_region_expands_to_span(tokenizer):
