@@ -81,6 +81,10 @@ class Chat:
         self._stamp = -1  # … as long as the decoder has made no other prefill since (its `prefills` count)
         self._cached_audio: list[torch.Tensor] = []  # the clip encodings spliced into that prefix
 
+    def reset(self) -> None:
+        """Forget the conversation (the clips already read stay cached by path)."""
+        self.history, self._cached, self._cached_audio, self._stamp = [], [], [], -1
+
     def context(self, query: str | Sequence[Part]) -> tuple[str, list[int]]:
         """Raw text and ids the model would read for `query` after the current history."""
         window = self.model.generation_config.max_window_size

@@ -145,6 +145,8 @@ class GenerationConfig:
         return cls(**values, stop_token_ids=tuple(dict.fromkeys(stops)))
 
     def replace(self, **changes) -> GenerationConfig:
+        """A copy with `changes` applied; a None value keeps the current setting."""
+        changes = {k: v for k, v in changes.items() if v is not None}
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown generation settings: {sorted(unknown)}")

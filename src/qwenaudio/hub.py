@@ -63,4 +63,4 @@ def resolve(name: str | Path) -> Path:
         local = weights_home() / name.split("/")[1]
         return local if (local / "config.json").exists() else download(name, local)
     raise DownloadError(f"{name}: no such checkpoint directory, and not a Hugging Face repo id like "
-                        f"{OFFICIAL_REPOS[0]!r}")
+                        f"{OFFICIAL_REPOS[0]!r}.\n" + _by_hand(OFFICIAL_REPOS[0], path))

@@ -79,7 +79,8 @@ def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task
     clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
     batch = model.tokenizer.encode_batch(prompts(task, names), audio_spans=[[audio_span(len(c))] for c in clips])
-    config = model.generation_config.replace(**{"do_sample": False, "max_new_tokens": task.max_new_tokens, **generation})
+    chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
+    config = model.generation_config.replace(**{"do_sample": False, "max_new_tokens": task.max_new_tokens, **chosen})
     with torch.no_grad():
         return generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
                         attention_mask=batch.attention_mask.to(model.device), audio=model.encode_audio(clips),
@@ -119,6 +120,8 @@ def analyse(model: QwenAudio, audio, task: str, **generation):
     """One of `TASKS`: caption, emotion, vocal_sound, scene, note_analysis."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task == "note_analysis":  # its tags are the answer
+        return note_analysis(model, audio, **generation)
     return _texts(model, run(model, audio, TASKS[task], **generation), _single(audio))
 
 

@@ -1,0 +1,249 @@
+"""The `qwenaudio` command: run a task on audio files in batches, chat about clips on a terminal, or record and
+compare activation traces against the official model.
+
+Results go to stdout (and, with --output-dir, one file per input); progress and errors go to stderr, so
+`qwenaudio transcribe talk.wav --format srt > talk.srt` works. A file that cannot be read is reported and the others
+go on. Exit codes: 0 all done, 1 some file failed (verify: some tensor is out of tolerance), 2 bad arguments or
+unusable trace files, 3 the model could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import tasks, trace
+from .audio import load_audio
+from .chat import DEFAULT_SYSTEM, Chat
+from .errors import InputError, QwenAudioError
+from .model import QwenAudio, load
+from .subtitles import Word, to_json, to_srt, to_vtt
+from .tokenizer import LANGUAGES
+
+TASKS = ("transcribe", "translate", *tasks.TASKS)
+FORMATS = ("txt", "json", "srt", "vtt")
+TIMED_FORMATS = ("srt", "vtt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: the command line), load the model, run the subcommand; returns the exit code."""
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # --help or a usage error: argparse has already said what to say
+        return int(e.code or 0)
+    try:
+        model = args.model and load(args.model, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+    except QwenAudioError as e:
+        print(f"error: {e}\nGet the weights with: python -c \"import qwenaudio; "
+              f"qwenaudio.download('{args.repo}')\" (needs pip install 'qwenaudio[hub]'), or place the files by "
+              "hand (see weights/README.md) and pass --model DIR.", file=sys.stderr)
+        return 3
+    try:
+        return args.run(model, args)
+    except InputError as e:  # e.g. a file that is not a trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="qwenaudio", description="Qwen-Audio and Qwen-Audio-Chat in pure PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("transcribe", help="transcribe, translate, caption or classify audio files",
+                              description="Run a Qwen-Audio task on audio files, a batch at a time.",
+                              epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments, "
+                                     "3 the model could not be loaded")
+    run.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, mp3)")
+    run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
+                     help=f"{', '.join(TASKS)}; default transcribe")
+    run.add_argument("--language", choices=LANGUAGES, default="en", metavar="LANG",
+                     help=f"spoken language (translate: the source), one of {' '.join(LANGUAGES)}; default en")
+    run.add_argument("--target-language", choices=LANGUAGES, default="zh", metavar="LANG",
+                     help="translate: the output language; default zh")
+    run.add_argument("--itn", action="store_true", help="transcribe: write numbers and symbols as written ($5)")
+    run.add_argument("--timestamps", action="store_true", help="transcribe: time every word (implied by srt, vtt)")
+    run.add_argument("--format", choices=FORMATS, default="txt", help="what stdout and --output-dir get; default txt")
+    run.add_argument("--output-dir", type=Path, metavar="DIR", help="also write <stem>.<format> per file here")
+    run.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="files per forward pass; default 4")
+    _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
+    chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
+                               description="Chat on stdin: '/audio PATH' attaches a clip to the next question, "
+                                           "'/reset' forgets the conversation, '/quit' or end of input leaves.")
+    chat.add_argument("--system", default=DEFAULT_SYSTEM, help="the system message")
+    _model_options(chat, "Qwen/Qwen-Audio-Chat", chat_loop)
+    record = commands.add_parser("trace", help="record every layer's activations for one prompt",
+                                 description="Run one prompt (a prefill, no generation) and write its activations "
+                                             "in the format tools/record_official.py writes for the official code.")
+    record.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
+    record.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    _trace_options(record)
+    _model_options(record, "Qwen/Qwen-Audio", trace_prompt)
+    check = commands.add_parser("verify", help="compare two traces layer by layer",
+                                description="Compare our trace with a reference trace (from tools/record_official.py); "
+                                            "with one trace and --model, record ours from the reference's prompt.",
+                                epilog="exit status: 0 every tensor within tolerance, 1 some tensor is not, "
+                                       "2 unusable trace files")
+    check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
+    check.add_argument("--rtol", type=float, help="max |ours - ref| / max |ref| per tensor; default by dtype "
+                                                  "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
+    check.add_argument("--atol", type=float, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
+    check.add_argument("--out", type=Path, help="with --model: also save our trace here")
+    _model_options(check, None, verify_traces)
+    args = parser.parse_args(argv)
+    if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
+        check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
+    if args.command == "transcribe" and (args.timestamps or args.format in TIMED_FORMATS):
+        if args.task != "transcribe":
+            run.error("word timestamps (--timestamps, --format srt or vtt) come only with --task transcribe")
+        args.timestamps = True
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def _trace_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", type=_positive, metavar="K",
+                        help="project wide tensors onto K fixed random columns (keeps full-size traces small)")
+    parser.add_argument("--logits", choices=("last", "all"), default="last", help="which positions' logits to keep")
+
+
+def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> None:
+    parser.add_argument("--model", default=repo, metavar="DIR|REPO",
+                        help=f"checkpoint directory, or a repo id looked up under $QWENAUDIO_HOME (else ./weights) "
+                             f"and downloaded when missing; default {repo or 'none'}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default: float32 on cpu, bfloat16 (or float16) on cuda")
+    parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
+    parser.set_defaults(repo=repo, run=run)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
+    """Files are read one by one (a bad one fails alone), then run through the task a batch at a time."""
+    failed, paths = 0, args.files
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start:start + args.batch_size]
+        print(f"[{start + len(batch)}/{len(paths)}] {' '.join(map(str, batch))}", file=sys.stderr, flush=True)
+        readable, clips = [], []
+        for path in batch:
+            try:
+                clips.append(load_audio(path))
+                readable.append(path)
+            except QwenAudioError as e:
+                _report(path, e)
+                failed += 1
+        try:
+            results = run_task(model, clips, args) if clips else []
+        except QwenAudioError as e:  # the batch as a whole failed: every file in it did
+            for path in readable:
+                _report(path, e)
+            failed += len(readable)
+            continue
+        for path, (text, words) in zip(readable, results):
+            emit(path, render(args.format, path, text, words, args.task), args)
+    if failed:
+        print(f"{failed} of {len(paths)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespace) -> list[tuple[str, list[Word]]]:
+    """(text, words) per clip; words come only from timed transcription, whose text is then the words joined."""
+    generation = {"max_new_tokens": args.max_new_tokens}  # None keeps the task's own budget
+    if args.task == "transcribe":
+        out = tasks.transcribe(model, clips, language=args.language, itn=args.itn, timestamps=args.timestamps,
+                               **generation)
+        if args.timestamps:
+            return [(" ".join(w.text for w in words), words) for words in out]
+    elif args.task == "translate":
+        out = tasks.translate(model, clips, source=args.language, target=args.target_language, **generation)
+    else:
+        out = tasks.analyse(model, clips, args.task, **generation)
+    return [(text, []) for text in out]
+
+
+def render(fmt: str, path: Path, text: str, words: list[Word], task: str) -> str:
+    if fmt == "json":
+        return to_json(text, words, file=str(path), task=task)
+    if fmt in TIMED_FORMATS:
+        return to_srt(words) if fmt == "srt" else to_vtt(words)
+    return text + "\n"
+
+
+def emit(path: Path, document: str, args: argparse.Namespace) -> None:
+    """To stdout: the document alone for one file; for several, txt lines start with the path and other formats
+    get a `==> path <==` header (as `head` does)."""
+    if args.output_dir:
+        (args.output_dir / f"{path.stem}.{args.format}").write_text(document, encoding="utf-8")
+    if len(args.files) > 1:
+        document = f"{path}: {document}" if args.format == "txt" else f"==> {path} <==\n{document}"
+    print(document, end="", flush=True)
+
+
+def _report(path: Path, error: Exception) -> None:
+    """`error: path: message` on stderr, without repeating the path that library messages often start with."""
+    print(f"error: {path}: {str(error).removeprefix(f'{path}: ')}", file=sys.stderr, flush=True)
+
+
+def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
+    """Read stdin a line at a time and stream each reply to stdout; a bad clip spoils only its own question."""
+    chat, clips = Chat(model, args.system), []
+    prompt = "> " if sys.stdin.isatty() else ""
+    generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    while True:
+        try:
+            line = input(prompt).strip()
+        except EOFError:
+            return 0
+        if line == "/quit":
+            return 0
+        if line == "/reset":
+            chat.reset()
+            clips = []
+        elif line.startswith("/audio "):
+            clips.append({"audio": line.removeprefix("/audio ").strip()})
+        elif line:
+            try:
+                for piece in chat.stream([*clips, line], **generation):
+                    print(piece, end="", flush=True)
+                print()
+            except QwenAudioError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            clips = []
+
+
+def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
+    trace.record(model, args.prompt, project=args.project, logits=args.logits).save(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
+    """Print the per-tensor table; the first tensor out of tolerance is where the implementations part."""
+    reference = trace.Trace.load(args.traces[-1])
+    if model is None:
+        ours = trace.Trace.load(args.traces[0])
+    else:
+        m = reference.manifest
+        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
+        if args.out:
+            ours.save(args.out)
+    rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
+    print(trace.format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}" +
+          (f"; first divergence: {failed[0].name}" if failed else ""))
+    return 1 if failed else 0
