@@ -1,0 +1,133 @@
+"""Traces and `qwenaudio verify`: a trace recorded from the official code (tests/golden/trace_official.safetensors,
+made by tools/record_official.py on the tiny checkpoint) verifies layer by layer; a perturbed checkpoint is caught
+at the right block; reduced precision passes at its stated tolerance; broken files are refused."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import qwenaudio
+from qwenaudio import InputError, load_checkpoint, save_checkpoint, trace
+from qwenaudio.trace import Trace, compare, record
+
+from .conftest import GOLDEN, ROOT
+
+REFERENCE = Trace.load(GOLDEN / "trace_official.safetensors")
+
+
+def official_tool():
+    spec = importlib.util.spec_from_file_location("record_official", ROOT / "tools" / "record_official.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ours(ckpt, dtype=torch.float32):
+    model = qwenaudio.load(ckpt, dtype=dtype, progress=False)
+    m = REFERENCE.manifest
+    return record(model, m["prompt"], project=m["project"], logits=m["logits"])
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recorded prompt names its clip relative to the repository
+
+
+def test_reference_is_the_official_code():
+    assert REFERENCE.manifest["producer"] == "official" and "e81cc26" in REFERENCE.manifest["code"]
+    assert REFERENCE.manifest["project"] == 32 and REFERENCE.manifest["logits"] == "all"
+
+
+def test_official_trace_verifies_layer_by_layer(tiny_ckpt, in_repo):
+    rows = compare(ours(tiny_ckpt), REFERENCE)
+    assert [r.name for r in rows][:3] == ["waveform.0", "mel.0", "encoder.conv1"] and rows[-1].name == "logits"
+    assert len(rows) == len(REFERENCE.tensors) == 16
+    assert all(r.ok and r.rel < 1e-5 and r.cosine > 0.999999 for r in rows), trace.format_table(rows)
+
+
+def test_perturbed_decoder_block_is_the_first_divergence(tiny_ckpt, in_repo, tmp_path):
+    broken = shutil.copytree(tiny_ckpt, tmp_path / "broken")
+    state = load_checkpoint(broken)
+    state["transformer.h.1.mlp.w1.weight"] = state["transformer.h.1.mlp.w1.weight"] * 1.01
+    for f in broken.glob("model*"):
+        f.unlink()
+    save_checkpoint(state, broken, max_shard_bytes=8 * 1024**2)
+    rows = compare(ours(broken), REFERENCE)
+    first = next(r for r in rows if not r.ok)
+    assert first.name == "decoder.block1"
+    assert "decoder.block1 " in trace.format_table(rows).split("<-- first divergence")[0].splitlines()[-1]
+
+
+@pytest.mark.parametrize("dtype, measured", [(torch.bfloat16, 9.2e-3), (torch.float16, 1.1e-3)])
+def test_reduced_precision_within_stated_tolerance(tiny_ckpt, in_repo, dtype, measured):
+    mine = ours(tiny_ckpt, dtype)
+    assert mine.manifest["model"]["dtype"] == str(dtype).removeprefix("torch.")
+    rows = compare(mine, REFERENCE)  # default tolerance from the dtype
+    assert all(r.ok for r in rows) and max(r.rel for r in rows) < 2 * measured
+    assert not all(r.ok for r in compare(mine, REFERENCE, rtol=1e-5))
+
+
+def test_save_and_load_round_trip(tiny_ckpt, in_repo, tmp_path):
+    mine = ours(tiny_ckpt)
+    mine.save(tmp_path / "t.safetensors")
+    again = Trace.load(tmp_path / "t.safetensors")
+    assert again.manifest["input_ids"] == REFERENCE.manifest["input_ids"]
+    assert all(torch.equal(again.tensors[n], mine.tensors[n]) for n in mine.tensors)
+
+
+def test_projection_matches_the_official_tool():
+    tool = official_tool()
+    assert tool.FORMAT == trace.FORMAT and tool.PROJECTION_SEED == trace.PROJECTION_SEED
+    assert torch.equal(tool.projection(1280, 64), trace.projection(1280, 64))
+
+
+def test_projection_keeps_relative_error():
+    """A 4096-wide vector pair projected to 64 columns keeps its relative error within a factor of ~1.5."""
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.standard_normal((200, 4096)).astype(np.float32))
+    b = a + 1e-3 * torch.from_numpy(rng.standard_normal((200, 4096)).astype(np.float32))
+    full = ((a - b).norm() / b.norm()).item()
+    small = ((trace.reduce(a, 64) - trace.reduce(b, 64)).norm() / trace.reduce(b, 64).norm()).item()
+    assert 0.67 < small / full < 1.5
+
+
+def test_bad_trace_files_are_refused(tmp_path):
+    (tmp_path / "text.safetensors").write_text("not a trace")
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        Trace.load(tmp_path / "text.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(InputError, match="not a qwenaudio trace"):
+        Trace.load(tmp_path / "plain.safetensors")
+    manifest = {**REFERENCE.manifest, "tensors": {"x": [3]}}
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "lying.safetensors"),
+              metadata={"format": trace.FORMAT, "manifest": json.dumps(manifest)})
+    with pytest.raises(InputError, match="manifest does not match the tensors"):
+        Trace.load(tmp_path / "lying.safetensors")
+
+
+def test_traces_of_different_prompts_are_not_compared(tiny_ckpt, in_repo):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    other = record(model, "Hello world!", project=32, logits="all")
+    with pytest.raises(InputError, match="ran different prompts"):
+        compare(other, REFERENCE)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qwenaudio", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+
+
+def test_verify_command(tiny_ckpt, tmp_path):
+    reference = str(GOLDEN / "trace_official.safetensors")
+    ok = run_cli("verify", reference, "--model", str(tiny_ckpt), "--out", str(tmp_path / "ours.safetensors"))
+    assert ok.returncode == 0 and "16 of 16 tensors within rtol 1e-05" in ok.stdout
+    strict = run_cli("verify", str(tmp_path / "ours.safetensors"), reference, "--rtol", "1e-9")
+    assert strict.returncode == 1 and "first divergence:" in strict.stdout
+    assert run_cli("verify", reference).returncode == 2  # one trace needs --model
