@@ -9,7 +9,7 @@ import torch
 import qwenaudio
 import qwenaudio.generate
 from qwenaudio.audio import audio_span
-from qwenaudio.chat import Chat, build_context, query_text
+from qwenaudio.chat import Chat, build_context, chat, query_text
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, ROOT
@@ -136,3 +136,12 @@ def test_stream_pieces_make_the_reply(chat_model, in_repo, monkeypatch):
     pieces = list(chat.stream([{"audio": CLIP0}, "What is it?"]))
     assert "".join(pieces) == "Glass breaking, 玻璃." and len(pieces) > 1
     assert chat.history[-1][1] == "Glass breaking, 玻璃."
+
+
+def test_official_style_chat_returns_reply_and_history(chat_model, in_repo, monkeypatch):
+    first, second = chat_model.tokenizer.encode("A tone."), chat_model.tokenizer.encode("Yes.")
+    scripted(monkeypatch, first, second)
+    reply, history = chat(chat_model, [{"audio": CLIP0}, "What is it?"])
+    assert reply == "A tone." and history == [(f"Audio 1:<audio>{CLIP0}</audio>\nWhat is it?", "A tone.")]
+    reply, history2 = chat(chat_model, "Sure?", history)
+    assert reply == "Yes." and history2 == history + [("Sure?", "Yes.")] and len(history) == 1  # not mutated

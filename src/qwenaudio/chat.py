@@ -129,6 +129,15 @@ class Chat:
         return self._clips[path]
 
 
+def chat(model: QwenAudio, query: str | Sequence[Part], history: History | None = None, *,
+         system: str = DEFAULT_SYSTEM, **generation) -> tuple[str, History]:
+    """One turn the official way, `model.chat(tokenizer, query, history)`: returns (reply, new history).
+    Keep a `Chat` instead to reuse the KV cache between turns."""
+    conversation = Chat(model, system, history)
+    reply = conversation.ask(query, **generation)
+    return reply, conversation.history
+
+
 def _same_encodings(cached: list[torch.Tensor], fresh: list[torch.Tensor]) -> bool:
     """Whether the clips in the cached prefix encode the same (to 1e-5 relative) in this turn's batch."""
     return len(fresh) >= len(cached) and all(
