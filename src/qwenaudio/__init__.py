@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "Decoder", "DownloadError",
-    "GenerationConfig", "InputError", "QwenAudio", "QwenAudioConfig", "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load", "load_audio",
-    "load_checkpoint", "load_decoder", "load_encoder", "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
+    "GenerationConfig", "InputError", "QwenAudio", "QwenAudioConfig", "QwenAudioError", "Tokenizer",
+    "TokenizerError", "download", "load", "load_audio", "load_checkpoint", "load_decoder", "load_encoder",
+    "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .audio import AudioSource, audio_span, load_audio
+from .audio import audio_span, load_audio
 from .errors import InputError
 from .generate import stream_text
 from .model import QwenAudio
@@ -63,8 +63,10 @@ def build_context(tokenizer: Tokenizer, query: str, history: History, system: st
         if len(system_ids) + len(turn) + len(kept_ids) >= max_window_size:
             break
         kept_ids = turn + kept_ids
-        kept_text = f"\n<|im_start|>user\n{turn_query}<|im_end|>\n<|im_start|>assistant\n{turn_reply}<|im_end|>" + kept_text
-    ids = system_ids + kept_ids + nl + piece("user", query) + nl + [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
+        kept_text = (f"\n<|im_start|>user\n{turn_query}<|im_end|>"
+                     f"\n<|im_start|>assistant\n{turn_reply}<|im_end|>") + kept_text
+    assistant = [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
+    ids = system_ids + kept_ids + nl + piece("user", query) + nl + assistant
     raw = (f"<|im_start|>system\n{system}<|im_end|>{kept_text}"
            f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n")
     return raw, ids

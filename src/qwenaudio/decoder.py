@@ -140,10 +140,9 @@ class Decoder(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache (in the weights' dtype and device); it lives until the next setup_cache."""
-        w = self.lm_head.weight
-        head_dim = self.config.kv_channels
+        w, heads, head_dim = self.lm_head.weight, self.config.num_attention_heads, self.config.kv_channels
         for block in self.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.num_attention_heads, max_seq_len, head_dim, w.dtype).to(w.device)
+            block.attn.kv_cache = KVCache(batch_size, heads, max_seq_len, head_dim, w.dtype).to(w.device)
         self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=w.device)
         self.max_seq_len = max_seq_len
 
@@ -171,7 +170,9 @@ class Decoder(nn.Module):
         b, s = input_ids.shape
         device = input_ids.device
         input_pos = torch.arange(s, device=device) if input_pos is None else input_pos
-        new_valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.bool, device=device)
+        new_valid = attention_mask.bool()
         self._check_inputs(input_ids, input_pos)
 
         x = self.wte(input_ids)
