@@ -274,6 +274,13 @@ def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
 
 # --- the KV cache ---------------------------------------------------------------------------------------------------
 
+def test_last_only_gives_the_last_row(decoder, tokenizer):
+    ids = torch.tensor([text_ids(tokenizer, 12)])
+    with torch.no_grad():
+        decoder.clear_cache()
+        assert relative_error(decoder(ids, last_only=True), decoder(ids)[:, -1:]) < 1e-6  # matmul rounding only
+
+
 def test_cache_equals_full_sequence_batch_1(decoder, tokenizer):
     ids = torch.tensor([text_ids(tokenizer, 30)])
     mask = torch.ones_like(ids)

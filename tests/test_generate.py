@@ -114,7 +114,7 @@ class ScriptedDecoder:
     def setup_cache(self, batch, length):
         self.max_seq_len, self.key_valid = length, torch.zeros(batch, length)
 
-    def __call__(self, ids, input_pos=None, *, attention_mask=None, audio=None):
+    def __call__(self, ids, input_pos=None, *, attention_mask=None, audio=None, last_only=False):
         self.calls.append(ids.shape[1])
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
         for row, script in enumerate(self.scripts):

@@ -140,7 +140,7 @@ class Decoder(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache (in the weights' dtype and device); it lives until the next setup_cache."""
-        w, heads, head_dim = self.lm_head.weight, self.config.num_attention_heads, self.config.kv_channels
+        w, heads, head_dim = self.wte.weight, self.config.num_attention_heads, self.config.kv_channels  # float dtype
         for block in self.h:
             block.attn.kv_cache = KVCache(batch_size, heads, max_seq_len, head_dim, w.dtype).to(w.device)
         self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=w.device)
@@ -159,8 +159,11 @@ class Decoder(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         audio: Sequence[Tensor] | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits [B, S, vocab_size] for `input_ids` [B, S] placed at slots `input_pos` [S] (default 0..S-1).
+        """Logits [B, S, vocab_size] for `input_ids` [B, S] placed at slots `input_pos` [S] (default 0..S-1);
+        with `last_only`, [B, 1, vocab_size] for the last slot (what generation needs: at 155,947 outputs per
+        position, lm_head is a large part of a prefill).
 
         `attention_mask` [B, S] marks real tokens (1) and padding (0) of these slots. `audio` holds the encoded
         span of every `<audio>…</audio>` region in the ids, in row-major order. With a KV cache, a call starting at
@@ -198,7 +201,7 @@ class Decoder(nn.Module):
         mask = (mask | (key_pos[None, :] == input_pos[:, None])[None])[:, None]  # [B, 1, S, keys]
         for block in self.h:
             x = block(x, cos, sin, logn[..., None, None], mask, input_pos)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
 
     def _choose_rope_base(self, valid: Tensor, first: int, step: bool) -> None:
         """Set the rotary base of each row from the NTK alpha (SPEC §8); frozen once a prefill has chosen it."""

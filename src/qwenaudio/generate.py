@@ -109,10 +109,10 @@ def _prefill(decoder: Decoder, input_ids: Tensor, attention_mask: Tensor | None,
         cached_clips = int((input_ids[:, :prefix_len] == decoder.config.audio.audio_start_id).sum())
         try:
             return decoder(chunk, torch.arange(prefix_len, input_ids.shape[1], device=input_ids.device),
-                           audio=audio[cached_clips:])[:, -1]
+                           audio=audio[cached_clips:], last_only=True)[:, -1]
         except InputError:  # the longer sequence needs another NTK factor: recompute everything
             pass
-    return decoder(input_ids, attention_mask=attention_mask, audio=audio)[:, -1]
+    return decoder(input_ids, attention_mask=attention_mask, audio=audio, last_only=True)[:, -1]
 
 
 def generate(

@@ -119,7 +119,7 @@ def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits:
     tensors = {n: t.float().contiguous() for n, t in tensors.items()}
     manifest = {"producer": "qwenaudio", "prompt": prompt, "audio": audio_files,
                 "input_ids": ids, "project": project, "logits": logits,
-                "model": {"dtype": str(dec.lm_head.weight.dtype).removeprefix("torch."),
+                "model": {"dtype": str(dec.wte.weight.dtype).removeprefix("torch."),
                           "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
     return Trace(tensors, manifest)
 
