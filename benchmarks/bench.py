@@ -133,14 +133,14 @@ def run(args) -> list[dict]:
     for batch in (1, 8):
         prompt = ids.expand(batch, -1)
         decoder.setup_cache(batch, PROMPT_TOKENS + args.decode_steps + 1)
-        decoder(prompt, torch.arange(PROMPT_TOKENS))
+        decoder(prompt, torch.arange(PROMPT_TOKENS), last_only=True)
         next_ids = torch.randint(0, 151643, (batch, 1))
 
         def ours_steps():
             for t in range(args.decode_steps):
                 decoder(next_ids, torch.tensor([PROMPT_TOKENS + t]))
 
-        cache = peer(prompt, use_cache=True).past_key_values
+        cache = peer(prompt, use_cache=True, logits_to_keep=1).past_key_values
 
         def peer_steps():
             past = DynamicCache()

@@ -21,10 +21,11 @@ def test_weight_round_trip_is_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
 
 
-def test_int8_linear_matches_its_dequantized_weights():
+@pytest.mark.parametrize("shape", [(1, 96), (2, 2, 96), (3, 5, 96)])  # the int8 kernel, then the converting path
+def test_int8_linear_matches_its_dequantized_weights(shape):
     linear = torch.nn.Linear(96, 40)
     layer = Int8Linear(linear)
-    x = torch.randn(3, 5, 96)
+    x = torch.randn(*shape)
     reference = x @ (layer.weight.float() * layer.scales[:, None]).T + linear.bias
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
