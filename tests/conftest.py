@@ -43,5 +43,5 @@ def tiny_ckpt(tmp_path_factory, vocab_file) -> Path:
 @pytest.fixture(scope="session")
 def shared_audio() -> Path:
     if not SHARED_AUDIO.is_dir():
-        pytest.skip("the shared recordings (../shared/audio) are not on this machine")
+        pytest.skip(reason="the shared recordings (../shared/audio) are not on this machine")
     return SHARED_AUDIO
