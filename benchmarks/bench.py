@@ -40,7 +40,7 @@ from qwenaudio.audio import log_mel_spectrogram
 from qwenaudio.decoder import Decoder
 from qwenaudio.encoder import AudioEncoder
 from qwenaudio.quantize import quantize_int8
-from qwenaudio.testing import tiny_config
+from qwenaudio.testing import qwen2_audio_encoder_weights, qwen2_decoder_weights, tiny_config
 
 PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags
 
@@ -71,36 +71,14 @@ def build(decoder_layers: int, encoder_layers: int):
     peer_encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(
         num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=20, encoder_ffn_dim=5120,
         d_model=1280, max_source_positions=1500)).eval()
-    e = encoder.state_dict()
-    mapped = {"conv1.weight": e["conv1.weight"], "conv1.bias": e["conv1.bias"], "conv2.weight": e["conv2.weight"],
-              "conv2.bias": e["conv2.bias"], "embed_positions.weight": e["positional_embedding"],
-              "layer_norm.weight": e["ln_post.weight"], "layer_norm.bias": e["ln_post.bias"]}
-    for i in range(encoder_layers):
-        for theirs, mine in [("self_attn.q_proj", "attn.query"), ("self_attn.k_proj", "attn.key"),
-                             ("self_attn.v_proj", "attn.value"), ("self_attn.out_proj", "attn.out"),
-                             ("self_attn_layer_norm", "attn_ln"), ("fc1", "mlp.0"), ("fc2", "mlp.2"),
-                             ("final_layer_norm", "mlp_ln")]:
-            for p in ("weight", "bias"):
-                if f"blocks.{i}.{mine}.{p}" in e:
-                    mapped[f"layers.{i}.{theirs}.{p}"] = e[f"blocks.{i}.{mine}.{p}"]
-    peer_encoder.load_state_dict(mapped, strict=False, assign=True)
+    peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
 
     peer = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=config.vocab_size, hidden_size=4096, intermediate_size=config.mlp_width,
         num_hidden_layers=decoder_layers, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
         attn_implementation="sdpa")).eval()
-    d = decoder.state_dict()
-    mapped = {"model.embed_tokens.weight": d["wte.weight"], "model.norm.weight": d["ln_f.weight"],
-              "lm_head.weight": d["lm_head.weight"]}
-    for i in range(decoder_layers):
-        h, m = f"h.{i}.", f"model.layers.{i}."
-        for name, w, b in zip("qkv", d[h + "attn.c_attn.weight"].chunk(3), d[h + "attn.c_attn.bias"].chunk(3)):
-            mapped |= {m + f"self_attn.{name}_proj.weight": w, m + f"self_attn.{name}_proj.bias": b}
-        mapped |= {m + "self_attn.o_proj.weight": d[h + "attn.c_proj.weight"], m + "mlp.up_proj.weight": d[h + "mlp.w1.weight"],
-                   m + "mlp.gate_proj.weight": d[h + "mlp.w2.weight"], m + "mlp.down_proj.weight": d[h + "mlp.c_proj.weight"],
-                   m + "input_layernorm.weight": d[h + "ln_1.weight"], m + "post_attention_layernorm.weight": d[h + "ln_2.weight"]}
-    peer.load_state_dict(mapped, strict=True, assign=True)
+    peer.load_state_dict(qwen2_decoder_weights(decoder.state_dict()), strict=True, assign=True)
     return config, encoder, decoder, peer_encoder, peer
 
 

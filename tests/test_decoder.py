@@ -18,7 +18,7 @@ from safetensors import safe_open
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
 from qwenaudio.audio import log_mel_spectrogram
 from qwenaudio.decoder import Decoder, ntk_alpha
-from qwenaudio.testing import make_tiny_checkpoint
+from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
 
 from .conftest import GOLDEN
 
@@ -156,7 +156,8 @@ def test_ntk_alpha_values(length, alpha):
 # --- transformers' Qwen2 ------------------------------------------------------------------------------------------
 
 def qwen2_reference(tiny_ckpt):
-    """Qwen2ForCausalLM with our weights: q/k/v split out of c_attn, up = w1, gate = w2, down = c_proj."""
+    """Qwen2ForCausalLM with our weights (`qwen2_decoder_weights`: q/k/v split out of c_attn, up = w1,
+    gate = w2, down = c_proj)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     c = QwenAudioConfig.from_json(tiny_ckpt)
@@ -166,19 +167,7 @@ def qwen2_reference(tiny_ckpt):
                          rope_theta=c.rotary_emb_base, max_position_embeddings=c.seq_length,
                          tie_word_embeddings=False, attn_implementation="eager")
     model = Qwen2ForCausalLM(config).eval()
-    s = load_checkpoint(tiny_ckpt, dtype=torch.float32)
-    mapped = {"model.embed_tokens.weight": s["transformer.wte.weight"], "model.norm.weight": s["transformer.ln_f.weight"],
-              "lm_head.weight": s["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        h, m = f"transformer.h.{i}.", f"model.layers.{i}."
-        for name, w, b in zip(("q", "k", "v"), s[h + "attn.c_attn.weight"].chunk(3), s[h + "attn.c_attn.bias"].chunk(3)):
-            mapped |= {m + f"self_attn.{name}_proj.weight": w, m + f"self_attn.{name}_proj.bias": b}
-        mapped |= {m + "self_attn.o_proj.weight": s[h + "attn.c_proj.weight"],
-                   m + "mlp.up_proj.weight": s[h + "mlp.w1.weight"], m + "mlp.gate_proj.weight": s[h + "mlp.w2.weight"],
-                   m + "mlp.down_proj.weight": s[h + "mlp.c_proj.weight"],
-                   m + "input_layernorm.weight": s[h + "ln_1.weight"],
-                   m + "post_attention_layernorm.weight": s[h + "ln_2.weight"]}
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(qwen2_decoder_weights(load_decoder(tiny_ckpt, dtype=torch.float32).state_dict()), strict=True)
     return model
 
 

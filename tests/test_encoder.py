@@ -14,6 +14,7 @@ from safetensors import safe_open
 from qwenaudio import AudioError, QwenAudioConfig, load_encoder, tensor_shapes
 from qwenaudio.audio import log_mel_spectrogram
 from qwenaudio.encoder import AudioEncoder
+from qwenaudio.testing import qwen2_audio_encoder_weights
 
 from .conftest import GOLDEN
 
@@ -147,20 +148,7 @@ def test_encoder_equals_qwen2_audio_encoder(encoder):
                                      encoder_ffn_dim=256, d_model=64, max_source_positions=1500)
     config._attn_implementation = "eager"
     reference = Qwen2AudioEncoder(config).eval()
-    ours = encoder.state_dict()
-    mapped = {"conv1.weight": "conv1.weight", "conv1.bias": "conv1.bias", "conv2.weight": "conv2.weight",
-              "conv2.bias": "conv2.bias", "embed_positions.weight": "positional_embedding",
-              "layer_norm.weight": "ln_post.weight", "layer_norm.bias": "ln_post.bias"}
-    for i in range(2):
-        for theirs, mine in [("self_attn.q_proj", "attn.query"), ("self_attn.k_proj", "attn.key"),
-                             ("self_attn.v_proj", "attn.value"), ("self_attn.out_proj", "attn.out"),
-                             ("self_attn_layer_norm", "attn_ln"), ("fc1", "mlp.0"), ("fc2", "mlp.2"),
-                             ("final_layer_norm", "mlp_ln")]:
-            for p in ("weight", "bias"):
-                if f"blocks.{i}.{mine}.{p}" in ours:
-                    mapped[f"layers.{i}.{theirs}.{p}"] = f"blocks.{i}.{mine}.{p}"
-    missing, _ = reference.load_state_dict({k: ours[v] for k, v in mapped.items()}, strict=False)
-    assert missing == []  # every reference weight came from ours (k_proj has no bias in either)
+    reference.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True)
     mel = full_clip_mel(1)
     acts = capture(encoder, mel, torch.tensor([1500]))
     with torch.no_grad():
