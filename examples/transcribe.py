@@ -13,7 +13,10 @@ parser.add_argument("--timestamps", action="store_true", help="time every word")
 parser.add_argument("--max-new-tokens", type=int, default=256)
 args = parser.parse_args()
 
-model = qwenaudio.load(args.model)  # fp32 on CPU, bf16 on a GPU; downloads a repo id into weights/ if needed
+try:
+    model = qwenaudio.load(args.model)  # fp32 on CPU, bf16 on a GPU; downloads a repo id into weights/ if needed
+except qwenaudio.QwenAudioError as e:  # no weights yet: the message says how to get them
+    raise SystemExit(f"error: {e}")
 results = tasks.transcribe(model, args.files, language=args.language, timestamps=args.timestamps,
                            max_new_tokens=args.max_new_tokens)  # one left-padded batch, greedy
 for path, result in zip(args.files, results):
