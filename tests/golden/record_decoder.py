@@ -40,12 +40,10 @@ How to run (same venv and official files as record_encoder.py), from the reposit
 It writes ``decoder_official.safetensors`` next to this script; the tests only read that file.
 """
 
-import argparse
 import importlib
 import json
 import os
 import sys
-import tempfile
 from importlib.metadata import version
 
 import numpy as np
@@ -219,17 +217,10 @@ def describe_checkpoint(model, kwargs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--official-files", required=True, help="directory with the official e81cc26 files")
-    parser.add_argument("--out", default=OUT_PATH)
-    args = parser.parse_args()
+    args = record_encoder.parse_args(__doc__.split("\n\n")[0], OUT_PATH)
     official_dir = os.path.abspath(args.official_files)
 
-    with tempfile.TemporaryDirectory() as work_dir:
-        os.environ["HF_MODULES_CACHE"] = os.path.join(work_dir, "modules")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        sys.path.insert(0, os.path.abspath(record_encoder.SRC))
-        torch.manual_seed(0)  # nothing here is random in torch; set anyway
+    with record_encoder.official_workdir() as work_dir:
         from transformers import AutoTokenizer
 
         models = {}

@@ -39,6 +39,7 @@ file; it never runs this script.
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -169,19 +170,31 @@ def save_deterministic(tensors, path, metadata):
         f.write(blob[:8] + text.ljust(n, b" ") + blob[8 + n :])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(description: str, out_path: str) -> argparse.Namespace:
+    """The recorders' common command line: where the official files are, and where to write."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--official-files", required=True, help="directory with the official e81cc26 files")
-    parser.add_argument("--out", default=OUT_PATH)
-    args = parser.parse_args()
-    official_dir = os.path.abspath(args.official_files)
+    parser.add_argument("--out", default=out_path)
+    return parser.parse_args()
 
+
+@contextlib.contextmanager
+def official_workdir():
+    """A temporary directory for tiny checkpoints in which transformers also keeps its copy of the remote code
+    (and the mel_filters.npz it puts there); the hub stays offline and qwenaudio (for the checkpoints) importable."""
     with tempfile.TemporaryDirectory() as work_dir:
-        # Keep transformers' copy of the remote code (and the mel_filters.npz it puts there) in the temp dir.
         os.environ["HF_MODULES_CACHE"] = os.path.join(work_dir, "modules")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         sys.path.insert(0, os.path.abspath(SRC))
         torch.manual_seed(0)  # nothing here is random in torch; set anyway
+        yield work_dir
+
+
+def main():
+    args = parse_args(__doc__.split("\n\n")[0], OUT_PATH)
+    official_dir = os.path.abspath(args.official_files)
+
+    with official_workdir() as work_dir:
         model = load_official_model(official_dir, work_dir)
         encoder = model.transformer.audio
         # The official audio.py module exactly as transformers loaded it (sibling of modeling_qwen).

@@ -42,13 +42,11 @@ where DIR holds the official e81cc26 files (see record_encoder.py), kept OUTSIDE
 clip0.wav, clip1.wav and ``generation_official.json`` next to this script; the tests only read those files.
 """
 
-import argparse
 import copy
 import importlib
 import json
 import os
 import sys
-import tempfile
 import wave
 from importlib.metadata import version
 
@@ -219,20 +217,13 @@ def dumps(obj, indent=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--official-files", required=True, help="directory with the official e81cc26 files")
-    parser.add_argument("--out", default=OUT_PATH)
-    args = parser.parse_args()
+    args = record_encoder.parse_args(__doc__.split("\n\n")[0], OUT_PATH)
     official_dir = os.path.abspath(args.official_files)
     out_path = os.path.abspath(args.out)
     os.chdir(REPO_ROOT)  # the relative clip paths in the prompts resolve against the working directory
     write_clips()
 
-    with tempfile.TemporaryDirectory() as work_dir:
-        os.environ["HF_MODULES_CACHE"] = os.path.join(work_dir, "modules")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        sys.path.insert(0, os.path.abspath(record_encoder.SRC))
-        torch.manual_seed(0)  # greedy: nothing is random; set anyway
+    with record_encoder.official_workdir() as work_dir:
         from transformers import AutoTokenizer
 
         models = {}
