@@ -14,7 +14,7 @@ parser.add_argument("--max-new-tokens", type=int, default=256)
 args = parser.parse_args()
 
 try:
-    model = qwenaudio.load(args.model)  # fp32 on CPU, bf16 on a GPU; downloads a repo id into weights/ if needed
+    model = qwenaudio.load(args.model)  # bf16 where fast (GPUs, AVX-512 CPUs), else fp32; downloads a repo id into weights/ if needed
 except qwenaudio.QwenAudioError as e:  # no weights yet: the message says how to get them
     raise SystemExit(f"error: {e}")
 results = tasks.transcribe(model, args.files, language=args.language, timestamps=args.timestamps,

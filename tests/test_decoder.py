@@ -59,12 +59,17 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def decode_incrementally(decoder: Decoder, ids, mask, prefill: int) -> torch.Tensor:
-    """Prefill `prefill` slots, then feed the rest one token per step; the logits of every slot."""
-    decoder.setup_cache(ids.shape[0], ids.shape[1] + 4)
+def decode_incrementally(decoder: Decoder, ids, mask, prefill: int, step=None, fresh_cache: bool = True):
+    """Prefill `prefill` slots, then feed the rest one token per step, through `forward` or, if given, `step`
+    (e.g. `decoder.step`, which takes no mask: decoded tokens are real); the logits of every slot."""
+    if fresh_cache:
+        decoder.setup_cache(ids.shape[0], ids.shape[1] + 4)
     out = [decoder(ids[:, :prefill], torch.arange(prefill), attention_mask=mask[:, :prefill])]
     for p in range(prefill, ids.shape[1]):
-        out.append(decoder(ids[:, p : p + 1], torch.tensor([p]), attention_mask=mask[:, p : p + 1]))
+        if step:
+            out.append(step(ids[:, p : p + 1], torch.tensor([p]))[:, None])
+        else:
+            out.append(decoder(ids[:, p : p + 1], torch.tensor([p]), attention_mask=mask[:, p : p + 1]))
     return torch.cat(out, dim=1)
 
 
@@ -316,6 +321,32 @@ def test_prefix_reuse_refused_when_alpha_would_change(short_ckpt, tokenizer):
         decoder(ids[:, :10], torch.arange(10))
         with pytest.raises(InputError, match="would change the NTK rotary base .*prefill the whole sequence"):
             decoder(ids[:, 10:30], torch.arange(10, 30))
+
+
+@pytest.mark.parametrize("true_positions", [False, True])
+def test_step_equals_forward(short_ckpt, tokenizer, true_positions):
+    """`step`, the check-free one-token path generation runs, gives forward's logits: left-padded rows with their
+    own NTK alpha (7 and 3) and logn past seq_length, on a cache whose later slots still hold a longer earlier run."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
+    ids, mask = left_pad([text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)])
+    with torch.no_grad():
+        decode_incrementally(decoder, ids, mask, prefill=42)  # leaves slots 0..45 filled
+        reference = decode_incrementally(decoder, ids[:, :44], mask[:, :44], prefill=40, fresh_cache=False)
+        ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], prefill=40, step=decoder.step,
+                                    fresh_cache=False)
+    assert masked_relative_error(ours, reference, mask[:, :44]) < 1e-6
+
+
+def test_compiled_step_equals_eager_step(tiny_ckpt, tokenizer):
+    """torch.compile(fullgraph=True) captures the whole step (a graph break would raise) and changes no numbers
+    beyond fused-kernel rounding."""
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
+    ids, mask = left_pad([text_ids(tokenizer, 20, seed=3), text_ids(tokenizer, 14, seed=4)])
+    with torch.no_grad():
+        eager = decode_incrementally(decoder, ids, mask, prefill=16, step=decoder.step)
+        decoder.compile_step()
+        compiled = decode_incrementally(decoder, ids, mask, prefill=16, step=decoder.compiled_step)
+    assert masked_relative_error(compiled, eager, mask) < 1e-5
 
 
 # --- positions under padding ------------------------------------------------------------------------------------

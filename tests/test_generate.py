@@ -107,9 +107,10 @@ class ScriptedDecoder:
     """Stands in for `Decoder`: its logits put all mass on the next id of each row's script."""
 
     def __init__(self, scripts, vocab=155947):
-        self.scripts, self.vocab, self.step = scripts, vocab, 0
+        self.scripts, self.vocab, self.turn = scripts, vocab, 0
         self.config = SimpleNamespace(audio=SimpleNamespace(audio_start_id=155163))
         self.max_seq_len, self.key_valid, self.calls = 0, torch.zeros(0, 0), []
+        self.compiled_step = None
 
     def setup_cache(self, batch, length):
         self.max_seq_len, self.key_valid = length, torch.zeros(batch, length)
@@ -118,9 +119,12 @@ class ScriptedDecoder:
         self.calls.append(ids.shape[1])
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
         for row, script in enumerate(self.scripts):
-            logits[row, -1, script[min(self.step, len(script) - 1)]] = 10.0
-        self.step += 1
+            logits[row, -1, script[min(self.turn, len(script) - 1)]] = 10.0
+        self.turn += 1
         return logits
+
+    def step(self, ids, input_pos):
+        return self(ids, input_pos)[:, -1]
 
 
 def test_rows_stop_on_their_own(tokenizer):

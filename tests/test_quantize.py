@@ -1,4 +1,5 @@
-"""Int8 weight-only quantization: the layer math, and accuracy against fp32 on the golden generation prompts."""
+"""Int8 weight-only quantization: the layer math, quantized checkpoints, and accuracy against fp32 on the golden
+generation prompts."""
 
 import json
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import load_audio
-from qwenaudio.quantize import Int8Linear, quantize_int8, quantize_weight
+from qwenaudio import ConfigError, load_audio, quantize
+from qwenaudio.quantize import Int8Linear, quantize_int8, quantize_weight, save_quantized
 
 from .conftest import GOLDEN, ROOT
 
@@ -21,19 +22,69 @@ def test_weight_round_trip_is_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (2, 2, 96), (3, 5, 96)])  # the int8 kernel, then the converting path
-def test_int8_linear_matches_its_dequantized_weights(shape):
-    linear = torch.nn.Linear(96, 40)
-    layer = Int8Linear(linear)
-    x = torch.randn(*shape)
-    reference = x @ (layer.weight.float() * layer.scales[:, None]).T + linear.bias
-    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+def test_quantizing_in_chunks_equals_one_pass(monkeypatch):
+    w = torch.randn(50, 32) * torch.logspace(-3, 2, 50)[:, None]
+    whole = quantize_weight(w)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 7)  # 50 rows: 7 full chunks and a short one
+    chunked = quantize_weight(w)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+# bf16 rows: up to 32 go through torch's int8 kernel, more convert the weight; fp32 always converts.
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (1, 96)), (torch.float32, (3, 5, 96)),
+                                         (torch.bfloat16, (1, 96)), (torch.bfloat16, (4, 8, 96)),
+                                         (torch.bfloat16, (5, 8, 96))])
+def test_int8_linear_matches_its_dequantized_weights(dtype, shape):
+    linear = torch.nn.Linear(96, 40).to(dtype)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(*shape).to(dtype)
+    reference = x.double() @ (layer.weight.double() * layer.weight_scale.double()[:, None]).T + linear.bias.double()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 output: 8 significant bits
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), reference, rtol=tolerance,
+                                   atol=tolerance * float(reference.abs().max()))
 
 
 def test_decoder_linears_are_replaced(tiny_ckpt):
     decoder = quantize_int8(qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32))
     assert isinstance(decoder.h[0].attn.c_attn, Int8Linear) and isinstance(decoder.lm_head, Int8Linear)
     assert decoder.h[0].mlp.w1.weight.dtype == torch.int8 and decoder.wte.weight.dtype == torch.float32
+
+
+def test_int8_on_load_equals_quantizing_after_load(tiny_ckpt):
+    after = quantize_int8(qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32))
+    during = qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32, int8=True)
+    assert after.state_dict().keys() == during.state_dict().keys()
+    for name, tensor in after.state_dict().items():
+        assert torch.equal(tensor, during.state_dict()[name]), name
+
+
+def test_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path):
+    target = save_quantized(tiny_ckpt, tmp_path / "int8")
+    raw = json.loads((target / "config.json").read_text())
+    assert raw["quantization"] == "int8-weight-only"
+    assert {p.name for p in tiny_ckpt.iterdir() if p.suffix != ".safetensors"} <= {p.name for p in target.iterdir()}
+    header = qwenaudio.checkpoint.read_header(next(target.glob("*.safetensors")))
+    assert header["lm_head.weight"][0] == torch.int8 and header["lm_head.weight_scale"][0] == torch.bfloat16
+    config = qwenaudio.QwenAudioConfig.from_json(tiny_ckpt)
+    shapes = qwenaudio.tensor_shapes(config)
+    # Each quantized weight goes from 2 bytes (bf16) to 1 per element and gains a bf16 scale per row.
+    saved = sum(shapes[n][0] * shapes[n][1] - 2 * shapes[n][0] for n in qwenaudio.checkpoint.quantized_names(config))
+    size = {d: sum(p.stat().st_size for p in d.glob("*.safetensors")) for d in (tiny_ckpt, target)}
+    assert abs(size[tiny_ckpt] - size[target] - saved) < 64 * 1024  # headers and shard count may differ
+
+    stored = qwenaudio.load(target, dtype=torch.bfloat16, progress=False)  # int8 because the config says so
+    fresh = qwenaudio.load(tiny_ckpt, dtype=torch.bfloat16, int8=True, progress=False)
+    assert isinstance(stored.decoder.h[1].mlp.w2, Int8Linear)
+    ids = torch.randint(0, 151643, (2, 7))
+    with torch.no_grad():  # also runs the int8 kernel on weights read back from the shards
+        assert torch.equal(stored.decoder(ids), fresh.decoder(ids))
+
+
+def test_unknown_quantization_is_refused(tiny_ckpt, tmp_path):
+    raw = json.loads((tiny_ckpt / "config.json").read_text())
+    with pytest.raises(ConfigError, match="quantization 'int4'"):
+        qwenaudio.QwenAudioConfig.from_dict({**raw, "quantization": "int4"})
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,7 +79,21 @@ def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
         e + "audio_bos_eos_token.weight": (2, a.output_dim),  # row 0 BOS, row 1 EOS
         "lm_head.weight": (config.vocab_size, d),
     }
+    if config.quantization:  # int8 weights keep their shapes; each gets a per-row scale (qwenaudio.quantize)
+        shapes |= {scale_name(n): shapes[n][:1] for n in quantized_names(config)}
     return shapes
+
+
+def quantized_names(config: QwenAudioConfig) -> list[str]:
+    """Official names of the weights that int8 quantization replaces: every linear of the decoder."""
+    layers = [f"transformer.h.{i}.{m}.weight" for i in range(config.num_hidden_layers)
+              for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")]
+    return layers + ["lm_head.weight"]
+
+
+def scale_name(weight_name: str) -> str:
+    """`lm_head.weight` -> `lm_head.weight_scale`: where a quantized weight's per-row scales are stored."""
+    return weight_name + "_scale"
 
 
 def shard_files(path: str | Path) -> dict[str, Path]:
@@ -128,6 +143,7 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     prefix: str = "",
     progress: Callable[[int, int], None] | None = None,
+    convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read and check every tensor of an official checkpoint.
 
@@ -135,7 +151,9 @@ def load_checkpoint(
     weights). On the meta device nothing but the headers is read, which checks a full-size checkpoint in seconds.
     Missing, unexpected and wrongly shaped tensors are reported together in one `CheckpointError`. With `prefix`,
     only tensors whose names start with it are read (all headers are still checked). `progress(done, total)` is
-    called after each tensor.
+    called after each tensor. `convert(name, tensor)` may replace each tensor as it arrives by named tensors of
+    its own (quantization does), so that the full-precision original is never held for long. Integer tensors
+    (int8 weights) keep their dtype.
     """
     path = Path(path)
     files = shard_files(path)
@@ -153,16 +171,20 @@ def load_checkpoint(
     wanted = [n for n in files if n.startswith(prefix)]
     device = torch.device(device)
     if device.type == "meta":
-        return {n: torch.empty(headers[n][1], dtype=dtype or headers[n][0], device="meta") for n in wanted}
-    state: dict[str, torch.Tensor] = {}
+        return {n: torch.empty(headers[n][1], device="meta",
+                               dtype=dtype if dtype and headers[n][0].is_floating_point else headers[n][0])
+                for n in wanted}
+    state: dict[str, dict[str, torch.Tensor]] = {}  # by name as stored: what it became
     for file in sorted({files[n] for n in wanted}):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.startswith(prefix) and name in files:
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype or headers[name][0])
+                    tensor = f.get_tensor(name)
+                    tensor = tensor.to(device, dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+                    state[name] = convert(name, tensor) if convert else {name: tensor}
                     if progress:
                         progress(len(state), len(wanted))
-    return {n: state[n] for n in wanted}
+    return {k: v for n in wanted for k, v in state[n].items()}
 
 
 def check_tensors(found: dict[str, Shape], expected: dict[str, Shape], source: str) -> None:
@@ -209,13 +231,27 @@ def save_checkpoint(
     state: dict[str, torch.Tensor], directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3
 ) -> Path:
     """Write tensors in the official layout: `model-0000i-of-0000N.safetensors` shards plus the index."""
+    layout = {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
+    return write_shards(layout, state.__getitem__, directory, max_shard_bytes=max_shard_bytes)
+
+
+def write_shards(
+    layout: dict[str, tuple[Shape, torch.dtype]],
+    make: Callable[[str], torch.Tensor],
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write the tensors named in `layout` (name -> shape, dtype), in its order, asking `make(name)` for each
+    only when its shard is written: a 16.8 GB checkpoint is produced with one shard in memory at a time."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    nbytes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    nbytes = {n: math.prod(shape) * dtype.itemsize for n, (shape, dtype) in layout.items()}
     shards = plan_shards(nbytes, max_shard_bytes)
     for i, names in enumerate(shards):
-        tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
+        tensors = {n: make(n).detach().to("cpu").contiguous() for n in names}
         save_file(tensors, directory / shard_name(i, len(shards)), metadata={"format": "pt"})
+        del tensors
     write_index(directory, shards, sum(nbytes.values()))
     return directory
 

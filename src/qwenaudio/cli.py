@@ -35,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:  # --help or a usage error: argparse has already said what to say
         return int(e.code or 0)
+    if args.command == "verify" and args.model and not args.dtype:  # compare like with like
+        try:
+            args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         model = args.model and load(args.model, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     except QwenAudioError as e:
@@ -118,7 +124,8 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
                              f"and downloaded when missing; default {repo or 'none'}")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="default: float32 on cpu, bfloat16 (or float16) on cuda")
+                        help="default: bfloat16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else float32 "
+                             "(float16 on older GPUs); verify: the reference trace's dtype")
     parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
     parser.set_defaults(repo=repo, run=run)
 

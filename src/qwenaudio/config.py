@@ -63,6 +63,11 @@ class QwenAudioConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def quantization(self) -> str | None:
+        """"int8-weight-only" for checkpoints written by `qwenaudio.quantize.save_quantized`, else None."""
+        return self.extra.get("quantization")
+
+    @property
     def mlp_width(self) -> int:
         """Width of w1/w2: the official code builds its MLP with `intermediate_size // 2` (11008)."""
         return self.intermediate_size // 2
@@ -154,6 +159,8 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
 
+QUANTIZATION_METHODS = ("int8-weight-only",)  # config.json "quantization" values we can load (not official)
+
 _KINDS = {"int": int, "float": float, "bool": bool}
 
 
@@ -200,6 +207,8 @@ def _check_supported(c: QwenAudioConfig, source: str) -> None:
         (c.audio.output_dim == c.hidden_size,
          f"audio.output_dim ({c.audio.output_dim}) must equal hidden_size ({c.hidden_size})"),
         (c.audio.avg_pool, "audio.avg_pool false is not supported"),
+        (c.quantization in (None, *QUANTIZATION_METHODS),
+         f"quantization {c.quantization!r} is not supported (only {', '.join(QUANTIZATION_METHODS)})"),
         (c.audio.add_audio_bos_eos_token, "audio.add_audio_bos_eos_token false is not supported"),
         (c.audio.audio_end_id < c.vocab_size,
          f"audio.audio_start_id ({c.audio.audio_start_id}) leaves `</audio>` outside vocab_size ({c.vocab_size})"),

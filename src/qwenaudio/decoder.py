@@ -21,7 +21,7 @@ prefix is dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,8 @@ class Decoder(nn.Module):
         self.max_seq_len = 0  # no cache until setup_cache
         self.prefills = 0  # fresh prefills into the cache so far: tells a chat whether its cached prefix survives
         self.rope_base = torch.ones(0)  # per-row base chosen at prefill, frozen while decoding
+        self.inv_freq = torch.ones(0)  # [B, head_dim / 2] rotary frequencies from rope_base
+        self.compiled_step: Callable[[Tensor, Tensor], Tensor] | None = None  # see compile_step
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache (in the weights' dtype and device); it lives until the next setup_cache."""
@@ -193,12 +195,40 @@ class Decoder(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos if self.max_seq_len else slice(None)]
         else:  # official: the slot index, padding included
             positions = input_pos[None, :].expand(b, s)
-        cos, sin = self._rotary(positions)
-        use_logn = self.config.use_logn_attn and not self.training
-        logn = logn_scale(positions, self.config.seq_length) if use_logn else torch.ones(b, s, device=device)
         # Causal and padding mask; each slot may always see itself so padded rows stay finite (never read).
         mask = (key_pos[None, :] <= input_pos[:, None])[None] & valid[:, None, :]
         mask = (mask | (key_pos[None, :] == input_pos[:, None])[None])[:, None]  # [B, 1, S, keys]
+        return self._blocks(x, positions, mask, input_pos, last_only)
+
+    def step(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+        """One decoding step: logits [B, vocab] for `input_ids` [B, 1] at slot `input_pos` [1], on the KV cache of a
+        prefill (which chose the rotary base). The same math as `forward`, without its checks or any host
+        synchronisation: the fixed-shape graph that `torch.compile` captures (see `compile_step`) and generation
+        runs. The ids must be valid and the slot inside the cache; generation guarantees both."""
+        self.key_valid[:, input_pos] = True
+        key_pos = torch.arange(self.max_seq_len, device=input_ids.device)
+        seen = (key_pos <= input_pos)[None, :] & self.key_valid  # [B, keys]; later slots may hold an older reply
+        if self.true_positions:
+            positions = seen.sum(-1, keepdim=True) - 1
+        else:
+            positions = input_pos[None, :].expand(input_ids.shape[0], 1)
+        mask = seen[:, None, None, :]  # [B, 1, 1, keys]
+        return self._blocks(self.wte(input_ids), positions, mask, input_pos, last_only=True)[:, -1]
+
+    def compile_step(self, **options) -> None:
+        """Compile `step` with `torch.compile(fullgraph=True)` for generation to use (gpt-fast's decode_one_token).
+        On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles when the batch size or cache changes."""
+        self.compiled_step = torch.compile(self.step, fullgraph=True, dynamic=False, **options)
+
+    def _blocks(self, x: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor, last_only: bool) -> Tensor:
+        """The transformer proper: rotary and logn from `positions` [B, S], then the blocks, ln_f and lm_head."""
+        angles = positions.float()[..., None] * self.inv_freq[:, None, :]
+        emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, S, 1, head_dim]
+        cos, sin = emb.cos(), emb.sin()
+        if self.config.use_logn_attn and not self.training:
+            logn = logn_scale(positions, self.config.seq_length)
+        else:
+            logn = torch.ones(positions.shape, device=x.device)
         for block in self.h:
             x = block(x, cos, sin, logn[..., None, None], mask, input_pos)
         return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
@@ -223,15 +253,9 @@ class Decoder(nn.Module):
                     f"({self.rope_base.tolist()} -> {base.tolist()}): prefill the whole sequence from slot 0"
                 )
         self.rope_base = base
-
-    def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin [B, S, 1, head_dim] in fp32, with each row's frozen base (same arithmetic as official)."""
-        dim = self.config.kv_channels
-        exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
-        inv_freq = torch.stack([1.0 / (float(base) ** exponents) for base in self.rope_base])  # [B, dim/2]
-        angles = positions.float()[..., None] * inv_freq[:, None, :]
-        emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
-        return emb.cos(), emb.sin()
+        # Rotary frequencies per row in fp32, with the official arithmetic: 1 / base ** (2i / dim).
+        exponents = torch.arange(0, dim, 2, device=valid.device).float() / dim
+        self.inv_freq = torch.stack([1.0 / (float(b) ** exponents) for b in base])  # [B, dim/2]
 
     def _check_inputs(self, input_ids: Tensor, input_pos: Tensor) -> None:
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)

@@ -94,7 +94,7 @@ def generate_steps(
         if done.all():
             return
         seen = torch.cat([seen, ids[:, None]], dim=1)
-        logits = decoder(ids[:, None], torch.tensor([s + step], device=device))[:, -1]
+        logits = (decoder.compiled_step or decoder.step)(ids[:, None], torch.tensor([s + step], device=device))
 
 
 def _prefill(decoder: Decoder, input_ids: Tensor, attention_mask: Tensor | None, audio: list[Tensor],

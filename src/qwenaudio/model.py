@@ -17,12 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from .audio import AudioSource, load_audio, log_mel_spectrogram
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, quantized_names
 from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError
 from .hub import resolve
+from .quantize import quantize_int8, quantizer
 from .tokenizer import Tokenizer
 
 ENCODER_PREFIX = "transformer.audio."
@@ -64,26 +65,36 @@ class QwenAudio(nn.Module):
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPUs (their bf16 matmuls are slow), bf16 on GPUs that support it, else fp16."""
+    """bf16 where the hardware multiplies it fast, else fp32 (CPU) or fp16 (older GPUs).
+
+    bf16 is the checkpoint's own dtype and what the official code runs in. On CPUs, oneDNN runs bf16 matmuls in
+    hardware only with AVX-512 (and AVX512_BF16 / AMX); there it is 2-3x faster than fp32 (BENCHMARKS.md), while on
+    AVX2-only CPUs it is emulated and far slower, so those stay in fp32.
+    """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def load(name: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
-         true_positions: bool = False, progress: bool = True) -> QwenAudio:
+         int8: bool = False, true_positions: bool = False, progress: bool = True) -> QwenAudio:
     """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", looked up under $QWENAUDIO_HOME and
-    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (default: `default_dtype`)."""
+    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (default: `default_dtype`).
+
+    `int8` quantizes the decoder's linears as they are read (`qwenaudio.quantize`): the full model then needs about
+    10 GB instead of 17. A checkpoint written by `save_quantized` loads in int8 without asking."""
     path = resolve(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
     report = _report_progress if progress else None
-    state = load_checkpoint(path, config, dtype=dtype, device=device, progress=report)
+    state = _read(path, config, dtype, device, int8, progress=report)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
         model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
+        if int8 or config.quantization:
+            quantize_int8(model.decoder)  # the int8 layout (on meta: no work), filled by load_state_dict
     model.encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
     model.decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
     return model.eval()
@@ -101,14 +112,23 @@ def load_encoder(path: str | Path, *, dtype: torch.dtype | None = None,
 
 
 def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 true_positions: bool = False) -> Decoder:
-    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`)."""
+                 int8: bool = False, true_positions: bool = False) -> Decoder:
+    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load` for `int8`)."""
     config = QwenAudioConfig.from_json(path)
-    state = load_checkpoint(path, config, dtype=dtype, device=device)
+    state = _read(path, config, dtype, torch.device(device), int8)
     with torch.device("meta"):
         decoder = Decoder(config, true_positions=true_positions)
+        if int8 or config.quantization:
+            quantize_int8(decoder)
     decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
     return decoder.eval()
+
+
+def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, int8: bool,
+          progress=None) -> dict[str, Tensor]:
+    """The checkpoint's tensors, the decoder's linears quantized on arrival when `int8` asks for it."""
+    convert = quantizer(quantized_names(config), dtype) if int8 and not config.quantization else None
+    return load_checkpoint(path, config, dtype=dtype, device=device, progress=progress, convert=convert)
 
 
 def _owned(state: dict[str, Tensor], prefix: str, exclude: str | None = None) -> dict[str, Tensor]:

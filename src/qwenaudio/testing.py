@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .audio import mel_filters
-from .checkpoint import save_checkpoint, tensor_shapes
+from .checkpoint import tensor_shapes, write_shards
 from .config import AudioConfig, QwenAudioConfig
 from .errors import ConfigError
 from .tokenizer import NUM_BPE_RANKS, VOCAB_FILE
@@ -107,8 +107,9 @@ def make_tiny_checkpoint(
     raw = tiny_config(**dims)
     config = QwenAudioConfig.from_dict(raw, source="make_tiny_checkpoint")
     rng = np.random.Generator(np.random.PCG64(seed))
-    state = {name: _random_tensor(name, shape, rng) for name, shape in tensor_shapes(config).items()}
-    save_checkpoint(state, path, max_shard_bytes=max_shard_bytes)
+    shapes = tensor_shapes(config)  # made in this order, one shard at a time: full size needs no 17 GB of RAM
+    layout = {name: (shape, torch.bfloat16) for name, shape in shapes.items()}
+    write_shards(layout, lambda name: _random_tensor(name, shapes[name], rng), path, max_shard_bytes=max_shard_bytes)
 
     _write_json(path / "config.json", raw)
     _write_json(path / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])

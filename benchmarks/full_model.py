@@ -1,0 +1,128 @@
+"""The full-size model on this machine: load the 16.8 GB checkpoint, transcribe a 30 s clip, report time and memory.
+
+    python benchmarks/full_model.py [--weights DIR] [--modes bf16 int8] [--new-tokens 32] [--json out.json]
+
+The real weights cannot be downloaded here, so the first run writes random weights with the official dimensions
+and layout (`make_tiny_checkpoint` with every dimension set to Qwen-Audio's: 8.4 B parameters, 9 bf16 shards,
+about 17 GB and a few minutes) into DIR, default `weights/random-full-size`. Each mode then runs in a fresh process,
+so the peak resident set size it reports is its own:
+- bf16: the tensors stay as stored, used in place through safetensors' memory map (no second copy); bf16 compute;
+- int8: the decoder's linears quantized as each tensor is read (`qwenaudio.load(int8=True)`); bf16 activations;
+- fp32: everything converted to fp32 (34 GB: does not fit a 24 GB machine; for larger ones).
+The clip is the first 30 s of ../shared/audio/music.wav (noise when that folder is absent). Random weights never
+emit the end token, so generation runs exactly --new-tokens greedy steps. Rows: load, encoder, prefill (the 758-token
+ASR prompt), time to first token (encoder + prefill), decode tokens/s, total, real-time factor, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT.parent / "shared" / "audio" / "music.wav"
+SECONDS = 30
+MODES = {"bf16": (torch.bfloat16, False), "int8": (torch.bfloat16, True), "fp32": (torch.float32, False)}
+
+
+def write_weights(directory: Path) -> None:
+    """Random full-size weights in the official layout (the official config, 2 GB shards)."""
+    from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
+
+    dims = {k: OFFICIAL_CONFIG[k] for k in ("hidden_size", "num_attention_heads", "kv_channels",
+                                             "num_hidden_layers", "intermediate_size")}
+    dims |= {k: OFFICIAL_CONFIG["audio"][k] for k in ("n_state", "n_head", "n_layer")}
+    start = time.perf_counter()
+    make_tiny_checkpoint(directory, max_shard_bytes=2 * 1000**3, **dims)
+    print(f"wrote random full-size weights to {directory} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def measure(weights: Path, mode: str, new_tokens: int) -> dict:
+    """One mode, in this process: load, then transcribe the clip step by step with timings."""
+    import qwenaudio
+    from qwenaudio.audio import audio_span, load_audio
+    from qwenaudio.generate import generate_steps
+    from qwenaudio.tasks import asr_task, prompts
+
+    dtype, int8 = MODES[mode]
+    start = time.perf_counter()
+    model = qwenaudio.load(weights, device="cpu", dtype=dtype, int8=int8, progress=False)
+    loaded = time.perf_counter()
+    rss_loaded = peak_rss_gib()
+
+    clip = load_audio(CLIP)[: SECONDS * 16000] if CLIP.exists() else 0.1 * torch.randn(SECONDS * 16000)
+    batch = model.tokenizer.encode_batch(prompts(asr_task("en"), ["clip"]), audio_spans=[[audio_span(len(clip))]])
+    config = model.generation_config.replace(do_sample=False, max_new_tokens=new_tokens)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        spans = model.encode_audio([clip])
+        t1 = time.perf_counter()
+        times, ids = [], []
+        for token, _ in generate_steps(model.decoder, model.tokenizer, batch.input_ids, audio=spans, config=config):
+            times.append(time.perf_counter())
+            ids.append(int(token[0]))
+    prefill = times[0] - t1
+    decode = (times[-1] - times[0]) / max(len(times) - 1, 1)
+    total = times[-1] - t0
+    return {
+        "mode": mode, "prompt_tokens": batch.input_ids.shape[1], "new_tokens": len(ids),
+        "load_s": loaded - start, "encoder_s": t1 - t0, "prefill_s": prefill, "ttft_s": times[0] - t0,
+        "decode_tok_s": 1 / decode, "total_s": total, "rtf": total / SECONDS,
+        "rss_after_load_gib": rss_loaded, "peak_rss_gib": peak_rss_gib(),
+        "text": model.tokenizer.decode(ids, skip_special_tokens=True)[:60],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "random-full-size")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["bf16", "int8"])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write the rows and the setup here")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one mode in this process
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.weights, args.child, args.new_tokens)))
+        return
+
+    if not (args.weights / "model.safetensors.index.json").exists():
+        write_weights(args.weights)
+    setup = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "memory_gib": _memory_gib(), "weights": "random, full size"}
+    print(f"# {setup}")
+    columns = ["load_s", "encoder_s", "prefill_s", "ttft_s", "decode_tok_s", "total_s", "rtf", "peak_rss_gib"]
+    print(f"{'mode':<6}" + "".join(f"{c:>14}" for c in columns), flush=True)
+    rows = []
+    for mode in args.modes:
+        done = subprocess.run([sys.executable, __file__, "--child", mode, "--weights", str(args.weights),
+                               "--new-tokens", str(args.new_tokens)], capture_output=True, text=True)
+        if done.returncode:
+            print(f"{mode:<6} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            rows.append({"mode": mode, "failed": done.returncode})
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{mode:<6}" + "".join(f"{row[c]:>14.2f}" for c in columns), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+
+
+def _memory_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 1024**2
+
+
+if __name__ == "__main__":
+    main()
