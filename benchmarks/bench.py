@@ -1,6 +1,6 @@
 """Speed of qwenaudio against its closest maintained peer, on the same weights in the same process.
 
-    python benchmarks/bench.py [--decoder-layers 2] [--encoder-layers 2] [--json results.json]
+    python benchmarks/bench.py [--dtypes float32 bfloat16] [--decoder-layers 2] [--encoder-layers 2] [--json out.json]
 
 The peer is transformers' Qwen2-Audio encoder and Qwen2 decoder (`Qwen2AudioEncoder`, `Qwen2ForCausalLM`) with
 our tensors loaded into them (q/k/v split out of c_attn; up = w1, gate = w2, down = c_proj); below seq_length
@@ -9,16 +9,17 @@ and lm_head tensors, so the full-width model fits in memory twice.
 
 Dimensions are full size (hidden 4096, encoder 1280, vocabulary 155,947) with random weights and fewer layers,
 so a CPU finishes in minutes; the layer counts are printed with the results. Each figure is the median of
-`--repeats` timed runs after one warm-up, in fp32 (the fast dtype on CPUs). Rows:
+`--repeats` timed runs after one warm-up. For each dtype in `--dtypes`, both sides in that dtype:
 - encoder: log-mel to projected features, for 5 s and 30 s of audio;
 - prefill: the prompt of a 30 s ASR request (752 audio positions + 6 tags = 758 tokens), tokens per second, as
   generation runs it on both sides (KV cache filled, logits of the last position only);
-- decode: one token per step after that prompt, batch 1 and 8, tokens per second (a step with ours is the
-  static-KV-cache path generation uses; with the peer, a forward with its DynamicCache, as HF generate runs);
-- the same prefill and batch-1 decode with our decoder's linears in int8 (`qwenaudio.quantize`), against the
-  peer in fp32;
-- time to first token: encoder + prefill for the 30 s request (fp32); real-time factor: encoder + prefill + 32 decoded
-  tokens, over 30 s; peak memory: the process's peak resident set size at the end.
+- decode: one token per step after that prompt, batch 1 and 8, tokens per second: ours is `Decoder.step` on the
+  static KV cache (what generation runs), eager and then compiled (`compile_step`, torch.compile fullgraph); the
+  peer is a forward with its DynamicCache, as HF generate runs it;
+- time to first token: encoder + prefill for the 30 s request; real-time factor: that plus 32 decoded tokens, / 30 s.
+Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 (`qwenaudio.quantize`, bf16
+activations) against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Last, the
+process's peak resident set size.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from qwenaudio.quantize import quantize_int8
 from qwenaudio.testing import qwen2_audio_encoder_weights, qwen2_decoder_weights, tiny_config
 
 PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def timed(fn, repeats: int) -> float:
@@ -56,106 +58,143 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build(decoder_layers: int, encoder_layers: int):
+def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int):
     """Our encoder and decoder with random full-width weights, and the peer modules sharing those tensors."""
     config = QwenAudioConfig.from_dict(tiny_config(hidden_size=4096, num_attention_heads=32, kv_channels=128,
                                                    intermediate_size=22016, num_hidden_layers=decoder_layers,
                                                    n_state=1280, n_head=20, n_layer=encoder_layers))
     torch.manual_seed(0)
-    encoder, decoder = AudioEncoder(config.audio).eval(), Decoder(config).eval()
+    with torch.device("meta"):
+        encoder, decoder = AudioEncoder(config.audio), Decoder(config)
     for module in (encoder, decoder):
+        module.to_empty(device="cpu").to(dtype).eval()
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)
     encoder.positional_embedding.normal_()
 
     peer_encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(
         num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=20, encoder_ffn_dim=5120,
-        d_model=1280, max_source_positions=1500)).eval()
+        d_model=1280, max_source_positions=1500)).to(dtype).eval()
     peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
 
     peer = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=config.vocab_size, hidden_size=4096, intermediate_size=config.mlp_width,
         num_hidden_layers=decoder_layers, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
-        attn_implementation="sdpa")).eval()
+        attn_implementation="sdpa")).to(dtype).eval()
     peer.load_state_dict(qwen2_decoder_weights(decoder.state_dict()), strict=True, assign=True)
-    return config, encoder, decoder, peer_encoder, peer
+    return encoder, decoder, peer_encoder, peer
+
+
+class Table:
+    """Rows printed as they come and kept for JSON."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        print(f"{'benchmark':<32} {'dtype':<11} {'unit':<6} {'qwenaudio':>10} {'transformers':>13} {'speedup':>8}")
+
+    def add(self, name: str, dtype: str, unit: str, ours: float, theirs: float, higher_is_better: bool) -> None:
+        ratio = ours / theirs if higher_is_better else theirs / ours  # > 1: qwenaudio is faster
+        self.rows.append({"benchmark": name, "dtype": dtype, "unit": unit, "qwenaudio": ours, "transformers": theirs,
+                          "speedup": ratio})
+        print(f"{name:<32} {dtype:<11} {unit:<6} {ours:>10.3f} {theirs:>13.3f} {ratio:>7.2f}x", flush=True)
+
+
+def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
+    """A function running `steps` peer decoding steps from a copy of the prompt's DynamicCache."""
+    cache = peer(prompt, use_cache=True, logits_to_keep=1).past_key_values
+    layers = [(c.keys, c.values) for c in cache.layers] if hasattr(cache, "layers") else \
+        list(zip(cache.key_cache, cache.value_cache))
+
+    def run():
+        past = DynamicCache()
+        for layer, (k, v) in enumerate(layers):
+            past.update(k.clone(), v.clone(), layer)
+        for _ in range(steps):
+            past = peer(next_ids, past_key_values=past, use_cache=True).past_key_values
+
+    return run
+
+
+def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, compiled: bool):
+    """A function running `steps` of our decoding steps after prefilling `prompt`."""
+    decoder.setup_cache(prompt.shape[0], PROMPT_TOKENS + steps + 1)
+    decoder(prompt, torch.arange(PROMPT_TOKENS), last_only=True)
+    step = decoder.compiled_step if compiled else decoder.step
+
+    def run():
+        for t in range(steps):
+            step(next_ids, torch.tensor([PROMPT_TOKENS + t]))
+
+    return run
 
 
 @torch.no_grad()
-def run(args) -> list[dict]:
-    config, encoder, decoder, peer_encoder, peer = build(args.decoder_layers, args.encoder_layers)
-    rows = []
-
-    def row(name: str, unit: str, ours: float, theirs: float, higher_is_better: bool) -> None:
-        ratio = ours / theirs if higher_is_better else theirs / ours  # > 1: qwenaudio is faster
-        rows.append({"benchmark": name, "unit": unit, "qwenaudio": ours, "transformers": theirs, "speedup": ratio})
-        print(f"{name:<28} {unit:<9} {ours:>12.3f} {theirs:>14.3f} {ratio:>8.2f}x", flush=True)
-
-    print(f"{'benchmark':<28} {'unit':<9} {'qwenaudio':>12} {'transformers':>14} {'speedup':>9}")
+def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[Decoder, object]:
+    """Every row for one dtype; returns our decoder and the peer (for the int8 rows)."""
+    dtype, short = getattr(torch, name), SHORT[name]
+    encoder, decoder, peer_encoder, peer = build(dtype, args.decoder_layers, args.encoder_layers)
     for seconds in (5, 30):
         samples = seconds * 16000
-        mel = log_mel_spectrogram(torch.randn(samples) * 0.1)[None]
+        mel = log_mel_spectrogram(torch.randn(samples) * 0.1)[None].to(dtype)
         ours = timed(lambda: encoder.encode(mel, [samples]), args.repeats)
-        theirs = timed(lambda: encoder.proj(peer_encoder(mel).last_hidden_state), args.repeats)  # the peer needs 30 s
-        row(f"encoder {seconds} s", "s", ours, theirs, higher_is_better=False)
+        theirs = timed(lambda: encoder.proj(peer_encoder(mel).last_hidden_state), args.repeats)  # it needs 30 s
+        table.add(f"encoder {seconds} s", short, "s", ours, theirs, higher_is_better=False)
     encoder_ours, encoder_peer = ours, theirs  # 30 s
 
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
     decoder.setup_cache(1, PROMPT_TOKENS)
-    # As in generation: the KV cache filled and the last position's logits (HF generate asks logits_to_keep=1).
     prefill_ours = timed(lambda: decoder(ids, torch.arange(PROMPT_TOKENS), last_only=True), args.repeats)
     prefill_peer = timed(lambda: peer(ids, use_cache=True, logits_to_keep=1), args.repeats)
-    row("prefill 30 s prompt", "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
+    table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
+    peer_figures[name] = {"prefill": PROMPT_TOKENS / prefill_peer}
 
-    for batch in (1, 8):
-        prompt = ids.expand(batch, -1)
-        decoder.setup_cache(batch, PROMPT_TOKENS + args.decode_steps + 1)
-        decoder(prompt, torch.arange(PROMPT_TOKENS), last_only=True)
-        next_ids = torch.randint(0, 151643, (batch, 1))
-
-        def ours_steps():
-            for t in range(args.decode_steps):
-                decoder(next_ids, torch.tensor([PROMPT_TOKENS + t]))
-
-        cache = peer(prompt, use_cache=True, logits_to_keep=1).past_key_values
-
-        def peer_steps():
-            past = DynamicCache()
-            for layer, (k, v) in enumerate(zip(cache.key_cache, cache.value_cache) if hasattr(cache, "key_cache")
-                                           else [(c.keys, c.values) for c in cache.layers]):
-                past.update(k.clone(), v.clone(), layer)
-            for _ in range(args.decode_steps):
-                past = peer(next_ids, past_key_values=past, use_cache=True).past_key_values
-
-        ours = timed(ours_steps, args.repeats) / args.decode_steps
-        theirs = timed(peer_steps, args.repeats) / args.decode_steps
-        row(f"decode batch {batch}", "tok/s", batch / ours, batch / theirs, True)
-        if batch == 1:
-            step_ours, step_peer = ours, theirs
-
-    quantize_int8(decoder)  # ours again with int8 weights (the peer keeps the fp32 tensors)
-    decoder.setup_cache(1, PROMPT_TOKENS + args.decode_steps + 1)
-    prefill_int8 = timed(lambda: decoder(ids, torch.arange(PROMPT_TOKENS), last_only=True), args.repeats)
-    row("prefill, ours int8", "tok/s", PROMPT_TOKENS / prefill_int8, PROMPT_TOKENS / prefill_peer, True)
-    next_id = torch.randint(0, 151643, (1, 1))
-    step_int8 = timed(lambda: [decoder(next_id, torch.tensor([PROMPT_TOKENS + t])) for t in range(args.decode_steps)],
-                      args.repeats) / args.decode_steps
-    row("decode batch 1, ours int8", "tok/s", 1 / step_int8, 1 / step_peer, True)
-
+    steps: dict[tuple[int, bool], float] = {}
+    for compiled in (False, True):
+        if compiled:
+            decoder.compile_step()
+        for batch in (1, 8):
+            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
+            ours = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, compiled), args.repeats)
+            if not compiled:
+                theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
+                peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
+            steps[batch, compiled] = ours / args.decode_steps
+            label = f"decode batch {batch}" + (", compiled" if compiled else "")
+            table.add(label, short, "tok/s", batch / steps[batch, compiled], peer_figures[name][f"decode {batch}"],
+                      True)
+    step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
-    row("time to first token (30 s)", "s", ttft_ours, ttft_peer, higher_is_better=False)
-    rtf_ours = (ttft_ours + 32 * step_ours) / 30
-    rtf_peer = (ttft_peer + 32 * step_peer) / 30
-    row("real-time factor (32 tok)", "x", rtf_ours, rtf_peer, higher_is_better=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"{'peak memory (process)':<28} {'GiB':<9} {peak:>12.2f}   (both implementations, shared weights)")
-    rows.append({"benchmark": "peak memory (process)", "unit": "GiB", "qwenaudio+transformers": peak})
-    return rows
+    table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
+    table.add("real-time factor (32 tok)", short, "x", (ttft_ours + 32 * steps[1, True]) / 30,
+              (ttft_peer + 32 * step_peer) / 30, higher_is_better=False)
+    return decoder, peer
+
+
+@torch.no_grad()
+def measure_int8(table: Table, decoder: Decoder, peer, args, peer_figures: dict) -> None:
+    """Ours with int8 linears (bf16 activations) against the peer's bf16 and, when measured, fp32 figures."""
+    quantize_int8(decoder)  # the peer keeps the bf16 tensors
+    decoder.compiled_step = None
+    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
+    decoder.setup_cache(1, PROMPT_TOKENS)
+    prefill = PROMPT_TOKENS / timed(lambda: decoder(ids, torch.arange(PROMPT_TOKENS), last_only=True), args.repeats)
+    rates = {"prefill": prefill}
+    for batch in (1, 8):
+        prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
+        seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, compiled=False), args.repeats)
+        rates[f"decode {batch}"] = batch * args.decode_steps / seconds
+    for peer_dtype, figures in peer_figures.items():
+        short = f"int8/{SHORT[peer_dtype]}"
+        table.add("prefill 30 s prompt", short, "tok/s", rates["prefill"], figures["prefill"], True)
+        for batch in (1, 8):
+            table.add(f"decode batch {batch}", short, "tok/s", rates[f"decode {batch}"], figures[f"decode {batch}"],
+                      True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", choices=SHORT, default=["float32", "bfloat16"])
     parser.add_argument("--decoder-layers", type=int, default=2, help="of 32 in the real model")
     parser.add_argument("--encoder-layers", type=int, default=2, help="of 32 in the real model")
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per run")
@@ -163,13 +202,22 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows and the setup here")
     args = parser.parse_args()
     setup = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "dtype": "float32", "decoder_layers": args.decoder_layers,
-             "encoder_layers": args.encoder_layers, "dims": "full width, random weights"}
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+             "decoder_layers": args.decoder_layers, "encoder_layers": args.encoder_layers,
+             "dims": "full width, random weights"}
     print(f"# {setup}")
-    rows = run(args)
+    table, peer_figures, modules = Table(), {}, None
+    for name in sorted(args.dtypes, key=lambda n: n == "bfloat16"):  # bf16 last: the int8 rows reuse its modules
+        modules = None  # free the previous dtype's first
+        modules = measure_dtype(table, name, args, peer_figures)
+    if "bfloat16" in args.dtypes:
+        measure_int8(table, *modules, args, {k: peer_figures[k] for k in ("bfloat16", "float32") if k in peer_figures})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"{'peak memory (process)':<32} {'':<11} {'GiB':<6} {peak:>10.2f}   (both implementations, shared weights)")
+    table.rows.append({"benchmark": "peak memory (process)", "unit": "GiB", "qwenaudio+transformers": peak})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setup": setup, "rows": rows}, f, indent=2)
+            json.dump({"setup": setup, "rows": table.rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ parser.add_argument("--max-new-tokens", type=int, default=256)
 args = parser.parse_args()
 
 try:
-    model = qwenaudio.load(args.model)  # bf16 where fast (GPUs, AVX-512 CPUs), else fp32; downloads a repo id into weights/ if needed
+    # bf16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else fp32; a repo id is downloaded into weights/
+    model = qwenaudio.load(args.model)
 except qwenaudio.QwenAudioError as e:  # no weights yet: the message says how to get them
     raise SystemExit(f"error: {e}")
 results = tasks.transcribe(model, args.files, language=args.language, timestamps=args.timestamps,

@@ -146,3 +146,18 @@ def test_real_recordings_of_two_rates_in_one_batch(tiny_ckpt, shared_audio, tmp_
     assert "[2/2] " in done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith(str(shared_audio))]
     assert [line.split(": ")[0] for line in lines] == [str(f) for f in files]
+
+
+def test_quantize_then_transcribe_in_int8(tiny_ckpt, audio_dir, tmp_path):
+    """`quantize` writes an int8 checkpoint that `transcribe` loads in int8 with no flag; `--int8` on the original
+    quantizes while loading, to the same weights."""
+    wav = audio_dir / "speech.wav"
+    done = qwenaudio_cli("quantize", tiny_ckpt, tmp_path / "int8", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization"] == "int8-weight-only"
+    expected = tasks.transcribe(qwenaudio.load(tiny_ckpt, int8=True, progress=False), [wav], max_new_tokens=8)[0]
+    stored = qwenaudio_cli("transcribe", wav, "--model", tmp_path / "int8", *FAST, home=tmp_path)
+    on_load = qwenaudio_cli("transcribe", wav, "--model", tiny_ckpt, "--int8", *FAST, home=tmp_path)
+    assert stored.stdout == on_load.stdout == expected + "\n"
+    missing = qwenaudio_cli("quantize", tmp_path / "nowhere", tmp_path / "x", home=tmp_path)
+    assert missing.returncode == 3 and "nowhere" in missing.stderr

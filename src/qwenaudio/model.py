@@ -88,7 +88,7 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: torc
     dtype = dtype or default_dtype(device)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
-    report = _report_progress if progress else None
+    report = report_progress if progress else None
     state = _read(path, config, dtype, device, int8, progress=report)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
@@ -138,7 +138,7 @@ def _owned(state: dict[str, Tensor], prefix: str, exclude: str | None = None) ->
             and not (exclude and k.startswith(exclude))}
 
 
-def _report_progress(done: int, total: int) -> None:
+def report_progress(done: int, total: int) -> None:
     """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
     if sys.stderr.isatty():
         bar = "#" * (30 * done // total)

@@ -98,8 +98,8 @@ def quantizer(names: list[str], dtype: torch.dtype | None) -> Callable[[str, Ten
     wanted = set(names)
 
     def convert(name: str, tensor: Tensor) -> dict[str, Tensor]:
-        if name not in wanted:
-            return {name: tensor}
+        if name not in wanted:  # copied out of the shard's memory map, so that the map closes once the shard is
+            return {name: tensor.clone()}  # read: each kept view would pin a whole shard's pages (21 GB peak)
         weight, scales = quantize_weight(tensor)
         return {name: weight, scale_name(name): scales.to(dtype or tensor.dtype)}
 
