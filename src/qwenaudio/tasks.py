@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .audio import AudioSource, audio_span, load_audio
+from . import longform
+from .audio import N_SAMPLES, AudioSource, audio_span, load_audio
 from .errors import InputError
 from .generate import cut_at_stop, generate
 from .model import QwenAudio
@@ -96,19 +97,40 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
+def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list:
+    """Per clip, the reply as text, or as `Word`s when `timed` (a task ending in timestamp tags). Clips longer than
+    30 s are cut into windows, recognised a batch of windows at a time and stitched (`qwenaudio.longform`)."""
+    sources = list(audio) if not _single(audio) else [audio]
+    clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
+    stops = generation.get("stop_strings", ())
+
+    def replies(batch: list[torch.Tensor]) -> list:
+        ids = run(model, batch, task, **generation)
+        return [parse_words(model.tokenizer, r) for r in ids] if timed else _texts(model, ids, False, stops)
+
+    short = [i for i, c in enumerate(clips) if len(c) <= N_SAMPLES]
+    results = dict(zip(short, replies([clips[i] for i in short]) if short else []))
+    for i, clip in enumerate(clips):
+        if i not in results:
+            segments = longform.transcribe_long(clip, replies, timed=timed)
+            results[i] = [w for s in segments for w in s.words] if timed else \
+                " ".join(s.text for s in segments if s.text)
+    return [results[i] for i in range(len(clips))]
+
+
 def transcribe(model: QwenAudio, audio, *, language: str = "en", itn: bool = False, timestamps: bool = False,
                **generation) -> str | list[Word] | list:
-    """Speech to text; with `timestamps`, a list of `Word(text, start, end)` per clip instead of text."""
-    replies = run(model, audio, asr_task(language, itn=itn, timestamps=timestamps), **generation)
-    if timestamps:
-        words = [parse_words(model.tokenizer, r) for r in replies]
-        return words[0] if _single(audio) else words
-    return _texts(model, replies, _single(audio), generation.get("stop_strings", ()))
+    """Speech to text; with `timestamps`, a list of `Word(text, start, end)` per clip instead of text. Audio of any
+    length: past 30 s it is transcribed in windows and stitched, word times counted from the recording's start."""
+    results = recognize(model, audio, asr_task(language, itn=itn, timestamps=timestamps), timed=timestamps,
+                        **generation)
+    return results[0] if _single(audio) else results
 
 
 def translate(model: QwenAudio, audio, *, source: str = "en", target: str = "zh", **generation):
-    """Speech translation from `source` to `target` language (CoVoST2 style)."""
-    return _texts(model, run(model, audio, translate_task(source, target), **generation), _single(audio))
+    """Speech translation from `source` to `target` language (CoVoST2 style); any length, as `transcribe`."""
+    results = recognize(model, audio, translate_task(source, target), **generation)
+    return results[0] if _single(audio) else results
 
 
 def answer(model: QwenAudio, audio, question: str, **generation):
