@@ -93,7 +93,9 @@ def test_bad_file_is_reported_and_the_others_go_on(tiny_ckpt, audio_dir, tmp_pat
     assert done.returncode == 1
     assert f"error: {audio_dir / 'bad.wav'}: " in done.stderr
     assert "[2/3] " in done.stderr and "[3/3] " in done.stderr  # a progress line per batch
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other.txt", "speech.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other.txt", "speech.txt", "summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["done"] == 2 and len(summary["failed"]) == 1 and summary["failed"][0].startswith(str(files[1]))
     assert done.stdout.startswith(f"{files[0]}: ") and f"\n{files[2]}: " in done.stdout
 
 

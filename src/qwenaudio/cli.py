@@ -10,6 +10,8 @@ unusable trace files, 3 the model could not be loaded.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,16 +19,18 @@ from pathlib import Path
 import torch
 
 from . import tasks, trace
-from .audio import load_audio
+from .audio import SAMPLE_RATE, load_audio
+from .batch import Job, find_inputs, gather, plan_batches, process_group
 from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
 from .model import QwenAudio, load, report_progress
 from .quantize import save_quantized
+from .longform import Segment
 from .subtitles import Word, to_json, to_srt, to_vtt
 from .tokenizer import LANGUAGES
 
 TASKS = ("transcribe", "translate", *tasks.TASKS)
-FORMATS = ("txt", "json", "srt", "vtt")
+FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
 TIMED_FORMATS = ("srt", "vtt")
 
 
@@ -42,9 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    args.rank, args.world = process_group(args.device) if args.command == "transcribe" else (0, 1)
+    if args.world > 1 and not args.output_dir:
+        print("error: several processes write files only: give --output-dir", file=sys.stderr)
+        return 2
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.world > 1 and args.device == "cuda" else args.device
     try:
-        model = args.model and load(args.model, device=args.device, dtype=args.dtype and getattr(torch, args.dtype),
-                                    int8=args.int8)
+        model = args.model and load(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype),
+                                    int8=args.int8, progress=args.rank == 0)
     except QwenAudioError as e:
         print(f"error: {e}\nGet the weights with: python -c \"import qwenaudio; "
               f"qwenaudio.download('{args.repo}')\" (needs pip install 'qwenaudio[hub]'), or place the files by "
@@ -66,7 +75,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                               description="Run a Qwen-Audio task on audio files, a batch at a time.",
                               epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments, "
                                      "3 the model could not be loaded")
-    run.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, mp3)")
+    run.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
+                     help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
                      help=f"{', '.join(TASKS)}; default transcribe")
     run.add_argument("--language", choices=LANGUAGES, default="en", metavar="LANG",
@@ -75,8 +85,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="translate: the output language; default zh")
     run.add_argument("--itn", action="store_true", help="transcribe: write numbers and symbols as written ($5)")
     run.add_argument("--timestamps", action="store_true", help="transcribe: time every word (implied by srt, vtt)")
-    run.add_argument("--format", choices=FORMATS, default="txt", help="what stdout and --output-dir get; default txt")
-    run.add_argument("--output-dir", type=Path, metavar="DIR", help="also write <stem>.<format> per file here")
+    run.add_argument("--format", choices=(*FORMATS, "all"), default="txt",
+                     help="what stdout and --output-dir get; all: every format, into --output-dir; default txt")
+    run.add_argument("--output-dir", type=Path, metavar="DIR",
+                     help="also write <name>.<format> per file here (and summary.json); files whose outputs exist "
+                          "are skipped, so an interrupted run resumes")
+    run.add_argument("--overwrite", action="store_true", help="redo files whose outputs exist")
     run.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="files per forward pass; default 4")
     _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
     chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
@@ -112,10 +126,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
         check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
-    if args.command == "transcribe" and (args.timestamps or args.format in TIMED_FORMATS):
+    if args.command == "transcribe" and (args.timestamps or args.format in (*TIMED_FORMATS, "all")):
         if args.task != "transcribe":
-            run.error("word timestamps (--timestamps, --format srt or vtt) come only with --task transcribe")
+            run.error("word timestamps (--timestamps, --format srt, vtt or all) come only with --task transcribe")
         args.timestamps = True
+    if args.command == "transcribe" and args.format == "all" and not args.output_dir:
+        run.error("--format all writes files: give --output-dir")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     return args
@@ -149,71 +165,104 @@ def _positive(text: str) -> int:
 
 
 def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Files are read one by one (a bad one fails alone), then run through the task a batch at a time."""
-    failed, paths = 0, args.files
+    """Inputs are found, batched by length and shared between processes (`qwenaudio.batch`); files whose outputs
+    already exist are skipped; a file that cannot be read or recognised is reported and the others go on."""
+    rank, world = args.rank, args.world
+    jobs = find_inputs(args.files)
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start:start + args.batch_size]
-        print(f"[{start + len(batch)}/{len(paths)}] {' '.join(map(str, batch))}", file=sys.stderr, flush=True)
+    formats = FORMATS if args.format == "all" else (args.format,)
+    todo = [j for j in jobs if args.overwrite or not args.output_dir or
+            not all(_output(args, j, f).exists() for f in formats)]
+    skipped = len(jobs) - len(todo)
+    batches = plan_batches(todo, args.batch_size)
+    mine = batches[rank::world]
+    done, failed, count = 0, [], sum(len(b) for b in mine)
+    for batch in mine:
         readable, clips = [], []
-        for path in batch:
+        for job in batch:
             try:
-                clips.append(load_audio(path))
-                readable.append(path)
+                clips.append(load_audio(job.path))
+                readable.append(job)
             except QwenAudioError as e:
-                _report(path, e)
-                failed += 1
+                failed.append(_report(job.path, e))
         try:
             results = run_task(model, clips, args) if clips else []
         except QwenAudioError as e:  # the batch as a whole failed: every file in it did
-            for path in readable:
-                _report(path, e)
-            failed += len(readable)
-            continue
-        for path, (text, words) in zip(readable, results):
-            emit(path, render(args.format, path, text, words, args.task), args)
-    if failed:
-        print(f"{failed} of {len(paths)} files failed", file=sys.stderr)
-    return 1 if failed else 0
+            failed += [_report(job.path, e) for job in readable]
+            results, readable = [], []
+        for job, result in zip(readable, results):
+            for fmt in formats:
+                emit(job, fmt, render(fmt, job.path, *result, args.task), args, single=len(jobs) == 1)
+        done += len(readable)
+        _progress(done + len(failed), count, batch, rank, world)
+    reports = gather({"done": done, "failed": failed}, world)
+    if rank == 0:
+        total_failed = [f for r in reports for f in r["failed"]]
+        summary = {"files": len(jobs), "done": sum(r["done"] for r in reports), "skipped": skipped,
+                   "failed": total_failed, "processes": world}
+        if args.output_dir:
+            (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"{summary['done']} done, {skipped} skipped (outputs exist), {len(total_failed)} failed, "
+              f"of {len(jobs)} files", file=sys.stderr)
+    return 1 if any(r["failed"] for r in reports) else 0
 
 
-def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespace) -> list[tuple[str, list[Word]]]:
-    """(text, words) per clip; words come only from timed transcription, whose text is then the words joined."""
+def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespace
+             ) -> list[tuple[str, list[Word], list[Segment]]]:
+    """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks)."""
     generation = {"max_new_tokens": args.max_new_tokens}  # None keeps the task's own budget
     if args.task == "transcribe":
-        out = tasks.transcribe(model, clips, language=args.language, itn=args.itn, timestamps=args.timestamps,
-                               **generation)
-        if args.timestamps:
-            return [(" ".join(w.text for w in words), words) for words in out]
+        task = tasks.asr_task(args.language, itn=args.itn, timestamps=args.timestamps)
     elif args.task == "translate":
-        out = tasks.translate(model, clips, source=args.language, target=args.target_language, **generation)
+        task = tasks.translate_task(args.language, args.target_language)
     else:
-        out = tasks.analyse(model, clips, args.task, **generation)
-    return [(text, []) for text in out]
+        return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
+                for text, c in zip(tasks.analyse(model, clips, args.task, **generation), clips)]
+    out = tasks.segments(model, clips, task, timed=args.timestamps, **generation)
+    return [(" ".join(s.text for s in parts if s.text), [w for s in parts for w in s.words], parts) for parts in out]
 
 
-def render(fmt: str, path: Path, text: str, words: list[Word], task: str) -> str:
+def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segment], task: str) -> str:
     if fmt == "json":
-        return to_json(text, words, file=str(path), task=task)
+        segments = [{"text": s.text, "start": s.start, "end": s.end} for s in parts]
+        return to_json(text, words, segments=segments, file=str(path), task=task)
     if fmt in TIMED_FORMATS:
         return to_srt(words) if fmt == "srt" else to_vtt(words)
     return text + "\n"
 
 
-def emit(path: Path, document: str, args: argparse.Namespace) -> None:
-    """To stdout: the document alone for one file; for several, txt lines start with the path and other formats
-    get a `==> path <==` header (as `head` does)."""
+def emit(job: Job, fmt: str, document: str, args: argparse.Namespace, single: bool) -> None:
+    """Into the output directory (keeping the input's path below a directory given), and, in a single process
+    with one format, to stdout: the document alone for one file; for several, txt lines start with the path and
+    other formats get a `==> path <==` header (as `head` does)."""
     if args.output_dir:
-        (args.output_dir / f"{path.stem}.{args.format}").write_text(document, encoding="utf-8")
-    if len(args.files) > 1:
-        document = f"{path}: {document}" if args.format == "txt" else f"==> {path} <==\n{document}"
-    print(document, end="", flush=True)
+        target = _output(args, job, fmt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(document, encoding="utf-8")
+    if args.world == 1 and args.format != "all":
+        if not single:
+            document = f"{job.path}: {document}" if fmt == "txt" else f"==> {job.path} <==\n{document}"
+        print(document, end="", flush=True)
 
 
-def _report(path: Path, error: Exception) -> None:
-    """`error: path: message` on stderr, without repeating the path that library messages often start with."""
-    print(f"error: {path}: {str(error).removeprefix(f'{path}: ')}", file=sys.stderr, flush=True)
+def _output(args: argparse.Namespace, job: Job, fmt: str) -> Path:
+    return args.output_dir / job.name.with_name(f"{job.name.name}.{fmt}")
+
+
+def _progress(finished: int, total: int, batch: list[Job], rank: int, world: int) -> None:
+    """`[k/N] files` per batch; on a terminal, a bar in front of it."""
+    who = f"rank {rank}: " if world > 1 else ""
+    bar = f"[{'#' * (20 * finished // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
+    print(f"{who}{bar}[{finished}/{total}] {' '.join(str(j.path) for j in batch)}", file=sys.stderr, flush=True)
+
+
+def _report(path: Path, error: Exception) -> str:
+    """`error: path: message` on stderr, without repeating the path that library messages often start with; the
+    line is returned for the summary."""
+    line = f"{path}: {str(error).removeprefix(f'{path}: ')}"
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return line
 
 
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from . import longform
-from .audio import N_SAMPLES, AudioSource, audio_span, load_audio
+from .audio import N_SAMPLES, SAMPLE_RATE, AudioSource, audio_span, load_audio
 from .errors import InputError
 from .generate import cut_at_stop, generate
+from .longform import Segment
 from .model import QwenAudio
 from .subtitles import Word
 from .tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
@@ -97,9 +98,10 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
-def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list:
-    """Per clip, the reply as text, or as `Word`s when `timed` (a task ending in timestamp tags). Clips longer than
-    30 s are cut into windows, recognised a batch of windows at a time and stitched (`qwenaudio.longform`)."""
+def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list[list[Segment]]:
+    """Per clip, its transcript as `Segment`s in seconds from the clip's start: one for a clip of up to 30 s, one
+    per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
+    `timed` says the task ends in timestamp tags, so segments carry their `Word`s."""
     sources = list(audio) if not _single(audio) else [audio]
     clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
     stops = generation.get("stop_strings", ())
@@ -109,13 +111,22 @@ def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **gen
         return [parse_words(model.tokenizer, r) for r in ids] if timed else _texts(model, ids, False, stops)
 
     short = [i for i, c in enumerate(clips) if len(c) <= N_SAMPLES]
-    results = dict(zip(short, replies([clips[i] for i in short]) if short else []))
+    results = {}
+    for i, reply in zip(short, replies([clips[i] for i in short]) if short else []):
+        text = " ".join(w.text for w in reply) if timed else reply
+        results[i] = [Segment(text, 0.0, len(clips[i]) / SAMPLE_RATE, reply if timed else [])]
     for i, clip in enumerate(clips):
         if i not in results:
-            segments = longform.transcribe_long(clip, replies, timed=timed)
-            results[i] = [w for s in segments for w in s.words] if timed else \
-                " ".join(s.text for s in segments if s.text)
+            results[i] = longform.transcribe_long(clip, replies, timed=timed)
     return [results[i] for i in range(len(clips))]
+
+
+def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list:
+    """Per clip, the reply as text, or as `Word`s when `timed`; audio of any length (see `segments`)."""
+    out = segments(model, audio, task, timed=timed, **generation)
+    if timed:
+        return [[w for s in parts for w in s.words] for parts in out]
+    return [" ".join(s.text for s in parts if s.text) for parts in out]
 
 
 def transcribe(model: QwenAudio, audio, *, language: str = "en", itn: bool = False, timestamps: bool = False,
