@@ -9,14 +9,21 @@ is: the outputs do not depend on the number of processes.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import soundfile as sf
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from .errors import InputError
+from .audio import load_audio
+from .errors import InputError, QwenAudioError
+
+R = TypeVar("R")
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # what load_audio reads (libsndfile)
 
@@ -58,6 +65,45 @@ def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     plans the same batches from the same arguments."""
     ordered = sorted(jobs, key=lambda j: -seconds(j.path))  # stable
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def run_files(jobs: list[Job], recognize: Callable[[list[Tensor]], list[R]], write: Callable[[Job, R], None], *,
+              batch_size: int = 8, rank: int = 0, world: int = 1,
+              progress: Callable[[int, int, list[Job]], None] | None = None) -> dict:
+    """Recognise `jobs` a batch at a time (this process's share of `plan_batches`) and `write` each result.
+
+    A file that cannot be read fails alone; a batch whose recognition raises fails its files; the others go on.
+    `progress(finished, total, batch)` is called after each batch. Returns this process's {"done", "failed"}, the
+    failures as "path: message" lines (also logged on stderr)."""
+    mine = plan_batches(jobs, batch_size)[rank::world]
+    done, failed, total = 0, [], sum(len(b) for b in mine)
+    for batch in mine:
+        readable, clips = [], []
+        for job in batch:
+            try:
+                clips.append(load_audio(job.path))
+                readable.append(job)
+            except QwenAudioError as e:
+                failed.append(_report(job.path, e))
+        try:
+            results = recognize(clips) if clips else []
+        except QwenAudioError as e:  # the batch as a whole failed: every file in it did
+            failed += [_report(job.path, e) for job in readable]
+            results, readable = [], []
+        for job, result in zip(readable, results):
+            write(job, result)
+        done += len(readable)
+        if progress:
+            progress(done + len(failed), total, batch)
+    return {"done": done, "failed": failed}
+
+
+def _report(path: Path, error: Exception) -> str:
+    """`error: path: message` on stderr, without repeating the path that library messages often start with; the
+    line is returned for the summary."""
+    line = f"{path}: {str(error).removeprefix(f'{path}: ')}"
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return line
 
 
 def process_group(device: str | None) -> tuple[int, int]:

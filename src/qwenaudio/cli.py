@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import tasks, trace
-from .audio import SAMPLE_RATE, load_audio
-from .batch import Job, find_inputs, gather, plan_batches, process_group
+from .audio import SAMPLE_RATE
+from .batch import Job, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
 from .model import QwenAudio, load, report_progress
@@ -166,7 +166,8 @@ def _positive(text: str) -> int:
 
 def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
     """Inputs are found, batched by length and shared between processes (`qwenaudio.batch`); files whose outputs
-    already exist are skipped; a file that cannot be read or recognised is reported and the others go on."""
+    already exist are skipped; a file that cannot be read or recognised is reported and the others go on; rank 0
+    writes the summary."""
     rank, world = args.rank, args.world
     jobs = find_inputs(args.files)
     if args.output_dir:
@@ -175,28 +176,16 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
     todo = [j for j in jobs if args.overwrite or not args.output_dir or
             not all(_output(args, j, f).exists() for f in formats)]
     skipped = len(jobs) - len(todo)
-    batches = plan_batches(todo, args.batch_size)
-    mine = batches[rank::world]
-    done, failed, count = 0, [], sum(len(b) for b in mine)
-    for batch in mine:
-        readable, clips = [], []
-        for job in batch:
-            try:
-                clips.append(load_audio(job.path))
-                readable.append(job)
-            except QwenAudioError as e:
-                failed.append(_report(job.path, e))
-        try:
-            results = run_task(model, clips, args) if clips else []
-        except QwenAudioError as e:  # the batch as a whole failed: every file in it did
-            failed += [_report(job.path, e) for job in readable]
-            results, readable = [], []
-        for job, result in zip(readable, results):
-            for fmt in formats:
-                emit(job, fmt, render(fmt, job.path, *result, args.task), args, single=len(jobs) == 1)
-        done += len(readable)
-        _progress(done + len(failed), count, batch, rank, world)
-    reports = gather({"done": done, "failed": failed}, world)
+    if len(set(gather(len(todo), world))) > 1:  # also a barrier: every process plans before any writes an output
+        raise InputError("the processes found different files to do; is the output directory shared and stable?")
+
+    def write(job: Job, result: tuple[str, list[Word], list[Segment]]) -> None:
+        for fmt in formats:
+            emit(job, fmt, render(fmt, job.path, *result, args.task), args, single=len(jobs) == 1)
+
+    report = run_files(todo, lambda clips: run_task(model, clips, args), write, batch_size=args.batch_size,
+                       rank=rank, world=world, progress=lambda k, n, batch: _progress(k, n, batch, rank, world))
+    reports = gather(report, world)
     if rank == 0:
         total_failed = [f for r in reports for f in r["failed"]]
         summary = {"files": len(jobs), "done": sum(r["done"] for r in reports), "skipped": skipped,
@@ -255,14 +244,6 @@ def _progress(finished: int, total: int, batch: list[Job], rank: int, world: int
     who = f"rank {rank}: " if world > 1 else ""
     bar = f"[{'#' * (20 * finished // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
     print(f"{who}{bar}[{finished}/{total}] {' '.join(str(j.path) for j in batch)}", file=sys.stderr, flush=True)
-
-
-def _report(path: Path, error: Exception) -> str:
-    """`error: path: message` on stderr, without repeating the path that library messages often start with; the
-    line is returned for the summary."""
-    line = f"{path}: {str(error).removeprefix(f'{path}: ')}"
-    print(f"error: {line}", file=sys.stderr, flush=True)
-    return line
 
 
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
