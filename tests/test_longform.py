@@ -117,6 +117,9 @@ def test_text_seams_in_silence_are_joined_as_they_are():
     assert " ".join(s.text for s in stitch_texts(windows, ["yes it is", "is it"])) == "yes it is is it"
     through_speech = [Window(0, 10, 5, False), Window(4, 20, 20, True)]
     assert " ".join(s.text for s in stitch_texts(through_speech, ["yes it is", "it Is, so"])) == "yes it is so"
+    # Chinese has no spaces: the characters heard twice are found one by one.
+    chinese = stitch_texts(through_speech, ["我们今天讨论音频", "讨论音频模型"])
+    assert [s.text for s in chinese] == ["我们今天讨论音频", "模型"]
 
 
 def test_real_speech_joined_with_silences_is_cut_in_the_silences(shared_audio):

@@ -7,8 +7,8 @@ alone, and otherwise the stretch where a word cut in two still lies whole in one
 
 Stitching uses the cut as the seam. With word timestamps, each word is moved to absolute time and kept by the
 window on its side of the seam (by its midpoint). Plain text (ASR without timestamps, translation) has no times: a
-cut in silence joins the two texts as they are, and a cut through speech drops the longest run of words that ends
-the left text and starts the right one (the overlap heard twice).
+cut in silence joins the two texts as they are, and a cut through speech drops the longest run of words (characters,
+in Chinese and Japanese) that ends the left text and starts the right one (the overlap heard twice).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from .subtitles import Word
 FRAME = SAMPLE_RATE // 50  # 20 ms energy frames
 MIN_QUIET = 10  # frames: the shortest stretch whose quiet is measured (0.2 s), when the overlap is shorter
 SILENCE_DB = -40.0  # a stretch this far below the recording's loudest frame counts as silence
-MAX_DUPLICATE_WORDS = 8  # at most this many words are taken as heard twice across a seam through speech
+MAX_DUPLICATE_WORDS = 8  # at most this many words (CJK characters) are taken as heard twice across a cut
+# Units compared across a seam: each CJK character alone (those scripts write no spaces), else whitespace words.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+UNIT = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 
 
 @dataclass(frozen=True)
@@ -93,22 +96,23 @@ def stitch_words(windows: Sequence[Window], words: Sequence[Sequence[Word]]) -> 
 
 def stitch_texts(windows: Sequence[Window], texts: Sequence[str]) -> list[Segment]:
     """Join per-window texts; across a seam cut through speech, drop the words heard on both sides."""
-    segments, previous, last_words = [], 0.0, []
+    segments, previous, last_units = [], 0.0, []
     for k, (window, text) in enumerate(zip(windows, texts)):
-        words = text.split()
+        units = list(UNIT.finditer(text))
         if k and not windows[k - 1].silent_seam:
-            words = words[_heard_twice(last_words, words):]
+            drop = _heard_twice([u.group() for u in last_units], [u.group() for u in units])
+            text, units = (text[units[drop].start():] if drop < len(units) else ""), units[drop:]
         seam = window.seam / SAMPLE_RATE
-        segments.append(Segment(" ".join(words), previous, seam))
-        previous, last_words = seam, words
+        segments.append(Segment(" ".join(text.split()), previous, seam))
+        previous, last_units = seam, units
     return segments
 
 
 def _heard_twice(left: list[str], right: list[str]) -> int:
-    """Length of the longest run of words that ends `left` and starts `right` (compared without case and
+    """Length of the longest run of units that ends `left` and starts `right` (compared without case and
     punctuation), up to MAX_DUPLICATE_WORDS."""
-    def key(word: str) -> str:
-        return re.sub(r"[^\w]", "", word.lower())
+    def key(unit: str) -> str:
+        return re.sub(r"[^\w]", "", unit.lower())
 
     for k in range(min(len(left), len(right), MAX_DUPLICATE_WORDS), 0, -1):
         if [key(w) for w in left[-k:]] == [key(w) for w in right[:k]]:
