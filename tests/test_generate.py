@@ -173,3 +173,14 @@ def test_generation_config_follows_the_checkpoint(tmp_path, vocab_file):
     assert set(chat.stop_token_ids) == {151643, 151645, 151644}
     with pytest.raises(qwenaudio.ConfigError, match=r"unknown generation settings: \['topp'\]"):
         chat.replace(topp=0.9)
+
+
+def test_full_sequence_call_after_generation(model):
+    """`model(ids)` after generating with another batch size attends within its own ids (no stale KV cache)."""
+    ids = torch.randint(0, 151643, (1, 6))
+    generate(model.decoder, model.tokenizer, ids, config=GenerationConfig(max_new_tokens=2))
+    two = torch.randint(0, 151643, (2, 9))
+    with torch.no_grad():
+        logits = model(two)
+        model.decoder.clear_cache()
+        assert torch.equal(logits, model.decoder(two))

@@ -59,7 +59,9 @@ class QwenAudio(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 audio: Sequence[Tensor] | None = None) -> Tensor:
-        """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their 16 kHz waveforms."""
+        """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their 16 kHz waveforms. A KV cache
+        left by generation is dropped first: this call attends within its own ids, whatever batch size came before."""
+        self.decoder.clear_cache()
         return self.decoder(input_ids.to(self.device), attention_mask=attention_mask,
                             audio=self.encode_audio(audio or []))
 
