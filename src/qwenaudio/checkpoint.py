@@ -171,20 +171,23 @@ def load_checkpoint(
     wanted = [n for n in files if n.startswith(prefix)]
     device = torch.device(device)
     if device.type == "meta":
-        return {n: torch.empty(headers[n][1], device="meta",
-                               dtype=dtype if dtype and headers[n][0].is_floating_point else headers[n][0])
-                for n in wanted}
+        return {n: torch.empty(headers[n][1], dtype=_read_dtype(headers[n][0], dtype), device="meta") for n in wanted}
     state: dict[str, dict[str, torch.Tensor]] = {}  # by name as stored: what it became
     for file in sorted({files[n] for n in wanted}):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.startswith(prefix) and name in files:
                     tensor = f.get_tensor(name)
-                    tensor = tensor.to(device, dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+                    tensor = tensor.to(device, _read_dtype(tensor.dtype, dtype))
                     state[name] = convert(name, tensor) if convert else {name: tensor}
                     if progress:
                         progress(len(state), len(wanted))
     return {k: v for n in wanted for k, v in state[n].items()}
+
+
+def _read_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """Float tensors are read in the requested dtype (if any); integer ones (int8 weights) as stored."""
+    return requested if requested and stored.is_floating_point else stored
 
 
 def check_tensors(found: dict[str, Shape], expected: dict[str, Shape], source: str) -> None:

@@ -25,7 +25,7 @@ from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
 from .model import QwenAudio, load, report_progress
 from .quantize import save_quantized
-from .longform import Segment
+from .longform import Segment, text_of, words_of
 from .subtitles import Word, to_json, to_srt, to_vtt
 from .tokenizer import LANGUAGES
 
@@ -209,7 +209,7 @@ def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespa
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
                 for text, c in zip(tasks.analyse(model, clips, args.task, **generation), clips)]
     out = tasks.segments(model, clips, task, timed=args.timestamps, **generation)
-    return [(" ".join(s.text for s in parts if s.text), [w for s in parts for w in s.words], parts) for parts in out]
+    return [(text_of(parts), words_of(parts), parts) for parts in out]
 
 
 def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segment], task: str) -> str:

@@ -51,6 +51,16 @@ class Segment:
     words: list[Word] = field(default_factory=list)
 
 
+def text_of(segments: Sequence[Segment]) -> str:
+    """The whole transcript: the segments' texts, space-joined (empty ones skipped)."""
+    return " ".join(s.text for s in segments if s.text)
+
+
+def words_of(segments: Sequence[Segment]) -> list[Word]:
+    """Every timed word of the transcript, in order."""
+    return [w for s in segments for w in s.words]
+
+
 def frame_levels(audio: Tensor) -> Tensor:
     """Energy of each 20 ms frame in dB relative to the loudest frame (0 = loudest, digital silence ≈ -200)."""
     frames = audio[: len(audio) // FRAME * FRAME].reshape(-1, FRAME).double()

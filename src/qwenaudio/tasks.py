@@ -124,9 +124,7 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **gene
 def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list:
     """Per clip, the reply as text, or as `Word`s when `timed`; audio of any length (see `segments`)."""
     out = segments(model, audio, task, timed=timed, **generation)
-    if timed:
-        return [[w for s in parts for w in s.words] for parts in out]
-    return [" ".join(s.text for s in parts if s.text) for parts in out]
+    return [longform.words_of(parts) if timed else longform.text_of(parts) for parts in out]
 
 
 def transcribe(model: QwenAudio, audio, *, language: str = "en", itn: bool = False, timestamps: bool = False,
