@@ -112,6 +112,16 @@ def test_folder_with_a_corrupt_file_then_resume(tiny_ckpt, folder, tmp_path):
     assert (summary["done"], summary["skipped"], len(summary["failed"])) == (0, 19, 1)
     assert again.returncode == 1 and outputs(tmp_path / "out") == written
 
+    redo = qwenaudio_cli(*run, "--overwrite", home=tmp_path)  # everything again, to the same outputs
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["done"], summary["skipped"], len(summary["failed"])) == (19, 0, 1)
+    assert redo.returncode == 1 and outputs(tmp_path / "out") == written
+
+
+def test_format_all_needs_an_output_directory(tmp_path):
+    done = qwenaudio_cli("transcribe", tmp_path, "--format", "all", home=tmp_path)
+    assert done.returncode == 2 and "--format all writes files: give --output-dir" in done.stderr
+
 
 def test_torchrun_two_processes_give_the_same_outputs_once_each(tiny_ckpt, folder, tmp_path):
     args = ["transcribe", str(folder), "--model", str(tiny_ckpt), "--batch-size", "4", "--dtype", "float32", *FAST]

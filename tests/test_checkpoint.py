@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwenaudio import CheckpointError, ConfigError, QwenAudioConfig, load_checkpoint, save_checkpoint, tensor_shapes
-from qwenaudio.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index
+from qwenaudio.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index, write_shards
 from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
 
 # SPEC §3, written out independently of tensor_shapes: {i} runs over 32 decoder layers, {j} over 32 encoder blocks.
@@ -227,3 +227,17 @@ def test_plan_shards_keeps_order_and_limit():
     sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 3}
     assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]
     assert [shard_name(i, 3) for i in range(3)] == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+
+
+def test_write_shards_makes_each_tensor_only_when_its_shard_is_written(tmp_path):
+    """A full-size random checkpoint must never be whole in memory: tensors are asked for shard by shard."""
+    layout = {f"t{i}": ((256,), torch.float32) for i in range(6)}  # 1 KiB each, 2 per shard
+    made = []
+
+    def make(name):
+        made.append((name, sorted(p.name for p in tmp_path.glob("*.safetensors"))))
+        return torch.full((256,), float(name[1:]))
+
+    write_shards(layout, make, tmp_path, max_shard_bytes=2048)
+    assert [m[1] for m in made] == [[]] * 2 + [[shard_name(0, 3)]] * 2 + [[shard_name(0, 3), shard_name(1, 3)]] * 2
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]["t5"] == shard_name(2, 3)
