@@ -69,7 +69,10 @@ def test_module_names_are_the_official_ones(tiny_ckpt, encoder):
 def test_log_mel_equals_official(case):
     mel = OFFICIAL[f"{case}.mel"]
     ours = log_mel_spectrogram(OFFICIAL[f"{case}.waveform"])[:, : mel.shape[-1]]
-    assert relative_error(ours, mel[0]) < 1e-5
+    # Both sides compute in fp32, and fp32 FFT rounding depends on the CPU: the exact (float64) log-mel differs from
+    # this recording by up to 2.6e-5, so no fp32 implementation meets 1e-5 on every machine (trace.MEL_RTOL). The
+    # live comparison with whisper on the same machine (test_audio.py) holds to 1e-5.
+    assert relative_error(ours, mel[0]) < 5e-5
 
 
 @pytest.mark.parametrize("case", CASES)

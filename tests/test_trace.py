@@ -49,7 +49,9 @@ def test_official_trace_verifies_layer_by_layer(tiny_ckpt, in_repo):
     rows = compare(ours(tiny_ckpt), REFERENCE)
     assert [r.name for r in rows][:3] == ["waveform.0", "mel.0", "encoder.conv1"] and rows[-1].name == "logits"
     assert len(rows) == len(REFERENCE.tensors) == 16
-    assert all(r.ok and r.rel < 1e-5 and r.cosine > 0.999999 for r in rows), trace.format_table(rows)
+    # The mel's bound is fp32 FFT rounding, which varies by CPU (see trace.MEL_RTOL and test_encoder.py).
+    assert all(r.ok and r.rel < (5e-5 if r.name.startswith("mel.") else 1e-5) and r.cosine > 0.999999
+               for r in rows), trace.format_table(rows)
 
 
 def test_perturbed_decoder_block_is_the_first_divergence(tiny_ckpt, in_repo, tmp_path):
@@ -127,7 +129,7 @@ def run_cli(*args):
 def test_verify_command(tiny_ckpt, tmp_path):
     reference = str(GOLDEN / "trace_official.safetensors")
     ok = run_cli("verify", reference, "--model", str(tiny_ckpt), "--out", str(tmp_path / "ours.safetensors"))
-    assert ok.returncode == 0 and "16 of 16 tensors within rtol 1e-05" in ok.stdout
+    assert ok.returncode == 0 and "16 of 16 tensors within rtol 1e-05, mel.0 0.0001\n" in ok.stdout
     strict = run_cli("verify", str(tmp_path / "ours.safetensors"), reference, "--rtol", "1e-9")
     assert strict.returncode == 1 and "first divergence:" in strict.stdout
     assert run_cli("verify", reference).returncode == 2  # one trace needs --model

@@ -303,6 +303,7 @@ def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
     print(trace.format_table(rows))
     failed = [r for r in rows if not r.ok]
     rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}" +
+    looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
     return 1 if failed else 0

@@ -132,11 +132,17 @@ class Row:
     rel: float  # max |a − b| / max |b|
     cosine: float
     ok: bool
+    rtol: float  # the tolerance this tensor was held to
 
 
 # Default relative tolerance: fp32 parity, or what bf16/fp16 rounding leaves (measured on the tiny checkpoint
 # against the official fp32 trace: bf16 ≤ 9.2e-3, fp16 ≤ 1.1e-3).
 RTOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+# The log-mel is computed in fp32 on both sides, and fp32 FFT rounding depends on the CPU's FFT kernels: on the
+# tiny test clips the exact (float64) log-mel differs from the official fp32 recording by up to 2.6e-5, and ours in
+# fp32 by up to 2.6e-5 on a Xeon with AVX512-FP16 (< 1e-5 on an EPYC). So by default mel tensors are held to this
+# floor, whatever the dtype.
+MEL_RTOL = 1e-4
 
 
 def default_rtol(ours: Trace, reference: Trace) -> float:
@@ -146,7 +152,8 @@ def default_rtol(ours: Trace, reference: Trace) -> float:
 
 def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: float = 0.0) -> list[Row]:
     """One row per tensor of the reference, in pipeline order; a tensor passes when rel ≤ rtol or max_abs ≤ atol.
-    `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32)."""
+    `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32), and to at least `MEL_RTOL` for the mel."""
+    given = rtol
     rtol = default_rtol(ours, reference) if rtol is None else rtol
     if ours.manifest.get("input_ids") != reference.manifest.get("input_ids"):
         raise InputError("the two traces ran different prompts (their input_ids differ)")
@@ -163,7 +170,8 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
         diff = (a - ref).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() or 1.0
         cosine = torch.nn.functional.cosine_similarity(a.flatten(), ref.flatten(), dim=0).item()
-        rows.append(Row(name, tuple(ref.shape), diff, diff / scale, cosine, diff / scale <= rtol or diff <= atol))
+        tol = max(rtol, MEL_RTOL) if given is None and name.startswith("mel.") else rtol
+        rows.append(Row(name, tuple(ref.shape), diff, diff / scale, cosine, diff / scale <= tol or diff <= atol, tol))
     return rows
 
 
