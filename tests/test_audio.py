@@ -291,3 +291,10 @@ def test_clips_under_one_token_are_rejected():
     for samples in (479, 100, 0):
         with pytest.raises(AudioError, match=f"a clip of {samples} samples is too short: one audio token needs"):
             audio_span(samples)
+
+
+def test_bad_rates_and_paths(tmp_path):
+    with pytest.raises(AudioError, match="sr must be a positive int, got 0"):
+        load_audio(np.zeros(1600, dtype=np.float32), sr=0, source_sr=16000)
+    with pytest.raises(AudioError, match=f"{tmp_path}: is a directory, not an audio file"):
+        load_audio(tmp_path)

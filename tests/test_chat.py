@@ -145,3 +145,15 @@ def test_official_style_chat_returns_reply_and_history(chat_model, in_repo, monk
     assert reply == "A tone." and history == [(f"Audio 1:<audio>{CLIP0}</audio>\nWhat is it?", "A tone.")]
     reply, history2 = chat(chat_model, "Sure?", history)
     assert reply == "Yes." and history2 == history + [("Sure?", "Yes.")] and len(history) == 1  # not mutated
+
+
+def test_bad_settings_keep_the_conversation(chat_model, in_repo):
+    """A setting that cannot run is refused before the turn starts: the history and the next turn are unharmed."""
+    chat = Chat(chat_model)
+    first = chat.ask("Hello", max_new_tokens=3, seed=0)
+    for bad in ({"do_sample": True, "temperature": 0}, {"do_sample": True, "top_p": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(qwenaudio.ConfigError):
+            chat.ask("And now?", **bad)
+        assert chat.history == [("Hello", first)]
+    again = Chat(chat_model, history=[("Hello", first)])
+    assert chat.ask("And now?", max_new_tokens=3, seed=0) == again.ask("And now?", max_new_tokens=3, seed=0)

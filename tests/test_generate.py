@@ -108,7 +108,7 @@ class ScriptedDecoder:
 
     def __init__(self, scripts, vocab=155947):
         self.scripts, self.vocab, self.turn = scripts, vocab, 0
-        self.config = SimpleNamespace(audio=SimpleNamespace(audio_start_id=155163))
+        self.config = SimpleNamespace(audio=SimpleNamespace(audio_start_id=155163), context_length=8192)
         self.max_seq_len, self.key_valid, self.calls = 0, torch.zeros(0, 0), []
         self.compiled_step = None
 
@@ -191,3 +191,62 @@ def test_cpu_default_dtype_follows_native_bf16(monkeypatch, native_bf16, expecte
     """bf16 on CPUs whose oneDNN multiplies it in hardware (2-3x faster than fp32 there), fp32 elsewhere."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
     assert qwenaudio.model.default_dtype(torch.device("cpu")) == expected
+
+
+# --- settings are checked before anything runs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    ({"do_sample": True, "temperature": 0}, r"temperature must be > 0, got 0; for greedy decoding use do_sample=False"),
+    ({"temperature": -0.5}, r"temperature must be > 0, got -0.5"),
+    ({"temperature": float("nan")}, r"temperature must be > 0, got nan"),
+    ({"do_sample": True, "top_p": 0}, r"top_p must be in \(0, 1\] \(1: off\), got 0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(1: off\), got 1.5"),
+    ({"top_k": -1}, r"top_k must be an int >= 0 \(0: off\), got -1"),
+    ({"top_k": 2.5}, r"top_k must be an int >= 0 \(0: off\), got 2.5"),
+    ({"repetition_penalty": 0}, r"repetition_penalty must be > 0 \(1: off\), got 0"),
+    ({"max_new_tokens": 0}, r"max_new_tokens must be an int >= 1, got 0"),
+    ({"max_new_tokens": True}, r"max_new_tokens must be an int >= 1, got True"),
+    ({"min_new_tokens": -1}, r"min_new_tokens must be an int >= 0, got -1"),
+    ({"min_new_tokens": 9, "max_new_tokens": 8}, r"min_new_tokens \(9\) must not exceed max_new_tokens \(8\)"),
+    ({"do_sample": "yes"}, r"do_sample must be True or False, got 'yes'"),
+    ({"seed": 1.5}, r"seed must be an int >= 0 or None, got 1.5"),
+    ({"stop_token_ids": ["a"]}, r"stop_token_ids must hold ints >= 0, got \('a',\)"),
+    ({"stop_strings": ("",)}, r"stop_strings must hold non-empty strings, got \('',\)"),
+    ({"stop_strings": "</s>"}, r"stop_strings must hold non-empty strings, got '</s>'"),
+    ({"chat_format": "alpaca"}, r"chat_format must be 'raw' or 'chatml', got 'alpaca'"),
+    ({"max_window_size": 0}, r"max_window_size must be an int >= 1, got 0"),
+])
+def test_bad_generation_settings_are_refused(changes, message):
+    with pytest.raises(qwenaudio.ConfigError, match=message):
+        GenerationConfig().replace(**changes)
+    with pytest.raises(qwenaudio.ConfigError, match=message):
+        GenerationConfig(**changes)
+
+
+def test_bad_generation_config_file_names_the_file(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "ckpt")
+    raw = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**raw, "top_p": 0}))
+    with pytest.raises(qwenaudio.ConfigError, match=rf"{path}/generation_config.json: top_p must be in \(0, 1\]"):
+        GenerationConfig.from_json(path)
+    (path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(qwenaudio.ConfigError, match="generation_config.json: expected a JSON object, got list"):
+        GenerationConfig.from_json(path)
+
+
+def test_new_tokens_are_capped_by_the_context(model):
+    """A budget past the model's context (max_position_embeddings, 8192) is cut to what fits, with a warning,
+    instead of allocating a KV cache for a billion positions."""
+    ids = torch.randint(0, 151643, (1, 10))
+    seen = {}
+    original = model.decoder.setup_cache
+    model.decoder.setup_cache = lambda b, n: (seen.setdefault("slots", n), original(b, n))
+    try:
+        with pytest.warns(UserWarning, match=r"max_new_tokens=1000000000 is cut to 8182: the prompt's 10 tokens and "
+                                             r"the new ones must fit the model's context of 8192"):
+            steps = generate_steps(model.decoder, model.tokenizer, ids,
+                                   config=GenerationConfig(max_new_tokens=10**9, stop_token_ids=(), min_new_tokens=0))
+            next(steps)
+    finally:
+        del model.decoder.setup_cache
+    assert seen["slots"] == 8192

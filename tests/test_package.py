@@ -1,7 +1,13 @@
-"""The package as users meet it: importing it pulls in no reference package, and the example runs."""
+"""The package as users meet it: importing it pulls in no reference package, the example runs, and `load`
+takes the usual spellings of its arguments and names what it cannot take."""
 
 import subprocess
 import sys
+
+import pytest
+import torch
+
+import qwenaudio
 
 from .conftest import ROOT
 
@@ -33,3 +39,27 @@ def test_transcribe_example_without_weights(tmp_path, shared_audio):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "transcribe.py"), str(shared_audio / "es.mp3"),
                              "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "no such checkpoint directory" in result.stderr
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                         ("fp16", torch.float16), ("half", torch.float16),
+                                         ("fp32", torch.float32), ("float32", torch.float32),
+                                         (torch.float32, torch.float32)])
+def test_dtype_names(tiny_ckpt, name, dtype):
+    model = qwenaudio.load(tiny_ckpt, dtype=name, device="cpu", progress=False)
+    assert model.decoder.wte.weight.dtype == model.encoder.conv1.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "float8"}, r"dtype 'float8' is not one of: float32 \(fp32\), bfloat16 \(bf16\), float16 \(fp16, half\)"),
+    ({"dtype": torch.int8}, r"dtype torch.int8 is not one of"),
+    ({"device": "gpu"}, r"device 'gpu' is not a torch device"),
+])
+def test_bad_load_arguments(tiny_ckpt, kwargs, message):
+    with pytest.raises(qwenaudio.InputError, match=message):
+        qwenaudio.load(tiny_ckpt, progress=False, **kwargs)
+
+
+def test_load_needs_a_name():
+    with pytest.raises(qwenaudio.InputError, match=r"load\(\) needs a checkpoint directory or a repo id, got None"):
+        qwenaudio.load(None)

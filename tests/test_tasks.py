@@ -122,3 +122,17 @@ def test_json():
     assert data == {"text": "hello wörld", "file": "a.wav",
                     "words": [{"text": "hello", "start": 0.54, "end": 0.86},
                               {"text": "wörld", "start": 61.005, "end": 3723.5}]}
+
+
+@pytest.mark.parametrize("clip, message", [
+    (torch.full((16000,), float("nan")), r"clip 0: the waveform contains NaN or infinite samples"),
+    (torch.zeros(2, 16000), r"clip 0: a waveform tensor must be 1-D \[samples\] at 16 kHz, got shape \(2, 16000\); "
+                            r"load_audio\(x, source_sr=RATE\) averages channels and resamples"),
+    (torch.zeros(0), r"clip 0: the waveform is empty"),
+    (torch.zeros(16000, dtype=torch.int16), r"clip 0: a waveform tensor must hold floats in \[-1, 1\], got torch.int16"),
+])
+def test_bad_waveforms_are_refused(model, clip, message):
+    with pytest.raises(qwenaudio.AudioError, match=message):
+        tasks.transcribe(model, clip)
+    with pytest.raises(qwenaudio.AudioError, match=message.replace("clip 0", "clip 1")):
+        tasks.caption(model, [torch.zeros(16000), clip])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,12 @@ class QwenAudioConfig:
         return self.extra.get("quantization")
 
     @property
+    def context_length(self) -> int:
+        """Positions the model is built for: `max_position_embeddings` (8192; dynamic NTK stretches the rotary from
+        the 2048 it was trained on). A generation's prompt and new tokens must fit in it."""
+        return int(self.extra.get("max_position_embeddings", 8192))
+
+    @property
     def mlp_width(self) -> int:
         """Width of w1/w2: the official code builds its MLP with `intermediate_size // 2` (11008)."""
         return self.intermediate_size // 2
@@ -115,7 +122,12 @@ class QwenAudioConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings; `from_json` reads a checkpoint's generation_config.json (SPEC §9)."""
+    """Decoding settings; `from_json` reads a checkpoint's generation_config.json (SPEC §9).
+
+    Every setting is checked when the config is made (`replace` and `from_json` included), so a value that cannot
+    run (temperature 0 while sampling, top_p 0, a negative top_k) is a `ConfigError` before any work starts rather
+    than a crash inside torch halfway through a conversation.
+    """
 
     max_new_tokens: int = 512
     min_new_tokens: int = 0
@@ -131,6 +143,14 @@ class GenerationConfig:
     chat_format: str = "raw"  # "chatml" for Qwen-Audio-Chat
     max_window_size: int = 6144  # chat history budget in tokens
 
+    def __post_init__(self) -> None:
+        for name in ("stop_token_ids", "stop_strings"):  # lists are welcome; one bare string is not a list of stops
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for ok, message in _generation_rules(self):
+            if not ok:
+                raise ConfigError(message)
+
     @classmethod
     def from_json(cls, path: str | Path) -> GenerationConfig:
         """Defaults of a checkpoint directory's generation_config.json; missing file or keys keep ours."""
@@ -140,14 +160,21 @@ class GenerationConfig:
             return cls()
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        stops = [w[0] for w in raw.get("stop_words_ids", []) if len(w) == 1] + [raw.get("eos_token_id", 151643)]
-        if raw.get("chat_format") == "chatml":
-            stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        return cls(**values, stop_token_ids=tuple(dict.fromkeys(stops)))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            stops = [w[0] for w in raw.get("stop_words_ids", []) if len(w) == 1] + [raw.get("eos_token_id", 151643)]
+            if raw.get("chat_format") == "chatml":
+                stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
+            known = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in raw.items() if k in known}
+            return cls(**values, stop_token_ids=tuple(dict.fromkeys(stops)))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except TypeError as e:  # stop_words_ids that are not lists of ids
+            raise ConfigError(f"{path}: stop_words_ids must be a list of id lists ({e})") from None
 
     def replace(self, **changes) -> GenerationConfig:
         """A copy with `changes` applied; a None value keeps the current setting."""
@@ -155,8 +182,38 @@ class GenerationConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
-        changes = {k: tuple(v) if k in ("stop_token_ids", "stop_strings") else v for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
+
+
+def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
+    """(holds, message) for each setting; the messages say what a setting takes, and what to use instead."""
+    def whole(x: Any, low: int) -> bool:  # bool is an int in Python; never accept it as a count
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return [
+        (whole(c.max_new_tokens, 1), f"max_new_tokens must be an int >= 1, got {c.max_new_tokens!r}"),
+        (whole(c.min_new_tokens, 0), f"min_new_tokens must be an int >= 0, got {c.min_new_tokens!r}"),
+        (not whole(c.min_new_tokens, 0) or not whole(c.max_new_tokens, 1) or c.min_new_tokens <= c.max_new_tokens,
+         f"min_new_tokens ({c.min_new_tokens}) must not exceed max_new_tokens ({c.max_new_tokens})"),
+        (isinstance(c.do_sample, bool), f"do_sample must be True or False, got {c.do_sample!r}"),
+        (number(c.temperature) and c.temperature > 0,
+         f"temperature must be > 0, got {c.temperature!r}; for greedy decoding use do_sample=False"),
+        (whole(c.top_k, 0), f"top_k must be an int >= 0 (0: off), got {c.top_k!r}"),
+        (number(c.top_p) and 0 < c.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {c.top_p!r}"),
+        (number(c.repetition_penalty) and c.repetition_penalty > 0,
+         f"repetition_penalty must be > 0 (1: off), got {c.repetition_penalty!r}"),
+        (isinstance(c.stop_token_ids, tuple) and all(whole(i, 0) for i in c.stop_token_ids),
+         f"stop_token_ids must hold ints >= 0, got {c.stop_token_ids!r}"),
+        (isinstance(c.stop_strings, tuple) and all(isinstance(t, str) and t for t in c.stop_strings),
+         f"stop_strings must hold non-empty strings, got {c.stop_strings!r}"),
+        (whole(c.pad_token_id, 0), f"pad_token_id must be an int >= 0, got {c.pad_token_id!r}"),
+        (c.seed is None or whole(c.seed, 0), f"seed must be an int >= 0 or None, got {c.seed!r}"),
+        (c.chat_format in ("raw", "chatml"), f"chat_format must be 'raw' or 'chatml', got {c.chat_format!r}"),
+        (whole(c.max_window_size, 1), f"max_window_size must be an int >= 1, got {c.max_window_size!r}"),
+    ]
 
 
 QUANTIZATION_METHODS = ("int8-weight-only",)  # config.json "quantization" values we can load (not official)

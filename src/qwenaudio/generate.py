@@ -9,6 +9,7 @@ rows 155165–155946 exist but no text maps to them) are never produced.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -72,6 +73,7 @@ def generate_steps(
     """
     b, s = input_ids.shape
     device = input_ids.device
+    config = _fit_context(config, s, decoder.config.context_length)
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     stops = torch.tensor(config.stop_token_ids, device=device)
     seen = input_ids
@@ -95,6 +97,20 @@ def generate_steps(
             return
         seen = torch.cat([seen, ids[:, None]], dim=1)
         logits = (decoder.compiled_step or decoder.step)(ids[:, None], torch.tensor([s + step], device=device))
+
+
+def _fit_context(config: GenerationConfig, prompt: int, context: int) -> GenerationConfig:
+    """`config` with max_new_tokens cut (with a warning) to what fits the model's context after a `prompt`-token
+    prompt: a budget like 10**9 means "until a stop", not a KV cache of a billion positions."""
+    room = context - prompt
+    if room < 1:
+        raise InputError(f"the prompt's {prompt} tokens fill the model's context of {context} positions "
+                         "(max_position_embeddings): shorten it")
+    if config.max_new_tokens <= room:
+        return config
+    warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and the "
+                  f"new ones must fit the model's context of {context} (max_position_embeddings)", stacklevel=3)
+    return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
 
 def _prefill(decoder: Decoder, input_ids: Tensor, attention_mask: Tensor | None, audio: list[Tensor],
