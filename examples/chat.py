@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="the longest reply, in tokens")
     args = parser.parse_args()
 
-    chat = Chat(qwenaudio.load(args.model))  # downloads a repo id into $QWENAUDIO_HOME (or ./weights) once
+    chat = Chat(qwenaudio.load(args.model))  # a repo id: from the HF cache, downloaded there once
     first = [{"audio": args.speech}, "What does the speaker say?"]
     print(f"> {first[1]}\n{chat.ask(first, max_new_tokens=args.max_new_tokens)}")
     second = [{"audio": args.sound}, "And what happens in this clip?"]

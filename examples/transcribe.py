@@ -14,7 +14,8 @@ parser.add_argument("--max-new-tokens", type=int, default=256)
 args = parser.parse_args()
 
 try:
-    # bf16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else fp32; a repo id is downloaded into weights/
+    # bf16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else fp32; a repo id comes from the HF cache
+    # (downloaded there once)
     model = qwenaudio.load(args.model)
 except qwenaudio.QwenAudioError as e:  # no weights yet: the message says how to get them
     raise SystemExit(f"error: {e}")

@@ -1,43 +1,110 @@
-"""Download: the huggingface_hub path (with a stand-in hub module), offline mode, and the missing extra."""
+"""Finding checkpoints: paths stay paths, repo ids come from $QWENAUDIO_HOME or the Hugging Face cache (laid out as
+huggingface_hub lays it out) and are downloaded there when missing (through a stand-in hub module), offline mode,
+and the missing extra."""
 
 import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 import qwenaudio
-from qwenaudio import DownloadError
-from qwenaudio.hub import FILE_PATTERNS, weights_home
+from qwenaudio import CheckpointError, DownloadError, InputError
+from qwenaudio.hub import FILE_PATTERNS, hf_cache, resolve, weights_home
 from qwenaudio.testing import make_tiny_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path):
+    """Every test gets its own empty Hugging Face cache and no $QWENAUDIO_HOME."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("QWENAUDIO_HOME", raising=False)
+
+
 def fake_hub(monkeypatch, write):
+    """A stand-in huggingface_hub whose snapshot_download writes a checkpoint where the real one would: into
+    `local_dir`, or into the cache's snapshots/<commit> with refs/<revision> naming the commit."""
     calls = []
 
     def snapshot_download(repo_id, revision=None, local_dir=None, allow_patterns=None):
-        calls.append((repo_id, revision, allow_patterns))
-        write(local_dir)
+        calls.append((repo_id, revision, local_dir, allow_patterns))
+        if local_dir is None:
+            repo = hf_cache() / f"models--{repo_id.replace('/', '--')}"
+            (repo / "refs").mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / (revision or "main")).write_text("0123abcd")
+            local_dir = repo / "snapshots" / "0123abcd"
+        write(Path(local_dir))
         return str(local_dir)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
     return calls
 
 
-def test_download_returns_complete_checkpoint(monkeypatch, tmp_path):
-    calls = fake_hub(monkeypatch, lambda d: make_tiny_checkpoint(d))
-    path = qwenaudio.download("Qwen/Qwen-Audio", tmp_path / "qa", revision="main")
-    assert path == tmp_path / "qa" and (path / "config.json").exists()
-    assert calls == [("Qwen/Qwen-Audio", "main", FILE_PATTERNS)]
+def test_download_goes_into_the_hugging_face_cache(monkeypatch, tmp_path):
+    calls = fake_hub(monkeypatch, make_tiny_checkpoint)
+    path = qwenaudio.download("Qwen/Qwen-Audio", revision="main")
+    assert path == tmp_path / "hf" / "hub" / "models--Qwen--Qwen-Audio" / "snapshots" / "0123abcd"
+    assert calls == [("Qwen/Qwen-Audio", "main", None, FILE_PATTERNS)]
     assert len(qwenaudio.load_checkpoint(path, device="meta")) == 59
 
 
-def test_download_defaults_to_weights_home(monkeypatch, tmp_path):
+def test_download_into_a_directory(monkeypatch, tmp_path):
+    calls = fake_hub(monkeypatch, make_tiny_checkpoint)
+    assert qwenaudio.download("Qwen/Qwen-Audio", tmp_path / "qa") == tmp_path / "qa"
+    assert calls == [("Qwen/Qwen-Audio", None, tmp_path / "qa", FILE_PATTERNS)]
+
+
+def test_repo_id_found_in_the_cache_is_not_downloaded(monkeypatch, tmp_path):
+    fake_hub(monkeypatch, make_tiny_checkpoint)
+    first = resolve("Qwen/Qwen-Audio")  # downloads into the cache
+    calls = fake_hub(monkeypatch, make_tiny_checkpoint)
+    assert resolve("Qwen/Qwen-Audio") == first and calls == []  # what transformers put there is found too
+    (first / "model-00002-of-00003.safetensors").unlink()  # an incomplete snapshot is fetched again
+    assert resolve("Qwen/Qwen-Audio") == first and len(calls) == 1
+
+
+def test_qwenaudio_home_replaces_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("QWENAUDIO_HOME", str(tmp_path / "home"))
-    fake_hub(monkeypatch, lambda d: make_tiny_checkpoint(d))
     assert weights_home() == tmp_path / "home"
-    assert qwenaudio.download("Qwen/Qwen-Audio-Chat") == tmp_path / "home" / "Qwen-Audio-Chat"
+    calls = fake_hub(monkeypatch, make_tiny_checkpoint)
+    assert resolve("Qwen/Qwen-Audio-Chat") == tmp_path / "home" / "Qwen-Audio-Chat"
+    assert resolve("Qwen/Qwen-Audio-Chat") == tmp_path / "home" / "Qwen-Audio-Chat" and len(calls) == 1
+    make_tiny_checkpoint(tmp_path / "home" / "Qwen-Audio")  # placed by hand
+    assert resolve("Qwen/Qwen-Audio") == tmp_path / "home" / "Qwen-Audio" and len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["weights/Qwen-Audio", "./mymodel", "../elsewhere/model", "/abs/path", "~/x",
+                                  "a/b/c", Path("Qwen/Qwen-Audio")])
+def test_paths_are_paths(monkeypatch, tmp_path, name):
+    """A name that looks like a path never starts a download: "weights/Qwen-Audio" is a path because ./weights is a
+    directory here, "./mymodel" because of its "./"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    calls = fake_hub(monkeypatch, make_tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*: no such directory"):
+        resolve(name)
+    assert calls == []
+
+
+def test_unknown_repo_id_says_it_is_no_directory_either(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def snapshot_download(repo_id, **_):
+        raise RuntimeError("404 Repository Not Found")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    with pytest.raises(DownloadError, match=r"weights/Qwen-Audio: no such local directory, and as a repo id: could "
+                                            r"not download weights/Qwen-Audio into .*404 Repository Not Found"):
+        resolve("weights/Qwen-Audio")
+
+
+@pytest.mark.parametrize("name", [None, 3, ""])
+def test_a_name_is_needed(name):
+    with pytest.raises(InputError, match="load\\(\\) needs a checkpoint directory or a repo id"):
+        resolve(name)
 
 
 def test_incomplete_download(monkeypatch, tmp_path):
@@ -52,7 +119,7 @@ def test_incomplete_download(monkeypatch, tmp_path):
 
 def test_without_hub_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
-    with pytest.raises(DownloadError, match=r"needs huggingface_hub: pip install 'qwenaudio\[hub\]'") as e:
+    with pytest.raises(DownloadError, match=r"needs huggingface_hub: pip install huggingface_hub\n") as e:
         qwenaudio.download("Qwen/Qwen-Audio", tmp_path)
     assert "To place the files by hand" in str(e.value) and "weights/README.md" in str(e.value)
 
@@ -67,4 +134,4 @@ def test_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qa")], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout
-    assert out.startswith("could not download Qwen/Qwen-Audio:") and "To place the files by hand" in out
+    assert out.startswith("could not download Qwen/Qwen-Audio into") and "To place the files by hand" in out

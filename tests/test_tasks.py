@@ -129,7 +129,8 @@ def test_json():
     (torch.zeros(2, 16000), r"clip 0: a waveform tensor must be 1-D \[samples\] at 16 kHz, got shape \(2, 16000\); "
                             r"load_audio\(x, source_sr=RATE\) averages channels and resamples"),
     (torch.zeros(0), r"clip 0: the waveform is empty"),
-    (torch.zeros(16000, dtype=torch.int16), r"clip 0: a waveform tensor must hold floats in \[-1, 1\], got torch.int16"),
+    (torch.zeros(16000, dtype=torch.int16),
+     r"clip 0: a waveform tensor must hold floats in \[-1, 1\], got torch.int16"),
 ])
 def test_bad_waveforms_are_refused(model, clip, message):
     with pytest.raises(qwenaudio.AudioError, match=message):

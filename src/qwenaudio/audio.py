@@ -46,15 +46,47 @@ def audio_tokens(num_samples: int) -> int:
     return (frames_after_conv(mel_length(num_samples)) - 2) // 2 + 1
 
 
+MIN_SAMPLES = 3 * HOP_LENGTH  # 3 mel frames -> 2 conv frames -> 1 audio token: the shortest clip the model hears
+
+
 def audio_span(num_samples: int) -> int:
     """Prompt tokens a clip occupies: its audio tokens plus the BOS and EOS rows (1 s -> 27, 30 s -> 752)."""
-    tokens = audio_tokens(num_samples)
-    if tokens < 1:
-        raise AudioError(
-            f"a clip of {num_samples} samples is too short: one audio token needs at least {3 * HOP_LENGTH} samples "
-            f"(3 mel frames) at {SAMPLE_RATE} Hz"
-        )
-    return tokens + 2
+    if num_samples < MIN_SAMPLES:
+        raise AudioError(_too_short(f"a clip of {num_samples} samples"))
+    return audio_tokens(num_samples) + 2
+
+
+def _too_short(what: str) -> str:
+    return (f"{what} is too short: one audio token needs at least {MIN_SAMPLES} samples (3 mel frames, "
+            f"{1000 * MIN_SAMPLES // SAMPLE_RATE} ms) at {SAMPLE_RATE} Hz")
+
+
+def as_waveform(source: AudioSource, name: str) -> torch.Tensor:
+    """A clip as the model takes it: a 1-D float tensor is a 16 kHz waveform already, anything else goes through
+    `load_audio`. Either way it must be finite and long enough for one audio token; `name` (a path, "clip 2")
+    starts every error, so a bad clip in a batch is named, not blamed on the batch."""
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 1:
+            raise AudioError(f"{name}: a waveform tensor must be 1-D [samples] at {SAMPLE_RATE // 1000} kHz, got "
+                             f"shape {tuple(source.shape)}; load_audio(x, source_sr=RATE) averages channels and "
+                             "resamples")
+        if not source.is_floating_point():
+            raise AudioError(f"{name}: a waveform tensor must hold floats in [-1, 1], got {source.dtype}")
+        if source.numel() == 0:
+            raise AudioError(f"{name}: the waveform is empty")
+        if not torch.isfinite(source).all():
+            raise AudioError(f"{name}: the waveform contains NaN or infinite samples")
+        wave = source
+    else:
+        wave = load_audio(source)
+    if len(wave) < MIN_SAMPLES:
+        raise AudioError(_too_short(f"{name}: {len(wave)} samples ({len(wave) / SAMPLE_RATE:.3f} s)"))
+    return wave
+
+
+def source_name(source: AudioSource, index: int) -> str:
+    """How errors name a clip: its path when it has one, else its place in the batch."""
+    return str(source) if isinstance(source, (str, Path)) else f"clip {index}"
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -98,6 +130,8 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
     official loader has ffmpeg emit 16-bit PCM and divides by 32768. A 16-bit file at 16 kHz therefore loads
     bit-identically to the official path.
     """
+    if not isinstance(sr, int) or isinstance(sr, bool) or sr <= 0:
+        raise AudioError(f"sr must be a positive int, got {sr!r}")
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if source_sr is None:
             raise AudioError("an array of samples needs its sample rate: load_audio(array, source_sr=...)")
@@ -119,6 +153,8 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
 
 def _decode(source: str | Path | bytes | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     """Decode a file with soundfile; returns [channels, samples] float32 and the rate."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        raise AudioError(f"{name}: is a directory, not an audio file")
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise AudioError(f"{name}: no such audio file")
     try:

@@ -23,6 +23,7 @@ from .audio import SAMPLE_RATE
 from .batch import Job, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
+from .hub import OFFICIAL_REPOS
 from .model import QwenAudio, load, report_progress
 from .quantize import save_quantized
 from .longform import Segment, text_of, words_of
@@ -56,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     int8=args.int8, progress=args.rank == 0)
     except QwenAudioError as e:
         print(f"error: {e}\nGet the weights with: python -c \"import qwenaudio; "
-              f"qwenaudio.download('{args.repo}')\" (needs pip install 'qwenaudio[hub]'), or place the files by "
-              "hand (see weights/README.md) and pass --model DIR.", file=sys.stderr)
+              f"qwenaudio.download('{args.repo or OFFICIAL_REPOS[0]}')\" (needs pip install huggingface_hub), or "
+              "place the files by hand (weights/README.md in the qwenaudio repository) and pass --model DIR.",
+              file=sys.stderr)
         return 3
     try:
         return args.run(model, args)
@@ -145,8 +147,8 @@ def _trace_options(parser: argparse.ArgumentParser) -> None:
 
 def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> None:
     parser.add_argument("--model", default=repo, metavar="DIR|REPO",
-                        help=f"checkpoint directory, or a repo id looked up under $QWENAUDIO_HOME (else ./weights) "
-                             f"and downloaded when missing; default {repo or 'none'}")
+                        help=f"checkpoint directory, or a repo id looked up in $QWENAUDIO_HOME if set, else in the "
+                             f"Hugging Face cache, and downloaded there when missing; default {repo or 'none'}")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else float32 "

@@ -27,8 +27,9 @@ class AudioError(QwenAudioError, ValueError):
 
 
 class InputError(QwenAudioError, ValueError):
-    """Model inputs that do not fit: token ids outside the vocabulary, `<audio>` regions that do not match the
-    encoded clips, positions past the KV cache, or a cached prefix that cannot be reused."""
+    """Arguments and model inputs that do not fit: an unknown dtype or device, token ids outside the vocabulary,
+    `<audio>` regions that do not match the encoded clips, positions past the KV cache, or a cached prefix that
+    cannot be reused."""
 
 
 class DownloadError(QwenAudioError, OSError):

@@ -1,66 +1,117 @@
-"""Fetching the official checkpoints from the Hugging Face Hub (optional extra `qwenaudio[hub]`).
+"""Finding and fetching the official checkpoints: local directories, the Hugging Face cache, and downloads.
+
+`load("Qwen/Qwen-Audio")` takes a repo id; `load("weights/Qwen-Audio")` or `load(Path(...))` a directory. A name
+that looks like a path is always a path, so a mistyped directory is reported as missing instead of starting a
+16.8 GB download of a repo that does not exist. A repo id is looked up where the user's other tools (transformers,
+`huggingface-cli download`) keep it: the Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+`~/.cache/huggingface/hub`), and downloaded there when missing, as they do. `$QWENAUDIO_HOME` replaces the cache
+with a plain folder of checkpoint directories (`$QWENAUDIO_HOME/Qwen-Audio`), for those who place files by hand.
 
 Only the files qwenaudio reads are fetched: configs, vocabulary, mel filters and the bf16 safetensors shards
-(16.8 GB). The official remote code (`*.py`) is not needed and is skipped.
+(16.8 GB). The official remote code (`*.py`) is not needed and is skipped. Downloading needs `huggingface_hub`
+(`pip install huggingface_hub`, also the `hub` extra of qwenaudio); finding a cached checkpoint does not.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .checkpoint import INDEX_FILE, shard_files
-from .errors import CheckpointError, DownloadError
+from .errors import CheckpointError, DownloadError, InputError
 
 OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
 FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repo ids
 
 
-def weights_home() -> Path:
-    """Where checkpoints live by default: `$QWENAUDIO_HOME`, else `weights/` under the working directory."""
-    return Path(os.environ.get("QWENAUDIO_HOME", "weights"))
+def weights_home() -> Path | None:
+    """`$QWENAUDIO_HOME` when set: repo ids are then looked up and downloaded there, one directory per repo."""
+    home = os.environ.get("QWENAUDIO_HOME")
+    return Path(home).expanduser() if home else None
+
+
+def hf_cache() -> Path:
+    """The Hugging Face hub cache, found as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return Path(os.environ.get("HF_HOME") or xdg / "huggingface").expanduser() / "hub"
+
+
+def cached(repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot directory of `repo_id` in the Hugging Face cache, when the cache holds a complete checkpoint
+    for `revision` (a branch name or a commit hash), else None."""
+    repo = hf_cache() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    try:
+        shard_files(snapshot)
+    except CheckpointError:
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def download(repo_id: str, local_dir: str | Path | None = None, *, revision: str | None = None) -> Path:
-    """Download `repo_id` (e.g. "Qwen/Qwen-Audio") into `local_dir` (default `weights_home()/<name>`).
+    """Download `repo_id` (e.g. "Qwen/Qwen-Audio") into the Hugging Face cache, or into `local_dir` when given,
+    and return the checkpoint directory once every shard named by the index is present.
 
     Needs `huggingface_hub` and a network; otherwise raises `DownloadError` saying how to place the files by hand.
-    Returns the directory once every shard named by the index is present.
     """
-    local_dir = Path(local_dir) if local_dir is not None else weights_home() / repo_id.split("/")[-1]
+    local_dir = Path(local_dir) if local_dir is not None else None
+    where = local_dir or hf_cache()
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise DownloadError(
-            f"downloading {repo_id} needs huggingface_hub: pip install 'qwenaudio[hub]'.\n" + _by_hand(repo_id, local_dir)
-        ) from None
+        raise DownloadError(f"downloading {repo_id} needs huggingface_hub: pip install huggingface_hub\n"
+                            + _by_hand(repo_id)) from None
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=local_dir, allow_patterns=FILE_PATTERNS)
+        path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, allow_patterns=FILE_PATTERNS))
     except Exception as e:  # the hub raises many kinds (offline mode, HTTP, connection); all mean "not fetched"
-        raise DownloadError(f"could not download {repo_id}: {type(e).__name__}: {e}\n" + _by_hand(repo_id, local_dir)) from e
+        raise DownloadError(f"could not download {repo_id} into {where}: {type(e).__name__}: {e}\n"
+                            + _by_hand(repo_id)) from e
     try:
-        shard_files(local_dir)
+        shard_files(path)
     except CheckpointError as e:
-        raise DownloadError(f"download of {repo_id} is incomplete: {e}\n" + _by_hand(repo_id, local_dir)) from e
-    return local_dir
+        raise DownloadError(f"download of {repo_id} is incomplete: {e}\n" + _by_hand(repo_id)) from e
+    return path
 
 
-def _by_hand(repo_id: str, local_dir: Path) -> str:
+def _by_hand(repo_id: str) -> str:
     return (
-        f"To place the files by hand, copy from https://huggingface.co/{repo_id} into {local_dir}/: config.json, "
+        f"To place the files by hand, copy from https://huggingface.co/{repo_id} into one directory: config.json, "
         f"generation_config.json, tokenizer_config.json, qwen.tiktoken, mel_filters.npz, {INDEX_FILE} and every "
-        "model-0000N-of-00009.safetensors shard it names (see weights/README.md)."
+        "model-0000N-of-00009.safetensors shard it names (weights/README.md in the qwenaudio repository lists them), "
+        "and pass that directory."
     )
 
 
+def looks_like_path(name: str | Path) -> bool:
+    """Path objects, and strings that are not an `owner/name` repo id or whose `owner` is a local directory."""
+    if isinstance(name, Path) or not REPO_ID.fullmatch(name) or ".." in name:
+        return True
+    return Path(name).exists() or Path(name.split("/")[0]).is_dir()
+
+
 def resolve(name: str | Path) -> Path:
-    """A checkpoint directory for `name`: an existing directory as is; a repo id ("Qwen/Qwen-Audio") as
-    `weights_home()/Qwen-Audio`, downloaded there first when it is not present."""
-    path = Path(name)
-    if path.is_dir():
+    """The checkpoint directory `name` means: a path as it is (it must exist), or a repo id found in
+    `$QWENAUDIO_HOME` or the Hugging Face cache, or else downloaded there."""
+    if not isinstance(name, (str, Path)) or not str(name):
+        raise InputError(f"load() needs a checkpoint directory or a repo id like {OFFICIAL_REPOS[0]!r}, "
+                         f"got {name!r}")
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"no checkpoint at {path}: no such directory (a repo id looks like "
+                                  f"{OFFICIAL_REPOS[0]!r}).\n{_by_hand(OFFICIAL_REPOS[0])}")
         return path
-    if isinstance(name, str) and name.count("/") == 1 and not path.exists():
-        local = weights_home() / name.split("/")[1]
-        return local if (local / "config.json").exists() else download(name, local)
-    raise DownloadError(f"{name}: no such checkpoint directory, and not a Hugging Face repo id like "
-                        f"{OFFICIAL_REPOS[0]!r}.\n" + _by_hand(OFFICIAL_REPOS[0], path))
+    home = weights_home()
+    local = home / name.split("/")[1] if home is not None else None
+    if local is not None and (local / "config.json").exists():
+        return local
+    try:
+        return (local is None and cached(name)) or download(name, local)
+    except DownloadError as e:
+        raise DownloadError(f"{name}: no such local directory, and as a repo id: {e}") from e

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .audio import AudioSource, load_audio, log_mel_spectrogram
+from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
 from .checkpoint import load_checkpoint, quantized_names
 from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .hub import resolve
 from .quantize import quantize_int8, quantizer
 from .tokenizer import Tokenizer
@@ -50,7 +50,7 @@ class QwenAudio(nn.Module):
     def encode_audio(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
         """Encoded spans of clips (16 kHz waveforms, or anything `load_audio` reads), encoded as one batch, as the
         official code batches the clips of one prompt or one evaluation batch."""
-        clips = [c if isinstance(c, Tensor) and c.ndim == 1 else load_audio(c) for c in clips]
+        clips = [as_waveform(c, source_name(c, i)) for i, c in enumerate(clips)]
         if not clips:
             return []
         mel = torch.stack([log_mel_spectrogram(c.to(self.device)) for c in clips])
@@ -78,16 +78,40 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def load(name: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A float dtype from a torch dtype or its usual names ("bf16", "float16", …); None stays None."""
+    chosen = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if dtype is not None and chosen not in DTYPES.values():
+        raise InputError(f"dtype {dtype!r} is not one of: float32 (fp32), bfloat16 (bf16), float16 (fp16, half)")
+    return chosen
+
+
+def as_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (default: CUDA when torch sees it), refused here if torch cannot use it."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device (try 'cpu', 'cuda' or 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r}: torch sees no CUDA device")
+    return device
+
+
+def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
          int8: bool = False, true_positions: bool = False, progress: bool = True) -> QwenAudio:
     """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", looked up under $QWENAUDIO_HOME and
-    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (default: `default_dtype`).
+    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (a torch dtype or a name like
+    "bf16"; default: `default_dtype`).
 
     `int8` quantizes the decoder's linears as they are read (`qwenaudio.quantize`): the full model then needs about
     10 GB instead of 17. A checkpoint written by `save_quantized` loads in int8 without asking."""
+    device = as_device(device)
+    dtype = as_dtype(dtype) or default_dtype(device)
     path = resolve(name)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(device)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
     report = report_progress if progress else None
@@ -102,22 +126,22 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: torc
     return model.eval()
 
 
-def load_encoder(path: str | Path, *, dtype: torch.dtype | None = None,
+def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu") -> AudioEncoder:
     """The audio encoder of a checkpoint, in eval mode, reading only its own tensors (0.6 B of the 8.4 B)."""
     config = QwenAudioConfig.from_json(path)
-    state = load_checkpoint(path, config, dtype=dtype, device=device, prefix=ENCODER_PREFIX)
+    state = load_checkpoint(path, config, dtype=as_dtype(dtype), device=as_device(device), prefix=ENCODER_PREFIX)
     with torch.device("meta"):
         encoder = AudioEncoder(config.audio)
     encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
     return encoder.eval()
 
 
-def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                  int8: bool = False, true_positions: bool = False) -> Decoder:
     """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load` for `int8`)."""
     config = QwenAudioConfig.from_json(path)
-    state = _read(path, config, dtype, torch.device(device), int8)
+    state = _read(path, config, as_dtype(dtype), as_device(device), int8)
     with torch.device("meta"):
         decoder = Decoder(config, true_positions=true_positions)
         if int8 or config.quantization:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import longform
-from .audio import N_SAMPLES, SAMPLE_RATE, AudioSource, audio_span, load_audio
+from .audio import N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
 from .errors import InputError
 from .generate import cut_at_stop, generate
 from .longform import Segment
@@ -78,7 +78,7 @@ def prompts(task: Task, names: Sequence[str]) -> list[str]:
 def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task, **generation) -> list[list[int]]:
     """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
+    clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
     batch = model.tokenizer.encode_batch(prompts(task, names), audio_spans=[[audio_span(len(c))] for c in clips])
     chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
@@ -103,7 +103,7 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **gene
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
     `timed` says the task ends in timestamp tags, so segments carry their `Word`s."""
     sources = list(audio) if not _single(audio) else [audio]
-    clips = [s if isinstance(s, torch.Tensor) and s.ndim == 1 else load_audio(s) for s in sources]
+    clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     stops = generation.get("stop_strings", ())
 
     def replies(batch: list[torch.Tensor]) -> list:
