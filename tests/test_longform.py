@@ -159,3 +159,16 @@ def test_transcribe_takes_long_audio_through_windows(tiny_ckpt, timestamps):
         assert whole == expected and whole  # the clock offsets themselves are checked with the stub above
     else:
         assert whole == " ".join(s.text for s in stitch_texts(windows, pieces) if s.text) and whole
+
+
+def test_stitched_words_stay_in_their_windows_and_in_order():
+    """A recogniser whose times ignore the window (past its end, end before start, going back) still gives words
+    inside each window and the recording, in order; each window keeps the words whose clamped midpoint is its own."""
+    windows = [Window(0, 30 * SR, 29 * SR, False), Window(28 * SR, 50 * SR, 50 * SR, True)]
+    garbage = [[Word("a", 27.0, 26.0), Word("b", 27.5, 40.0), Word("c", 10.0, 12.0)],
+               [Word("d", 1.5, 1.0), Word("e", 25.0, 31.0)]]
+    words = [w for s in stitch_words(windows, garbage) for w in s.words]
+    assert words == [Word("a", 27.0, 27.0), Word("b", 27.5, 30.0), Word("c", 27.5, 30.0), Word("d", 29.5, 30.0),
+                     Word("e", 50.0, 50.0)]
+    assert all(0 <= w.start <= w.end <= 50 for w in words)
+    assert all(a.start <= b.start and a.end <= b.end for a, b in zip(words, words[1:]))

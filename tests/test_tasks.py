@@ -137,3 +137,36 @@ def test_bad_waveforms_are_refused(model, clip, message):
         tasks.transcribe(model, clip)
     with pytest.raises(qwenaudio.AudioError, match=message.replace("clip 0", "clip 1")):
         tasks.caption(model, [torch.zeros(16000), clip])
+
+
+def test_parse_words_keeps_times_inside_the_clip_and_in_order(tokenizer):
+    """Stamps past the clip's end are clamped to it, and a stamp earlier than the one before it is moved up to
+    it, so every word has start <= end and no word starts or ends before the previous one."""
+    reply = [ts(tokenizer, 0.50), *tokenizer.encode("one"), ts(tokenizer, 2.80), *tokenizer.encode("two"),
+             ts(tokenizer, 1.00), *tokenizer.encode("three"), ts(tokenizer, 29.00), *tokenizer.encode("four"),
+             ts(tokenizer, 3.00)]
+    assert tasks.parse_words(tokenizer, reply, duration=2.5) == [
+        Word("one", 0.5, 2.5), Word("two", 2.5, 2.5), Word("three", 2.5, 2.5), Word("four", 2.5, 2.5)]
+    assert tasks.parse_words(tokenizer, reply) == [  # without a duration: the 30 s the stamps can name
+        Word("one", 0.5, 2.8), Word("two", 2.8, 2.8), Word("three", 2.8, 29.0), Word("four", 29.0, 29.0)]
+
+
+def test_model_word_times_stay_inside_the_recording(model, monkeypatch, tokenizer):
+    """Whatever stamps the model emits (here: every window claims words at 20-29.9 s and one stamp going back),
+    the words of a 70 s recording lie inside it, each start <= end, in order; the subtitles run forward."""
+    from qwenaudio.longform import plan_windows
+    from qwenaudio.subtitles import to_srt
+
+    reply = [ts(tokenizer, 20.0), *tokenizer.encode("a"), ts(tokenizer, 29.9), *tokenizer.encode("b"),
+             ts(tokenizer, 12.0), *tokenizer.encode("c"), ts(tokenizer, 25.0)]
+    monkeypatch.setattr(tasks, "run", lambda model, clips, task, **_: [reply for _ in clips])
+    audio = torch.randn(70 * 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    windows = plan_windows(audio)
+    assert windows[-1].end - windows[-1].start < 20 * 16000  # the last window is shorter than the stamps
+    words = tasks.transcribe(model, audio, timestamps=True)
+    assert words and all(0 <= w.start <= w.end <= 70 for w in words)
+    assert all(a.start <= b.start and a.end <= b.end for a, b in zip(words, words[1:]))
+    clocks = [line.split(" --> ") for line in to_srt(words).splitlines() if " --> " in line]
+    assert all(a <= b for a, b in clocks) and [c[0] for c in clocks] == sorted(c[0] for c in clocks)
+    short = tasks.transcribe(model, audio[: 5 * 16000], timestamps=True)  # one window: clamped to its 5 s
+    assert short == [Word("a", 5.0, 5.0), Word("b", 5.0, 5.0), Word("c", 5.0, 5.0)]

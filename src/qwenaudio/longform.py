@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .audio import CHUNK_LENGTH, SAMPLE_RATE
-from .subtitles import Word
+from .subtitles import Word, in_order
 
 FRAME = SAMPLE_RATE // 50  # 20 ms energy frames
 MIN_QUIET = 10  # frames: the shortest stretch whose quiet is measured (0.2 s), when the overlap is shorter
@@ -92,15 +92,19 @@ def plan_windows(audio: Tensor, *, max_seconds: float = CHUNK_LENGTH, search: fl
 
 def stitch_words(windows: Sequence[Window], words: Sequence[Sequence[Word]]) -> list[Segment]:
     """Move each window's words (timed from the window's start) to absolute time and keep, per window, those whose
-    midpoint lies between the previous seam and its own (the last window keeps everything after its start seam)."""
-    segments, previous = [], 0.0
+    midpoint lies between the previous seam and its own (the last window keeps everything after its start seam).
+    Times are clamped into their window and kept in order (`subtitles.in_order`), so the words lie inside the
+    recording and never run backwards, whatever times the recogniser gave."""
+    segments, previous, last = [], 0.0, None
     for k, (window, own) in enumerate(zip(windows, words)):
         offset, seam = window.start / SAMPLE_RATE, window.seam / SAMPLE_RATE
         upper = math.inf if k == len(windows) - 1 else seam
-        moved = [Word(w.text, w.start + offset, w.end + offset) for w in own]
-        kept = [w for w in moved if previous <= (w.start + w.end) / 2 < upper]
+        moved = in_order([Word(w.text, w.start + offset, w.end + offset) for w in own], offset,
+                         window.end / SAMPLE_RATE)  # a model's stamps may lie past the window or go back
+        kept = in_order([w for w in moved if previous <= (w.start + w.end) / 2 < upper], offset,
+                        window.end / SAMPLE_RATE, after=last)  # a kept word may straddle the seam
         segments.append(Segment(" ".join(w.text for w in kept), previous, seam, kept))
-        previous = seam
+        previous, last = seam, (kept[-1] if kept else last)
     return segments
 
 

@@ -19,6 +19,18 @@ class Word:
     end: float
 
 
+def in_order(words: Sequence[Word], start: float, end: float, after: Word | None = None) -> list[Word]:
+    """`words` with every time inside [start, end], each start <= its end, and no start or end earlier than the
+    previous word's (or than `after`'s, the word before them): whatever stamps a model emits, cues run forward.
+    Times already in order are kept as they are."""
+    out, last = [], after or Word("", start, start)
+    for w in words:
+        first = min(max(w.start, start, last.start), end)
+        last = Word(w.text, first, min(max(w.end, first, last.end), end))
+        out.append(last)
+    return out
+
+
 class Timed(Protocol):
     text: str
     start: float

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from . import longform
-from .audio import N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
+from .audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
 from .errors import InputError
 from .generate import cut_at_stop, generate
 from .longform import Segment
 from .model import QwenAudio
-from .subtitles import Word
+from .subtitles import Word, in_order
 from .tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 
 
@@ -108,7 +108,9 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **gene
 
     def replies(batch: list[torch.Tensor]) -> list:
         ids = run(model, batch, task, **generation)
-        return [parse_words(model.tokenizer, r) for r in ids] if timed else _texts(model, ids, False, stops)
+        if not timed:
+            return _texts(model, ids, False, stops)
+        return [parse_words(model.tokenizer, r, len(clip) / SAMPLE_RATE) for r, clip in zip(ids, batch)]
 
     short = [i for i, c in enumerate(clips) if len(c) <= N_SAMPLES]
     results = {}
@@ -180,10 +182,11 @@ def note_analysis(model: QwenAudio, audio, **generation):
     return texts[0] if _single(audio) else texts
 
 
-def parse_words(tokenizer: Tokenizer, reply: Sequence[int]) -> list[Word]:
+def parse_words(tokenizer: Tokenizer, reply: Sequence[int], duration: float = CHUNK_LENGTH) -> list[Word]:
     """Words between timestamp tags. The prompt ends with `<|0.00|>`, so the reply continues
     `<|sil|><|0.54|>word<|0.86|>next<|1.17|>`: each text run lies between the stamps around it; `<|sil|>` runs
-    (silence) are dropped, and a last run with no closing stamp ends where it starts."""
+    (silence) are dropped, and a last run with no closing stamp ends where it starts. A model may stamp past the
+    clip's `duration` (seconds) or go back in time: times are clamped to the clip and kept in order."""
     first, last = NUM_BPE_RANKS + SPECIAL_TOKENS.index("<|0.00|>"), NUM_BPE_RANKS + SPECIAL_TOKENS.index("<|30.00|>")
     assert last - first == MAX_TIMESTAMP_CS
     words, start, run_ids = [], 0.0, []
@@ -200,4 +203,4 @@ def parse_words(tokenizer: Tokenizer, reply: Sequence[int]) -> list[Word]:
         else:
             run_ids.append(token)
     close(start)
-    return words
+    return in_order(words, 0.0, duration)
