@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+import qwenaudio
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
 from qwenaudio.audio import log_mel_spectrogram
 from qwenaudio.decoder import Decoder, ntk_alpha
@@ -420,3 +421,23 @@ def test_positions_past_the_cache(tiny_ckpt):
         decoder(torch.zeros(1, 10, dtype=torch.long))
     with torch.no_grad(), pytest.raises(InputError, match="batch of 2 rows for a KV cache set up for 1"):
         decoder(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_hidden_states_equal_official(tmp_path, vocab_file):
+    """`model(..., output_hidden_states=True)` against the official forward's own `hidden_states` and
+    `last_hidden_state` (tests/golden/record_hidden_states.py): three blocks, a left-padded batch with a clip."""
+    with safe_open(GOLDEN / "hidden_states_official.safetensors", "pt") as f:
+        official = {n: f.get_tensor(n) for n in f.keys()}
+    ckpt = make_tiny_checkpoint(tmp_path / "three", seed=0, vocab_file=vocab_file, num_hidden_layers=3)
+    model = qwenaudio.load(ckpt, dtype=torch.float32, device="cpu", progress=False)
+    clip = CLIPS[0]
+    with torch.no_grad():
+        out = model(official["input_ids"], official["attention_mask"], audio=[clip], output_hidden_states=True)
+    real = official["attention_mask"].bool()
+    assert len(out.hidden_states) == 4
+    for i, hidden in enumerate(out.hidden_states):
+        assert relative_error(hidden[real], official[f"hidden_states.{i}"][real]) < 1e-5, i
+    assert relative_error(out.last_hidden_state[real], official["last_hidden_state"][real]) < 1e-5
+    assert relative_error(out.logits.double().logsumexp(-1)[real], official["logits_lse"][real]) < 1e-5
+    with torch.no_grad():
+        assert torch.equal(model(official["input_ids"], official["attention_mask"], audio=[clip]), out.logits)

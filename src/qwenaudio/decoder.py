@@ -162,6 +162,7 @@ class Decoder(nn.Module):
         attention_mask: Tensor | None = None,
         audio: Sequence[Tensor] | None = None,
         last_only: bool = False,
+        hidden_states: list[Tensor] | None = None,
     ) -> Tensor:
         """Logits [B, S, vocab_size] for `input_ids` [B, S] placed at slots `input_pos` [S] (default 0..S-1);
         with `last_only`, [B, 1, vocab_size] for the last slot (what generation needs: at 155,947 outputs per
@@ -171,6 +172,8 @@ class Decoder(nn.Module):
         span of every `<audio>…</audio>` region in the ids, in row-major order. With a KV cache, a call starting at
         slot 0 is a prefill, a one-token call is a decoding step, and a longer call past slot 0 extends a cached
         prefix (allowed only if the NTK alpha of the whole sequence stays what the prefix was computed with).
+        A `hidden_states` list receives what the official `output_hidden_states` gives: the embeddings (audio
+        spliced in), each block's output but the last, and ln_f of the last block's output.
         """
         b, s = input_ids.shape
         device = input_ids.device
@@ -198,7 +201,7 @@ class Decoder(nn.Module):
         # Causal and padding mask; each slot may always see itself so padded rows stay finite (never read).
         mask = (key_pos[None, :] <= input_pos[:, None])[None] & valid[:, None, :]
         mask = (mask | (key_pos[None, :] == input_pos[:, None])[None])[:, None]  # [B, 1, S, keys]
-        return self._blocks(x, positions, mask, input_pos, last_only)
+        return self._blocks(x, positions, mask, input_pos, last_only, hidden_states)
 
     def step(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
         """One decoding step: logits [B, vocab] for `input_ids` [B, 1] at slot `input_pos` [1], on the KV cache of a
@@ -220,7 +223,8 @@ class Decoder(nn.Module):
         On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles when the batch size or cache changes."""
         self.compiled_step = torch.compile(self.step, fullgraph=True, dynamic=False, **options)
 
-    def _blocks(self, x: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor, last_only: bool) -> Tensor:
+    def _blocks(self, x: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor, last_only: bool,
+                hidden_states: list[Tensor] | None = None) -> Tensor:
         """The transformer proper: rotary and logn from `positions` [B, S], then the blocks, ln_f and lm_head."""
         angles = positions.float()[..., None] * self.inv_freq[:, None, :]
         emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, S, 1, head_dim]
@@ -230,8 +234,13 @@ class Decoder(nn.Module):
         else:
             logn = torch.ones(positions.shape, device=x.device)
         for block in self.h:
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = block(x, cos, sin, logn[..., None, None], mask, input_pos)
-        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
+        x = self.ln_f(x[:, -1:] if last_only else x)
+        if hidden_states is not None:  # the official tuple ends with ln_f's output, not the last block's
+            hidden_states.append(x)
+        return self.lm_head(x)
 
     def _choose_rope_base(self, valid: Tensor, first: int, step: bool) -> None:
         """Set the rotary base of each row from the NTK alpha (SPEC §8); frozen once a prefill has chosen it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,20 @@ from .tokenizer import Tokenizer
 
 ENCODER_PREFIX = "transformer.audio."
 DECODER_PREFIX = "transformer."  # plus lm_head.*, which keeps its name
+
+
+@dataclass(frozen=True)
+class Output:
+    """Logits and hidden states, named as the official model's `output_hidden_states=True` names them."""
+
+    logits: Tensor  # [B, S, vocab_size]
+    hidden_states: tuple[Tensor, ...]  # num_hidden_layers + 1 of [B, S, hidden_size]: the embeddings (audio spliced
+    # in), the output of each block but the last, then the final RMSNorm (ln_f) of the last block's output
+
+    @property
+    def last_hidden_state(self) -> Tensor:
+        """What lm_head reads: ln_f of the last block's output (the official `last_hidden_state`)."""
+        return self.hidden_states[-1]
 
 
 class QwenAudio(nn.Module):
@@ -58,12 +73,17 @@ class QwenAudio(nn.Module):
             return self.encoder.encode(mel, [len(c) for c in clips])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                audio: Sequence[Tensor] | None = None) -> Tensor:
-        """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their 16 kHz waveforms. A KV cache
-        left by generation is dropped first: this call attends within its own ids, whatever batch size came before."""
+                audio: Sequence[Tensor | AudioSource] | None = None, *,
+                output_hidden_states: bool = False) -> Tensor | Output:
+        """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their clips (16 kHz waveforms, or
+        anything `load_audio` reads). A KV cache left by generation is dropped first: this call attends within its
+        own ids, whatever batch size came before. With `output_hidden_states`, an `Output` with the logits and the
+        hidden states as the official model returns them."""
         self.decoder.clear_cache()
-        return self.decoder(input_ids.to(self.device), attention_mask=attention_mask,
-                            audio=self.encode_audio(audio or []))
+        hidden: list[Tensor] | None = [] if output_hidden_states else None
+        logits = self.decoder(input_ids.to(self.device), attention_mask=attention_mask,
+                              audio=self.encode_audio(audio or []), hidden_states=hidden)
+        return Output(logits, tuple(hidden)) if hidden is not None else logits
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
