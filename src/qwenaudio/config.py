@@ -130,6 +130,7 @@ class GenerationConfig:
     seed: int | None = None
     chat_format: str = "raw"  # "chatml" for Qwen-Audio-Chat
     max_window_size: int = 6144  # chat history budget in tokens
+    full_vocab: bool = False  # choose among all vocab_size rows, as the official generate does (see generate.py)
 
     @classmethod
     def from_json(cls, path: str | Path) -> GenerationConfig:
