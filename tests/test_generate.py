@@ -67,6 +67,18 @@ def test_default_keeps_to_decodable_ids(model):
     assert max(reply) < len(model.tokenizer)
 
 
+def test_stream_text_over_the_full_vocabulary(model):
+    """Streamed text of a reply holding an undecodable id: the official decode with tags (and that id) skipped,
+    down to the incomplete character it ends with (shown as U+FFFD, as decode does, once the reply is over)."""
+    c = CASES["timestamps_clip0"]
+    audio = model.encode_audio([load_audio(ROOT / c["audio_urls"][0][0])])
+    reply = []
+    with torch.no_grad():
+        pieces = list(stream_text(model.decoder, model.tokenizer, torch.tensor(c["input_ids"]), audio=audio,
+                                  config=official_config(model, full_vocab=True), reply=reply))
+    assert reply == c["pred"][0] and "".join(pieces) == c["text_skip_special"][0]
+
+
 def test_task_function_reproduces_official_asr(model):
     """The same ASR prompt built by qwenaudio.tasks from the wav file alone."""
     from qwenaudio import tasks

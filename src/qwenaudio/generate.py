@@ -166,10 +166,11 @@ def stream_text(
     shown = ""
     for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config,
                                         prefix_len=prefix_len):
-        token = int(ids[0])
-        if not (bool(finished[0]) and token in config.stop_token_ids):
+        token, last = int(ids[0]), bool(finished[0])
+        if not (last and token in config.stop_token_ids):
             reply.append(token)
         text = cut_at_stop(tokenizer.decode(reply, skip_special_tokens=True), config.stop_strings)
-        if not text.endswith("\ufffd") and text != shown:  # a multi-byte character may still be incomplete
+        # A multi-byte character may still be incomplete, unless the reply ends here (then it shows as decode does).
+        if (last or not text.endswith("\ufffd")) and text != shown:
             yield text[len(shown):]
             shown = text
