@@ -29,19 +29,51 @@ def official_config(model, **changes):
                                            min_new_tokens=kwargs["min_new_tokens"], **changes)
 
 
-@pytest.mark.parametrize("case", ["asr", "timestamps", "batch", "asr_clip0", "batch_stop"])
-def test_greedy_ids_equal_official(model, case):
-    c = CASES[case]
+def generate_case(model, c, **changes):
+    """Our ids for a recorded case, its prompts batched as the official evaluation does."""
     clips = [load_audio(ROOT / url) for urls in c["audio_urls"] for url in urls]
     batch = model.tokenizer.encode_batch(c["texts"], audio_spans=c["audio_span_tokens"], padding_side="left")
     assert batch.input_ids.tolist() == c["input_ids"] and batch.attention_mask.tolist() == c["attention_mask"]
     # The official stop words keep their tokens and then force <|endoftext|>; stop strings do the same here.
     stops = [model.tokenizer.decode(w) for w in c.get("stop_words_ids", [])]
     with torch.no_grad():
-        replies = generate(model.decoder, model.tokenizer, batch.input_ids, attention_mask=batch.attention_mask,
-                           audio=model.encode_audio(clips), config=official_config(model, stop_strings=stops))
+        return generate(model.decoder, model.tokenizer, batch.input_ids, attention_mask=batch.attention_mask,
+                        audio=model.encode_audio(clips), config=official_config(model, stop_strings=stops, **changes))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_ids_equal_official(model, case):
+    """Over the full vocabulary, as the official generate chooses; timestamps_clip0 and batch_undecodable choose
+    an embedding row without text at step 8."""
+    c = CASES[case]
+    replies = generate_case(model, c, full_vocab=True)
     assert replies == c["pred"]
-    assert [model.tokenizer.decode(r) for r in replies] == c["text"]
+    if c["first_undecodable"]:  # the official decode raises on those ids; with tags skipped it drops them
+        assert [model.tokenizer.decode(r, skip_special_tokens=True) for r in replies] == c["text_skip_special"]
+    else:
+        assert [model.tokenizer.decode(r) for r in replies] == c["text"]
+
+
+@pytest.mark.parametrize("case", [name for name, c in CASES.items() if c["first_undecodable"]])
+def test_default_keeps_to_decodable_ids(model, case):
+    """By default a row follows the official ids up to their first undecodable choice (step 8 in clip0's row),
+    then a decodable id instead; a row without one is the official row."""
+    for reply, official in zip(generate_case(model, CASES[case]), CASES[case]["pred"]):
+        step = next((k for k, i in enumerate(official) if i >= len(model.tokenizer)), len(official))
+        assert reply[:step] == official[:step] and max(reply) < len(model.tokenizer)
+        assert step in (8, len(official))
+
+
+def test_stream_text_over_the_full_vocabulary(model):
+    """Streamed text of a reply holding an undecodable id: the official decode with tags (and that id) skipped,
+    down to the incomplete character it ends with (shown as U+FFFD, as decode does, once the reply is over)."""
+    c = CASES["timestamps_clip0"]
+    audio = model.encode_audio([load_audio(ROOT / c["audio_urls"][0][0])])
+    reply = []
+    with torch.no_grad():
+        pieces = list(stream_text(model.decoder, model.tokenizer, torch.tensor(c["input_ids"]), audio=audio,
+                                  config=official_config(model, full_vocab=True), reply=reply))
+    assert reply == c["pred"][0] and "".join(pieces) == c["text_skip_special"][0]
 
 
 def test_task_function_reproduces_official_asr(model):
@@ -52,6 +84,20 @@ def test_task_function_reproduces_official_asr(model):
     replies = tasks.run(model, [str(ROOT / "tests/golden/clip1.wav")], tasks.asr_task("en"),
                         max_new_tokens=kwargs["max_new_tokens"], min_new_tokens=1)
     assert replies == CASES["asr"]["pred"]
+
+
+def test_timestamps_task_over_the_full_vocabulary(model):
+    """qwenaudio.tasks on the prompt whose official reply holds an undecodable id: the same ids, and words whose
+    text is the official text (tags and that id skipped) up to spacing."""
+    from qwenaudio import tasks
+
+    c = CASES["timestamps_clip0"]
+    clip = str(ROOT / c["audio_urls"][0][0])
+    options = {"max_new_tokens": OFFICIAL["reference"]["generate_kwargs"]["max_new_tokens"], "min_new_tokens": 1,
+               "full_vocab": True}
+    assert tasks.run(model, [clip], tasks.asr_task("en", timestamps=True), **options) == c["pred"]
+    words = tasks.transcribe(model, clip, timestamps=True, **options)
+    assert "".join(w.text for w in words).split() == c["text_skip_special"][0].split()
 
 
 # --- the logits pipeline on crafted logits --------------------------------------------------------------------------
@@ -145,6 +191,13 @@ def test_undecodable_ids_are_never_generated(tokenizer):
     decoder = ScriptedDecoder([[155900, 155165]])  # embedding rows the tokenizer has no text for
     out = generate(decoder, tokenizer, torch.zeros(1, 2, dtype=torch.long), config=GenerationConfig(max_new_tokens=2))
     assert all(i < len(tokenizer) for i in out[0])
+
+
+def test_full_vocab_generates_rows_without_text(tokenizer):
+    decoder = ScriptedDecoder([[155900, 155165]])
+    config = GenerationConfig(max_new_tokens=2, full_vocab=True, stop_strings=("never",))  # stop strings decode
+    out = generate(decoder, tokenizer, torch.zeros(1, 2, dtype=torch.long), config=config)
+    assert out == [[155900, 155165]]
 
 
 def test_stream_yields_text_pieces(tokenizer):

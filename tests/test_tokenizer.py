@@ -170,9 +170,18 @@ def test_encode_rejects_non_text(tokenizer):
 
 def test_decode_rejects_unknown_ids(tokenizer):
     assert tokenizer.decode(torch.tensor([9707, 1879, 0])) == "Hello world!"
-    for bad in (155165, 155946, -1):
-        with pytest.raises(TokenizerError, match=f"token id {bad} is outside"):
+    for bad in (155947, -1):  # past the embedding's last row, negative
+        with pytest.raises(TokenizerError, match=f"token id {bad} is outside the model's range 0..155946"):
             tokenizer.decode([9707, bad])
+
+
+def test_decode_shows_rows_without_text_as_placeholders(tokenizer):
+    """Ids 155165–155946 are embedding rows with no text (the official decode raises KeyError on them); generation
+    over the full vocabulary can choose them, so they show as `<|id_N|>` and go with the tags when skipped."""
+    hello, world = tokenizer.encode("Hello world")
+    ids = [hello, 155165, 155946, world, tokenizer.special_ids["<|en|>"]]
+    assert tokenizer.decode(ids) == "Hello<|id_155165|><|id_155946|> world<|en|>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello world"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

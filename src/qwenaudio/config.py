@@ -142,6 +142,7 @@ class GenerationConfig:
     seed: int | None = None
     chat_format: str = "raw"  # "chatml" for Qwen-Audio-Chat
     max_window_size: int = 6144  # chat history budget in tokens
+    full_vocab: bool = False  # choose among all vocab_size rows, as the official generate does (see generate.py)
 
     def __post_init__(self) -> None:
         for name in ("stop_token_ids", "stop_strings"):  # lists are welcome; one bare string is not a list of stops

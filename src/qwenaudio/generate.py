@@ -3,8 +3,12 @@
 One loop serves everything: prefill the (left-padded) prompts once, then one decoding step per new token. Each
 row stops on its own (stop id, stop string or length); finished rows are fed padding until all are done, as in
 Hugging Face's generate. The logits pipeline follows the official generate's order: repetition penalty and
-min-length suppression, then temperature, top-k and top-p (SPEC §9). Ids the tokenizer cannot decode (embedding
-rows 155165–155946 exist but no text maps to them) are never produced.
+min-length suppression, then temperature, top-k and top-p (SPEC §9).
+
+By default only ids the tokenizer can decode are chosen: the embedding has rows 155165–155946 too, but no text maps
+to them. The official generate chooses among all rows, so where an extra row scores best (tiny random weights do
+that) its ids part from ours at that step. `GenerationConfig(full_vocab=True)` chooses among all rows as the
+official code does; the tokenizer shows such an id as `<|id_N|>` (dropped with `skip_special_tokens`, like tags).
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ def generate_steps(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     logits = _prefill(decoder, input_ids, attention_mask, list(audio or []), s + config.max_new_tokens, prefix_len)
     for step in range(config.max_new_tokens):
-        scores = process_logits(logits[:, : len(tokenizer)].float(), seen, step, config)
+        candidates = logits if config.full_vocab else logits[:, : len(tokenizer)]
+        scores = process_logits(candidates.float(), seen, step, config)
         ids = choose(scores, config, generator).masked_fill(done, config.pad_token_id)
         finished = ~done & torch.isin(ids, stops)
         if config.stop_strings:
@@ -177,10 +182,11 @@ def stream_text(
     shown = ""
     for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config,
                                         prefix_len=prefix_len):
-        token = int(ids[0])
-        if not (bool(finished[0]) and token in config.stop_token_ids):
+        token, last = int(ids[0]), bool(finished[0])
+        if not (last and token in config.stop_token_ids):
             reply.append(token)
         text = cut_at_stop(tokenizer.decode(reply, skip_special_tokens=True), config.stop_strings)
-        if not text.endswith("\ufffd") and text != shown:  # a multi-byte character may still be incomplete
+        # A multi-byte character may still be incomplete, unless the reply ends here (then it shows as decode does).
+        if (last or not text.endswith("\ufffd")) and text != shown:
             yield text[len(shown):]
             shown = text

@@ -14,6 +14,7 @@ import binascii
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import AbstractSet, Literal
 
@@ -24,6 +25,7 @@ from .errors import TokenizerError
 
 VOCAB_FILE = "qwen.tiktoken"
 NUM_BPE_RANKS = 151_643
+EMBEDDING_ROWS = 155_947  # rows of every checkpoint's embedding; the ids past the tokenizer's 155,165 have no text
 
 # Qwen-7B's split pattern: contractions, letter runs with one leading non-letter, single digits, punctuation
 # runs, newline runs, whitespace.
@@ -158,14 +160,21 @@ class Tokenizer:
         return [self._encoding.decode(ids[a + 1 : b]) for a, b in self._audio_regions(ids)]
 
     def decode(self, ids: Iterable[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; with `skip_special_tokens`, every id ≥ 151643 (tags, timestamps, pads) is dropped."""
+        """Text of `ids`; with `skip_special_tokens`, every id ≥ 151643 (tags, timestamps, pads) is dropped.
+
+        The embedding's rows past the tokenizer's ids (155165–155946) have no text, yet generation may choose them
+        (`GenerationConfig.full_vocab`, as the official generate does): each is shown as `<|id_N|>`, where the
+        official tokenizer fails. No tag has that form, so it cannot be mistaken for one.
+        """
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         for i in ids:
-            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i!r} is outside the tokenizer's range 0..{self.vocab_size - 1}")
+            if not isinstance(i, int) or not 0 <= i < EMBEDDING_ROWS:
+                raise TokenizerError(f"token id {i!r} is outside the model's range 0..{EMBEDDING_ROWS - 1}")
         if skip_special_tokens:
             ids = [i for i in ids if i < self.eod_id]
-        return self._encoding.decode(ids, errors=self.errors)
+        runs = groupby(ids, key=lambda i: i < self.vocab_size)
+        return "".join(self._encoding.decode(list(run), errors=self.errors) if has_text
+                       else "".join(f"<|id_{i}|>" for i in run) for has_text, run in runs)
 
     def encode_batch(
         self,

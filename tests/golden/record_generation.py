@@ -22,10 +22,16 @@ pad_token_id=151643, eos_token_id=151643, audio_info=<that list>)``).  Cases ``a
 batch of one), ``batch`` (asr prompt on clip0 + caption prompt on clip1, one left-padded batch), ``asr_clip0`` (batch's
 row 0 alone) and ``batch_stop`` (batch again with ``stop_words_ids`` taken from batch's own ids, so the official
 StopWordsLogitsProcessor forces eos in each row and generate pads the finished row: the random model never emits
-eos by itself within 24 tokens).  Per case: texts,
+eos by itself within 24 tokens).  Cases ``timestamps_clip0`` (the timestamps prompt on clip0, batch of one) and
+``batch_undecodable`` (caption prompt on clip1 + that prompt, one left-padded batch): the official greedy choice
+is an id the official tokenizer cannot decode (an embedding row >= 155165) at step 8 of clip0's row; found by
+running these prompts through qwenaudio with ``GenerationConfig(full_vocab=True)`` and kept because the official
+run agrees.  Per case: texts,
 input_ids / attention_mask as fed, audio_span_tokens per row, ``generated`` = generate's output after the prompt
 columns, exactly as returned (eos and any trailing pads included), ``pred`` = evaluate_asr.py's cut at the first
-151643, ``text`` = official decode of ``pred``, and ``first_undecodable`` (whether any generated id is >= 155165).
+151643, ``text`` = official decode of ``pred`` (None where it holds an undecodable id: the official decode raises
+KeyError on those), ``first_undecodable`` (whether any generated id is >= 155165) and, only where one is,
+``text_skip_special`` = official decode of ``pred`` with skip_special_tokens=True (which drops every id >= 151643).
 
 ``chat`` (chat checkpoint's tokenizer): official ``make_context`` (chatml, system "You are a helpful assistant.",
 max_window_size 6144) for a two-turn conversation with one clip per turn (``turns``), what ``model.chat`` feeds to
@@ -78,6 +84,12 @@ GENERATION_CASES = {
     "batch": [f"<audio>{CLIP0}</audio>{ASR_TAGS}", f"<audio>{CLIP1}</audio>{CAPTION_TAGS}"],
     "asr_clip0": [f"<audio>{CLIP0}</audio>{ASR_TAGS}"],  # batch row 0 alone: no padding, clip0 encoded alone
 }
+# Prompts whose official greedy ids include an undecodable id (recorded after batch_stop; see the docstring).
+UNDECODABLE_CASES = {
+    "timestamps_clip0": [f"<audio>{CLIP0}</audio>{TS_TAGS}"],
+    "batch_undecodable": [f"<audio>{CLIP1}</audio>{CAPTION_TAGS}", f"<audio>{CLIP0}</audio>{TS_TAGS}"],
+}
+UNDECODABLE_STEP = 8  # where clip0's timestamps row first chooses an id >= 155165
 # batch_stop: the batch prompts again with stop_words_ids taken from batch's own greedy ids (row 0's token at
 # step 5; row 1's tokens at steps 9-10), so the official StopWordsLogitsProcessor forces eos at steps 6 and 11.
 STOP_STEPS = (5, (9, 10))
@@ -126,6 +138,7 @@ def record_generation(model, tokenizer, texts, stop_words_ids=None):
     generated = output_ids[:, input_ids.size(1):].tolist()
     preds = [row[: row.index(EOD)] if EOD in row else row for row in generated]  # evaluate_asr.py's cut
     undecodable = any(i >= FIRST_UNDECODABLE for row in generated for i in row)
+    skip_special = {"text_skip_special": [tokenizer.decode(p, skip_special_tokens=True) for p in preds]}
     return {
         "texts": texts,
         **extra,
@@ -137,7 +150,17 @@ def record_generation(model, tokenizer, texts, stop_words_ids=None):
         "pred": preds,
         "text": None if undecodable else [tokenizer.decode(p) for p in preds],
         "first_undecodable": undecodable,
+        **(skip_special if undecodable else {}),
     }
+
+
+def decode_fails(tokenizer, ids):
+    """Whether the official decode (skip_special_tokens=False) raises on `ids`, as tiktoken does for an id it lacks."""
+    try:
+        tokenizer.decode(ids)
+    except KeyError:
+        return True
+    return False
 
 
 def context_record(make_context, tokenizer, query, history, max_window_size):
@@ -251,6 +274,12 @@ def main():
             gen = stop["generated"]
             assert len(gen[0]) == s1b + 2 and gen[1][: s1b + 1] == free[1][: s1b + 1] and gen[1][s1b + 1] == EOD
             assert gen[0][: s0 + 1] == free[0][: s0 + 1] and gen[0][s0 + 1 :] == [EOD] * (len(gen[0]) - s0 - 1)
+            for case, texts in UNDECODABLE_CASES.items():
+                rec = out["generation"][case] = record_generation(models["base"], base_tok, texts)
+                row = rec["generated"][-1]  # clip0's timestamps row
+                first = next(k for k, i in enumerate(row) if i >= FIRST_UNDECODABLE)
+                assert first == UNDECODABLE_STEP, first
+                assert decode_fails(base_tok, row)
 
             chat_model = models["chat"]
             window = chat_model.generation_config.max_window_size
