@@ -262,6 +262,7 @@ def test_cpu_default_dtype_follows_native_bf16(monkeypatch, native_bf16, expecte
     ({"min_new_tokens": -1}, r"min_new_tokens must be an int >= 0, got -1"),
     ({"min_new_tokens": 9, "max_new_tokens": 8}, r"min_new_tokens \(9\) must not exceed max_new_tokens \(8\)"),
     ({"do_sample": "yes"}, r"do_sample must be True or False, got 'yes'"),
+    ({"full_vocab": 1}, r"full_vocab must be True or False, got 1"),
     ({"seed": 1.5}, r"seed must be an int >= 0 or None, got 1.5"),
     ({"stop_token_ids": ["a"]}, r"stop_token_ids must hold ints >= 0, got \('a',\)"),
     ({"stop_strings": ("",)}, r"stop_strings must hold non-empty strings, got \('',\)"),

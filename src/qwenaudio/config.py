@@ -200,6 +200,7 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
         (not whole(c.min_new_tokens, 0) or not whole(c.max_new_tokens, 1) or c.min_new_tokens <= c.max_new_tokens,
          f"min_new_tokens ({c.min_new_tokens}) must not exceed max_new_tokens ({c.max_new_tokens})"),
         (isinstance(c.do_sample, bool), f"do_sample must be True or False, got {c.do_sample!r}"),
+        (isinstance(c.full_vocab, bool), f"full_vocab must be True or False, got {c.full_vocab!r}"),
         (number(c.temperature) and c.temperature > 0,
          f"temperature must be > 0, got {c.temperature!r}; for greedy decoding use do_sample=False"),
         (whole(c.top_k, 0), f"top_k must be an int >= 0 (0: off), got {c.top_k!r}"),
