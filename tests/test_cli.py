@@ -5,6 +5,7 @@ once per session and every run caps generation with --max-new-tokens.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,12 @@ def test_quantize_then_transcribe_in_int8(tiny_ckpt, audio_dir, tmp_path):
     assert stored.stdout == on_load.stdout == expected + "\n"
     missing = qwenaudio_cli("quantize", tmp_path / "nowhere", tmp_path / "x", home=tmp_path)
     assert missing.returncode == 3 and "nowhere" in missing.stderr
+
+
+def test_quantize_into_itself_is_refused_and_changes_nothing(tiny_ckpt, tmp_path):
+    source = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for args in ([source, source], [source, source, "--overwrite"], [tiny_ckpt, source]):
+        done = qwenaudio_cli("quantize", *args, home=tmp_path)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+        assert {p.name: p.read_bytes() for p in source.iterdir()} == before

@@ -1,13 +1,17 @@
 """Int8 weight-only quantization: the layer math, quantized checkpoints, and accuracy against fp32 on the golden
 generation prompts."""
 
+import errno
+import hashlib
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import ConfigError, load_audio, quantize
+from qwenaudio import ConfigError, InputError, load_audio, quantize
 from qwenaudio.quantize import Int8Linear, quantize_int8, quantize_weight, save_quantized
 
 from .conftest import GOLDEN, ROOT
@@ -85,6 +89,76 @@ def test_unknown_quantization_is_refused(tiny_ckpt, tmp_path):
     raw = json.loads((tiny_ckpt / "config.json").read_text())
     with pytest.raises(ConfigError, match="quantization 'int4'"):
         qwenaudio.QwenAudioConfig.from_dict({**raw, "quantization": "int4"})
+
+
+def fingerprint(directory):
+    """Every file below `directory` with its bytes' hash, permissions and mtime: what 'untouched' means."""
+    return {p.relative_to(directory): (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_quantize_never_writes_over_or_into_its_source(tiny_ckpt, tmp_path, where):
+    source = shutil.copytree(tiny_ckpt, tmp_path / "source" / "ckpt")
+    before = fingerprint(tmp_path / "source")
+    target = {"same": source, "inside": source / "int8", "around": tmp_path / "source"}[where]
+    with pytest.raises(InputError, match="overlaps the source"):
+        save_quantized(source, target, overwrite=True)
+    assert fingerprint(tmp_path / "source") == before
+
+
+def test_quantize_refuses_a_target_with_files_unless_asked(tiny_ckpt, tmp_path):
+    target = shutil.copytree(tiny_ckpt, tmp_path / "other")  # another checkpoint already lives there
+    before = fingerprint(target)
+    with pytest.raises(InputError, match="exists and is not empty: .*overwrite=True"):
+        save_quantized(tiny_ckpt, target)
+    assert fingerprint(target) == before
+    save_quantized(tiny_ckpt, target, overwrite=True)
+    assert qwenaudio.QwenAudioConfig.from_json(target).quantization == "int8-weight-only"
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]  # no temporary or old directory left beside it
+    (tmp_path / "empty").mkdir()
+    save_quantized(tiny_ckpt, tmp_path / "empty")  # an empty directory is a new one
+
+
+def test_quantized_files_get_normal_permissions(tiny_ckpt, tmp_path):
+    old = os.umask(0o022)
+    try:
+        target = save_quantized(tiny_ckpt, tmp_path / "int8")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in target.iterdir()} == {"0o644"}
+
+
+def test_a_full_disk_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
+    """The shard hits ENOSPC halfway: the error names the target, no partial checkpoint is left, and an existing
+    target that was to be overwritten is still there, whole."""
+    target = save_quantized(tiny_ckpt, tmp_path / "int8")
+    before = fingerprint(target)
+    calls = []
+
+    def fill_up(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 1:
+            open(path, "wb").write(b"\0" * 100)  # part of the shard made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qwenaudio.checkpoint, "save_file", fill_up)
+    for where, overwrite in ((tmp_path / "new", False), (target, True)):
+        calls.clear()
+        with pytest.raises(qwenaudio.CheckpointError, match=f"{where}: could not write the int8 checkpoint "
+                                                             r"\(No space left on device\); nothing was left there"):
+            save_quantized(tiny_ckpt, where, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"] and fingerprint(target) == before
+
+
+def test_ctrl_c_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwenaudio.checkpoint, "save_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(tiny_ckpt, tmp_path / "int8")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

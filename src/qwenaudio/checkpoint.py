@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import QwenAudioConfig
 from .errors import CheckpointError
+from .files import write_text, writing
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -227,7 +228,7 @@ def write_index(directory: Path, shards: list[list[str]], total_size: int) -> No
     """Write `model.safetensors.index.json` for `shards` (lists of tensor names, one per shard file)."""
     weight_map = {name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names}
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_text(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 def save_checkpoint(
@@ -246,14 +247,16 @@ def write_shards(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Write the tensors named in `layout` (name -> shape, dtype), in its order, asking `make(name)` for each
-    only when its shard is written: a 16.8 GB checkpoint is produced with one shard in memory at a time."""
+    only when its shard is written: a 16.8 GB checkpoint is produced with one shard in memory at a time. Each file
+    is written under a temporary name and renamed (`qwenaudio.files`), the index last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     nbytes = {n: math.prod(shape) * dtype.itemsize for n, (shape, dtype) in layout.items()}
     shards = plan_shards(nbytes, max_shard_bytes)
     for i, names in enumerate(shards):
         tensors = {n: make(n).detach().to("cpu").contiguous() for n in names}
-        save_file(tensors, directory / shard_name(i, len(shards)), metadata={"format": "pt"})
+        with writing(directory / shard_name(i, len(shards))) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
         del tensors
     write_index(directory, shards, sum(nbytes.values()))
     return directory

@@ -123,7 +123,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                              "int8 plus per-row scales (about 9 GB for Qwen-Audio instead of 17); "
                                              "qwenaudio loads it in int8 as it is.")
     shrink.add_argument("source", type=Path, help="a checkpoint directory in the official layout")
-    shrink.add_argument("target", type=Path, help="the directory to write")
+    shrink.add_argument("target", type=Path, help="the directory to write (new or empty; built aside, then renamed)")
+    shrink.add_argument("--overwrite", action="store_true", help="replace TARGET if it holds files")
     shrink.set_defaults(model=None, run=quantize_checkpoint, dtype=None, device=None)
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
@@ -283,7 +284,10 @@ def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
 
 def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
     try:
-        save_quantized(args.source, args.target, progress=report_progress)
+        save_quantized(args.source, args.target, overwrite=args.overwrite, progress=report_progress)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except QwenAudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from .checkpoint import INDEX_FILE, load_checkpoint, quantized_names, save_checkpoint, scale_name
 from .config import QUANTIZATION_METHODS, QwenAudioConfig
+from .errors import CheckpointError, InputError
+from .files import building, write_text, writing
 
 METHOD = QUANTIZATION_METHODS[0]  # "int8-weight-only", the value of config.json's "quantization"
 KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 0}  # up to here the int8 kernel wins
@@ -106,17 +108,44 @@ def quantizer(names: list[str], dtype: torch.dtype | None) -> Callable[[str, Ten
     return convert
 
 
-def save_quantized(source: str | Path, target: str | Path, *, progress: Callable[[int, int], None] | None = None
-                   ) -> Path:
+def save_quantized(source: str | Path, target: str | Path, *, overwrite: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Write an int8 copy of the checkpoint directory `source` to `target`: the decoder's linears in int8 with
-    their scales (bf16, as the rest), every other file copied, config.json marked. About 9 GB for Qwen-Audio."""
+    their scales (bf16, as the rest), every other file copied, config.json marked. About 9 GB for Qwen-Audio.
+
+    `source` is only read. `target` must be a new or empty directory outside it (`overwrite` replaces an existing
+    one); the copy is built in a temporary directory beside it and renamed into place when complete, so a full disk
+    or Ctrl-C leaves no partial checkpoint behind, and an overwritten one survives until the new one is whole."""
     source, target = Path(source), Path(target)
+    _check_target(source, target, overwrite)
     config = QwenAudioConfig.from_json(source)
-    state = load_checkpoint(source, config, progress=progress, convert=quantizer(quantized_names(config), None))
-    save_checkpoint(state, target)
-    for file in source.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and file.name not in (INDEX_FILE, "config.json"):
-            shutil.copy2(file, target / file.name)
-    raw = {**config.to_dict(), "quantization": METHOD}
-    (target / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    try:
+        with building(target, replace=overwrite) as partial:  # first, so an unwritable target fails before the work
+            state = load_checkpoint(source, config, progress=progress,
+                                    convert=quantizer(quantized_names(config), None))
+            save_checkpoint(state, partial)
+            for file in source.iterdir():
+                if file.is_file() and file.suffix != ".safetensors" and file.name not in (INDEX_FILE, "config.json"):
+                    with writing(partial / file.name) as tmp:
+                        shutil.copyfile(file, tmp)
+            write_text(partial / "config.json", json.dumps({**config.to_dict(), "quantization": METHOD}, indent=2)
+                       + "\n")
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{target}: could not write the int8 checkpoint ({e.strerror or e}); nothing was "
+                              "left there") from e
     return target
+
+
+def _check_target(source: Path, target: Path, overwrite: bool) -> None:
+    """Refuse a target that is the source, lies inside it or holds it, or already holds files (unless `overwrite`)."""
+    src, dst = source.resolve(), target.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise InputError(f"the target {target} overlaps the source {source}: write the int8 checkpoint to a "
+                         "directory of its own")
+    if target.exists() and not target.is_dir():
+        raise InputError(f"the target {target} is a file, not a directory")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise InputError(f"the target {target} exists and is not empty: choose a new directory, or replace it with "
+                         "overwrite=True (qwenaudio quantize --overwrite)")
