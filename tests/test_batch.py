@@ -4,6 +4,7 @@ folder of 20 mixed files with a corrupt one, resuming, and the same folder under
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import load_audio, tasks
-from qwenaudio.batch import Job, find_inputs, plan_batches, seconds
+from qwenaudio.batch import Job, check_names, find_inputs, plan_batches, run_files, seconds
 from qwenaudio.errors import InputError
 from qwenaudio.longform import plan_windows
 
@@ -59,11 +60,14 @@ def outputs(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "summary.json"}
 
 
-def test_inputs_from_directories_keep_their_relative_names(folder):
+def test_inputs_from_directories_keep_their_relative_names(folder, tmp_path):
     jobs = find_inputs([folder, folder / "clip01.flac"])  # a file found twice is done once
     assert len(jobs) == 20 and Job(folder / "sub" / "broken.wav", Path("sub/broken")) in jobs
     with pytest.raises(InputError, match="would both write outputs named clip01"):
-        find_inputs([folder / "clip01.flac", folder / "sub" / "clip00.wav", folder.parent / "x" / "clip01.wav"])
+        sf.write(tmp_path / "clip01.wav", speechlike(1, 0), RATE)
+        check_names(find_inputs([folder / "clip01.flac", folder / "sub" / "clip00.wav", tmp_path / "clip01.wav"]))
+    with pytest.raises(InputError, match=f"no such file or directory: {folder / 'nope'}"):
+        find_inputs([folder / "clip01.flac", folder / "nope"])
 
 
 def test_batches_go_longest_first_and_keep_input_order_on_ties(folder):
@@ -87,6 +91,7 @@ def test_five_minutes_in_every_format(tiny_ckpt, tmp_path):
     record = json.loads(written["json"])
     windows = plan_windows(audio)
     assert len(windows) >= 11 and len(record["segments"]) == len(windows)  # 300 s in windows of at most 30 s
+    assert f"{wav}: 8/{len(windows)} windows\n{wav}: {len(windows)}/{len(windows)} windows\n" in done.stderr
     assert [(s["start"], s["end"]) for s in record["segments"]] == [(s.start, s.end) for s in expected]
     assert record["segments"][-1]["end"] == pytest.approx(300.0) and record["segments"][0]["start"] == 0.0
     words = [w for s in expected for w in s.words]
@@ -105,16 +110,16 @@ def test_folder_with_a_corrupt_file_then_resume(tiny_ckpt, folder, tmp_path):
     written = outputs(tmp_path / "out")
     assert len(written) == 19 and "sub/clip00.txt" in written and "clip01.txt" in written
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["files"], summary["done"], summary["skipped"], len(summary["failed"])) == (20, 19, 0, 1)
+    assert (summary["files"], len(summary["done"]), summary["skipped"], len(summary["failed"])) == (20, 19, [], 1)
 
     again = qwenaudio_cli(*run, home=tmp_path)  # outputs exist: only the corrupt file is tried again
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["done"], summary["skipped"], len(summary["failed"])) == (0, 19, 1)
+    assert (summary["done"], len(summary["skipped"]), len(summary["failed"])) == ([], 19, 1)
     assert again.returncode == 1 and outputs(tmp_path / "out") == written
 
     redo = qwenaudio_cli(*run, "--overwrite", home=tmp_path)  # everything again, to the same outputs
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["done"], summary["skipped"], len(summary["failed"])) == (19, 0, 1)
+    assert (len(summary["done"]), summary["skipped"], len(summary["failed"])) == (19, [], 1)
     assert redo.returncode == 1 and outputs(tmp_path / "out") == written
 
 
@@ -135,8 +140,33 @@ def test_torchrun_two_processes_give_the_same_outputs_once_each(tiny_ckpt, folde
     assert two.returncode != 0 and "broken.wav" in two.stderr  # the corrupt file fails in whichever rank had it
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["processes"], summary["done"], len(summary["failed"])) == (2, 19, 1)
-    listed = [name for line in two.stderr.splitlines() if line.startswith("rank ")
-              for name in line.split("] ", 1)[1].split()]
+    assert (summary["processes"], len(summary["done"]), len(summary["failed"])) == (2, 19, 1)
+    assert sorted(summary["done"]) == sorted(json.loads((tmp_path / "one" / "summary.json").read_text())["done"])
+    batches = [line for line in two.stderr.splitlines() if re.match(r"rank \d: \[\d+/\d+\] ", line)]
+    listed = [name for line in batches for name in line.split("] ", 1)[1].split()]
     assert sorted(listed) == sorted(str(j.path) for j in find_inputs([folder]))  # each file exactly once
     assert {line.split(":")[0] for line in two.stderr.splitlines() if line.startswith("rank ")} == {"rank 0", "rank 1"}
+
+
+def test_a_failing_batch_is_retried_file_by_file(tmp_path):
+    """Recognition that fails for a batch holding one bad clip: its files are tried alone, so the good ones are
+    done and only the bad one fails, under its own name and with its own error."""
+    paths = []
+    for name, seconds in (("a", 3), ("b", 2), ("poison", 1)):
+        sf.write(tmp_path / f"{name}.wav", speechlike(seconds, 0), RATE)
+        paths.append(tmp_path / f"{name}.wav")
+    calls = []
+
+    def recognize(jobs, clips):
+        calls.append([j.path.stem for j in jobs])
+        if any(j.path.stem == "poison" for j in jobs):
+            raise qwenaudio.AudioError(f"{jobs[-1].path}: cannot be recognised")
+        return [f"text of {j.path.stem}" for j in jobs]
+
+    written = {}
+    outcomes = list(run_files(find_inputs(paths), recognize, lambda job, text: written.update({job.path: text}),
+                              batch_size=4))
+    assert calls == [["a", "b", "poison"], ["a"], ["b"], ["poison"]]
+    assert written == {paths[0]: "text of a", paths[1]: "text of b"}
+    assert [(job.path, error) for job, error in outcomes] == [
+        (paths[0], None), (paths[1], None), (paths[2], f"{paths[2]}: cannot be recognised")]

@@ -96,7 +96,8 @@ def test_bad_file_is_reported_and_the_others_go_on(tiny_ckpt, audio_dir, tmp_pat
     assert "[2/3] " in done.stderr and "[3/3] " in done.stderr  # a progress line per batch
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other.txt", "speech.txt", "summary.json"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["done"] == 2 and len(summary["failed"]) == 1 and summary["failed"][0].startswith(str(files[1]))
+    assert summary["done"] == [str(files[0]), str(files[2])] and summary["skipped"] == []
+    assert len(summary["failed"]) == 1 and summary["failed"][0].startswith(str(files[1]))
     assert done.stdout.startswith(f"{files[0]}: ") and f"\n{files[2]}: " in done.stdout
 
 
@@ -173,3 +174,170 @@ def test_quantize_into_itself_is_refused_and_changes_nothing(tiny_ckpt, tmp_path
         done = qwenaudio_cli("quantize", *args, home=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
         assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+# --- bad input and the ugly paths: one-line errors, nothing lost, nothing partial counted as done -----------------
+
+NO_MODEL = "/nonexistent/model"  # commands refused before loading never get to notice this
+
+
+def refused_before_loading(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "no checkpoint" not in done.stderr and done.stdout == ""
+
+
+def test_short_clip_fails_alone_under_its_own_name(tiny_ckpt, tiny_model, shared_audio, tmp_path):
+    """A 300-sample file among three real recordings (one default batch of four): only it fails, with its own
+    error; the others come out as a batch of the three would; a rerun redoes only the short file."""
+    short = tmp_path / "short.wav"
+    sf.write(short, np.full(300, 0.1, dtype=np.float32), 16000)
+    good = [shared_audio / "1272-128104-0000.flac", shared_audio / "es.mp3",
+            shared_audio / "glass-breaking-151256.mp3"]
+    run = ("transcribe", short, *good, "--output-dir", tmp_path / "out", "--model", tiny_ckpt, *FAST)
+    first = qwenaudio_cli(*run, home=tmp_path)
+    assert first.returncode == 1
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {short}: 300 samples (0.019 s) is too short: one audio token needs at least 480 "
+                      "samples (3 mel frames, 30 ms) at 16000 Hz"]
+    longest_first = [good[1], good[0], good[2]]  # 8.3 s, 5.9 s, 4.0 s: the batch order
+    expected = tasks.transcribe(tiny_model, longest_first, max_new_tokens=8)
+    for path, text in zip(longest_first, expected):
+        assert (tmp_path / "out" / f"{path.stem}.txt").read_text() == text + "\n"
+    again = qwenaudio_cli(*run, home=tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert again.returncode == 1 and summary["done"] == [] and sorted(summary["skipped"]) == sorted(map(str, good))
+    assert [line.split(":")[0] for line in summary["failed"]] == [str(short)]
+
+
+def test_inputs_and_output_directory_are_checked_before_loading(audio_dir, tmp_path):
+    wav = audio_dir / "speech.wav"
+    refused_before_loading(qwenaudio_cli("transcribe", tmp_path / "recordigns", "--model", NO_MODEL, home=tmp_path),
+                           f"no such file or directory: {tmp_path / 'recordigns'}")
+    (tmp_path / "empty").mkdir()
+    refused_before_loading(qwenaudio_cli("transcribe", tmp_path / "empty", "--model", NO_MODEL, home=tmp_path),
+                           f"no audio files (.wav, .flac, .mp3, .ogg, .opus) found in {tmp_path / 'empty'}")
+    (tmp_path / "file").write_text("I am a file")
+    refused_before_loading(qwenaudio_cli("transcribe", wav, "--output-dir", tmp_path / "file", "--model", NO_MODEL,
+                                         home=tmp_path), f"--output-dir {tmp_path / 'file'} is a file")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copy(wav, tmp_path / "a" / "x.wav"), shutil.copy(wav, tmp_path / "b" / "x.wav")
+    refused_before_loading(qwenaudio_cli("transcribe", tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav",
+                                         "--output-dir", tmp_path / "out", "--model", NO_MODEL, home=tmp_path),
+                           "would both write outputs named x")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--task", "scene", "--itn"], "--itn has no effect with --task scene"),
+    (["--task", "caption", "--language", "de"], "--language has no effect with --task caption"),
+    (["--target-language", "ja"], "--target-language has no effect with word timestamps"),
+    (["--itn", "--timestamps"], "--itn has no effect with word timestamps"),
+    (["--task", "emotion", "--itn", "--target-language", "ja"],
+     "--itn and --target-language have no effect with --task emotion"),
+])
+def test_options_a_task_ignores_are_refused(audio_dir, tmp_path, options, message):
+    done = qwenaudio_cli("transcribe", audio_dir / "speech.wav", *options, "--model", NO_MODEL, home=tmp_path)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_readonly_or_full_output_directory(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
+    """In-process, where a full disk and a read-only directory can be simulated (tests may run as root)."""
+    from qwenaudio import cli, files
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    loads = []
+    monkeypatch.setattr(cli, "load", lambda *a, **k: loads.append(a))
+    with monkeypatch.context() as m:
+        m.setattr(cli.tempfile, "TemporaryFile", unwritable)
+        assert cli.main(["transcribe", str(audio_dir / "speech.wav"), "--output-dir", str(tmp_path / "ro")]) == 2
+    assert loads == [] and f"error: --output-dir {tmp_path / 'ro'}: cannot write there (Permission denied)" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+
+    files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
+    real_write = files.write_text
+
+    def disk_full_for_other(path, text):
+        if path.name == "other.json":
+            (path.parent / f".{path.name}.partial").write_text(text[:10])
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    monkeypatch.setattr(cli, "write_text", disk_full_for_other)
+    args = ["transcribe", *map(str, files_in), "--format", "json", "--output-dir", str(tmp_path / "out"),
+            "--model", str(tiny_ckpt), *FAST]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: {files_in[1]}: could not write its output: [Errno 28] No space left on device" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["done"] == [str(files_in[0])] and summary["failed"][0].startswith(f"{files_in[1]}: could not")
+    assert not (tmp_path / "out" / "other.json").exists()  # never a partial output under the final name
+    monkeypatch.undo()
+    for leftover in (tmp_path / "out").glob(".*"):
+        leftover.unlink()
+    assert cli.main(args) == 0  # the rerun does what failed, and only that
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["done"] == [str(files_in[1])] and summary["skipped"] == [str(files_in[0])]
+
+
+def test_ctrl_c_keeps_what_is_done_and_writes_the_summary(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    calls = []
+    real_run_task = cli.run_task
+
+    def interrupted_on_second_batch(model, jobs, clips, args):
+        calls.append(jobs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_task(model, jobs, clips, args)
+
+    monkeypatch.setattr(cli, "run_task", interrupted_on_second_batch)
+    files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
+    args = ["transcribe", *map(str, files_in), "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
+            "--model", str(tiny_ckpt), *FAST]
+    assert cli.main(args) == 130
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["done"] == [str(files_in[0])] and summary["failed"] == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["speech.txt", "summary.json"]
+    assert "1 done, 0 skipped (outputs exist), 0 failed, of 2 files (interrupted)" in capsys.readouterr().err
+
+
+def test_stdout_in_input_order_and_json_lines(tiny_ckpt, tiny_model, audio_dir, shared_audio, tmp_path):
+    """Batches run longest first, but stdout follows the command line; several JSON documents are JSON Lines.
+    Two files of the same name may print to stdout (they write no files)."""
+    (tmp_path / "b").mkdir()
+    same_name = shutil.copy(audio_dir / "speech.wav", tmp_path / "b" / "speech.wav")
+    files = [audio_dir / "speech.wav", shared_audio / "es.mp3", same_name]  # 2 s, 8.3 s, 2 s
+    done = qwenaudio_cli("transcribe", *files, "--format", "json", "--batch-size", "1", "--model", tiny_ckpt, *FAST,
+                         home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["file"] for r in records] == [str(f) for f in files]
+    assert [r["text"] for r in records] == [tasks.transcribe(tiny_model, [f], max_new_tokens=8)[0] for f in files]
+    batches = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if line.startswith("[")]
+    assert batches[0] == str(files[1])  # the longest ran first
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<audio>missing.wav</audio>hi", "missing.wav: no such audio file"),
+    ("<audio>unclosed.wav hi", "unclosed <audio> tag"),
+])
+def test_trace_errors_are_one_line(tiny_ckpt, tmp_path, prompt, message):
+    done = qwenaudio_cli("trace", "--model", tiny_ckpt, "--prompt", prompt, "--out", tmp_path / "t.safetensors",
+                         "--device", "cpu", home=tmp_path)
+    assert done.returncode == 2 and f"error: " in done.stderr and message in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_path_is_never_a_repo_id(audio_dir, tmp_path):
+    """`--model weights/Qwen-Audio` where ./weights exists but holds no checkpoint: a missing directory, not a
+    download of a repo named "weights/Qwen-Audio"."""
+    (tmp_path / "weights").mkdir()
+    done = subprocess.run([sys.executable, "-m", "qwenaudio", "transcribe", str(audio_dir / "speech.wav"),
+                           "--model", "weights/Qwen-Audio"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert done.returncode == 3 and "error: no checkpoint at weights/Qwen-Audio: no such directory" in done.stderr
+    assert "pip install huggingface_hub" in done.stderr and "Traceback" not in done.stderr

@@ -1,6 +1,8 @@
 """The package as users meet it: importing it pulls in no reference package, the example runs, and `load`
 takes the usual spellings of its arguments and names what it cannot take."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +67,22 @@ def test_load_needs_a_name():
     with pytest.raises(qwenaudio.InputError,
                        match=r"load\(\) needs a checkpoint directory or a repo id like 'Qwen/Qwen-Audio', got None"):
         qwenaudio.load(None)
+
+
+def test_transcribe_script_installs_once_and_reads_paths_from_where_it_runs(tmp_path, tiny_ckpt, shared_audio):
+    """./scripts/transcribe on a venv whose python logs pip calls (and runs everything else for real): pip runs on
+    the first call only, and a relative file argument is found from the caller's directory."""
+    venv, log = tmp_path / "venv", tmp_path / "pip-calls"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "$@" >> {log}; exit 0; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    shutil.copy(shared_audio / "1272-128104-0000.flac", tmp_path / "speech.flac")
+    for _ in range(2):
+        done = subprocess.run([str(ROOT / "scripts" / "transcribe"), "speech.flac", "--model", str(tiny_ckpt),
+                               "--max-new-tokens", "3"], cwd=tmp_path, env={**os.environ, "QWENAUDIO_VENV": str(venv)},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("speech.flac: ")
+    assert [line.split()[5:] for line in log.read_text().splitlines()] == [["torch==2.13.0"], ["-e", ".[hub]"]]

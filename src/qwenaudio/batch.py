@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .audio import load_audio
+from .audio import as_waveform
 from .errors import InputError, QwenAudioError
 
 R = TypeVar("R")
@@ -35,8 +35,11 @@ class Job:
 
 
 def find_inputs(paths: list[Path]) -> list[Job]:
-    """Files as given, plus every audio file below each directory (its outputs keep the relative path). Two
-    inputs that would write the same output are an error."""
+    """Files as given, plus every audio file below each directory (its outputs keep the relative path), in the
+    order given; a file found twice is done once. A path that does not exist is an error, found before any work."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"no such file or directory: {', '.join(missing)}")
     jobs: list[Job] = []
     for path in paths:
         if path.is_dir():
@@ -44,12 +47,16 @@ def find_inputs(paths: list[Path]) -> list[Job]:
             jobs += [Job(p, p.relative_to(path).with_suffix("")) for p in found]
         else:
             jobs.append(Job(path, Path(path.stem)))
+    return list({job.path: job for job in jobs}.values())
+
+
+def check_names(jobs: list[Job]) -> None:
+    """Refuse two inputs that would write outputs of the same name (only matters when outputs are written)."""
     seen: dict[Path, Path] = {}
     for job in jobs:
         if job.name in seen and seen[job.name] != job.path:
             raise InputError(f"{seen[job.name]} and {job.path} would both write outputs named {job.name}")
         seen[job.name] = job.path
-    return list({job.path: job for job in jobs}.values())  # a file given twice is done once
 
 
 def seconds(path: Path) -> float:
@@ -67,41 +74,67 @@ def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def run_files(jobs: list[Job], recognize: Callable[[list[Tensor]], list[R]], write: Callable[[Job, R], None], *,
-              batch_size: int = 8, rank: int = 0, world: int = 1,
-              progress: Callable[[int, int, list[Job]], None] | None = None) -> dict:
-    """Recognise `jobs` a batch at a time (this process's share of `plan_batches`) and `write` each result.
+def run_files(jobs: list[Job], recognize: Callable[[list[Job], list[Tensor]], list[R]],
+              write: Callable[[Job, R], None], *, batch_size: int = 8, rank: int = 0, world: int = 1,
+              progress: Callable[[int, int, list[Job]], None] | None = None) -> Iterator[tuple[Job, str | None]]:
+    """Recognise `jobs` a batch at a time (this process's share of `plan_batches`) and `write` each result,
+    yielding (job, None) for each file done and (job, "message") for each that failed, as soon as it is known.
 
-    A file that cannot be read fails alone; a batch whose recognition raises fails its files; the others go on.
-    `progress(finished, total, batch)` is called after each batch. Returns this process's {"done", "failed"}, the
-    failures as "path: message" lines (also logged on stderr)."""
+    Each file is read and checked before its batch runs, so a file that cannot be read or is too short fails alone.
+    When a batch fails as a whole, its files are tried one at a time, so only a bad one fails, under its own name.
+    A result that cannot be written (a full disk) fails its file; the others go on. `progress(finished, total,
+    batch)` is called after each batch. Failures are also logged on stderr as `error: path: message`."""
     mine = plan_batches(jobs, batch_size)[rank::world]
-    done, failed, total = 0, [], sum(len(b) for b in mine)
+    finished, total = 0, sum(len(b) for b in mine)
     for batch in mine:
-        readable, clips = [], []
+        loaded: list[tuple[Job, Tensor]] = []
         for job in batch:
             try:
-                clips.append(load_audio(job.path))
-                readable.append(job)
+                loaded.append((job, as_waveform(job.path, str(job.path))))
             except QwenAudioError as e:
-                failed.append(_report(job.path, e))
-        try:
-            results = recognize(clips) if clips else []
-        except QwenAudioError as e:  # the batch as a whole failed: every file in it did
-            failed += [_report(job.path, e) for job in readable]
-            results, readable = [], []
-        for job, result in zip(readable, results):
-            write(job, result)
-        done += len(readable)
+                yield job, _report(job.path, e)
+        for job, outcome in _recognize(loaded, recognize):
+            if isinstance(outcome, Exception):
+                yield job, _report(job.path, outcome)
+                continue
+            try:
+                write(job, outcome)
+            except OSError as e:
+                yield job, _report(job.path, f"could not write its output: {e}")
+                continue
+            yield job, None
+        finished += len(batch)
         if progress:
-            progress(done + len(failed), total, batch)
-    return {"done": done, "failed": failed}
+            progress(finished, total, batch)
 
 
-def _report(path: Path, error: Exception) -> str:
+RECOVERABLE = (QwenAudioError, RuntimeError)  # library errors, and torch's (out of memory, a failing kernel)
+
+
+def _recognize(loaded: list[tuple[Job, Tensor]], recognize: Callable) -> list[tuple[Job, object]]:
+    """(job, result) per file: the batch at once, or, if that raises, each file alone (its error as the result)."""
+    if not loaded:
+        return []
+    jobs, clips = [j for j, _ in loaded], [c for _, c in loaded]
+    try:
+        return list(zip(jobs, recognize(jobs, clips)))
+    except RECOVERABLE as e:
+        if len(loaded) == 1:
+            return [(jobs[0], e)]
+    out: list[tuple[Job, object]] = []
+    for job, clip in loaded:
+        try:
+            out.append((job, recognize([job], [clip])[0]))
+        except RECOVERABLE as e:
+            out.append((job, e))
+    return out
+
+
+def _report(path: Path, error: Exception | str) -> str:
     """`error: path: message` on stderr, without repeating the path that library messages often start with; the
     line is returned for the summary."""
-    line = f"{path}: {str(error).removeprefix(f'{path}: ')}"
+    message = str(error) if isinstance(error, QwenAudioError | str) else f"{type(error).__name__}: {error}"
+    line = f"{path}: {message.removeprefix(f'{path}: ')}"
     print(f"error: {line}", file=sys.stderr, flush=True)
     return line
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import torch
 
 from . import tasks, trace
 from .audio import SAMPLE_RATE
-from .batch import Job, find_inputs, gather, process_group, run_files
+from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
+from .files import write_text
 from .hub import OFFICIAL_REPOS
 from .model import QwenAudio, load, report_progress
 from .quantize import save_quantized
@@ -47,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    try:
+        if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
+            plan_outputs(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.rank, args.world = process_group(args.device) if args.command == "transcribe" else (0, 1)
     if args.world > 1 and not args.output_dir:
         print("error: several processes write files only: give --output-dir", file=sys.stderr)
@@ -63,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     try:
         return args.run(model, args)
-    except InputError as e:  # e.g. a file that is not a trace
+    except QwenAudioError as e:  # e.g. a file that is not a trace, a missing clip, an unclosed <audio> tag
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a trace that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -81,9 +92,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
                      help=f"{', '.join(TASKS)}; default transcribe")
-    run.add_argument("--language", choices=LANGUAGES, default="en", metavar="LANG",
-                     help=f"spoken language (translate: the source), one of {' '.join(LANGUAGES)}; default en")
-    run.add_argument("--target-language", choices=LANGUAGES, default="zh", metavar="LANG",
+    run.add_argument("--language", choices=LANGUAGES, metavar="LANG",
+                     help=f"transcribe, translate: the spoken language, one of {' '.join(LANGUAGES)}; default en")
+    run.add_argument("--target-language", choices=LANGUAGES, metavar="LANG",
                      help="translate: the output language; default zh")
     run.add_argument("--itn", action="store_true", help="transcribe: write numbers and symbols as written ($5)")
     run.add_argument("--timestamps", action="store_true", help="transcribe: time every word (implied by srt, vtt)")
@@ -135,6 +146,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.timestamps = True
     if args.command == "transcribe" and args.format == "all" and not args.output_dir:
         run.error("--format all writes files: give --output-dir")
+    if args.command == "transcribe":
+        ignored = [option for option, used in (
+            ("--itn", not args.itn or (args.task == "transcribe" and not args.timestamps)),
+            ("--language", args.language is None or args.task in ("transcribe", "translate")),
+            ("--target-language", args.target_language is None or args.task == "translate")) if not used]
+        if ignored:
+            what = "word timestamps" if args.task == "transcribe" else f"--task {args.task}"
+            run.error(f"{' and '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with {what}")
+        args.language, args.target_language = args.language or "en", args.target_language or "zh"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     return args
@@ -167,42 +187,107 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Inputs are found, batched by length and shared between processes (`qwenaudio.batch`); files whose outputs
-    already exist are skipped; a file that cannot be read or recognised is reported and the others go on; rank 0
-    writes the summary."""
-    rank, world = args.rank, args.world
-    jobs = find_inputs(args.files)
+def plan_outputs(args: argparse.Namespace) -> None:
+    """Before any model loads: find the inputs (every path must exist, and some audio must be found), check the
+    output directory can be written, and set aside the files whose outputs already exist (`args.jobs`,
+    `args.todo`)."""
+    args.jobs = find_inputs(args.files)
+    if not args.jobs:
+        raise InputError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.files))}")
+    args.formats = FORMATS if args.format == "all" else (args.format,)
     if args.output_dir:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    formats = FORMATS if args.format == "all" else (args.format,)
-    todo = [j for j in jobs if args.overwrite or not args.output_dir or
-            not all(_output(args, j, f).exists() for f in formats)]
-    skipped = len(jobs) - len(todo)
+        check_names(args.jobs)
+        if args.output_dir.exists() and not args.output_dir.is_dir():
+            raise InputError(f"--output-dir {args.output_dir} is a file, not a directory")
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.output_dir).close()
+        except OSError as e:
+            raise InputError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
+    args.todo = [j for j in args.jobs if args.overwrite or not args.output_dir or
+                 not all(_output(args, j, f).exists() for f in args.formats)]
+
+
+def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
+    """Inputs are batched by length and shared between processes (`qwenaudio.batch`); a file that cannot be read,
+    recognised or written is reported and the others go on. Outputs are written under temporary names and renamed,
+    so an output that exists is complete; stdout gets the files in input order. summary.json (rank 0) lists the
+    files done, skipped and failed, also after Ctrl-C."""
+    rank, world, jobs, todo = args.rank, args.world, args.jobs, args.todo
     if len(set(gather(len(todo), world))) > 1:  # also a barrier: every process plans before any writes an output
         raise InputError("the processes found different files to do; is the output directory shared and stable?")
+    shown = InputOrder(todo if world == 1 and args.format != "all" else [])
+    documents: dict[Path, str] = {}
 
     def write(job: Job, result: tuple[str, list[Word], list[Segment]]) -> None:
-        for fmt in formats:
-            emit(job, fmt, render(fmt, job.path, *result, args.task), args, single=len(jobs) == 1)
+        for fmt in args.formats:
+            document = render(fmt, job.path, *result, args.task)
+            if args.output_dir:
+                target = _output(args, job, fmt)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_text(target, document)
+            documents[job.path] = _for_stdout(job, fmt, document, single=len(jobs) == 1)
 
-    report = run_files(todo, lambda clips: run_task(model, clips, args), write, batch_size=args.batch_size,
-                       rank=rank, world=world, progress=lambda k, n, batch: _progress(k, n, batch, rank, world))
-    reports = gather(report, world)
+    done: list[str] = []
+    failed: list[str] = []
+    interrupted = False
+    try:
+        for job, error in run_files(todo, lambda batch, clips: run_task(model, batch, clips, args), write,
+                                    batch_size=args.batch_size, rank=rank, world=world,
+                                    progress=lambda k, n, batch: _progress(k, n, batch, rank, world)):
+            (failed.append(error) if error else done.append(str(job.path)))
+            shown.finish(job, documents.pop(job.path, None))
+    except KeyboardInterrupt:
+        interrupted = True
+        shown.flush()
+    reports = [(done, failed)] if interrupted else gather((done, failed), world)
     if rank == 0:
-        total_failed = [f for r in reports for f in r["failed"]]
-        summary = {"files": len(jobs), "done": sum(r["done"] for r in reports), "skipped": skipped,
-                   "failed": total_failed, "processes": world}
+        planned = set(todo)
+        summary = {"files": len(jobs), "done": [path for paths, _ in reports for path in paths],
+                   "skipped": [str(j.path) for j in jobs if j not in planned],
+                   "failed": [line for _, lines in reports for line in lines],
+                   "processes": world, "interrupted": interrupted}
         if args.output_dir:
-            (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        print(f"{summary['done']} done, {skipped} skipped (outputs exist), {len(total_failed)} failed, "
-              f"of {len(jobs)} files", file=sys.stderr)
-    return 1 if any(r["failed"] for r in reports) else 0
+            try:
+                write_text(args.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            except OSError as e:
+                print(f"error: could not write {args.output_dir / 'summary.json'}: {e}", file=sys.stderr)
+        print(f"{len(summary['done'])} done, {len(summary['skipped'])} skipped (outputs exist), "
+              f"{len(summary['failed'])} failed, of {len(jobs)} files" + (" (interrupted)" if interrupted else ""),
+              file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
+    return 1 if any(f for _, f in reports) else 0
 
 
-def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespace
+class InputOrder:
+    """Prints each file's stdout document in the order the files were given, as soon as every file before it has
+    finished (batches run longest first, so results arrive in another order)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.order, self.ready, self.next = [j.path for j in jobs], {}, 0
+
+    def finish(self, job: Job, document: str | None) -> None:
+        self.ready[job.path] = document
+        while self.next < len(self.order) and self.order[self.next] in self.ready:
+            self._print(self.ready.pop(self.order[self.next]))
+            self.next += 1
+
+    def flush(self) -> None:
+        """Print what has finished, in order, though earlier files have not (the run was interrupted)."""
+        for path in self.order[self.next:]:
+            self._print(self.ready.pop(path, None))
+
+    @staticmethod
+    def _print(document: str | None) -> None:
+        if document:
+            print(document, end="", flush=True)
+
+
+def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], args: argparse.Namespace
              ) -> list[tuple[str, list[Word], list[Segment]]]:
-    """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks)."""
+    """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks): a long
+    file reports its windows as they are done."""
     generation = {"max_new_tokens": args.max_new_tokens}  # None keeps the task's own budget
     if args.task == "transcribe":
         task = tasks.asr_task(args.language, itn=args.itn, timestamps=args.timestamps)
@@ -211,7 +296,12 @@ def run_task(model: QwenAudio, clips: list[torch.Tensor], args: argparse.Namespa
     else:
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
                 for text, c in zip(tasks.analyse(model, clips, args.task, **generation), clips)]
-    out = tasks.segments(model, clips, task, timed=args.timestamps, **generation)
+    who = f"rank {args.rank}: " if args.world > 1 else ""
+
+    def windows(i: int, finished: int, total: int) -> None:
+        print(f"{who}{jobs[i].path}: {finished}/{total} windows", file=sys.stderr, flush=True)
+
+    out = tasks.segments(model, clips, task, timed=args.timestamps, progress=windows, **generation)
     return [(text_of(parts), words_of(parts), parts) for parts in out]
 
 
@@ -224,18 +314,16 @@ def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segme
     return text + "\n"
 
 
-def emit(job: Job, fmt: str, document: str, args: argparse.Namespace, single: bool) -> None:
-    """Into the output directory (keeping the input's path below a directory given), and, in a single process
-    with one format, to stdout: the document alone for one file; for several, txt lines start with the path and
-    other formats get a `==> path <==` header (as `head` does)."""
-    if args.output_dir:
-        target = _output(args, job, fmt)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(document, encoding="utf-8")
-    if args.world == 1 and args.format != "all":
-        if not single:
-            document = f"{job.path}: {document}" if fmt == "txt" else f"==> {job.path} <==\n{document}"
-        print(document, end="", flush=True)
+def _for_stdout(job: Job, fmt: str, document: str, single: bool) -> str:
+    """What stdout shows of a file: the document alone for one file; for several, txt lines start with the path,
+    json becomes one line per file (JSON Lines), srt and vtt get a `==> path <==` header (as `head` does)."""
+    if single:
+        return document
+    if fmt == "txt":
+        return f"{job.path}: {document}"
+    if fmt == "json":
+        return json.dumps(json.loads(document), ensure_ascii=False) + "\n"
+    return f"==> {job.path} <==\n{document}"
 
 
 def _output(args: argparse.Namespace, job: Job, fmt: str) -> Path:

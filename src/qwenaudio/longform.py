@@ -138,11 +138,15 @@ Recognizer = Callable[[list[Tensor]], list]  # clips -> per clip a text, or a li
 
 
 def transcribe_long(audio: Tensor, recognize: Recognizer, *, timed: bool, batch_size: int = 8,
-                    max_seconds: float = CHUNK_LENGTH, overlap: float = 1.0) -> list[Segment]:
+                    max_seconds: float = CHUNK_LENGTH, overlap: float = 1.0,
+                    progress: Callable[[int, int], None] | None = None) -> list[Segment]:
     """Plan windows over `audio`, recognise them `batch_size` at a time with `recognize`, and stitch the results.
-    `timed` says whether `recognize` returns words with times (then they are stitched by time) or text."""
+    `timed` says whether `recognize` returns words with times (then they are stitched by time) or text.
+    `progress(done, total)` is called after each batch of windows."""
     windows = plan_windows(audio, max_seconds=max_seconds, overlap=overlap)
     results: list = []
     for i in range(0, len(windows), batch_size):
         results += recognize([audio[w.start : w.end] for w in windows[i : i + batch_size]])
+        if progress:
+            progress(len(results), len(windows))
     return stitch_words(windows, results) if timed else stitch_texts(windows, results)

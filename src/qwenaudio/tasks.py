@@ -9,8 +9,9 @@ by default, as the official evaluations do; pass `do_sample=True`, `max_new_toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -98,10 +99,12 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
-def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list[list[Segment]]:
+def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False,
+             progress: Callable[[int, int, int], None] | None = None, **generation) -> list[list[Segment]]:
     """Per clip, its transcript as `Segment`s in seconds from the clip's start: one for a clip of up to 30 s, one
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
-    `timed` says the task ends in timestamp tags, so segments carry their `Word`s."""
+    `timed` says the task ends in timestamp tags, so segments carry their `Word`s. `progress(clip, done, total)`
+    follows the windows of each long clip."""
     sources = list(audio) if not _single(audio) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     stops = generation.get("stop_strings", ())
@@ -119,7 +122,8 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False, **gene
         results[i] = [Segment(text, 0.0, len(clips[i]) / SAMPLE_RATE, reply if timed else [])]
     for i, clip in enumerate(clips):
         if i not in results:
-            results[i] = longform.transcribe_long(clip, replies, timed=timed)
+            step = partial(progress, i) if progress else None
+            results[i] = longform.transcribe_long(clip, replies, timed=timed, progress=step)
     return [results[i] for i in range(len(clips))]
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .audio import audio_span, load_audio, log_mel_spectrogram
 from .errors import InputError
+from .files import writing
 from .model import QwenAudio
 
 FORMAT = "qwenaudio-trace/1"
@@ -56,7 +57,8 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         manifest = {**self.manifest, "tensors": {n: list(t.shape) for n, t in self.tensors.items()}}
-        save_file(self.tensors, str(path), metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+        with writing(path) as tmp:
+            save_file(self.tensors, str(tmp), metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
