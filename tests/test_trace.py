@@ -179,7 +179,21 @@ def test_verify_command(tiny_ckpt, tmp_path):
     reference = str(GOLDEN / "trace_official.safetensors")
     ok = run_cli("verify", reference, "--model", str(tiny_ckpt), "--out", str(tmp_path / "ours.safetensors"))
     assert ok.returncode == 0 and "16 of 16 tensors within rtol 1e-05, mel.0 0.0001\n" in ok.stdout
+    assert "isolated: not available, the reference is projected (--project 32)" in ok.stdout
     strict = run_cli("verify", str(tmp_path / "ours.safetensors"), reference, "--rtol", "1e-9")
     assert strict.returncode == 1 and "first divergence:" in strict.stdout
     assert run_cli("verify", reference).returncode == 2  # one trace needs --model
 
+
+def test_verify_command_reports_both_and_fails_on_a_bf16_checkpoint_with_a_bad_layer(tiny_ckpt, tmp_path):
+    full = str(GOLDEN / "trace_official_full.safetensors")
+    good = run_cli("verify", full, "--model", str(tiny_ckpt))
+    assert good.returncode == 0 and "15 of 15 layers within isolated rtol 1e-05" in good.stdout
+    broken = perturbed(tiny_ckpt, tmp_path, "transformer.h.1.mlp.w1.weight")
+    bad = run_cli("verify", full, "--model", str(broken), "--dtype", "bfloat16")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "19 of 19 tensors within rtol 0.03\n" in bad.stdout  # end to end it passes
+    assert "first isolated failure: decoder.block1" in bad.stdout
+    marked = [line for line in bad.stdout.splitlines() if "<--" in line]
+    assert len(marked) == 1 and marked[0].startswith("decoder.block1 ") and "FAIL    <-- first isolated" in marked[0]
+    assert bad.stdout.splitlines()[0].split()[-2:] == ["isolated", "status"]
