@@ -306,7 +306,7 @@ def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
         ours = trace.record(model, m["prompt"], project=project, logits=m.get("logits", "last"))
         if args.out:
             ours.save(args.out)
-        isolated = None if project else trace.isolate(model, reference, rtol=args.isolated_rtol)
+        isolated = None if project is not None else trace.isolate(model, reference, rtol=args.isolated_rtol)
     rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
     print(trace.format_table(rows, isolated))
     failed = [r for r in rows if not r.ok]
@@ -314,7 +314,7 @@ def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
     looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
-    if isolated:
+    if isolated is not None:
         alone_failed = [r for r in isolated if not r.ok]
         print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
               f"{isolated[0].rtol:g} on the reference's own inputs" +
