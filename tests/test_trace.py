@@ -1,6 +1,8 @@
-"""Traces and `qwenaudio verify`: a trace recorded from the official code (tests/golden/trace_official.safetensors,
-made by tools/record_official.py on the tiny checkpoint) verifies layer by layer; a perturbed checkpoint is caught
-at the right block; reduced precision passes at its stated tolerance; broken files are refused."""
+"""Traces and `qwenaudio verify`: traces recorded from the official code (tests/golden/trace_official.safetensors,
+projected, and trace_official_full.safetensors, full size; made by tools/record_official.py on the tiny checkpoint,
+see tests/golden/record_trace.py) verify layer by layer, end to end and with each layer on the reference's own
+input; a perturbed checkpoint is caught at the right block, in bf16 only in isolation; reduced precision passes at
+its stated tolerance; broken files are refused."""
 
 import importlib.util
 import json
@@ -15,11 +17,13 @@ from safetensors.torch import save_file
 
 import qwenaudio
 from qwenaudio import InputError, load_checkpoint, save_checkpoint, trace
-from qwenaudio.trace import Trace, compare, record
+from qwenaudio.testing import make_tiny_checkpoint
+from qwenaudio.trace import Trace, compare, isolate, record
 
 from .conftest import GOLDEN, ROOT
 
 REFERENCE = Trace.load(GOLDEN / "trace_official.safetensors")
+FULL = Trace.load(GOLDEN / "trace_official_full.safetensors")  # not projected: its tensors can feed our layers
 
 
 def official_tool():
@@ -54,17 +58,62 @@ def test_official_trace_verifies_layer_by_layer(tiny_ckpt, in_repo):
                for r in rows), trace.format_table(rows)
 
 
-def test_perturbed_decoder_block_is_the_first_divergence(tiny_ckpt, in_repo, tmp_path):
+def perturbed(tiny_ckpt, tmp_path, name, factor=1.01):
+    """A copy of the tiny checkpoint with the tensor `name` scaled by `factor` (stored in bf16, as the original)."""
     broken = shutil.copytree(tiny_ckpt, tmp_path / "broken")
     state = load_checkpoint(broken)
-    state["transformer.h.1.mlp.w1.weight"] = state["transformer.h.1.mlp.w1.weight"] * 1.01
+    state[name] = state[name] * factor
     for f in broken.glob("model*"):
         f.unlink()
     save_checkpoint(state, broken, max_shard_bytes=8 * 1024**2)
+    return broken
+
+
+def test_perturbed_decoder_block_is_the_first_divergence(tiny_ckpt, in_repo, tmp_path):
+    broken = perturbed(tiny_ckpt, tmp_path, "transformer.h.1.mlp.w1.weight")
     rows = compare(ours(broken), REFERENCE)
     first = next(r for r in rows if not r.ok)
     assert first.name == "decoder.block1"
     assert "decoder.block1 " in trace.format_table(rows).split("<-- first divergence")[0].splitlines()[-1]
+
+
+def test_full_official_trace_verifies_each_layer_in_isolation(tiny_ckpt, in_repo):
+    assert FULL.manifest["producer"] == "official" and FULL.manifest["project"] is None
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    rows = isolate(model, FULL)
+    assert [r.name for r in rows] == [
+        "encoder.conv1", "encoder.conv2", "encoder.blocks_in", "encoder.block0", "encoder.block1", "encoder.pooled",
+        "encoder.ln_post", "encoder.proj", "encoder.span0", "encoder.span1", "decoder.embeds", "decoder.block0",
+        "decoder.block1", "decoder.ln_f", "logits"]
+    # measured ≤ 3.9e-7 (the encoder blocks' attention; every other layer agrees bit for bit here)
+    assert all(r.ok and r.rtol == 1e-5 and r.cosine > 0.999999 for r in rows), \
+        trace.format_table(rows)
+    e2e = compare(record(model, FULL.manifest["prompt"]), FULL)
+    assert all(r.ok for r in e2e), trace.format_table(e2e)
+
+
+@pytest.mark.parametrize("name, layer", [("transformer.h.1.mlp.w1.weight", "decoder.block1"),
+                                         ("transformer.audio.blocks.1.mlp.0.weight", "encoder.block1")])
+def test_one_percent_weight_error_in_bf16_is_caught_only_in_isolation(tiny_ckpt, in_repo, tmp_path, name, layer):
+    model = qwenaudio.load(perturbed(tiny_ckpt, tmp_path, name), dtype=torch.bfloat16, progress=False)
+    e2e = compare(record(model, FULL.manifest["prompt"]), FULL)
+    assert all(r.ok for r in e2e), "end to end, bf16 rounding (tolerance 3e-2) hides the 1 % error"
+    rows = isolate(model, FULL)
+    assert [r.name for r in rows if not r.ok] == [layer], trace.format_table(e2e, rows)
+    assert next(r for r in rows if r.name == layer).rel > 1e-3  # 1 % of the MLP: measured 5.6e-3 (decoder)
+    # Computed in bf16 itself, the layer's own rounding (measured ≤ 1.4e-2 of its change) hides it too.
+    assert all(r.ok for r in isolate(model, FULL, upcast=False))
+    weights = dict(model.named_parameters())
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())  # each layer went back to bf16 after its run
+
+
+def test_isolation_needs_a_full_trace_of_the_same_model(tiny_ckpt, in_repo, tmp_path):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    with pytest.raises(InputError, match=r"projected \(--project 32\).*record it without --project"):
+        isolate(model, REFERENCE)
+    other = qwenaudio.load(make_tiny_checkpoint(tmp_path / "deep", num_hidden_layers=3), progress=False)
+    with pytest.raises(InputError, match="comes from another model"):
+        isolate(other, FULL)
 
 
 @pytest.mark.parametrize("dtype, measured", [(torch.bfloat16, 9.2e-3), (torch.float16, 1.1e-3)])
@@ -130,6 +179,21 @@ def test_verify_command(tiny_ckpt, tmp_path):
     reference = str(GOLDEN / "trace_official.safetensors")
     ok = run_cli("verify", reference, "--model", str(tiny_ckpt), "--out", str(tmp_path / "ours.safetensors"))
     assert ok.returncode == 0 and "16 of 16 tensors within rtol 1e-05, mel.0 0.0001\n" in ok.stdout
+    assert "isolated: not available, the reference is projected (--project 32)" in ok.stdout
     strict = run_cli("verify", str(tmp_path / "ours.safetensors"), reference, "--rtol", "1e-9")
     assert strict.returncode == 1 and "first divergence:" in strict.stdout
     assert run_cli("verify", reference).returncode == 2  # one trace needs --model
+
+
+def test_verify_command_reports_both_and_fails_on_a_bf16_checkpoint_with_a_bad_layer(tiny_ckpt, tmp_path):
+    full = str(GOLDEN / "trace_official_full.safetensors")
+    good = run_cli("verify", full, "--model", str(tiny_ckpt))
+    assert good.returncode == 0 and "15 of 15 layers within isolated rtol 1e-05" in good.stdout
+    broken = perturbed(tiny_ckpt, tmp_path, "transformer.h.1.mlp.w1.weight")
+    bad = run_cli("verify", full, "--model", str(broken), "--dtype", "bfloat16")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "19 of 19 tensors within rtol 0.03\n" in bad.stdout  # end to end it passes
+    assert "first isolated failure: decoder.block1" in bad.stdout
+    marked = [line for line in bad.stdout.splitlines() if "<--" in line]
+    assert len(marked) == 1 and marked[0].startswith("decoder.block1 ") and "FAIL    <-- first isolated" in marked[0]
+    assert bad.stdout.splitlines()[0].split()[-2:] == ["isolated", "status"]

@@ -120,13 +120,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(record, "Qwen/Qwen-Audio", trace_prompt)
     check = commands.add_parser("verify", help="compare two traces layer by layer",
                                 description="Compare our trace with a reference trace (from tools/record_official.py); "
-                                            "with one trace and --model, record ours from the reference's prompt.",
-                                epilog="exit status: 0 every tensor within tolerance, 1 some tensor is not, "
-                                       "2 unusable trace files")
+                                            "with one trace and --model, record ours from the reference's prompt and, "
+                                            "if the reference is not projected, also run each layer on the "
+                                            "reference's own input to it (the isolated column).",
+                                epilog="exit status: 0 every tensor within tolerance, 1 some tensor or isolated layer "
+                                       "is not, 2 unusable trace files")
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
     check.add_argument("--rtol", type=float, help="max |ours - ref| / max |ref| per tensor; default by dtype "
                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
     check.add_argument("--atol", type=float, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
+    check.add_argument("--isolated-rtol", type=float, metavar="RTOL",
+                       help="with --model: tolerance of each layer run on the reference's input, relative to what the "
+                            "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
     check.add_argument("--out", type=Path, help="with --model: also save our trace here")
     _model_options(check, None, verify_traces)
     shrink = commands.add_parser("quantize", help="write an int8 copy of a checkpoint",
@@ -384,20 +389,31 @@ def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
 
 
 def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
-    """Print the per-tensor table; the first tensor out of tolerance is where the implementations part."""
+    """Print the per-tensor table; the first tensor out of tolerance is where the implementations part. With the
+    model at hand, also each layer on the reference's own input (`trace.isolate`), which needs a full-size trace."""
     reference = trace.Trace.load(args.traces[-1])
+    isolated, project = None, reference.manifest.get("project")
     if model is None:
         ours = trace.Trace.load(args.traces[0])
     else:
         m = reference.manifest
-        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
+        ours = trace.record(model, m["prompt"], project=project, logits=m.get("logits", "last"))
         if args.out:
             ours.save(args.out)
+        isolated = None if project is not None else trace.isolate(model, reference, rtol=args.isolated_rtol)
     rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
-    print(trace.format_table(rows))
+    print(trace.format_table(rows, isolated))
     failed = [r for r in rows if not r.ok]
     rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
     looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
-    return 1 if failed else 0
+    if isolated is not None:
+        alone_failed = [r for r in isolated if not r.ok]
+        print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
+              f"{isolated[0].rtol:g} on the reference's own inputs" +
+              (f"; first isolated failure: {alone_failed[0].name}" if alone_failed else ""))
+    elif model is not None:
+        print(f"isolated: not available, the reference is projected (--project {project}); record it without "
+              "--project to also check each layer on the reference's own input")
+    return 1 if failed or any(not r.ok for r in isolated or []) else 0

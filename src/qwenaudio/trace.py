@@ -4,7 +4,9 @@ A trace is one safetensors file. Its tensors are named by stage (`mel.0`, `encod
 `encoder.span0`, `decoder.embeds`, `decoder.block31`, `decoder.ln_f`, `logits`), in fp32, and its metadata holds a
 JSON manifest: the names with shapes, what produced the trace (qwenaudio or the official code), the model, the
 prompt and the audio files. `tools/record_official.py` writes the same names from the official code, so
-`qwenaudio verify ours.safetensors official.safetensors` can say where the two first part.
+`qwenaudio verify ours.safetensors official.safetensors` can say where the two first part. With the model at hand,
+`isolate` also runs each of our layers on the reference's own input to it, so that a layer's error shows there
+and does not compound, or hide under bf16 rounding of the whole stream.
 
 Full-size hidden states are large (32 encoder blocks × 1500 × 1280 floats for a 30 s clip), so `project=k`
 multiplies the last dimension of every tensor but the waveform and mel by a fixed random k-column matrix when it is
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .audio import audio_span, load_audio, log_mel_spectrogram
 from .errors import InputError
@@ -100,6 +103,24 @@ def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits:
             tensors[name] = reduce(args[0] if out is None else out, project)
         return hook
 
+    with _hooked(model, keep, keep):
+        spans = model.encode_audio(clips)
+        model.decoder.clear_cache()
+        out = model.decoder(torch.tensor([ids], device=model.device), audio=spans)
+    tensors |= {f"encoder.span{k}": reduce(s, project) for k, s in enumerate(spans)}
+    tensors["logits"] = reduce(out[0, -1:], None) if logits == "last" else reduce(out[0], project)
+    tensors = {n: t.float().contiguous() for n, t in tensors.items()}
+    manifest = {"producer": "qwenaudio", "prompt": prompt, "audio": audio_files,
+                "input_ids": ids, "project": project, "logits": logits,
+                "model": {"dtype": str(model.decoder.wte.weight.dtype).removeprefix("torch."),
+                          "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
+    return Trace(tensors, manifest)
+
+
+@contextmanager
+def _hooked(model: QwenAudio, pre: Callable[[str], Callable], post: Callable[[str], Callable]) -> Iterator[None]:
+    """Run under no_grad with a hook on every traced stage: `pre(name)` on the modules whose input is the stage
+    (the blocks' input), `post(name)` on those whose output is."""
     enc, dec = model.encoder, model.decoder
     points = [(enc.conv1, "encoder.conv1", False), (enc.conv2, "encoder.conv2", False),
               (enc.blocks[0], "encoder.blocks_in", True), (enc.avg_pooler, "encoder.pooled", False),
@@ -107,23 +128,14 @@ def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits:
               (dec.h[0], "decoder.embeds", True), (dec.ln_f, "decoder.ln_f", False)]
     points += [(b, f"encoder.block{j}", False) for j, b in enumerate(enc.blocks)]
     points += [(b, f"decoder.block{i}", False) for i, b in enumerate(dec.h)]
-    hooks = [m.register_forward_pre_hook(keep(n)) if pre else m.register_forward_hook(keep(n)) for m, n, pre in points]
+    hooks = [m.register_forward_pre_hook(pre(n)) if is_pre else m.register_forward_hook(post(n))
+             for m, n, is_pre in points]
     try:
         with torch.no_grad():
-            spans = model.encode_audio(clips)
-            dec.clear_cache()
-            out = dec(torch.tensor([ids], device=model.device), audio=spans)
+            yield
     finally:
         for h in hooks:
             h.remove()
-    tensors |= {f"encoder.span{k}": reduce(s, project) for k, s in enumerate(spans)}
-    tensors["logits"] = reduce(out[0, -1:], None) if logits == "last" else reduce(out[0], project)
-    tensors = {n: t.float().contiguous() for n, t in tensors.items()}
-    manifest = {"producer": "qwenaudio", "prompt": prompt, "audio": audio_files,
-                "input_ids": ids, "project": project, "logits": logits,
-                "model": {"dtype": str(dec.wte.weight.dtype).removeprefix("torch."),
-                          "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
-    return Trace(tensors, manifest)
 
 
 @dataclass
@@ -131,7 +143,7 @@ class Row:
     name: str
     shape: tuple[int, ...]
     max_abs: float
-    rel: float  # max |a − b| / max |b|
+    rel: float  # max |a − b| / max |b|; isolated residual blocks: max |a − b| / max |b − b's input|
     cosine: float
     ok: bool
     rtol: float  # the tolerance this tensor was held to
@@ -149,7 +161,11 @@ MEL_RTOL = 1e-4
 
 def default_rtol(ours: Trace, reference: Trace) -> float:
     """The loosest tolerance either trace's dtype calls for."""
-    return max(RTOL.get(t.manifest.get("model", {}).get("dtype", "float32"), 1e-5) for t in (ours, reference))
+    return max(RTOL.get(_dtype_of(t), 1e-5) for t in (ours, reference))
+
+
+def _dtype_of(t: Trace) -> str:
+    return t.manifest.get("model", {}).get("dtype", "float32")
 
 
 def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: float = 0.0) -> list[Row]:
@@ -164,17 +180,117 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
                          f"{reference.manifest.get('project')}); record both with the same --project")
     rows = []
     for name in sorted(reference.tensors, key=_stage_order):
-        ref = reference.tensors[name].double()
+        ref = reference.tensors[name]
         if name not in ours.tensors or ours.tensors[name].shape != ref.shape:
             got = tuple(ours.tensors[name].shape) if name in ours.tensors else "missing"
             raise InputError(f"{name}: the reference has shape {tuple(ref.shape)}, ours {got}")
-        a = ours.tensors[name].double()
-        diff = (a - ref).abs().max().item() if ref.numel() else 0.0
-        scale = ref.abs().max().item() or 1.0
-        cosine = torch.nn.functional.cosine_similarity(a.flatten(), ref.flatten(), dim=0).item()
         tol = max(rtol, MEL_RTOL) if given is None and name.startswith("mel.") else rtol
-        rows.append(Row(name, tuple(ref.shape), diff, diff / scale, cosine, diff / scale <= tol or diff <= atol, tol))
+        rows.append(_row(name, ours.tensors[name], ref, tol, atol))
     return rows
+
+
+def _row(name: str, ours: Tensor, ref: Tensor, rtol: float, atol: float = 0.0, base: Tensor | None = None) -> Row:
+    """How far `ours` is from `ref`, relative to max |ref − base| (base: what a residual block was given) and
+    cosine-compared as changes from `base`."""
+    a, ref = ours.double(), ref.double()
+    base = torch.zeros_like(ref) if base is None else base.double()
+    diff = (a - ref).abs().max().item() if ref.numel() else 0.0
+    scale = (ref - base).abs().max().item() if ref.numel() else 0.0
+    cosine = torch.nn.functional.cosine_similarity((a - base).flatten(), (ref - base).flatten(), dim=0).item()
+    rel = diff / (scale or 1.0)
+    return Row(name, tuple(ref.shape), diff, rel, cosine, rel <= rtol or diff <= atol, rtol)
+
+
+def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, upcast: bool = True) -> list[Row]:
+    """Each of our layers run on the reference's own input to it (the reference's previous stage) and compared with
+    the reference's output of it: one row per traced stage from the conv stem to the logits, so an error shows in
+    its own layer instead of compounding downstream.
+
+    A residual block's row is relative to its own change of the stream, max |ours − ref| / max |ref − ref_in|:
+    the stream passes through the block untouched, so relative to the stream a wrong weight would hide. Other rows
+    are relative to max |ref|. Each layer computes in fp32 from its weights as loaded (bf16 and fp16 weights convert
+    exactly), one layer at a time; `upcast=False` computes in the model's own dtype instead, where in bf16 the
+    layer's own rounding is as large as a 1 % weight error's effect (see README). `rtol` defaults to `RTOL` of the
+    looser of the dtype computed in and the reference's. Needs a reference recorded without `project`: a projected
+    tensor cannot be fed to a layer.
+    """
+    m, ref = reference.manifest, reference.tensors
+    if m.get("project") is not None:
+        raise InputError(f"the reference trace is projected (--project {m['project']}), so its tensors cannot be fed "
+                         "into our layers: record it without --project to check each layer on its own input")
+    dims = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}
+    if any(m.get("model", {}).get(k, v) != v for k, v in dims.items()):
+        raise InputError(f"the reference trace comes from another model ({m.get('model')}; this one has {dims})")
+    enc, dec, device = model.encoder, model.decoder, model.device
+    compute = torch.float32 if upcast else dec.wte.weight.dtype
+    ours: dict[str, Tensor] = {}
+
+    def given(name: str, like: Tensor) -> Tensor:
+        """The reference's `name`, in place of our `like`."""
+        if name not in ref or ref[name].shape != like.shape:
+            got = tuple(ref[name].shape) if name in ref else "missing"
+            raise InputError(f"{name}: ours has shape {tuple(like.shape)}, the reference {got}")
+        return ref[name].to(device, compute)
+
+    def swap_input(name: str) -> Callable:
+        def hook(module, args):
+            ours[name] = reduce(args[0], None)
+            return given(name, args[0]), *args[1:]
+        return hook
+
+    def swap_output(name: str) -> Callable:
+        def hook(module, args, out):
+            ours[name] = reduce(out, None)
+            return given(name, out)
+        return hook
+
+    clips = range(sum(n.startswith("mel.") for n in ref))
+    # The encoder (7 % of the weights) goes to fp32 whole, since it casts the mel to its dtype before conv1 runs.
+    layers = [enc, dec.wte, *dec.h, dec.ln_f, dec.lm_head] if upcast else []
+    with _in_float32(layers), _hooked(model, swap_input, swap_output):
+        mel = torch.stack([ref[f"mel.{k}"] for k in clips]).to(device) if clips else None
+        spans = enc.encode(mel, [len(ref[f"waveform.{k}"]) for k in clips]) if clips else []
+        ours |= {f"encoder.span{k}": reduce(s, None) for k, s in enumerate(spans)}
+        dec.clear_cache()
+        out = dec(torch.tensor([m["input_ids"]], device=device),
+                  audio=[given(f"encoder.span{k}", s) for k, s in enumerate(spans)])
+    ours["logits"] = reduce(out[0, -1:] if m.get("logits", "last") == "last" else out[0], None)
+    if rtol is None:
+        rtol = max(RTOL.get(str(d).removeprefix("torch."), 1e-5) for d in (compute, _dtype_of(reference)))
+    return [_row(n, ours[n], ref[n], rtol, base=ref.get(_residual_input(n))) for n in sorted(ours, key=_stage_order)]
+
+
+@contextmanager
+def _in_float32(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Each of `layers` holds its weights in fp32 while it runs and returns to its dtype afterwards, so an fp32
+    computation costs one layer's fp32 copy, not the model's. A loaded model holds all its floats in one dtype, and
+    bf16 and fp16 go to fp32 and back exactly."""
+    dtypes = {layer: next(t.dtype for t in layer.state_dict().values() if t.is_floating_point()) for layer in layers}
+
+    def up(module: nn.Module, args: tuple) -> None:
+        module.float()
+
+    def down(module: nn.Module, args: tuple, out: Tensor) -> None:
+        module.to(dtypes[module])
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(up), layer.register_forward_hook(down))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer, dtype in dtypes.items():
+            layer.to(dtype)
+
+
+def _residual_input(name: str) -> str | None:
+    """The stage a residual block adds to: its input."""
+    stem = name.rstrip("0123456789")
+    first = {"encoder.block": "encoder.blocks_in", "decoder.block": "decoder.embeds"}.get(stem)
+    if first is None or stem == name:
+        return None
+    j = int(name.removeprefix(stem))
+    return f"{stem}{j - 1}" if j else first
 
 
 STAGES = ["waveform", "mel", "encoder.conv1", "encoder.conv2", "encoder.blocks_in", "encoder.block", "encoder.pooled",
@@ -191,11 +307,21 @@ def _stage_order(name: str) -> tuple[int, int]:
     return (STAGES.index(stem) if stem in STAGES else len(STAGES)), number
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """A fixed-width table; the first failing row is marked `<-- first divergence`."""
-    lines = [f"{'tensor':<22} {'shape':<20} {'max abs':>10} {'rel':>10} {'cosine':>10}  status"]
+def format_table(rows: Sequence[Row], isolated: Sequence[Row] | None = None) -> str:
+    """A fixed-width table; the first failing row is marked `<-- first divergence`. With `isolated` (rows from
+    `isolate`), two more columns give each layer's error on the reference's own input, and the first failing one
+    is marked `<-- first isolated failure`."""
+    alone = {r.name: r for r in isolated or []}
     first = next((r.name for r in rows if not r.ok), None)
+    first_alone = next((r.name for r in isolated or [] if not r.ok), None)
+    head = f"{'tensor':<22} {'shape':<20} {'max abs':>10} {'rel':>10} {'cosine':>10}  status"
+    lines = [head + (f"  {'isolated':>10}  status" if isolated is not None else "")]
     for r in rows:
-        status = "ok" if r.ok else "FAIL" + ("  <-- first divergence" if r.name == first else "")
-        lines.append(f"{r.name:<22} {str(list(r.shape)):<20} {r.max_abs:>10.3e} {r.rel:>10.3e} {r.cosine:>10.6f}  {status}")
+        line = f"{r.name:<22} {str(list(r.shape)):<20} {r.max_abs:>10.3e} {r.rel:>10.3e} {r.cosine:>10.6f}  " \
+               f"{'ok' if r.ok else 'FAIL':<6}"
+        if isolated is not None:
+            i = alone.get(r.name)
+            line += f"  {i.rel:>10.3e}  {'ok' if i.ok else 'FAIL':<6}" if i else f"  {'-':>10}  {'':<6}"
+        marks = [m for m, at in (("first divergence", first), ("first isolated failure", first_alone)) if at == r.name]
+        lines.append((line + "  <-- " + ", ".join(marks)) if marks else line.rstrip())
     return "\n".join(lines)

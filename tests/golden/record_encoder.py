@@ -90,16 +90,23 @@ def load_official_model(official_dir: str, work_dir: str, seed: int = 0, **dims)
 
     The checkpoint directory is ``work_dir/qwen_audio_tiny`` (= ``model.name_or_path``).
     """
-    from qwenaudio.testing import make_tiny_checkpoint
     from transformers import AutoModelForCausalLM
+
+    ckpt = official_checkpoint(official_dir, work_dir, seed, **dims)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, fp32=True)
+    return model.eval()
+
+
+def official_checkpoint(official_dir: str, work_dir: str, seed: int = 0, **dims) -> str:
+    """``work_dir/qwen_audio_tiny``: make_tiny_checkpoint(seed, **dims) with the official code files beside it."""
+    from qwenaudio.testing import make_tiny_checkpoint
 
     ckpt = os.path.join(work_dir, "qwen_audio_tiny")  # also the name of the dynamic module package
     make_tiny_checkpoint(ckpt, seed=seed, vocab_file=os.path.join(official_dir, "qwen.tiktoken"), **dims)
     for name in OFFICIAL_FILES:  # the official mel_filters.npz replaces ours, so the mel is fully official
         shutil.copyfile(os.path.join(official_dir, name), os.path.join(ckpt, name))
     open(os.path.join(ckpt, "cpp_kernels.py"), "w").close()  # imported by modeling_qwen.py, unused here
-    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, fp32=True)
-    return model.eval()
+    return ckpt
 
 
 def official_inputs(audio_module, waveforms):
