@@ -6,11 +6,13 @@ import json
 import math
 import shutil
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
+import qwenaudio
 from qwenaudio import CheckpointError, ConfigError, QwenAudioConfig, load_checkpoint, save_checkpoint, tensor_shapes
 from qwenaudio.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index, write_shards
 from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
@@ -241,3 +243,15 @@ def test_write_shards_makes_each_tensor_only_when_its_shard_is_written(tmp_path)
     write_shards(layout, make, tmp_path, max_shard_bytes=2048)
     assert [m[1] for m in made] == [[]] * 2 + [[shard_name(0, 3)]] * 2 + [[shard_name(0, 3), shard_name(1, 3)]] * 2
     assert json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]["t5"] == shard_name(2, 3)
+
+
+def test_tiny_checkpoint_checks_first_and_leaves_nothing_half_written(tmp_path, vocab_file):
+    with pytest.raises(qwenaudio.TokenizerError, match="make_tiny_checkpoint: vocabulary file not found: missing"):
+        make_tiny_checkpoint(tmp_path / "a", vocab_file="missing")
+    with pytest.raises(KeyboardInterrupt), mock.patch("qwenaudio.testing.np.savez", side_effect=KeyboardInterrupt):
+        make_tiny_checkpoint(tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+    made = make_tiny_checkpoint(tmp_path / "c", vocab_file=vocab_file)
+    with pytest.raises(qwenaudio.InputError, match="exists and is not an empty directory"):
+        make_tiny_checkpoint(made)
+    assert len(qwenaudio.load_checkpoint(made, device="meta")) == 59

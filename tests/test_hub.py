@@ -3,6 +3,7 @@ huggingface_hub lays it out) and are downloaded there when missing (through a st
 and the missing extra."""
 
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -36,6 +37,7 @@ def fake_hub(monkeypatch, write):
             (repo / "refs").mkdir(parents=True, exist_ok=True)
             (repo / "refs" / (revision or "main")).write_text("0123abcd")
             local_dir = repo / "snapshots" / "0123abcd"
+        shutil.rmtree(local_dir, ignore_errors=True)  # the real hub fills in what is missing; this one starts over
         write(Path(local_dir))
         return str(local_dir)
 

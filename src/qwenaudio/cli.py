@@ -136,7 +136,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(check, None, verify_traces)
     shrink = commands.add_parser("quantize", help="write an int8 copy of a checkpoint",
                                  description="Copy checkpoint directory SOURCE to TARGET with the decoder's linears in "
-                                             "int8 plus per-row scales (about 9 GB for Qwen-Audio instead of 17); "
+                                             "int8 plus per-row scales (9.68 GB on disk for Qwen-Audio instead of 16.79); "
                                              "qwenaudio loads it in int8 as it is.")
     shrink.add_argument("source", type=Path, help="a checkpoint directory in the official layout")
     shrink.add_argument("target", type=Path, help="the directory to write (new or empty; built aside, then renamed)")
@@ -180,8 +180,8 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
                         help="default: bfloat16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else float32 "
                              "(float16 on older GPUs); verify: the reference trace's dtype")
     parser.add_argument("--int8", action="store_true",
-                        help="quantize the decoder's linears to int8 while loading (10 GB instead of 17; on CPUs with "
-                             "AVX-512 also faster decoding); int8 checkpoints load in int8 without it")
+                        help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead of "
+                             "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 without it")
     parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
     parser.set_defaults(repo=repo, run=run)
 

@@ -128,7 +128,8 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: str 
     "bf16"; default: `default_dtype`).
 
     `int8` quantizes the decoder's linears as they are read (`qwenaudio.quantize`): the full model then needs about
-    10 GB instead of 17. A checkpoint written by `save_quantized` loads in int8 without asking."""
+    10.7 GiB at its peak instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `save_quantized` loads in
+    int8 without asking."""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = resolve(name)

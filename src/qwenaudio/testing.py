@@ -21,7 +21,8 @@ import torch
 from .audio import mel_filters
 from .checkpoint import tensor_shapes, write_shards
 from .config import AudioConfig, QwenAudioConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError, TokenizerError
+from .files import building
 from .tokenizer import NUM_BPE_RANKS, VOCAB_FILE
 
 # config.json of Qwen/Qwen-Audio on Hugging Face (full size; the Chat checkpoint's is the same).
@@ -99,26 +100,33 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Write a random checkpoint directory in the official layout and return its path.
 
-    `vocab_file` is copied in as qwen.tiktoken (pass the real one for meaningful prompts); without it a byte-level
-    stand-in with the same number of ranks is written, so special-token ids stay exact while text encodes to bytes.
+    `vocab_file` is copied in as qwen.tiktoken (pass the real one for meaningful prompts: every checkpoint holds it,
+    and so does the PyPI wheel `dashscope`, as dashscope/resources/qwen.tiktoken); without it a byte-level stand-in
+    with the same number of ranks is written, so special-token ids stay exact while text encodes to bytes.
     `chat` selects Qwen-Audio-Chat's generation_config.json. `dims` override config fields (see `tiny_config`).
+    `path` must be new or empty; the checkpoint is built beside it and renamed into place once complete.
     """
     path = Path(path)
     raw = tiny_config(**dims)
     config = QwenAudioConfig.from_dict(raw, source="make_tiny_checkpoint")
+    if vocab_file is not None and not Path(vocab_file).is_file():
+        raise TokenizerError(f"make_tiny_checkpoint: vocabulary file not found: {vocab_file}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"make_tiny_checkpoint: {path} exists and is not an empty directory")
     rng = np.random.Generator(np.random.PCG64(seed))
     shapes = tensor_shapes(config)  # made in this order, one shard at a time: full size needs no 17 GB of RAM
     layout = {name: (shape, torch.bfloat16) for name, shape in shapes.items()}
-    write_shards(layout, lambda name: _random_tensor(name, shapes[name], rng), path, max_shard_bytes=max_shard_bytes)
-
-    _write_json(path / "config.json", raw)
-    _write_json(path / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])
-    _write_json(path / "tokenizer_config.json", TOKENIZER_CONFIG)
-    np.savez(path / "mel_filters.npz", mel_80=mel_filters(80))
-    if vocab_file is not None:
-        shutil.copyfile(vocab_file, path / VOCAB_FILE)
-    else:
-        _write_byte_vocab(path / VOCAB_FILE)
+    with building(path) as partial:
+        write_shards(layout, lambda name: _random_tensor(name, shapes[name], rng), partial,
+                     max_shard_bytes=max_shard_bytes)
+        _write_json(partial / "config.json", raw)
+        _write_json(partial / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])
+        _write_json(partial / "tokenizer_config.json", TOKENIZER_CONFIG)
+        np.savez(partial / "mel_filters.npz", mel_80=mel_filters(80))
+        if vocab_file is not None:
+            shutil.copyfile(vocab_file, partial / VOCAB_FILE)
+        else:
+            _write_byte_vocab(partial / VOCAB_FILE)
     return path
 
 
