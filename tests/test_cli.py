@@ -341,3 +341,16 @@ def test_a_path_is_never_a_repo_id(audio_dir, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
     assert done.returncode == 3 and "error: no checkpoint at weights/Qwen-Audio: no such directory" in done.stderr
     assert "pip install huggingface_hub" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_budget_past_the_context_is_cut_with_a_warning_line(tiny_ckpt, audio_dir, tmp_path):
+    """On a copy of the tiny checkpoint whose context is 64 positions (the tiny model never stops by itself)."""
+    small = shutil.copytree(tiny_ckpt, tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    done = qwenaudio_cli("transcribe", audio_dir / "speech.wav", "--model", small, "--max-new-tokens", "1000000000",
+                         "--device", "cpu", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("warning: max_new_tokens=1000000000 is cut to 6: the prompt's 58 tokens and the new ones must fit the "
+            "model's context of 64 (max_position_embeddings)\n") in done.stderr
+    assert "UserWarning" not in done.stderr

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ TIMED_FORMATS = ("srt", "vtt")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the command line), load the model, run the subcommand; returns the exit code."""
+    warnings.showwarning = _warn
     try:
         args = parse(argv)
     except SystemExit as e:  # --help or a usage error: argparse has already said what to say
@@ -79,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _warn(message: Warning | str, *_) -> None:
+    """Library warnings (a budget cut to the context, …) as one `warning:` line, like errors."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
