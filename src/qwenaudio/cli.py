@@ -26,7 +26,6 @@ from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, proces
 from .chat import DEFAULT_SYSTEM, Chat
 from .errors import InputError, QwenAudioError
 from .files import write_text
-from .hub import OFFICIAL_REPOS
 from .model import QwenAudio, load, report_progress
 from .quantize import save_quantized
 from .longform import Segment, text_of, words_of
@@ -65,11 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = args.model and load(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype),
                                     int8=args.int8, progress=args.rank == 0)
-    except QwenAudioError as e:
-        print(f"error: {e}\nGet the weights with: python -c \"import qwenaudio; "
-              f"qwenaudio.download('{args.repo or OFFICIAL_REPOS[0]}')\" (needs pip install huggingface_hub), or "
-              "place the files by hand (weights/README.md in the qwenaudio repository) and pass --model DIR.",
-              file=sys.stderr)
+    except QwenAudioError as e:  # a missing checkpoint's message says how to get one
+        print(f"error: {e}", file=sys.stderr)
         return 3
     try:
         return args.run(model, args)
@@ -143,7 +139,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(check, None, verify_traces)
     shrink = commands.add_parser("quantize", help="write an int8 copy of a checkpoint",
                                  description="Copy checkpoint directory SOURCE to TARGET with the decoder's linears in "
-                                             "int8 plus per-row scales (9.68 GB on disk for Qwen-Audio instead of 16.79); "
+                                             "int8 plus per-row scales (9.68 GB on disk for Qwen-Audio instead of "
+                                             "16.79); "
                                              "qwenaudio loads it in int8 as it is.")
     shrink.add_argument("source", type=Path, help="a checkpoint directory in the official layout")
     shrink.add_argument("target", type=Path, help="the directory to write (new or empty; built aside, then renamed)")
@@ -188,7 +185,8 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
                              "(float16 on older GPUs); verify: the reference trace's dtype")
     parser.add_argument("--int8", action="store_true",
                         help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead of "
-                             "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 without it")
+                             "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
+                             "without it")
     parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
     parser.set_defaults(repo=repo, run=run)
 

@@ -104,8 +104,11 @@ def resolve(name: str | Path) -> Path:
     if looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise CheckpointError(f"no checkpoint at {path}: no such directory (a repo id looks like "
-                                  f"{OFFICIAL_REPOS[0]!r}).\n{_by_hand(OFFICIAL_REPOS[0])}")
+            repo = OFFICIAL_REPOS[0]
+            raise CheckpointError(
+                f"no checkpoint at {path}: no such directory (a repo id looks like {repo!r}).\nGet the weights with: "
+                f"python -c \"import qwenaudio; print(qwenaudio.download('{repo}'))\" (needs pip install "
+                f"huggingface_hub), and pass the directory it prints.\n{_by_hand(repo)}")
         return path
     home = weights_home()
     local = home / name.split("/")[1] if home is not None else None
