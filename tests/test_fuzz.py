@@ -19,6 +19,7 @@ inputs each time (hypothesis prints the failing one, with a `@reproduce_failure`
 import io
 import json
 import os
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -34,8 +35,8 @@ import qwenaudio
 from qwenaudio import AudioError, CheckpointError, ConfigError, QwenAudioError, Tokenizer, TokenizerError
 from qwenaudio.audio import load_audio
 from qwenaudio.checkpoint import INDEX_FILE, load_checkpoint
-from qwenaudio.config import GenerationConfig
-from qwenaudio.testing import make_tiny_checkpoint
+from qwenaudio.config import GenerationConfig, QwenAudioConfig
+from qwenaudio.testing import make_tiny_checkpoint, tiny_config
 from qwenaudio.tokenizer import AUDIO_END, AUDIO_START, SPECIAL_TOKENS
 
 SCALE = int(os.environ.get("QWENAUDIO_FUZZ", "1"))
@@ -127,3 +128,247 @@ def test_load_audio_refuses_rates_that_would_exhaust_memory(rate, match):
     sf.write(buffer, np.zeros(4000), rate, format="WAV")
     with pytest.raises(AudioError, match=f"cannot resample {rate} Hz audio to 16000 Hz: {match}"):
         load_audio(buffer.getvalue())
+
+
+# --- the checkpoint reader -----------------------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=6)
+
+
+class Pristine:
+    """A tiny checkpoint in three shards and its tensors (the stand-in vocabulary keeps `qwenaudio.load` cheap)."""
+
+    def __init__(self, path: Path):
+        self.path, self.state = path, load_checkpoint(path)
+
+    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example: not 40 MB of tensors
+        return f"Pristine({self.path})"
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Pristine:
+    return Pristine(make_tiny_checkpoint(tmp_path_factory.mktemp("pristine") / "ckpt", max_shard_bytes=2**20))
+
+
+def checkpoint_with(pristine: Pristine, scratch: Path, name: str, data: bytes) -> Path:
+    """A copy of the pristine checkpoint at `scratch / "ckpt"` whose file `name` holds `data` instead. The other
+    files are hard links, so nothing is copied: change them only by replacing them, as here."""
+    work = scratch / "ckpt"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(pristine.path, work, copy_function=os.link)
+    (work / name).unlink()
+    (work / name).write_bytes(data)
+    return work
+
+
+def same_tensors_or_error(directory: Path, pristine: Pristine, device: str) -> bool:
+    """Whether `directory` loaded (with the pristine tensors); False if it raised one of our errors."""
+    try:
+        state = load_checkpoint(directory, device=device)
+    except (CheckpointError, ConfigError):
+        return False
+    assert state.keys() == pristine.state.keys()
+    for name, tensor in state.items():
+        expected = pristine.state[name]
+        assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, name
+        assert device == "meta" or torch.equal(tensor, expected), name
+    return True
+
+
+def header_end(shard: bytes) -> int:
+    """Bytes up to the end of a safetensors header: an 8-byte little-endian length, then that much JSON."""
+    return 8 + int.from_bytes(shard[:8], "little")
+
+
+@fuzz(60)
+@given(draw=st.data(), device=st.sampled_from(["meta", "cpu"]))
+def test_checkpoint_corrupted_files(pristine, draw, device, tmp_path_factory):
+    """Shards are corrupted in their header (edits in the data would only change values) or cut anywhere."""
+    files = sorted(p.name for p in pristine.path.glob("*.safetensors")) + [INDEX_FILE, "config.json"]
+    name = draw.draw(st.sampled_from(files), label="file")
+    data = (pristine.path / name).read_bytes()
+    data = draw.draw(corrupted(data, within=header_end(data) if name.endswith(".safetensors") else None), label="data")
+    same_tensors_or_error(checkpoint_with(pristine, tmp_path_factory.getbasetemp(), name, data), pristine, device)
+
+
+@st.composite
+def ill_typed_index(draw, pristine: Path, work: Path) -> dict:
+    """The index of `pristine` for its copy at `work`, with some weight_map entries pointing elsewhere (other files,
+    the pristine shards outside `work`, non-strings), some tensors dropped or added, or the whole weight_map or
+    index replaced by arbitrary JSON."""
+    index = json.loads((pristine / INDEX_FILE).read_text())
+    weight_map = index["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    outside = [str(pristine / s) for s in shards] + [os.path.relpath(pristine / s, work) for s in shards]
+    odd = [f"sub/{s}" for s in shards] + [f"{s}/" for s in shards] + [f"./{s}" for s in shards]
+    others = ["", ".", "..", "config.json", INDEX_FILE, "qwen.tiktoken", "/dev/zero", "/etc/passwd"]
+    elsewhere = st.one_of(JSON, st.sampled_from(shards + outside + odd + others))
+    for name in draw(st.lists(st.sampled_from(sorted(weight_map)), max_size=3)):
+        weight_map[name] = draw(elsewhere)
+    for name in draw(st.lists(st.sampled_from(sorted(weight_map)), max_size=2)):
+        weight_map.pop(name, None)
+    weight_map |= draw(st.dictionaries(st.text(max_size=8), elsewhere, max_size=2))
+    return draw(st.one_of(st.just(index), st.builds(lambda w: {"weight_map": w}, JSON), JSON))
+
+
+@fuzz(60)
+@given(draw=st.data(), device=st.sampled_from(["meta", "cpu"]))
+def test_checkpoint_ill_typed_index(pristine, draw, device, tmp_path_factory):
+    """Also: a checkpoint never reads a file outside its directory, so success means every shard is a plain name."""
+    scratch = tmp_path_factory.getbasetemp()
+    index = draw.draw(ill_typed_index(pristine.path, scratch / "ckpt"), label="index")
+    work = checkpoint_with(pristine, scratch, INDEX_FILE, json.dumps(index).encode())
+    if same_tensors_or_error(work, pristine, device):
+        assert all(isinstance(v, str) and v == Path(v).name != ".." for v in index["weight_map"].values())
+
+
+@st.composite
+def ill_typed_config(draw, config: dict) -> object:
+    """config.json with fields set to arbitrary JSON (huge and non-finite numbers included), or dropped, or the
+    whole file replaced by arbitrary JSON."""
+    config = json.loads(json.dumps(config))
+    value = st.one_of(JSON, st.integers(), st.sampled_from([0, -1, 2**63, 10**30, float("nan"), float("inf")]))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from([config] + [v for v in config.values() if isinstance(v, dict) and v]))
+        key = draw(st.sampled_from(sorted(where)))
+        if draw(st.booleans()):
+            where[key] = draw(value)
+        else:
+            del where[key]
+    return draw(st.one_of(st.just(config), JSON))
+
+
+@fuzz(60)
+@given(draw=st.data(), device=st.sampled_from(["meta", "cpu"]))
+def test_checkpoint_ill_typed_config(pristine, draw, device, tmp_path_factory):
+    config = draw.draw(ill_typed_config(json.loads((pristine.path / "config.json").read_text())), label="config")
+    work = checkpoint_with(pristine, tmp_path_factory.getbasetemp(), "config.json", json.dumps(config).encode())
+    same_tensors_or_error(work, pristine, device)
+
+
+GENERATION_KEYS = ["chat_format", "eos_token_id", "stop_words_ids", "stop_token_ids", "max_new_tokens", "top_p"]
+
+
+@fuzz(100)
+@given(data=st.one_of(
+    st.binary(max_size=64),
+    corrupted(json.dumps({"chat_format": "chatml", "eos_token_id": 151643, "stop_words_ids": [[1]]}).encode()),
+    st.builds(json.dumps, st.one_of(JSON, st.dictionaries(st.sampled_from(GENERATION_KEYS),
+                                                          st.one_of(JSON, st.lists(st.lists(JSON, max_size=2)))))),
+))
+def test_generation_config_corrupted(data, tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "generation_config.json"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    try:
+        GenerationConfig.from_json(path)
+    except ConfigError:
+        pass
+
+
+@fuzz(15)
+@given(draw=st.data())
+def test_load_corrupted_checkpoint(pristine, draw, tmp_path_factory):
+    """`qwenaudio.load` reads every file of a checkpoint directory: any one of them corrupted."""
+    name = draw.draw(st.sampled_from(sorted(p.name for p in pristine.path.iterdir())), label="file")
+    data = (pristine.path / name).read_bytes()
+    data = draw.draw(corrupted(data, within=header_end(data) if name.endswith(".safetensors") else None), label="data")
+    work = checkpoint_with(pristine, tmp_path_factory.getbasetemp(), name, data)
+    try:
+        model = qwenaudio.load(work, device="cpu", dtype=torch.float32, progress=False)
+    except QwenAudioError:
+        return
+    assert torch.equal(model.decoder.lm_head.weight, pristine.state["lm_head.weight"].float())
+
+
+# Regressions the fuzzers found (or would find only in a long run), stated once each.
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "subdirectory", "number"])
+def test_index_cannot_name_files_outside_the_checkpoint(pristine, tmp_path, where):
+    """Before: an absolute or ../ shard path was read wherever it pointed (here: an identical copy, so the load
+    succeeded), and a number became the file name "3"."""
+    index = json.loads((pristine.path / INDEX_FILE).read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    index["weight_map"]["lm_head.weight"] = named = {
+        "absolute": str(tmp_path / "outside" / shard), "relative": f"../outside/{shard}", "subdirectory": f"sub/{shard}",
+        "number": 3}[where]
+    work = checkpoint_with(pristine, tmp_path, INDEX_FILE, json.dumps(index).encode())
+    for directory in (tmp_path / "outside", work / "sub"):
+        directory.mkdir()
+        os.link(work / shard, directory / shard)
+    with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}: weight_map\['lm_head.weight'\] must name a shard file "
+                                              rf"in the checkpoint directory, got {named!r}"):
+        load_checkpoint(work, device="meta")
+
+
+BROKEN_JSON = {"a directory": None, "nested too deep": b"[" * 100_000, "not UTF-8": b'{"\xff": 1}',
+               "an integer of 5000 digits": b"{\"a\": " + b"9" * 5000 + b"}"}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_JSON))
+@pytest.mark.parametrize("name, read, error", [
+    (INDEX_FILE, lambda d: load_checkpoint(d, device="meta"), CheckpointError),
+    ("config.json", QwenAudioConfig.from_json, ConfigError),
+    ("generation_config.json", GenerationConfig.from_json, ConfigError),
+])
+def test_unreadable_json_files(pristine, tmp_path, broken, name, read, error):
+    """Before: IsADirectoryError, RecursionError, and (generation_config.json) UnicodeDecodeError escaped."""
+    work = checkpoint_with(pristine, tmp_path, name, b"")
+    if BROKEN_JSON[broken] is None:
+        (work / name).unlink()
+        (work / name).mkdir()
+    else:
+        (work / name).write_bytes(BROKEN_JSON[broken])
+    with pytest.raises(error, match=re.escape(str(work / name))):
+        read(work)
+
+
+@pytest.mark.parametrize("name", [INDEX_FILE, "config.json", "generation_config.json", "qwen.tiktoken"])
+def test_unreadable_files(pristine, tmp_path, name):
+    """chmod 000: PermissionError escaped. Root reads such files anyway, so there the test has nothing to check."""
+    work = checkpoint_with(pristine, tmp_path, name, (pristine.path / name).read_bytes())
+    (work / name).chmod(0)
+    if os.access(work / name, os.R_OK):
+        pytest.skip("chmod 000 does not stop this user (root) from reading")
+    with pytest.raises(QwenAudioError, match=re.escape(str(work / name))):
+        qwenaudio.load(work, device="cpu", progress=False)
+
+
+def test_absurd_layer_count_is_refused_quickly(pristine, tmp_path):
+    """Before: num_hidden_layers 10**9 made load_checkpoint build a table of 8 billion expected tensors."""
+    config = json.loads((pristine.path / "config.json").read_text()) | {"num_hidden_layers": 10**9}
+    work = checkpoint_with(pristine, tmp_path, "config.json", json.dumps(config).encode())
+    with pytest.raises(CheckpointError, match="the config asks for 1000000000 decoder and 2 encoder layers, "
+                                              "but the checkpoint holds 59 tensors"):
+        load_checkpoint(work, device="meta")
+
+
+@pytest.mark.parametrize("field, text, shown", [("layer_norm_epsilon", "NaN", "nan"),
+                                                ("rotary_emb_base", "Infinity", "inf"),
+                                                pytest.param("rotary_emb_base", "1" + "0" * 400, "inf", id="10**400")])
+def test_config_numbers_must_be_finite(field, text, shown):
+    """Before: NaN and infinity were accepted (a silently broken model); a 400-digit integer raised OverflowError."""
+    raw = json.loads(json.dumps(tiny_config()).replace(f'"{field}": ', f'"{field}": {text}, "_was": '))
+    with pytest.raises(ConfigError, match=f"field '{field}' must be finite, got {shown}"):
+        QwenAudioConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[]", "expected a JSON object, got list"),
+    ('{"stop_words_ids": 3}', "'stop_words_ids' must be a list of id lists"),
+    ('{"stop_words_ids": [3]}', "'stop_words_ids' must be a list of id lists"),
+    ('{"eos_token_id": [1]}', r"stop token ids must be ints, got \[1\]"),
+    ('{"stop_words_ids": [[true]]}', "stop token ids must be ints, got True"),
+])
+def test_generation_config_shapes(tmp_path, text, match):
+    """Before: AttributeError, TypeError ('int' object is not iterable, unhashable type: 'list')."""
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        GenerationConfig.from_json(tmp_path)
+
+
+def test_generation_config_stop_token_ids_key(tmp_path):
+    """Our own field name in the file: before, TypeError (stop_token_ids given twice); now its ids stop too."""
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 1, "stop_token_ids": [7, 1]}')
+    assert GenerationConfig.from_json(tmp_path).stop_token_ids == (1, 7)
