@@ -27,6 +27,11 @@ HOP_LENGTH = 160  # 10 ms hop: 100 mel frames per second
 CHUNK_LENGTH = 30  # seconds the encoder sees at once
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480,000: longer clips are truncated, as the official code does
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames per 30 s window
+# Limits of `resample`, so that a corrupt header's sample rate cannot ask for more memory than the machine has: the
+# filter bank of a common rate stays far below MAX_FILTER_BANK (44,056 Hz, the worst, needs 11 M coefficients), and
+# no real recording is upsampled more than MAX_UPSAMPLING times (1 kHz -> 16 kHz).
+MAX_FILTER_BANK = 2**24
+MAX_UPSAMPLING = 16
 
 AudioSource = str | Path | bytes | BinaryIO | np.ndarray | torch.Tensor
 
@@ -193,16 +198,24 @@ def resample(audio: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE, *, ze
     Each kernel is a low-pass sinc at `rolloff` × the lower Nyquist frequency, `zero_crossings` lobes each side,
     under a Kaiser window. The defaults are those of ffmpeg's resampler, which the official loader uses, so the
     model hears nearly what it hears there; they reject aliases by > 90 dB from 1.19 × the new Nyquist frequency.
-    Output length is ceil(samples·up/down).
+    Output length is ceil(samples·up/down). Ratios past `MAX_UPSAMPLING` or `MAX_FILTER_BANK` raise `AudioError`.
     """
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     if up == down:
         return audio
+    if up > MAX_UPSAMPLING * down:
+        raise AudioError(f"cannot resample {orig_sr} Hz audio to {new_sr} Hz: upsampling by more than "
+                         f"{MAX_UPSAMPLING}x is refused (such a rate comes from a corrupt header, not a recording)")
     cutoff = 0.5 * rolloff * min(1.0, up / down)  # cycles per input sample
     half_width = zero_crossings / (2 * cutoff)  # window half-length in input samples
     lo = -math.ceil(half_width)
     hi = math.ceil(half_width + (up - 1) * down / up)
+    if up * (hi - lo + 1) > MAX_FILTER_BANK:
+        raise AudioError(
+            f"cannot resample {orig_sr} Hz audio to {new_sr} Hz: the exact ratio {up}/{down} needs {up} filters of "
+            f"{hi - lo + 1} taps; convert it to {new_sr} Hz first (e.g. ffmpeg -i IN -ar {new_sr} OUT.wav)"
+        )
     offsets = torch.arange(up, dtype=torch.float64)[:, None] * down / up  # [up, 1]
     t = offsets - torch.arange(lo, hi + 1, dtype=torch.float64)[None, :]  # [up, taps]: output time − input time
     window = torch.special.i0(beta * torch.sqrt((1 - (t / half_width) ** 2).clamp(min=0))) / torch.special.i0(

@@ -111,16 +111,33 @@ def shard_files(path: str | Path) -> dict[str, Path]:
         if single.exists():
             return {name: single for name in read_header(single)}
         raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} is there")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = {str(name): path / str(shard) for name, shard in weight_map.items()}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
-    missing = sorted({f for f in files.values() if not f.exists()})
+    files = {name: path / shard for name, shard in read_index(index).items()}
+    missing = sorted({f for f in files.values() if not f.is_file()})
     if missing:
         listed = ", ".join(f.name for f in missing)
         raise CheckpointError(f"{path}: missing shard file(s) named in {INDEX_FILE}: {listed}")
     return files
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index: tensor name -> shard file name.
+
+    Shards must be plain file names, so that a corrupt or hostile index cannot make us read a file outside the
+    checkpoint directory (`../x`, `/etc/x`); symlinked shards, as in the Hugging Face cache, are fine.
+    """
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{index}: cannot read the index ({type(e).__name__}: {e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] must name a shard file in the checkpoint directory, got {shard!r}"
+            )
+    return weight_map
 
 
 def read_header(file: Path) -> dict[str, tuple[torch.dtype, Shape]]:
@@ -167,6 +184,10 @@ def load_checkpoint(
         if absent:
             raise CheckpointError(f"{file}: {INDEX_FILE} places {absent[0]!r} here but the shard does not hold it")
         headers |= header
+    layers = config.num_hidden_layers + config.audio.n_layer
+    if layers > len(files):  # every layer stores tensors; and a corrupt count must not build a table of billions
+        raise CheckpointError(f"{path}: the config asks for {config.num_hidden_layers} decoder and "
+                              f"{config.audio.n_layer} encoder layers, but the checkpoint holds {len(files)} tensors")
     check_tensors({n: headers[n][1] for n in files}, tensor_shapes(config), source=str(path))
 
     wanted = [n for n in files if n.startswith(prefix)]

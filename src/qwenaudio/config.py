@@ -100,13 +100,7 @@ class QwenAudioConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(_read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The official `config.json` layout, with every field that was read (known or not) written back."""
@@ -159,23 +153,24 @@ class GenerationConfig:
         path = path / "generation_config.json" if path.is_dir() else path
         if not path.exists():
             return cls()
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = _read_json(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        words, listed = raw.get("stop_words_ids", []), raw.get("stop_token_ids", [])
+        if not (isinstance(words, list) and all(isinstance(w, list) for w in words) and isinstance(listed, list)):
+            raise ConfigError(f"{path}: 'stop_words_ids' must be a list of id lists and 'stop_token_ids' a list of ids")
+        stops = [w[0] for w in words if len(w) == 1] + [raw.get("eos_token_id", 151643)] + listed
+        if raw.get("chat_format") == "chatml":
+            stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
+        wrong = [s for s in stops if not isinstance(s, int) or isinstance(s, bool)]
+        if wrong:
+            raise ConfigError(f"{path}: stop token ids must be ints, got {wrong[0]!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"stop_token_ids"}
+        values = {k: v for k, v in raw.items() if k in known}
         try:
-            stops = [w[0] for w in raw.get("stop_words_ids", []) if len(w) == 1] + [raw.get("eos_token_id", 151643)]
-            if raw.get("chat_format") == "chatml":
-                stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
-            known = {f.name for f in dataclasses.fields(cls)}
-            values = {k: v for k, v in raw.items() if k in known}
             return cls(**values, stop_token_ids=tuple(dict.fromkeys(stops)))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        except TypeError as e:  # stop_words_ids that are not lists of ids
-            raise ConfigError(f"{path}: stop_words_ids must be a list of id lists ({e})") from None
 
     def replace(self, **changes) -> GenerationConfig:
         """A copy with `changes` applied; a None value keeps the current setting."""
@@ -218,6 +213,18 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _read_json(path: Path) -> Any:
+    """The parsed contents of a JSON file; every way reading it can fail is a ConfigError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:  # a directory, unreadable, ...
+        raise ConfigError(f"{path}: cannot read the file ({type(e).__name__}: {e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deep
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 QUANTIZATION_METHODS = ("int8-weight-only",)  # config.json "quantization" values we can load (not official)
 
 _KINDS = {"int": int, "float": float, "bool": bool}
@@ -241,7 +248,12 @@ def _read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
             raise ConfigError(f"{where} must be {kind}, got {value!r}")
-        value = _KINDS[kind](value)
+        try:
+            value = _KINDS[kind](value)
+        except OverflowError:  # an integer past the float range
+            value = math.inf
+        if kind == "float" and not math.isfinite(value):  # JSON has no NaN or Infinity, but Python's json reads them
+            raise ConfigError(f"{where} must be finite, got {value!r}")
         if kind in ("int", "float") and value <= 0:
             raise ConfigError(f"{where} must be positive, got {value!r}")
         values[f.name] = value

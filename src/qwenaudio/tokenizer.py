@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import numbers
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import AbstractSet, Literal
 import tiktoken
 import torch
 
+from .audio import N_SAMPLES, audio_span
 from .errors import TokenizerError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -38,6 +40,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 AUDIO_PAD, AUDIO_START, AUDIO_END = "[[[AUDIO:modality]]]", "<audio>", "</audio>"
 AUDIO_TAGS = frozenset({AUDIO_START, AUDIO_END})
 MAX_TIMESTAMP_CS = 3000  # `<|0.00|>` … `<|30.00|>` in steps of 10 ms
+MAX_AUDIO_SPAN = audio_span(N_SAMPLES)  # 752 prompt tokens: a 30 s clip, the longest the encoder hears
 
 
 def timestamp_token(centiseconds: int) -> str:
@@ -133,7 +136,11 @@ class Tokenizer:
 
         Each `<audio>…</audio>` region becomes `<audio>`, `span - 2` audio pads and `</audio>`, one entry of
         `audio_spans` per region in order of appearance. Text containing audio regions needs `audio_spans`.
+        Surrogate code points are read as UTF-16, as tiktoken and the official tokenizer do: a pair becomes its
+        character and a lone one U+FFFD (they are not Unicode characters, and UTF-8 cannot hold them).
         """
+        if audio_spans is not None and not isinstance(audio_spans, Sequence):
+            raise TokenizerError(f"audio_spans must be a list of ints (one per clip), got {audio_spans!r}")
         ids = self._encode_plain(text, allowed_special)
         regions = self._audio_regions(ids)
         if not regions:
@@ -148,8 +155,9 @@ class Tokenizer:
             )
         out, end = [], 0
         for (start, stop), span in zip(regions, audio_spans):
-            if not isinstance(span, int) or span < 2:
-                raise TokenizerError(f"audio span {span!r} must be an int ≥ 2 (BOS + frames + EOS)")
+            if not isinstance(span, int) or isinstance(span, bool) or not 2 <= span <= MAX_AUDIO_SPAN:
+                raise TokenizerError(f"audio span {span!r} must be an int ≥ 2 (BOS + frames + EOS) and ≤ "
+                                     f"{MAX_AUDIO_SPAN} (a 30 s clip)")
             out += ids[end:start] + [self.audio_start_id] + [self.audio_pad_id] * (span - 2) + [self.audio_end_id]
             end = stop + 1
         return out + ids[end:]
@@ -160,16 +168,24 @@ class Tokenizer:
         return [self._encoding.decode(ids[a + 1 : b]) for a, b in self._audio_regions(ids)]
 
     def decode(self, ids: Iterable[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; with `skip_special_tokens`, every id ≥ 151643 (tags, timestamps, pads) is dropped.
+        """Text of `ids` (ints, numpy ints or a 1-D tensor); with `skip_special_tokens`, every id ≥ 151643 (tags,
+        timestamps, pads) is dropped.
 
         The embedding's rows past the tokenizer's ids (155165–155946) have no text, yet generation may choose them
         (`GenerationConfig.full_vocab`, as the official generate does): each is shown as `<|id_N|>`, where the
         official tokenizer fails. No tag has that form, so it cannot be mistaken for one.
         """
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise TokenizerError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        ids = list(ids)
         for i in ids:
-            if not isinstance(i, int) or not 0 <= i < EMBEDDING_ROWS:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):  # a bool is an int, but never an id
+                raise TokenizerError(f"token id {i!r} is not an int")
+            if not 0 <= i < EMBEDDING_ROWS:
                 raise TokenizerError(f"token id {i!r} is outside the model's range 0..{EMBEDDING_ROWS - 1}")
+        ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i < self.eod_id]
         runs = groupby(ids, key=lambda i: i < self.vocab_size)
@@ -188,8 +204,13 @@ class Tokenizer:
 
         Left padding is what generation needs (every row's last token is real); `audio_spans[i]` serves `texts[i]`.
         """
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a str would be split into characters
+            raise TokenizerError(f"texts must be a list of str, got {type(texts).__name__}")
+        texts = list(texts)
         if padding_side not in ("left", "right"):
             raise TokenizerError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if audio_spans is not None and not isinstance(audio_spans, Sequence):
+            raise TokenizerError(f"audio_spans must be a list (one entry per text), got {audio_spans!r}")
         if audio_spans is not None and len(audio_spans) != len(texts):
             raise TokenizerError(f"audio_spans has {len(audio_spans)} entries for {len(texts)} texts")
         rows = [
@@ -209,6 +230,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a str, got {type(text).__name__}")
         if allowed_special != "all":
+            if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
+                raise TokenizerError(f"allowed_special must be 'all' or a set of special tokens, "
+                                     f"got {allowed_special!r}")
             unknown = set(allowed_special) - self.special_ids.keys()
             if unknown:
                 raise TokenizerError(f"allowed_special names unknown special tokens: {sorted(unknown)}")
@@ -242,6 +266,8 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
         raise TokenizerError(f"vocabulary file not found: {path}") from None
     except IsADirectoryError:
         raise TokenizerError(f"vocabulary path is a directory, expected the {VOCAB_FILE} file: {path}") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read the vocabulary ({type(e).__name__}: {e.strerror or e})") from None
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(lines, start=1):
         if not line:
@@ -256,4 +282,8 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
             f"{path}: expected the {NUM_BPE_RANKS} ranks 0..{NUM_BPE_RANKS - 1} of Qwen's vocabulary, "
             f"found {len(ranks)} tokens; the file is truncated or not qwen.tiktoken"
         )
+    missing = [f"{b:#04x}" for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE starts from single bytes: tiktoken would panic on text that needs a missing one
+        raise TokenizerError(f"{path}: no token for the single byte(s) {', '.join(missing[:8])}; byte-level BPE needs "
+                             "all 256 (the file is corrupt or not qwen.tiktoken)")
     return ranks
