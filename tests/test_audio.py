@@ -298,3 +298,15 @@ def test_bad_rates_and_paths(tmp_path):
         load_audio(np.zeros(1600, dtype=np.float32), sr=0, source_sr=16000)
     with pytest.raises(AudioError, match=f"{tmp_path}: is a directory, not an audio file"):
         load_audio(tmp_path)
+
+
+def test_file_errors_from_resampling_name_the_file(tmp_path):
+    odd = tmp_path / "odd.wav"
+    sf.write(odd, np.zeros(8001, dtype=np.float32), 8001)  # a header rate whose exact ratio to 16 kHz is 16000/8001
+    with pytest.raises(AudioError, match=f"^{odd}: cannot resample 8001 Hz audio to 16000 Hz"):
+        load_audio(odd)
+
+
+def test_huge_finite_stereo_samples_average_without_overflow():
+    loud = np.full((2, 1600), 3e38, dtype=np.float32)  # finite, but their float32 sum is not
+    assert torch.equal(load_audio(loud, source_sr=16000), torch.full((1600,), 32767 / 32768))

@@ -144,15 +144,18 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
     else:
         name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
         samples, rate = _decode(source, name)
-    if samples.ndim == 2:
-        samples = samples.mean(axis=0)
     if samples.size == 0:
         raise AudioError(f"{name}: the audio is empty")
     if not np.isfinite(samples).all():
         raise AudioError(f"{name}: the audio contains NaN or infinite samples")
+    if samples.ndim == 2:
+        samples = samples.mean(axis=0, dtype=np.float64)  # huge but finite samples must not overflow in the sum
     if not isinstance(rate, int) or rate <= 0:
         raise AudioError(f"{name}: sample rate must be a positive int, got {rate!r}")
-    audio = resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), rate, sr)
+    try:
+        audio = resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), rate, sr)
+    except AudioError as e:
+        raise AudioError(f"{name}: {e}") from None
     return torch.round(audio * 32768).clamp(-32768, 32767) / 32768
 
 
