@@ -157,3 +157,15 @@ def test_bad_settings_keep_the_conversation(chat_model, in_repo):
         assert chat.history == [("Hello", first)]
     again = Chat(chat_model, history=[("Hello", first)])
     assert chat.ask("And now?", max_new_tokens=3, seed=0) == again.ask("And now?", max_new_tokens=3, seed=0)
+
+
+def test_a_clip_too_short_is_named_and_the_conversation_kept(chat_model, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    short = tmp_path / "blip.wav"
+    sf.write(short, np.zeros(100, dtype=np.float32), 16000)
+    chat = Chat(chat_model)
+    with pytest.raises(qwenaudio.AudioError, match=f"^{short}: 100 samples .* is too short"):
+        chat.ask([{"audio": str(short)}, "what is it?"], max_new_tokens=2)
+    assert chat.history == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .audio import audio_span, load_audio
+from .audio import as_waveform, audio_span
 from .errors import InputError
 from .generate import stream_text
 from .model import QwenAudio
@@ -127,7 +127,7 @@ class Chat:
 
     def _clip(self, path: str) -> torch.Tensor:
         if path not in self._clips:
-            self._clips[path] = load_audio(Path(path))
+            self._clips[path] = as_waveform(Path(path), path)
         return self._clips[path]
 
 

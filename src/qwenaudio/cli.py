@@ -44,13 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:  # --help or a usage error: argparse has already said what to say
         return int(e.code or 0)
-    if args.command == "verify" and args.model and not args.dtype:  # compare like with like
-        try:
-            args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     try:
+        if args.command == "verify" and args.model and not args.dtype:  # compare like with like
+            args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
         if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
             plan_outputs(args)
     except InputError as e:
@@ -62,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.world > 1 and args.device == "cuda" else args.device
     try:
-        model = args.model and load(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype),
-                                    int8=args.int8, progress=args.rank == 0)
+        model = args.model and load(args.model, device=device, dtype=args.dtype, int8=args.int8,
+                                    progress=args.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -89,8 +85,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("transcribe", help="transcribe, translate, caption or classify audio files",
                               description="Run a Qwen-Audio task on audio files, a batch at a time.",
-                              epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments, "
-                                     "3 the model could not be loaded")
+                              epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments "
+                                     "(found before the model loads), 3 the model could not be loaded, 130 "
+                                     "interrupted (summary.json still written)")
     run.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
                      help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
