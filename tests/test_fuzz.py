@@ -330,7 +330,7 @@ def test_shard_that_is_not_a_file(pristine, tmp_path, kind):
     work = checkpoint_with(pristine, tmp_path, name, b"")
     (work / name).unlink()
     if kind == "fifo" and not hasattr(os, "mkfifo"):
-        pytest.skip("no FIFOs on this platform")
+        pytest.skip(reason="no FIFOs on this platform")
     os.mkfifo(work / name) if kind == "fifo" else (work / name).mkdir()
     with pytest.raises(CheckpointError, match=f"missing shard file.s. named in {INDEX_FILE}: {name}"):
         load_checkpoint(work, device="meta")
