@@ -223,7 +223,8 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
     rank, world, jobs, todo = args.rank, args.world, args.jobs, args.todo
     if len(set(gather(len(todo), world))) > 1:  # also a barrier: every process plans before any writes an output
         raise InputError("the processes found different files to do; is the output directory shared and stable?")
-    shown = InputOrder(todo if world == 1 and args.format != "all" else [])
+    printing = world == 1 and args.format != "all"
+    shown = InputOrder(todo if printing else [])
     documents: dict[Path, str] = {}
 
     def write(job: Job, result: tuple[str, list[Word], list[Segment]]) -> None:
@@ -233,7 +234,8 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
                 target = _output(args, job, fmt)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_text(target, document)
-            documents[job.path] = _for_stdout(job, fmt, document, single=len(jobs) == 1)
+            if printing:
+                documents[job.path] = _for_stdout(job, fmt, document, single=len(jobs) == 1)
 
     done: list[str] = []
     failed: list[str] = []

@@ -123,9 +123,9 @@ def as_device(device: str | torch.device | None) -> torch.device:
 
 def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
          int8: bool = False, true_positions: bool = False, progress: bool = True) -> QwenAudio:
-    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", looked up under $QWENAUDIO_HOME and
-    downloaded when missing) onto `device` (default: CUDA if available) in `dtype` (a torch dtype or a name like
-    "bf16"; default: `default_dtype`).
+    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", found in $QWENAUDIO_HOME or the Hugging Face
+    cache and downloaded there when missing: `qwenaudio.hub.resolve`) onto `device` (default: CUDA if available)
+    in `dtype` (a torch dtype or a name like "bf16"; default: `default_dtype`).
 
     `int8` quantizes the decoder's linears as they are read (`qwenaudio.quantize`): the full model then needs about
     10.7 GiB at its peak instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `save_quantized` loads in
