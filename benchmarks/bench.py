@@ -37,10 +37,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from qwenaudio import QwenAudioConfig
-from qwenaudio.audio import log_mel_spectrogram
-from qwenaudio.decoder import Decoder
-from qwenaudio.encoder import AudioEncoder
-from qwenaudio.quantize import quantize_int8
+from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.decoder import Decoder
+from qwenaudio.core.encoder import AudioEncoder
+from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.testing import qwen2_audio_encoder_weights, qwen2_decoder_weights, tiny_config
 
 PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags

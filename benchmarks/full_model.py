@@ -54,7 +54,7 @@ def peak_rss_gib() -> float:
 def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     """One mode, in this process: load, then transcribe the clip step by step with timings."""
     import qwenaudio
-    from qwenaudio.audio import audio_span, load_audio
+    from qwenaudio.core.audio import audio_span, load_audio
     from qwenaudio.tasks import asr_task, prompts
 
     dtype, int8 = MODES[mode]
@@ -74,7 +74,7 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
 @torch.no_grad()
 def _transcribe(model, clip: torch.Tensor, batch, config) -> dict:
     """Encode the clip and generate greedily (random weights: noise, so no text is kept), timing each stage."""
-    from qwenaudio.generate import generate_steps
+    from qwenaudio.core.generate import generate_steps
 
     t0 = time.perf_counter()
     spans = model.encode_audio([clip])

@@ -24,7 +24,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import load_audio
-from qwenaudio.generate import generate
+from qwenaudio.core.generate import generate
 from qwenaudio.testing import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

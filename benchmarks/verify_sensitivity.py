@@ -21,12 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from int8_accuracy import vocab_file  # a sibling script: the real vocabulary, from the dashscope wheel
 
 import qwenaudio
 from qwenaudio.testing import make_tiny_checkpoint
 from qwenaudio.trace import Trace, compare, isolate, record
-
-from int8_accuracy import vocab_file  # a sibling script: the real vocabulary, from the dashscope wheel
 
 REFERENCE = Path("tests/golden/trace_official_full.safetensors")  # run from the repository root
 WEIGHTS = {"decoder": "decoder.h.1.mlp.w1.weight", "encoder": "encoder.blocks.1.mlp.0.weight"}

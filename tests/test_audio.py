@@ -17,8 +17,15 @@ import soundfile as sf
 import torch
 
 from qwenaudio import AudioError
-from qwenaudio.audio import (
-    N_SAMPLES, audio_span, audio_tokens, frames_after_conv, load_audio, log_mel_spectrogram, mel_filters, mel_length,
+from qwenaudio.core.audio import (
+    N_SAMPLES,
+    audio_span,
+    audio_tokens,
+    frames_after_conv,
+    load_audio,
+    log_mel_spectrogram,
+    mel_filters,
+    mel_length,
     resample,
 )
 

@@ -17,7 +17,7 @@ import torch
 import qwenaudio
 from qwenaudio import load_audio, tasks
 from qwenaudio.batch import Job, check_names, find_inputs, plan_batches, run_files, seconds
-from qwenaudio.errors import InputError
+from qwenaudio.core.errors import InputError
 from qwenaudio.longform import plan_windows
 
 from .test_cli import FAST, qwenaudio_cli

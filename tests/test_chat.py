@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import qwenaudio
-import qwenaudio.generate
-from qwenaudio.audio import audio_span
+import qwenaudio.core.generate
 from qwenaudio.chat import Chat, build_context, chat, query_text
+from qwenaudio.core.audio import audio_span
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, ROOT
@@ -78,21 +78,21 @@ def test_chat_context_and_history(chat_model, in_repo):
 def scripted(monkeypatch, *replies):
     """Make generation emit each reply's ids then <|im_end|>, turn after turn, and record every prefill."""
     prefills, script = [], iter([i for reply in replies for i in reply + [151645]])
-    monkeypatch.setattr(qwenaudio.generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
-    original = qwenaudio.generate._prefill
+    monkeypatch.setattr(qwenaudio.core.generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
+    original = qwenaudio.core.generate._prefill
 
     def spy(decoder, ids, mask, audio, capacity, prefix_len):
         logits = original(decoder, ids, mask, audio, capacity, prefix_len)
         prefills.append((prefix_len, ids.shape[1], logits))
         return logits
 
-    monkeypatch.setattr(qwenaudio.generate, "_prefill", spy)
+    monkeypatch.setattr(qwenaudio.core.generate, "_prefill", spy)
     return prefills
 
 
 def full_prefill_logits(model, chat, query):
     _, ids = chat.context(query)
-    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=qwenaudio.tokenizer.AUDIO_SPECIAL_TOKENS)
+    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=qwenaudio.core.tokenizer.AUDIO_SPECIAL_TOKENS)
     model.decoder.clear_cache()
     with torch.no_grad():
         return model.decoder(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]

@@ -14,7 +14,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import CheckpointError, ConfigError, QwenAudioConfig, load_checkpoint, save_checkpoint, tensor_shapes
-from qwenaudio.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index, write_shards
+from qwenaudio.core.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index, write_shards
 from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
 
 # SPEC §3, written out independently of tensor_shapes: {i} runs over 32 decoder layers, {j} over 32 encoder blocks.

@@ -242,7 +242,8 @@ def test_options_a_task_ignores_are_refused(audio_dir, tmp_path, options, messag
 
 def test_readonly_or_full_output_directory(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
     """In-process, where a full disk and a read-only directory can be simulated (tests may run as root)."""
-    from qwenaudio import cli, files
+    from qwenaudio import cli
+    from qwenaudio.core import files
 
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

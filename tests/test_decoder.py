@@ -17,8 +17,8 @@ from safetensors import safe_open
 
 import qwenaudio
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
-from qwenaudio.audio import log_mel_spectrogram
-from qwenaudio.decoder import Decoder, ntk_alpha
+from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.decoder import Decoder, ntk_alpha
 from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
 
 from .conftest import GOLDEN
@@ -392,7 +392,7 @@ def test_token_id_out_of_range(decoder):
 def test_audio_regions_must_match_clips(tiny_ckpt, decoder, tokenizer):
     encoder = load_encoder(tiny_ckpt, dtype=torch.float32)
     clip = torch.randn(8000) * 0.1
-    from qwenaudio.audio import log_mel_spectrogram
+    from qwenaudio.core.audio import log_mel_spectrogram
 
     with torch.no_grad():
         span = encoder.encode(log_mel_spectrogram(clip)[None], [8000])[0]

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from qwenaudio import AudioError, QwenAudioConfig, load_encoder, tensor_shapes
-from qwenaudio.audio import log_mel_spectrogram
-from qwenaudio.encoder import AudioEncoder
+from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.encoder import AudioEncoder
 from qwenaudio.testing import qwen2_audio_encoder_weights
 
 from .conftest import GOLDEN

@@ -37,11 +37,11 @@ from hypothesis import strategies as st
 
 import qwenaudio
 from qwenaudio import AudioError, CheckpointError, ConfigError, QwenAudioError, Tokenizer, TokenizerError
-from qwenaudio.audio import load_audio
-from qwenaudio.checkpoint import INDEX_FILE, load_checkpoint
-from qwenaudio.config import GenerationConfig, QwenAudioConfig
+from qwenaudio.core.audio import load_audio
+from qwenaudio.core.checkpoint import INDEX_FILE, load_checkpoint
+from qwenaudio.core.config import GenerationConfig, QwenAudioConfig
+from qwenaudio.core.tokenizer import AUDIO_END, AUDIO_START, NUM_BPE_RANKS, SPECIAL_TOKENS
 from qwenaudio.testing import make_tiny_checkpoint, tiny_config
-from qwenaudio.tokenizer import AUDIO_END, AUDIO_START, NUM_BPE_RANKS, SPECIAL_TOKENS
 
 SCALE = int(os.environ.get("QWENAUDIO_FUZZ", "1"))
 

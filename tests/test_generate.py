@@ -9,7 +9,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import GenerationConfig, load_audio
-from qwenaudio.generate import choose, generate, generate_steps, process_logits, stream_text
+from qwenaudio.core.generate import choose, generate, generate_steps, process_logits, stream_text
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, ROOT
@@ -243,7 +243,7 @@ def test_full_sequence_call_after_generation(model):
 def test_cpu_default_dtype_follows_native_bf16(monkeypatch, native_bf16, expected):
     """bf16 on CPUs whose oneDNN multiplies it in hardware (2-3x faster than fp32 there), fp32 elsewhere."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
-    assert qwenaudio.model.default_dtype(torch.device("cpu")) == expected
+    assert qwenaudio.core.model.default_dtype(torch.device("cpu")) == expected
 
 
 # --- settings are checked before anything runs ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import load_audio, tasks
-from qwenaudio.audio import SAMPLE_RATE
+from qwenaudio.core.audio import SAMPLE_RATE
 from qwenaudio.longform import Window, plan_windows, stitch_texts, stitch_words, transcribe_long
 from qwenaudio.subtitles import Word
 

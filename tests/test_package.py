@@ -1,6 +1,7 @@
 """The package as users meet it: importing it pulls in no reference package, the example runs, and `load`
 takes the usual spellings of its arguments and names what it cannot take."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -22,6 +23,20 @@ def test_import_pulls_in_no_reference_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_core_imports_nothing_from_the_product():
+    """The core (qwenaudio.core) is what a reader opens to learn the model: it must stand on its own."""
+    core = ROOT / "src" / "qwenaudio" / "core"
+    for file in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                outside = node.level > 1 or (node.level == 0 and (node.module or "").startswith("qwenaudio")
+                                             and not node.module.startswith("qwenaudio.core"))
+                assert not outside, f"{file.name}:{node.lineno} imports from outside the core"
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("qwenaudio")]
+                assert all(n.startswith("qwenaudio.core") for n in names), f"{file.name}:{node.lineno} imports {names}"
 
 
 def run_example(*args):

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import ConfigError, InputError, load_audio, quantize
-from qwenaudio.quantize import Int8Linear, quantize_int8, quantize_weight, save_quantized
+from qwenaudio import ConfigError, InputError, load_audio
+from qwenaudio.core import int8
+from qwenaudio.core.int8 import Int8Linear, quantize_int8, quantize_weight
+from qwenaudio.quantize import save_quantized
 
 from .conftest import GOLDEN, ROOT
 
@@ -29,7 +31,7 @@ def test_weight_round_trip_is_within_half_a_step():
 def test_quantizing_in_chunks_equals_one_pass(monkeypatch):
     w = torch.randn(50, 32) * torch.logspace(-3, 2, 50)[:, None]
     whole = quantize_weight(w)
-    monkeypatch.setattr(quantize, "CHUNK_ROWS", 7)  # 50 rows: 7 full chunks and a short one
+    monkeypatch.setattr(int8, "CHUNK_ROWS", 7)  # 50 rows: 7 full chunks and a short one
     chunked = quantize_weight(w)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
@@ -68,12 +70,12 @@ def test_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path):
     raw = json.loads((target / "config.json").read_text())
     assert raw["quantization"] == "int8-weight-only"
     assert {p.name for p in tiny_ckpt.iterdir() if p.suffix != ".safetensors"} <= {p.name for p in target.iterdir()}
-    header = qwenaudio.checkpoint.read_header(next(target.glob("*.safetensors")))
+    header = qwenaudio.core.checkpoint.read_header(next(target.glob("*.safetensors")))
     assert header["lm_head.weight"][0] == torch.int8 and header["lm_head.weight_scale"][0] == torch.bfloat16
     config = qwenaudio.QwenAudioConfig.from_json(tiny_ckpt)
     shapes = qwenaudio.tensor_shapes(config)
     # Each quantized weight goes from 2 bytes (bf16) to 1 per element and gains a bf16 scale per row.
-    saved = sum(shapes[n][0] * shapes[n][1] - 2 * shapes[n][0] for n in qwenaudio.checkpoint.quantized_names(config))
+    saved = sum(shapes[n][0] * shapes[n][1] - 2 * shapes[n][0] for n in qwenaudio.core.checkpoint.quantized_names(config))
     size = {d: sum(p.stat().st_size for p in d.glob("*.safetensors")) for d in (tiny_ckpt, target)}
     assert abs(size[tiny_ckpt] - size[target] - saved) < 64 * 1024  # headers and shard count may differ
 
@@ -142,7 +144,7 @@ def test_a_full_disk_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
             open(path, "wb").write(b"\0" * 100)  # part of the shard made it to disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(qwenaudio.checkpoint, "save_file", fill_up)
+    monkeypatch.setattr(qwenaudio.core.checkpoint, "save_file", fill_up)
     for where, overwrite in ((tmp_path / "new", False), (target, True)):
         calls.clear()
         with pytest.raises(qwenaudio.CheckpointError, match=f"{where}: could not write the int8 checkpoint "
@@ -155,7 +157,7 @@ def test_ctrl_c_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qwenaudio.checkpoint, "save_file", interrupt)
+    monkeypatch.setattr(qwenaudio.core.checkpoint, "save_file", interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(tiny_ckpt, tmp_path / "int8")
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import torch
 
 import qwenaudio
 from qwenaudio import InputError, tasks
-from qwenaudio.audio import audio_span
+from qwenaudio.core.audio import audio_span
 from qwenaudio.subtitles import Word, to_json, to_srt, to_vtt
 
 from .conftest import ROOT

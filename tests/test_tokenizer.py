@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qwenaudio import Tokenizer, TokenizerError
-from qwenaudio.tokenizer import AUDIO_TAGS, SPECIAL_TOKENS
+from qwenaudio.core.tokenizer import AUDIO_TAGS, SPECIAL_TOKENS
 
 from .conftest import GOLDEN
 

@@ -1,16 +1,22 @@
 """qwenaudio: a pure-PyTorch re-implementation of Qwen-Audio and Qwen-Audio-Chat that loads the official checkpoints."""
 
-from .audio import load_audio, log_mel_spectrogram
-from .checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
-from .config import AudioConfig, GenerationConfig, QwenAudioConfig
-from .decoder import Decoder
-from .encoder import AudioEncoder
-from .errors import (
-    AudioError, CheckpointError, ConfigError, DownloadError, InputError, QwenAudioError, TokenizerError,
+from .core.audio import load_audio, log_mel_spectrogram
+from .core.checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
+from .core.config import AudioConfig, GenerationConfig, QwenAudioConfig
+from .core.decoder import Decoder
+from .core.encoder import AudioEncoder
+from .core.errors import (
+    AudioError,
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    InputError,
+    QwenAudioError,
+    TokenizerError,
 )
-from .hub import download
-from .model import QwenAudio, load, load_decoder, load_encoder
-from .tokenizer import Tokenizer
+from .core.model import QwenAudio, load_decoder, load_encoder
+from .core.tokenizer import Tokenizer
+from .hub import download, load
 
 __version__ = "0.1.0"
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .audio import as_waveform
-from .errors import InputError, QwenAudioError
+from .core.audio import as_waveform
+from .core.errors import InputError, QwenAudioError
 
 R = TypeVar("R")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .audio import as_waveform, audio_span
-from .errors import InputError
-from .generate import stream_text
-from .model import QwenAudio
-from .tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
+from .core.audio import as_waveform, audio_span
+from .core.errors import InputError
+from .core.generate import stream_text
+from .core.model import QwenAudio
+from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 Part = str | dict  # "text", {"text": "…"} or {"audio": path}

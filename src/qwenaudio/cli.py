@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 
 from . import tasks, trace
-from .audio import SAMPLE_RATE
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
-from .errors import InputError, QwenAudioError
-from .files import write_text
-from .model import QwenAudio, load, report_progress
-from .quantize import save_quantized
+from .core.audio import SAMPLE_RATE
+from .core.errors import InputError, QwenAudioError
+from .core.files import write_text
+from .core.model import QwenAudio
+from .core.tokenizer import LANGUAGES
+from .hub import load, report_progress
 from .longform import Segment, text_of, words_of
+from .quantize import save_quantized
 from .subtitles import Word, to_json, to_srt, to_vtt
-from .tokenizer import LANGUAGES
 
 TASKS = ("transcribe", "translate", *tasks.TASKS)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
-from .checkpoint import INDEX_FILE, shard_files
-from .errors import CheckpointError, DownloadError, InputError
+import torch
+
+from .core import model
+from .core.checkpoint import INDEX_FILE, shard_files
+from .core.errors import CheckpointError, DownloadError, InputError
 
 OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
 FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
@@ -118,3 +122,27 @@ def resolve(name: str | Path) -> Path:
         return (local is None and cached(name)) or download(name, local)
     except DownloadError as e:
         raise DownloadError(f"{name}: no such local directory, and as a repo id: {e}") from e
+
+
+def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
+         int8: bool = False, true_positions: bool = False, progress: bool = True) -> model.QwenAudio:
+    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", found in $QWENAUDIO_HOME or the Hugging Face
+    cache and downloaded there when missing: `resolve`) onto `device` (default: CUDA if available) in `dtype` (a
+    torch dtype or a name like "bf16"; default: bf16 where the CPU or GPU runs it natively, else fp32 / fp16).
+
+    `int8` quantizes the decoder's linears as they are read: the full model then needs about 10.7 GiB at its peak
+    instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `qwenaudio quantize` loads in int8 without
+    asking. `progress` draws a bar on a terminal (`report_progress`). The core's `qwenaudio.core.model.load` does
+    the same from a directory, with a progress callback of your own."""
+    device, dtype = model.as_device(device), model.as_dtype(dtype)  # bad arguments fail before any download
+    return model.load(resolve(name), device, dtype, int8=int8, true_positions=true_positions,
+                      progress=report_progress if progress else None)
+
+
+def report_progress(done: int, total: int) -> None:
+    """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
+    if sys.stderr.isatty():
+        bar = "#" * (30 * done // total)
+        print(f"\rloading weights [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
+    elif done == total:
+        print(f"loaded {total} weight tensors", file=sys.stderr)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .audio import CHUNK_LENGTH, SAMPLE_RATE
+from .core.audio import CHUNK_LENGTH, SAMPLE_RATE
 from .subtitles import Word, in_order
 
 FRAME = SAMPLE_RATE // 50  # 20 ms energy frames

@@ -1,19 +1,8 @@
-"""Int8 weight-only quantization of the decoder's linear layers, and quantized checkpoints.
+"""`qwenaudio quantize`: write an int8 copy of a checkpoint, in the official layout, that loads without quantizing.
 
-Each output channel (a row of the weight) gets its own scale, max |w| / 127; activations stay in the model's float
-dtype, and since the scale is per output, y = (x · int8ᵀ) · scale. Int8 weights take half of bf16's memory, which
-is what lets the whole model run at a 10.7 GiB peak instead of 15.5 (BENCHMARKS.md), and a one-token decoding step
-reads half the bytes.
-
-Speed depends on the kernel, measured on the 2-core AVX-512 CPU here (torch 2.13, a 4096 × 11008 layer):
-`torch._weight_int8pack_mm` with bf16 activations takes 2.3 ms for one row (bf16 matmul: 5.0 ms, fp32: 11 ms) and
-22 ms for 32 rows, but 540 ms for 758, where converting the weight to bf16 first takes 200 ms (bf16: 165 ms).
-With fp32 activations the kernel is slower than an fp32 matmul even for one row. So few rows (decoding) use the
-kernel and longer inputs (prefill) convert; `KERNEL_MAX_ROWS` holds the crossover per activation dtype.
-
-A quantized checkpoint is the official layout with each quantized `*.weight` stored as int8 next to its
-`*.weight_scale` and `"quantization": "int8-weight-only"` in config.json; `qwenaudio.load` reads it as it is.
-The embedding table stays in float: a lookup reads one row per token, not the whole table.
+A quantized checkpoint is the official layout with each of the decoder's linear weights stored as int8 next to its
+`*.weight_scale` and `"quantization": "int8-weight-only"` in config.json (the layer is `qwenaudio.core.int8`);
+`qwenaudio.load` reads it as it is.
 """
 
 from __future__ import annotations
@@ -23,90 +12,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
-from .checkpoint import INDEX_FILE, load_checkpoint, quantized_names, save_checkpoint, scale_name
-from .config import QUANTIZATION_METHODS, QwenAudioConfig
-from .errors import CheckpointError, InputError
-from .files import building, write_text, writing
-
-METHOD = QUANTIZATION_METHODS[0]  # "int8-weight-only", the value of config.json's "quantization"
-KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 0}  # up to here the int8 kernel wins
-CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
-
-
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: (int8 [out, in], fp32 scales [out]) with weight ≈ int8 · scale."""
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], CHUNK_ROWS):
-        w = weight[start : start + CHUNK_ROWS].detach().float()
-        s = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        q[start : start + CHUNK_ROWS] = torch.round(w / s[:, None]).clamp(-127, 127)
-        scales[start : start + CHUNK_ROWS] = s
-    return q, scales
-
-
-class Int8Linear(nn.Module):
-    """A drop-in for `nn.Linear` holding int8 `weight` and per-row `weight_scale` (in the activations' dtype)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        layer = cls(linear.in_features, linear.out_features, bias=False, dtype=linear.weight.dtype)
-        layer.weight, scales = quantize_weight(linear.weight)
-        layer.weight_scale = scales.to(linear.weight.dtype)
-        layer.bias = linear.bias
-        return layer
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if self.weight.data_ptr() % 64:  # a view into a memory-mapped shard need not be aligned; the kernel's
-            self.weight = self.weight.clone()  # AVX-512 loads require it (an unaligned weight crashed the process)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        scales = self.weight_scale.to(x.dtype)
-        if x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0):
-            y = torch._weight_int8pack_mm(rows, self.weight, scales)
-        else:
-            y = (rows @ self.weight.to(x.dtype).T) * scales
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
-
-
-def quantize_int8(module: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` inside `module` (in place) by an `Int8Linear`; returns `module`."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child))
-        else:
-            quantize_int8(child)
-    return module
-
-
-def quantizer(names: list[str], dtype: torch.dtype | None) -> Callable[[str, Tensor], dict[str, Tensor]]:
-    """A per-tensor hook for `load_checkpoint`: the named weights arrive as int8 plus scales (in `dtype`), the
-    rest unchanged. Quantizing each tensor as it is read keeps the peak at the int8 size, not the bf16 one."""
-    wanted = set(names)
-
-    def convert(name: str, tensor: Tensor) -> dict[str, Tensor]:
-        if name not in wanted:  # copied out of the shard's memory map, so that the map closes once the shard is
-            return {name: tensor.clone()}  # read: each kept view would pin a whole shard's pages (21 GB peak)
-        weight, scales = quantize_weight(tensor)
-        return {name: weight, scale_name(name): scales.to(dtype or tensor.dtype)}
-
-    return convert
+from .core.checkpoint import INDEX_FILE, load_checkpoint, quantized_names, save_checkpoint
+from .core.config import QwenAudioConfig
+from .core.errors import CheckpointError, InputError
+from .core.files import building, write_text, writing
+from .core.int8 import METHOD, quantizer
 
 
 def save_quantized(source: str | Path, target: str | Path, *, overwrite: bool = False,

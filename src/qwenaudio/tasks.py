@@ -16,13 +16,13 @@ from functools import partial
 import torch
 
 from . import longform
-from .audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
-from .errors import InputError
-from .generate import cut_at_stop, generate
+from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
+from .core.errors import InputError
+from .core.generate import cut_at_stop, generate
+from .core.model import QwenAudio
+from .core.tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 from .longform import Segment
-from .model import QwenAudio
 from .subtitles import Word, in_order
-from .tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 
 
 @dataclass(frozen=True)

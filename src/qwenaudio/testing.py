@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import mel_filters
-from .checkpoint import tensor_shapes, write_shards
-from .config import AudioConfig, QwenAudioConfig
-from .errors import ConfigError, InputError, TokenizerError
-from .files import building
-from .tokenizer import NUM_BPE_RANKS, VOCAB_FILE
+from .core.audio import mel_filters
+from .core.checkpoint import tensor_shapes, write_shards
+from .core.config import AudioConfig, QwenAudioConfig
+from .core.errors import ConfigError, InputError, TokenizerError
+from .core.files import building
+from .core.tokenizer import NUM_BPE_RANKS, VOCAB_FILE
 
 # config.json of Qwen/Qwen-Audio on Hugging Face (full size; the Chat checkpoint's is the same).
 OFFICIAL_CONFIG: dict[str, Any] = {

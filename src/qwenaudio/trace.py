@@ -30,10 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .audio import audio_span, load_audio, log_mel_spectrogram
-from .errors import InputError
-from .files import writing
-from .model import QwenAudio
+from .core.audio import audio_span, load_audio, log_mel_spectrogram
+from .core.errors import InputError
+from .core.files import writing
+from .core.model import QwenAudio
 
 FORMAT = "qwenaudio-trace/1"
 PROJECTION_SEED = 20231115

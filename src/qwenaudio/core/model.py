@@ -9,8 +9,7 @@ the rest of `transformer.*` and `lm_head.*`.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
-from .hub import resolve
-from .quantize import quantize_int8, quantizer
+from .int8 import quantize_int8, quantizer
 from .tokenizer import Tokenizer
 
 ENCODER_PREFIX = "transformer.audio."
@@ -121,22 +119,21 @@ def as_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
-         int8: bool = False, true_positions: bool = False, progress: bool = True) -> QwenAudio:
-    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", found in $QWENAUDIO_HOME or the Hugging Face
-    cache and downloaded there when missing: `qwenaudio.hub.resolve`) onto `device` (default: CUDA if available)
-    in `dtype` (a torch dtype or a name like "bf16"; default: `default_dtype`).
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
+         int8: bool = False, true_positions: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> QwenAudio:
+    """Load the checkpoint directory `path` onto `device` (default: CUDA if available) in `dtype` (a torch dtype or
+    a name like "bf16"; default: `default_dtype`). `progress(done, total)` is called after each tensor read.
 
-    `int8` quantizes the decoder's linears as they are read (`qwenaudio.quantize`): the full model then needs about
-    10.7 GiB at its peak instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `save_quantized` loads in
-    int8 without asking."""
+    `int8` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about 10.7 GiB
+    at its peak instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `qwenaudio quantize` loads in
+    int8 without asking. (`qwenaudio.load` is this plus repo ids and a progress bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
-    path = resolve(name)
+    path = Path(path)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
-    report = report_progress if progress else None
-    state = _read(path, config, dtype, device, int8, progress=report)
+    state = _read(path, config, dtype, device, int8, progress=progress)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
         model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
@@ -183,12 +180,3 @@ def _owned(state: dict[str, Tensor], prefix: str, exclude: str | None = None) ->
     return {k.removeprefix(prefix): v for k, v in state.items()
             if (k.startswith(prefix) or (prefix == DECODER_PREFIX and k.startswith("lm_head.")))
             and not (exclude and k.startswith(exclude))}
-
-
-def report_progress(done: int, total: int) -> None:
-    """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
-    if sys.stderr.isatty():
-        bar = "#" * (30 * done // total)
-        print(f"\rloading weights [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
-    elif done == total:
-        print(f"loaded {total} weight tensors", file=sys.stderr)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .config import QwenAudioConfig
 from .errors import CheckpointError
 from .files import write_text, writing
+from .int8 import scale_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -90,11 +91,6 @@ def quantized_names(config: QwenAudioConfig) -> list[str]:
     layers = [f"transformer.h.{i}.{m}.weight" for i in range(config.num_hidden_layers)
               for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")]
     return layers + ["lm_head.weight"]
-
-
-def scale_name(weight_name: str) -> str:
-    """`lm_head.weight` -> `lm_head.weight_scale`: where a quantized weight's per-row scales are stored."""
-    return weight_name + "_scale"
 
 
 def shard_files(path: str | Path) -> dict[str, Path]:

@@ -1,0 +1,17 @@
+"""The reading core: Qwen-Audio's math and its checkpoint I/O, and nothing else (docs/MODEL.md states each formula).
+
+Read it in this order, each file building only on those before it:
+
+    config.py      the dimensions, from config.json and generation_config.json
+    audio.py       waveform -> 80-bin log-mel, as Whisper computes it
+    tokenizer.py   tiktoken BPE + Qwen-Audio's tags; `<audio>path</audio>` -> a span of placeholder ids
+    encoder.py     Whisper-large-v2's encoder, average pooling, projection to the decoder's width
+    decoder.py     Qwen-7B: rotary attention with dynamic NTK and logn, one forward path for training and inference
+    int8.py        int8 weight-only linears, for quantized checkpoints
+    checkpoint.py  official tensor names, and reading / writing the safetensors shards
+    model.py       QwenAudio = config + tokenizer + encoder + decoder, loaded from a directory
+    generate.py    prefill / decode_one_token over a KV cache that generation owns
+
+errors.py holds the exception types and files.py the write-to-a-temporary-name-and-rename rule. The product
+(`qwenaudio.tasks`, `chat`, `cli`, …) is built on these modules; nothing here imports it.
+"""
