@@ -13,8 +13,8 @@ so a CPU finishes in minutes; the layer counts are printed with the results. Eac
 - encoder: log-mel to projected features, for 5 s and 30 s of audio;
 - prefill: the prompt of a 30 s ASR request (752 audio positions + 6 tags = 758 tokens), tokens per second, as
   generation runs it on both sides (KV cache filled, logits of the last position only);
-- decode: one token per step after that prompt, batch 1 and 8, tokens per second: ours is `Decoder.step` on the
-  static KV cache (what generation runs), eager and then compiled (`compile_step`, torch.compile fullgraph); the
+- decode: one token per step after that prompt, batch 1 and 8, tokens per second: ours is `decode_one_token` on
+  the static KV cache (what generation runs), eager and then compiled (`compile_decoding`, torch.compile fullgraph); the
   peer is a forward with its DynamicCache, as HF generate runs it;
 - time to first token: encoder + prefill for the 30 s request; real-time factor: that plus 32 decoded tokens, / 30 s.
 Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 (`qwenaudio.quantize`, bf16
@@ -38,8 +38,9 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 
 from qwenaudio import QwenAudioConfig
 from qwenaudio.core.audio import log_mel_spectrogram
-from qwenaudio.core.decoder import Decoder
+from qwenaudio.core.decoder import Decoder, KVCache
 from qwenaudio.core.encoder import AudioEncoder
+from qwenaudio.core.generate import compile_decoding, decode_one_token, prefill
 from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.testing import qwen2_audio_encoder_weights, qwen2_decoder_weights, tiny_config
 
@@ -116,15 +117,15 @@ def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
     return run
 
 
-def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, compiled: bool):
-    """A function running `steps` of our decoding steps after prefilling `prompt`."""
-    decoder.setup_cache(prompt.shape[0], PROMPT_TOKENS + steps + 1)
-    decoder(prompt, torch.arange(PROMPT_TOKENS), last_only=True)
-    step = decoder.compiled_step if compiled else decoder.step
+def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, step=decode_one_token):
+    """A function running `steps` of our decoding steps (`step`: decode_one_token, or it compiled) after
+    prefilling `prompt`."""
+    cache = KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype)
+    prefill(decoder, cache, prompt)
 
     def run():
         for t in range(steps):
-            step(next_ids, torch.tensor([PROMPT_TOKENS + t]))
+            step(decoder, cache, next_ids, torch.tensor([PROMPT_TOKENS + t]))
 
     return run
 
@@ -143,19 +144,18 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
     encoder_ours, encoder_peer = ours, theirs  # 30 s
 
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
-    decoder.setup_cache(1, PROMPT_TOKENS)
-    prefill_ours = timed(lambda: decoder(ids, torch.arange(PROMPT_TOKENS), last_only=True), args.repeats)
+    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, dtype)
+    prefill_ours = timed(lambda: prefill(decoder, cache, ids), args.repeats)
     prefill_peer = timed(lambda: peer(ids, use_cache=True, logits_to_keep=1), args.repeats)
     table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
     peer_figures[name] = {"prefill": PROMPT_TOKENS / prefill_peer}
 
     steps: dict[tuple[int, bool], float] = {}
     for compiled in (False, True):
-        if compiled:
-            decoder.compile_step()
+        step = compile_decoding() if compiled else decode_one_token
         for batch in (1, 8):
             prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
-            ours = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, compiled), args.repeats)
+            ours = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, step), args.repeats)
             if not compiled:
                 theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
                 peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
@@ -175,14 +175,12 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
 def measure_int8(table: Table, decoder: Decoder, peer, args, peer_figures: dict) -> None:
     """Ours with int8 linears (bf16 activations) against the peer's bf16 and, when measured, fp32 figures."""
     quantize_int8(decoder)  # the peer keeps the bf16 tensors
-    decoder.compiled_step = None
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
-    decoder.setup_cache(1, PROMPT_TOKENS)
-    prefill = PROMPT_TOKENS / timed(lambda: decoder(ids, torch.arange(PROMPT_TOKENS), last_only=True), args.repeats)
-    rates = {"prefill": prefill}
+    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype)
+    rates = {"prefill": PROMPT_TOKENS / timed(lambda: prefill(decoder, cache, ids), args.repeats)}
     for batch in (1, 8):
         prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
-        seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, compiled=False), args.repeats)
+        seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps), args.repeats)
         rates[f"decode {batch}"] = batch * args.decode_steps / seconds
     for peer_dtype, figures in peer_figures.items():
         short = f"int8/{SHORT[peer_dtype]}"

@@ -58,8 +58,7 @@ def main() -> None:
         for name, model in models.items():
             batch = model.tokenizer.encode_batch(case["texts"], audio_spans=case["audio_span_tokens"])
             audio = model.encode_audio(clips)
-            model.decoder.clear_cache()  # a full-sequence pass, not an extension of the last generation
-            out = model.decoder(batch.input_ids, attention_mask=batch.attention_mask, audio=audio)
+            out = model.decoder.logits(batch.input_ids, batch.attention_mask, audio)
             logits[name].append(out[batch.attention_mask.bool()].float())
             config = model.generation_config.replace(do_sample=False, max_new_tokens=24)
             replies[name] += generate(model.decoder, model.tokenizer, batch.input_ids,

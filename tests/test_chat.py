@@ -79,23 +79,22 @@ def scripted(monkeypatch, *replies):
     """Make generation emit each reply's ids then <|im_end|>, turn after turn, and record every prefill."""
     prefills, script = [], iter([i for reply in replies for i in reply + [151645]])
     monkeypatch.setattr(qwenaudio.core.generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
-    original = qwenaudio.core.generate._prefill
+    original = qwenaudio.core.generate.prefill
 
-    def spy(decoder, ids, mask, audio, capacity, prefix_len):
-        logits = original(decoder, ids, mask, audio, capacity, prefix_len)
-        prefills.append((prefix_len, ids.shape[1], logits))
+    def spy(decoder, cache, ids, mask=None, audio=(), start=0):
+        logits = original(decoder, cache, ids, mask, audio, start)
+        prefills.append((start, ids.shape[1], logits))
         return logits
 
-    monkeypatch.setattr(qwenaudio.core.generate, "_prefill", spy)
+    monkeypatch.setattr(qwenaudio.core.generate, "prefill", spy)
     return prefills
 
 
 def full_prefill_logits(model, chat, query):
     _, ids = chat.context(query)
     paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=qwenaudio.core.tokenizer.AUDIO_SPECIAL_TOKENS)
-    model.decoder.clear_cache()
     with torch.no_grad():
-        return model.decoder(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]
+        return model.decoder.logits(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]
 
 
 def test_second_turn_reuses_the_cache(chat_model, in_repo, monkeypatch):
@@ -120,14 +119,15 @@ def test_cache_is_not_reused_when_earlier_clips_would_encode_differently(chat_mo
     assert [p[0] for p in prefills] == [0, 0]
 
 
-def test_another_generation_invalidates_the_cache(chat_model, in_repo, monkeypatch):
+def test_each_conversation_keeps_its_own_cache(chat_model, in_repo, monkeypatch):
     reply = chat_model.tokenizer.encode("A short tone.")
     prefills = scripted(monkeypatch, reply, reply, reply)
     chat = Chat(chat_model)
     chat.ask("hello")
-    Chat(chat_model).ask("someone else")  # overwrites the decoder's cache
+    Chat(chat_model).ask("someone else")  # another conversation on the same model
     chat.ask("hello again")
-    assert [p[0] for p in prefills] == [0, 0, 0]
+    (first, _, _), (other, _, _), (third, n3, _) = prefills
+    assert first == other == 0 and 0 < third < n3
 
 
 def test_stream_pieces_make_the_reply(chat_model, in_repo, monkeypatch):

@@ -18,7 +18,9 @@ from safetensors import safe_open
 import qwenaudio
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
 from qwenaudio.core.audio import log_mel_spectrogram
-from qwenaudio.core.decoder import Decoder, ntk_alpha
+from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
+from qwenaudio.core import generate
+from qwenaudio.core.generate import decode_one_token, extends, prefill
 from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
 
 from .conftest import GOLDEN
@@ -60,18 +62,14 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def decode_incrementally(decoder: Decoder, ids, mask, prefill: int, step=None, fresh_cache: bool = True):
-    """Prefill `prefill` slots, then feed the rest one token per step, through `forward` or, if given, `step`
-    (e.g. `decoder.step`, which takes no mask: decoded tokens are real); the logits of every slot."""
-    if fresh_cache:
-        decoder.setup_cache(ids.shape[0], ids.shape[1] + 4)
-    out = [decoder(ids[:, :prefill], torch.arange(prefill), attention_mask=mask[:, :prefill])]
-    for p in range(prefill, ids.shape[1]):
-        if step:
-            out.append(step(ids[:, p : p + 1], torch.tensor([p]))[:, None])
-        else:
-            out.append(decoder(ids[:, p : p + 1], torch.tensor([p]), attention_mask=mask[:, p : p + 1]))
-    return torch.cat(out, dim=1)
+def decode_incrementally(decoder: Decoder, ids, mask, prefill_len: int, step=decode_one_token, cache=None):
+    """Prefill `prefill_len` slots, then feed the rest one token per `step` (decoded tokens are real: the mask is 1
+    there); the logits [B, S - prefill_len + 1, V] of slots prefill_len - 1 … S - 1."""
+    if cache is None:
+        cache = KVCache(decoder.config, ids.shape[0], ids.shape[1] + 4, torch.float32)
+    out = [prefill(decoder, cache, ids[:, :prefill_len], mask[:, :prefill_len])]
+    out += [step(decoder, cache, ids[:, p : p + 1], torch.tensor([p])) for p in range(prefill_len, ids.shape[1])]
+    return torch.stack(out, dim=1)
 
 
 # --- the official code ---------------------------------------------------------------------------------------------
@@ -82,8 +80,9 @@ def test_golden_was_recorded_from_official_code():
 
 
 def run_case(case, ckpt):
-    """Prefill the case's ids (splicing its clips, encoded as the official code batched them), then feed the
-    official greedy steps one at a time; returns the hooked activations, prefill logits and step logits."""
+    """Run the case's ids (splicing its clips, encoded as the official code batched them) through the full forward,
+    then prefill them into a KV cache and feed the official greedy steps one at a time; returns the hooked
+    activations and logits of the full forward, the step logits and the cache."""
     ids, mask = OFFICIAL[f"{case}.input_ids"], OFFICIAL[f"{case}.attention_mask"]
     audio = []
     clips = [CLIPS[k] for k in json.loads(META["clips"])[case]]
@@ -103,13 +102,16 @@ def run_case(case, ckpt):
     hooks += [b.register_forward_hook(keep_prefill(f"block{i}")) for i, b in enumerate(decoder.h)]
     steps = OFFICIAL.get(f"{case}.step_ids")
     b, s = ids.shape
-    decoder.setup_cache(b, s + 8)
+    cache = KVCache(decoder.config, b, s + 8, torch.float32)
     with torch.no_grad():
-        logits = decoder(ids, attention_mask=mask, audio=audio)
-        step_logits = [decoder(steps[:, t : t + 1], torch.tensor([s + t])) for t in range(8)] if steps is not None else []
-    for h in hooks:
-        h.remove()
-    return acts, logits, step_logits, decoder
+        logits = decoder.logits(ids, mask, audio)
+        for h in hooks:
+            h.remove()
+        last = prefill(decoder, cache, ids, mask, audio)
+        assert relative_error(last, logits[:, -1]) < 1e-5  # the cached prefill's last slot
+        step_logits = [decode_one_token(decoder, cache, steps[:, t : t + 1], torch.tensor([s + t]))
+                       for t in range(8)] if steps is not None else []
+    return acts, logits, step_logits, cache
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def checkpoints(tiny_ckpt, short_ckpt):
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_layer_and_logits_equal_official(checkpoints, case):
-    acts, logits, _, decoder = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
+    acts, logits, _, cache = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
     real = OFFICIAL[f"{case}.attention_mask"].bool()  # padded rows are never read; compare the real ones
     for name in ("embeds", "block0", "block1", "ln_f"):
         assert relative_error(acts[name][real], OFFICIAL[f"{case}.{name}"][real]) < 1e-5, name
@@ -127,21 +129,21 @@ def test_every_layer_and_logits_equal_official(checkpoints, case):
     assert relative_error(logits[..., cols][real], OFFICIAL[f"{case}.logits_cols"][real]) < 1e-5
     assert relative_error(logits.double().logsumexp(-1)[real], OFFICIAL[f"{case}.logits_lse"][real]) < 1e-5
     assert torch.equal(logits.argmax(-1)[real], OFFICIAL[f"{case}.logits_argmax"][real])
-    dim = decoder.config.kv_channels
+    dim = cache.k[0].shape[-1]  # head_dim
     alphas = OFFICIAL[f"{case}.ntk_alpha"].tolist()
-    assert decoder.rope_base.tolist() == [10000 * a ** (dim / (dim - 2)) for a in alphas] * (len(real) // len(alphas))
+    assert cache.rope_base.tolist() == [10000 * a ** (dim / (dim - 2)) for a in alphas] * (len(real) // len(alphas))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if f"{c}.step_ids" in OFFICIAL])
 def test_cached_decoding_steps_equal_official(checkpoints, case):
-    _, logits, step_logits, decoder = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
+    _, logits, step_logits, _ = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
     steps = OFFICIAL[f"{case}.step_ids"]
     assert torch.equal(logits[:, -1].argmax(-1), steps[:, 0])  # greedy: the official fed its argmax
     for t, step in enumerate(step_logits):
-        assert relative_error(step[:, 0, OFFICIAL["cols"]], OFFICIAL[f"{case}.step_logits_cols"][:, t]) < 1e-5
-        assert relative_error(step[:, 0].double().logsumexp(-1), OFFICIAL[f"{case}.step_logits_lse"][:, t]) < 1e-5
+        assert relative_error(step[:, OFFICIAL["cols"]], OFFICIAL[f"{case}.step_logits_cols"][:, t]) < 1e-5
+        assert relative_error(step.double().logsumexp(-1), OFFICIAL[f"{case}.step_logits_lse"][:, t]) < 1e-5
         if t < 7:
-            assert torch.equal(step[:, 0].argmax(-1), steps[:, t + 1])
+            assert torch.equal(step.argmax(-1), steps[:, t + 1])
 
 
 # --- structure ----------------------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def test_equals_transformers_qwen2(tiny_ckpt, decoder, tokenizer):
     blocks = []
     hooks = [b.register_forward_hook(lambda m, a, out: blocks.append(out)) for b in decoder.h]
     with torch.no_grad():
-        ours = decoder(ids)
+        ours = decoder.logits(ids)
         theirs = reference(ids, output_hidden_states=True)
     for h in hooks:
         h.remove()
@@ -194,9 +196,11 @@ def test_equals_transformers_qwen2(tiny_ckpt, decoder, tokenizer):
 
 # --- float64 reference for NTK, logn and frozen alpha ---------------------------------------------------------------
 
-def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int) -> torch.Tensor:
+def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int,
+                     training: bool = False) -> torch.Tensor:
     """SPEC §8 in float64, one full pass: alpha of each row from its real tokens among the first `prefill` slots
-    (per row only when prefill > seq_length), positions = slots, logn on queries past seq_length."""
+    (per row only when prefill > seq_length), positions = slots, logn on queries past seq_length; `training`: the
+    official train() mode, with neither NTK nor logn."""
     c = QwenAudioConfig.from_json(ckpt)
     w = {k: v.double() for k, v in load_checkpoint(ckpt, c).items() if not k.startswith("transformer.audio.")}
     b, k_len = ids.shape
@@ -205,7 +209,7 @@ def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int) 
     def rms(x, weight):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.layer_norm_epsilon) * weight
 
-    lengths = mask[:, :prefill].sum(-1) if prefill > seq else torch.full((b,), prefill)
+    lengths = mask[:, :prefill].sum(-1) if prefill > seq and not training else torch.full((b,), min(prefill, seq))
     alphas = [max(2 ** math.ceil(math.log2(int(n) / seq) + 1) - 1, 1) for n in lengths]
     inv_freq = torch.stack([(c.rotary_emb_base * a ** (dh / (dh - 2))) ** (-torch.arange(0, dh, 2).double() / dh)
                             for a in alphas])  # [B, dh/2]
@@ -214,6 +218,7 @@ def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int) 
     cos, sin = torch.cat([angle.cos()] * 2, -1)[:, :, None], torch.cat([angle.sin()] * 2, -1)[:, :, None]
     rotate = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1) * sin  # noqa: E731
     logn = torch.where(pos + 1 > seq, torch.log(pos + 1) / math.log(seq), torch.ones_like(pos))[None, :, None, None]
+    logn = torch.ones_like(logn) if training else logn
     allowed = (torch.arange(k_len)[None, :] <= torch.arange(k_len)[:, None])[None] & mask.bool()[:, None, :]
     x = w["transformer.wte.weight"][ids]
     for i in range(c.num_hidden_layers):
@@ -241,7 +246,18 @@ def test_ntk_and_logn_on_prefill(short_ckpt, tokenizer):
     ids = torch.tensor([text_ids(tokenizer, 40)])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        assert relative_error(decoder(ids), reference_logits(short_ckpt, ids, mask, prefill=40)) < 1e-5
+        assert relative_error(decoder.logits(ids), reference_logits(short_ckpt, ids, mask, prefill=40)) < 1e-5
+
+
+def test_training_mode_turns_ntk_and_logn_off(short_ckpt, tokenizer):
+    """The official model in train(): no dynamic NTK and no logn, whatever the length (the fine-tuning forward)."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32).train()
+    ids = torch.tensor([text_ids(tokenizer, 40)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = decoder.logits(ids)
+    assert relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=40, training=True)) < 1e-5
+    assert relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=40)) > 1e-3
 
 
 def test_alpha_is_frozen_while_decoding_past_seq_length(short_ckpt, tokenizer):
@@ -250,10 +266,10 @@ def test_alpha_is_frozen_while_decoding_past_seq_length(short_ckpt, tokenizer):
     ids = torch.tensor([text_ids(tokenizer, 28)])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        ours = decode_incrementally(decoder, ids, mask, prefill=12)
-        frozen = reference_logits(short_ckpt, ids, mask, prefill=12)
+        ours = decode_incrementally(decoder, ids, mask, 12)
+        frozen = reference_logits(short_ckpt, ids, mask, prefill=12)[:, 11:]
         assert relative_error(ours, frozen) < 1e-5
-        assert relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=28)) > 1e-3  # alpha 3 differs
+        assert relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=28)[:, 11:]) > 1e-3  # alpha 3
 
 
 def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
@@ -261,10 +277,12 @@ def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
     decoder = load_decoder(short_ckpt, dtype=torch.float32)
     full = [text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)]
     ids, mask = left_pad(full)
+    cache = KVCache(decoder.config, 2, ids.shape[1], torch.float32)
     with torch.no_grad():
-        ours = decode_incrementally(decoder, ids, mask, prefill=40)
-    assert decoder.rope_base.tolist() == [10000 * a ** (16 / 14) for a in (7, 3)]
-    assert masked_relative_error(ours, reference_logits(short_ckpt, ids, mask, prefill=40), mask) < 1e-5
+        ours = decode_incrementally(decoder, ids, mask, 40, cache=cache)
+    assert cache.rope_base.tolist() == [10000 * a ** (16 / 14) for a in (7, 3)]
+    reference = reference_logits(short_ckpt, ids, mask, prefill=40)[:, 39:]
+    assert masked_relative_error(ours, reference, mask[:, 39:]) < 1e-5
 
 
 # --- the KV cache ---------------------------------------------------------------------------------------------------
@@ -272,17 +290,16 @@ def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
 def test_last_only_gives_the_last_row(decoder, tokenizer):
     ids = torch.tensor([text_ids(tokenizer, 12)])
     with torch.no_grad():
-        decoder.clear_cache()
-        assert relative_error(decoder(ids, last_only=True), decoder(ids)[:, -1:]) < 1e-6  # matmul rounding only
+        last = decoder.logits(ids, last_only=True)
+        assert relative_error(last, decoder.logits(ids)[:, -1:]) < 1e-6  # matmul rounding only
 
 
 def test_cache_equals_full_sequence_batch_1(decoder, tokenizer):
     ids = torch.tensor([text_ids(tokenizer, 30)])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        decoder.clear_cache()  # a plain full-sequence pass
-        full = decoder(ids)
-        assert relative_error(decode_incrementally(decoder, ids, mask, prefill=20), full) < 1e-5
+        full = decoder.logits(ids)
+        assert relative_error(decode_incrementally(decoder, ids, mask, 20), full[:, 19:]) < 1e-5
 
 
 def test_cache_equals_full_sequence_batch_3_left_padded(tiny_ckpt, tokenizer):
@@ -290,9 +307,9 @@ def test_cache_equals_full_sequence_batch_3_left_padded(tiny_ckpt, tokenizer):
     ids, mask = left_pad([text_ids(tokenizer, 30, seed=s) for s in (3, 4, 5)][:1] +
                          [text_ids(tokenizer, 22, seed=6), text_ids(tokenizer, 9, seed=7)])
     with torch.no_grad():
-        full = decoder(ids, attention_mask=mask)
-        ours = decode_incrementally(decoder, ids, mask, prefill=ids.shape[1] - 6)
-    assert masked_relative_error(ours, full, mask) < 1e-5
+        full = decoder.logits(ids, mask)
+        ours = decode_incrementally(decoder, ids, mask, ids.shape[1] - 6)
+    assert masked_relative_error(ours, full[:, -7:], mask[:, -7:]) < 1e-5
 
 
 def test_chat_prefix_reused_across_turns(tiny_ckpt, tokenizer):
@@ -303,51 +320,57 @@ def test_chat_prefix_reused_across_turns(tiny_ckpt, tokenizer):
     reply = tokenizer.encode("hi, how can I help?<|im_end|>")
     turn2 = tokenizer.encode("\n<|im_start|>user\nsay it again<|im_end|>\n<|im_start|>assistant\n")
     ids = torch.tensor([turn1 + reply + turn2])
-    mask = torch.ones_like(ids)
+    a, b = len(turn1), len(turn1) + len(reply)
     with torch.no_grad():
-        full = decoder(ids)
-        decoder.setup_cache(1, 64)
-        a, b = len(turn1), len(turn1) + len(reply)
-        logits = [decoder(ids[:, :a], torch.arange(a))]
-        logits += [decoder(ids[:, p : p + 1], torch.tensor([p])) for p in range(a, b)]
-        logits.append(decoder(ids[:, b:], torch.arange(b, ids.shape[1]), attention_mask=mask[:, b:]))
-    assert relative_error(torch.cat(logits, dim=1), full) < 1e-5
+        full = decoder.logits(ids)
+        cache = KVCache(decoder.config, 1, 64, torch.float32)
+        logits = [prefill(decoder, cache, ids[:, :a])]
+        for p in range(a, b):
+            cache.ids = ids[:, : p + 1]  # as generation records what it feeds
+            logits.append(decode_one_token(decoder, cache, ids[:, p : p + 1], torch.tensor([p])))
+        assert extends(decoder, cache, ids)
+        logits.append(prefill(decoder, cache, ids, start=b))
+    expected = full[:, [*range(a - 1, b), ids.shape[1] - 1]]
+    assert relative_error(torch.stack(logits, dim=1), expected) < 1e-5
 
 
 def test_prefix_reuse_refused_when_alpha_would_change(short_ckpt, tokenizer):
     decoder = load_decoder(short_ckpt, dtype=torch.float32)
     ids = torch.tensor([text_ids(tokenizer, 30)])
-    decoder.setup_cache(1, 32)
+    cache = KVCache(decoder.config, 1, 32, torch.float32)
     with torch.no_grad():
-        decoder(ids[:, :10], torch.arange(10))
+        prefill(decoder, cache, ids[:, :10])
+        assert extends(decoder, cache, ids[:, :16]) and not extends(decoder, cache, ids)  # 30 > seq_length 16
         with pytest.raises(InputError, match="would change the NTK rotary base .*prefill the whole sequence"):
-            decoder(ids[:, 10:30], torch.arange(10, 30))
+            prefill(decoder, cache, ids, start=10)
 
 
 @pytest.mark.parametrize("true_positions", [False, True])
-def test_step_equals_forward(short_ckpt, tokenizer, true_positions):
-    """`step`, the check-free one-token path generation runs, gives forward's logits: left-padded rows with their
-    own NTK alpha (7 and 3) and logn past seq_length, on a cache whose later slots still hold a longer earlier run."""
+def test_decoding_on_a_reused_cache_equals_the_full_forward(short_ckpt, tokenizer, true_positions):
+    """`decode_one_token`, the check-free step generation runs, on a cache whose later slots still hold a longer
+    earlier run: left-padded rows with their own NTK alpha (7 and 3) and logn past seq_length."""
     decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
     ids, mask = left_pad([text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)])
+    cache = KVCache(decoder.config, 2, ids.shape[1] + 4, torch.float32)
     with torch.no_grad():
-        decode_incrementally(decoder, ids, mask, prefill=42)  # leaves slots 0..45 filled
-        reference = decode_incrementally(decoder, ids[:, :44], mask[:, :44], prefill=40, fresh_cache=False)
-        ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], prefill=40, step=decoder.step,
-                                    fresh_cache=False)
-    assert masked_relative_error(ours, reference, mask[:, :44]) < 1e-6
+        decode_incrementally(decoder, ids, mask, 42, cache=cache)  # leaves slots 0..45 filled
+        ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], 40, cache=cache)
+        reference = decoder.logits(ids[:, :44], mask[:, :44])[:, 39:]
+    assert masked_relative_error(ours, reference, mask[:, 39:44]) < 1e-6
 
 
-def test_compiled_step_equals_eager_step(tiny_ckpt, tokenizer):
+def test_compiled_decoding_equals_eager(tiny_ckpt, tokenizer, monkeypatch):
     """torch.compile(fullgraph=True) captures the whole step (a graph break would raise) and changes no numbers
     beyond fused-kernel rounding."""
     decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
     ids, mask = left_pad([text_ids(tokenizer, 20, seed=3), text_ids(tokenizer, 14, seed=4)])
+    monkeypatch.setattr(generate, "_compiled_step", None)
     with torch.no_grad():
-        eager = decode_incrementally(decoder, ids, mask, prefill=16, step=decoder.step)
-        decoder.compile_step()
-        compiled = decode_incrementally(decoder, ids, mask, prefill=16, step=decoder.compiled_step)
-    assert masked_relative_error(compiled, eager, mask) < 1e-5
+        eager = decode_incrementally(decoder, ids, mask, 16)
+        step = generate.compile_decoding()
+        assert generate._compiled_step is step  # what generation now runs
+        compiled = decode_incrementally(decoder, ids, mask, 16, step=step)
+    assert masked_relative_error(compiled, eager, mask[:, 15:]) < 1e-5
 
 
 # --- positions under padding ------------------------------------------------------------------------------------
@@ -361,11 +384,11 @@ def test_true_positions_make_padding_invisible(short_ckpt, tokenizer):
     with torch.no_grad():
         for true_positions, matches in ((False, False), (True, True)):
             decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
-            alone = decoder(torch.tensor([prompt]))[0]
-            padded = decoder(ids, attention_mask=mask)[0, -len(prompt):]
+            alone = decoder.logits(torch.tensor([prompt]))[0]
+            padded = decoder.logits(ids, mask)[0, -len(prompt):]
             assert (relative_error(padded, alone) < 1e-5) == matches
-            ours = decode_incrementally(decoder, ids, mask, prefill=ids.shape[1] - 3)  # the cache agrees too
-            assert masked_relative_error(ours, decoder(ids, attention_mask=mask), mask) < 1e-5
+            ours = decode_incrementally(decoder, ids, mask, ids.shape[1] - 3)  # the cache agrees too
+            assert masked_relative_error(ours, decoder.logits(ids, mask)[:, -4:], mask[:, -4:]) < 1e-5
 
 
 # --- dtypes -------------------------------------------------------------------------------------------------------
@@ -376,9 +399,8 @@ def test_reduced_precision_stays_near_fp32(tiny_ckpt, decoder, tokenizer, dtype,
     ids = torch.tensor([text_ids(tokenizer, 24)])
     low = load_decoder(tiny_ckpt, dtype=dtype)
     with torch.no_grad():
-        decoder.clear_cache()
-        out = low(ids)
-        assert out.dtype == dtype and relative_error(out, decoder(ids)) < tolerance
+        out = low.logits(ids)
+        assert out.dtype == dtype and relative_error(out, decoder.logits(ids)) < tolerance
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
@@ -386,7 +408,7 @@ def test_reduced_precision_stays_near_fp32(tiny_ckpt, decoder, tokenizer, dtype,
 def test_token_id_out_of_range(decoder):
     for bad in (155947, -1):
         with pytest.raises(InputError, match=rf"token id {bad} at \[0, 1\] is outside the vocabulary \(0..155946\)"):
-            decoder(torch.tensor([[9707, bad, 0]]))
+            decoder.logits(torch.tensor([[9707, bad, 0]]))
 
 
 def test_audio_regions_must_match_clips(tiny_ckpt, decoder, tokenizer):
@@ -398,29 +420,30 @@ def test_audio_regions_must_match_clips(tiny_ckpt, decoder, tokenizer):
         span = encoder.encode(log_mel_spectrogram(clip)[None], [8000])[0]
     one = torch.tensor([tokenizer.encode("<audio>a.wav</audio>hi", audio_spans=[14])])
     two = torch.tensor([tokenizer.encode("<audio>a</audio>x<audio>b</audio>", audio_spans=[14, 14])])
-    decoder.clear_cache()
     with torch.no_grad():
-        assert decoder(one, audio=[span]).shape == (1, 15, 155947)  # 14-token span + "hi"
+        assert decoder.logits(one, audio=[span]).shape == (1, 15, 155947)  # 14-token span + "hi"
         with pytest.raises(InputError, match=r"hold 1 <audio>…</audio> region\(s\) but 2 encoded clip\(s\)"):
-            decoder(one, audio=[span, span])
+            decoder.logits(one, audio=[span, span])
         with pytest.raises(InputError, match=r"hold 2 <audio>…</audio> region\(s\) but 1 encoded clip\(s\)"):
-            decoder(two, audio=[span])
+            decoder.logits(two, audio=[span])
         with pytest.raises(InputError, match=r"hold 1 <audio>…</audio> region\(s\) but 0 encoded clip\(s\)"):
-            decoder(one)
+            decoder.logits(one)
         with pytest.raises(InputError, match=r"region 0 \(row 0, columns 0..13\) holds 14 tokens but clip 0's encoding "
                                              r"has shape \(13, 64\)"):
-            decoder(one, audio=[span[:13]])
+            decoder.logits(one, audio=[span[:13]])
         with pytest.raises(InputError, match="unbalanced audio tags"):
-            decoder(torch.tensor([[155163, 9707, 0]]), audio=[span])
+            decoder.logits(torch.tensor([[155163, 9707, 0]]), audio=[span])
 
 
-def test_positions_past_the_cache(tiny_ckpt):
+def test_prompt_must_fit_the_cache(tiny_ckpt):
     decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
-    decoder.setup_cache(1, 8)
-    with torch.no_grad(), pytest.raises(InputError, match="position 9 is past the KV cache of 8 slots"):
-        decoder(torch.zeros(1, 10, dtype=torch.long))
-    with torch.no_grad(), pytest.raises(InputError, match="batch of 2 rows for a KV cache set up for 1"):
-        decoder(torch.zeros(2, 3, dtype=torch.long))
+    cache = KVCache(decoder.config, 1, 8, torch.float32)
+    with torch.no_grad(), pytest.raises(InputError, match=r"a \[1, 10\] prompt does not fit a KV cache of 1 rows and 8"):
+        prefill(decoder, cache, torch.zeros(1, 10, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(InputError, match=r"a \[2, 3\] prompt does not fit a KV cache of 1 rows"):
+        prefill(decoder, cache, torch.zeros(2, 3, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(InputError, match="start=3: a prefill starts at slot 0 or extends the 0 ids"):
+        prefill(decoder, cache, torch.zeros(1, 5, dtype=torch.long), start=3)
 
 
 def test_hidden_states_equal_official(tmp_path, vocab_file):

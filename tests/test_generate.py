@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import GenerationConfig, load_audio
+from qwenaudio import GenerationConfig, QwenAudioConfig, load_audio
 from qwenaudio.core.generate import choose, generate, generate_steps, process_logits, stream_text
-from qwenaudio.testing import make_tiny_checkpoint
+from qwenaudio.testing import make_tiny_checkpoint, tiny_config
 
 from .conftest import GOLDEN, ROOT
 
@@ -69,11 +69,12 @@ def test_stream_text_over_the_full_vocabulary(model):
     down to the incomplete character it ends with (shown as U+FFFD, as decode does, once the reply is over)."""
     c = CASES["timestamps_clip0"]
     audio = model.encode_audio([load_audio(ROOT / c["audio_urls"][0][0])])
-    reply = []
+    config = official_config(model, full_vocab=True)
     with torch.no_grad():
         pieces = list(stream_text(model.decoder, model.tokenizer, torch.tensor(c["input_ids"]), audio=audio,
-                                  config=official_config(model, full_vocab=True), reply=reply))
-    assert reply == c["pred"][0] and "".join(pieces) == c["text_skip_special"][0]
+                                  config=config))
+        reply = generate(model.decoder, model.tokenizer, torch.tensor(c["input_ids"]), audio=audio, config=config)
+    assert reply == [c["pred"][0]] and "".join(pieces) == c["text_skip_special"][0]
 
 
 def test_task_function_reproduces_official_asr(model):
@@ -150,27 +151,27 @@ def test_sampling_is_reproducible_with_a_seed():
 # --- the loop, through a scripted decoder ---------------------------------------------------------------------------
 
 class ScriptedDecoder:
-    """Stands in for `Decoder`: its logits put all mass on the next id of each row's script."""
+    """Stands in for `Decoder` in generation: its logits put all mass on the next id of each row's script."""
 
     def __init__(self, scripts, vocab=155947):
-        self.scripts, self.vocab, self.turn = scripts, vocab, 0
-        self.config = SimpleNamespace(audio=SimpleNamespace(audio_start_id=155163), context_length=8192)
-        self.max_seq_len, self.key_valid, self.calls = 0, torch.zeros(0, 0), []
-        self.compiled_step = None
+        self.scripts, self.vocab, self.turn, self.calls = scripts, vocab, 0, []
+        self.config = QwenAudioConfig.from_dict(tiny_config(num_hidden_layers=1))  # for the KV cache's shapes
+        self.wte = SimpleNamespace(weight=torch.zeros(1))
+        self.true_positions = False
 
-    def setup_cache(self, batch, length):
-        self.max_seq_len, self.key_valid = length, torch.zeros(batch, length)
+    def embed(self, ids, audio=()):
+        return ids
 
-    def __call__(self, ids, input_pos=None, *, attention_mask=None, audio=None, last_only=False):
+    def rope_base(self, valid):
+        return torch.ones(valid.shape[0], dtype=torch.float64)
+
+    def __call__(self, ids, positions, mask, base, cache=None, slots=None, *, last_only=False):
         self.calls.append(ids.shape[1])
-        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
+        logits = torch.zeros(ids.shape[0], 1, self.vocab)
         for row, script in enumerate(self.scripts):
             logits[row, -1, script[min(self.turn, len(script) - 1)]] = 10.0
         self.turn += 1
         return logits
-
-    def step(self, ids, input_pos):
-        return self(ids, input_pos)[:, -1]
 
 
 def test_rows_stop_on_their_own(tokenizer):
@@ -229,14 +230,14 @@ def test_generation_config_follows_the_checkpoint(tmp_path, vocab_file):
 
 
 def test_full_sequence_call_after_generation(model):
-    """`model(ids)` after generating with another batch size attends within its own ids (no stale KV cache)."""
+    """`model(ids)` after generating with another batch size attends within its own ids: generation's KV cache
+    is its own, not the model's."""
     ids = torch.randint(0, 151643, (1, 6))
-    generate(model.decoder, model.tokenizer, ids, config=GenerationConfig(max_new_tokens=2))
     two = torch.randint(0, 151643, (2, 9))
     with torch.no_grad():
-        logits = model(two)
-        model.decoder.clear_cache()
-        assert torch.equal(logits, model.decoder(two))
+        before = model(two)
+        generate(model.decoder, model.tokenizer, ids, config=GenerationConfig(max_new_tokens=2))
+        assert torch.equal(model(two), before)
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
@@ -288,19 +289,21 @@ def test_bad_generation_config_file_names_the_file(tmp_path):
         GenerationConfig.from_json(path)
 
 
-def test_new_tokens_are_capped_by_the_context(model):
+def test_new_tokens_are_capped_by_the_context(model, monkeypatch):
     """A budget past the model's context (max_position_embeddings, 8192) is cut to what fits, with a warning,
     instead of allocating a KV cache for a billion positions."""
     ids = torch.randint(0, 151643, (1, 10))
     seen = {}
-    original = model.decoder.setup_cache
-    model.decoder.setup_cache = lambda b, n: (seen.setdefault("slots", n), original(b, n))
-    try:
-        with pytest.warns(UserWarning, match=r"max_new_tokens=1000000000 is cut to 8182: the prompt's 10 tokens and "
-                                             r"the new ones must fit the model's context of 8192"):
-            steps = generate_steps(model.decoder, model.tokenizer, ids,
-                                   config=GenerationConfig(max_new_tokens=10**9, stop_token_ids=(), min_new_tokens=0))
-            next(steps)
-    finally:
-        del model.decoder.setup_cache
+    original = qwenaudio.core.generate.KVCache
+
+    def spy(config, batch, capacity, dtype, device):
+        seen["slots"] = capacity
+        return original(config, batch, capacity, dtype, device)
+
+    monkeypatch.setattr(qwenaudio.core.generate, "KVCache", spy)
+    with pytest.warns(UserWarning, match=r"max_new_tokens=1000000000 is cut to 8182: the prompt's 10 tokens and "
+                                         r"the new ones must fit the model's context of 8192"):
+        steps = generate_steps(model.decoder, model.tokenizer, ids,
+                               config=GenerationConfig(max_new_tokens=10**9, stop_token_ids=(), min_new_tokens=0))
+        next(steps)
     assert seen["slots"] == 8192

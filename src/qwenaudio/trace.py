@@ -105,8 +105,7 @@ def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits:
 
     with _hooked(model, keep, keep):
         spans = model.encode_audio(clips)
-        model.decoder.clear_cache()
-        out = model.decoder(torch.tensor([ids], device=model.device), audio=spans)
+        out = model.decoder.logits(torch.tensor([ids], device=model.device), audio=spans)
     tensors |= {f"encoder.span{k}": reduce(s, project) for k, s in enumerate(spans)}
     tensors["logits"] = reduce(out[0, -1:], None) if logits == "last" else reduce(out[0], project)
     tensors = {n: t.float().contiguous() for n, t in tensors.items()}
@@ -251,9 +250,8 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
         mel = torch.stack([ref[f"mel.{k}"] for k in clips]).to(device) if clips else None
         spans = enc.encode(mel, [len(ref[f"waveform.{k}"]) for k in clips]) if clips else []
         ours |= {f"encoder.span{k}": reduce(s, None) for k, s in enumerate(spans)}
-        dec.clear_cache()
-        out = dec(torch.tensor([m["input_ids"]], device=device),
-                  audio=[given(f"encoder.span{k}", s) for k, s in enumerate(spans)])
+        out = dec.logits(torch.tensor([m["input_ids"]], device=device),
+                         audio=[given(f"encoder.span{k}", s) for k, s in enumerate(spans)])
     ours["logits"] = reduce(out[0, -1:] if m.get("logits", "last") == "last" else out[0], None)
     if rtol is None:
         rtol = max(RTOL.get(str(d).removeprefix("torch."), 1e-5) for d in (compute, _dtype_of(reference)))

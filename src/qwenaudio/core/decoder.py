@@ -1,4 +1,4 @@
-"""The language model: Qwen-7B, a pre-norm rotary transformer with a static KV cache (SPEC §7, §8, §12).
+"""The language model: Qwen-7B, a pre-norm rotary transformer (SPEC §7, §8, §12).
 
 ids -> wte (audio spans written over each `<audio>…</audio>` region) -> N × [x += attn(RMSNorm(x));
 x += mlp(RMSNorm(x))] -> RMSNorm -> lm_head.
@@ -13,15 +13,17 @@ Beyond a textbook decoder, three inference-time rules of the official code chang
 `Decoder(config, true_positions=True)` is the one switch away from the official behaviour: rotary and logn then
 use each row's real-token count as its position, so a prompt gives the same logits whether or not it is padded.
 
-The KV cache is gpt-fast's: preallocated [B, H, max_seq_len, head_dim] buffers written at `input_pos`, so a decoding
-step has fixed shapes. Module names follow the checkpoint (`h.0.attn.c_attn`, `ln_f`, …) once its `transformer.`
-prefix is dropped.
+There is one forward path, for training and inference alike: ids or embeddings, positions, mask and rotary base in,
+logits out, with keys and values written into a `KVCache` when one is given. The cache is gpt-fast's static one:
+preallocated [B, H, capacity, head_dim] buffers written at their slots, so a decoding step has fixed shapes.
+Generation (generate.py) owns it: `prefill` fills it and fixes each row's rotary base, `decode_one_token` extends
+it. Module names follow the checkpoint (`h.0.attn.c_attn`, `ln_f`, …) once its `transformer.` prefix is dropped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,19 +59,38 @@ class MLP(nn.Module):
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position so far, written in place at `input_pos`."""
+class KVCache:
+    """Generation's state between decoder calls: each block's keys and values, written in place at their slots
+    (gpt-fast's static cache: a decoding step has fixed shapes), which slots hold real tokens, and what the prompt
+    fixed: each row's rotary base, the ids fed so far and the clips spliced into them.
 
-    def __init__(self, batch: int, heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (batch, heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+    The decoder reads and writes the buffers it is given; generation (generate.py) allocates, grows and reuses them.
+    """
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+    def __init__(self, config: QwenAudioConfig, batch: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (batch, config.num_attention_heads, capacity, config.kv_channels)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # slot holds a real token
+        self.rope_base = torch.full((batch,), float(config.rotary_emb_base), dtype=torch.float64, device=device)
+        self.ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # fed so far, slots 0..length-1
+        self.audio: list[Tensor] = []  # the encoded clips spliced into those ids
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` slots, keeping what the cache holds (so a conversation's prefix stays usable)."""
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                kv[i] = torch.cat([t, t.new_zeros(*t.shape[:2], capacity - t.shape[2], t.shape[3])], dim=2)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], capacity - self.capacity)], 1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -85,16 +106,19 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.c_attn = nn.Linear(dim, 3 * dim)  # q | k | v, with bias
         self.c_proj = nn.Linear(dim, dim, bias=False)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, logn: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, logn: Tensor, mask: Tensor,
+                cache: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None) -> Tensor:
+        """With `cache` (this block's key and value buffers), the new keys and values are written at `slots` and
+        the queries attend over all of the buffers' slots (the mask says which); without, within `x`."""
         b, s, d = x.shape
         q, k, v = self.c_attn(x).view(b, s, 3, self.n_head, d // self.n_head).unbind(2)  # each [B, S, H, Dh]
         q = apply_rotary(q, cos, sin) * logn.type_as(q)  # logn after rotary, queries only
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, Dh]
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if cache is not None:
+            cache[0][:, :, slots], cache[1][:, :, slots] = k, v
+            k, v = cache
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
 
@@ -107,8 +131,9 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mlp = MLP(config.hidden_size, config.mlp_width)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, logn: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, logn: Tensor, mask: Tensor,
+                cache: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, cache, slots)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,168 +142,113 @@ def ntk_alpha(length: int, seq_length: int) -> int:
     return max(2 ** math.ceil(math.log2(length / seq_length) + 1) - 1, 1)
 
 
+def rope_base(config: QwenAudioConfig, valid: Tensor, dynamic_ntk: bool) -> Tensor:
+    """Each row's rotary base [B] (float64) for a sequence whose real tokens `valid` [B, L] marks: the configured
+    base, times alpha^(d / (d - 2)) under dynamic NTK once the L slots pass seq_length, alpha from the row's own
+    real-token count (a padded row counts only its tokens)."""
+    if dynamic_ntk and valid.shape[1] > config.seq_length:
+        alphas = [ntk_alpha(int(n), config.seq_length) for n in valid.sum(-1)]
+    else:
+        alphas = [1] * valid.shape[0]
+    d = config.kv_channels
+    return torch.tensor([config.rotary_emb_base * a ** (d / (d - 2)) for a in alphas], dtype=torch.float64,
+                        device=valid.device)
+
+
+def rotary(positions: Tensor, base: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, S, 1, dim] at `positions` [B, S] with each row's `base` [B]: angle = p / base^(2i / dim),
+    in fp32 with the official arithmetic (the base rounded to fp32 before the power)."""
+    inv_freq = 1.0 / base.float()[:, None] ** (torch.arange(0, dim, 2, device=base.device).float() / dim)
+    angles = positions.float()[..., None] * inv_freq[:, None, :]
+    emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
 def logn_scale(positions: Tensor, seq_length: int) -> Tensor:
     """Query scale at 0-based `positions`: log(p + 1) / log(seq_length) past seq_length, else 1 (fp32)."""
     p = positions.double() + 1
     return torch.where(p > seq_length, p.log() / math.log(seq_length), 1.0).float()
 
 
+def positions_and_mask(valid: Tensor, slots: Tensor, true_positions: bool = False) -> tuple[Tensor, Tensor]:
+    """Positions [B, S] and attention mask [B, 1, S, K] for queries at `slots` [S] over K keys, `valid` [B, K]
+    marking the real ones. A query sees the real keys at or before its slot, and always itself (so a padding slot
+    stays finite; it is never read). Positions are the slots (official), or with `true_positions` the count of
+    real tokens before the slot (padding then changes nothing)."""
+    keys = torch.arange(valid.shape[1], device=valid.device)
+    seen = (keys[None, :] <= slots[:, None])[None] & valid[:, None, :]  # [B, S, K]
+    mask = seen | (keys[None, :] == slots[:, None])[None]
+    if true_positions:
+        positions = (seen.sum(-1) - 1).clamp(min=0)
+    else:
+        positions = slots[None, :].expand(valid.shape[0], -1)
+    return positions, mask[:, None]
+
+
 class Decoder(nn.Module):
-    """Qwen-7B: token ids (and encoded audio spans) in, next-token logits out."""
+    """Qwen-7B: token ids (or their embeddings, audio spliced in) in, next-token logits out."""
 
     def __init__(self, config: QwenAudioConfig, *, true_positions: bool = False):
         super().__init__()
         self.config = config
-        self.true_positions = true_positions
+        self.true_positions = true_positions  # how callers number positions (`positions_and_mask`)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.max_seq_len = 0  # no cache until setup_cache
-        self.prefills = 0  # fresh prefills into the cache so far: tells a chat whether its cached prefix survives
-        self.rope_base = torch.ones(0)  # per-row base chosen at prefill, frozen while decoding
-        self.inv_freq = torch.ones(0)  # [B, head_dim / 2] rotary frequencies from rope_base
-        self.compiled_step: Callable[[Tensor, Tensor], Tensor] | None = None  # see compile_step
 
-    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache (in the weights' dtype and device); it lives until the next setup_cache."""
-        w, heads, head_dim = self.wte.weight, self.config.num_attention_heads, self.config.kv_channels  # float dtype
-        for block in self.h:
-            block.attn.kv_cache = KVCache(batch_size, heads, max_seq_len, head_dim, w.dtype).to(w.device)
-        self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=w.device)
-        self.max_seq_len = max_seq_len
-
-    def clear_cache(self) -> None:
-        """Free the KV cache; calls then attend within the ids they are given (full-sequence mode)."""
-        for block in self.h:
-            block.attn.kv_cache = None
-        self.max_seq_len = 0
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        input_pos: Tensor | None = None,
-        *,
-        attention_mask: Tensor | None = None,
-        audio: Sequence[Tensor] | None = None,
-        last_only: bool = False,
-        hidden_states: list[Tensor] | None = None,
-    ) -> Tensor:
-        """Logits [B, S, vocab_size] for `input_ids` [B, S] placed at slots `input_pos` [S] (default 0..S-1);
-        with `last_only`, [B, 1, vocab_size] for the last slot (what generation needs: at 155,947 outputs per
-        position, lm_head is a large part of a prefill).
-
-        `attention_mask` [B, S] marks real tokens (1) and padding (0) of these slots. `audio` holds the encoded
-        span of every `<audio>…</audio>` region in the ids, in row-major order. With a KV cache, a call starting at
-        slot 0 is a prefill, a one-token call is a decoding step, and a longer call past slot 0 extends a cached
-        prefix (allowed only if the NTK alpha of the whole sequence stays what the prefix was computed with).
-        A `hidden_states` list receives what the official `output_hidden_states` gives: the embeddings (audio
-        spliced in), each block's output but the last, and ln_f of the last block's output.
-        """
-        b, s = input_ids.shape
-        device = input_ids.device
-        input_pos = torch.arange(s, device=device) if input_pos is None else input_pos
-        if attention_mask is None:
-            attention_mask = torch.ones(b, s, dtype=torch.bool, device=device)
-        new_valid = attention_mask.bool()
-        self._check_inputs(input_ids, input_pos)
-
-        x = self.wte(input_ids)
-        if s > 1 or int(input_pos[0]) == 0:  # like the official code, decoding steps are never spliced
-            x = splice_audio(x, input_ids, audio or [], self.config.audio.audio_start_id)
-        if self.max_seq_len:
-            self.prefills += int(input_pos[0]) == 0
-            self.key_valid[:, input_pos] = new_valid
-            valid, key_pos = self.key_valid, torch.arange(self.max_seq_len, device=device)
-        else:
-            valid, key_pos = new_valid, input_pos
-        self._choose_rope_base(valid[:, : int(input_pos[-1]) + 1], first=int(input_pos[0]), step=s == 1)
-
-        if self.true_positions:  # each row counts only its real tokens
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos if self.max_seq_len else slice(None)]
-        else:  # official: the slot index, padding included
-            positions = input_pos[None, :].expand(b, s)
-        # Causal and padding mask; each slot may always see itself so padded rows stay finite (never read).
-        mask = (key_pos[None, :] <= input_pos[:, None])[None] & valid[:, None, :]
-        mask = (mask | (key_pos[None, :] == input_pos[:, None])[None])[:, None]  # [B, 1, S, keys]
-        return self._blocks(x, positions, mask, input_pos, last_only, hidden_states)
-
-    def step(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
-        """One decoding step: logits [B, vocab] for `input_ids` [B, 1] at slot `input_pos` [1], on the KV cache of a
-        prefill (which chose the rotary base). The same math as `forward`, without its checks or any host
-        synchronisation: the fixed-shape graph that `torch.compile` captures (see `compile_step`) and generation
-        runs. The ids must be valid and the slot inside the cache; generation guarantees both."""
-        self.key_valid[:, input_pos] = True
-        key_pos = torch.arange(self.max_seq_len, device=input_ids.device)
-        seen = (key_pos <= input_pos)[None, :] & self.key_valid  # [B, keys]; later slots may hold an older reply
-        if self.true_positions:
-            positions = seen.sum(-1, keepdim=True) - 1
-        else:
-            positions = input_pos[None, :].expand(input_ids.shape[0], 1)
-        mask = seen[:, None, None, :]  # [B, 1, 1, keys]
-        return self._blocks(self.wte(input_ids), positions, mask, input_pos, last_only=True)[:, -1]
-
-    def compile_step(self, **options) -> None:
-        """Compile `step` with `torch.compile(fullgraph=True)` for generation to use (gpt-fast's decode_one_token).
-        On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles when the batch size or cache changes."""
-        self.compiled_step = torch.compile(self.step, fullgraph=True, dynamic=False, **options)
-
-    def _blocks(self, x: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor, last_only: bool,
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor, base: Tensor, cache: KVCache | None = None,
+                slots: Tensor | None = None, *, last_only: bool = False,
                 hidden_states: list[Tensor] | None = None) -> Tensor:
-        """The transformer proper: rotary and logn from `positions` [B, S], then the blocks, ln_f and lm_head."""
-        angles = positions.float()[..., None] * self.inv_freq[:, None, :]
-        emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, S, 1, head_dim]
-        cos, sin = emb.cos(), emb.sin()
+        """Logits [B, S, vocab_size] for `x`: ids [B, S], or their embeddings [B, S, hidden_size] (`embed`).
+
+        `positions` [B, S] and `mask` [B, 1, S, K] come from `positions_and_mask`, `base` [B] from `rope_base`.
+        With a `cache`, the keys and values are written at `slots` [S] and K is the cache's capacity; without, K
+        is S. Logn scaling is on in eval mode only, as in the official model. `last_only` gives [B, 1, vocab_size]
+        for the last slot (what generation needs: at 155,947 outputs per position, lm_head is a large part of a
+        prefill). A `hidden_states` list receives what the official `output_hidden_states` gives: the
+        embeddings, each block's output but the last, and ln_f of the last block's output.
+        """
+        if not x.is_floating_point():
+            x = self.wte(x)
+        cos, sin = rotary(positions, base, self.config.kv_channels)
         if self.config.use_logn_attn and not self.training:
             logn = logn_scale(positions, self.config.seq_length)
         else:
             logn = torch.ones(positions.shape, device=x.device)
-        for block in self.h:
+        for i, block in enumerate(self.h):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, cos, sin, logn[..., None, None], mask, input_pos)
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, cos, sin, logn[..., None, None], mask, layer_cache, slots)
         x = self.ln_f(x[:, -1:] if last_only else x)
         if hidden_states is not None:  # the official tuple ends with ln_f's output, not the last block's
             hidden_states.append(x)
         return self.lm_head(x)
 
-    def _choose_rope_base(self, valid: Tensor, first: int, step: bool) -> None:
-        """Set the rotary base of each row from the NTK alpha (SPEC §8); frozen once a prefill has chosen it."""
-        length = valid.shape[1]
-        if self.training or not self.config.use_dynamic_ntk:
-            alphas = [1] * valid.shape[0]
-        elif length > self.config.seq_length:  # per row, from its real-token count
-            alphas = [ntk_alpha(int(n), self.config.seq_length) for n in valid.sum(-1)]
-        else:
-            alphas = [1] * valid.shape[0]
-        dim = self.config.kv_channels
-        base = torch.tensor([self.config.rotary_emb_base * a ** (dim / (dim - 2)) for a in alphas], dtype=torch.float64)
-        if self.max_seq_len and first > 0:
-            if step:
-                return  # decoding: keep the prefill's base
-            if not torch.equal(base, self.rope_base):
-                raise InputError(
-                    f"extending the cached prefix to {length} tokens would change the NTK rotary base "
-                    f"({self.rope_base.tolist()} -> {base.tolist()}): prefill the whole sequence from slot 0"
-                )
-        self.rope_base = base
-        # Rotary frequencies per row in fp32, with the official arithmetic: 1 / base ** (2i / dim).
-        exponents = torch.arange(0, dim, 2, device=valid.device).float() / dim
-        self.inv_freq = torch.stack([1.0 / (float(b) ** exponents) for b in base])  # [B, dim/2]
-
-    def _check_inputs(self, input_ids: Tensor, input_pos: Tensor) -> None:
+    def embed(self, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> Tensor:
+        """Token embeddings [B, S, hidden_size], each `<audio>…</audio>` region replaced by its clip's span."""
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
         if bad.any():
             row, col = bad.nonzero()[0].tolist()
             raise InputError(f"token id {int(input_ids[row, col])} at [{row}, {col}] is outside the vocabulary "
                              f"(0..{self.config.vocab_size - 1})")
-        if input_pos.shape != input_ids.shape[1:]:
-            raise InputError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({input_ids.shape[1]},)")
-        if self.max_seq_len and int(input_pos[-1]) >= self.max_seq_len:
-            raise InputError(f"position {int(input_pos[-1])} is past the KV cache of {self.max_seq_len} slots: "
-                             "call setup_cache with a larger max_seq_len")
-        if self.max_seq_len and input_ids.shape[0] != self.key_valid.shape[0]:
-            raise InputError(f"batch of {input_ids.shape[0]} rows for a KV cache set up for {self.key_valid.shape[0]}")
+        return splice_audio(self.wte(input_ids), input_ids, audio, self.config.audio.audio_start_id)
+
+    def rope_base(self, valid: Tensor) -> Tensor:
+        """Each row's rotary base for a sequence whose real tokens `valid` marks; dynamic NTK in eval mode only."""
+        return rope_base(self.config, valid, self.config.use_dynamic_ntk and not self.training)
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, audio: Sequence[Tensor] = (), *,
+               last_only: bool = False, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """The official model's forward over whole sequences, no cache: logits [B, S, vocab_size] for `input_ids`
+        [B, S], `attention_mask` [B, S] marking real tokens (1) and padding (0), and `audio`, the encoded span of
+        every `<audio>…</audio>` region in row-major order."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions, mask = positions_and_mask(valid, slots, self.true_positions)
+        return self(self.embed(input_ids, audio), positions, mask, self.rope_base(valid),
+                    last_only=last_only, hidden_states=hidden_states)
 
 
 def splice_audio(x: Tensor, input_ids: Tensor, audio: Sequence[Tensor], start_id: int) -> Tensor:

@@ -1,6 +1,8 @@
-"""Token generation over the decoder's static KV cache: greedy or sampled, batched, stoppable, streamable.
+"""Token generation: greedy or sampled, batched, stoppable, streamable, over a KV cache that generation owns.
 
-One loop serves everything: prefill the (left-padded) prompts once, then one decoding step per new token. Each
+gpt-fast's shape: `prefill` feeds the (left-padded) prompts into a `KVCache` once and fixes each row's rotary base,
+then `decode_one_token` (compiled by `compile_decoding`) feeds one new token per step. A cache kept between calls
+(a conversation) is reused when it `extends` to the new prompt; `fit` is the one rule for its size. Each
 row stops on its own (stop id, stop string or length); finished rows are fed padding until all are done, as in
 Hugging Face's generate. The logits pipeline follows the official generate's order: repetition penalty and
 min-length suppression, then temperature, top-k and top-p (SPEC §9).
@@ -14,13 +16,13 @@ official code does; the tokenizer shows such an id as `<|id_N|>` (dropped with `
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .config import GenerationConfig
-from .decoder import Decoder
+from .decoder import Decoder, KVCache, positions_and_mask
 from .errors import InputError
 from .tokenizer import Tokenizer
 
@@ -59,6 +61,82 @@ def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+def prefill(decoder: Decoder, cache: KVCache, input_ids: Tensor, attention_mask: Tensor | None = None,
+            audio: Sequence[Tensor] = (), start: int = 0) -> Tensor:
+    """Feed `input_ids[:, start:]` into `cache` at slots start.. and return the last slot's logits [B, vocab].
+
+    `start` 0 is a new prompt: each row's rotary base is chosen from its real tokens (`attention_mask`) and frozen
+    for the decoding steps. `start` > 0 extends what the cache holds (`input_ids[:, :start]`, as `extends` checks);
+    `audio` holds every clip of the whole prompt, the cached ones first.
+    """
+    b, s = input_ids.shape
+    if s > cache.capacity or b != cache.valid.shape[0]:
+        raise InputError(f"a [{b}, {s}] prompt does not fit a KV cache of {cache.valid.shape[0]} rows and "
+                         f"{cache.capacity} slots")
+    if start not in (0, cache.length):
+        raise InputError(f"start={start}: a prefill starts at slot 0 or extends the {cache.length} ids the cache "
+                         "holds")
+    slots = torch.arange(start, s, device=input_ids.device)
+    cache.valid[:, slots] = True if attention_mask is None else attention_mask[:, start:].bool()
+    base = decoder.rope_base(cache.valid[:, :s])
+    if start == 0:
+        cache.rope_base = base
+    elif not torch.equal(base, cache.rope_base):
+        raise InputError(f"extending the cached prefix to {s} tokens would change the NTK rotary base "
+                         f"({cache.rope_base.tolist()} -> {base.tolist()}): prefill the whole sequence from slot 0")
+    x = decoder.embed(input_ids[:, start:], audio[len(cache.audio) if start else 0:])
+    positions, mask = positions_and_mask(cache.valid, slots, decoder.true_positions)
+    logits = decoder(x, positions, mask, cache.rope_base, cache, slots, last_only=True)[:, -1]
+    cache.ids, cache.audio = input_ids, list(audio)
+    return logits
+
+
+def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor) -> Tensor:
+    """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` [1]: fixed shapes and no host synchronisation, the
+    graph `compile_decoding` captures. The ids must be valid and the slot inside the cache; generation sees to it."""
+    cache.valid[:, slot] = True
+    positions, mask = positions_and_mask(cache.valid, slot, decoder.true_positions)
+    return decoder(ids, positions, mask, cache.rope_base, cache, slot, last_only=True)[:, -1]
+
+
+_compiled_step: Callable[[Decoder, KVCache, Tensor, Tensor], Tensor] | None = None
+
+
+def compile_decoding(**options) -> Callable[[Decoder, KVCache, Tensor, Tensor], Tensor]:
+    """Have all later generation run `decode_one_token` compiled with `torch.compile(fullgraph=True)` (gpt-fast's
+    --compile), and return the compiled step. On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles
+    when the batch size or cache capacity changes."""
+    global _compiled_step
+    _compiled_step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
+    return _compiled_step
+
+
+def extends(decoder: Decoder, cache: KVCache, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> bool:
+    """Whether `cache` can be extended to `input_ids` (one row per cache row, no padding) with the same logits as a
+    fresh prefill: it holds a proper prefix of the ids, the clips spliced there encode the same (to 1e-5 relative)
+    as `audio`'s first ones, and the longer sequence keeps every row's rotary base (dynamic NTK)."""
+    n = cache.length
+    if not 0 < n < input_ids.shape[1] or cache.ids.shape[0] != input_ids.shape[0]:
+        return False
+    if not torch.equal(cache.ids, input_ids[:, :n]) or len(audio) < len(cache.audio):
+        return False
+    if any((a - b).abs().max() > 1e-5 * b.abs().max() for a, b in zip(cache.audio, audio)):
+        return False
+    all_real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return torch.equal(decoder.rope_base(all_real), cache.rope_base)
+
+
+def fit(decoder: Decoder, cache: KVCache | None, batch: int, need: int) -> KVCache:
+    """A cache with `batch` rows and at least `need` slots: `cache` itself when it has them; grown to twice its
+    size (or `need`), keeping its contents, when it is too small; a new one when it has another batch size."""
+    weight = decoder.wte.weight
+    if cache is None or cache.valid.shape[0] != batch:
+        return KVCache(decoder.config, batch, need, weight.dtype, weight.device)
+    if cache.capacity < need:
+        cache.grow(max(need, 2 * cache.capacity))
+    return cache
+
+
 def generate_steps(
     decoder: Decoder,
     tokenizer: Tokenizer,
@@ -67,26 +145,30 @@ def generate_steps(
     attention_mask: Tensor | None = None,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
-    prefix_len: int = 0,
+    cache: KVCache | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (next ids [B], newly finished rows [B] bool) once per step until every row has stopped.
 
     A row's stop token is yielded in the step it finishes, then padding; callers cut each row at its stop.
-    `prefix_len` > 0 says the decoder's KV cache already holds `input_ids[:, :prefix_len]` (a previous chat turn):
-    only the rest is prefilled, unless the cache is too small or the NTK factor would change (then all is).
+    A `cache` kept from an earlier call (a conversation's previous turn) is reused: when it `extends` to these ids
+    only the new ones are prefilled; it grows when too small. Without one, a cache is made for this call.
     """
     b, s = input_ids.shape
     device = input_ids.device
+    audio = list(audio or [])
     config = _fit_context(config, s, decoder.config.context_length)
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     stops = torch.tensor(config.stop_token_ids, device=device)
-    seen = input_ids
+    reuse = cache is not None and attention_mask is None and extends(decoder, cache, input_ids, audio)
+    start = cache.length if reuse else 0
+    cache = fit(decoder, cache, b, s + config.max_new_tokens)
+    logits = prefill(decoder, cache, input_ids, attention_mask, audio, start)
+    step_fn = _compiled_step or decode_one_token
     replies: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    logits = _prefill(decoder, input_ids, attention_mask, list(audio or []), s + config.max_new_tokens, prefix_len)
     for step in range(config.max_new_tokens):
         candidates = logits if config.full_vocab else logits[:, : len(tokenizer)]
-        scores = process_logits(candidates.float(), seen, step, config)
+        scores = process_logits(candidates.float(), cache.ids, step, config)
         ids = choose(scores, config, generator).masked_fill(done, config.pad_token_id)
         finished = ~done & torch.isin(ids, stops)
         if config.stop_strings:
@@ -100,8 +182,8 @@ def generate_steps(
         done |= finished
         if done.all():
             return
-        seen = torch.cat([seen, ids[:, None]], dim=1)
-        logits = (decoder.compiled_step or decoder.step)(ids[:, None], torch.tensor([s + step], device=device))
+        cache.ids = torch.cat([cache.ids, ids[:, None]], dim=1)
+        logits = step_fn(decoder, cache, ids[:, None], torch.tensor([s + step], device=device))
 
 
 def _fit_context(config: GenerationConfig, prompt: int, context: int) -> GenerationConfig:
@@ -116,24 +198,6 @@ def _fit_context(config: GenerationConfig, prompt: int, context: int) -> Generat
     warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and the "
                   f"new ones must fit the model's context of {context} (max_position_embeddings)", stacklevel=3)
     return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
-
-
-def _prefill(decoder: Decoder, input_ids: Tensor, attention_mask: Tensor | None, audio: list[Tensor],
-             capacity: int, prefix_len: int) -> Tensor:
-    """Last-position logits after feeding the prompt, reusing a cached prefix when it is valid. The cache is
-    reallocated only when it is too small (or of another batch size)."""
-    if decoder.max_seq_len < capacity or decoder.key_valid.shape[0] != input_ids.shape[0]:
-        decoder.setup_cache(input_ids.shape[0], capacity)
-        prefix_len = 0
-    if 0 < prefix_len < input_ids.shape[1]:
-        chunk = input_ids[:, prefix_len:]
-        cached_clips = int((input_ids[:, :prefix_len] == decoder.config.audio.audio_start_id).sum())
-        try:
-            return decoder(chunk, torch.arange(prefix_len, input_ids.shape[1], device=input_ids.device),
-                           audio=audio[cached_clips:], last_only=True)[:, -1]
-        except InputError:  # the longer sequence needs another NTK factor: recompute everything
-            pass
-    return decoder(input_ids, attention_mask=attention_mask, audio=audio, last_only=True)[:, -1]
 
 
 def generate(
@@ -170,18 +234,15 @@ def stream_text(
     *,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
-    prefix_len: int = 0,
-    reply: list[int] | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[str]:
-    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters.
-
-    The reply's ids are appended to `reply` if given (the stop token excluded)."""
+    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters (`cache` is
+    as in `generate_steps`)."""
     if input_ids.shape[0] != 1:
         raise InputError("stream_text takes one prompt (a [1, S] batch)")
-    reply = [] if reply is None else reply
+    reply: list[int] = []
     shown = ""
-    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config,
-                                        prefix_len=prefix_len):
+    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config, cache=cache):
         token, last = int(ids[0]), bool(finished[0])
         if not (last and token in config.stop_token_ids):
             reply.append(token)

@@ -74,13 +74,11 @@ class QwenAudio(nn.Module):
                 audio: Sequence[Tensor | AudioSource] | None = None, *,
                 output_hidden_states: bool = False) -> Tensor | Output:
         """Full-sequence logits [B, S, vocab] for ids with `<audio>` regions and their clips (16 kHz waveforms, or
-        anything `load_audio` reads). A KV cache left by generation is dropped first: this call attends within its
-        own ids, whatever batch size came before. With `output_hidden_states`, an `Output` with the logits and the
-        hidden states as the official model returns them."""
-        self.decoder.clear_cache()
+        anything `load_audio` reads), no KV cache: the official model's forward. With `output_hidden_states`, an
+        `Output` with the logits and the hidden states as the official model returns them."""
         hidden: list[Tensor] | None = [] if output_hidden_states else None
-        logits = self.decoder(input_ids.to(self.device), attention_mask=attention_mask,
-                              audio=self.encode_audio(audio or []), hidden_states=hidden)
+        logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self.encode_audio(audio or []),
+                                     hidden_states=hidden)
         return Output(logits, tuple(hidden)) if hidden is not None else logits
 
 
