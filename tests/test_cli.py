@@ -329,7 +329,7 @@ def test_stdout_in_input_order_and_json_lines(tiny_ckpt, tiny_model, audio_dir, 
 def test_trace_errors_are_one_line(tiny_ckpt, tmp_path, prompt, message):
     done = qwenaudio_cli("trace", "--model", tiny_ckpt, "--prompt", prompt, "--out", tmp_path / "t.safetensors",
                          "--device", "cpu", home=tmp_path)
-    assert done.returncode == 2 and f"error: " in done.stderr and message in done.stderr
+    assert done.returncode == 2 and "error: " in done.stderr and message in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "t.safetensors").exists()
 
 

@@ -17,9 +17,9 @@ from safetensors import safe_open
 
 import qwenaudio
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
+from qwenaudio.core import generate
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
-from qwenaudio.core import generate
 from qwenaudio.core.generate import decode_one_token, extends, prefill
 from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .core.audio import as_waveform, audio_span
-from .core.errors import InputError
 from .core.decoder import KVCache
+from .core.errors import InputError
 from .core.generate import stream_text
 from .core.model import QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
