@@ -19,9 +19,10 @@ import qwenaudio
 from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, ntk_alpha
-from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
+from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN
+from .peers import qwen2_decoder_weights
 
 with safe_open(GOLDEN / "decoder_official.safetensors", framework="pt") as f:
     OFFICIAL = {name: f.get_tensor(name) for name in f.keys()}

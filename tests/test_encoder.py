@@ -14,9 +14,9 @@ from safetensors import safe_open
 from qwenaudio import AudioError, QwenAudioConfig, load_encoder, tensor_shapes
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.encoder import AudioEncoder
-from qwenaudio.testing import qwen2_audio_encoder_weights
 
 from .conftest import GOLDEN
+from .peers import qwen2_audio_encoder_weights
 
 GOLDEN_FILE = GOLDEN / "encoder_official.safetensors"
 with safe_open(GOLDEN_FILE, framework="pt") as f:
