@@ -1,11 +1,11 @@
-"""Every tensor of an official checkpoint, with its shape, in order: written by hand, for any dimensions.
+"""Every tensor of an official checkpoint, with its shape, in order, for any dimensions: the table by hand.
 
-Written from the official checkpoint's index (Qwen/Qwen-Audio's model.safetensors.index.json and shard headers;
-Qwen-Audio-Chat's are the same): at full size, 749 tensors and 8,396,222,464 parameters. The order is the official
-model's module order (`transformer.wte`, `transformer.h.*`, `transformer.ln_f`, `transformer.audio.*`, then
-`lm_head`), the order `make_tiny_checkpoint` draws random weights in, so every tiny checkpoint and every
-recording made from one depends on it. `qwenaudio.tensor_shapes` reads the same table off our modules; the tests
-hold it to this one.
+Written from the official checkpoint (Qwen/Qwen-Audio: the names in model.safetensors.index.json, the shapes
+in the shard headers; Qwen-Audio-Chat's are the same): at full size, 749 tensors and 8,396,222,464 parameters.
+The order is the official model's state-dict order (`transformer.wte`, `transformer.h.*`, `transformer.ln_f`,
+`transformer.audio.*`, then `lm_head`). It is also the order `make_tiny_checkpoint` draws random weights in, so
+every tiny checkpoint, and every recording in this folder made from one, depends on it. `qwenaudio.tensor_shapes`
+reads the same table off our modules; tests/test_checkpoint.py holds the two equal.
 """
 
 from qwenaudio import QwenAudioConfig
