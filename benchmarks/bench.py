@@ -29,7 +29,9 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import Qwen2AudioEncoderConfig, Qwen2Config, Qwen2ForCausalLM
@@ -42,7 +44,10 @@ from qwenaudio.core.decoder import Decoder, KVCache
 from qwenaudio.core.encoder import AudioEncoder
 from qwenaudio.core.generate import compile_decoding, decode_one_token, prefill
 from qwenaudio.core.int8 import quantize_int8
-from qwenaudio.testing import qwen2_audio_encoder_weights, qwen2_decoder_weights, tiny_config
+from qwenaudio.testing import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests' name mapping
+from tests.peers import qwen2_audio_encoder_weights, qwen2_decoder_weights  # noqa: E402
 
 PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: the official tensor table (SPEC §3), tiny checkpoints written and read back, a full-size
+"""Checkpoint I/O: the official tensor table and names, tiny checkpoints written and read back, a full-size
 checkpoint read on the meta device, and every kind of broken checkpoint."""
 
 import hashlib
@@ -14,10 +14,15 @@ import torch
 
 import qwenaudio
 from qwenaudio import CheckpointError, ConfigError, QwenAudioConfig, load_checkpoint, save_checkpoint, tensor_shapes
-from qwenaudio.core.checkpoint import INDEX_FILE, plan_shards, shard_name, write_index, write_shards
-from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
+from qwenaudio.core.checkpoint import (INDEX_FILE, module_path, official_name, plan_shards, quantized_names,
+                                       shard_name, split_state, write_index, write_shards)
+from qwenaudio.core.int8 import METHOD
+from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint, tiny_config
 
-# SPEC §3, written out independently of tensor_shapes: {i} runs over 32 decoder layers, {j} over 32 encoder blocks.
+from .golden.official_tensors import official_tensors, quantized_weights
+
+# The official checkpoint's tensors at full size, written out with literal shapes: {i} runs over 32 decoder layers,
+# {j} over 32 encoder blocks. tests/golden/official_tensors.py writes the same table as formulas of the config.
 SPEC_TABLE = {
     "transformer.wte.weight": (155947, 4096),
     "transformer.h.{i}.ln_1.weight": (4096,), "transformer.h.{i}.ln_2.weight": (4096,),
@@ -50,12 +55,48 @@ SPEC_SHAPES = {
 FULL = QwenAudioConfig.from_dict(OFFICIAL_CONFIG)
 
 
-def test_full_size_table_is_spec():
-    shapes = tensor_shapes(FULL)
+def test_the_two_hand_tables_agree_at_full_size():
+    shapes = official_tensors(FULL)
     assert len(shapes) == len(SPEC_SHAPES) == 749
     assert shapes == SPEC_SHAPES
     params = sum(math.prod(s) for s in shapes.values())
-    assert params == 8_396_222_464 and 2 * params == 16_792_444_928  # SPEC §1: all bf16
+    assert params == 8_396_222_464 and 2 * params == 16_792_444_928  # all bf16
+
+
+TABLE_CONFIGS = {
+    "full": OFFICIAL_CONFIG,
+    "full int8": {**OFFICIAL_CONFIG, "quantization": METHOD},
+    "tiny": tiny_config(),
+    "tiny int8": {**tiny_config(), "quantization": METHOD},
+    "other dims": tiny_config(num_hidden_layers=3, n_layer=1, hidden_size=32, kv_channels=8, intermediate_size=100,
+                              n_state=48, n_head=3, n_ctx=20, vocab_size=155_300),
+}
+
+
+@pytest.mark.parametrize("raw", TABLE_CONFIGS.values(), ids=TABLE_CONFIGS.keys())
+def test_tensor_table_read_off_the_modules_is_the_hand_table(raw):
+    """Names, shapes and order: tiny checkpoints draw their weights in this order, so it fixes their bytes."""
+    config = QwenAudioConfig.from_dict(raw)
+    assert list(tensor_shapes(config).items()) == list(official_tensors(config).items())
+    assert quantized_names(config) == quantized_weights(config)
+
+
+def test_official_names_map_to_module_paths_and_back():
+    pairs = {"transformer.wte.weight": ("decoder", "wte.weight"),
+             "transformer.h.1.attn.c_attn.bias": ("decoder", "h.1.attn.c_attn.bias"),
+             "transformer.ln_f.weight": ("decoder", "ln_f.weight"),
+             "lm_head.weight": ("decoder", "lm_head.weight"),
+             "lm_head.weight_scale": ("decoder", "lm_head.weight_scale"),
+             "transformer.audio.positional_embedding": ("encoder", "positional_embedding"),
+             "transformer.audio.blocks.0.mlp.2.bias": ("encoder", "blocks.0.mlp.2.bias")}
+    for name, (owner, path) in pairs.items():
+        assert module_path(name) == (owner, path) and official_name(owner, path) == name
+    assert split_state({name: k for k, name in enumerate(pairs)}) == {
+        "encoder": {"positional_embedding": 5, "blocks.0.mlp.2.bias": 6},
+        "decoder": {"wte.weight": 0, "h.1.attn.c_attn.bias": 1, "ln_f.weight": 2, "lm_head.weight": 3,
+                    "lm_head.weight_scale": 4}}
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' is not an official tensor name"):
+        split_state({"model.embed_tokens.weight": 0})
 
 
 def write_sparse_checkpoint(directory, shapes, max_shard_bytes):

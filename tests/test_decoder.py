@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import qwenaudio
-from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder, tensor_shapes
+from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder, load_encoder
 from qwenaudio.core import generate
 from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.checkpoint import split_state
 from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
 from qwenaudio.core.generate import decode_one_token, extends, prefill
-from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
+from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN
+from .golden.official_tensors import official_tensors
+from .peers import qwen2_decoder_weights
 
 with safe_open(GOLDEN / "decoder_official.safetensors", framework="pt") as f:
     OFFICIAL = {name: f.get_tensor(name) for name in f.keys()}
@@ -149,11 +152,8 @@ def test_cached_decoding_steps_equal_official(checkpoints, case):
 # --- structure ----------------------------------------------------------------------------------------------------
 
 def test_module_names_map_to_official(tiny_ckpt, decoder):
-    official = {n: s for n, s in tensor_shapes(QwenAudioConfig.from_json(tiny_ckpt)).items()
-                if not n.startswith("transformer.audio.")}
-    ours = {("" if n.startswith("lm_head") else "transformer.") + n: tuple(t.shape)
-            for n, t in decoder.state_dict().items()}
-    assert ours == official
+    official = split_state(official_tensors(QwenAudioConfig.from_json(tiny_ckpt)))["decoder"]
+    assert {n: tuple(t.shape) for n, t in decoder.state_dict().items()} == official
 
 
 @pytest.mark.parametrize("length, alpha", [(1, 1), (2048, 1), (2049, 3), (4096, 3), (4097, 7), (8192, 7), (8193, 15)])

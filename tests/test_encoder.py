@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwenaudio import AudioError, QwenAudioConfig, load_encoder, tensor_shapes
+from qwenaudio import AudioError, QwenAudioConfig, load_encoder
 from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.checkpoint import split_state
 from qwenaudio.core.encoder import AudioEncoder
-from qwenaudio.testing import qwen2_audio_encoder_weights
 
 from .conftest import GOLDEN
+from .golden.official_tensors import official_tensors
+from .peers import qwen2_audio_encoder_weights
 
 GOLDEN_FILE = GOLDEN / "encoder_official.safetensors"
 with safe_open(GOLDEN_FILE, framework="pt") as f:
@@ -60,8 +62,7 @@ def test_golden_was_recorded_from_official_code():
 
 def test_module_names_are_the_official_ones(tiny_ckpt, encoder):
     config = QwenAudioConfig.from_json(tiny_ckpt)
-    official = {n.removeprefix("transformer.audio."): s for n, s in tensor_shapes(config).items()
-                if n.startswith("transformer.audio.")}
+    official = split_state(official_tensors(config))["encoder"]
     assert {n: tuple(t.shape) for n, t in encoder.state_dict().items()} == official
 
 

@@ -1,7 +1,10 @@
 """Official-layout safetensors checkpoints: which tensors exist, and reading / writing them (SPEC §1, §3).
 
-`tensor_shapes` is the one place that names the official tensors. Our modules use those names as their own
-attribute paths (`transformer.h.0.attn.c_attn`), so loading is an identity mapping checked against this table.
+This is the one place that maps official tensor names to our modules. Our attribute paths are the official names
+with one prefix dropped (`official_name`, `split_state`): the encoder's `blocks.0.attn.query.weight` is stored as
+`transformer.audio.blocks.0.attn.query.weight`, the decoder's `h.0.attn.c_attn.weight` as
+`transformer.h.0.attn.c_attn.weight`, and its `lm_head.weight` as itself. `tensor_shapes`, the table every
+checkpoint is checked against, is read off the modules, so the two cannot disagree.
 
 Reading goes one tensor at a time through safetensors' memory map, converting each to the requested dtype and
 device before the next is touched: the peak is the finished state dict plus one tensor, never two copies of the
@@ -14,83 +17,89 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import QwenAudioConfig
+from .decoder import Decoder
+from .encoder import AudioEncoder
 from .errors import CheckpointError
 from .files import write_text, writing
-from .int8 import scale_name
+from .int8 import quantize_int8
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 Shape = tuple[int, ...]
 
+# Where each of our modules sits in the official model, whose tree is `transformer.{wte, h, ln_f, audio}` then
+# `lm_head`: our attribute paths are the official names with this prefix dropped. The decoder's `lm_head` sits
+# beside `transformer`, so it keeps its name.
+PREFIXES = {"encoder": "transformer.audio.", "decoder": "transformer."}
+UNPREFIXED = "lm_head."
+V = TypeVar("V")
+
+
+def official_name(owner: str, path: str) -> str:
+    """The checkpoint's name for the tensor at attribute `path` of our `owner` ("encoder" or "decoder")."""
+    return path if owner == "decoder" and path.startswith(UNPREFIXED) else PREFIXES[owner] + path
+
+
+def module_path(name: str) -> tuple[str, str]:
+    """(owner, attribute path) of an official tensor name: the inverse of `official_name`."""
+    if name.startswith(PREFIXES["encoder"]):
+        return "encoder", name.removeprefix(PREFIXES["encoder"])
+    if name.startswith(UNPREFIXED):
+        return "decoder", name
+    if name.startswith(PREFIXES["decoder"]):
+        return "decoder", name.removeprefix(PREFIXES["decoder"])
+    raise CheckpointError(f"{name!r} is not an official tensor name (they start with transformer. or lm_head.)")
+
+
+def split_state(state: dict[str, V]) -> dict[str, dict[str, V]]:
+    """A checkpoint's tensors (or anything keyed by official name) as each module's own, under its attribute paths:
+    {"encoder": {"conv1.weight": …}, "decoder": {"wte.weight": …, "lm_head.weight": …}}."""
+    parts: dict[str, dict[str, V]] = {owner: {} for owner in PREFIXES}
+    for name, value in state.items():
+        owner, path = module_path(name)
+        parts[owner][path] = value
+    return parts
+
 
 def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
-    """Every tensor an official checkpoint stores, with its shape, in checkpoint order."""
-    d, ff, a = config.hidden_size, config.mlp_width, config.audio
-    shapes: dict[str, Shape] = {"transformer.wte.weight": (config.vocab_size, d)}
-    for i in range(config.num_hidden_layers):
-        h = f"transformer.h.{i}."
-        shapes |= {
-            h + "ln_1.weight": (d,),
-            h + "attn.c_attn.weight": (3 * d, d),  # q | k | v stacked
-            h + "attn.c_attn.bias": (3 * d,),
-            h + "attn.c_proj.weight": (d, d),
-            h + "ln_2.weight": (d,),
-            h + "mlp.w1.weight": (ff, d),
-            h + "mlp.w2.weight": (ff, d),  # carries the SiLU gate
-            h + "mlp.c_proj.weight": (d, ff),
-        }
-    shapes |= {"transformer.ln_f.weight": (d,)}
-    e = "transformer.audio."
-    shapes |= {
-        e + "positional_embedding": (a.n_ctx, a.n_state),
-        e + "conv1.weight": (a.n_state, a.n_mels, 3),
-        e + "conv1.bias": (a.n_state,),
-        e + "conv2.weight": (a.n_state, a.n_state, 3),
-        e + "conv2.bias": (a.n_state,),
-    }
-    for j in range(a.n_layer):
-        b = f"{e}blocks.{j}."
-        shapes |= {
-            b + "attn.query.weight": (a.n_state, a.n_state),
-            b + "attn.query.bias": (a.n_state,),
-            b + "attn.key.weight": (a.n_state, a.n_state),  # Whisper's key projection has no bias
-            b + "attn.value.weight": (a.n_state, a.n_state),
-            b + "attn.value.bias": (a.n_state,),
-            b + "attn.out.weight": (a.n_state, a.n_state),
-            b + "attn.out.bias": (a.n_state,),
-            b + "attn_ln.weight": (a.n_state,),
-            b + "attn_ln.bias": (a.n_state,),
-            b + "mlp.0.weight": (4 * a.n_state, a.n_state),
-            b + "mlp.0.bias": (4 * a.n_state,),
-            b + "mlp.2.weight": (a.n_state, 4 * a.n_state),
-            b + "mlp.2.bias": (a.n_state,),
-            b + "mlp_ln.weight": (a.n_state,),
-            b + "mlp_ln.bias": (a.n_state,),
-        }
-    shapes |= {
-        e + "ln_post.weight": (a.n_state,),
-        e + "ln_post.bias": (a.n_state,),
-        e + "proj.weight": (a.output_dim, a.n_state),
-        e + "proj.bias": (a.output_dim,),
-        e + "audio_bos_eos_token.weight": (2, a.output_dim),  # row 0 BOS, row 1 EOS
-        "lm_head.weight": (config.vocab_size, d),
-    }
-    if config.quantization:  # int8 weights keep their shapes; each gets a per-row scale (qwenaudio.quantize)
-        shapes |= {scale_name(n): shapes[n][:1] for n in quantized_names(config)}
+    """Every tensor an official checkpoint stores, with its shape, in checkpoint order.
+
+    Read off our own modules, built on the meta device (no memory): their state (parameters and persistent
+    buffers) under official names, ordered as the official tree stores them, `transformer.*` before `lm_head.*`.
+    A quantized checkpoint (`qwenaudio quantize`) keeps every tensor and adds the int8 layers' per-row
+    `*.weight_scale` after them, in the decoder's order. tests/golden/official_tensors.py holds the table
+    written by hand from the official checkpoint's index.
+    """
+    with torch.device("meta"):
+        encoder, decoder = AudioEncoder(config.audio), Decoder(config)
+    shapes = _state_shapes("decoder", decoder) | _state_shapes("encoder", encoder)
+    shapes = dict(sorted(shapes.items(), key=lambda item: item[0].startswith(UNPREFIXED)))  # stable: lm_head.* last
+    if config.quantization:  # int8 weights keep their names, shapes and places; the new scales go last
+        shapes |= _state_shapes("decoder", quantize_int8(decoder))
     return shapes
 
 
+def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
+    """Shapes of a module's state dict, by official name (non-persistent buffers, such as the KV cache, are not
+    in a state dict)."""
+    return {official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
+
+
 def quantized_names(config: QwenAudioConfig) -> list[str]:
-    """Official names of the weights that int8 quantization replaces: every linear of the decoder."""
-    layers = [f"transformer.h.{i}.{m}.weight" for i in range(config.num_hidden_layers)
-              for m in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")]
-    return layers + ["lm_head.weight"]
+    """Official names of the weights that int8 quantization replaces: those of every `nn.Linear` of the decoder,
+    the layers `quantize_int8` swaps."""
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    return [official_name("decoder", f"{path}.weight") for path, module in decoder.named_modules()
+            if isinstance(module, nn.Linear)]
 
 
 def shard_files(path: str | Path) -> dict[str, Path]:

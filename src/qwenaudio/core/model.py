@@ -2,9 +2,8 @@
 
 Modules are created on the meta device (no memory, no random init) and then take the checkpoint's tensors
 directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
-copied again, so loading needs no more memory than the weights themselves. Module attribute paths are the
-official tensor names with the owner's prefix dropped: the encoder owns `transformer.audio.*`, the decoder owns
-the rest of `transformer.*` and `lm_head.*`.
+copied again, so loading needs no more memory than the weights themselves. Which official tensor goes to which
+module, under which attribute path, is `checkpoint.split_state`'s to say.
 """
 
 from __future__ import annotations
@@ -17,16 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
-from .checkpoint import load_checkpoint, quantized_names
+from .checkpoint import PREFIXES, load_checkpoint, quantized_names, split_state
 from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
 from .int8 import quantize_int8, quantizer
 from .tokenizer import Tokenizer
-
-ENCODER_PREFIX = "transformer.audio."
-DECODER_PREFIX = "transformer."  # plus lm_head.*, which keeps its name
 
 
 @dataclass(frozen=True)
@@ -137,8 +133,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
         if int8 or config.quantization:
             quantize_int8(model.decoder)  # the int8 layout (on meta: no work), filled by load_state_dict
-    model.encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
-    model.decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
+    owned = split_state(state)
+    model.encoder.load_state_dict(owned["encoder"], assign=True)
+    model.decoder.load_state_dict(owned["decoder"], assign=True)
     return model.eval()
 
 
@@ -146,10 +143,10 @@ def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu") -> AudioEncoder:
     """The audio encoder of a checkpoint, in eval mode, reading only its own tensors (0.6 B of the 8.4 B)."""
     config = QwenAudioConfig.from_json(path)
-    state = load_checkpoint(path, config, dtype=as_dtype(dtype), device=as_device(device), prefix=ENCODER_PREFIX)
+    state = load_checkpoint(path, config, dtype=as_dtype(dtype), device=as_device(device), prefix=PREFIXES["encoder"])
     with torch.device("meta"):
         encoder = AudioEncoder(config.audio)
-    encoder.load_state_dict(_owned(state, ENCODER_PREFIX), assign=True)
+    encoder.load_state_dict(split_state(state)["encoder"], assign=True)
     return encoder.eval()
 
 
@@ -162,7 +159,7 @@ def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, de
         decoder = Decoder(config, true_positions=true_positions)
         if int8 or config.quantization:
             quantize_int8(decoder)
-    decoder.load_state_dict(_owned(state, DECODER_PREFIX, exclude=ENCODER_PREFIX), assign=True)
+    decoder.load_state_dict(split_state(state)["decoder"], assign=True)
     return decoder.eval()
 
 
@@ -172,9 +169,3 @@ def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device
     convert = quantizer(quantized_names(config), dtype) if int8 and not config.quantization else None
     return load_checkpoint(path, config, dtype=dtype, device=device, progress=progress, convert=convert)
 
-
-def _owned(state: dict[str, Tensor], prefix: str, exclude: str | None = None) -> dict[str, Tensor]:
-    """The tensors a module owns, renamed to its attribute paths (`lm_head.*` is the decoder's as is)."""
-    return {k.removeprefix(prefix): v for k, v in state.items()
-            if (k.startswith(prefix) or (prefix == DECODER_PREFIX and k.startswith("lm_head.")))
-            and not (exclude and k.startswith(exclude))}
