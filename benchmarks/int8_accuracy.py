@@ -34,7 +34,7 @@ VARIANTS = {"bf16": (torch.bfloat16, False), "int8, fp32 activations": (torch.fl
 
 
 def vocab_file() -> Path:
-    """The real Qwen vocabulary, shipped in the dashscope wheel (SPEC §4); found without importing it."""
+    """The real Qwen vocabulary, shipped in the dashscope wheel (docs/MODEL.md#bpe); found without importing it."""
     spec = importlib.util.find_spec("dashscope")
     if spec is None:
         raise SystemExit("needs the dashscope wheel for the real vocabulary: pip install dashscope==2.0.2")

@@ -13,7 +13,7 @@ import pytest
 from qwenaudio import Tokenizer
 from qwenaudio.testing import make_tiny_checkpoint
 
-VOCAB_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"  # SPEC §4
+VOCAB_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"  # qwen.tiktoken of every checkpoint (docs/MODEL.md#bpe)
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"

@@ -280,8 +280,8 @@ def test_bad_files(tmp_path):
 # --- lengths ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seconds, mel, frames, tokens, span", [
-    (1, 100, 50, 25, 27),  # SPEC §5
-    (30, 3000, 1500, 750, 752),  # SPEC §5
+    (1, 100, 50, 25, 27),  # worked by hand from the official process_audio (docs/MODEL.md#lengths)
+    (30, 3000, 1500, 750, 752),  # likewise
     (45, 3000, 1500, 750, 752),  # longer clips are truncated to 30 s
     (5.86, 586, 293, 146, 148),  # (293 - 2) // 2 + 1 = 146
 ])

@@ -1,5 +1,5 @@
-"""Checkpoint I/O: the official tensor table and names, tiny checkpoints written and read back, a full-size
-checkpoint read on the meta device, and every kind of broken checkpoint."""
+"""Checkpoint I/O: the official tensor table (docs/MODEL.md#tensors), tiny checkpoints written and read back, a
+full-size checkpoint read on the meta device, and every kind of broken checkpoint."""
 
 import hashlib
 import json
@@ -23,7 +23,7 @@ from .golden.official_tensors import official_tensors, quantized_weights
 
 # The official checkpoint's tensors at full size, written out with literal shapes: {i} runs over 32 decoder layers,
 # {j} over 32 encoder blocks. tests/golden/official_tensors.py writes the same table as formulas of the config.
-SPEC_TABLE = {
+OFFICIAL_TABLE = {
     "transformer.wte.weight": (155947, 4096),
     "transformer.h.{i}.ln_1.weight": (4096,), "transformer.h.{i}.ln_2.weight": (4096,),
     "transformer.h.{i}.attn.c_attn.weight": (12288, 4096), "transformer.h.{i}.attn.c_attn.bias": (12288,),
@@ -47,9 +47,9 @@ SPEC_TABLE = {
     "transformer.audio.proj.weight": (4096, 1280), "transformer.audio.proj.bias": (4096,),
     "transformer.audio.audio_bos_eos_token.weight": (2, 4096),
 }
-SPEC_SHAPES = {
+OFFICIAL_SHAPES = {
     name.format(i=k, j=k): shape
-    for name, shape in SPEC_TABLE.items()
+    for name, shape in OFFICIAL_TABLE.items()
     for k in (range(32) if "{" in name else [None])
 }
 FULL = QwenAudioConfig.from_dict(OFFICIAL_CONFIG)
@@ -57,8 +57,8 @@ FULL = QwenAudioConfig.from_dict(OFFICIAL_CONFIG)
 
 def test_the_two_hand_tables_agree_at_full_size():
     shapes = official_tensors(FULL)
-    assert len(shapes) == len(SPEC_SHAPES) == 749
-    assert shapes == SPEC_SHAPES
+    assert len(shapes) == len(OFFICIAL_SHAPES) == 749
+    assert shapes == OFFICIAL_SHAPES
     params = sum(math.prod(s) for s in shapes.values())
     assert params == 8_396_222_464 and 2 * params == 16_792_444_928  # all bf16
 
@@ -117,14 +117,14 @@ def write_sparse_checkpoint(directory, shapes, max_shard_bytes):
 
 
 def test_full_size_checkpoint_on_meta_device(tmp_path):
-    write_sparse_checkpoint(tmp_path, SPEC_SHAPES, max_shard_bytes=2 * 10**9)
+    write_sparse_checkpoint(tmp_path, OFFICIAL_SHAPES, max_shard_bytes=2 * 10**9)
     (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_CONFIG))
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     assert index["metadata"]["total_size"] == 16_792_444_928
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{k}-of-00009.safetensors" for k in range(1, 10)]
 
     state = load_checkpoint(tmp_path, device="meta")
-    assert {n: tuple(t.shape) for n, t in state.items()} == SPEC_SHAPES
+    assert {n: tuple(t.shape) for n, t in state.items()} == OFFICIAL_SHAPES
     assert all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in state.values())
     assert load_checkpoint(tmp_path, device="meta", dtype=torch.float32)["lm_head.weight"].dtype == torch.float32
 

@@ -1,4 +1,5 @@
-"""config.json parsing: the official values (SPEC §2), the MLP-width rule, and every way a field can be wrong."""
+"""config.json parsing: the official values (docs/MODEL.md#config), the MLP-width rule, and every way a field can be
+wrong."""
 
 import copy
 import json
@@ -32,7 +33,7 @@ def test_official_values():
 
 
 def test_github_variant_loads():
-    raw = official() | {"layer_norm_epsilon": 1e-05}  # the GitHub copy of config.json (SPEC §2)
+    raw = official() | {"layer_norm_epsilon": 1e-05}  # the GitHub copy of config.json
     assert QwenAudioConfig.from_dict(raw).layer_norm_epsilon == 1e-5
 
 

@@ -4,7 +4,8 @@
    tests/golden/record_decoder.py): every block, the final norm and the logits for a text prompt, one clip, two
    clips and a left-padded batch; NTK and logn cases on a checkpoint with seq_length 16; cached decoding steps.
 2. transformers' Qwen2ForCausalLM with mapped weights (below seq_length its math is Qwen-7B's).
-3. A slow float64 reference written here from the formulas of SPEC §8, for dynamic NTK, logn and frozen alpha.
+3. A slow float64 reference written here from the formulas of docs/MODEL.md#decoder, for dynamic NTK, logn and
+   frozen alpha.
 """
 
 import json
@@ -158,7 +159,7 @@ def test_module_names_map_to_official(tiny_ckpt, decoder):
 
 @pytest.mark.parametrize("length, alpha", [(1, 1), (2048, 1), (2049, 3), (4096, 3), (4097, 7), (8192, 7), (8193, 15)])
 def test_ntk_alpha_values(length, alpha):
-    assert ntk_alpha(length, 2048) == alpha  # SPEC §8
+    assert ntk_alpha(length, 2048) == alpha  # docs/MODEL.md#dynamic-ntk
 
 
 # --- transformers' Qwen2 ------------------------------------------------------------------------------------------
@@ -198,9 +199,9 @@ def test_equals_transformers_qwen2(tiny_ckpt, decoder, tokenizer):
 
 def reference_logits(ckpt, ids: torch.Tensor, mask: torch.Tensor, prefill: int,
                      training: bool = False) -> torch.Tensor:
-    """SPEC §8 in float64, one full pass: alpha of each row from its real tokens among the first `prefill` slots
-    (per row only when prefill > seq_length), positions = slots, logn on queries past seq_length; `training`: the
-    official train() mode, with neither NTK nor logn."""
+    """The formulas of docs/MODEL.md#decoder in float64, one full pass: alpha of each row from its real tokens among
+    the first `prefill` slots (per row only when prefill > seq_length), positions = slots, logn on queries past
+    seq_length; `training`: the official train() mode, with neither NTK nor logn."""
     c = QwenAudioConfig.from_json(ckpt)
     w = {k: v.double() for k, v in load_checkpoint(ckpt, c).items() if not k.startswith("transformer.audio.")}
     b, k_len = ids.shape

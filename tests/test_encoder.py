@@ -98,7 +98,8 @@ def test_spans_equal_official(encoder, case):
 
 
 def test_batch_differs_from_single_as_official(encoder):
-    """SPEC §6: a short clip batched with longer ones is encoded slightly differently; we keep that behaviour."""
+    """A short clip batched with longer ones is encoded slightly differently, by the official code too
+    (docs/MODEL.md#batching); we keep that behaviour."""
     batch_span = OFFICIAL["batch.span0"]
     assert (batch_span - OFFICIAL["single0.span0"]).abs().max() > 1e-3
     with torch.no_grad():

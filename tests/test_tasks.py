@@ -1,4 +1,4 @@
-"""Task prompts (SPEC §10, written out literally here), word timestamps, and the subtitle writers."""
+"""Task prompts (the official evaluation's, written out literally here), word timestamps, and the subtitle writers."""
 
 import json
 
@@ -14,7 +14,7 @@ from .conftest import ROOT
 
 CLIP = ROOT / "tests" / "golden" / "clip1.wav"  # 1.3 s: span 34
 
-SPEC_PROMPTS = {  # SPEC §10: the tags after </audio>, and the evaluation's max new tokens
+OFFICIAL_PROMPTS = {  # eval_audio/evaluate_*.py at e81cc26: the tags after </audio>, and the max new tokens
     "transcribe": ("<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>", 256),
     "transcribe_zh_itn": ("<|startoftranscript|><|zh|><|transcribe|><|zh|><|notimestamps|><|itn|>", 256),
     "timestamps": ("<|startoftranscript|><|en|><|transcribe|><|en|><|timestamps|><|0.00|>", 256),
@@ -45,7 +45,7 @@ def model(tiny_ckpt):
     return qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
 
 
-@pytest.mark.parametrize("name", SPEC_PROMPTS)
+@pytest.mark.parametrize("name", OFFICIAL_PROMPTS)
 def test_task_builds_the_official_prompt(model, monkeypatch, name):
     seen = {}
 
@@ -55,7 +55,7 @@ def test_task_builds_the_official_prompt(model, monkeypatch, name):
 
     monkeypatch.setattr(tasks, "generate", fake_generate)
     CALLS[name](model, str(CLIP))
-    tags, max_new = SPEC_PROMPTS[name]
+    tags, max_new = OFFICIAL_PROMPTS[name]
     expected = model.tokenizer.encode(f"<audio>{CLIP}</audio>{tags}", audio_spans=[34])
     assert seen["ids"] == [expected] and seen["mask"] == [[1] * len(expected)] and seen["spans"] == [34]
     assert seen["config"].max_new_tokens == max_new and not seen["config"].do_sample  # greedy, as evaluated
@@ -75,7 +75,7 @@ def test_batch_returns_one_result_per_clip(model):
     one = tasks.transcribe(model, str(CLIP), max_new_tokens=4)
     two = tasks.transcribe(model, [str(CLIP), load_clip0()], max_new_tokens=4)
     assert isinstance(one, str) and isinstance(two, list) and len(two) == 2
-    assert two[0] == one  # the longer clip of the batch is encoded as alone (SPEC §6)
+    assert two[0] == one  # the longer clip of the batch is encoded as alone (docs/MODEL.md#batching)
 
 
 def load_clip0():
@@ -91,8 +91,8 @@ def ts(tokenizer, seconds):
     return tokenizer.timestamp_id(seconds)
 
 
-def test_parse_words_from_the_spec_example(tokenizer):
-    """SPEC §10: <|0.00|><|sil|><|0.54|>word<|0.86|>next<|1.17|>; the prompt supplied the <|0.00|>."""
+def test_parse_words_from_the_official_format(tokenizer):
+    """The official reply format, <|0.00|><|sil|><|0.54|>word<|0.86|>next<|1.17|>; the prompt supplied the <|0.00|>."""
     reply = [tokenizer.special_ids["<|sil|>"], ts(tokenizer, 0.54), *tokenizer.encode("word"), ts(tokenizer, 0.86),
              *tokenizer.encode("next"), ts(tokenizer, 1.17)]
     assert tasks.parse_words(tokenizer, reply) == [Word("word", 0.54, 0.86), Word("next", 0.86, 1.17)]

@@ -1,5 +1,5 @@
 """The tag tokenizer against three references: ids recorded from the official tokenizer (tests/golden,
-record_tokenizer.py), dashscope's own Qwen tokenizer run live, and the hand-checked ids of SPEC §4."""
+record_tokenizer.py), dashscope's own Qwen tokenizer run live, and ids checked by hand (docs/MODEL.md#bpe)."""
 
 import json
 import unicodedata
@@ -63,12 +63,12 @@ def test_ids_equal_dashscope_tokenizer(tokenizer, dashscope_tokenizer, name):
 @pytest.mark.parametrize("text, ids", [
     ("Hello world!", [9707, 1879, 0]), ("\n", [198]), ("assistant", [77091]), ("Audio 1:", [14755, 220, 16, 25]),
 ])
-def test_spec_hand_checked_ids(tokenizer, text, ids):
+def test_hand_checked_ids(tokenizer, text, ids):
     assert tokenizer.encode(text) == ids
 
 
-# First and last id of every special-token group in SPEC §4.
-SPEC_GROUP_BOUNDARIES = {
+# First and last id of every special-token group of the official table (docs/MODEL.md#special-tokens).
+GROUP_BOUNDARIES = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
     "<|extra_0|>": 151646, "<|extra_204|>": 151850, "[[[AUDIO:modality]]]": 151851,
     "<|startoftranscript|>": 151852, "<|startofanalysis|>": 151853,
@@ -85,7 +85,7 @@ SPEC_GROUP_BOUNDARIES = {
 }
 
 
-@pytest.mark.parametrize("token, expected", SPEC_GROUP_BOUNDARIES.items())
+@pytest.mark.parametrize("token, expected", GROUP_BOUNDARIES.items())
 def test_special_group_boundary_ids(tokenizer, token, expected):
     assert tokenizer.special_ids[token] == expected
     assert tokenizer.decode([expected]) == token

@@ -1,4 +1,4 @@
-"""Qwen-Audio-Chat: multi-turn ChatML conversations about one or more clips (SPEC §11).
+"""Qwen-Audio-Chat: multi-turn ChatML conversations about one or more clips (docs/MODEL.md#chat).
 
 The context is built exactly as the official `make_context`: a system piece, as many past turns as fit in
 `max_window_size` tokens (newest first), then the new query and `<|im_start|>assistant\\n`. Every piece is encoded on
@@ -6,7 +6,7 @@ its own, with only Qwen-Audio's tags allowed as special tokens inside the conten
 "<|im_start|>" gets text, not a turn marker. The official chat re-runs the whole conversation every turn, encoding
 all its clips as one batch; here the KV cache of the previous turn is reused when that gives the same logits: the
 new context starts with the cached ids, and the earlier clips encode the same alongside the new ones (a short clip
-batched with a longer one comes out slightly different, SPEC §6, and then everything is recomputed).
+batched with a longer one comes out slightly different, docs/MODEL.md#batching, and then everything is recomputed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (SPEC §10).
+"""The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (docs/MODEL.md#tasks).
 
 The base model is steered by hierarchical tags: what kind of output (`<|startoftranscript|>` or
 `<|startofanalysis|>`), the audio's language, the task, the output language, timestamps or not, and a style. Every

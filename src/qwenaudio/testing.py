@@ -1,8 +1,9 @@
 """Tiny random checkpoints in the official layout, so every test and example runs without the 16 GB download.
 
-`make_tiny_checkpoint` writes all the files of a real checkpoint directory (SPEC §1): config.json with shrunk
-dims, generation and tokenizer configs, bf16 safetensors shards with their index, mel_filters.npz and qwen.tiktoken.
-The official remote code loads these directories too, which is how golden activations are recorded (SPEC §13).
+`make_tiny_checkpoint` writes all the files of a real checkpoint directory (docs/MODEL.md#files): config.json with
+shrunk dims, generation and tokenizer configs, bf16 safetensors shards with their index, mel_filters.npz and
+qwen.tiktoken. The official remote code loads these directories too, which is how golden activations are recorded
+(tools/README.md).
 Weights come from numpy's PCG64 generator, so the same seed gives the same bytes under any torch version.
 """
 

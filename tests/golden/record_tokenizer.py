@@ -84,9 +84,9 @@ CASES = [
     ("full_clip", "<audio>long.wav</audio><|startofanalysis|><|en|><|question|>what?<|answer|>", "all", [752]),
 ]
 
-# Facts about the official tokenizer that are our spec.
-SPEC_LEN = 155165
-SPEC_IDS = {
+# Facts about the official tokenizer that our tokenizer is built on (docs/MODEL.md#special-tokens).
+EXPECTED_LEN = 155165
+EXPECTED_IDS = {
     "<|endoftext|>": 151643,
     "<|extra_204|>": 151850,
     "[[[AUDIO:modality]]]": 151851,
@@ -99,16 +99,16 @@ SPEC_IDS = {
 }
 
 
-def check_spec(tok):
+def check_expected(tok):
     problems = []
-    if len(tok) != SPEC_LEN:
-        problems.append(f"len(tok) = {len(tok)}, expected {SPEC_LEN}")
-    for surface, want in SPEC_IDS.items():
+    if len(tok) != EXPECTED_LEN:
+        problems.append(f"len(tok) = {len(tok)}, expected {EXPECTED_LEN}")
+    for surface, want in EXPECTED_IDS.items():
         got = tok.convert_tokens_to_ids(surface)
         if got != want:
             problems.append(f"id of {surface!r} = {got}, expected {want}")
     if problems:
-        raise SystemExit("official tokenizer differs from our spec:\n  " + "\n  ".join(problems))
+        raise SystemExit("official tokenizer differs from docs/MODEL.md#special-tokens:\n  " + "\n  ".join(problems))
 
 
 def record_case(tok, name, text, allowed, spans):
@@ -152,13 +152,13 @@ def main():
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
-    check_spec(tok)
+    check_expected(tok)
 
     with open(os.path.join(ckpt, "qwen.tiktoken"), "rb") as f:
         vocab_md5 = hashlib.md5(f.read()).hexdigest()
 
     special = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    assert special[0][1] == SPEC_IDS["<|endoftext|>"] and len(special) == SPEC_LEN - special[0][1]
+    assert special[0][1] == EXPECTED_IDS["<|endoftext|>"] and len(special) == EXPECTED_LEN - special[0][1]
 
     out = {
         "reference": {
@@ -169,7 +169,7 @@ def main():
             "vocab_md5": vocab_md5,
         },
         "cases": [record_case(tok, *case) for case in CASES],
-        "special_tokens": [[s, i] for s, i in special if i >= SPEC_IDS["<|endoftext|>"]],
+        "special_tokens": [[s, i] for s, i in special if i >= EXPECTED_IDS["<|endoftext|>"]],
     }
     with open(OUT_PATH, "w", encoding="utf-8") as f:
         f.write(dumps(out) + "\n")

@@ -1,4 +1,4 @@
-"""Audio in, log-mel out: loading, resampling to 16 kHz, and the Whisper front end (SPEC §5).
+"""Audio in, log-mel out: loading, resampling to 16 kHz, and the Whisper front end (docs/MODEL.md#front-end).
 
 Qwen-Audio hears audio the way Whisper does: 16 kHz mono, at most 30 s, as an 80-bin log-mel spectrogram with a
 10 ms hop. The official code decodes with the ffmpeg CLI; here soundfile decodes (wav, flac, ogg, mp3) and a

@@ -1,4 +1,5 @@
-"""Official-layout safetensors checkpoints: which tensors exist, and reading / writing them (SPEC §1, §3).
+"""Official-layout safetensors checkpoints: which tensors exist, and reading / writing them
+(docs/MODEL.md#checkpoint).
 
 This is the one place that maps official tensor names to our modules. Our attribute paths are the official names
 with one prefix dropped (`official_name`, `split_state`): the encoder's `blocks.0.attn.query.weight` is stored as

@@ -1,5 +1,5 @@
-"""Model dimensions read from an official `config.json` (SPEC §2), and decoding defaults from
-`generation_config.json` (SPEC §9).
+"""Model dimensions read from an official `config.json` (docs/MODEL.md#config), and decoding defaults from
+`generation_config.json` (docs/MODEL.md#generation).
 
 The field names are the checkpoint's own, so a reader can hold this file next to `config.json` and see every number.
 Only the fields that change the math are required; everything else in the file (`architectures`, `auto_map`, dropout
@@ -116,7 +116,7 @@ class QwenAudioConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings; `from_json` reads a checkpoint's generation_config.json (SPEC §9).
+    """Decoding settings; `from_json` reads a checkpoint's generation_config.json (docs/MODEL.md#generation).
 
     Every setting is checked when the config is made (`replace` and `from_json` included), so a value that cannot
     run (temperature 0 while sampling, top_p 0, a negative top_k) is a `ConfigError` before any work starts rather

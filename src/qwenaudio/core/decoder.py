@@ -1,9 +1,10 @@
-"""The language model: Qwen-7B, a pre-norm rotary transformer (SPEC §7, §8, §12).
+"""The language model: Qwen-7B, a pre-norm rotary transformer (docs/MODEL.md#decoder).
 
 ids -> wte (audio spans written over each `<audio>…</audio>` region) -> N × [x += attn(RMSNorm(x));
 x += mlp(RMSNorm(x))] -> RMSNorm -> lm_head.
 
-Beyond a textbook decoder, three inference-time rules of the official code change the numbers (SPEC §8, §12):
+Beyond a textbook decoder, three inference-time rules of the official code change the numbers
+(docs/MODEL.md#dynamic-ntk, #logn-scaling, #positions):
 - dynamic NTK: past `seq_length` tokens the rotary base grows by alpha^(d/(d-2)); alpha is chosen at prefill
   (per row under an attention mask) and frozen for all later decoding steps;
 - logn scaling: queries at position p ≥ seq_length are multiplied by log(p + 1) / log(seq_length);

@@ -1,11 +1,14 @@
-"""The audio encoder: Whisper-large-v2's encoder plus average pooling and a projection into the LLM (SPEC §6).
+"""The audio encoder: Whisper-large-v2's encoder plus average pooling and a projection into the LLM
+(docs/MODEL.md#encoder).
 
 log-mel [B, 80, 2T] -> conv stem (stride 2) -> + stored positional table -> 32 pre-LN transformer blocks
 -> average pool (stride 2) -> ln_post -> proj to the decoder width -> per clip: [BOS, frames, EOS].
 
 Attribute names are the checkpoint's own (under `transformer.audio.`), so loading is `load_state_dict`.
-Faithful details (SPEC §12): LayerNorm and softmax run in the activation dtype, q and k are each scaled by
-head_dim^-1/4 before their product, and the positional table is the stored bf16-rounded one.
+Faithful details (docs/MODEL.md#quirks): LayerNorm runs in the activation dtype, q and k are each scaled by
+head_dim^-1/4 before their product, and the positional table is the stored bf16-rounded one. The official attention
+rounds its scores and softmax weights to the activation dtype; scaled_dot_product_attention keeps them in fp32 inside,
+so the two differ by rounding in bf16 (docs/MODEL.md#encoder-blocks).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ then `decode_one_token` (compiled by `compile_decoding`) feeds one new token per
 (a conversation) is reused when it `extends` to the new prompt; `fit` is the one rule for its size. Each
 row stops on its own (stop id, stop string or length); finished rows are fed padding until all are done, as in
 Hugging Face's generate. The logits pipeline follows the official generate's order: repetition penalty and
-min-length suppression, then temperature, top-k and top-p (SPEC §9).
+min-length suppression, then temperature, top-k and top-p (docs/MODEL.md#generation).
 
 By default only ids the tokenizer can decode are chosen: the embedding has rows 155165–155946 too, but no text maps
 to them. The official generate chooses among all rows, so where an extra row scores best (tiny random weights do

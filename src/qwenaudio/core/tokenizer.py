@@ -1,4 +1,5 @@
-"""Qwen-Audio's tokenizer: Qwen-7B's byte-level BPE (tiktoken) plus 3,522 special tokens for tags (SPEC §4).
+"""Qwen-Audio's tokenizer: Qwen-7B's byte-level BPE (tiktoken) plus 3,522 special tokens for tags
+(docs/MODEL.md#tokenizer).
 
 The special tokens are numbered in one fixed order right after the 151,643 BPE ranks, so their ids follow from
 the order of `SPECIAL_TOKENS` alone. Audio enters the prompt as `<audio>PATH</audio>`: the tokenizer keeps only the
