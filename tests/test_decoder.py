@@ -21,7 +21,7 @@ from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, ntk_alpha
 from qwenaudio.testing import make_tiny_checkpoint, qwen2_decoder_weights
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, reference
 
 with safe_open(GOLDEN / "decoder_official.safetensors", framework="pt") as f:
     OFFICIAL = {name: f.get_tensor(name) for name in f.keys()}
@@ -41,9 +41,10 @@ def decoder(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def short_ckpt(tmp_path_factory, vocab_file):
-    """seq_length 16, so dynamic NTK and logn scaling start after 16 tokens."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", seed=1, vocab_file=vocab_file, seq_length=16)
+def short_ckpt(tmp_path_factory):
+    """seq_length 16, so dynamic NTK and logn scaling start after 16 tokens. Its tests feed token ids, so the
+    byte-level stand-in vocabulary serves."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", seed=1, seq_length=16)
 
 
 def text_ids(tokenizer, n: int, seed: int = 0) -> list[int]:
@@ -113,8 +114,8 @@ def run_case(case, ckpt):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_ckpt, short_ckpt):
-    return {"A": tiny_ckpt, "B": short_ckpt}  # A: seed 0, default tiny dims; B: seed 1, seq_length 16
+def checkpoints(tiny_weights, short_ckpt):
+    return {"A": tiny_weights, "B": short_ckpt}  # A: seed 0, default tiny dims; B: seed 1, seq_length 16
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,15 +165,14 @@ def test_ntk_alpha_values(length, alpha):
 def qwen2_reference(tiny_ckpt):
     """Qwen2ForCausalLM with our weights (`qwen2_decoder_weights`: q/k/v split out of c_attn, up = w1,
     gate = w2, down = c_proj)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    transformers = reference("transformers")
     c = QwenAudioConfig.from_json(tiny_ckpt)
-    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_attention_heads, rms_norm_eps=c.layer_norm_epsilon,
-                         rope_theta=c.rotary_emb_base, max_position_embeddings=c.seq_length,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    model = Qwen2ForCausalLM(config).eval()
+    config = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads, rms_norm_eps=c.layer_norm_epsilon, rope_theta=c.rotary_emb_base,
+        max_position_embeddings=c.seq_length, tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(config).eval()
     model.load_state_dict(qwen2_decoder_weights(load_decoder(tiny_ckpt, dtype=torch.float32).state_dict()), strict=True)
     return model
 
@@ -423,12 +423,12 @@ def test_positions_past_the_cache(tiny_ckpt):
         decoder(torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_hidden_states_equal_official(tmp_path, vocab_file):
+def test_hidden_states_equal_official(tmp_path):
     """`model(..., output_hidden_states=True)` against the official forward's own `hidden_states` and
     `last_hidden_state` (tests/golden/record_hidden_states.py): three blocks, a left-padded batch with a clip."""
     with safe_open(GOLDEN / "hidden_states_official.safetensors", "pt") as f:
         official = {n: f.get_tensor(n) for n in f.keys()}
-    ckpt = make_tiny_checkpoint(tmp_path / "three", seed=0, vocab_file=vocab_file, num_hidden_layers=3)
+    ckpt = make_tiny_checkpoint(tmp_path / "three", seed=0, num_hidden_layers=3)
     model = qwenaudio.load(ckpt, dtype=torch.float32, device="cpu", progress=False)
     clip = CLIPS[0]
     with torch.no_grad():
