@@ -338,6 +338,7 @@ def test_step_equals_forward(short_ckpt, tokenizer, true_positions):
     assert masked_relative_error(ours, reference, mask[:, :44]) < 1e-6
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager_step(tiny_ckpt, tokenizer):
     """torch.compile(fullgraph=True) captures the whole step (a graph break would raise) and changes no numbers
     beyond fused-kernel rounding."""

@@ -378,6 +378,7 @@ def test_unreadable_json_files(pristine, tmp_path, broken, name, read, error):
         read(work)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [INDEX_FILE, "config.json", "generation_config.json", "qwen.tiktoken",
                                   "model-00002-of-00003.safetensors"])
 def test_unreadable_files(pristine, tmp_path, name):

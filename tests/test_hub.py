@@ -128,6 +128,7 @@ def test_without_hub_extra(monkeypatch, tmp_path):
     assert "To place the files by hand" in str(e.value) and "weights/README.md" in str(e.value)
 
 
+@pytest.mark.slow
 def test_offline(tmp_path):
     """The real huggingface_hub in offline mode (set before it is imported, so in a fresh process)."""
     reference("huggingface_hub")
