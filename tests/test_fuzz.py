@@ -292,6 +292,7 @@ def test_generation_config_corrupted(data, tmp_path_factory):
         pass
 
 
+@pytest.mark.slow
 @fuzz(15)
 @given(name=st.sampled_from(["config.json", "generation_config.json", INDEX_FILE, "model-00002-of-00003.safetensors",
                              "qwen.tiktoken"]), edits=EDITS)

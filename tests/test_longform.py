@@ -142,7 +142,6 @@ def test_real_speech_joined_with_silences_is_cut_in_the_silences(shared_audio):
         assert w.silent_seam and any(a <= w.seam - SR // 2 and w.seam + SR // 2 <= b for a, b in quiet), w
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_transcribe_takes_long_audio_through_windows(tiny_ckpt, timestamps):
     """A 70 s recording through `tasks.transcribe` equals its windows transcribed as one batch and stitched, with
