@@ -1,9 +1,9 @@
 """Shared fixtures and the rule for reference packages.
 
 The tests need only the core dependencies (torch, numpy, safetensors, tiktoken, soundfile) plus pytest and
-hypothesis; the golden recordings in tests/golden/ are compared with those alone. Live comparisons need the reference
-packages of the `test` extra (openai-whisper, transformers, scipy, dashscope with Qwen's vocabulary,
-huggingface_hub) and the ffmpeg program. A test asks for one with `reference(...)` or `reference_program(...)`, never
+hypothesis: the encoder and decoder recordings in tests/golden/ are compared with those alone. Live comparisons need
+the reference packages of the `test` extra (openai-whisper, transformers, scipy, dashscope, huggingface_hub) and the
+ffmpeg program, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test asks for one with `reference(...)` or `reference_program(...)`, never
 at import time, so a missing one affects only the tests that use it: they are skipped, with the package named, or,
 under CI=true, fail, so CI cannot pass by skipping. ./scripts/test installs them all.
 """
@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -34,10 +35,10 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1")
 
 
-def missing_reference(what: str) -> None:
+def missing_reference(what: str) -> NoReturn:
     """Skip the running test because `what` is not installed; under CI=true, fail it instead."""
-    message = f"{what} is not installed: it is a reference the tests compare against; ./scripts/test installs it " \
-              "(the `test` extra)"
+    message = (f"{what} is not installed: it is a reference the tests compare against; ./scripts/test installs it "
+               "(the `test` extra)")
     if in_ci():
         pytest.fail(f"{message}. CI=true, so a missing reference fails instead of skipping", pytrace=False)
     pytest.skip(message)
@@ -46,13 +47,14 @@ def missing_reference(what: str) -> None:
 def reference(module: str) -> ModuleType:
     """Import a reference package (or one of its submodules, e.g. "scipy.signal") for the calling test.
 
-    Only the package's absence counts as missing: one that is installed but fails to import raises its error.
+    Only the absence of `module` or a package on its path counts as missing: a reference that is installed but
+    fails to import something else (its own dependency) raises that error.
     """
     package = module.partition(".")[0]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name not in (package, module):
+        if not (module == e.name or module.startswith(f"{e.name}.")):
             raise
         name = REFERENCES[package]
         missing_reference(name if name == module else f"{name} (import {module})")
