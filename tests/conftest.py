@@ -1,12 +1,20 @@
-"""Shared fixtures: the real Qwen vocabulary, a tokenizer over it, and a tiny official-layout checkpoint.
+"""Shared fixtures and the rule for reference packages.
 
-The vocabulary comes from the `dashscope` wheel (a test extra, installed by ./scripts/test), which ships Qwen's
-qwen.tiktoken; its md5 is checked so a changed upload cannot slip through.
+The tests need only the core dependencies (torch, numpy, safetensors, tiktoken, soundfile) plus pytest and
+hypothesis: the encoder and decoder recordings in tests/golden/ are compared with those alone. Live comparisons need
+the reference packages of the `test` extra (openai-whisper, transformers, scipy, dashscope, huggingface_hub) and the
+ffmpeg program, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test asks for one with `reference(...)` or `reference_program(...)`, never
+at import time, so a missing one affects only the tests that use it: they are skipped, with the package named, or,
+under CI=true, fail, so CI cannot pass by skipping. ./scripts/test installs them all.
 """
 
 import hashlib
-import importlib.util
+import importlib
+import os
+import shutil
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -18,15 +26,61 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 
+# The pip name of each reference package, by the name it is imported as.
+REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scipy": "scipy",
+              "dashscope": "dashscope", "huggingface_hub": "huggingface_hub"}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def missing_reference(what: str) -> NoReturn:
+    """Skip the running test because `what` is not installed; under CI=true, fail it instead."""
+    message = (f"{what} is not installed: it is a reference the tests compare against; ./scripts/test installs it "
+               "(the `test` extra)")
+    if in_ci():
+        pytest.fail(f"{message}. CI=true, so a missing reference fails instead of skipping", pytrace=False)
+    pytest.skip(message)
+
+
+def reference(module: str) -> ModuleType:
+    """Import a reference package (or one of its submodules, e.g. "scipy.signal") for the calling test.
+
+    Only the absence of `module` or a package on its path counts as missing: a reference that is installed but
+    fails to import something else (its own dependency) raises that error.
+    """
+    package = module.partition(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (module == e.name or module.startswith(f"{e.name}.")):
+            raise
+        name = REFERENCES[package]
+        missing_reference(name if name == module else f"{name} (import {module})")
+
+
+def reference_program(name: str) -> str:
+    """The path of a reference program on $PATH (ffmpeg: the official audio loader runs it)."""
+    path = shutil.which(name)
+    if path is None:
+        missing_reference(f"the {name} program")
+    return path
+
+
+def qwen_vocabulary() -> Path:
+    """Qwen's vocabulary, as the `dashscope` wheel ships it (dashscope/resources/qwen.tiktoken); its md5 is checked
+    so a changed upload cannot slip through."""
+    path = Path(reference("dashscope").__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        missing_reference(f"Qwen's vocabulary ({path}, part of the dashscope wheel)")
+    assert hashlib.md5(path.read_bytes()).hexdigest() == VOCAB_MD5, f"{path} is not Qwen's vocabulary"
+    return path
+
 
 @pytest.fixture(scope="session")
 def vocab_file() -> Path:
-    spec = importlib.util.find_spec("dashscope")
-    if spec is None:
-        pytest.fail("the dashscope wheel (test extra) is not installed: run ./scripts/test")
-    path = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
-    assert hashlib.md5(path.read_bytes()).hexdigest() == VOCAB_MD5, f"{path} is not Qwen's vocabulary"
-    return path
+    return qwen_vocabulary()
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +92,13 @@ def tokenizer(vocab_file) -> Tokenizer:
 def tiny_ckpt(tmp_path_factory, vocab_file) -> Path:
     """A read-only tiny checkpoint shared by the whole session (copy it before changing anything)."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "Qwen-Audio-tiny", seed=0, vocab_file=vocab_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """tiny_ckpt's weights (they depend on the seed alone) with the byte-level stand-in vocabulary, for tests that
+    feed token ids, mels or waveforms and never text, so they run without dashscope. Read-only, like tiny_ckpt."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-weights") / "Qwen-Audio-tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

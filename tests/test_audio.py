@@ -7,12 +7,10 @@
 
 import io
 import math
-import shutil
 import warnings
 
 import numpy as np
 import pytest
-import scipy.signal
 import soundfile as sf
 import torch
 
@@ -29,27 +27,27 @@ from qwenaudio.core.audio import (
     resample,
 )
 
-whisper = pytest.importorskip("whisper", reason="openai-whisper is a test extra: run ./scripts/test")
+from .conftest import reference, reference_program
 
 
 def official_waveform(path):
     """The official loader's output (Qwen-Audio's audio.py and whisper share the ffmpeg command line)."""
-    if shutil.which("ffmpeg") is None:
-        pytest.fail("ffmpeg is needed to run the official loader: ./scripts/test installs it (apt-get install ffmpeg)")
-    return torch.from_numpy(whisper.load_audio(str(path)))
+    reference_program("ffmpeg")
+    return torch.from_numpy(reference("whisper").load_audio(str(path)))
 
 
 def whisper_log_mel(audio):
+    whisper = reference("whisper")
     return whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))
 
 
 # --- mel filters and log-mel ---------------------------------------------------------------------------------
 
 def test_mel_filters_equal_whisper():
-    reference = whisper.audio.mel_filters("cpu", 80).numpy()
+    theirs = reference("whisper").audio.mel_filters("cpu", 80).numpy()
     ours = mel_filters(80)
-    assert ours.dtype == np.float32 and ours.shape == reference.shape == (80, 201)
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-7)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape == (80, 201)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-7)
 
 
 def signals():
@@ -130,7 +128,7 @@ def tone(freq, rate, seconds=1.0):
 
 def scipy_resample(x, rate):
     g = math.gcd(rate, 16000)
-    return scipy.signal.resample_poly(x, 16000 // g, rate // g)
+    return reference("scipy.signal").resample_poly(x, 16000 // g, rate // g)
 
 
 @pytest.mark.parametrize("rate", RATES)
@@ -179,7 +177,7 @@ def test_resampler_on_speech_agrees_with_scipy(shared_audio, rate):
     """Real speech taken to `rate` and back: ours and scipy agree to > 30 dB SNR (they differ only near 8 kHz)."""
     speech, _ = sf.read(shared_audio / "1272-128104-0000.flac", dtype="float32")
     g = math.gcd(rate, 16000)
-    at_rate = scipy.signal.resample_poly(speech, rate // g, 16000 // g).astype(np.float32)
+    at_rate = reference("scipy.signal").resample_poly(speech, rate // g, 16000 // g).astype(np.float32)
     ours, ref = resample(torch.from_numpy(at_rate), rate).numpy(), scipy_resample(at_rate, rate)
     snr = 10 * np.log10(np.sum(ref**2) / np.sum((ours - ref) ** 2))
     assert snr > 30

@@ -77,6 +77,7 @@ def test_batches_go_longest_first_and_keep_input_order_on_ties(folder):
     assert batches[-1][-1].path.name == "broken.wav"  # unreadable: length 0, reported when loaded
 
 
+@pytest.mark.slow
 def test_five_minutes_in_every_format(tiny_ckpt, tmp_path):
     wav = tmp_path / "talk.wav"
     sf.write(wav, speechlike(300, seed=5), RATE)
@@ -101,6 +102,7 @@ def test_five_minutes_in_every_format(tiny_ckpt, tmp_path):
     assert written["vtt"].startswith("WEBVTT")
 
 
+@pytest.mark.slow
 def test_folder_with_a_corrupt_file_then_resume(tiny_ckpt, folder, tmp_path):
     run = ("transcribe", folder, "--model", tiny_ckpt, "--output-dir", tmp_path / "out", "--batch-size", "4",
            "--dtype", "float32", *FAST)
@@ -123,11 +125,13 @@ def test_folder_with_a_corrupt_file_then_resume(tiny_ckpt, folder, tmp_path):
     assert redo.returncode == 1 and outputs(tmp_path / "out") == written
 
 
+@pytest.mark.slow
 def test_format_all_needs_an_output_directory(tmp_path):
     done = qwenaudio_cli("transcribe", tmp_path, "--format", "all", home=tmp_path)
     assert done.returncode == 2 and "--format all writes files: give --output-dir" in done.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_same_outputs_once_each(tiny_ckpt, folder, tmp_path):
     args = ["transcribe", str(folder), "--model", str(tiny_ckpt), "--batch-size", "4", "--dtype", "float32", *FAST]
     single = qwenaudio_cli(*args, "--output-dir", tmp_path / "one", home=tmp_path)

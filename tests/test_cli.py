@@ -64,6 +64,7 @@ def chat_ckpt(tmp_path_factory, vocab_file) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["txt", "json", "srt", "vtt"])
 def test_transcribe_writes_each_format(fmt, tiny_ckpt, tiny_model, audio_dir, tmp_path):
     wav = audio_dir / "speech.wav"
@@ -87,6 +88,7 @@ def test_transcribe_writes_each_format(fmt, tiny_ckpt, tiny_model, audio_dir, tm
         assert written.startswith("WEBVTT\n") and "-->" in written, written
 
 
+@pytest.mark.slow
 def test_bad_file_is_reported_and_the_others_go_on(tiny_ckpt, audio_dir, tmp_path):
     files = [audio_dir / "speech.wav", audio_dir / "bad.wav", audio_dir / "other.wav"]
     done = qwenaudio_cli("transcribe", *files, "--batch-size", "2", "--model", tiny_ckpt,
@@ -101,6 +103,7 @@ def test_bad_file_is_reported_and_the_others_go_on(tiny_ckpt, audio_dir, tmp_pat
     assert done.stdout.startswith(f"{files[0]}: ") and f"\n{files[2]}: " in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, options, expected", [
     ("caption", [], lambda model, wav: tasks.caption(model, [wav], max_new_tokens=8)),
     # ja: a target whose tag changes the tiny model's first 8 tokens (most don't), so it shows if ignored
@@ -117,6 +120,7 @@ def test_other_tasks_run(task, options, expected, tiny_ckpt, tiny_model, audio_d
     assert record["text"] == expected(tiny_model, wav)[0]
 
 
+@pytest.mark.slow
 def test_subtitles_need_the_transcribe_task(tiny_ckpt, audio_dir, tmp_path):
     done = qwenaudio_cli("transcribe", audio_dir / "speech.wav", "--task", "caption", "--format", "srt",
                          "--model", tiny_ckpt, home=tmp_path)
@@ -124,6 +128,7 @@ def test_subtitles_need_the_transcribe_task(tiny_ckpt, audio_dir, tmp_path):
     assert done.stderr.startswith("usage: qwenaudio transcribe") and "--task transcribe" in done.stderr
 
 
+@pytest.mark.slow
 def test_missing_model_says_how_to_get_the_weights(audio_dir, tmp_path):
     done = qwenaudio_cli("transcribe", audio_dir / "speech.wav", "--model", tmp_path / "no-such-model",
                          home=tmp_path)
@@ -132,6 +137,7 @@ def test_missing_model_says_how_to_get_the_weights(audio_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_chat_streams_a_reply_per_question(chat_ckpt, audio_dir, tmp_path):
     wav = audio_dir / "speech.wav"
     done = qwenaudio_cli("chat", "--model", chat_ckpt, "--max-new-tokens", "4", "--device", "cpu", home=tmp_path,
@@ -143,6 +149,7 @@ def test_chat_streams_a_reply_per_question(chat_ckpt, audio_dir, tmp_path):
     assert done.stdout == f"{first}\n{second}\n"  # no "> " prompt: stdin is not a terminal
 
 
+@pytest.mark.slow
 def test_real_recordings_of_two_rates_in_one_batch(tiny_ckpt, shared_audio, tmp_path):
     files = [shared_audio / "1272-128104-0000.flac", shared_audio / "glass-breaking-151256.mp3"]  # 16 and 48 kHz
     done = qwenaudio_cli("transcribe", *files, "--model", tiny_ckpt, *FAST, home=tmp_path)
@@ -152,6 +159,7 @@ def test_real_recordings_of_two_rates_in_one_batch(tiny_ckpt, shared_audio, tmp_
     assert [line.split(": ")[0] for line in lines] == [str(f) for f in files]
 
 
+@pytest.mark.slow
 def test_quantize_then_transcribe_in_int8(tiny_ckpt, audio_dir, tmp_path):
     """`quantize` writes an int8 checkpoint that `transcribe` loads in int8 with no flag; `--int8` on the original
     quantizes while loading, to the same weights."""
@@ -167,6 +175,7 @@ def test_quantize_then_transcribe_in_int8(tiny_ckpt, audio_dir, tmp_path):
     assert missing.returncode == 3 and "nowhere" in missing.stderr
 
 
+@pytest.mark.slow
 def test_quantize_into_itself_is_refused_and_changes_nothing(tiny_ckpt, tmp_path):
     source = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in source.iterdir()}
@@ -187,6 +196,7 @@ def refused_before_loading(done: subprocess.CompletedProcess, message: str) -> N
     assert "Traceback" not in done.stderr and "no checkpoint" not in done.stderr and done.stdout == ""
 
 
+@pytest.mark.slow
 def test_short_clip_fails_alone_under_its_own_name(tiny_ckpt, tiny_model, shared_audio, tmp_path):
     """A 300-sample file among three real recordings (one default batch of four): only it fails, with its own
     error; the others come out as a batch of the three would; a rerun redoes only the short file."""
@@ -210,6 +220,7 @@ def test_short_clip_fails_alone_under_its_own_name(tiny_ckpt, tiny_model, shared
     assert [line.split(":")[0] for line in summary["failed"]] == [str(short)]
 
 
+@pytest.mark.slow
 def test_inputs_and_output_directory_are_checked_before_loading(audio_dir, tmp_path):
     wav = audio_dir / "speech.wav"
     refused_before_loading(qwenaudio_cli("transcribe", tmp_path / "recordigns", "--model", NO_MODEL, home=tmp_path),
@@ -227,6 +238,7 @@ def test_inputs_and_output_directory_are_checked_before_loading(audio_dir, tmp_p
                            "would both write outputs named x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, message", [
     (["--task", "scene", "--itn"], "--itn has no effect with --task scene"),
     (["--task", "caption", "--language", "de"], "--language has no effect with --task caption"),
@@ -306,6 +318,7 @@ def test_ctrl_c_keeps_what_is_done_and_writes_the_summary(tiny_ckpt, audio_dir, 
     assert "1 done, 0 skipped (outputs exist), 0 failed, of 2 files (interrupted)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stdout_in_input_order_and_json_lines(tiny_ckpt, tiny_model, audio_dir, shared_audio, tmp_path):
     """Batches run longest first, but stdout follows the command line; several JSON documents are JSON Lines.
     Two files of the same name may print to stdout (they write no files)."""
@@ -322,6 +335,7 @@ def test_stdout_in_input_order_and_json_lines(tiny_ckpt, tiny_model, audio_dir, 
     assert batches[0] == str(files[1])  # the longest ran first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, message", [
     ("<audio>missing.wav</audio>hi", "missing.wav: no such audio file"),
     ("<audio>unclosed.wav hi", "unclosed <audio> tag"),
@@ -333,6 +347,7 @@ def test_trace_errors_are_one_line(tiny_ckpt, tmp_path, prompt, message):
     assert "Traceback" not in done.stderr and not (tmp_path / "t.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_path_is_never_a_repo_id(audio_dir, tmp_path):
     """`--model weights/Qwen-Audio` where ./weights exists but holds no checkpoint: a missing directory, not a
     download of a repo named "weights/Qwen-Audio"."""
@@ -344,6 +359,7 @@ def test_a_path_is_never_a_repo_id(audio_dir, tmp_path):
     assert "pip install huggingface_hub" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_budget_past_the_context_is_cut_with_a_warning_line(tiny_ckpt, audio_dir, tmp_path):
     """On a copy of the tiny checkpoint whose context is 64 positions (the tiny model never stops by itself)."""
     small = shutil.copytree(tiny_ckpt, tmp_path / "small")

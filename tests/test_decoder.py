@@ -25,7 +25,7 @@ from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
 from qwenaudio.core.generate import decode_one_token, extends, prefill
 from qwenaudio.testing import make_tiny_checkpoint
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, reference
 from .golden.official_tensors import official_tensors
 from .peers import qwen2_decoder_weights
 
@@ -47,9 +47,10 @@ def decoder(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def short_ckpt(tmp_path_factory, vocab_file):
-    """seq_length 16, so dynamic NTK and logn scaling start after 16 tokens."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", seed=1, vocab_file=vocab_file, seq_length=16)
+def short_ckpt(tmp_path_factory):
+    """seq_length 16, so dynamic NTK and logn scaling start after 16 tokens. Its tests feed token ids, so the
+    byte-level stand-in vocabulary serves."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", seed=1, seq_length=16)
 
 
 def text_ids(tokenizer, n: int, seed: int = 0) -> list[int]:
@@ -119,8 +120,8 @@ def run_case(case, ckpt):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_ckpt, short_ckpt):
-    return {"A": tiny_ckpt, "B": short_ckpt}  # A: seed 0, default tiny dims; B: seed 1, seq_length 16
+def checkpoints(tiny_weights, short_ckpt):
+    return {"A": tiny_weights, "B": short_ckpt}  # A: seed 0, default tiny dims; B: seed 1, seq_length 16
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -167,15 +168,14 @@ def test_ntk_alpha_values(length, alpha):
 def qwen2_reference(tiny_ckpt):
     """Qwen2ForCausalLM with our weights (`qwen2_decoder_weights`: q/k/v split out of c_attn, up = w1,
     gate = w2, down = c_proj)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    transformers = reference("transformers")
     c = QwenAudioConfig.from_json(tiny_ckpt)
-    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_attention_heads, rms_norm_eps=c.layer_norm_epsilon,
-                         rope_theta=c.rotary_emb_base, max_position_embeddings=c.seq_length,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    model = Qwen2ForCausalLM(config).eval()
+    config = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads, rms_norm_eps=c.layer_norm_epsilon, rope_theta=c.rotary_emb_base,
+        max_position_embeddings=c.seq_length, tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(config).eval()
     model.load_state_dict(qwen2_decoder_weights(load_decoder(tiny_ckpt, dtype=torch.float32).state_dict()), strict=True)
     return model
 
@@ -360,6 +360,7 @@ def test_decoding_on_a_reused_cache_equals_the_full_forward(short_ckpt, tokenize
     assert masked_relative_error(ours, reference, mask[:, 39:44]) < 1e-6
 
 
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager(tiny_ckpt, tokenizer, monkeypatch):
     """torch.compile(fullgraph=True) captures the whole step (a graph break would raise) and changes no numbers
     beyond fused-kernel rounding."""
@@ -447,12 +448,12 @@ def test_prompt_must_fit_the_cache(tiny_ckpt):
         prefill(decoder, cache, torch.zeros(1, 5, dtype=torch.long), start=3)
 
 
-def test_hidden_states_equal_official(tmp_path, vocab_file):
+def test_hidden_states_equal_official(tmp_path):
     """`model(..., output_hidden_states=True)` against the official forward's own `hidden_states` and
     `last_hidden_state` (tests/golden/record_hidden_states.py): three blocks, a left-padded batch with a clip."""
     with safe_open(GOLDEN / "hidden_states_official.safetensors", "pt") as f:
         official = {n: f.get_tensor(n) for n in f.keys()}
-    ckpt = make_tiny_checkpoint(tmp_path / "three", seed=0, vocab_file=vocab_file, num_hidden_layers=3)
+    ckpt = make_tiny_checkpoint(tmp_path / "three", seed=0, num_hidden_layers=3)
     model = qwenaudio.load(ckpt, dtype=torch.float32, device="cpu", progress=False)
     clip = CLIPS[0]
     with torch.no_grad():

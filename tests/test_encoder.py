@@ -16,7 +16,7 @@ from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.checkpoint import split_state
 from qwenaudio.core.encoder import AudioEncoder
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, reference
 from .golden.official_tensors import official_tensors
 from .peers import qwen2_audio_encoder_weights
 
@@ -34,8 +34,8 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_ckpt):
-    return load_encoder(tiny_ckpt, dtype=torch.float32)
+def encoder(tiny_weights):
+    return load_encoder(tiny_weights, dtype=torch.float32)
 
 
 def capture(encoder: AudioEncoder, mel: torch.Tensor, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,8 +60,8 @@ def test_golden_was_recorded_from_official_code():
     assert OFFICIAL["batch.spans"].tolist() == [14, 34, 52]
 
 
-def test_module_names_are_the_official_ones(tiny_ckpt, encoder):
-    config = QwenAudioConfig.from_json(tiny_ckpt)
+def test_module_names_are_the_official_ones(tiny_weights, encoder):
+    config = QwenAudioConfig.from_json(tiny_weights)
     official = split_state(official_tensors(config))["encoder"]
     assert {n: tuple(t.shape) for n, t in encoder.state_dict().items()} == official
 
@@ -114,9 +114,6 @@ def test_too_short_clip_is_rejected(encoder):
 
 # --- openai-whisper -------------------------------------------------------------------------------------------
 
-whisper = pytest.importorskip("whisper", reason="openai-whisper is a test extra: run ./scripts/test")
-
-
 def full_clip_mel(seed=0):
     """Log-mel of 30 s of shaped noise: the only length whisper's encoder and Qwen2-Audio's accept."""
     rng = np.random.default_rng(seed)
@@ -125,39 +122,38 @@ def full_clip_mel(seed=0):
 
 
 def test_block_equals_whisper_block(encoder):
-    reference = whisper.model.ResidualAttentionBlock(64, 4)
-    reference.load_state_dict(encoder.blocks[1].state_dict())
+    theirs = reference("whisper").model.ResidualAttentionBlock(64, 4)
+    theirs.load_state_dict(encoder.blocks[1].state_dict())
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
-        assert relative_error(encoder.blocks[1](x), reference(x)) < 1e-5
+        assert relative_error(encoder.blocks[1](x), theirs(x)) < 1e-5
 
 
 def test_encoder_equals_whisper_encoder(encoder):
     """Whisper's encoder ends at ln_post without pooling: compare our last block, through our ln_post."""
-    reference = whisper.model.AudioEncoder(n_mels=80, n_ctx=1500, n_state=64, n_head=4, n_layer=2)
-    reference.load_state_dict({k: v for k, v in encoder.state_dict().items()
-                               if not k.startswith(("proj.", "audio_bos_eos_token."))})
+    theirs = reference("whisper").model.AudioEncoder(n_mels=80, n_ctx=1500, n_state=64, n_head=4, n_layer=2)
+    theirs.load_state_dict({k: v for k, v in encoder.state_dict().items()
+                            if not k.startswith(("proj.", "audio_bos_eos_token."))})
     mel = full_clip_mel()
     acts = capture(encoder, mel, torch.tensor([1500]))
     with torch.no_grad():
-        assert relative_error(encoder.ln_post(acts["block1"]), reference(mel)) < 1e-5
+        assert relative_error(encoder.ln_post(acts["block1"]), theirs(mel)) < 1e-5
 
 
 # --- transformers' Qwen2-Audio encoder ------------------------------------------------------------------------
 
 def test_encoder_equals_qwen2_audio_encoder(encoder):
-    from transformers import Qwen2AudioEncoderConfig
-    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
-
-    config = Qwen2AudioEncoderConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4,
-                                     encoder_ffn_dim=256, d_model=64, max_source_positions=1500)
+    transformers = reference("transformers")
+    qwen2_audio = reference("transformers.models.qwen2_audio.modeling_qwen2_audio")
+    config = transformers.Qwen2AudioEncoderConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4,
+                                                  encoder_ffn_dim=256, d_model=64, max_source_positions=1500)
     config._attn_implementation = "eager"
-    reference = Qwen2AudioEncoder(config).eval()
-    reference.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True)
+    theirs = qwen2_audio.Qwen2AudioEncoder(config).eval()
+    theirs.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True)
     mel = full_clip_mel(1)
     acts = capture(encoder, mel, torch.tensor([1500]))
     with torch.no_grad():
-        expected = reference(mel).last_hidden_state  # after avg pool and layer_norm: our ln_post
+        expected = theirs(mel).last_hidden_state  # after avg pool and layer_norm: our ln_post
     assert relative_error(acts["ln_post"], expected) < 1e-5
 
 
@@ -165,8 +161,8 @@ def test_encoder_equals_qwen2_audio_encoder(encoder):
 
 # Measured relative error of the projected spans against fp32 (batch case): bf16 ≤ 5.2e-3, fp16 ≤ 7.8e-4.
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1.5e-2), (torch.float16, 2e-3)])
-def test_reduced_precision_stays_near_fp32(tiny_ckpt, encoder, dtype, tolerance):
-    low = load_encoder(tiny_ckpt, dtype=dtype)
+def test_reduced_precision_stays_near_fp32(tiny_weights, encoder, dtype, tolerance):
+    low = load_encoder(tiny_weights, dtype=dtype)
     num_samples = [len(OFFICIAL[f"single{k}.waveform"]) for k in range(3)]
     with torch.no_grad():
         reference = encoder.encode(OFFICIAL["batch.mel"], num_samples)

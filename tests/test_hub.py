@@ -16,6 +16,8 @@ from qwenaudio import CheckpointError, DownloadError, InputError
 from qwenaudio.hub import FILE_PATTERNS, hf_cache, resolve, weights_home
 from qwenaudio.testing import make_tiny_checkpoint
 
+from .conftest import reference
+
 
 @pytest.fixture(autouse=True)
 def private_cache(monkeypatch, tmp_path):
@@ -126,8 +128,10 @@ def test_without_hub_extra(monkeypatch, tmp_path):
     assert "To place the files by hand" in str(e.value) and "weights/README.md" in str(e.value)
 
 
+@pytest.mark.slow
 def test_offline(tmp_path):
     """The real huggingface_hub in offline mode (set before it is imported, so in a fresh process)."""
+    reference("huggingface_hub")
     code = (
         "import qwenaudio, sys\n"
         "try:\n    qwenaudio.download('Qwen/Qwen-Audio', sys.argv[1])\n"

@@ -15,6 +15,7 @@ import qwenaudio
 from .conftest import ROOT
 
 
+@pytest.mark.slow
 def test_import_pulls_in_no_reference_package():
     code = (
         "import pkgutil, importlib, sys, qwenaudio\n"
@@ -44,6 +45,7 @@ def run_example(*args):
                           capture_output=True, text=True, timeout=300, check=True).stdout
 
 
+@pytest.mark.slow
 def test_transcribe_example_on_tiny_checkpoint(tiny_ckpt, shared_audio):
     files = [str(shared_audio / "1272-128104-0000.flac"), str(shared_audio / "es.mp3")]
     out = run_example(*files, "--model", str(tiny_ckpt), "--max-new-tokens", "5")
@@ -52,6 +54,7 @@ def test_transcribe_example_on_tiny_checkpoint(tiny_ckpt, shared_audio):
     assert out.startswith(files[0] + ": ")
 
 
+@pytest.mark.slow
 def test_transcribe_example_without_weights(tmp_path, shared_audio):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "transcribe.py"), str(shared_audio / "es.mp3"),
                              "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
@@ -84,6 +87,7 @@ def test_load_needs_a_name():
         qwenaudio.load(None)
 
 
+@pytest.mark.slow
 def test_transcribe_script_installs_once_and_reads_paths_from_where_it_runs(tmp_path, tiny_ckpt, shared_audio):
     """./scripts/transcribe on a venv whose python logs pip calls (and runs everything else for real): pip runs on
     the first call only, and a relative file argument is found from the caller's directory."""

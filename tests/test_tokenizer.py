@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from qwenaudio import Tokenizer, TokenizerError
 from qwenaudio.core.tokenizer import AUDIO_TAGS, SPECIAL_TOKENS
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, reference
 
 OFFICIAL = json.loads((GOLDEN / "tokenizer_official.json").read_text(encoding="utf-8"))
 CASES = {case["name"]: case for case in OFFICIAL["cases"]}
@@ -25,9 +25,7 @@ def allowed(case):
 
 @pytest.fixture(scope="module")
 def dashscope_tokenizer(vocab_file):
-    from dashscope.tokenizers.qwen_tokenizer import QwenTokenizer
-
-    return QwenTokenizer(str(vocab_file))
+    return reference("dashscope.tokenizers.qwen_tokenizer").QwenTokenizer(str(vocab_file))
 
 
 def test_golden_covers_the_tricky_strings():

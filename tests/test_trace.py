@@ -175,6 +175,7 @@ def run_cli(*args):
                           cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_verify_command(tiny_ckpt, tmp_path):
     reference = str(GOLDEN / "trace_official.safetensors")
     ok = run_cli("verify", reference, "--model", str(tiny_ckpt), "--out", str(tmp_path / "ours.safetensors"))
@@ -185,6 +186,7 @@ def test_verify_command(tiny_ckpt, tmp_path):
     assert run_cli("verify", reference).returncode == 2  # one trace needs --model
 
 
+@pytest.mark.slow
 def test_verify_command_reports_both_and_fails_on_a_bf16_checkpoint_with_a_bad_layer(tiny_ckpt, tmp_path):
     full = str(GOLDEN / "trace_official_full.safetensors")
     good = run_cli("verify", full, "--model", str(tiny_ckpt))
