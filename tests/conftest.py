@@ -3,9 +3,10 @@
 The tests need only the core dependencies (torch, numpy, safetensors, tiktoken, soundfile) plus pytest and
 hypothesis: the encoder and decoder recordings in tests/golden/ are compared with those alone. Live comparisons need
 the reference packages of the `test` extra (openai-whisper, transformers, scipy, dashscope, huggingface_hub) and the
-ffmpeg program, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test asks for one with `reference(...)` or `reference_program(...)`, never
-at import time, so a missing one affects only the tests that use it: they are skipped, with the package named, or,
-under CI=true, fail, so CI cannot pass by skipping. ./scripts/test installs them all.
+ffmpeg program, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test asks
+for one with `reference(...)` or `reference_program(...)`, never at import time, so a missing one affects only the
+tests that use it: they are skipped, with the package named, or, under CI=true, fail, so CI cannot pass by skipping.
+./scripts/test installs them all.
 """
 
 import hashlib

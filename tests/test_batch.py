@@ -156,8 +156,8 @@ def test_a_failing_batch_is_retried_file_by_file(tmp_path):
     """Recognition that fails for a batch holding one bad clip: its files are tried alone, so the good ones are
     done and only the bad one fails, under its own name and with its own error."""
     paths = []
-    for name, seconds in (("a", 3), ("b", 2), ("poison", 1)):
-        sf.write(tmp_path / f"{name}.wav", speechlike(seconds, 0), RATE)
+    for name, length in (("a", 3), ("b", 2), ("poison", 1)):
+        sf.write(tmp_path / f"{name}.wav", speechlike(length, 0), RATE)
         paths.append(tmp_path / f"{name}.wav")
     calls = []
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import qwenaudio
-import qwenaudio.core.generate
 from qwenaudio.chat import Chat, build_context, chat, query_text
+from qwenaudio.core import generate
 from qwenaudio.core.audio import audio_span
+from qwenaudio.core.tokenizer import AUDIO_SPECIAL_TOKENS
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, ROOT
@@ -78,21 +79,21 @@ def test_chat_context_and_history(chat_model, in_repo):
 def scripted(monkeypatch, *replies):
     """Make generation emit each reply's ids then <|im_end|>, turn after turn, and record every prefill."""
     prefills, script = [], iter([i for reply in replies for i in reply + [151645]])
-    monkeypatch.setattr(qwenaudio.core.generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
-    original = qwenaudio.core.generate.prefill
+    monkeypatch.setattr(generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
+    original = generate.prefill
 
     def spy(decoder, cache, ids, mask=None, audio=(), start=0):
         logits = original(decoder, cache, ids, mask, audio, start)
         prefills.append((start, ids.shape[1], logits))
         return logits
 
-    monkeypatch.setattr(qwenaudio.core.generate, "prefill", spy)
+    monkeypatch.setattr(generate, "prefill", spy)
     return prefills
 
 
 def full_prefill_logits(model, chat, query):
     _, ids = chat.context(query)
-    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=qwenaudio.core.tokenizer.AUDIO_SPECIAL_TOKENS)
+    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=AUDIO_SPECIAL_TOKENS)
     with torch.no_grad():
         return model.decoder.logits(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]
 
