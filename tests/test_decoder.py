@@ -97,7 +97,7 @@ def run_case(case, ckpt):
     decoder = load_decoder(ckpt, dtype=torch.float32)
     acts = {}
 
-    def keep_prefill(name):  # the first call is the prefill; hooks must return None to leave the model alone
+    def keep_prefill(name):  # keep the first call's; hooks must return None to leave the model alone
         def hook(module, args, out=None):
             acts.setdefault(name, args[0] if out is None else out)
         return hook

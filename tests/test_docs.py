@@ -97,7 +97,7 @@ def test_tests_named_in_model_md_exist():
 
 
 def test_code_named_in_model_md_exists():
-    """`core/decoder.py: Decoder.step` names our code when the file is ours; otherwise it must be an official file."""
+    """`core/decoder.py: Decoder.forward` names our code when the file is ours; otherwise it must be an official file."""
     named = re.findall(r"`([\w/]+\.py): ([\w.]+)`", MODEL_MD.read_text(encoding="utf-8"))
     where = {file: path for file, _ in named for path in (SRC / file, ROOT / file) if path.is_file()}
     ours = [(file, name) for file, name in named if file in where]
