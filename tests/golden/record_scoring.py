@@ -18,8 +18,8 @@ Which official code: QwenLM/Qwen-Audio eval_audio/ at commit e81cc26 for the eva
 import, evaluate_tokenizer.py, is missing there and was added upstream in 2a70134. The script extracts them from a git
 clone of the official repository into a temporary directory and imports them from there; nothing official is copied
 into this repository. Importing the scripts needs torch, transformers and tqdm (the official venv has them) plus
-editdistance, edit_distance, scikit-learn and sacrebleu<2: EvaluationTokenizer imports `sacrebleu.tokenizers.TOKENIZERS`,
-which sacrebleu 2 no longer has (it raises ImportError there).
+editdistance, edit_distance, scikit-learn and sacrebleu<2: EvaluationTokenizer imports
+`sacrebleu.tokenizers.TOKENIZERS`, which sacrebleu 2 no longer has (it raises ImportError there).
 
 How to run (in the official venv):
 
@@ -33,6 +33,7 @@ import io
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -60,11 +61,26 @@ WER_CASES = [
     ("en_later_empty_ref", "en", ["a b", ""], ["a b", "c d"]),
     ("en_first_ref_empty", "en", ["", "a b"], ["x", "a b"]),
     ("en_first_ref_tags_only", "en", ["<|en|> <|endoftext|>", "a"], ["", "a"]),
+    ("en_first_ref_empty_moved", "en", ["a b", ""], ["a b", "x"]),  # the crashing case's lists, empty ref second
     ("zh_basic", "zh", ["我们是阿里巴巴的", "你好，世界。"], ["我们 是阿里 的", "你好世界"]),
     ("zh_mixed", "zh", ["Hello 世界 ABC"], ["<|zh|>hello世界abd"]),
     ("zh_first_ref_empty", "zh", ["", "中文"], ["", "中文"]),
     ("empty_lists", "en", [], []),
 ]
+
+
+def random_srwt_lists(seed: int) -> tuple[list[str], list[str]]:
+    """Three examples of one to five words from a three-word vocabulary, reference and reply drawn independently,
+    the reply's times 0.1 s later: alignments with equal cost but different pairs are common there."""
+    rng = random.Random(seed)
+
+    def timed(delay: float) -> str:
+        words = [rng.choice("abc") for _ in range(rng.randint(1, 5))]
+        return "<|0.00|>" + "".join(f"{w}<|{(n + 1) / 4 + delay:.2f}|>" for n, w in enumerate(words))
+
+    pairs = [(timed(0.0), timed(0.1)) for _ in range(3)]
+    return [ref for ref, _ in pairs], [hyp for _, hyp in pairs]
+
 
 # (name, refs, hyps): raw strings, as AverageShiftCalculator reads them.
 SRWT_CASES = [
@@ -84,7 +100,25 @@ SRWT_CASES = [
     ("tab_in_segment", ["<|0.00|>a\tb<|0.50|>c<|0.90|>"], ["<|0.00|>a\tb<|0.60|>c<|0.90|>"]),
     ("all_skipped", ["<|0.00|>a<|0.50|>"], ["<|0.00|>b<|0.50|>"]),
     ("reply_without_timestamps", ["<|0.00|>甲<|0.50|>乙<|1.00|>"], ["甲乙"]),
-]
+    ("reply_without_timestamps_among_others", ["<|0.00|>甲<|0.50|>乙<|1.00|>", "<|1.00|>x<|2.50|>y<|3.00|>"],
+     ["甲乙", "<|1.20|>x<|2.00|>z<|3.30|>"]),
+    ("reply_without_timestamps_left_out", ["<|1.00|>x<|2.50|>y<|3.00|>"], ["<|1.20|>x<|2.00|>z<|3.30|>"]),
+    # Both lists lose one example, at different places: the official calculator pairs example 1's reference with
+    # example 0's reply.
+    ("misaligned", ["甲乙", "<|0.00|>x<|1.00|>", "<|0.00|>k<|0.50|>"],
+     ["<|0.00|>x<|0.30|>", "xy", "<|0.00|>k<|0.60|>"]),
+    ("misaligned_left_out", ["<|0.00|>k<|0.50|>"], ["<|0.00|>k<|0.60|>"]),
+    # Equally short alignments that pair different words: which one the official matcher picks decides the shift.
+    ("swapped", ["<|0.00|>a<|0.50|>b<|1.00|>", "<|0.00|>k<|0.50|>"],
+     ["<|0.00|>b<|0.40|>a<|1.00|>", "<|0.10|>k<|0.50|>"]),
+    ("insertion_or_deletion", ["<|0.00|>a<|0.50|>b<|1.00|>a<|1.50|>"], ["<|0.00|>b<|0.40|>a<|0.90|>b<|1.30|>"]),
+    # Only the first language tag found is deleted (<|en|> before <|zh|>), wherever it is.
+    ("language_tag_inside_segment", ["<|0.00|>a<|en|>b<|0.50|>c<|0.90|>", "<|0.00|>a<|zh|><|en|>b<|0.50|>"],
+     ["<|0.00|>ab<|0.60|>c<|1.00|>", "<|0.00|>a<|zh|>b<|0.70|>"]),
+    ("tab_in_reply_only", ["<|0.00|>a<|0.50|>b<|0.90|>", "<|0.00|>k<|0.50|>"],
+     ["<|0.00|>a\tx<|0.60|>b<|0.90|>", "<|0.00|>k<|0.70|>"]),
+] + [(f"random_{seed}", *random_srwt_lists(seed)) for seed in range(20)]
+
 
 # (name, refs, hyps): the classification tasks' exact-match accuracy and evaluate_aqa.py's yes/no subset.
 ACCURACY_CASES = [
@@ -112,7 +146,7 @@ def outcome(fn, *args):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return {"value": fn(*args)}
-    except Exception as e:  # recording which exception the official code raises is the point
+    except Exception as e:  # noqa: BLE001 -- which exception the official code raises is what is recorded
         return {"raises": type(e).__name__}
 
 
