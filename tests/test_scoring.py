@@ -1,7 +1,8 @@
 """The evaluation scoring against the official scripts' functions, recorded on fixed inputs into
-tests/golden/scoring_official.json by tests/golden/record_scoring.py, and the edit distance against a plain recursive
-definition. Where the official code crashes, the defined result is checked against what the official code returns on
-the same examples arranged so that it does not crash."""
+tests/golden/scoring_official.json by tests/golden/record_scoring.py and tests/golden/note_scoring_official.json by
+tests/golden/record_note_scoring.py, the edit distance against a plain recursive definition and average precision
+against a direct transcription of its definition. Where the official code crashes, the defined result is checked
+against what the official code returns on the same examples arranged so that it does not crash."""
 
 import json
 from functools import cache
@@ -12,13 +13,20 @@ from hypothesis import strategies as st
 
 from qwenaudio.core.errors import InputError
 from qwenaudio.scoring import (
+    NO_NUMBER,
     accuracy,
+    average_precision,
     average_shift,
+    chroma_accuracy,
     edit_distance,
     error_rate,
     evaluation_tokens,
     group_by_source,
+    note_info,
+    note_scores,
     remove_sp,
+    sonic_labels,
+    sonic_map,
     yes_no_accuracy,
 )
 
@@ -28,6 +36,9 @@ OFFICIAL = json.loads((GOLDEN / "scoring_official.json").read_text(encoding="utf
 WER = {case["name"]: case for case in OFFICIAL["compute_wer"]}
 SHIFT = {case["name"]: case for case in OFFICIAL["average_shift"]}
 ACCURACY = {case["name"]: case for case in OFFICIAL["accuracy"]}
+NOTE_OFFICIAL = json.loads((GOLDEN / "note_scoring_official.json").read_text(encoding="utf-8"))
+NOTES = {case["name"]: case for case in NOTE_OFFICIAL["scores"]}
+NOTE_KEYS = {"instrument": "instrument", "velocity": "velocity", "sonic": "sonic", "top1": "pitch", "chroma": "chroma"}
 
 
 def clean_error_rate(case: dict) -> float:
@@ -156,3 +167,68 @@ def test_average_shift_of_identical_timings_is_zero(utterances):
         stamps = [f"<|{t / 10:.2f}|>" for t in range(len(words) + 1)]
         texts.append(stamps[0] + "".join(w + s for w, s in zip(words, stamps[1:])))
     assert average_shift(texts, texts) == 0.0
+
+
+@pytest.mark.parametrize("case", NOTE_OFFICIAL["note_info"], ids=lambda c: repr(c["text"])[:40])
+def test_note_info_matches_official(case):
+    info = note_info(case["text"])
+    assert info._asdict() == case["out"]
+    assert sonic_labels(info.sonic) == case["sonic_labels"]
+
+
+@pytest.mark.parametrize("case", [c for c in NOTE_OFFICIAL["scores"] if c["name"] != "empty"], ids=lambda c: c["name"])
+def test_note_scores_match_official(case):
+    """Every score the official script gives; where its sonic mAP raises ValueError (no known label in the group),
+    ours is None and the other scores still match."""
+    ours = note_scores(case["refs"], case["hyps"])
+    for official_key, key in NOTE_KEYS.items():
+        official = case[official_key]
+        if "raises" in official:
+            assert (official_key, official["raises"]) == ("sonic", "ValueError") and ours[key] is None
+        else:
+            assert ours[key] == pytest.approx(official["value"], abs=1e-12, rel=0), key
+
+
+def test_note_scores_official_quirks_are_kept():
+    """Chroma by place in the sorted pitches, not by semitones; two unreadable pitches agree; a label only replies
+    have scores 0."""
+    by_place = NOTES["chroma_by_position"]
+    assert by_place["chroma"]["value"] == 1.0 and note_scores(by_place["refs"], by_place["hyps"])["chroma"] == 1.0
+    assert chroma_accuracy([40, 41], [52, 41]) == NOTES["chroma_octave_missed"]["chroma"]["value"] == 0.5
+    assert note_info("garbage").pitch == NO_NUMBER and NOTES["missing_both_sides"]["top1"]["value"] == 1.0
+    assert sonic_map([[], []], [["dark"], []]) == NOTES["one_label_only_in_replies"]["sonic"]["value"] == 0.0
+
+
+def test_note_scores_bad_input():
+    """An empty group makes every official score raise (ValueError, ZeroDivisionError); here it is one InputError."""
+    assert {key: NOTES["empty"][key].get("raises") for key in NOTE_KEYS} == {
+        "instrument": "ValueError", "velocity": "ValueError", "sonic": "ValueError",
+        "top1": "ZeroDivisionError", "chroma": "ZeroDivisionError"}
+    with pytest.raises(InputError, match="no examples"):
+        note_scores([], [])
+    with pytest.raises(InputError, match="2 references but 1 replies"):
+        note_scores(["", ""], [""])
+    with pytest.raises(InputError, match="mean average precision is undefined"):
+        sonic_map([[]], [[]])
+    with pytest.raises(InputError, match="2 labels, 1 scores"):
+        average_precision([True, False], [1.0])
+    with pytest.raises(InputError, match="0 labels, 0 scores"):
+        average_precision([], [])
+
+
+def reference_average_precision(truth, scores) -> float:
+    """The definition read literally: sum over distinct thresholds t, highest first, of precision(t) times
+    recall(t) - recall(previous t), counting every example with score >= t; 0 without positives."""
+    positives = sum(truth)
+    total = before = 0
+    for t in sorted(set(scores), reverse=True):
+        kept = [y for y, s in zip(truth, scores) if s >= t]
+        total += (sum(kept) / positives - before) * sum(kept) / len(kept) if positives else 0
+        before = sum(kept) / positives if positives else 0
+    return total
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.0, 0.25, 0.5, 1.0])), min_size=1, max_size=12))
+def test_average_precision_matches_definition(pairs):
+    truth, scores = [t for t, _ in pairs], [s for _, s in pairs]
+    assert average_precision(truth, scores) == pytest.approx(reference_average_precision(truth, scores), abs=1e-12)

@@ -2,13 +2,14 @@
 
 The official repository scores each benchmark in its own script (eval_audio/evaluate_*.py at QwenLM/Qwen-Audio):
 word or character error rate for ASR, an average timestamp shift for speech recognition with word timestamps (SRWT),
-and exact-match accuracy for audio question answering (AQA), speech emotion (SER), vocal sound (VSC) and acoustic
-scene (ASC) classification. Each script decodes the reply with its special tokens kept, strips surrounding
-whitespace, groups the examples by their `source` field and scores every group on its own. This module is those
-metrics and nothing else, in plain Python so that scoring needs no editdistance, edit_distance or scikit-learn.
-tests/test_scoring.py checks every function against the official functions' outputs on fixed inputs, recorded by
-tests/golden/record_scoring.py. The `qwenaudio evaluate` command that will run the benchmarks on top of this module
-does not exist yet.
+exact-match accuracy for audio question answering (AQA), speech emotion (SER), vocal sound (VSC) and acoustic
+scene (ASC) classification, and per-field scores of the note analysis (NSynth) replies. Each script decodes the
+reply with its special tokens kept, strips surrounding whitespace, groups the examples by their `source` field and
+scores every group on its own. This module is those metrics and nothing else, in plain Python so that scoring needs
+no editdistance, edit_distance or scikit-learn. tests/test_scoring.py checks every function against the official
+functions' outputs on fixed inputs, recorded by tests/golden/record_scoring.py and
+tests/golden/record_note_scoring.py. The `qwenaudio evaluate` command that will run the benchmarks on top of this
+module does not exist yet.
 
 Where the official code crashes, these functions give a defined result instead; each docstring says where.
 """
@@ -17,18 +18,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import pairwise
-from typing import Any
+from itertools import chain, groupby, pairwise
+from typing import Any, NamedTuple
 
 from .core.errors import InputError
 
 LANGUAGES = ("en", "zh")  # the ASR benchmarks' languages: English is scored by words, Chinese by characters
 PUNCTUATION = "!,.?;:"  # marks that `remove_sp` pulls onto the word before them
 YES_NO = ("yes", "no")
+# The NSynth note qualities the note-analysis scoring knows; any other label in a reply or reference is ignored.
+SONIC_LABELS = ("bright", "dark", "distortion", "fast_decay", "long_release", "multiphonic", "nonlinear_env",
+                "percussive", "reverb", "tempo-synced")
+NO_NUMBER = 128  # the pitch or velocity of a text without a readable one: one past the MIDI range
 
 _TAG = re.compile(r"<\|.*?\|>")
 _SPACE_BEFORE_PUNCTUATION = re.compile(rf" ?([{re.escape(PUNCTUATION)}])")
 _TIMESTAMP = re.compile(r"<\|\d{1,2}\.\d+\|>")  # one or two digits before the point: <|100.00|> is not a time
+_PITCH = re.compile(r"<\|pitch\|><\|midi_pitch_(.*?)\|>")
+_VELOCITY = re.compile(r"<\|velocity\|><\|midi_velocity_(.*?)\|>")
+_INSTRUMENT = re.compile(r"<\|instrument\|>(.*)")  # `.` stops at a newline, and the value at the next "<"
+_SONIC = re.compile(r"<\|sonic\|>(.*)")
 
 
 def _check_language(language: str) -> None:
@@ -194,7 +203,7 @@ def average_shift(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return shift / pairs
 
 
-def accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
+def accuracy(refs: Sequence[Any], hyps: Sequence[Any]) -> float:
     """The share of replies equal to their reference, character for character: the official AQA, SER, VSC and ASC
     scripts compare the stripped decoded reply with no normalisation, so a different case, a trailing "." or a tag
     left in the reply counts as wrong. Empty or unequal lists: InputError (scikit-learn raises ValueError)."""
@@ -210,3 +219,110 @@ def yes_no_accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
     if not kept:
         raise InputError(f"none of the {len(refs)} references is yes or no")
     return accuracy(*zip(*kept))
+
+
+class NoteInfo(NamedTuple):
+    """The fields of a note-analysis reply or reference, read as the official `get_note_info` reads them."""
+
+    pitch: int  # MIDI pitch; NO_NUMBER when missing or unreadable
+    velocity: int  # MIDI velocity; NO_NUMBER when missing or unreadable
+    instrument: str  # "" when missing
+    sonic: str  # the ", "-separated quality labels as written, "" when missing; see `sonic_labels`
+
+
+def _number(pattern: re.Pattern[str], text: str) -> int:
+    """The first match's value as Python's int() reads it (so " 61 ", "+62", "6_4" and Arabic-Indic digits count),
+    NO_NUMBER without a match or when int() refuses the first one; a later match is never tried."""
+    match = pattern.search(text)
+    try:
+        return int(match[1]) if match else NO_NUMBER
+    except ValueError:
+        return NO_NUMBER
+
+
+def _label(pattern: re.Pattern[str], text: str) -> str:
+    """The rest of the line after the first tag, up to the next "<", spaces kept; "" without the tag."""
+    match = pattern.search(text)
+    return match[1].split("<")[0] if match else ""
+
+
+def note_info(text: str) -> NoteInfo:
+    """The pitch, velocity, instrument and sonic qualities written in `text` with the `<|pitch|><|midi_pitch_N|>`,
+    `<|velocity|><|midi_velocity_N|>`, `<|instrument|>NAME` and `<|sonic|>A, B` tags, in any order. A missing or
+    malformed field gives its empty value (NO_NUMBER or ""), never an error: replies are scored as they come."""
+    return NoteInfo(_number(_PITCH, text), _number(_VELOCITY, text), _label(_INSTRUMENT, text), _label(_SONIC, text))
+
+
+def sonic_labels(sonic: str) -> list[str]:
+    """The known labels (SONIC_LABELS) of a `NoteInfo.sonic` field, in written order. The field is split on ", "
+    exactly, so "bright,dark", "Bright" or a doubled space make labels that are not known and are dropped."""
+    return [label for label in sonic.split(", ") if label in SONIC_LABELS]
+
+
+def average_precision(truth: Sequence[bool], scores: Sequence[float]) -> float:
+    """Average precision as scikit-learn's `average_precision_score` defines it: with the distinct scores as
+    thresholds, from the highest down, the sum of each threshold's precision times the recall it adds. Examples with
+    equal scores enter together, so with 0/1 scores (a reply has a label or not) there are at most two steps. No
+    positive example: 0.0, as in scikit-learn 1.9 (it warns; older versions gave nan or a different value)."""
+    if len(truth) != len(scores) or not truth:
+        raise InputError(f"average precision needs as many scores as labels, at least one: {len(truth)} labels, "
+                         f"{len(scores)} scores")
+    positives = sum(map(bool, truth))
+    if positives == 0:
+        return 0.0
+    total = recall = 0.0
+    hits = seen = 0
+    ranked = sorted(zip(scores, truth), key=lambda pair: pair[0], reverse=True)
+    for _, tied in groupby(ranked, key=lambda pair: pair[0]):
+        tied = list(tied)
+        hits, seen = hits + sum(bool(t) for _, t in tied), seen + len(tied)
+        total += (hits / positives - recall) * hits / seen
+        recall = hits / positives
+    return total
+
+
+def sonic_map(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -> float:
+    """The macro mean average precision of the label sets in the replies against those in the references, as the
+    official note-analysis script computes it: one `average_precision` per label present in any reference or reply,
+    the reply scoring 1 where it has the label and 0 elsewhere, and their plain mean. A label only the replies have
+    scores 0.0, so it pulls the mean down. No label anywhere (scikit-learn raises ValueError): InputError."""
+    _check_pairs(refs, hyps)
+    labels = sorted(set(chain(*refs, *hyps)))
+    if not labels:
+        raise InputError(f"none of the {len(refs)} references and replies has a label: the mean average precision "
+                         "is undefined")
+    return sum(average_precision([label in ref for ref in refs], [float(label in hyp) for hyp in hyps])
+               for label in labels) / len(labels)
+
+
+def chroma_accuracy(refs: Sequence[int], hyps: Sequence[int]) -> float:
+    """The official note-analysis "chroma accuracy", quirk included: the share of replies whose pitch and the
+    reference's sit a multiple of 12 places apart in the sorted list of the distinct pitches present in the whole
+    group (references and replies), not 12 semitones apart. The two agree only when that list holds every pitch
+    between them: 40 against 52 counts as wrong when 41 is the only other pitch present, and 40 against 53 counts as
+    right in a group with the twelve pitches 41 to 51 and no 52."""
+    _check_pairs(refs, hyps)
+    place = {pitch: i for i, pitch in enumerate(sorted(set(refs) | set(hyps)))}
+    return sum(place[ref] % 12 == place[hyp] % 12 for ref, hyp in zip(refs, hyps)) / len(refs)
+
+
+def note_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float | None]:
+    """The official note-analysis scores of one group of raw references and replies, each parsed by `note_info`:
+    instrument and velocity `accuracy`, the sonic qualities' `sonic_map` over their `sonic_labels` (None where no
+    example has a known label: the official script raises ValueError there, and the other scores stand), pitch
+    accuracy (the official top-1 accuracy over one-hot pitches, which is pitch equality) and `chroma_accuracy`. Two
+    texts without a readable pitch both read NO_NUMBER and so agree, as in the official scoring."""
+    _check_pairs(refs, hyps)
+    ref_notes, hyp_notes = [note_info(t) for t in refs], [note_info(t) for t in hyps]
+
+    def field(notes: list[NoteInfo], name: str) -> list[Any]:
+        return [getattr(note, name) for note in notes]
+
+    ref_sonic, hyp_sonic = [sonic_labels(n.sonic) for n in ref_notes], [sonic_labels(n.sonic) for n in hyp_notes]
+    return {
+        "instrument": accuracy(field(ref_notes, "instrument"), field(hyp_notes, "instrument")),
+        "velocity": accuracy(field(ref_notes, "velocity"), field(hyp_notes, "velocity")),
+        "sonic": sonic_map(ref_sonic, hyp_sonic) if any(ref_sonic + hyp_sonic) else None,
+        "pitch": accuracy(field(ref_notes, "pitch"), field(hyp_notes, "pitch")),
+        "chroma": chroma_accuracy(field(ref_notes, "pitch"), field(hyp_notes, "pitch")),
+    }

@@ -147,7 +147,9 @@ def outcome(fn, *args):
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    import torch, transformers  # noqa: E401,F401 -- first, so that they see the real set of installed packages
+    # torch and transformers first, so that they see the real set of installed packages, not the stand-ins
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
     stand_ins = stand_in_modules()
     with tempfile.TemporaryDirectory() as tmp:
         extract(os.path.abspath(sys.argv[1]), tmp)
