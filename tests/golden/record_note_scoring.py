@@ -26,18 +26,17 @@ How to run (in the official venv):
 It writes `note_scoring_official.json` next to this script. The test suite only reads that JSON.
 """
 
-import contextlib
-import io
 import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import types
 from importlib.metadata import version
 from importlib.util import find_spec
+
+from record_scoring import extract, outcome  # this folder is on the path when the script runs
 
 SCRIPTS_COMMIT = "e81cc26"
 SCRIPTS = ["evaluate_note_analysis.py", "heareval_score.py"]
@@ -110,15 +109,6 @@ GROUPS = [
 ] + [(f"random_{seed}", *random_group(seed)) for seed in range(12)]
 
 
-def extract(repo: str, dest: str) -> None:
-    """Write the official scripts into dest, from the official git history."""
-    for name in SCRIPTS:
-        text = subprocess.run(["git", "-C", repo, "show", f"{SCRIPTS_COMMIT}:eval_audio/{name}"], check=True,
-                              capture_output=True).stdout
-        with open(os.path.join(dest, name), "wb") as f:
-            f.write(text)
-
-
 def stand_in_modules() -> list[str]:
     """Empty modules for the imports of heareval_score.py that only its sound-event scores use, in `sys.modules`;
     their names, to take them out again once the scripts are imported (scikit-learn looks for pandas there)."""
@@ -135,15 +125,6 @@ def stand_in_modules() -> list[str]:
     return names
 
 
-def outcome(fn, *args):
-    """{"value": ...} or {"raises": ExceptionTypeName}; the scripts' prints are swallowed."""
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return {"value": fn(*args)}
-    except Exception as e:  # noqa: BLE001 -- which exception the official code raises is what is recorded
-        return {"raises": type(e).__name__}
-
-
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -152,7 +133,7 @@ def main() -> None:
     import transformers  # noqa: F401
     stand_ins = stand_in_modules()
     with tempfile.TemporaryDirectory() as tmp:
-        extract(os.path.abspath(sys.argv[1]), tmp)
+        extract(os.path.abspath(sys.argv[1]), tmp, [(SCRIPTS_COMMIT, name) for name in SCRIPTS])
         sys.path.insert(0, tmp)
         from evaluate_note_analysis import get_note_info
         from heareval_score import ChromaAccuracy, Top1Accuracy

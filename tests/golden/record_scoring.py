@@ -131,9 +131,8 @@ ACCURACY_CASES = [
 ]
 
 
-def extract(repo: str, dest: str) -> None:
-    """Write the official scripts (and the tokenizer file they import) into dest, from the official git history."""
-    files = [(SCRIPTS_COMMIT, name) for name in SCRIPTS] + [(TOKENIZER_COMMIT, "evaluate_tokenizer.py")]
+def extract(repo: str, dest: str, files: list[tuple[str, str]]) -> None:
+    """Write the official files (commit, name under eval_audio/) into dest, from the official git history."""
     for commit, name in files:
         text = subprocess.run(["git", "-C", repo, "show", f"{commit}:eval_audio/{name}"], check=True,
                               capture_output=True).stdout
@@ -154,7 +153,8 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
-        extract(os.path.abspath(sys.argv[1]), tmp)
+        official = [(SCRIPTS_COMMIT, name) for name in SCRIPTS] + [(TOKENIZER_COMMIT, "evaluate_tokenizer.py")]
+        extract(os.path.abspath(sys.argv[1]), tmp, official)  # the scripts and the tokenizer file they import
         sys.path.insert(0, tmp)
         from evaluate_asr import compute_wer, remove_sp
         from evaluate_srwt import AverageShiftCalculator
