@@ -42,7 +42,7 @@ def missing_reference(what: str) -> NoReturn:
                "(the `test` extra)")
     if in_ci():
         pytest.fail(f"{message}. CI=true, so a missing reference fails instead of skipping", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(reason=message)
 
 
 def reference(module: str) -> ModuleType:

@@ -89,8 +89,7 @@ def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
 
 
 def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
-    """Shapes of a module's state dict, by official name (non-persistent buffers, such as the KV cache, are not
-    in a state dict)."""
+    """Shapes of a module's state dict (its parameters and persistent buffers), by official name."""
     return {official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
 
 
