@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +24,7 @@ from .core.audio import as_waveform
 from .core.errors import InputError, QwenAudioError
 
 R = TypeVar("R")
+J = TypeVar("J")  # a Job, or anything with its `path` and `label` (an evaluation example)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # what load_audio reads (libsndfile)
 
@@ -32,6 +33,11 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # what load_audio r
 class Job:
     path: Path  # the input file
     name: Path  # where its outputs go under the output directory, without the format's suffix
+
+    @property
+    def label(self) -> str:
+        """How messages name the file."""
+        return str(self.path)
 
 
 def find_inputs(paths: list[Path]) -> list[Job]:
@@ -67,23 +73,24 @@ def seconds(path: Path) -> float:
         return 0.0
 
 
-def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+def plan_batches(jobs: Sequence[J], batch_size: int) -> list[list[J]]:
     """Batches of files of similar length, longest first; equal lengths keep the input order. Every process
     plans the same batches from the same arguments."""
     ordered = sorted(jobs, key=lambda j: -seconds(j.path))  # stable
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def run_files(jobs: list[Job], recognize: Callable[[list[Job], list[Tensor]], list[R]],
-              write: Callable[[Job, R], None], *, batch_size: int = 8, rank: int = 0, world: int = 1,
-              progress: Callable[[int, int, list[Job]], None] | None = None) -> Iterator[tuple[Job, str | None]]:
-    """Recognise `jobs` a batch at a time (this process's share of `plan_batches`) and `write` each result,
-    yielding (job, None) for each file done and (job, "message") for each that failed, as soon as it is known.
+def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], list[R]],
+              write: Callable[[J, R], None], *, batch_size: int = 8, rank: int = 0, world: int = 1,
+              progress: Callable[[int, int, list[J]], None] | None = None) -> Iterator[tuple[J, str | None]]:
+    """Recognise `jobs` (`Job`s, or anything with the audio's `path` and a `label` for messages) a batch at a time
+    (this process's share of `plan_batches`) and `write` each result, yielding (job, None) for each file done and
+    (job, "message") for each that failed, as soon as it is known.
 
     Each file is read and checked before its batch runs, so a file that cannot be read or is too short fails alone.
     When a batch fails as a whole, its files are tried one at a time, so only a bad one fails, under its own name.
     A result that cannot be written (a full disk) fails its file; the others go on. `progress(finished, total,
-    batch)` is called after each batch. Failures are also logged on stderr as `error: path: message`."""
+    batch)` is called after each batch. Failures are also logged on stderr as `error: label: message`."""
     mine = plan_batches(jobs, batch_size)[rank::world]
     finished, total = 0, sum(len(b) for b in mine)
     for batch in mine:
@@ -92,15 +99,15 @@ def run_files(jobs: list[Job], recognize: Callable[[list[Job], list[Tensor]], li
             try:
                 loaded.append((job, as_waveform(job.path, str(job.path))))
             except QwenAudioError as e:
-                yield job, _report(job.path, e)
+                yield job, _report(job, e)
         for job, outcome in _recognize(loaded, recognize):
             if isinstance(outcome, Exception):
-                yield job, _report(job.path, outcome)
+                yield job, _report(job, outcome)
                 continue
             try:
                 write(job, outcome)
             except OSError as e:
-                yield job, _report(job.path, f"could not write its output: {e}")
+                yield job, _report(job, f"could not write its output: {e}")
                 continue
             yield job, None
         finished += len(batch)
@@ -111,7 +118,7 @@ def run_files(jobs: list[Job], recognize: Callable[[list[Job], list[Tensor]], li
 RECOVERABLE = (QwenAudioError, RuntimeError)  # library errors, and torch's (out of memory, a failing kernel)
 
 
-def _recognize(loaded: list[tuple[Job, Tensor]], recognize: Callable) -> list[tuple[Job, object]]:
+def _recognize(loaded: list[tuple[J, Tensor]], recognize: Callable) -> list[tuple[J, object]]:
     """(job, result) per file: the batch at once, or, if that raises, each file alone (its error as the result)."""
     if not loaded:
         return []
@@ -121,7 +128,7 @@ def _recognize(loaded: list[tuple[Job, Tensor]], recognize: Callable) -> list[tu
     except RECOVERABLE as e:
         if len(loaded) == 1:
             return [(jobs[0], e)]
-    out: list[tuple[Job, object]] = []
+    out: list[tuple[J, object]] = []
     for job, clip in loaded:
         try:
             out.append((job, recognize([job], [clip])[0]))
@@ -130,11 +137,11 @@ def _recognize(loaded: list[tuple[Job, Tensor]], recognize: Callable) -> list[tu
     return out
 
 
-def _report(path: Path, error: Exception | str) -> str:
-    """`error: path: message` on stderr, without repeating the path that library messages often start with; the
+def _report(job: J, error: Exception | str) -> str:
+    """`error: label: message` on stderr, without repeating the path that library messages often start with; the
     line is returned for the summary."""
     message = str(error) if isinstance(error, QwenAudioError | str) else f"{type(error).__name__}: {error}"
-    line = f"{path}: {message.removeprefix(f'{path}: ')}"
+    line = f"{job.label}: {message.removeprefix(f'{job.path}: ')}"
     print(f"error: {line}", file=sys.stderr, flush=True)
     return line
 

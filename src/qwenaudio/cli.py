@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import tasks, trace
+from . import evaluation, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core.audio import SAMPLE_RATE
@@ -50,10 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
         if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
             plan_outputs(args)
+        if args.command == "evaluate":
+            args.plan = evaluation.plan(
+                args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
+                caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                model_name=args.model + (" (int8)" if args.int8 else ""), overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.rank, args.world = process_group(args.device) if args.command == "transcribe" else (0, 1)
+    sharing = args.command in ("transcribe", "evaluate")
+    args.rank, args.world = process_group(args.device) if sharing else (0, 1)
     if args.world > 1 and not args.output_dir:
         print("error: several processes write files only: give --output-dir", file=sys.stderr)
         return 2
@@ -112,6 +118,31 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                            "'/reset' forgets the conversation, '/quit' or end of input leaves.")
     chat.add_argument("--system", default=DEFAULT_SYSTEM, help="the system message")
     _model_options(chat, "Qwen/Qwen-Audio-Chat", chat_loop)
+    bench = commands.add_parser("evaluate", help="run one of the paper's benchmarks as the official script does",
+                                description="Run a benchmark on an official-format JSON Lines file (the converted "
+                                            "files eval_audio/EVALUATION.md downloads) with the official prompt, "
+                                            "decoding and scoring; replies are kept as they come, so a rerun "
+                                            "into the same --output-dir resumes.",
+                                epilog="exit status: 0 every example replied to and scored, 1 some failed (listed "
+                                       "in summary.json), 2 bad arguments or data (found before the model loads), "
+                                       "3 the model could not be loaded, 130 interrupted (summary still written)")
+    bench.add_argument("task", choices=evaluation.TASKS, metavar="TASK", help=", ".join(evaluation.TASKS))
+    bench.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl",
+                       help="one example per line: audio, gt, source (and question for aqa)")
+    bench.add_argument("--audio-root", type=Path, metavar="DIR",
+                       help="where the rows' audio paths start; default: the current directory, as the official "
+                            "scripts")
+    bench.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                       help="run.json, replies/, examples.jsonl, summary.json and summary.md go here")
+    bench.add_argument("--limit", type=_positive, metavar="N", help="only the first N examples")
+    bench.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="examples per batch; default 8")
+    bench.add_argument("--language", choices=LANGUAGES, metavar="LANG",
+                       help="asr, srwt: the spoken language of rows without a 'lang' field; default: from the "
+                            "source's dataset (librispeech en, aishell zh)")
+    bench.add_argument("--caption-style", choices=evaluation.CAPTION_STYLES, default="clotho",
+                       help="caption: the output style tag; default clotho")
+    bench.add_argument("--overwrite", action="store_true", help="discard the replies of an earlier run")
+    _model_options(bench, "Qwen/Qwen-Audio", evaluate_benchmark)
     record = commands.add_parser("trace", help="record every layer's activations for one prompt",
                                  description="Run one prompt (a prefill, no generation) and write its activations "
                                              "in the format tools/record_official.py writes for the official code.")
@@ -345,6 +376,21 @@ def _progress(finished: int, total: int, batch: list[Job], rank: int, world: int
     who = f"rank {rank}: " if world > 1 else ""
     bar = f"[{'#' * (20 * finished // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
     print(f"{who}{bar}[{finished}/{total}] {' '.join(str(j.path) for j in batch)}", file=sys.stderr, flush=True)
+
+
+def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
+    """Run this process's share of the planned benchmark; process 0 prints the Markdown summary on stdout."""
+    rank, world = args.rank, args.world
+
+    def progress(done: int, total: int, seconds: float) -> None:
+        evaluation.report_progress(done, total, seconds, rank, world)
+
+    summary = evaluation.execute(model, args.plan, batch_size=args.batch_size, rank=rank, world=world,
+                                 progress=progress)
+    if rank == 0:
+        print(evaluation.markdown(summary), end="")
+        print(f"wrote {args.output_dir / 'summary.json'}, summary.md and examples.jsonl", file=sys.stderr)
+    return 1 if summary and not summary["complete"] else 0
 
 
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:

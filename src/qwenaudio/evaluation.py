@@ -1,0 +1,516 @@
+"""The paper's benchmarks, run as the official evaluation scripts run them (`qwenaudio evaluate TASK`).
+
+The official repository has one script per task (eval_audio/evaluate_*.py at QwenLM/Qwen-Audio): each reads a JSON
+Lines file of examples (`audio`, `gt`, `source`, and per task a `question`), puts the clip before a fixed sequence of
+task tags, decodes greedily (at least one new token, a per-task budget, left padding, stop at `<|endoftext|>`),
+keeps the reply's tags (`decode(skip_special_tokens=False).strip()`) and scores every `source` on its own. This
+module does the same on the same files, with `qwenaudio.scoring` for the metrics, and adds what a long run on
+one's own machine needs: each reply is appended to a JSON Lines file as soon as it is known, so a run that is
+stopped resumes where it stopped; examples run in batches of similar length; processes under torchrun share the
+batches; a bad line or a missing clip fails alone, named by file and line.
+
+Layout of the output directory: `run.json` (the settings the replies were made with; a rerun with other settings
+is refused), `replies/rank-K.jsonl` (each process appends its replies there), then, once every example is done or
+the run is stopped, `examples.jsonl` (every reply with its score fields, in the data file's order),
+`summary.json` and `summary.md` (the scores per source beside the paper's figures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import scoring
+from .batch import gather, process_group, run_files
+from .core.audio import N_SAMPLES, audio_span
+from .core.errors import InputError, QwenAudioError
+from .core.files import write_text
+from .core.generate import generate
+from .core.model import QwenAudio
+from .core.tokenizer import LANGUAGES, Batch, Tokenizer
+
+
+@dataclass(frozen=True)
+class Task:
+    """One official evaluation script's protocol."""
+
+    name: str
+    script: str  # the official script, in eval_audio/
+    max_new_tokens: int  # the script's budget
+    fields: tuple[str, ...] = ()  # row fields the prompt needs besides audio, gt and source
+    speech: bool = False  # the prompt and the scoring need the spoken language (ASR, SRWT)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("asr", "evaluate_asr.py", 256, speech=True),
+    Task("st", "evaluate_st.py", 256),
+    Task("srwt", "evaluate_srwt.py", 256, speech=True),
+    Task("caption", "evaluate_caption.py", 30),
+    Task("aqa", "evaluate_aqa.py", 4, fields=("question",)),
+    Task("emotion", "evaluate_emotion.py", 4),
+    Task("vocal_sound", "evaluate_vocal_sound.py", 4),
+    Task("scene", "evaluate_scene.py", 10),
+    Task("note_analysis", "evaluate_note_analysis.py", 30),
+)}
+CAPTION_STYLES = ("clotho", "audiocaps", "plain")  # the official caption script's output styles
+# The official ASR and SRWT scripts take the language from the dataset's name; a row's own field comes first here.
+DATASET_LANGUAGES = {"librispeech": "en", "aishell": "zh", "industrial": "zh"}
+
+
+def prompt(task: str, row: dict[str, Any], language: str | None = None, caption_style: str = "clotho") -> str:
+    """What follows `<audio>PATH</audio>` for a data row, exactly as the official script formats it."""
+    if task in ("asr", "srwt"):
+        tail = "<|timestamps|><|0.00|>" if task == "srwt" else "<|notimestamps|><|wo_itn|>"
+        return f"<|startoftranscript|><|{language}|><|transcribe|><|{language}|>{tail}"
+    if task == "st":
+        audio_language, text_language = st_languages(row["source"])
+        return f"<|startoftranscript|><|{audio_language}|><|translate|><|{text_language}|><|notimestamps|><|itn|>"
+    if task == "caption":
+        return f"<|startofanalysis|><|unknown|><|caption|><|en|><|notimestamps|><|caption_{caption_style}|>"
+    if task == "aqa":
+        return f"<|startofanalysis|><|en|><|question|>{row['question']}<|answer|>"
+    heard, label = {"emotion": ("en", "emotion_recognition"), "vocal_sound": ("en", "vocal_classification"),
+                    "scene": ("unknown", "scene"), "note_analysis": ("unknown", "note_analysis")}[task]
+    return f"<|startofanalysis|><|{heard}|><|keyword|><|en|><|notimestamps|><|{label}|>"
+
+
+def st_languages(source: str) -> tuple[str, str]:
+    """(spoken, written) language of a CoVoST2 source such as "covost2_en_de_test": the official script takes the
+    third- and second-last "_"-separated parts."""
+    parts = source.split("_")
+    if len(parts) < 3 or parts[-3] not in LANGUAGES or parts[-2] not in LANGUAGES:
+        raise InputError(f"source {source!r} does not name a language pair the way CoVoST2 sources do "
+                         f"(NAME_FROM_TO_SPLIT, with FROM and TO among {' '.join(LANGUAGES)})")
+    return parts[-3], parts[-2]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One data row, checked and ready to run."""
+
+    line: int  # 1-based line of the data file
+    path: Path  # the clip, resolved against the audio root
+    audio: str  # the clip as the data file names it
+    reference: str | list[str]
+    source: str
+    prompt: str  # the text after </audio>
+    language: str | None  # scoring language: spoken (asr, srwt) or written (st)
+    where: str  # "data.jsonl:7", how messages name the example
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.audio})"
+
+
+def read_examples(task: str, data: Path, *, audio_root: Path | None = None, language: str | None = None,
+                  caption_style: str = "clotho", limit: int | None = None) -> tuple[list[Example], list[str]]:
+    """The examples of an official-format JSON Lines file, and a message per line that cannot run (not JSON, a
+    field missing or of the wrong type, no clip at the path), each naming the file and line; blank lines are not
+    examples. `limit` keeps the first that many examples. Clip paths are relative to `audio_root`, else to the
+    current directory, as the official scripts open them."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if caption_style not in CAPTION_STYLES:
+        raise InputError(f"caption style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
+    if language is not None and language not in LANGUAGES:
+        raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    try:
+        lines = data.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{data}: cannot read the data file ({e})") from None
+    examples, problems = [], []
+    for number, text in enumerate(lines, 1):
+        if limit is not None and len(examples) + len(problems) >= limit:
+            break
+        if not text.strip():
+            continue
+        where = f"{data}:{number}"
+        try:
+            examples.append(_example(task, json.loads(text), number, where, audio_root, language, caption_style))
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not a JSON object ({e.msg} at column {e.colno})")
+        except InputError as e:
+            problems.append(f"{where}: {e}")
+    if not examples and not problems:
+        raise InputError(f"{data}: no examples")
+    return examples, problems
+
+
+def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None, language: str | None,
+             caption_style: str) -> Example:
+    spec = TASKS[task]
+    if not isinstance(row, dict):
+        raise InputError(f"expected a JSON object, got {type(row).__name__}")
+    needed = ("audio", "gt", "source", *spec.fields)
+    missing = [name for name in needed if name not in row]
+    if missing:
+        raise InputError(f"no {', '.join(map(repr, missing))} field (a {task} row needs {', '.join(needed)}; "
+                         f"this one has {', '.join(sorted(row)) or 'none'})")
+    for name in ("audio", "source", *spec.fields):
+        if not isinstance(row[name], str):
+            raise InputError(f"{name!r} must be a string, got {type(row[name]).__name__}")
+    reference = row["gt"]
+    captions = task == "caption" and isinstance(reference, list) and reference
+    if not (isinstance(reference, str) or captions and all(isinstance(r, str) for r in reference)):
+        kind = "a string or a non-empty list of strings" if task == "caption" else "a string"
+        raise InputError(f"'gt' must be {kind}, got {json.dumps(reference, ensure_ascii=False)[:80]}")
+    if spec.speech:
+        language = row.get("lang", row.get("language", language)) or _dataset_language(row["source"])
+        if language not in LANGUAGES:
+            raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+        if language not in scoring.LANGUAGES:
+            raise InputError(f"{task} is scored in {' or '.join(scoring.LANGUAGES)} only, not {language!r}")
+    elif task == "st":
+        language = st_languages(row["source"])[1]
+    else:
+        language = None
+    path = Path(row["audio"])
+    resolved = path if path.is_absolute() or audio_root is None else audio_root / path
+    if not resolved.is_file():
+        looked = "" if resolved == path else f" (looked for {resolved})"
+        raise InputError(f"audio {row['audio']!r}: no such file{looked}")
+    return Example(line, resolved, row["audio"], reference, row["source"],
+                   prompt(task, row, language, caption_style), language, where)
+
+
+def _dataset_language(source: str) -> str:
+    known = [lang for name, lang in DATASET_LANGUAGES.items() if name in source.lower()]
+    if not known:
+        raise InputError(f"no language: the row has no 'lang' field and its source {source!r} names no dataset of "
+                         f"known language ({', '.join(DATASET_LANGUAGES)}); give one (--language)")
+    return known[0]
+
+
+def example_scores(task: str, example: Example, reply: str) -> dict[str, Any]:
+    """Per-example score fields: an error count and reference length for ASR and SRWT (the WER of a source is their
+    sums' ratio), correctness for the exact-match tasks and the note fields; nothing for the corpus scores (BLEU,
+    CIDEr)."""
+    if task in ("asr", "srwt"):
+        ref = scoring.evaluation_tokens(scoring.remove_sp(example.reference, example.language), example.language)
+        hyp = scoring.evaluation_tokens(scoring.remove_sp(reply, example.language), example.language)
+        return {"errors": scoring.edit_distance(ref, hyp), "reference_length": len(ref)}
+    if task in ("aqa", "emotion", "vocal_sound", "scene"):
+        return {"correct": reply == example.reference}
+    if task == "note_analysis":
+        ours, theirs = scoring.note_info(reply), scoring.note_info(example.reference)
+        return {f"{name}_correct": getattr(ours, name) == getattr(theirs, name)
+                for name in ("pitch", "velocity", "instrument")}
+    return {}
+
+
+def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, float | None], list[str]]:
+    """The official scores of one source's records (reference, reply, language), and a note per score that could
+    not be computed (a missing package, an undefined value) instead of failing the whole summary."""
+    refs, hyps = [r["reference"] for r in records], [r["reply"] for r in records]
+    language = records[0].get("language")
+    notes: list[str] = []
+
+    def attempt(name: str, compute: Callable[[], Any]) -> Any:
+        try:
+            return compute()
+        except QwenAudioError as e:
+            notes.append(f"{name}: not computed: {e}")
+            return None
+
+    if task in ("asr", "srwt"):
+        clean = [scoring.remove_sp(t, language) for t in refs], [scoring.remove_sp(t, language) for t in hyps]
+        scores = {"wer": attempt("wer", lambda: scoring.error_rate(*clean, language))}
+        if task == "srwt":
+            scores["aas"] = attempt("aas", lambda: scoring.average_shift(refs, hyps))
+        return scores, notes
+    if task == "st":
+        return {"bleu": attempt("bleu", lambda: scoring.bleu(refs, hyps, language))}, notes
+    if task == "caption":
+        listed = [r if isinstance(r, list) else [r] for r in refs]
+        found = attempt("caption", lambda: scoring.caption_scores(listed, hyps)) or {}
+        return {name: found.get(name) for name in ("cider", "spice", "spider")}, notes
+    if task == "note_analysis":
+        return scoring.note_scores(refs, hyps), notes
+    scores = {"accuracy": scoring.accuracy(refs, hyps)}
+    if task == "aqa" and records[0]["source"].startswith("clotho"):  # as the official script: Clotho-AQA only
+        scores["yes_no_accuracy"] = attempt("yes_no_accuracy", lambda: scoring.yes_no_accuracy(refs, hyps))
+    return scores, notes
+
+
+# The Qwen-Audio figures of the official README's tables ("Evaluation" section, QwenLM/Qwen-Audio @ e81cc26), in the
+# units the scripts compute: WER as a fraction, BLEU in points, the average shift in seconds. A source gets a row's
+# figure when its name matches the row's pattern (lower-cased, "-" read as "_").
+PAPER: dict[str, list[tuple[str, str, dict[str, float]]]] = {
+    "asr": [
+        (r"librispeech.*dev_?clean", "Librispeech dev-clean", {"wer": 0.018}),
+        (r"librispeech.*dev_?other", "Librispeech dev-other", {"wer": 0.040}),
+        (r"librispeech.*test_?clean", "Librispeech test-clean", {"wer": 0.020}),
+        (r"librispeech.*test_?other", "Librispeech test-other", {"wer": 0.042}),
+        (r"aishell_?1.*dev", "Aishell1 dev", {"wer": 0.012}),
+        (r"aishell_?1.*test", "Aishell1 test", {"wer": 0.013}),
+        (r"aishell_?2.*mic", "Aishell2 Mic", {"wer": 0.033}),
+        (r"aishell_?2.*ios", "Aishell2 iOS", {"wer": 0.031}),
+        (r"aishell_?2.*android", "Aishell2 Android", {"wer": 0.033}),
+    ],
+    "st": [(rf"covost.*_{a}_{b}_", f"CoVoST2 {a}-{b}", {"bleu": score}) for (a, b), score in {
+        ("en", "de"): 25.1, ("de", "en"): 33.9, ("en", "zh"): 41.5, ("zh", "en"): 15.7, ("es", "en"): 39.7,
+        ("fr", "en"): 38.5, ("it", "en"): 36.0}.items()],
+    "srwt": [(r"industrial", "Industrial Data", {"aas": 0.0515})],
+    "caption": [(r"clotho", "Clotho", {"cider": 0.441, "spice": 0.136, "spider": 0.288})],
+    "aqa": [(r"clotho", "ClothoAQA", {"accuracy": 0.579, "yes_no_accuracy": 0.749})],
+    "emotion": [(r"meld", "Meld", {"accuracy": 0.557})],
+    "vocal_sound": [(r"vocal", "VocalSound", {"accuracy": 0.9289})],
+    "scene": [(r"cochl", "Cochlscene", {"accuracy": 0.795}), (r"tut", "TUT2017", {"accuracy": 0.649})],
+    "note_analysis": [(r"nsynth", "NSynth", {"sonic": 0.4742, "instrument": 0.7882})],
+}
+
+
+def paper_row(task: str, source: str) -> tuple[str, dict[str, float]] | None:
+    """(row name, figures) of the official README's Qwen-Audio result for a source, or None."""
+    name = source.lower().replace("-", "_") + "_"
+    return next(((row, figures) for pattern, row, figures in PAPER[task] if re.search(pattern, name)), None)
+
+
+# ---------------------------------------------------------------------------------------------- running a benchmark
+
+
+@dataclass
+class Run:
+    """A benchmark run planned before the model loads: the examples, what earlier runs already replied, what is
+    left, and the lines that cannot run."""
+
+    task: str
+    data: Path
+    output_dir: Path
+    settings: dict[str, Any]
+    examples: list[Example]
+    problems: list[str]
+    replies: dict[int, dict[str, Any]]  # line -> record, from replies/*.jsonl
+    todo: list[Example] = field(default_factory=list)
+
+
+def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str | Path | None = None,
+         language: str | None = None, caption_style: str = "clotho", limit: int | None = None,
+         max_new_tokens: int | None = None, model_name: str = "", overwrite: bool = False) -> Run:
+    """Read the data, check the output directory can be written, and find the replies an earlier run with the
+    same settings left there (`overwrite` discards them). Everything here is checked before any model loads."""
+    data, output_dir = Path(data), Path(output_dir)
+    audio = None if audio_root is None else Path(audio_root)
+    if audio is not None and not audio.is_dir():
+        raise InputError(f"--audio-root {audio}: no such directory")
+    examples, problems = read_examples(task, data, audio_root=audio, language=language,
+                                       caption_style=caption_style, limit=limit)
+    settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                "audio_root": None if audio is None else str(audio.resolve()), "language": language,
+                "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
+                "model": model_name}
+    _prepare(output_dir, settings, overwrite)
+    replies = _read_replies(output_dir, {e.line: e for e in examples})
+    run = Run(task, data, output_dir, settings, examples, problems, replies)
+    run.todo = [e for e in examples if e.line not in replies]
+    return run
+
+
+def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Make the output directory (and replies/) and record the settings; refuse one made with other settings."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output-dir {output_dir} is a file, not a directory")
+    try:
+        (output_dir / "replies").mkdir(parents=True, exist_ok=True)
+        run_file = output_dir / "run.json"
+        if overwrite:
+            for part in (output_dir / "replies").glob("rank-*.jsonl"):
+                part.unlink()
+        elif run_file.exists():
+            before = json.loads(run_file.read_text(encoding="utf-8"))
+            changed = [k for k in settings if before.get(k) != settings[k]]
+            if changed:
+                raise InputError(f"{output_dir} holds replies made with other settings ({', '.join(changed)}: "
+                                 f"{', '.join(f'{before.get(k)!r} then, {settings[k]!r} now' for k in changed)}); "
+                                 "choose another --output-dir, or --overwrite to start again")
+        write_text(run_file, json.dumps(settings, indent=2) + "\n")
+    except json.JSONDecodeError as e:
+        raise InputError(f"{output_dir / 'run.json'} is not JSON ({e}); remove it or use --overwrite") from None
+    except OSError as e:
+        raise InputError(f"--output-dir {output_dir}: cannot write there ({e.strerror or e})") from None
+
+
+def _read_replies(output_dir: Path, examples: dict[int, Example]) -> dict[int, dict[str, Any]]:
+    """Every complete record in replies/*.jsonl; a torn last line (a run killed while writing it) is not a reply.
+    A record whose line holds another clip in today's data file means the directory is another run's."""
+    replies: dict[int, dict[str, Any]] = {}
+    for part in sorted((output_dir / "replies").glob("rank-*.jsonl")):
+        for text in part.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                continue  # only a last line can be torn: every record is written whole, then its newline
+            example = examples.get(record.get("line"))
+            if example is not None and (record.get("audio"), record.get("reference")) != (example.audio,
+                                                                                          example.reference):
+                raise InputError(f"{part}: the reply for line {record['line']} is for {record.get('audio')!r}, but "
+                                 f"that line of the data file is {example.audio!r}; --overwrite to start again")
+            replies[record["line"]] = record
+    return replies
+
+
+class Replies:
+    """This process's replies file, appended to one whole record at a time and synced, so a killed run loses at most
+    the record it was writing (a torn last line, cut off here before appending)."""
+
+    def __init__(self, output_dir: Path, rank: int):
+        self.path = output_dir / "replies" / f"rank-{rank}.jsonl"
+        if self.path.exists():
+            content = self.path.read_bytes()
+            if content and not content.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(content.rfind(b"\n") + 1)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def prompt_batch(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[torch.Tensor]) -> Batch:
+    """The left-padded prompt ids of a batch, as the official scripts' collate_fn makes them: `<audio>PATH</audio>`
+    and the task's tags, the path's tokens replaced by one pad per encoder frame of its clip (cut to 30 s)."""
+    texts = [f"<audio>{e.audio}</audio>{e.prompt}" for e in examples]
+    return tokenizer.encode_batch(texts, audio_spans=[[audio_span(min(len(c), N_SAMPLES))] for c in clips])
+
+
+def generate_replies(model: QwenAudio, examples: Sequence[Example], clips: Sequence[torch.Tensor],
+                     max_new_tokens: int) -> list[str]:
+    """The official scripts' decoding for one batch: greedy, at least one and at most `max_new_tokens` new tokens,
+    cut at `<|endoftext|>`, decoded with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the
+    official model hears them."""
+    clips = [c[:N_SAMPLES] for c in clips]
+    batch = prompt_batch(model.tokenizer, examples, clips)
+    config = model.generation_config.replace(do_sample=False, min_new_tokens=1, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        ids = generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
+                       attention_mask=batch.attention_mask.to(model.device), audio=model.encode_audio(clips),
+                       config=config)
+    return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
+
+
+def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
+                 progress: Callable[[int, int, float], None] | None = None) -> tuple[list[int], list[str]]:
+    """Reply to this process's share of `run.todo` (batches of similar length, longest first; process `rank` of
+    `world` takes every world-th batch), appending each record as it is known. Returns the lines done and a message
+    per example that failed (an unreadable clip, a failing batch retried example by example). `progress(done, total,
+    seconds)` follows the batches."""
+    replies, started = Replies(run.output_dir, rank), time.monotonic()
+    max_new_tokens = run.settings["max_new_tokens"]
+
+    def write(example: Example, reply: str) -> None:
+        record = {"line": example.line, "audio": example.audio, "source": example.source,
+                  "reference": example.reference, "reply": reply, "language": example.language,
+                  **example_scores(run.task, example, reply)}
+        replies.append(record)
+        run.replies[example.line] = record
+
+    done, failed = [], []
+    for example, error in run_files(run.todo, lambda batch, clips: generate_replies(model, batch, clips,
+                                                                                    max_new_tokens),
+                                    write, batch_size=batch_size, rank=rank, world=world,
+                                    progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started))):
+        (failed.append(error) if error else done.append(example.line))
+    return done, failed
+
+
+def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False, seconds: float | None = None,
+              processes: int = 1) -> dict[str, Any]:
+    """Write examples.jsonl (every reply in data order), summary.json and summary.md from the replies on disk (every
+    process's), and return the summary. Scores cover the examples replied to; those that failed are listed."""
+    run.replies = _read_replies(run.output_dir, {e.line: e for e in run.examples})
+    records = [run.replies[e.line] for e in run.examples if e.line in run.replies]
+    failures = [*run.problems, *failed]
+    sources = []
+    for source, group in scoring.group_by_source(records).items():
+        scores, notes = source_scores(run.task, group)
+        paper = paper_row(run.task, source)
+        sources.append({"source": source, "examples": len(group), "scores": scores, "notes": notes,
+                        "paper": paper and {"row": paper[0], **paper[1]}})
+    total = len(run.examples) + len(run.problems)
+    summary = {"task": run.task, "script": f"eval_audio/{TASKS[run.task].script}", **{
+        k: run.settings[k] for k in ("data", "model", "max_new_tokens")},
+        "examples": total, "replied": len(records), "failed": failures, "complete": len(records) == total,
+        "interrupted": interrupted, "processes": processes, "seconds": seconds, "sources": sources}
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_text(run.output_dir / "examples.jsonl", lines)
+    write_text(run.output_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text(run.output_dir / "summary.md", markdown(summary))
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table: per source and score, ours beside the official README's figure."""
+    out = [f"# {summary['task']}: {summary['replied']} of {summary['examples']} examples replied"
+           f"{'' if summary['complete'] else ' (incomplete)'}", "",
+           f"Data {summary['data']}, model {summary['model'] or '(not named)'}, protocol of "
+           f"{summary['script']} at QwenLM/Qwen-Audio e81cc26.", "",
+           "| source | examples | score | qwenaudio | paper | paper row |", "|---|---:|---|---:|---:|---|"]
+    for s in summary["sources"]:
+        paper = s["paper"] or {}
+        for name, value in s["scores"].items():
+            out.append(f"| {s['source']} | {s['examples']} | {name} | {_number(value)} | "
+                       f"{_number(paper.get(name))} | {paper.get('row', '') if name in paper else ''} |")
+    notes = [f"- {s['source']}: {note}" for s in summary["sources"] for note in s["notes"]]
+    failed = [f"- {line}" for line in summary["failed"]]
+    for title, items in (("Not computed", notes), ("Failed examples", failed)):
+        if items:
+            out += ["", f"{title}:", "", *items]
+    return "\n".join(out) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Path, *, batch_size: int = 8,
+             progress: Callable[[int, int, float], None] | None = None, **options: Any) -> dict[str, Any]:
+    """Run benchmark `task` on an official-format JSON Lines file and score it as the official script does; returns
+    the summary (also written to `output_dir`, with every reply). A rerun into the same directory resumes: examples
+    replied to already are not run again. `options` go to `plan` (audio_root, language, caption_style, limit,
+    max_new_tokens, model_name, overwrite). Under torchrun every process calls this and takes its share."""
+    rank, world = process_group(str(model.device))
+    return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size, rank=rank, world=world,
+                   progress=progress)
+
+
+def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
+            progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Run a planned benchmark (this process's share) and, in process 0, write the summary, also after Ctrl-C
+    (then with `"interrupted": true`, and KeyboardInterrupt is raised again). Other processes return {}."""
+    if len(set(gather(len(run.todo), world))) > 1:  # also a barrier: every process plans before any appends
+        raise InputError("the processes found different examples to do; is the output directory shared?")
+    started, failed, interrupted = time.monotonic(), [], False
+    try:
+        _, failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    reports = [failed] if interrupted else gather(failed, world)
+    summary = {}
+    if rank == 0:
+        summary = summarize(run, [line for lines in reports for line in lines], interrupted=interrupted,
+                            seconds=time.monotonic() - started, processes=world)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def report_progress(done: int, total: int, seconds: float, rank: int = 0, world: int = 1) -> None:
+    """`[####    ] 40/100 examples, 2.3/s, ETA 0:26` on stderr after each batch."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else 0.0
+    who = f"rank {rank}: " if world > 1 else ""
+    bar = f"[{'#' * (20 * done // max(total, 1)):<20}] "
+    print(f"{who}{bar}{done}/{total} examples, {rate:.2f}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+          file=sys.stderr, flush=True)

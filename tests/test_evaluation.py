@@ -1,0 +1,288 @@
+"""`qwenaudio evaluate`: every benchmark's prompt ids and replies against the official evaluation scripts run on the
+same tiny checkpoint (tests/golden/record_evaluation.py), resuming after a kill, two processes under torchrun, and
+bad data: a missing clip, a malformed line, fields that do not fit the task."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwenaudio
+from qwenaudio import evaluation
+from qwenaudio.core.audio import load_audio
+from qwenaudio.core.errors import InputError
+
+from .test_cli import qwenaudio_cli
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "evaluation_official.json").read_text(encoding="utf-8"))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPEECH = "1272-128104-0000.flac"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu")
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def official_rows(task: str, tmp_path: Path, shared_audio: Path) -> Path:
+    """The recorded rows of `task`; their audio paths are relative to the repository root, as recorded."""
+    assert (REPO_ROOT / GOLDEN["tasks"][task]["rows"][0]["audio"]).resolve().parent == shared_audio.resolve()
+    return write_rows(tmp_path / f"{task}.jsonl", GOLDEN["tasks"][task]["rows"])
+
+
+@pytest.mark.parametrize("task", evaluation.TASKS)
+def test_prompt_ids_equal_the_official_scripts(task, tokenizer, tmp_path, shared_audio):
+    recorded = GOLDEN["tasks"][task]
+    examples, problems = evaluation.read_examples(task, official_rows(task, tmp_path, shared_audio),
+                                                  audio_root=REPO_ROOT)
+    assert problems == [] and evaluation.TASKS[task].max_new_tokens == recorded["max_new_tokens"]
+    assert [f"<audio>{e.audio}</audio>{e.prompt}" for e in examples] == recorded["texts"]
+    batch = evaluation.prompt_batch(tokenizer, examples, [load_audio(e.path) for e in examples])
+    assert batch.input_ids.tolist() == recorded["input_ids"]
+    assert batch.attention_mask.tolist() == recorded["attention_mask"]
+
+
+@pytest.mark.parametrize("task", evaluation.TASKS)
+def test_replies_equal_the_official_scripts(task, model, tmp_path, shared_audio):
+    """The whole run (reading, batching, decoding, decoding the reply, writing): each reply equals the official
+    script's on the same batch, except where the official reply holds an id its tokenizer cannot decode (it
+    raises there; ours never picks one)."""
+    recorded = GOLDEN["tasks"][task]
+    rows = recorded["rows"]
+    summary = evaluation.evaluate(model, task, official_rows(task, tmp_path, shared_audio), tmp_path / "out",
+                                  audio_root=REPO_ROOT, batch_size=len(rows))
+    replies = [json.loads(line) for line in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in replies] == list(range(1, len(rows) + 1)) and summary["complete"]
+    for ours, official, undecodable in zip(replies, recorded["response"], recorded["undecodable_at"]):
+        if undecodable is None:
+            assert ours["reply"] == official
+        else:
+            assert official is None and ours["reply"] != ""
+
+
+def test_every_task_writes_a_summary_that_parses(model, tmp_path, shared_audio):
+    for task in evaluation.TASKS:
+        out = tmp_path / task
+        evaluation.evaluate(model, task, official_rows(task, tmp_path, shared_audio), out, audio_root=REPO_ROOT,
+                            max_new_tokens=4, batch_size=4)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["task"] == task and summary["replied"] == len(GOLDEN["tasks"][task]["rows"])
+        assert all(s["scores"] for s in summary["sources"])
+        assert (out / "summary.md").read_text().startswith(f"# {task}: ")
+
+
+def test_scores_per_source_are_the_scoring_functions():
+    records = [{"source": "clothoaqa", "reference": ref, "reply": hyp} for ref, hyp in
+               [("yes", "yes"), ("No", "no"), ("glass", "glass"), ("dog", "a dog")]]
+    scores, notes = evaluation.source_scores("aqa", records)
+    assert scores == {"accuracy": 0.5, "yes_no_accuracy": 0.5} and notes == []
+    scores, _ = evaluation.source_scores("aqa", [{**r, "source": "other"} for r in records])
+    assert scores == {"accuracy": 0.5}  # the official script reports yes/no accuracy for clotho sources only
+    asr = [{"source": "s", "reference": "<|en|>Hello , World.", "reply": "hello, world.", "language": "en"}]
+    assert evaluation.source_scores("asr", asr) == ({"wer": 0.0}, [])
+    empty = [{"source": "s", "reference": "<|en|>", "reply": "x", "language": "en"}]
+    scores, notes = evaluation.source_scores("asr", empty)  # undefined: a note, not a crash
+    assert scores == {"wer": None} and notes[0].startswith("wer: not computed: the 1 references hold no words")
+
+
+@pytest.mark.parametrize("task, source, row", [
+    ("asr", "librispeech_test_clean", "Librispeech test-clean"),
+    ("asr", "LibriSpeech-dev-other", "Librispeech dev-other"),
+    ("asr", "aishell1_test", "Aishell1 test"), ("asr", "aishell2_ios_test", "Aishell2 iOS"),
+    ("st", "covost2_en_zh_test", "CoVoST2 en-zh"), ("st", "covost2_de_en_test", "CoVoST2 de-en"),
+    ("scene", "cochlscene", "Cochlscene"), ("scene", "tut2017", "TUT2017"), ("aqa", "clothoaqa", "ClothoAQA"),
+    ("note_analysis", "nsynth", "NSynth"), ("asr", "my_own_set", None), ("st", "covost2_en_ja_test", None)])
+def test_sources_get_the_paper_row_they_name(task, source, row):
+    found = evaluation.paper_row(task, source)
+    assert (found and found[0]) == row
+
+
+def test_the_language_comes_from_the_row_the_option_or_the_dataset(tmp_path, shared_audio):
+    clip = str(shared_audio / SPEECH)
+    data = write_rows(tmp_path / "d.jsonl", [
+        {"audio": clip, "gt": "a", "source": "aishell1_test"}, {"audio": clip, "gt": "a", "source": "x", "lang": "en"},
+        {"audio": clip, "gt": "a", "source": "mine"}])
+    examples, problems = evaluation.read_examples("asr", data)
+    assert [e.language for e in examples] == ["zh", "en"]
+    assert examples[0].prompt == "<|startoftranscript|><|zh|><|transcribe|><|zh|><|notimestamps|><|wo_itn|>"
+    assert problems == [f"{data}:3: no language: the row has no 'lang' field and its source 'mine' names no dataset "
+                        "of known language (librispeech, aishell, industrial); give one (--language)"]
+    examples, problems = evaluation.read_examples("asr", data, language="en")  # the option before the dataset
+    assert [e.language for e in examples] == ["en", "en", "en"] and problems == []
+
+
+def test_bad_lines_fail_alone_named_by_file_and_line(model, tmp_path, shared_audio):
+    clip = str(shared_audio / SPEECH)
+    data = write_rows(tmp_path / "aqa.jsonl", [
+        {"audio": clip, "question": "what?", "gt": "speech", "source": "clothoaqa"},
+        "{not json",
+        {"audio": clip, "gt": "speech", "source": "clothoaqa"},
+        {"audio": "missing.wav", "question": "q", "gt": "x", "source": "clothoaqa"},
+        "",
+        {"audio": clip, "question": "q", "gt": ["a", "b"], "source": "clothoaqa"},
+        [1, 2],
+        {"audio": clip, "question": "who?", "gt": "yes", "source": "clothoaqa"}])
+    summary = evaluation.evaluate(model, "aqa", data, tmp_path / "out", max_new_tokens=2)
+    assert summary["failed"] == [
+        f"{data}:2: not a JSON object (Expecting property name enclosed in double quotes at column 2)",
+        f"{data}:3: no 'question' field (a aqa row needs audio, gt, source, question; this one has audio, gt, source)",
+        f"{data}:4: audio 'missing.wav': no such file",
+        f"{data}:6: 'gt' must be a string, got [\"a\", \"b\"]",
+        f"{data}:7: expected a JSON object, got list"]
+    assert (summary["examples"], summary["replied"], summary["complete"]) == (7, 2, False)
+    assert summary["sources"][0]["examples"] == 2  # the good lines are still scored
+    assert "Failed examples:" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_clip_that_cannot_be_read_fails_alone(model, tmp_path, shared_audio):
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": "broken.wav", "gt": "x", "source": "meld"},
+                                             {"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
+    summary = evaluation.evaluate(model, "emotion", data, tmp_path / "out", audio_root=tmp_path)
+    assert summary["replied"] == 1 and len(summary["failed"]) == 1
+    assert summary["failed"][0].startswith(f"{data}:1 (broken.wav): ")
+
+
+def test_st_rows_need_a_language_pair_in_the_source(tmp_path, shared_audio):
+    data = write_rows(tmp_path / "st.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "covost2"}])
+    _, problems = evaluation.read_examples("st", data)
+    assert problems == [f"{data}:1: source 'covost2' does not name a language pair the way CoVoST2 sources do "
+                        "(NAME_FROM_TO_SPLIT, with FROM and TO among en zh de es ko fr ja it)"]
+
+
+def test_unknown_task_and_empty_data_are_refused(tmp_path):
+    with pytest.raises(InputError, match="unknown task 'wer'; choose from asr, st, srwt"):
+        evaluation.read_examples("wer", tmp_path / "x.jsonl")
+    with pytest.raises(InputError, match="no examples"):
+        evaluation.read_examples("asr", write_rows(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(InputError, match="cannot read the data file"):
+        evaluation.read_examples("asr", tmp_path / "absent.jsonl")
+
+
+def test_a_rerun_does_only_what_is_left_and_a_torn_line_is_redone(model, tmp_path, shared_audio):
+    clip = str(shared_audio / SPEECH)
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": clip, "gt": str(i), "source": "meld"} for i in range(4)])
+    evaluation.evaluate(model, "emotion", data, tmp_path / "out", limit=2)
+    part = tmp_path / "out" / "replies" / "rank-0.jsonl"
+    assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2]
+    with open(part, "a") as f:
+        f.write('{"line": 3, "audio": "')  # a run killed while writing line 3's record
+    run = evaluation.plan("emotion", data, tmp_path / "out")
+    assert [e.line for e in run.todo] == [3, 4]
+    summary = evaluation.execute(model, run)
+    assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2, 3, 4]
+    assert summary["complete"] and summary["replied"] == 4
+
+
+def test_ctrl_c_keeps_the_replies_and_writes_the_summary(model, tmp_path, shared_audio, monkeypatch):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * 3)
+    real, calls = evaluation.generate_replies, []
+
+    def interrupted_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "generate_replies", interrupted_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(model, "emotion", data, tmp_path / "out", batch_size=1)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["interrupted"], summary["replied"], summary["complete"]) == (True, 1, False)
+    monkeypatch.setattr(evaluation, "generate_replies", real)
+    assert evaluation.evaluate(model, "emotion", data, tmp_path / "out", batch_size=1)["replied"] == 3
+
+
+def test_a_reply_that_cannot_be_written_fails_its_example(model, tmp_path, shared_audio, monkeypatch):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * 2)
+
+    def disk_full(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation.Replies, "append", disk_full)
+    summary = evaluation.evaluate(model, "emotion", data, tmp_path / "out")
+    assert summary["replied"] == 0 and len(summary["failed"]) == 2
+    assert summary["failed"][0].endswith("could not write its output: [Errno 28] No space left on device")
+
+
+def test_other_settings_are_refused_and_overwrite_starts_again(model, tmp_path, shared_audio):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
+    evaluation.evaluate(model, "emotion", data, tmp_path / "out", model_name="a")
+    with pytest.raises(InputError, match=r"holds replies made with other settings \(model: 'a' then, 'b' now\)"):
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+    assert [e.line for e in evaluation.plan("emotion", data, tmp_path / "out", model_name="b", overwrite=True).todo
+            ] == [1]
+    write_rows(data, [{"audio": str(shared_audio / SPEECH), "gt": "y", "source": "meld"}])
+    with pytest.raises(InputError, match="data_sha256"):
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+
+
+@pytest.mark.slow
+def test_the_command_resumes_after_a_kill_without_repeating_or_losing_an_example(tiny_ckpt, tmp_path, shared_audio):
+    clips = [SPEECH, "1089_134686_000007_000004.wav", "glass-breaking-151256.mp3", "es.mp3"]
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / clips[i % 4]), "gt": "x", "source": "meld"}
+                                             for i in range(8)])
+    args = ["evaluate", "emotion", "--data", data, "--output-dir", tmp_path / "out", "--model", tiny_ckpt,
+            "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QWENAUDIO_HOME": str(tmp_path)}
+    part = tmp_path / "out" / "replies" / "rank-0.jsonl"
+    first = subprocess.Popen([sys.executable, "-m", "qwenaudio", *map(str, args)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = [json.loads(line)["line"] for line in part.read_text().splitlines() if line.endswith("}")]
+    assert 3 <= len(before) < 8
+    done = qwenaudio_cli(*args, home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line)["line"] for line in part.read_text().splitlines()]
+    assert sorted(lines) == list(range(1, 9)) and lines[: len(before)] == before  # each example once
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] and summary["replied"] == 8
+    assert "| meld | 8 | accuracy |" in done.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_same_summary(tiny_ckpt, tmp_path, shared_audio):
+    clips = [SPEECH, "1089_134686_000007_000004.wav", "glass-breaking-151256.mp3", "es.mp3", "music.wav"]
+    data = write_rows(tmp_path / "d.jsonl", [
+        {"audio": str(shared_audio / clips[i % 5]), "question": "what is it?", "gt": ["yes", "no", "x"][i % 3],
+         "source": ["clothoaqa", "other"][i % 2]} for i in range(9)] + ["broken line"])
+    args = ["evaluate", "aqa", "--data", str(data), "--model", str(tiny_ckpt), "--batch-size", "2", "--device", "cpu"]
+    single = qwenaudio_cli(*args, "--output-dir", tmp_path / "one", home=tmp_path)
+    assert single.returncode == 1
+    env = {**os.environ, "QWENAUDIO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwenaudio", *args,
+                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 1, two.stderr
+    one, both = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert both["processes"] == 2 and both["sources"] == one["sources"] and both["failed"] == one["failed"]
+    assert (tmp_path / "two" / "examples.jsonl").read_text() == (tmp_path / "one" / "examples.jsonl").read_text()
+    parts = [len(p.read_text().splitlines()) for p in sorted((tmp_path / "two" / "replies").iterdir())]
+    assert len(parts) == 2 and sum(parts) == 9 and min(parts) > 0  # both processes worked, each example once
+
+
+@pytest.mark.slow
+def test_the_command_refuses_bad_arguments_before_loading(tmp_path, shared_audio):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
+    done = qwenaudio_cli("evaluate", "wer", "--data", data, "--output-dir", tmp_path / "o", home=tmp_path)
+    assert done.returncode == 2 and "invalid choice: 'wer'" in done.stderr
+    done = qwenaudio_cli("evaluate", "emotion", "--data", tmp_path / "none.jsonl", "--output-dir", tmp_path / "o",
+                         "--model", tmp_path / "no-model", home=tmp_path)
+    assert done.returncode == 2 and "none.jsonl: cannot read the data file" in done.stderr
