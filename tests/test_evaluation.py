@@ -286,3 +286,14 @@ def test_the_command_refuses_bad_arguments_before_loading(tmp_path, shared_audio
     done = qwenaudio_cli("evaluate", "emotion", "--data", tmp_path / "none.jsonl", "--output-dir", tmp_path / "o",
                          "--model", tmp_path / "no-model", home=tmp_path)
     assert done.returncode == 2 and "none.jsonl: cannot read the data file" in done.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_example_on_tiny_checkpoint(tiny_ckpt, tmp_path, shared_audio):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * 2)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "evaluate.py"), "emotion", str(data),
+                           str(tmp_path / "out"), "--model", str(tiny_ckpt), "--limit", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "1 of 1 examples; failed: 0"
+    assert done.stdout.startswith("meld accuracy: 0.0 (paper: 0.557)")

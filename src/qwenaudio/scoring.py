@@ -8,8 +8,8 @@ reply with its special tokens kept, strips surrounding whitespace, groups the ex
 scores every group on its own. This module is those metrics and nothing else, in plain Python so that scoring needs
 no editdistance, edit_distance or scikit-learn. tests/test_scoring.py checks every function against the official
 functions' outputs on fixed inputs, recorded by tests/golden/record_scoring.py and
-tests/golden/record_note_scoring.py. The `qwenaudio evaluate` command that will run the benchmarks on top of this
-module does not exist yet.
+tests/golden/record_note_scoring.py. `qwenaudio.evaluation` (the `qwenaudio evaluate` command) runs the benchmarks
+and scores them with this module.
 
 Where the official code crashes, these functions give a defined result instead; each docstring says where.
 """
