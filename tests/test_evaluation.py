@@ -297,3 +297,9 @@ def test_evaluate_example_on_tiny_checkpoint(tiny_ckpt, tmp_path, shared_audio):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "1 of 1 examples; failed: 0"
     assert done.stdout.startswith("meld accuracy: 0.0 (paper: 0.557)")
+
+
+def test_a_source_whose_rows_disagree_on_the_language_is_not_scored():
+    records = [{"source": "s", "reference": "a", "reply": "a", "language": lang} for lang in ("en", "zh")]
+    assert evaluation.source_scores("asr", records) == (
+        {}, ["not computed: the source's rows are in several languages (en, zh)"])

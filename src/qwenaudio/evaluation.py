@@ -212,8 +212,11 @@ def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, f
     """The official scores of one source's records (reference, reply, language), and a note per score that could
     not be computed (a missing package, an undefined value) instead of failing the whole summary."""
     refs, hyps = [r["reference"] for r in records], [r["reply"] for r in records]
+    languages = sorted({str(r.get("language")) for r in records})
     language = records[0].get("language")
     notes: list[str] = []
+    if len(languages) > 1:  # rows' own `lang` fields disagree: one rate over two tokenizations means nothing
+        return {}, [f"not computed: the source's rows are in several languages ({', '.join(languages)})"]
 
     def attempt(name: str, compute: Callable[[], Any]) -> Any:
         try:
@@ -507,10 +510,10 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, w
 
 
 def report_progress(done: int, total: int, seconds: float, rank: int = 0, world: int = 1) -> None:
-    """`[####    ] 40/100 examples, 2.3/s, ETA 0:26` on stderr after each batch."""
+    """`40/100 examples, 2.3/s, ETA 0:26` on stderr after each batch; on a terminal, a bar in front of it."""
     rate = done / seconds if seconds > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else 0.0
     who = f"rank {rank}: " if world > 1 else ""
-    bar = f"[{'#' * (20 * done // max(total, 1)):<20}] "
+    bar = f"[{'#' * (20 * done // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
     print(f"{who}{bar}{done}/{total} examples, {rate:.2f}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}",
           file=sys.stderr, flush=True)
