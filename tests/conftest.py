@@ -3,10 +3,11 @@
 The tests need only the core dependencies (torch, numpy, safetensors, tiktoken, soundfile) plus pytest and
 hypothesis: the encoder and decoder recordings in tests/golden/ are compared with those alone. Live comparisons need
 the reference packages of the `test` extra (openai-whisper, transformers, scipy, dashscope, huggingface_hub) and the
-ffmpeg program, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test asks
-for one with `reference(...)` or `reference_program(...)`, never at import time, so a missing one affects only the
-tests that use it: they are skipped, with the package named, or, under CI=true, fail, so CI cannot pass by skipping.
-./scripts/test installs them all.
+ffmpeg program, the translation and caption scores need the `eval` extra's packages (sacreBLEU with MeCab for
+Japanese, pycocoevalcap) and the java program, and every test that tokenizes text needs Qwen's vocabulary, which
+comes with dashscope. A test asks for one with `reference(...)` or `reference_program(...)`, never at import time, so
+a missing one affects only the tests that use it: they are skipped, with the package named, or, under CI=true, fail,
+so CI cannot pass by skipping. ./scripts/test installs them all.
 """
 
 import hashlib
@@ -29,7 +30,8 @@ SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 
 # The pip name of each reference package, by the name it is imported as.
 REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scipy": "scipy",
-              "dashscope": "dashscope", "huggingface_hub": "huggingface_hub"}
+              "dashscope": "dashscope", "huggingface_hub": "huggingface_hub", "sacrebleu": "sacrebleu",
+              "MeCab": "mecab-python3", "ipadic": "ipadic", "pycocoevalcap": "pycocoevalcap"}
 
 
 def in_ci() -> bool:

@@ -11,6 +11,7 @@ from .core.errors import (
     ConfigError,
     DownloadError,
     InputError,
+    MetricUnavailableError,
     QwenAudioError,
     TokenizerError,
 )
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "Decoder", "DownloadError",
-    "GenerationConfig", "InputError", "QwenAudio", "QwenAudioConfig", "QwenAudioError", "Tokenizer",
-    "TokenizerError", "download", "load", "load_audio", "load_checkpoint", "load_decoder", "load_encoder",
+    "GenerationConfig", "InputError", "MetricUnavailableError", "QwenAudio", "QwenAudioConfig", "QwenAudioError",
+    "Tokenizer", "TokenizerError", "download", "load", "load_audio", "load_checkpoint", "load_decoder", "load_encoder",
     "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
 ]

@@ -236,7 +236,10 @@ def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, f
     if task == "caption":
         listed = [r if isinstance(r, list) else [r] for r in refs]
         found = attempt("caption", lambda: scoring.caption_scores(listed, hyps)) or {}
-        return {name: found.get(name) for name in ("cider", "spice", "spider")}, notes
+        scores = {name.lower(): found.get(name) for name in ("CIDEr", "SPICE", "SPIDEr")}
+        if found and scores["spice"] is None:
+            notes.append(f"spice, spider: not computed: {scoring.spice_unavailable()}")
+        return scores, notes
     if task == "note_analysis":
         return scoring.note_scores(refs, hyps), notes
     scores = {"accuracy": scoring.accuracy(refs, hyps)}

@@ -3,25 +3,34 @@
 The official repository scores each benchmark in its own script (eval_audio/evaluate_*.py at QwenLM/Qwen-Audio):
 word or character error rate for ASR, an average timestamp shift for speech recognition with word timestamps (SRWT),
 exact-match accuracy for audio question answering (AQA), speech emotion (SER), vocal sound (VSC) and acoustic
-scene (ASC) classification, and per-field scores of the note analysis (NSynth) replies. Each script decodes the
-reply with its special tokens kept, strips surrounding whitespace, groups the examples by their `source` field and
-scores every group on its own. This module is those metrics and nothing else, in plain Python so that scoring needs
-no editdistance, edit_distance or scikit-learn. tests/test_scoring.py checks every function against the official
-functions' outputs on fixed inputs, recorded by tests/golden/record_scoring.py and
-tests/golden/record_note_scoring.py. `qwenaudio.evaluation` (the `qwenaudio evaluate` command) runs the benchmarks
-and scores them with this module.
+scene (ASC) classification, per-field scores of the note analysis (NSynth) replies, BLEU for speech translation
+(S2TT) and CIDEr, SPICE and SPIDEr for audio captions (AAC). Each script decodes the reply with its special tokens
+kept, strips surrounding whitespace, groups the examples by their `source` field and scores every group on its own.
+This module is those metrics and nothing else, in plain Python so that scoring needs no editdistance, edit_distance or
+scikit-learn. Only BLEU and the caption scores run what the official scripts run: sacreBLEU, and the COCO caption
+code (from pycocoevalcap) with Java; the `eval` extra installs both packages, imported when those functions are
+called. tests/test_scoring.py and tests/test_text_metrics.py check every function against the official functions'
+outputs on fixed inputs, recorded by tests/golden/record_scoring.py, record_note_scoring.py and
+record_text_metrics.py. `qwenaudio.evaluation` (the `qwenaudio evaluate` command) runs the benchmarks and scores
+them with this module.
 
 Where the official code crashes, these functions give a defined result instead; each docstring says where.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, groupby, pairwise
+from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
 
-from .core.errors import InputError
+from .core.errors import InputError, MetricUnavailableError
 
 LANGUAGES = ("en", "zh")  # the ASR benchmarks' languages: English is scored by words, Chinese by characters
 PUNCTUATION = "!,.?;:"  # marks that `remove_sp` pulls onto the word before them
@@ -326,3 +335,140 @@ def note_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float | N
         "pitch": accuracy(field(ref_notes, "pitch"), field(hyp_notes, "pitch")),
         "chroma": chroma_accuracy(field(ref_notes, "pitch"), field(hyp_notes, "pitch")),
     }
+
+
+# -- Speech translation (S2TT) BLEU and audio-caption scores: these need the `eval` extra, imported only when called.
+
+EVAL_EXTRA = "pip install 'qwenaudio[eval]'"
+BLEU_TOKENIZERS = {"ja": "ja-mecab", "zh": "zh"}  # sacreBLEU's tokenizer per target language; any other: "13a"
+PTB_LINE_BREAKS = "\n\r\x0b\x0c\u2028\u2029"  # where the Stanford PTB tokenizer ends a line (it keeps lines)
+SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def _package(module: str, install: str = EVAL_EXTRA) -> ModuleType:
+    """`module`, imported now; MetricUnavailableError naming `install` when its package is missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(f"{e.name}.")):
+            raise  # the package is there but one of its own dependencies is not: that error says which
+        raise MetricUnavailableError(f"{module} is not installed: {install}") from e
+
+
+def bleu_tokenizer(target_language: str) -> str:
+    """The sacreBLEU tokenizer the official S2TT script scores a target language with: MeCab words for Japanese,
+    characters for Chinese, and mteval-v13a's words and punctuation for every other language."""
+    return BLEU_TOKENIZERS.get(target_language, "13a")
+
+
+def _unmatched_bleu(totals: Sequence[int], sys_len: int, ref_len: int) -> float:
+    """sacreBLEU 1.x's BLEU of a corpus where no n-gram of any reply is in its reference (2.x gives 0.0 there): its
+    "exp" smoothing (mteval-v13a's) scores the n-th order's precision as 100 / (2^n * totals[n-1]), so the score
+    stays above 0 as long as every order has an n-gram; an order without any scores log(0), which makes it 0."""
+    if 0 in totals:
+        return 0.0
+    brevity = math.exp(1 - ref_len / sys_len) if sys_len < ref_len else 1.0
+    log_precisions = (math.log(100.0 / (2.0**n * total)) for n, total in enumerate(totals, 1))
+    return brevity * math.exp(sum(log_precisions) / len(totals))
+
+
+def bleu(refs: Sequence[str], hyps: Sequence[str], target_language: str) -> float:
+    """Corpus BLEU, 0 to 100, of one group of translations with one reference each, as the official S2TT script
+    scores it: `sacrebleu.corpus_bleu(hyps, [refs], tokenize=bleu_tokenizer(target_language)).score` with sacreBLEU's
+    defaults (case kept, "exp" smoothing), on the replies as decoded: tags are not removed, so `<|en|>` counts as
+    the words "<", "|", "en", "|", ">".
+
+    The official script ran sacreBLEU 1.5.1; sacreBLEU 2.2 and later, which the `eval` extra installs, count the
+    same n-grams, and the score is 1.5.1's in every case, including the two where 2.x differs:
+    - no n-gram of any reply is in its reference: 2.x returns 0.0, 1.5.1's smoothing a small positive score, which
+      is computed here (`_unmatched_bleu`);
+    - an empty reference: 1.5.1 raises EOFError ("No valid references for a sentence!") and the script stops; 2.2+
+      count it as a reference of no words, which is 1.5.1's result for a reference of one space. That is ours.
+    Japanese needs MeCab: `pip install 'sacrebleu[ja]'`.
+    """
+    _check_pairs(refs, hyps)
+    sacrebleu = _package("sacrebleu")
+    tokenize = bleu_tokenizer(target_language)
+    if tokenize == "ja-mecab":
+        for module in ("MeCab", "ipadic"):
+            _package(module, "pip install 'sacrebleu[ja]'")
+    score = sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize=tokenize)
+    return score.score if any(score.counts) else _unmatched_bleu(score.totals, score.sys_len, score.ref_len)
+
+
+def _check_captions(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> None:
+    _check_pairs(refs, hyps)
+    for i, clip in enumerate(refs):
+        if isinstance(clip, str):
+            raise InputError(f"refs[{i}] is one string, not a list of reference captions (the official script would "
+                             f"take each of its {len(clip)} characters as a reference)")
+        if not clip:
+            raise InputError(f"refs[{i}] holds no reference caption")
+
+
+def _caption_tools() -> None:
+    """Raise MetricUnavailableError unless pycocoevalcap and Java, which caption scoring runs, are both there."""
+    _package("pycocoevalcap")
+    if shutil.which("java") is None:
+        raise MetricUnavailableError("caption scoring runs the Stanford PTB tokenizer and SPICE, Java programs, and "
+                                     "no `java` is on PATH: install a Java runtime (e.g. apt-get install "
+                                     "default-jre-headless; the official setup uses OpenJDK 8)")
+
+
+def coco_tokenize(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[list[list[str]], list[str]]:
+    """The references (several per clip) and replies as the official caption scoring hands them to its scorers:
+    through pycocoevalcap's Stanford PTB tokenizer (Java), one caption per line, lowercased, split into words with
+    punctuation marks as words of their own, and the marks in pycocoevalcap's list dropped ("-lrb-" for "(" stays,
+    as do marks outside the list such as "!!" or "。"). Returns (refs, hyps) with the words joined by spaces.
+
+    The official code turns "\\n" in a caption into a space, but the tokenizer also ends a line at "\\r", "\\v",
+    "\\f", U+2028 and U+2029, and then every later caption is paired with the clip before it; here all of them
+    become spaces, which gives the official result of the captions with those characters replaced. A clip's
+    references given as one string are refused (InputError): the official code takes each character as a
+    reference. Captions go to the tokenizer in a temporary file that pycocoevalcap writes beside its jar."""
+    _check_captions(refs, hyps)
+    _caption_tools()
+    ptb = _package("pycocoevalcap.tokenizer.ptbtokenizer").PTBTokenizer()
+    one_line = str.maketrans(dict.fromkeys(PTB_LINE_BREAKS, " "))
+
+    def tokenized(clips: Sequence[Sequence[str]]) -> list[list[str]]:
+        out = ptb.tokenize({i: [{"caption": c.translate(one_line)} for c in clip] for i, clip in enumerate(clips)})
+        return [out[i] for i in range(len(clips))]
+
+    return tokenized(refs), [clip[0] for clip in tokenized([[hyp] for hyp in hyps])]
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot run here, or None when it can. pycocoevalcap ships SPICE but not the Stanford CoreNLP 3.6.0
+    parser it needs; it downloads that (from the Stanford NLP site, no package registry) the first time its `Spice`
+    is built. Scoring never starts that download: the message says how to."""
+    _caption_tools()
+    lib = Path(_package("pycocoevalcap.spice.spice").__file__).parent / "lib"
+    missing = [name for name in SPICE_MODELS if not (lib / name).is_file()]
+    if not missing:
+        return None
+    return (f"SPICE needs Stanford CoreNLP 3.6.0 and {lib} lacks {' and '.join(missing)}; pycocoevalcap downloads it "
+            "with: python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'")
+
+
+def caption_scores(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> dict[str, float | None]:
+    """CIDEr, SPICE and SPIDEr of one group of audio captions (refs: the reference captions of each clip; hyps: one
+    reply per clip), as the official caption script's `compute_caption` computes them with caption-evaluation-tools,
+    here with pycocoevalcap, the same code and jars: both sides through `coco_tokenize`, then pycocoevalcap's `Cider`
+    (CIDEr-D: n-grams up to 4, idf over the group's clips, so one clip alone scores 0) and `Spice`, and
+    SPIDEr = (CIDEr + SPICE) / 2. The scores are fractions, not percentages as BLEU is.
+
+    SPICE and SPIDEr are None where `spice_unavailable` says why; CIDEr is still given. SPICE runs
+    `java -jar -Xmx8G spice-1.0.jar` with its cache beside the jar; when that fails (SPICE 1.0 is reported to fail
+    on Java 17 and later, and the official setup uses Java 8) this raises MetricUnavailableError."""
+    ref_tokens, hyp_tokens = coco_tokenize(refs, hyps)
+    gts, res = dict(enumerate(ref_tokens)), {i: [hyp] for i, hyp in enumerate(hyp_tokens)}
+    cider = float(_package("pycocoevalcap.cider.cider").Cider().compute_score(gts, res)[0])
+    if spice_unavailable() is not None:
+        return {"CIDEr": cider, "SPICE": None, "SPIDEr": None}
+    try:
+        spice = float(_package("pycocoevalcap.spice.spice").Spice().compute_score(gts, res)[0])
+    except subprocess.CalledProcessError as e:
+        raise MetricUnavailableError(f"SPICE failed (java exit status {e.returncode}, its message above); it needs "
+                                     "Java 8 or 11 and 8 GB of memory") from e
+    return {"CIDEr": cider, "SPICE": spice, "SPIDEr": (cider + spice) / 2}

@@ -1,8 +1,8 @@
 """Every exception qwenaudio raises on bad input, in one place.
 
 Each one says which file, tensor, field or argument is at fault, so that a user with a 16 GB checkpoint learns what to
-fix from the message alone. They subclass `ValueError` (or `OSError` for files) so callers that already catch the
-built-in kinds keep working.
+fix from the message alone. They subclass `ValueError` (or `OSError` for files, `RuntimeError` for a metric that cannot
+run) so callers that already catch the built-in kinds keep working.
 """
 
 
@@ -34,3 +34,8 @@ class InputError(QwenAudioError, ValueError):
 
 class DownloadError(QwenAudioError, OSError):
     """Checkpoint files could not be fetched (no `huggingface_hub`, offline, or an incomplete download)."""
+
+
+class MetricUnavailableError(QwenAudioError, RuntimeError):
+    """An evaluation metric needs a package or program that is not installed (sacreBLEU, pycocoevalcap, Java); the
+    message says what to install."""
