@@ -3,10 +3,7 @@ folder of 20 mixed files with a corrupt one, resuming, and the same folder under
 (gloo on the CPU) giving the same outputs as one process with each file done exactly once."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from qwenaudio.batch import Job, check_names, find_inputs, plan_batches, run_fil
 from qwenaudio.core.errors import InputError
 from qwenaudio.longform import plan_windows
 
-from .test_cli import FAST, qwenaudio_cli
+from .test_cli import FAST, qwenaudio_cli, torchrun_cli
 
 RATE = 16000
 
@@ -136,11 +133,7 @@ def test_torchrun_two_processes_give_the_same_outputs_once_each(tiny_ckpt, folde
     args = ["transcribe", str(folder), "--model", str(tiny_ckpt), "--batch-size", "4", "--dtype", "float32", *FAST]
     single = qwenaudio_cli(*args, "--output-dir", tmp_path / "one", home=tmp_path)
     assert single.returncode == 1
-    env = {**os.environ, "QWENAUDIO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).parent / "torchrun"
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwenaudio", *args,
-                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                         timeout=300)
+    two = torchrun_cli(*args, "--output-dir", tmp_path / "two", home=tmp_path)
     assert two.returncode != 0 and "broken.wav" in two.stderr  # the corrupt file fails in whichever rank had it
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -29,6 +29,14 @@ def qwenaudio_cli(*args, stdin: str | None = None, home: Path) -> subprocess.Com
                           text=True, env=env, timeout=120)
 
 
+def torchrun_cli(*args, home: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """The command under `torchrun --standalone --nproc-per-node N` (gloo on the CPU), one thread per process."""
+    env = {**os.environ, "QWENAUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(processes), "-m", "qwenaudio",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
 def write_wav(path: Path, seed: int) -> Path:
     """2 s at 16 kHz: a rising tone over a little noise, different per seed."""
     t = np.arange(32000) / 16000

@@ -18,7 +18,7 @@ from qwenaudio import evaluation
 from qwenaudio.core.audio import load_audio
 from qwenaudio.core.errors import InputError
 
-from .test_cli import qwenaudio_cli
+from .test_cli import qwenaudio_cli, torchrun_cli
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "evaluation_official.json").read_text(encoding="utf-8"))
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -265,11 +265,7 @@ def test_torchrun_two_processes_give_the_same_summary(tiny_ckpt, tmp_path, share
     args = ["evaluate", "aqa", "--data", str(data), "--model", str(tiny_ckpt), "--batch-size", "2", "--device", "cpu"]
     single = qwenaudio_cli(*args, "--output-dir", tmp_path / "one", home=tmp_path)
     assert single.returncode == 1
-    env = {**os.environ, "QWENAUDIO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).parent / "torchrun"
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwenaudio", *args,
-                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                         timeout=300)
+    two = torchrun_cli(*args, "--output-dir", tmp_path / "two", home=tmp_path)
     assert two.returncode == 1, two.stderr
     one, both = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert both["processes"] == 2 and both["sources"] == one["sources"] and both["failed"] == one["failed"]
