@@ -299,3 +299,68 @@ def test_a_source_whose_rows_disagree_on_the_language_is_not_scored():
     records = [{"source": "s", "reference": "a", "reply": "a", "language": lang} for lang in ("en", "zh")]
     assert evaluation.source_scores("asr", records) == (
         {}, ["not computed: the source's rows are in several languages (en, zh)"])
+
+
+def four_rows(task: str, tmp_path: Path, shared_audio: Path) -> Path:
+    """Four rows per task from the recorded ones (references varied), so two processes both get work."""
+    rows = GOLDEN["tasks"][task]["rows"]
+    official_rows(task, tmp_path, shared_audio)  # checks the recorded paths point at the shared recordings
+    varied = [{**rows[i % len(rows)], "gt": rows[(i + 1) % len(rows)]["gt"]} if i >= len(rows) else rows[i]
+              for i in range(4)]
+    return write_rows(tmp_path / f"{task}.jsonl", varied)
+
+
+@pytest.mark.parametrize("task", evaluation.TASKS)
+def test_every_task_resumes_after_an_interruption_to_the_same_summary(task, model, tmp_path, shared_audio,
+                                                                      monkeypatch):
+    data = four_rows(task, tmp_path, shared_audio)
+    options = {"audio_root": REPO_ROOT, "batch_size": 1, "max_new_tokens": 4}
+    whole = evaluation.evaluate(model, task, data, tmp_path / "whole", **options)
+    real, calls = evaluation.generate_replies, []
+
+    def interrupted_on_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "generate_replies", interrupted_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(model, task, data, tmp_path / "resumed", **options)
+    monkeypatch.setattr(evaluation, "generate_replies", real)
+    resumed = evaluation.evaluate(model, task, data, tmp_path / "resumed", **options)
+    assert resumed["sources"] == whole["sources"] and resumed["complete"]
+    part = (tmp_path / "resumed" / "replies" / "rank-0.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["line"] for line in part) == [1, 2, 3, 4]  # each example once
+    assert (tmp_path / "resumed" / "examples.jsonl").read_text() == (tmp_path / "whole" / "examples.jsonl").read_text()
+
+
+DRIVER = """
+import sys, torch, qwenaudio
+from qwenaudio import evaluation
+checkpoint, data, audio_root, out = sys.argv[1:]
+model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
+for task in evaluation.TASKS:
+    evaluation.evaluate(model, task, f"{data}/{task}.jsonl", f"{out}/{task}", audio_root=audio_root, batch_size=1,
+                        max_new_tokens=4)
+"""
+
+
+@pytest.mark.slow
+def test_every_task_under_torchrun_gives_one_process_s_summary(tiny_ckpt, model, tmp_path, shared_audio):
+    """All nine tasks through the library under `torchrun --nproc-per-node 2`, against one process in this one."""
+    for task in evaluation.TASKS:
+        evaluation.evaluate(model, task, four_rows(task, tmp_path, shared_audio), tmp_path / "one" / task,
+                            audio_root=REPO_ROOT, batch_size=1, max_new_tokens=4)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(driver), str(tiny_ckpt), str(tmp_path), str(REPO_ROOT), str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for task in evaluation.TASKS:
+        one, two = (json.loads((tmp_path / d / task / "summary.json").read_text()) for d in ("one", "two"))
+        assert (two["processes"], two["sources"], two["failed"]) == (2, one["sources"], one["failed"]), task
+        parts = sorted((tmp_path / "two" / task / "replies").iterdir())
+        assert [len(p.read_text().splitlines()) for p in parts] == [2, 2], task  # each process did half, once
