@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import QwenAudioConfig
 from .errors import InputError
@@ -193,6 +194,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.true_positions = true_positions  # how callers number positions (`positions_and_mask`)
+        # Training: recompute each block's activations in the backward pass instead of keeping them, so a long
+        # example fits in memory (costs one more forward); the gradients are the same.
+        self.activation_checkpointing = False
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
@@ -220,8 +224,11 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.h):
             if hidden_states is not None:
                 hidden_states.append(x)
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, logn[..., None, None], mask, layer_cache, slots)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, logn[..., None, None], mask, use_reentrant=False)
+            else:
+                layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+                x = block(x, cos, sin, logn[..., None, None], mask, layer_cache, slots)
         x = self.ln_f(x[:, -1:] if last_only else x)
         if hidden_states is not None:  # the official tuple ends with ln_f's output, not the last block's
             hidden_states.append(x)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .audio import audio_span, frames_after_conv, mel_length
 from .config import AudioConfig
@@ -71,6 +72,7 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(config.n_state)
         self.proj = nn.Linear(config.n_state, config.output_dim)
         self.audio_bos_eos_token = nn.Embedding(2, config.output_dim)  # row 0 BOS, row 1 EOS
+        self.activation_checkpointing = False  # training: recompute block activations in backward (see Decoder)
 
     def forward(self, mel: Tensor, frames: Tensor) -> Tensor:
         """Encode a batch: mel [B, n_mels, ≥ 2·max(frames)], frames [B] = each clip's length after the conv stem.
@@ -90,7 +92,10 @@ class AudioEncoder(nn.Module):
             mask = torch.zeros(padding.shape, dtype=x.dtype, device=x.device).masked_fill(padding, float("-inf"))
             mask = mask[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and queries
         for block in self.blocks:
-            x = block(x, mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
         return self.proj(self.ln_post(x))
 

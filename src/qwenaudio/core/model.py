@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
@@ -58,13 +59,25 @@ class QwenAudio(nn.Module):
 
     def encode_audio(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
         """Encoded spans of clips (16 kHz waveforms, or anything `load_audio` reads), encoded as one batch, as the
-        official code batches the clips of one prompt or one evaluation batch."""
+        official code batches the clips of one prompt or one evaluation batch. For inference: no autograd graph is
+        kept (`loss` keeps one)."""
+        with torch.no_grad():
+            return self._encode(clips)
+
+    def _encode(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
         clips = [as_waveform(c, source_name(c, i)) for i, c in enumerate(clips)]
         if not clips:
             return []
         mel = torch.stack([log_mel_spectrogram(c.to(self.device)) for c in clips])
-        with torch.no_grad():
-            return self.encoder.encode(mel, [len(c) for c in clips])
+        return self.encoder.encode(mel, [len(c) for c in clips])
+
+    def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+             audio: Sequence[Tensor | AudioSource] = ()) -> Tensor:
+        """The official training objective: `next_token_loss` of the full-sequence logits, the clips encoded in the
+        same graph, so the audio encoder is trained end to end as in the official model (nothing is detached).
+        Call it in `train()` mode to get the official training forward (dynamic NTK and logn off)."""
+        logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self._encode(audio))
+        return next_token_loss(logits, labels.to(self.device))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 audio: Sequence[Tensor | AudioSource] | None = None, *,
@@ -76,6 +89,16 @@ class QwenAudio(nn.Module):
         logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self.encode_audio(audio or []),
                                      hidden_states=hidden)
         return Output(logits, tuple(hidden)) if hidden is not None else logits
+
+
+IGNORE_INDEX = -100  # a label that adds nothing to the loss: prompt, padding, anything not to be learned
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The official loss (modeling_qwen.py, QWenLMHeadModel.forward): position t's logits predict label t + 1, by
+    cross-entropy, averaged over every label of the batch that is not IGNORE_INDEX, so an example counts by its
+    number of label tokens (not a mean of per-example means)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
