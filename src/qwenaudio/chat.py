@@ -46,14 +46,20 @@ def query_text(parts: str | Sequence[Part]) -> str:
     return out
 
 
+def content_ids(tokenizer: Tokenizer, content: str, span_of) -> list[int]:
+    """A message's text as ChatML holds it: only Qwen-Audio's audio tags are special (a typed "<|im_start|>" stays
+    text), each `<audio>path</audio>` region given its clip's span by `span_of(path)`."""
+    spans = [span_of(p) for p in tokenizer.audio_paths(content, allowed_special=AUDIO_SPECIAL_TOKENS)]
+    return tokenizer.encode(content, allowed_special=AUDIO_SPECIAL_TOKENS, audio_spans=spans or None)
+
+
 def build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
                   span_of) -> tuple[str, list[int]]:
     """The official chat context: (raw text, ids). `span_of(path)` gives each clip's audio span."""
     nl = tokenizer.encode("\n")
 
     def piece(role: str, content: str) -> list[int]:
-        spans = [span_of(p) for p in tokenizer.audio_paths(content, allowed_special=AUDIO_SPECIAL_TOKENS)]
-        body = tokenizer.encode(content, allowed_special=AUDIO_SPECIAL_TOKENS, audio_spans=spans or None)
+        body = content_ids(tokenizer, content, span_of)
         return [tokenizer.im_start_id] + tokenizer.encode(role) + nl + body + [tokenizer.im_end_id]
 
     system_ids = piece("system", system)

@@ -1,0 +1,150 @@
+"""Fine-tuning data: the three line forms to ids and labels (the chat form's context equal to the official
+make_context's, recorded in tests/golden/generation_official.json), bad lines named by file and line, and batches
+that `QwenAudio.loss` learns from."""
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+import qwenaudio
+from qwenaudio import finetune
+from qwenaudio.core.audio import audio_span, load_audio
+from qwenaudio.core.model import IGNORE_INDEX
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "generation_official.json").read_text())
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP0, CLIP1 = REPO_ROOT / "tests" / "golden" / "clip0.wav", REPO_ROOT / "tests" / "golden" / "clip1.wav"
+ASR = "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>"
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def spans(example: finetune.Example):
+    lengths = {str(p): audio_span(len(load_audio(p))) for p in example.audio}
+    return lengths.__getitem__
+
+
+def test_task_form_learns_the_response_and_the_end_token(tokenizer, tmp_path):
+    data = write_rows(tmp_path / "train.jsonl", [
+        {"audio": str(CLIP1), "prompt": ASR, "response": "hello world"},
+        {"audio": str(CLIP1), "task": "asr", "language": "en", "response": "hello world"},
+        {"audio": str(CLIP1), "gt": "hello world", "source": "librispeech_train"}])
+    examples, problems = finetune.read_examples(data, task="asr")
+    assert problems == [] and len(examples) == 3
+    prompt = tokenizer.encode(f"<audio>{CLIP1}</audio>{ASR}", audio_spans=[34])
+    answer = tokenizer.encode("hello world") + [tokenizer.eod_id]
+    for example in examples:  # a prompt given, the task's official tags, an official evaluation row
+        assert finetune.encode(tokenizer, example, spans(example)) == (prompt + answer,
+                                                                       [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def test_audio_paths_are_relative_to_the_data_file(tmp_path):
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "a.wav", sf.read(CLIP0)[0], 16000)
+    examples, _ = finetune.read_examples(write_rows(tmp_path / "train.jsonl", [
+        {"audio": "clips/a.wav", "prompt": ASR, "response": "x"}]))
+    assert examples[0].audio == (tmp_path / "clips" / "a.wav",)
+
+
+def conversation(tmp_path: Path) -> list[dict]:
+    """The recorded two-turn conversation, plus a second reply to learn."""
+    texts, reply = ["What do you hear?", "And in this one? Say <|im_start|> and <|en|> literally."], "A short tone."
+    return [{"role": "user", "content": [{"audio": str(CLIP0)}, {"text": texts[0]}]},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": [{"audio": str(CLIP1)}, {"text": texts[1]}]},
+            {"role": "assistant", "content": "Yes."}]
+
+
+def test_chat_form_is_the_official_context_with_the_replies_learned(tokenizer, tmp_path):
+    official = GOLDEN["chat"]["turns"][1]  # make_context for turn 2, turn 1 in its history
+    examples, problems = finetune.read_examples(write_rows(tmp_path / "chat.jsonl",
+                                                           [{"messages": conversation(tmp_path)}]))
+    assert problems == []
+    ids, labels = finetune.encode(tokenizer, examples[0], spans(examples[0]))
+    context = official["context_tokens"]
+    assert ids[: len(context)] == context
+    learned = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    first = tokenizer.encode("A short tone.") + [tokenizer.im_end_id]
+    assert learned == first + tokenizer.encode("Yes.") + [tokenizer.im_end_id]
+    assert ids[len(context):] == labels[len(context):]  # the last reply, all learned
+    assert [i for i, label in zip(ids, labels) if label == i] == learned
+
+
+def test_ms_swift_form_reads_as_the_chat_form(tokenizer, tmp_path):
+    swift = {"messages": [{"role": "user", "content": "<audio>What do you hear?"},
+                          {"role": "assistant", "content": "A short tone."},
+                          {"role": "user", "content": "<audio>And in this one? Say <|im_start|> and <|en|> literally."},
+                          {"role": "assistant", "content": "Yes."}], "audios": [str(CLIP0), str(CLIP1)]}
+    data = write_rows(tmp_path / "d.jsonl", [swift, {"messages": conversation(tmp_path)}])
+    (a, b), problems = finetune.read_examples(data)
+    assert problems == [] and a.turns == b.turns and a.audio == b.audio
+    assert finetune.encode(tokenizer, a, spans(a)) == finetune.encode(tokenizer, b, spans(b))
+
+
+def test_bad_lines_are_named_by_file_and_line(tmp_path):
+    long = tmp_path / "long.wav"
+    sf.write(long, [0.0] * (31 * 16000), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    user = {"role": "user", "content": [{"audio": str(CLIP0)}, {"text": "hi"}]}
+    data = write_rows(tmp_path / "d.jsonl", [
+        "{oops",
+        {"audio": "missing.wav", "prompt": ASR, "response": "x"},
+        {"audio": str(long), "prompt": ASR, "response": "x"},
+        {"audio": str(CLIP0), "prompt": ASR, "response": "  "},
+        {"messages": [user]},
+        {"messages": [user, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "<audio><audio>x"}, {"role": "assistant", "content": "y"}],
+         "audios": [str(CLIP0)]},
+        {"audio": str(CLIP0), "response": "x"},
+        {"audio": "broken.wav", "prompt": ASR, "response": "x"},
+        {"audio": str(CLIP0), "prompt": ASR, "response": "fine"}])
+    examples, problems = finetune.read_examples(data)
+    assert len(examples) == 1 and problems == [
+        f"{data}:1: not a JSON object (Expecting property name enclosed in double quotes at column 2)",
+        f"{data}:2: audio {tmp_path / 'missing.wav'}: no such file",
+        f"{data}:3: audio {long} lasts 31.0 s; the model hears at most 30 s: cut it",
+        f"{data}:4: 'response' is empty: there is nothing to learn",
+        f"{data}:5: the conversation must end with an assistant message (its reply is what is learned)",
+        f"{data}:6: message 2 (assistant) is out of turn: a conversation is an optional system message, then user "
+        "and assistant messages taking turns, ending with the assistant",
+        f"{data}:7: message 0 has 2 <audio> placeholder(s) but 'audios' has only 1 path(s) left",
+        f"{data}:8: no 'prompt' field and no task (give 'task' in the row or for the file): one of asr, st, srwt, "
+        "caption, aqa, emotion, vocal_sound, scene, note_analysis, got None",
+        f"{data}:9: audio {tmp_path / 'broken.wav'}: cannot be read ("
+        + problems[8].split("cannot be read (", 1)[1]]
+
+
+def test_a_batch_is_right_padded_and_learned_from(tiny_ckpt, tmp_path):
+    """Right padding (every row at position 0), labels and mask 0 on the padding; a few Adam steps on the batch
+    lower the official loss."""
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False).train()
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(CLIP1), "prompt": ASR, "response": "hello world"},
+                                             {"messages": conversation(tmp_path)}])
+    examples, _ = finetune.read_examples(data)
+    clips = [[load_audio(p) for p in e.audio] for e in examples]
+    ids, labels, mask = finetune.collate(model.tokenizer, examples, clips, lambda c: audio_span(len(c)))
+    short = int(mask[0].sum())
+    assert mask[0, :short].all() and not mask[0, short:].any() and (labels[0, short:] == IGNORE_INDEX).all()
+    assert (ids[0, short:] == model.tokenizer.eod_id).all() and mask[1].all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = model.loss(ids, labels, mask, [c for row in clips for c in row])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_unknown_task_and_unreadable_files_are_refused(tmp_path):
+    with pytest.raises(qwenaudio.InputError, match="unknown task 'wer'"):
+        finetune.read_examples(tmp_path / "x.jsonl", task="wer")
+    with pytest.raises(qwenaudio.InputError, match="cannot read the data file"):
+        finetune.read_examples(tmp_path / "absent.jsonl")
