@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 import qwenaudio
-from qwenaudio import finetune
+from qwenaudio import finetune, tasks
 from qwenaudio.core.audio import audio_span, load_audio
 from qwenaudio.core.model import IGNORE_INDEX
 
@@ -148,3 +148,80 @@ def test_unknown_task_and_unreadable_files_are_refused(tmp_path):
         finetune.read_examples(tmp_path / "x.jsonl", task="wer")
     with pytest.raises(qwenaudio.InputError, match="cannot read the data file"):
         finetune.read_examples(tmp_path / "absent.jsonl")
+
+
+SHARED = ["1272-128104-0000.flac", "1089_134686_000007_000004.wav", "es.mp3", "glass-breaking-151256.mp3"]
+TARGETS = ["the quilter speaks", "a quiet reading", "hola amigos", "glass breaks"]
+
+
+def four_examples(tmp_path: Path, shared_audio: Path) -> list[finetune.Example]:
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    examples, problems = finetune.read_examples(write_rows(tmp_path / "four.jsonl", rows))
+    assert problems == []
+    return examples
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_four_transcripts_and_then_says_them(tiny_ckpt, tmp_path, shared_audio):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    config = finetune.TrainConfig(steps=100, batch_size=4, lr=3e-3, warmup_steps=5, part="all")
+    losses = finetune.train(model, four_examples(tmp_path, shared_audio), tmp_path / "run", config)
+    assert losses[-1] < 0.05, losses
+    model.eval()
+    clips = [str(shared_audio / clip) for clip in SHARED]
+    assert tasks.transcribe(model, clips, language="en", max_new_tokens=12) == TARGETS
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 101)) and [m["loss"] for m in metrics] == losses
+    saved = finetune.save_model(model, tiny_ckpt, tmp_path / "tuned")  # the official layout, loadable again
+    again = qwenaudio.load(saved, dtype=torch.float32, device="cpu", progress=False)
+    assert tasks.transcribe(again, clips, language="en", max_new_tokens=12) == TARGETS
+
+
+def test_resuming_gives_the_same_losses_as_an_uninterrupted_run(tiny_ckpt, tmp_path, shared_audio):
+    examples = four_examples(tmp_path, shared_audio)
+    config = finetune.TrainConfig(steps=4, batch_size=2, accumulate=2, lr=1e-3, warmup_steps=1, save_every=2,
+                                  part="decoder")
+    whole = finetune.train(qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False), examples,
+                           tmp_path / "whole", config)
+    first = finetune.train(qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False), examples,
+                           tmp_path / "cut", finetune.TrainConfig(**{**config.__dict__, "steps": 2}))
+    assert first == whole[:2]
+    fresh = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)  # a new process's model
+    resumed = finetune.train(fresh, examples, tmp_path / "cut", config, resume=True)  # 2 more steps than planned
+    assert resumed == whole
+
+    def killed_in_step_4(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt  # after step 3's update, before its checkpoint: step 2's is on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False), examples,
+                       tmp_path / "killed", config, progress=killed_in_step_4)
+    again = finetune.train(qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False), examples,
+                           tmp_path / "killed", config, resume=True)
+    assert again == whole
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # step 3, done again after the resume, is listed once
+
+
+def test_a_loss_that_is_not_finite_stops_before_the_update(tiny_ckpt, tmp_path, shared_audio):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    with torch.no_grad():
+        model.decoder.ln_f.weight.fill_(float("nan"))
+    before = model.decoder.h[0].mlp.w1.weight.clone()
+    with pytest.raises(qwenaudio.QwenAudioError, match=r"step 1: the loss is nan \(examples .*four.jsonl:\d"):
+        finetune.train(model, four_examples(tmp_path, shared_audio), tmp_path / "run",
+                       finetune.TrainConfig(steps=2, batch_size=4))
+    assert torch.equal(model.decoder.h[0].mlp.w1.weight, before)
+
+
+def test_only_the_chosen_part_trains(tiny_ckpt):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    assert set(finetune.trainable(model, "projection")) == {
+        "transformer.audio.ln_post.weight", "transformer.audio.ln_post.bias", "transformer.audio.proj.weight",
+        "transformer.audio.proj.bias", "transformer.audio.audio_bos_eos_token.weight"}
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    assert all(name.startswith(("transformer.h.", "transformer.wte", "transformer.ln_f", "lm_head"))
+               for name in finetune.trainable(model, "decoder"))
+    with pytest.raises(qwenaudio.InputError, match="part must be one of decoder, encoder, projection, all"):
+        finetune.TrainConfig(part="lm_head")

@@ -100,3 +100,12 @@ def test_activation_checkpointing_gives_the_official_gradients_too(tiny_ckpt, tr
     assert again.item() == pytest.approx(loss.item(), rel=1e-7)
     for name in RECORD["gradients"]:
         assert relative(parameter(model, name).grad, parameter(reference, name).grad) <= 1e-6, name
+
+
+def test_the_loss_skips_positions_without_a_label_and_stays_the_same(trained):
+    """QwenAudio.loss runs lm_head only where a label is predicted; next_token_loss over all logits agrees."""
+    model, loss = trained
+    audio = model.encode_audio([CLIPS["clip1"], CLIPS["clip0"], CLIPS["clip1"]])
+    with torch.no_grad():
+        logits = model.decoder.logits(torch.tensor(RECORD["input_ids"]), torch.tensor(RECORD["attention_mask"]), audio)
+    assert next_token_loss(logits, torch.tensor(RECORD["labels"])).item() == pytest.approx(loss.item(), rel=1e-6)

@@ -165,7 +165,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
         kind = "a string or a non-empty list of strings" if task == "caption" else "a string"
         raise InputError(f"'gt' must be {kind}, got {json.dumps(reference, ensure_ascii=False)[:80]}")
     if spec.speech:
-        language = row.get("lang", row.get("language", language)) or _dataset_language(row["source"])
+        language = row.get("lang", row.get("language", language)) or dataset_language(row["source"])
         if language not in LANGUAGES:
             raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
         if language not in scoring.LANGUAGES:
@@ -183,7 +183,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
                    prompt(task, row, language, caption_style), language, where)
 
 
-def _dataset_language(source: str) -> str:
+def dataset_language(source: str) -> str:
     known = [lang for name, lang in DATASET_LANGUAGES.items() if name in source.lower()]
     if not known:
         raise InputError(f"no language: the row has no 'lang' field and its source {source!r} names no dataset of "

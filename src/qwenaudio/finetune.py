@@ -20,21 +20,28 @@ are made when a batch is put together, from the clips as loaded (a clip's span d
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import soundfile as sf
 import torch
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from . import evaluation
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
-from .core.audio import CHUNK_LENGTH
-from .core.errors import InputError
-from .core.model import IGNORE_INDEX
+from .core.audio import CHUNK_LENGTH, audio_span, load_audio
+from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
+from .core.errors import InputError, TrainingError
+from .core.files import building, write_text
+from .core.model import IGNORE_INDEX, QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
 
 Turn = tuple[str, str]  # (user text with Audio n:<audio>path</audio> regions, assistant reply)
@@ -123,7 +130,7 @@ def _speech_language(task: str, language: str | None, row: dict) -> str | None:
         return None
     if language is None:
         try:
-            return evaluation._dataset_language(row.get("source", ""))
+            return evaluation.dataset_language(row.get("source", ""))
         except InputError:
             raise InputError(f"task {task} needs the spoken language: a 'language' field, or --language") from None
     return language
@@ -240,3 +247,194 @@ def collate(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[S
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
     return input_ids, labels, mask
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+PARTS = ("decoder", "encoder", "projection", "all")  # what full fine-tuning trains; the rest stays frozen
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A fine-tuning run's settings; the defaults suit a small full fine-tune."""
+
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # examples per forward pass
+    accumulate: int = 1  # forward passes per optimizer step
+    lr: float = 1e-5  # peak learning rate: linear warmup to it, then cosine to 0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm (0: off)
+    seed: int = 0  # the data order
+    part: str = "decoder"  # one of PARTS
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    activation_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.part not in PARTS:
+            raise InputError(f"part must be one of {', '.join(PARTS)}, got {self.part!r}")
+        for name in ("steps", "batch_size", "accumulate"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
+    """The parameters `part` trains, by official tensor name; every other parameter is frozen. `projection` is the
+    audio encoder's output side (ln_post, proj and the BOS/EOS rows), which maps Whisper's features into the
+    decoder's space."""
+    chosen: dict[str, nn.Parameter] = {}
+    for owner in ("encoder", "decoder"):
+        for path, param in getattr(model, owner).named_parameters():
+            train = part in ("all", owner) or (part == "projection" and owner == "encoder" and path.startswith(
+                ("ln_post.", "proj.", "audio_bos_eos_token.")))
+            param.requires_grad_(train)
+            if train:
+                chosen[official_name(owner, path)] = param
+    return chosen
+
+
+def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[list[int]]:
+    """Batches of example indices, epoch after epoch: each epoch shuffled with `seed + epoch`, then batched by
+    length within windows of 16 batches (so a batch pads little while the order stays random), the batches of an
+    epoch shuffled again. The same settings always give the same order, which is what lets a run resume."""
+    lengths = [sum(sf.info(str(p)).frames / sf.info(str(p)).samplerate for p in e.audio) + len(e.response)
+               + sum(len(u) + len(r) for u, r in e.turns) for e in examples]
+    window = 16 * config.batch_size
+    for epoch in itertools.count():
+        generator = torch.Generator().manual_seed(config.seed + epoch)
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        epoch_batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+            epoch_batches += [chunk[i : i + config.batch_size] for i in range(0, len(chunk), config.batch_size)]
+        yield from (epoch_batches[i] for i in torch.randperm(len(epoch_batches), generator=generator).tolist())
+
+
+def schedule(step: int, config: TrainConfig) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based): linear warmup, then cosine decay to 0."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path, config: TrainConfig = TrainConfig(),
+          *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None) -> list[float]:
+    """Fine-tune `model` in place on `examples` with AdamW and the official loss; returns the loss of every step.
+
+    With `accumulate` > 1 the forward passes of a step are weighted by their label tokens, so a step's loss and
+    gradients are those of one batch of all its examples. Every `save_every` steps and at the end, the trained
+    parameters, the optimizer, the schedule and the step go to `output_dir/checkpoint` (built aside and renamed, so
+    the last one written is always whole); `resume` continues from there with the same data order, to the same
+    losses. Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
+    TrainingError before the update, the last checkpoint kept."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.train()
+    model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
+    params = trainable(model, config.part)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, config))
+    losses: list[float] = []
+    if resume:
+        losses = _restore(output_dir / "checkpoint", params, optimizer, scheduler, config)
+        _forget_metrics_after(output_dir / "metrics.jsonl", len(losses))  # steps done again after the checkpoint
+    order = plan_order(examples, config)
+    for _ in range(len(losses) * config.accumulate):  # the batches already learned from
+        next(order)
+    started = time.monotonic()
+    for step in range(len(losses), config.steps):
+        batches = [[examples[i] for i in next(order)] for _ in range(config.accumulate)]
+        loss, tokens = _step(model, batches, params, optimizer, config, step, output_dir)
+        scheduler.step()
+        losses.append(loss)
+        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                  "seconds": time.monotonic() - started}
+        with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress:
+            progress(record)
+        if step + 1 == config.steps or (config.save_every and (step + 1) % config.save_every == 0):
+            _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config)
+    return losses
+
+
+def _step(model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter], optimizer,
+          config: TrainConfig, step: int, output_dir: Path) -> tuple[float, int]:
+    """One optimizer step over `batches`; returns the step's loss (token-weighted over its batches) and tokens."""
+    optimizer.zero_grad(set_to_none=True)
+    prepared = []
+    for batch in batches:
+        clips = [[load_audio(p) for p in e.audio] for e in batch]
+        ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
+        prepared.append((ids, labels, mask, [c for row in clips for c in row]))
+    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _, _ in prepared]
+    total, value = sum(counts), 0.0
+    for batch, (ids, labels, mask, clips), count in zip(batches, prepared, counts):
+        loss = model.loss(ids, labels, mask, clips)
+        if not torch.isfinite(loss):
+            where = ", ".join(e.where for e in batch)
+            raise TrainingError(f"step {step + 1}: the loss is {loss.item()} (examples {where}); nothing was updated "
+                                f"and the last checkpoint in {output_dir / 'checkpoint'} is kept")
+        (loss * count / total).backward()
+        value += loss.item() * count / total
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+    optimizer.step()
+    return value, total
+
+
+def _forget_metrics_after(path: Path, steps: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.endswith("}") and json.loads(line)["step"] <= steps]
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _save(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, losses: list[float],
+          config: TrainConfig) -> None:
+    """The run so far, built aside and swapped in whole: a crash while saving leaves the previous checkpoint."""
+    with building(directory, replace=True) as partial:
+        save_file({name: p.detach().contiguous() for name, p in params.items()}, str(partial / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / "state.pt")
+        write_text(partial / "progress.json", json.dumps({"losses": losses, "config": asdict(config)}, indent=1))
+
+
+def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, config: TrainConfig
+             ) -> list[float]:
+    if not (directory / "progress.json").is_file():
+        raise InputError(f"nothing to resume: {directory} holds no checkpoint")
+    saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
+    changed = [k for k, v in asdict(config).items() if k not in ("steps", "save_every") and saved["config"].get(k) != v]
+    if changed:
+        raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
+                         "same ones, or start in another directory")
+    tensors = load_file(str(directory / "trainable.safetensors"))
+    if set(tensors) != set(params):
+        raise InputError(f"{directory} holds other parameters than part {config.part!r} trains")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    state = torch.load(directory / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # `steps` may have grown: today's schedule
+        group["lr"] = base * schedule(len(saved["losses"]), config)
+    return saved["losses"]
+
+
+def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path:
+    """The fine-tuned model as a checkpoint in the official layout at `target` (a new directory, built aside and
+    renamed): every tensor under its official name, and the other files of `source` (config, vocabulary,
+    generation config) copied, so `qwenaudio.load(target)` and the official code read it like the original."""
+    source, target = Path(source), Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target} exists and is not empty: the fine-tuned model goes to a new directory")
+    state = {official_name(owner, name): tensor for owner in ("encoder", "decoder")
+             for name, tensor in getattr(model, owner).state_dict().items()}
+    with building(target, replace=target.exists()) as partial:
+        save_checkpoint(state, partial)
+        for file in source.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE:
+                shutil.copyfile(file, partial / file.name)
+    return target

@@ -203,7 +203,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor, base: Tensor, cache: KVCache | None = None,
-                slots: Tensor | None = None, *, last_only: bool = False,
+                slots: Tensor | None = None, *, last_only: bool = False, select: Tensor | None = None,
                 hidden_states: list[Tensor] | None = None) -> Tensor:
         """Logits [B, S, vocab_size] for `x`: ids [B, S], or their embeddings [B, S, hidden_size] (`embed`).
 
@@ -211,7 +211,8 @@ class Decoder(nn.Module):
         With a `cache`, the keys and values are written at `slots` [S] and K is the cache's capacity; without, K
         is S. Logn scaling is on in eval mode only, as in the official model. `last_only` gives [B, 1, vocab_size]
         for the last slot (what generation needs: at 155,947 outputs per position, lm_head is a large part of a
-        prefill). A `hidden_states` list receives what the official `output_hidden_states` gives: the
+        prefill); `select` [B, S] (bool) gives [N, vocab_size] for the N positions it marks (what a loss over a
+        few label tokens needs). A `hidden_states` list receives what the official `output_hidden_states` gives: the
         embeddings, each block's output but the last, and ln_f of the last block's output.
         """
         if not x.is_floating_point():
@@ -232,7 +233,7 @@ class Decoder(nn.Module):
         x = self.ln_f(x[:, -1:] if last_only else x)
         if hidden_states is not None:  # the official tuple ends with ln_f's output, not the last block's
             hidden_states.append(x)
-        return self.lm_head(x)
+        return self.lm_head(x if select is None else x[select])
 
     def embed(self, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> Tensor:
         """Token embeddings [B, S, hidden_size], each `<audio>…</audio>` region replaced by its clip's span."""
@@ -248,7 +249,8 @@ class Decoder(nn.Module):
         return rope_base(self.config, valid, self.config.use_dynamic_ntk and not self.training)
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, audio: Sequence[Tensor] = (), *,
-               last_only: bool = False, hidden_states: list[Tensor] | None = None) -> Tensor:
+               last_only: bool = False, select: Tensor | None = None,
+               hidden_states: list[Tensor] | None = None) -> Tensor:
         """The official model's forward over whole sequences, no cache: logits [B, S, vocab_size] for `input_ids`
         [B, S], `attention_mask` [B, S] marking real tokens (1) and padding (0), and `audio`, the encoded span of
         every `<audio>…</audio>` region in row-major order."""
@@ -256,7 +258,7 @@ class Decoder(nn.Module):
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         positions, mask = positions_and_mask(valid, slots, self.true_positions)
         return self(self.embed(input_ids, audio), positions, mask, self.rope_base(valid),
-                    last_only=last_only, hidden_states=hidden_states)
+                    last_only=last_only, select=select, hidden_states=hidden_states)
 
 
 def splice_audio(x: Tensor, input_ids: Tensor, audio: Sequence[Tensor], start_id: int) -> Tensor:

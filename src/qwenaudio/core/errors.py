@@ -39,3 +39,7 @@ class DownloadError(QwenAudioError, OSError):
 class MetricUnavailableError(QwenAudioError, RuntimeError):
     """An evaluation metric needs a package or program that is not installed (sacreBLEU, pycocoevalcap, Java); the
     message says what to install."""
+
+
+class TrainingError(QwenAudioError, RuntimeError):
+    """Training cannot go on: a loss that is not finite (the message names the step and the examples)."""

@@ -73,11 +73,17 @@ class QwenAudio(nn.Module):
 
     def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
              audio: Sequence[Tensor | AudioSource] = ()) -> Tensor:
-        """The official training objective: `next_token_loss` of the full-sequence logits, the clips encoded in the
-        same graph, so the audio encoder is trained end to end as in the official model (nothing is detached).
-        Call it in `train()` mode to get the official training forward (dynamic NTK and logn off)."""
-        logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self._encode(audio))
-        return next_token_loss(logits, labels.to(self.device))
+        """The official training objective, `next_token_loss`, with the clips encoded in the same graph, so the audio
+        encoder is trained end to end as in the official model (nothing is detached). Call it in `train()` mode to
+        get the official training forward (dynamic NTK and logn off).
+
+        Only the positions that predict a label go through lm_head: the loss is the same mean over the same tokens,
+        while a batch of 1,000-token prompts with 20-token answers skips 98 % of its 155,947-wide logits."""
+        labels = labels.to(self.device)
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self._encode(audio), select=predicts)
+        return F.cross_entropy(logits, labels[:, 1:][predicts[:, :-1]])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 audio: Sequence[Tensor | AudioSource] | None = None, *,
