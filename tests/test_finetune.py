@@ -225,3 +225,39 @@ def test_only_the_chosen_part_trains(tiny_ckpt):
                for name in finetune.trainable(model, "decoder"))
     with pytest.raises(qwenaudio.InputError, match="part must be one of decoder, encoder, projection, all"):
         finetune.TrainConfig(part="lm_head")
+
+
+@pytest.mark.slow
+def test_the_finetune_command_trains_resumes_and_refuses_bad_data(tiny_ckpt, tmp_path, shared_audio):
+    from .test_cli import qwenaudio_cli
+
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    run = ["finetune", "--model", tiny_ckpt, "--data", data, "--output-dir", tmp_path / "out", "--steps", "2",
+           "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]
+    done = qwenaudio_cli(*run, home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "step 2/2 loss " in done.stderr and f"wrote {tmp_path / 'out' / 'model'}" in done.stderr
+    assert qwenaudio.load(tmp_path / "out" / "model", dtype=torch.float32, device="cpu", progress=False)
+    again = qwenaudio_cli(*run, home=tmp_path)
+    assert again.returncode == 2 and "holds a run: --resume continues it" in again.stderr
+    bad = write_rows(tmp_path / "bad.jsonl", [*rows, {"audio": "nope.wav", "prompt": ASR, "response": "x"}])
+    refused = qwenaudio_cli(*run[:3], "--data", bad, "--output-dir", tmp_path / "o2", home=tmp_path)
+    assert refused.returncode == 2 and "1 of 5 lines cannot be trained on" in refused.stderr
+    assert f"{bad}:5: audio {tmp_path / 'nope.wav'}: no such file" in refused.stderr
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_finetune_example_on_tiny_checkpoint(tiny_ckpt, tmp_path, shared_audio):
+    import subprocess
+    import sys
+
+    rows = [{"audio": str(shared_audio / SHARED[0]), "prompt": ASR, "response": TARGETS[0]}]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), str(data),
+                           str(tmp_path / "out"), "--model", str(tiny_ckpt), "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("step 1: loss ")
+    assert f"saved {tmp_path / 'out' / 'model'}; the first example now reads:" in done.stdout

@@ -14,21 +14,22 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from . import evaluation, tasks, trace
+from . import evaluation, finetune, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core.audio import SAMPLE_RATE
-from .core.errors import InputError, QwenAudioError
+from .core.errors import InputError, QwenAudioError, TrainingError
 from .core.files import write_text
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES
-from .hub import load, report_progress
+from .hub import load, report_progress, resolve
 from .longform import Segment, text_of, words_of
 from .quantize import save_quantized
 from .subtitles import Word, to_json, to_srt, to_vtt
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
         if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
             plan_outputs(args)
+        if args.command == "finetune":
+            plan_finetune(args)
         if args.command == "evaluate":
             args.plan = evaluation.plan(
                 args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
@@ -143,6 +146,35 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="caption: the output style tag; default clotho")
     bench.add_argument("--overwrite", action="store_true", help="discard the replies of an earlier run")
     _model_options(bench, "Qwen/Qwen-Audio", evaluate_benchmark)
+    tune = commands.add_parser("finetune", help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
+                               description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
+                                           "chat form or ms-swift form; see README), checkpoints as it goes, the "
+                                           "fine-tuned model in the official layout at the end.",
+                               epilog="exit status: 0 done, 1 training stopped (a loss that is not finite; the last "
+                                      "checkpoint is kept), 2 bad arguments or data (found before the model loads), "
+                                      "3 the model could not be loaded, 130 interrupted (--resume continues)")
+    tune.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="the training examples")
+    tune.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                      help="checkpoint/, metrics.jsonl and, at the end, model/ (the fine-tuned checkpoint)")
+    tune.add_argument("--task", choices=evaluation.TASKS, metavar="TASK",
+                      help="read rows without a prompt (e.g. the official evaluation files) as this task")
+    tune.add_argument("--language", choices=LANGUAGES, metavar="LANG", help="--task asr, srwt: the spoken language")
+    tune.add_argument("--train", choices=finetune.PARTS, default="decoder", help="what to train; default decoder")
+    tune.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps; default 100")
+    tune.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="examples per pass; default 4")
+    tune.add_argument("--accumulate", type=_positive, default=1, metavar="N", help="passes per step; default 1")
+    tune.add_argument("--lr", type=float, default=1e-5, help="peak learning rate; default 1e-5")
+    tune.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup; then cosine to 0")
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm; 0: off")
+    tune.add_argument("--seed", type=int, default=0, help="the data order")
+    tune.add_argument("--save-every", type=int, default=0, metavar="N", help="steps between checkpoints; 0: the end")
+    tune.add_argument("--no-activation-checkpointing", action="store_true",
+                      help="keep every block's activations (faster, much more memory)")
+    tune.add_argument("--skip-bad", action="store_true",
+                      help="train on the good lines and list the bad ones at the end (default: refuse the file)")
+    tune.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    _model_options(tune, "Qwen/Qwen-Audio", finetune_model)
     record = commands.add_parser("trace", help="record every layer's activations for one prompt",
                                  description="Run one prompt (a prefill, no generation) and write its activations "
                                              "in the format tools/record_official.py writes for the official code.")
@@ -391,6 +423,58 @@ def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
         print(evaluation.markdown(summary), end="")
         print(f"wrote {args.output_dir / 'summary.json'}, summary.md and examples.jsonl", file=sys.stderr)
     return 1 if summary and not summary["complete"] else 0
+
+
+def plan_finetune(args: argparse.Namespace) -> None:
+    """Before the model loads: the settings, every data line (all bad ones listed), and the output directory."""
+    args.config = finetune.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, part=args.train, save_every=args.save_every,
+        activation_checkpointing=not args.no_activation_checkpointing)
+    args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
+    if args.bad and not args.skip_bad:
+        shown = "\n  ".join(args.bad[:20]) + (f"\n  … and {len(args.bad) - 20} more" if len(args.bad) > 20 else "")
+        raise InputError(f"{len(args.bad)} of {len(args.bad) + len(args.examples)} lines cannot be trained on "
+                         f"(fix them, or --skip-bad to train on the rest):\n  {shown}")
+    if not args.examples:
+        raise InputError(f"{args.data}: no line can be trained on")
+    started = (args.output_dir / "checkpoint").exists()
+    if started and not args.resume:
+        raise InputError(f"{args.output_dir} holds a run: --resume continues it, or choose another --output-dir")
+    if args.resume and not started:
+        raise InputError(f"--resume: {args.output_dir} holds no checkpoint")
+    if (args.output_dir / "model").exists():
+        raise InputError(f"{args.output_dir / 'model'} exists: this run is finished; choose another --output-dir")
+    if args.int8:
+        raise InputError("--int8: int8 weights cannot be fine-tuned in full; train a float32 model")
+    args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights
+
+
+def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
+    """Train, printing a line per step; write the fine-tuned checkpoint to OUTPUT_DIR/model."""
+    total, started = args.config.steps, time.monotonic()
+
+    def progress(record: dict) -> None:
+        done = record["step"]
+        eta = (time.monotonic() - started) / max(done - first, 1) * (total - done)
+        print(f"step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+              f"{record['tokens'] / max(record['seconds'] - last[0], 1e-9):.0f} label tokens/s "
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
+        last[0] = record["seconds"]
+
+    last, first = [0.0], 0
+    if args.resume:
+        first = len(json.loads((args.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
+    try:
+        finetune.train(model, args.examples, args.output_dir, args.config, resume=args.resume, progress=progress)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    target = finetune.save_model(model, resolve(args.model), args.output_dir / "model")
+    print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)
+                               if args.bad else ""), file=sys.stderr)
+    return 0
 
 
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
