@@ -186,17 +186,23 @@ def test_a_rerun_does_only_what_is_left_and_a_torn_line_is_redone(model, tmp_pat
     assert summary["complete"] and summary["replied"] == 4
 
 
-def test_ctrl_c_keeps_the_replies_and_writes_the_summary(model, tmp_path, shared_audio, monkeypatch):
-    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * 3)
+def interrupt_at_batch(k: int, monkeypatch):
+    """Ctrl-C while the k-th batch is generated; returns the real generate_replies, to put back."""
     real, calls = evaluation.generate_replies, []
 
-    def interrupted_on_second_batch(*args):
+    def interrupted(*args):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == k:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(evaluation, "generate_replies", interrupted_on_second_batch)
+    monkeypatch.setattr(evaluation, "generate_replies", interrupted)
+    return real
+
+
+def test_ctrl_c_keeps_the_replies_and_writes_the_summary(model, tmp_path, shared_audio, monkeypatch):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * 3)
+    real = interrupt_at_batch(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate(model, "emotion", data, tmp_path / "out", batch_size=1)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -316,15 +322,7 @@ def test_every_task_resumes_after_an_interruption_to_the_same_summary(task, mode
     data = four_rows(task, tmp_path, shared_audio)
     options = {"audio_root": REPO_ROOT, "batch_size": 1, "max_new_tokens": 4}
     whole = evaluation.evaluate(model, task, data, tmp_path / "whole", **options)
-    real, calls = evaluation.generate_replies, []
-
-    def interrupted_on_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(evaluation, "generate_replies", interrupted_on_third_batch)
+    real = interrupt_at_batch(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate(model, task, data, tmp_path / "resumed", **options)
     monkeypatch.setattr(evaluation, "generate_replies", real)

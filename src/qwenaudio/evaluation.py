@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +38,8 @@ from .core.files import write_text
 from .core.generate import generate
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, Batch, Tokenizer
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,26 +126,36 @@ def read_examples(task: str, data: Path, *, audio_root: Path | None = None, lang
         raise InputError(f"caption style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
     if language is not None and language not in LANGUAGES:
         raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    return read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root, language,
+                                                               caption_style), limit)
+
+
+def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | None = None
+               ) -> tuple[list[T], list[str]]:
+    """`parse(row, line number, "file:line")` of every non-blank line of a JSON Lines file, and a message for each
+    line that is not JSON or that `parse` refuses with InputError, naming the file and line, so one bad line
+    never hides the others. `limit` stops after that many lines, good or bad."""
     try:
-        lines = data.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{data}: cannot read the data file ({e})") from None
-    examples, problems = [], []
+        raise InputError(f"{path}: cannot read the data file ({e})") from None
+    parsed: list[T] = []
+    problems: list[str] = []
     for number, text in enumerate(lines, 1):
-        if limit is not None and len(examples) + len(problems) >= limit:
+        if limit is not None and len(parsed) + len(problems) >= limit:
             break
         if not text.strip():
             continue
-        where = f"{data}:{number}"
+        where = f"{path}:{number}"
         try:
-            examples.append(_example(task, json.loads(text), number, where, audio_root, language, caption_style))
+            parsed.append(parse(json.loads(text), number, where))
         except json.JSONDecodeError as e:
             problems.append(f"{where}: not a JSON object ({e.msg} at column {e.colno})")
         except InputError as e:
             problems.append(f"{where}: {e}")
-    if not examples and not problems:
-        raise InputError(f"{data}: no examples")
-    return examples, problems
+    if not parsed and not problems:
+        raise InputError(f"{path}: no examples")
+    return parsed, problems
 
 
 def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None, language: str | None,

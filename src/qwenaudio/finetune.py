@@ -67,31 +67,17 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
     path = Path(path)
     if task is not None and task not in evaluation.TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(evaluation.TASKS)}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the data file ({e})") from None
-    examples, problems = [], []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(text)
-            if not isinstance(row, dict):
-                raise InputError(f"expected a JSON object, got {type(row).__name__}")
-            example = (_chat(row, where, path.parent) if "messages" in row
-                       else _task(row, where, path.parent, task, language))
-            for clip in example.audio:
-                _check_clip(clip, row)
-            examples.append(example)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: not a JSON object ({e.msg} at column {e.colno})")
-        except InputError as e:
-            problems.append(f"{where}: {e}")
-    if not examples and not problems:
-        raise InputError(f"{path}: no examples")
-    return examples, problems
+
+    def parse(row: Any, _: int, where: str) -> Example:
+        if not isinstance(row, dict):
+            raise InputError(f"expected a JSON object, got {type(row).__name__}")
+        example = _chat(row, where, path.parent) if "messages" in row else _task(row, where, path.parent, task,
+                                                                                 language)
+        for clip in example.audio:
+            _check_clip(clip)
+        return example
+
+    return evaluation.read_lines(path, parse)
 
 
 def _text(row: dict, name: str) -> str:
@@ -192,7 +178,7 @@ def _resolve(root: Path, audio: Any) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _check_clip(clip: Path, row: dict) -> None:
+def _check_clip(clip: Path) -> None:
     """Missing, unreadable and over-long clips are refused here: the model hears at most 30 s, and a longer clip
     would be learned from its first 30 s while its reply describes the whole."""
     if not clip.is_file():
