@@ -31,7 +31,8 @@ SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 # The pip name of each reference package, by the name it is imported as.
 REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scipy": "scipy",
               "dashscope": "dashscope", "huggingface_hub": "huggingface_hub", "sacrebleu": "sacrebleu",
-              "MeCab": "mecab-python3", "ipadic": "ipadic", "pycocoevalcap": "pycocoevalcap"}
+              "MeCab": "mecab-python3", "ipadic": "ipadic", "pycocoevalcap": "pycocoevalcap",
+              "peft": "peft"}
 
 
 def in_ci() -> bool:
