@@ -129,3 +129,13 @@ def test_bad_adapters_are_refused(tiny_weights, tmp_path):
         lora.load_adapter(other, tmp_path / "a")
     with pytest.raises(qwenaudio.InputError, match="rank must be a positive integer"):
         lora.LoraConfig(rank=0)
+
+
+def test_load_applies_an_adapter(tiny_weights, tmp_path):
+    model = fresh(tiny_weights)
+    lora.apply_lora(model, lora.LoraConfig(rank=4))
+    randomize(model)
+    lora.save_adapter(model, tmp_path / "adapter")
+    loaded = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", progress=False,
+                            adapter=tmp_path / "adapter")
+    assert torch.equal(logits(loaded), logits(model))

@@ -43,6 +43,7 @@ from .core.errors import InputError, TrainingError
 from .core.files import building, write_text
 from .core.model import IGNORE_INDEX, QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
+from .lora import LoraConfig, apply_lora, lora_parameters
 
 Turn = tuple[str, str]  # (user text with Audio n:<audio>path</audio> regions, assistant reply)
 
@@ -255,6 +256,7 @@ class TrainConfig:
     part: str = "decoder"  # one of PARTS
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     activation_checkpointing: bool = True
+    lora: LoraConfig | None = None  # train a LoRA adapter (everything else frozen) instead of `part`
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
@@ -306,19 +308,25 @@ def schedule(step: int, config: TrainConfig) -> float:
 
 def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path, config: TrainConfig = TrainConfig(),
           *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None) -> list[float]:
-    """Fine-tune `model` in place on `examples` with AdamW and the official loss; returns the loss of every step.
+    """Fine-tune `model` in place on `examples` with AdamW and the official loss (the parameters of `config.part`,
+    or a LoRA adapter with `config.lora`, `qwenaudio.lora.save_adapter` to keep it); returns every step's loss.
 
     With `accumulate` > 1 the forward passes of a step are weighted by their label tokens, so a step's loss and
     gradients are those of one batch of all its examples. Every `save_every` steps and at the end, the trained
-    parameters, the optimizer, the schedule and the step go to `output_dir/checkpoint` (built aside and renamed, so
-    the last one written is always whole); `resume` continues from there with the same data order, to the same
-    losses. Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
+    parameters, the optimizer, the schedule, torch's random state and the losses go to `output_dir/checkpoint`
+    (built aside and renamed, so the last one written is always whole); `resume` continues from there with the same
+    data order, to the same losses. A new run seeds torch's generator with `seed` (LoRA's initial weights, dropout). Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
     TrainingError before the update, the last checkpoint kept."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
-    params = trainable(model, config.part)
+    if not resume:  # LoRA's initial A and its dropout draw from torch's generator; a resumed run restores it
+        torch.manual_seed(config.seed)
+    if config.lora is None:
+        params = trainable(model, config.part)
+    else:  # a model resumed or trained before already holds its adapter
+        params = lora_parameters(model) or apply_lora(model, config.lora)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, config))
     losses: list[float] = []
@@ -382,7 +390,8 @@ def _save(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler
     """The run so far, built aside and swapped in whole: a crash while saving leaves the previous checkpoint."""
     with building(directory, replace=True) as partial:
         save_file({name: p.detach().contiguous() for name, p in params.items()}, str(partial / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, partial / "state.pt")
         write_text(partial / "progress.json", json.dumps({"losses": losses, "config": asdict(config)}, indent=1))
 
 
@@ -391,7 +400,8 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
     if not (directory / "progress.json").is_file():
         raise InputError(f"nothing to resume: {directory} holds no checkpoint")
     saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
-    changed = [k for k, v in asdict(config).items() if k not in ("steps", "save_every") and saved["config"].get(k) != v]
+    now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
+    changed = [k for k, v in now.items() if k not in ("steps", "save_every") and saved["config"].get(k) != v]
     if changed:
         raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
                          "same ones, or start in another directory")
@@ -404,6 +414,7 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
     state = torch.load(directory / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # `steps` may have grown: today's schedule
         group["lr"] = base * schedule(len(saved["losses"]), config)
     return saved["losses"]

@@ -1,8 +1,9 @@
 """LoRA adapters: a small trainable low-rank update beside each chosen linear of a frozen model, saved in peft's format.
 
-A LoRA linear computes `base(x) + B(A(dropout(x))) · scale`, with A [r, in] and B [out, r], scale = alpha / r (or
-alpha / sqrt(r) with rsLoRA). B starts at zero, so an adapter fresh from `apply_lora` changes nothing; the base
-layer stays frozen and may be int8 (`Int8Linear`), which is how the full model is adapted on a 24 GB machine.
+A LoRA linear computes `base(x) + B(A(dropout(x))) · scale`, with A [r, in] and B [out, r] in fp32 (whatever the
+base's dtype), scale = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero, so an adapter fresh from
+`apply_lora` changes nothing; the base layer stays frozen and may be int8 (`Int8Linear`), which is how the full
+model can be adapted on a 24 GB machine.
 
 Adapters are saved as peft saves them for the official model: `adapter_model.safetensors` with keys
 `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`, … (the official module names) and
@@ -57,15 +58,17 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, config: LoraConfig):
         super().__init__()
         self.base, self.scale = base, config.scale
-        weight = base.weight_scale if hasattr(base, "weight_scale") else base.weight  # int8 keeps its dtype there
-        self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, device=weight.device, dtype=weight.dtype)
-        self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        device = base.weight.device
+        # fp32 whatever the base's dtype: AdamW's small steps would vanish in bf16 weights
+        self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default initialisation
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        update = self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale
+        return self.base(x) + update.to(x.dtype)
 
     def delta(self) -> Tensor:
         """The update to the base weight, B @ A · scale [out, in]."""

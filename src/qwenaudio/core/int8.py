@@ -73,7 +73,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         scales = self.weight_scale.to(x.dtype)
-        if x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0):
+        # The kernel has no backward: training (LoRA needs the gradient of x through this frozen layer) takes the
+        # dequantized product instead.
+        kernel = x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0)
+        if kernel and not (x.requires_grad and torch.is_grad_enabled()):
             y = torch._weight_int8pack_mm(rows, self.weight, scales)
         else:
             y = (rows @ self.weight.to(x.dtype).T) * scales
