@@ -315,7 +315,8 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     gradients are those of one batch of all its examples. Every `save_every` steps and at the end, the trained
     parameters, the optimizer, the schedule, torch's random state and the losses go to `output_dir/checkpoint`
     (built aside and renamed, so the last one written is always whole); `resume` continues from there with the same
-    data order, to the same losses. A new run seeds torch's generator with `seed` (LoRA's initial weights, dropout). Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
+    data order, to the same losses. A new run seeds torch's generator with `seed` (LoRA's initial weights,
+    dropout). Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
     TrainingError before the update, the last checkpoint kept."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
