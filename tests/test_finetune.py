@@ -305,3 +305,27 @@ def test_a_lora_adapter_learns_four_transcripts(tiny_ckpt, tmp_path, shared_audi
     tuned = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False, adapter=tmp_path / "adapter")
     clips = [str(shared_audio / clip) for clip in SHARED]
     assert tasks.transcribe(tuned, clips, language="en", max_new_tokens=12) == TARGETS
+
+
+@pytest.mark.slow
+def test_lora_from_the_command_line_train_use_and_merge(tiny_ckpt, tmp_path, shared_audio):
+    from .test_cli import qwenaudio_cli
+
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    done = qwenaudio_cli("finetune", "--model", tiny_ckpt, "--data", data, "--output-dir", tmp_path / "out",
+                         "--steps", "3", "--lr", "1e-2", "--lora-rank", "4", "--int8", "--device", "cpu", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    adapter = tmp_path / "out" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    merged = qwenaudio_cli("merge", tiny_ckpt, adapter, tmp_path / "merged", home=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    clip = str(shared_audio / SHARED[0])
+    with_adapter = qwenaudio_cli("transcribe", clip, "--model", tiny_ckpt, "--adapter", adapter, "--dtype", "float32",
+                                 "--max-new-tokens", "6", "--device", "cpu", home=tmp_path)
+    folded = qwenaudio_cli("transcribe", clip, "--model", tmp_path / "merged", "--dtype", "float32",
+                           "--max-new-tokens", "6", "--device", "cpu", home=tmp_path)
+    assert with_adapter.returncode == folded.returncode == 0 and with_adapter.stdout == folded.stdout
+    refused = qwenaudio_cli("finetune", "--model", tiny_ckpt, "--data", data, "--output-dir", tmp_path / "o2",
+                            "--int8", home=tmp_path)
+    assert refused.returncode == 2 and "add --lora-rank to train an adapter" in refused.stderr

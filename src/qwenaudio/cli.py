@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from . import evaluation, finetune, tasks, trace
+from . import evaluation, finetune, lora, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core.audio import SAMPLE_RATE
+from .core.checkpoint import load_checkpoint
 from .core.errors import InputError, QwenAudioError, TrainingError
 from .core.files import write_text
 from .core.model import QwenAudio
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.plan = evaluation.plan(
                 args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
                 caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                model_name=args.model + (" (int8)" if args.int8 else ""), overwrite=args.overwrite)
+                model_name=args.model + (" (int8)" if args.int8 else "") +
+                (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.world > 1 and args.device == "cuda" else args.device
     try:
         model = args.model and load(args.model, device=device, dtype=args.dtype, int8=args.int8,
-                                    progress=args.rank == 0)
+                                    adapter=args.adapter, progress=args.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -174,6 +176,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--skip-bad", action="store_true",
                       help="train on the good lines and list the bad ones at the end (default: refuse the file)")
     tune.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    tune.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                      help="train a LoRA adapter of rank R instead of --train's weights (0: full fine-tuning)")
+    tune.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha; default 2 × rank")
+    tune.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    tune.add_argument("--lora-targets", nargs="+", default=list(lora.DECODER_TARGETS), metavar="NAME",
+                      help=f"decoder linears to adapt; default {' '.join(lora.DECODER_TARGETS)}")
+    tune.add_argument("--lora-encoder", action="store_true", help="also adapt the audio encoder's linears")
+    tune.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilized LoRA)")
     _model_options(tune, "Qwen/Qwen-Audio", finetune_model)
     record = commands.add_parser("trace", help="record every layer's activations for one prompt",
                                  description="Run one prompt (a prefill, no generation) and write its activations "
@@ -206,7 +216,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     shrink.add_argument("source", type=Path, help="a checkpoint directory in the official layout")
     shrink.add_argument("target", type=Path, help="the directory to write (new or empty; built aside, then renamed)")
     shrink.add_argument("--overwrite", action="store_true", help="replace TARGET if it holds files")
-    shrink.set_defaults(model=None, run=quantize_checkpoint, dtype=None, device=None)
+    shrink.set_defaults(model=None, run=quantize_checkpoint, dtype=None, device=None, adapter=None)
+    fold = commands.add_parser("merge", help="fold a LoRA adapter into its base checkpoint",
+                               description="Write BASE with ADAPTER's updates added to its weights, as a checkpoint "
+                                           "in the official layout that loads without the adapter.")
+    fold.add_argument("base", metavar="BASE", help="the base checkpoint directory or repo id")
+    fold.add_argument("adapter_dir", type=Path, metavar="ADAPTER", help="a LoRA adapter directory (peft format)")
+    fold.add_argument("target", type=Path, metavar="TARGET", help="the directory to write (new or empty)")
+    fold.set_defaults(model=None, run=merge_adapter, dtype=None, device=None, adapter=None, int8=False)
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
         check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
@@ -248,6 +265,8 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
                         help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead of "
                              "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
                              "without it")
+    parser.add_argument("--adapter", type=Path, metavar="DIR",
+                        help="a LoRA adapter (qwenaudio finetune's, or peft's for Qwen-Audio) applied on load")
     parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
     parser.set_defaults(repo=repo, run=run)
 
@@ -427,8 +446,11 @@ def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
 
 def plan_finetune(args: argparse.Namespace) -> None:
     """Before the model loads: the settings, every data line (all bad ones listed), and the output directory."""
+    adapter = args.lora_rank and lora.LoraConfig(
+        rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank, dropout=args.lora_dropout,
+        rslora=args.rslora, targets=tuple(args.lora_targets), encoder=args.lora_encoder)
     args.config = finetune.TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         seed=args.seed, part=args.train, save_every=args.save_every,
         activation_checkpointing=not args.no_activation_checkpointing)
@@ -444,11 +466,15 @@ def plan_finetune(args: argparse.Namespace) -> None:
         raise InputError(f"{args.output_dir} holds a run: --resume continues it, or choose another --output-dir")
     if args.resume and not started:
         raise InputError(f"--resume: {args.output_dir} holds no checkpoint")
-    if (args.output_dir / "model").exists():
-        raise InputError(f"{args.output_dir / 'model'} exists: this run is finished; choose another --output-dir")
-    if args.int8:
-        raise InputError("--int8: int8 weights cannot be fine-tuned in full; train a float32 model")
-    args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights
+    args.result = args.output_dir / ("adapter" if adapter else "model")
+    if args.result.exists():
+        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
+    if args.adapter:
+        raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
+    if args.int8 and not adapter:
+        raise InputError("--int8: int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
+    if not adapter:
+        args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights (LoRA's are fp32 anyway)
 
 
 def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
@@ -471,9 +497,30 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    target = finetune.save_model(model, resolve(args.model), args.output_dir / "model")
+    if args.config.lora:
+        target = lora.save_adapter(model, args.result, base_model=str(args.model))
+    else:
+        target = finetune.save_model(model, resolve(args.model), args.result)
     print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)
                                if args.bad else ""), file=sys.stderr)
+    return 0
+
+
+def merge_adapter(_: None, args: argparse.Namespace) -> int:
+    """Load BASE in its stored dtype with ADAPTER applied, fold the updates in and write TARGET (BASE is only read)."""
+    try:
+        if args.target.exists() and any(args.target.iterdir()):
+            raise InputError(f"the target {args.target} exists and is not empty: choose a new directory")
+        stored = next(iter(load_checkpoint(resolve(args.base), device="meta").values())).dtype
+        model = load(args.base, device="cpu", dtype=stored, adapter=args.adapter_dir)
+        finetune.save_model(lora.merge_lora(model), resolve(args.base), args.target)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except QwenAudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {args.target}", file=sys.stderr)
     return 0
 
 
