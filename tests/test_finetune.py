@@ -209,7 +209,8 @@ def test_a_loss_that_is_not_finite_stops_before_the_update(tiny_ckpt, tmp_path, 
     with torch.no_grad():
         model.decoder.ln_f.weight.fill_(float("nan"))
     before = model.decoder.h[0].mlp.w1.weight.clone()
-    with pytest.raises(qwenaudio.QwenAudioError, match=r"step 1: the loss is nan \(examples .*four.jsonl:\d"):
+    stopped = r"step 1: the loss is not finite \(batch .*four.jsonl:\d.*: loss nan\); nothing was updated"
+    with pytest.raises(qwenaudio.QwenAudioError, match=stopped):
         finetune.train(model, four_examples(tmp_path, shared_audio), tmp_path / "run",
                        finetune.TrainConfig(steps=2, batch_size=4))
     assert torch.equal(model.decoder.h[0].mlp.w1.weight, before)
@@ -329,3 +330,26 @@ def test_lora_from_the_command_line_train_use_and_merge(tiny_ckpt, tmp_path, sha
     refused = qwenaudio_cli("finetune", "--model", tiny_ckpt, "--data", data, "--output-dir", tmp_path / "o2",
                             "--int8", home=tmp_path)
     assert refused.returncode == 2 and "add --lora-rank to train an adapter" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_take_one_process_s_steps(tiny_ckpt, tmp_path, shared_audio):
+    """Two processes with one batch each per step against one process accumulating both: the same global batch,
+    so the same losses and parameters (within 1e-6)."""
+    from safetensors.torch import load_file
+
+    from .test_cli import qwenaudio_cli, torchrun_cli
+
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    run = ["finetune", "--model", tiny_ckpt, "--data", data, "--steps", "3", "--batch-size", "1", "--lr", "1e-3",
+           "--train", "projection", "--device", "cpu"]
+    one = qwenaudio_cli(*run, "--accumulate", "2", "--output-dir", tmp_path / "one", home=tmp_path)
+    two = torchrun_cli(*run, "--output-dir", tmp_path / "two", home=tmp_path)
+    assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+    first, second = (load_file(tmp_path / d / "checkpoint" / "trainable.safetensors") for d in ("one", "two"))
+    assert set(first) == set(second)
+    for name in first:
+        assert torch.allclose(first[name], second[name], rtol=0, atol=1e-6), name
+    losses = [json.loads((tmp_path / d / "checkpoint" / "progress.json").read_text())["losses"] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sharing = args.command in ("transcribe", "evaluate")
+    sharing = args.command in ("transcribe", "evaluate", "finetune")
     args.rank, args.world = process_group(args.device) if sharing else (0, 1)
     if args.world > 1 and not args.output_dir:
         print("error: several processes write files only: give --output-dir", file=sys.stderr)
@@ -497,6 +497,8 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.rank:  # process 0 writes the result (every process holds the same weights)
+        return 0
     if args.config.lora:
         target = lora.save_adapter(model, args.result, base_model=str(args.model))
     else:

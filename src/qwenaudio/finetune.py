@@ -32,6 +32,7 @@ from typing import Any
 
 import soundfile as sf
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -334,29 +335,37 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     if resume:
         losses = _restore(output_dir / "checkpoint", params, optimizer, scheduler, config)
         _forget_metrics_after(output_dir / "metrics.jsonl", len(losses))  # steps done again after the checkpoint
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per_step = config.accumulate * world  # under torchrun each process takes every world-th batch of a step
     order = plan_order(examples, config)
-    for _ in range(len(losses) * config.accumulate):  # the batches already learned from
+    for _ in range(len(losses) * per_step):  # the batches already learned from
         next(order)
     started = time.monotonic()
     for step in range(len(losses), config.steps):
-        batches = [[examples[i] for i in next(order)] for _ in range(config.accumulate)]
-        loss, tokens = _step(model, batches, params, optimizer, config, step, output_dir)
+        batches = [[examples[i] for i in next(order)] for _ in range(per_step)][rank::world]
+        loss, tokens = _step(model, batches, params, optimizer, config, step, output_dir, world)
         scheduler.step()
         losses.append(loss)
         record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                   "seconds": time.monotonic() - started}
-        with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress:
-            progress(record)
-        if step + 1 == config.steps or (config.save_every and (step + 1) % config.save_every == 0):
-            _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config)
+        if rank == 0:  # every process holds the same parameters and losses; one writes them
+            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress:
+                progress(record)
+            if step + 1 == config.steps or (config.save_every and (step + 1) % config.save_every == 0):
+                _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config)
+    if world > 1:
+        dist.barrier()  # the last checkpoint is written before any process returns
     return losses
 
 
 def _step(model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter], optimizer,
-          config: TrainConfig, step: int, output_dir: Path) -> tuple[float, int]:
-    """One optimizer step over `batches`; returns the step's loss (token-weighted over its batches) and tokens."""
+          config: TrainConfig, step: int, output_dir: Path, world: int) -> tuple[float, int]:
+    """One optimizer step over this process's `batches` (of the step's `accumulate` × `world`); returns the step's
+    loss, token-weighted over every process's batches, and their label tokens. Each batch's gradient is weighted
+    by its share of all the step's label tokens, and the processes' gradients are summed, so every process takes
+    the step one process would take on all the batches."""
     optimizer.zero_grad(set_to_none=True)
     prepared = []
     for batch in batches:
@@ -364,19 +373,34 @@ def _step(model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.P
         ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
         prepared.append((ids, labels, mask, [c for row in clips for c in row]))
     counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _, _ in prepared]
-    total, value = sum(counts), 0.0
+    total = int(_everywhere(torch.tensor([float(sum(counts))]), world))
+    value, bad = 0.0, []
     for batch, (ids, labels, mask, clips), count in zip(batches, prepared, counts):
         loss = model.loss(ids, labels, mask, clips)
         if not torch.isfinite(loss):
-            where = ", ".join(e.where for e in batch)
-            raise TrainingError(f"step {step + 1}: the loss is {loss.item()} (examples {where}); nothing was updated "
-                                f"and the last checkpoint in {output_dir / 'checkpoint'} is kept")
+            bad.append(f"{', '.join(e.where for e in batch)}: loss {loss.item()}")
+            continue
         (loss * count / total).backward()
         value += loss.item() * count / total
+    value, failures = _everywhere(torch.tensor([value, float(len(bad))], dtype=torch.float64), world).tolist()
+    if failures:
+        where = "; ".join(bad) or "in another process"
+        raise TrainingError(f"step {step + 1}: the loss is not finite (batch {where}); nothing was updated and the "
+                            f"last checkpoint in {output_dir / 'checkpoint'} is kept")
+    for param in params.values():
+        if world > 1:
+            dist.all_reduce(param.grad)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
     optimizer.step()
     return value, total
+
+
+def _everywhere(values: Tensor, world: int) -> Tensor:
+    """`values` summed over the processes (unchanged in a single process)."""
+    if world > 1:
+        dist.all_reduce(values)
+    return values
 
 
 def _forget_metrics_after(path: Path, steps: int) -> None:
