@@ -1,0 +1,68 @@
+"""One LoRA fine-tuning step of the full-size model on this machine: time and peak memory.
+
+    python benchmarks/finetune_step.py --weights DIR [--rank 8] [--new-tokens 64] [--steps 2] [--json out.json]
+
+DIR is a full-size checkpoint (benchmarks/full_model.py writes random weights in the official layout). The model
+loads with its decoder in int8 and a rank-R LoRA adapter on every decoder linear (the adapter in fp32, activations in
+bf16, activation checkpointing on), then trains on one example: the first 30 s of ../shared/audio/music.wav (758
+prompt tokens) with a response of --new-tokens tokens. Reported: load time, seconds per step (the first step
+separately: it pages in weights), and the process's peak resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MUSIC = ROOT.parent / "shared" / "audio" / "music.wav"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import qwenaudio
+    from qwenaudio import finetune
+    from qwenaudio.lora import LoraConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        audio, rate = sf.read(MUSIC)
+        sf.write(tmp / "clip.wav", audio[: 30 * rate], rate)
+        start = time.perf_counter()
+        model = qwenaudio.load(args.weights, dtype=torch.bfloat16, int8=True, progress=False)
+        load_s = time.perf_counter() - start
+        words = " ".join(["la"] * 4 * args.new_tokens)
+        response = model.tokenizer.decode(model.tokenizer.encode(words)[: args.new_tokens - 1])  # + <|endoftext|>
+        row = {"audio": "clip.wav", "prompt": "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|>"
+               "<|wo_itn|>", "response": response}
+        (tmp / "train.jsonl").write_text(json.dumps(row) + "\n")
+        examples, bad = finetune.read_examples(tmp / "train.jsonl")
+        assert not bad, bad
+        seconds = []
+        config = finetune.TrainConfig(steps=args.steps, batch_size=1, lr=1e-4, lora=LoraConfig(rank=args.rank))
+        finetune.train(model, examples, tmp / "run", config,
+                       progress=lambda r: seconds.append(r["seconds"] - sum(seconds)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result = {"load_s": load_s, "step_s": seconds, "peak_rss_gib": peak, "rank": args.rank,
+              "new_tokens": args.new_tokens, "prompt_tokens": 758, "threads": torch.get_num_threads()}
+    print(f"load {load_s:.1f} s; steps {', '.join(f'{s:.1f} s' for s in seconds)}; peak RSS {peak:.2f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
