@@ -159,6 +159,13 @@ def process_group(device: str | None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group() -> None:
+    """Leave torchrun's process group, if joined: gloo's threads must stop before the interpreter does, or a
+    process can abort while exiting ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def gather(obj: object, world: int) -> list[object]:
     """Every process's `obj`, in rank order (just [obj] in a single process)."""
     if world == 1:

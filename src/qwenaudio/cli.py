@@ -16,13 +16,13 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from . import evaluation, finetune, lora, tasks, trace
-from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, process_group, run_files
+from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_process_group, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core.audio import SAMPLE_RATE
 from .core.checkpoint import load_checkpoint
@@ -47,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:  # --help or a usage error: argparse has already said what to say
         return int(e.code or 0)
+    try:
+        return run(args)
+    finally:
+        leave_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check what can be checked before the model loads, join torchrun's processes, load the model, run."""
     try:
         if args.command == "verify" and args.model and not args.dtype:  # compare like with like
             args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
@@ -510,19 +518,28 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
 
 def merge_adapter(_: None, args: argparse.Namespace) -> int:
     """Load BASE in its stored dtype with ADAPTER applied, fold the updates in and write TARGET (BASE is only read)."""
-    try:
+
+    def merge() -> None:
         if args.target.exists() and any(args.target.iterdir()):
             raise InputError(f"the target {args.target} exists and is not empty: choose a new directory")
         stored = next(iter(load_checkpoint(resolve(args.base), device="meta").values())).dtype
         model = load(args.base, device="cpu", dtype=stored, adapter=args.adapter_dir)
         finetune.save_model(lora.merge_lora(model), resolve(args.base), args.target)
+
+    return _write_checkpoint(merge, args.target)
+
+
+def _write_checkpoint(write: Callable[[], object], target: Path) -> int:
+    """Run a command that writes a checkpoint directory: exit 2 for bad arguments, 3 for an unusable source."""
+    try:
+        write()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except QwenAudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(f"wrote {args.target}", file=sys.stderr)
+    print(f"wrote {target}", file=sys.stderr)
     return 0
 
 
@@ -560,16 +577,8 @@ def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
 
 
 def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
-    try:
-        save_quantized(args.source, args.target, overwrite=args.overwrite, progress=report_progress)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except QwenAudioError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    print(f"wrote {args.target}", file=sys.stderr)
-    return 0
+    return _write_checkpoint(lambda: save_quantized(args.source, args.target, overwrite=args.overwrite,
+                                                    progress=report_progress), args.target)
 
 
 def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
