@@ -364,3 +364,18 @@ def test_every_task_under_torchrun_gives_one_process_s_summary(tiny_ckpt, model,
         assert (two["processes"], two["sources"], two["failed"]) == (2, one["sources"], one["failed"]), task
         parts = sorted((tmp_path / "two" / task / "replies").iterdir())
         assert [len(p.read_text().splitlines()) for p in parts] == [2, 2], task  # each process did half, once
+
+
+def test_the_command_evaluates_with_an_adapter_and_records_it(tiny_ckpt, tmp_path, shared_audio):
+    from qwenaudio import cli, lora
+
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    lora.apply_lora(model, lora.LoraConfig(rank=2))
+    lora.save_adapter(model, tmp_path / "adapter")
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
+    run = ["evaluate", "emotion", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_ckpt),
+           "--device", "cpu"]
+    assert cli.main([*run, "--adapter", str(tmp_path / "adapter")]) == 0
+    settings = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert settings["model"] == f"{tiny_ckpt} + adapter {(tmp_path / 'adapter').resolve()}"
+    assert cli.main(run) == 2  # the same directory without the adapter: other settings, refused before loading
