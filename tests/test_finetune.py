@@ -353,3 +353,22 @@ def test_two_processes_under_torchrun_take_one_process_s_steps(tiny_ckpt, tmp_pa
         assert torch.allclose(first[name], second[name], rtol=0, atol=1e-6), name
     losses = [json.loads((tmp_path / d / "checkpoint" / "progress.json").read_text())["losses"] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_tiny_chat_model_learns_four_answers_through_the_chat_form(tmp_path, shared_audio, vocab_file):
+    from qwenaudio.chat import Chat
+    from qwenaudio.testing import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "chat", seed=0, vocab_file=vocab_file, chat=True)
+    rows = [{"messages": [{"role": "user", "content": [{"audio": str(shared_audio / clip)}, {"text": "What is it?"}]},
+                          {"role": "assistant", "content": text}]} for clip, text in zip(SHARED, TARGETS)]
+    examples, problems = finetune.read_examples(write_rows(tmp_path / "chat.jsonl", rows))
+    assert problems == []
+    model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
+    config = finetune.TrainConfig(steps=100, batch_size=4, lr=3e-3, warmup_steps=5, part="all")
+    losses = finetune.train(model, examples, tmp_path / "run", config)
+    assert losses[-1] < 0.05, losses
+    model.eval()
+    for clip, text in zip(SHARED, TARGETS):
+        assert Chat(model).ask([{"audio": str(shared_audio / clip)}, "What is it?"], do_sample=False) == text
