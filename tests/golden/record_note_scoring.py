@@ -26,7 +26,6 @@ How to run (in the official venv):
 It writes `note_scoring_official.json` next to this script. The test suite only reads that JSON.
 """
 
-import json
 import os
 import platform
 import random
@@ -36,7 +35,7 @@ import types
 from importlib.metadata import version
 from importlib.util import find_spec
 
-from record_scoring import extract, outcome  # this folder is on the path when the script runs
+from record_scoring import extract, outcome, write_golden  # this folder is on the path when the script runs
 
 SCRIPTS_COMMIT = "e81cc26"
 SCRIPTS = ["evaluate_note_analysis.py", "heareval_score.py"]
@@ -178,15 +177,7 @@ def main() -> None:
         "note_info": [{"text": t, "out": get_note_info(t), "sonic_labels": sonic(get_note_info(t))} for t in TEXTS],
         "scores": [{"name": name, "refs": refs, "hyps": hyps, **scores(refs, hyps)} for name, refs, hyps in GROUPS],
     }
-
-    def plain(obj):
-        return obj.item() if hasattr(obj, "dtype") else obj
-
-    with open(OUT_PATH + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(out, f, ensure_ascii=False, indent=1, default=plain)
-        f.write("\n")
-    os.replace(OUT_PATH + ".tmp", OUT_PATH)
-    print("wrote", OUT_PATH)
+    write_golden(out, OUT_PATH)
 
 
 if __name__ == "__main__":

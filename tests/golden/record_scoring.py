@@ -195,15 +195,20 @@ def main() -> None:
     for name, refs, hyps in ACCURACY_CASES:
         acc, binary = outcome(accuracy_score, refs, hyps), outcome(aqa_binary, refs, hyps)
         out["accuracy"].append({"name": name, "refs": refs, "hyps": hyps, "accuracy": acc, "yes_no_accuracy": binary})
+    write_golden(out, OUT_PATH)
+
+
+def write_golden(out: dict, path: str) -> None:
+    """`out` as indented JSON at `path` (numpy scalars as Python numbers), written aside and renamed."""
 
     def plain(obj):
-        return float(obj) if hasattr(obj, "dtype") else obj
+        return obj.item() if hasattr(obj, "dtype") else obj
 
-    with open(OUT_PATH + ".tmp", "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1, default=plain)
         f.write("\n")
-    os.replace(OUT_PATH + ".tmp", OUT_PATH)
-    print("wrote", OUT_PATH)
+    os.replace(path + ".tmp", path)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
