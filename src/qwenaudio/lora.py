@@ -93,16 +93,12 @@ def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
     found = _targets(model, config)
     if not found:
         raise InputError(f"no linear matches the LoRA targets {config.targets}")
-    params = {}
     for owner, path in found:
         parent_path, _, name = path.rpartition(".")
         parent = getattr(model, owner).get_submodule(parent_path)
-        layer = LoraLinear(getattr(parent, name), config)
-        setattr(parent, name, layer)
-        for part in ("lora_A", "lora_B"):
-            params[f"{PEFT_PREFIX}{PREFIXES[owner]}{path}.{part}.weight"] = getattr(layer, part).weight
+        setattr(parent, name, LoraLinear(getattr(parent, name), config))
     model.lora_config = config
-    return params
+    return lora_parameters(model)
 
 
 def lora_parameters(model: QwenAudio) -> dict[str, nn.Parameter]:
