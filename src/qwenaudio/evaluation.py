@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,9 +177,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
         kind = "a string or a non-empty list of strings" if task == "caption" else "a string"
         raise InputError(f"'gt' must be {kind}, got {json.dumps(reference, ensure_ascii=False)[:80]}")
     if spec.speech:
-        language = row.get("lang", row.get("language", language)) or dataset_language(row["source"])
-        if language not in LANGUAGES:
-            raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+        language = spoken_language(row, language)
         if language not in scoring.LANGUAGES:
             raise InputError(f"{task} is scored in {' or '.join(scoring.LANGUAGES)} only, not {language!r}")
     elif task == "st":
@@ -195,12 +193,20 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
                    prompt(task, row, language, caption_style), language, where)
 
 
-def dataset_language(source: str) -> str:
-    known = [lang for name, lang in DATASET_LANGUAGES.items() if name in source.lower()]
-    if not known:
-        raise InputError(f"no language: the row has no 'lang' field and its source {source!r} names no dataset of "
-                         f"known language ({', '.join(DATASET_LANGUAGES)}); give one (--language)")
-    return known[0]
+def spoken_language(row: dict[str, Any], default: str | None) -> str:
+    """The spoken language an ASR or SRWT prompt names: the row's `lang` (or `language`) field, else `default`
+    (--language), else the dataset its `source` names, as the official scripts take it from the dataset."""
+    language = row.get("lang", row.get("language", default))
+    if language is None:
+        source = row.get("source", "")
+        known = [lang for name, lang in DATASET_LANGUAGES.items() if name in str(source).lower()]
+        if not known:
+            raise InputError(f"no language: the row has no 'lang' field and its source {source!r} names no dataset "
+                             f"of known language ({', '.join(DATASET_LANGUAGES)}); give one (--language)")
+        language = known[0]
+    if language not in LANGUAGES:
+        raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    return language
 
 
 def example_scores(task: str, example: Example, reply: str) -> dict[str, Any]:
@@ -297,19 +303,17 @@ def paper_row(task: str, source: str) -> tuple[str, dict[str, float]] | None:
 # ---------------------------------------------------------------------------------------------- running a benchmark
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """A benchmark run planned before the model loads: the examples, what earlier runs already replied, what is
-    left, and the lines that cannot run."""
+    """A benchmark run planned before the model loads: the examples, the lines that cannot run, and the examples
+    that earlier runs into the same directory have not replied to yet."""
 
     task: str
-    data: Path
     output_dir: Path
     settings: dict[str, Any]
     examples: list[Example]
     problems: list[str]
-    replies: dict[int, dict[str, Any]]  # line -> record, from replies/*.jsonl
-    todo: list[Example] = field(default_factory=list)
+    todo: list[Example]
 
 
 def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str | Path | None = None,
@@ -328,10 +332,8 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
                 "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
                 "model": model_name}
     _prepare(output_dir, settings, overwrite)
-    replies = _read_replies(output_dir, {e.line: e for e in examples})
-    run = Run(task, data, output_dir, settings, examples, problems, replies)
-    run.todo = [e for e in examples if e.line not in replies]
-    return run
+    replied = _read_replies(output_dir, {e.line: e for e in examples})
+    return Run(task, output_dir, settings, examples, problems, [e for e in examples if e.line not in replied])
 
 
 def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -419,10 +421,10 @@ def generate_replies(model: QwenAudio, examples: Sequence[Example], clips: Seque
 
 
 def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
-                 progress: Callable[[int, int, float], None] | None = None) -> tuple[list[int], list[str]]:
+                 progress: Callable[[int, int, float], None] | None = None) -> list[str]:
     """Reply to this process's share of `run.todo` (batches of similar length, longest first; process `rank` of
-    `world` takes every world-th batch), appending each record as it is known. Returns the lines done and a message
-    per example that failed (an unreadable clip, a failing batch retried example by example). `progress(done, total,
+    `world` takes every world-th batch), appending each record as it is known. Returns a message per example that
+    failed (an unreadable clip, a failing batch retried example by example). `progress(done, total,
     seconds)` follows the batches."""
     replies, started = Replies(run.output_dir, rank), time.monotonic()
     max_new_tokens = run.settings["max_new_tokens"]
@@ -432,23 +434,19 @@ def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int =
                   "reference": example.reference, "reply": reply, "language": example.language,
                   **example_scores(run.task, example, reply)}
         replies.append(record)
-        run.replies[example.line] = record
 
-    done, failed = [], []
-    for example, error in run_files(run.todo, lambda batch, clips: generate_replies(model, batch, clips,
-                                                                                    max_new_tokens),
-                                    write, batch_size=batch_size, rank=rank, world=world,
-                                    progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started))):
-        (failed.append(error) if error else done.append(example.line))
-    return done, failed
+    outcomes = run_files(run.todo, lambda batch, clips: generate_replies(model, batch, clips, max_new_tokens),
+                         write, batch_size=batch_size, rank=rank, world=world,
+                         progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)))
+    return [error for _, error in outcomes if error]
 
 
 def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False, seconds: float | None = None,
               processes: int = 1) -> dict[str, Any]:
     """Write examples.jsonl (every reply in data order), summary.json and summary.md from the replies on disk (every
     process's), and return the summary. Scores cover the examples replied to; those that failed are listed."""
-    run.replies = _read_replies(run.output_dir, {e.line: e for e in run.examples})
-    records = [run.replies[e.line] for e in run.examples if e.line in run.replies]
+    replied = _read_replies(run.output_dir, {e.line: e for e in run.examples})
+    records = [replied[e.line] for e in run.examples if e.line in replied]
     failures = [*run.problems, *failed]
     sources = []
     for source, group in scoring.group_by_source(records).items():
@@ -511,7 +509,7 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, w
         raise InputError("the processes found different examples to do; is the output directory shared?")
     started, failed, interrupted = time.monotonic(), [], False
     try:
-        _, failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress)
+        failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress)
     except KeyboardInterrupt:
         interrupted = True
     reports = [failed] if interrupted else gather(failed, world)

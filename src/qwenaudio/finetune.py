@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import evaluation
+from .batch import seconds
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
 from .core.audio import CHUNK_LENGTH, audio_span, load_audio
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
@@ -106,22 +107,11 @@ def _task(row: dict, where: str, root: Path, task: str | None, language: str | N
         missing = [f for f in ("source",) * (name == "st") + evaluation.TASKS[name].fields if f not in row]
         if missing:
             raise InputError(f"task {name} needs the field(s) {', '.join(missing)} to build its prompt")
-        speech = row.get("language", row.get("lang", language))
-        prompt = evaluation.prompt(name, row, _speech_language(name, speech, row), "clotho")
+        speech = evaluation.spoken_language(row, language) if evaluation.TASKS[name].speech else None
+        prompt = evaluation.prompt(name, row, speech, "clotho")
     response = _text(row, "response" if "response" in row or "gt" not in row else "gt")
     clip = _resolve(root, audio)
     return Example(where, (clip,), prompt=f"<audio>{clip}</audio>{prompt}", response=response)
-
-
-def _speech_language(task: str, language: str | None, row: dict) -> str | None:
-    if not evaluation.TASKS[task].speech:
-        return None
-    if language is None:
-        try:
-            return evaluation.dataset_language(row.get("source", ""))
-        except InputError:
-            raise InputError(f"task {task} needs the spoken language: a 'language' field, or --language") from None
-    return language
 
 
 def _chat(row: dict, where: str, root: Path) -> Example:
@@ -286,8 +276,8 @@ def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[lis
     """Batches of example indices, epoch after epoch: each epoch shuffled with `seed + epoch`, then batched by
     length within windows of 16 batches (so a batch pads little while the order stays random), the batches of an
     epoch shuffled again. The same settings always give the same order, which is what lets a run resume."""
-    lengths = [sum(sf.info(str(p)).frames / sf.info(str(p)).samplerate for p in e.audio) + len(e.response)
-               + sum(len(u) + len(r) for u, r in e.turns) for e in examples]
+    lengths = [sum(seconds(p) for p in e.audio) + len(e.response) + sum(len(u) + len(r) for u, r in e.turns)
+               for e in examples]
     window = 16 * config.batch_size
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(config.seed + epoch)
