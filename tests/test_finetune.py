@@ -372,3 +372,12 @@ def test_a_tiny_chat_model_learns_four_answers_through_the_chat_form(tmp_path, s
     model.eval()
     for clip, text in zip(SHARED, TARGETS):
         assert Chat(model).ask([{"audio": str(shared_audio / clip)}, "What is it?"], do_sample=False) == text
+
+
+def test_a_task_row_s_language_must_have_a_tag(tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(CLIP0), "task": "asr", "language": "xx", "response": "a"},
+                                             {"audio": str(CLIP0), "task": "asr", "response": "a", "source": "mine"}])
+    _, problems = finetune.read_examples(data)
+    assert problems == [f"{data}:1: language 'xx' has no tag; Qwen-Audio knows en, zh, de, es, ko, fr, ja, it",
+                        f"{data}:2: no language: the row has no 'lang' field and its source 'mine' names no dataset "
+                        "of known language (librispeech, aishell, industrial); give one (--language)"]
