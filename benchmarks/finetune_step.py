@@ -1,12 +1,14 @@
 """One LoRA fine-tuning step of the full-size model on this machine: time and peak memory.
 
-    python benchmarks/finetune_step.py --weights DIR [--rank 8] [--new-tokens 64] [--steps 2] [--json out.json]
+    python benchmarks/finetune_step.py --weights DIR [--rank 8] [--new-tokens 64] [--steps 2] [--batch-size 1]
+                                       [--device cuda] [--bf16-base] [--json out.json]
 
 DIR is a full-size checkpoint (benchmarks/full_model.py writes random weights in the official layout). The model
-loads with its decoder in int8 and a rank-R LoRA adapter on every decoder linear (the adapter in fp32, activations in
-bf16, activation checkpointing on), then trains on one example: the first 30 s of ../shared/audio/music.wav (758
-prompt tokens) with a response of --new-tokens tokens. Reported: load time, seconds per step (the first step
-separately: it pages in weights), and the process's peak resident set size.
+loads with its decoder in int8 (or, with --bf16-base, all of it in bf16) and a rank-R LoRA adapter on every decoder
+linear (the adapter in fp32, the forward in bf16, activation checkpointing on), then trains on --batch-size copies
+of one example: the first 30 s of ../shared/audio/music.wav (758 prompt tokens) with a response of --new-tokens
+tokens. Reported: load time, seconds per step (the first step separately: it pages in weights), examples/s of the
+later steps, the process's peak resident set size and, on a GPU, its peak memory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16-base", action="store_true", help="the base in bf16 instead of int8")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -43,23 +48,32 @@ def main() -> None:
         audio, rate = sf.read(MUSIC)
         sf.write(tmp / "clip.wav", audio[: 30 * rate], rate)
         start = time.perf_counter()
-        model = qwenaudio.load(args.weights, dtype=torch.bfloat16, int8=True, progress=False)
+        model = qwenaudio.load(args.weights, dtype=torch.bfloat16, int8=not args.bf16_base, device=args.device,
+                               progress=False)
         load_s = time.perf_counter() - start
         words = " ".join(["la"] * 4 * args.new_tokens)
         response = model.tokenizer.decode(model.tokenizer.encode(words)[: args.new_tokens - 1])  # + <|endoftext|>
         row = {"audio": "clip.wav", "prompt": "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|>"
                "<|wo_itn|>", "response": response}
-        (tmp / "train.jsonl").write_text(json.dumps(row) + "\n")
+        (tmp / "train.jsonl").write_text((json.dumps(row) + "\n") * args.batch_size)
         examples, bad = finetune.read_examples(tmp / "train.jsonl")
         assert not bad, bad
         seconds = []
-        config = finetune.TrainConfig(steps=args.steps, batch_size=1, lr=1e-4, lora=LoraConfig(rank=args.rank))
+        config = finetune.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-4, precision="bf16",
+                                      lora=LoraConfig(rank=args.rank))
         finetune.train(model, examples, tmp / "run", config,
                        progress=lambda r: seconds.append(r["seconds"] - sum(seconds)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    result = {"load_s": load_s, "step_s": seconds, "peak_rss_gib": peak, "rank": args.rank,
-              "new_tokens": args.new_tokens, "prompt_tokens": 758, "threads": torch.get_num_threads()}
-    print(f"load {load_s:.1f} s; steps {', '.join(f'{s:.1f} s' for s in seconds)}; peak RSS {peak:.2f} GiB")
+    later = seconds[1:] or seconds
+    result = {"load_s": load_s, "step_s": seconds, "examples_per_s": args.batch_size * len(later) / sum(later),
+              "peak_rss_gib": peak, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 758,
+              "batch_size": args.batch_size, "base": "bf16" if args.bf16_base else "int8", "device": args.device,
+              "threads": torch.get_num_threads()}
+    if args.device.startswith("cuda"):
+        result |= {"gpu": torch.cuda.get_device_name(), "peak_gpu_gib": torch.cuda.max_memory_allocated() / 1024**3}
+    print(f"load {load_s:.1f} s; steps {', '.join(f'{s:.1f} s' for s in seconds)}; "
+          f"{result['examples_per_s']:.3g} examples/s; peak RSS {peak:.2f} GiB"
+          + (f"; peak GPU memory {result['peak_gpu_gib']:.2f} GiB" if "gpu" in result else ""))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,5 +1,5 @@
 """Fine-tune Qwen-Audio on your own transcripts, then use the result:
-python examples/finetune.py train.jsonl OUTPUT_DIR [--model DIR] [--steps 100]
+python examples/finetune.py train.jsonl OUTPUT_DIR [--model DIR] [--steps 100] [--eval-data dev.jsonl]
 
 train.jsonl holds one example a line, e.g. {"audio": "clips/a.wav", "prompt": "<|startoftranscript|><|en|>
 <|transcribe|><|en|><|notimestamps|><|wo_itn|>", "response": "what is said"}; audio paths are relative to it."""
@@ -14,16 +14,23 @@ parser.add_argument("data")
 parser.add_argument("output_dir")
 parser.add_argument("--model", default="Qwen/Qwen-Audio", help="checkpoint directory or Hugging Face repo id")
 parser.add_argument("--steps", type=int, default=100)
+parser.add_argument("--eval-data", help="held-out examples: their loss (and WER) with each checkpoint")
 args = parser.parse_args()
 
 try:
     examples, bad = finetune.read_examples(args.data)  # every line checked before anything loads
-    if bad:
-        raise SystemExit("error: fix these lines first:\n  " + "\n  ".join(bad))
+    held_out, bad_held_out = finetune.read_examples(args.eval_data) if args.eval_data else ([], [])
+    if bad or bad_held_out:
+        raise SystemExit("error: fix these lines first:\n  " + "\n  ".join(bad + bad_held_out))
     model = qwenaudio.load(args.model, dtype="float32")  # AdamW needs fp32 weights
-    config = finetune.TrainConfig(steps=args.steps, batch_size=4, lr=1e-5, warmup_steps=10, part="decoder")
-    losses = finetune.train(model, examples, args.output_dir, config,
-                            progress=lambda r: print(f"step {r['step']}: loss {r['loss']:.4f}"))
+    config = finetune.TrainConfig(steps=args.steps, batch_size=4, lr=1e-5, warmup_steps=10, part="decoder",
+                                  save_every=50, eval_task="asr" if held_out else None)
+
+    def report(record: dict) -> None:
+        held = f", held-out loss {record['eval_loss']:.4f}, WER {record['eval_wer']}" if "eval_loss" in record else ""
+        print(f"step {record['step']}: loss {record['loss']:.4f}{held}")
+
+    losses = finetune.train(model, examples, args.output_dir, config, eval_examples=held_out, progress=report)
     tuned = finetune.save_model(model, qwenaudio.hub.resolve(args.model), f"{args.output_dir}/model")
 except qwenaudio.QwenAudioError as e:
     raise SystemExit(f"error: {e}")

@@ -48,8 +48,8 @@ def test_prompt_ids_equal_the_official_scripts(task, tokenizer, tmp_path, shared
     examples, problems = evaluation.read_examples(task, official_rows(task, tmp_path, shared_audio),
                                                   audio_root=REPO_ROOT)
     assert problems == [] and evaluation.TASKS[task].max_new_tokens == recorded["max_new_tokens"]
-    assert [f"<audio>{e.audio}</audio>{e.prompt}" for e in examples] == recorded["texts"]
-    batch = evaluation.prompt_batch(tokenizer, examples, [load_audio(e.path) for e in examples])
+    assert [e.text for e in examples] == recorded["texts"]
+    batch = evaluation.prompt_batch(tokenizer, [e.text for e in examples], [[load_audio(e.path)] for e in examples])
     assert batch.input_ids.tolist() == recorded["input_ids"]
     assert batch.attention_mask.tolist() == recorded["attention_mask"]
 

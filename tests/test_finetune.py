@@ -13,6 +13,7 @@ import qwenaudio
 from qwenaudio import finetune, tasks
 from qwenaudio.core.audio import audio_span, load_audio
 from qwenaudio.core.model import IGNORE_INDEX
+from qwenaudio.lora import LoraConfig
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "generation_official.json").read_text())
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +250,33 @@ def test_the_finetune_command_trains_resumes_and_refuses_bad_data(tiny_ckpt, tmp
     assert not (tmp_path / "o2").exists()  # refused before anything was written
 
 
+def test_the_finetune_command_evaluates_held_out_data_and_refuses_what_it_cannot(tiny_ckpt, tmp_path, shared_audio):
+    from .test_cli import qwenaudio_cli
+
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    data, dev = write_rows(tmp_path / "train.jsonl", rows[:2]), write_rows(tmp_path / "dev.jsonl", rows[2:])
+    run = ["finetune", "--model", tiny_ckpt, "--data", data, "--steps", "2", "--batch-size", "2", "--lr", "1e-3",
+           "--train", "projection", "--device", "cpu"]
+    done = qwenaudio_cli(*run, "--eval-data", dev, "--eval-task", "asr", "--output-dir", tmp_path / "out",
+                         home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"step 2/2 loss {last['loss']:.4f}" in done.stderr
+    assert f"eval_loss {last['eval_loss']:.4f} eval_wer {last['eval_wer']:.4f}" in done.stderr
+    chat = write_rows(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": [{"audio": str(CLIP0)}]}, {"role": "assistant", "content": "a"}]}])
+    bad = write_rows(tmp_path / "bad.jsonl", [rows[0], {"audio": str(CLIP0), "prompt": ASR}])
+    for more, message in [
+            (["--eval-task", "asr"], "--eval-task and --eval-every need --eval-data"),
+            (["--eval-data", bad], f"1 line(s) of --eval-data cannot be evaluated:\n  {bad}:2: "),
+            (["--eval-data", chat, "--eval-task", "asr"], f"{chat}:1: replies are scored for task-form examples"),
+            (["--fsdp", "--lora-rank", "4"], "shard (--fsdp) splits full fine-tuning's weights over the processes"),
+            (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'")]:
+        refused = qwenaudio_cli(*run, *more, "--output-dir", tmp_path / "o3", home=tmp_path)
+        assert refused.returncode == 2 and message in refused.stderr, (more, refused.stderr)
+        assert not (tmp_path / "o3").exists()
+
+
 @pytest.mark.slow
 def test_finetune_example_on_tiny_checkpoint(tiny_ckpt, tmp_path, shared_audio):
     import subprocess
@@ -257,10 +285,11 @@ def test_finetune_example_on_tiny_checkpoint(tiny_ckpt, tmp_path, shared_audio):
     rows = [{"audio": str(shared_audio / SHARED[0]), "prompt": ASR, "response": TARGETS[0]}]
     data = write_rows(tmp_path / "train.jsonl", rows)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), str(data),
-                           str(tmp_path / "out"), "--model", str(tiny_ckpt), "--steps", "2"],
+                           str(tmp_path / "out"), "--model", str(tiny_ckpt), "--steps", "2", "--eval-data", str(data)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("step 1: loss ")
+    assert done.stdout.splitlines()[1].startswith("step 2: loss ") and ", held-out loss " in done.stdout
     assert f"saved {tmp_path / 'out' / 'model'}; the first example now reads:" in done.stdout
 
 
@@ -381,3 +410,137 @@ def test_a_task_row_s_language_must_have_a_tag(tmp_path):
     assert problems == [f"{data}:1: language 'xx' has no tag; Qwen-Audio knows en, zh, de, es, ko, fr, ja, it",
                         f"{data}:2: no language: the row has no 'lang' field and its source 'mine' names no dataset "
                         "of known language (librispeech, aishell, industrial); give one (--language)"]
+
+
+def test_an_eval_set_gives_the_eval_loss_and_the_scores_of_greedy_replies(tiny_ckpt, tmp_path, shared_audio):
+    """eval_loss equals the official loss of the trained model over all eval examples in one batch (the encoder's
+    batch crop moves it by ~3e-5); eval_wer equals what `qwenaudio evaluate asr` (the official script's protocol)
+    finds for the trained model on the same clips and references."""
+    from qwenaudio import evaluation
+    from qwenaudio.core.model import next_token_loss
+
+    examples = four_examples(tmp_path, shared_audio)
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    config = finetune.TrainConfig(steps=2, batch_size=2, lr=1e-3, part="projection", eval_every=1, eval_task="asr")
+    finetune.train(model, examples[:2], tmp_path / "run", config, eval_examples=examples)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all("eval_loss" in r and "eval_wer" in r for r in records)
+    model.eval()
+    clips = [[load_audio(p) for p in e.audio] for e in examples]
+    ids, labels, mask = finetune.collate(model.tokenizer, examples, clips, lambda c: audio_span(len(c)))
+    with torch.no_grad():
+        whole = next_token_loss(model(ids, mask, [c for row in clips for c in row]), labels).item()
+    assert records[-1]["eval_loss"] == pytest.approx(whole, rel=1e-4)
+    assert records[-1]["eval_tokens"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    rows = [{"audio": str(e.audio[0]), "gt": e.response, "source": "four", "lang": "en"} for e in examples]
+    summary = evaluation.evaluate(model, "asr", write_rows(tmp_path / "official.jsonl", rows), tmp_path / "eval",
+                                  batch_size=2)
+    assert records[-1]["eval_wer"] == pytest.approx(summary["sources"][0]["scores"]["wer"])
+
+
+def test_eval_replies_need_task_form_examples_in_a_scored_language(tmp_path, shared_audio):
+    data = write_rows(tmp_path / "dev.jsonl", [
+        {"audio": str(CLIP0), "prompt": ASR, "response": "a"},
+        {"audio": str(CLIP0), "prompt": ASR.replace("<|en|>", "<|de|>"), "response": "a"},
+        {"messages": [{"role": "user", "content": [{"audio": str(CLIP0)}]}, {"role": "assistant", "content": "a"}]}])
+    examples, _ = finetune.read_examples(data)
+    assert finetune.reply_languages(examples[:1], "asr") == ["en"]
+    assert finetune.reply_languages(examples[:1], "emotion") == [None]
+    with pytest.raises(qwenaudio.InputError, match=rf"{data}:2: asr is scored in en or zh only, not 'de'"):
+        finetune.reply_languages(examples, "asr")
+    with pytest.raises(qwenaudio.InputError, match=rf"{data}:3: replies are scored for task-form examples"):
+        finetune.reply_languages(examples[2:], "emotion")
+
+
+def test_tensorboard_gets_every_record_and_forgets_steps_a_resume_takes_again(tiny_ckpt, tmp_path, shared_audio):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    examples = four_examples(tmp_path, shared_audio)
+    config = finetune.TrainConfig(steps=4, batch_size=2, lr=1e-3, part="projection", save_every=2)
+
+    def run(directory: str, **options) -> list[float]:
+        model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+        return finetune.train(model, examples, tmp_path / directory, config, eval_examples=examples[:1], **options)
+
+    def killed_after_logging_step_3(record: dict) -> None:
+        if record["step"] == 3:  # logged, not yet in a checkpoint (the last one holds step 2)
+            raise KeyboardInterrupt
+
+    whole = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", progress=killed_after_logging_step_3)
+    assert run("cut", resume=True) == whole
+    for directory in ("whole", "cut"):
+        board = EventAccumulator(str(tmp_path / directory / "tensorboard"))
+        board.Reload()
+        assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [
+            (step, pytest.approx(loss, rel=1e-6)) for step, loss in enumerate(whole, 1)]
+        assert [e.step for e in board.Scalars("eval/loss")] == [2, 4]  # with each checkpoint
+        assert {"train/lr", "train/tokens", "train/seconds", "eval/tokens"} <= set(board.Tags()["scalars"])
+        assert [json.loads(line)["step"] for line in (tmp_path / directory / "metrics.jsonl").open()] == [1, 2, 3, 4]
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights_and_moments(tiny_ckpt, tmp_path,
+                                                                                     shared_audio):
+    examples = four_examples(tmp_path, shared_audio)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+        config = finetune.TrainConfig(steps=2, batch_size=4, lr=1e-3, part="all", precision=precision)
+        runs[precision] = finetune.train(model, examples, tmp_path / precision, config)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        state = torch.load(tmp_path / precision / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"]
+        assert {v.dtype for moments in state.values() for k, v in moments.items() if k != "step"} == {torch.float32}
+    assert runs["bf16"][0] != runs["fp32"][0]  # bf16 matmuls ran
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=2e-2)
+    with pytest.raises(qwenaudio.InputError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        finetune.TrainConfig(precision="fp16")
+    with pytest.raises(qwenaudio.InputError, match=r"shard \(--fsdp\) splits full fine-tuning's weights"):
+        finetune.TrainConfig(shard=True, lora=LoraConfig(rank=4))
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_processes_takes_one_process_s_steps_and_resumes(tiny_ckpt, tmp_path, shared_audio):
+    """Full fine-tuning sharded over two processes (FSDP, gloo) against one process accumulating both batches:
+    the same losses within 1e-6, and the same weights within 1 % of how far training moved them. (Not within 1e-6:
+    the gradients are summed in another order, and AdamW divides each by its own running size, so a rounding
+    difference in a near-zero gradient becomes a difference in its step.) Cut after step 2 and resumed, the sharded
+    run (its checkpoint's whole tensors cut into shards again) ends where the same run in one process does."""
+    from safetensors.torch import load_file
+
+    from qwenaudio.core.checkpoint import load_checkpoint
+
+    from .test_cli import qwenaudio_cli, torchrun_cli
+
+    rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    run = ["finetune", "--model", tiny_ckpt, "--data", data, "--batch-size", "1", "--lr", "1e-3", "--train", "all",
+           "--device", "cpu", "--steps", "3"]  # a later --steps wins
+
+    def both(directory: str, *more: str) -> None:  # one process accumulating two batches; two sharded processes
+        one = qwenaudio_cli(*run, *more, "--accumulate", "2", "--output-dir", tmp_path / directory / "one",
+                            home=tmp_path)
+        two = torchrun_cli(*run, *more, "--fsdp", "--output-dir", tmp_path / directory / "two", home=tmp_path)
+        assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+
+    both("whole")
+    both("cut", "--steps", "2")  # the schedule of a 2-step run, then 1 step more after resuming
+    for processes in ("one", "two"):
+        (tmp_path / "cut" / processes / "model").rename(tmp_path / "cut" / processes / "model-at-2")
+    both("cut", "--resume")
+    initial = load_checkpoint(tiny_ckpt, dtype=torch.float32)
+    for run_dir in ("whole", "cut"):
+        first, second = (load_file(tmp_path / run_dir / p / "checkpoint" / "trainable.safetensors")
+                         for p in ("one", "two"))
+        assert set(first) == set(second) == set(initial) - {"transformer.audio.positional_embedding"}  # a constant
+        for name in first:
+            moved = (first[name] - initial[name]).abs().max()
+            assert (first[name] - second[name]).abs().max() <= 0.01 * moved, (run_dir, name)
+        losses = [json.loads((tmp_path / run_dir / p / "checkpoint" / "progress.json").read_text())["losses"]
+                  for p in ("one", "two")]
+        assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+    models = [load_checkpoint(tmp_path / "whole" / p / "model", dtype=torch.float32) for p in ("one", "two")]
+    assert set(models[0]) == set(models[1]) == set(initial)
+    for name, tensor in models[0].items():
+        assert (tensor - models[1][name]).abs().max() <= 0.01 * (tensor - initial[name]).abs().max(), name
+

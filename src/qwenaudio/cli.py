@@ -164,6 +164,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                       "checkpoint is kept), 2 bad arguments or data (found before the model loads), "
                                       "3 the model could not be loaded, 130 interrupted (--resume continues)")
     tune.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="the training examples")
+    tune.add_argument("--eval-data", type=Path, metavar="FILE.jsonl",
+                      help="held-out examples (same forms): eval_loss in metrics.jsonl every --eval-every steps")
+    tune.add_argument("--eval-every", type=int, default=0, metavar="N",
+                      help="steps between evaluations; default: with each checkpoint and at the end")
+    tune.add_argument("--eval-task", choices=evaluation.TASKS, metavar="TASK",
+                      help="also reply greedily to the --eval-data prompts and score them as TASK is (e.g. asr: WER)")
     tune.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                       help="checkpoint/, metrics.jsonl and, at the end, model/ (the fine-tuned checkpoint)")
     tune.add_argument("--task", choices=evaluation.TASKS, metavar="TASK",
@@ -179,6 +185,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm; 0: off")
     tune.add_argument("--seed", type=int, default=0, help="the data order")
     tune.add_argument("--save-every", type=int, default=0, metavar="N", help="steps between checkpoints; 0: the end")
+    tune.add_argument("--precision", choices=finetune.PRECISIONS, default="auto",
+                      help="bf16: forward under bf16 autocast, fp32 weights and optimizer; auto (default): bf16 on "
+                           "GPUs that run it, else fp32")
+    tune.add_argument("--fsdp", action="store_true",
+                      help="under torchrun: shard weights, gradients and optimizer state over the processes "
+                           "(full fine-tuning of a model too large for one device)")
     tune.add_argument("--no-activation-checkpointing", action="store_true",
                       help="keep every block's activations (faster, much more memory)")
     tune.add_argument("--skip-bad", action="store_true",
@@ -461,8 +473,20 @@ def plan_finetune(args: argparse.Namespace) -> None:
         lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         seed=args.seed, part=args.train, save_every=args.save_every,
-        activation_checkpointing=not args.no_activation_checkpointing)
+        activation_checkpointing=not args.no_activation_checkpointing, precision=args.precision, shard=args.fsdp,
+        eval_every=args.eval_every, eval_task=args.eval_task)
     args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
+    args.eval_examples = []
+    if args.eval_data:  # held-out data must be whole: a skipped line would change what eval_loss means
+        args.eval_examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language)
+        if bad:
+            raise InputError(f"{len(bad)} line(s) of --eval-data cannot be evaluated:\n  " + "\n  ".join(bad[:20]))
+        if not args.eval_examples:
+            raise InputError(f"--eval-data {args.eval_data}: no examples")
+        if args.eval_task:
+            finetune.reply_languages(args.eval_examples, args.eval_task)
+    elif args.eval_task or args.eval_every:
+        raise InputError("--eval-task and --eval-every need --eval-data")
     if args.bad and not args.skip_bad:
         shown = "\n  ".join(args.bad[:20]) + (f"\n  … and {len(args.bad) - 20} more" if len(args.bad) > 20 else "")
         raise InputError(f"{len(args.bad)} of {len(args.bad) + len(args.examples)} lines cannot be trained on "
@@ -492,25 +516,28 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
     def progress(record: dict) -> None:
         done = record["step"]
         eta = (time.monotonic() - started) / max(done - first, 1) * (total - done)
+        evaluated = "".join(f" {key} {value:.4f}" for key, value in record.items()
+                            if key.startswith("eval_") and key != "eval_tokens" and isinstance(value, float))
         print(f"step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
               f"{record['tokens'] / max(record['seconds'] - last[0], 1e-9):.0f} label tokens/s "
-              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}{evaluated}", file=sys.stderr, flush=True)
         last[0] = record["seconds"]
 
     last, first = [0.0], 0
     if args.resume:
         first = len(json.loads((args.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
     try:
-        finetune.train(model, args.examples, args.output_dir, args.config, resume=args.resume, progress=progress)
+        finetune.train(model, args.examples, args.output_dir, args.config, eval_examples=args.eval_examples,
+                       resume=args.resume, progress=progress)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.rank:  # process 0 writes the result (every process holds the same weights)
-        return 0
-    if args.config.lora:
-        target = lora.save_adapter(model, args.result, base_model=str(args.model))
-    else:
+    if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
         target = finetune.save_model(model, resolve(args.model), args.result)
+    elif args.rank == 0:
+        target = lora.save_adapter(model, args.result, base_model=str(args.model))
+    if args.rank:
+        return 0
     print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)
                                if args.bad else ""), file=sys.stderr)
     return 0

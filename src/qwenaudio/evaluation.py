@@ -113,6 +113,11 @@ class Example:
     def label(self) -> str:
         return f"{self.where} ({self.audio})"
 
+    @property
+    def text(self) -> str:
+        """The whole prompt, as the official scripts' collate_fn writes it."""
+        return f"<audio>{self.audio}</audio>{self.prompt}"
+
 
 def read_examples(task: str, data: Path, *, audio_root: Path | None = None, language: str | None = None,
                   caption_style: str = "clotho", limit: int | None = None) -> tuple[list[Example], list[str]]:
@@ -398,25 +403,26 @@ class Replies:
             os.fsync(f.fileno())
 
 
-def prompt_batch(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[torch.Tensor]) -> Batch:
-    """The left-padded prompt ids of a batch, as the official scripts' collate_fn makes them: `<audio>PATH</audio>`
-    and the task's tags, the path's tokens replaced by one pad per encoder frame of its clip (cut to 30 s)."""
-    texts = [f"<audio>{e.audio}</audio>{e.prompt}" for e in examples]
-    return tokenizer.encode_batch(texts, audio_spans=[[audio_span(min(len(c), N_SAMPLES))] for c in clips])
+def prompt_batch(tokenizer: Tokenizer, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]]) -> Batch:
+    """The left-padded prompt ids of a batch, as the official scripts' collate_fn makes them: each text's
+    `<audio>PATH</audio>` regions (then the task's tags), a region's path tokens replaced by one pad per encoder frame
+    of its clip in `clips[i]` (cut to 30 s)."""
+    return tokenizer.encode_batch(texts, audio_spans=[[audio_span(min(len(c), N_SAMPLES)) for c in own]
+                                                      for own in clips])
 
 
-def generate_replies(model: QwenAudio, examples: Sequence[Example], clips: Sequence[torch.Tensor],
+def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],
                      max_new_tokens: int) -> list[str]:
-    """The official scripts' decoding for one batch: greedy, at least one and at most `max_new_tokens` new tokens,
-    cut at `<|endoftext|>`, decoded with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the
-    official model hears them."""
-    clips = [c[:N_SAMPLES] for c in clips]
-    batch = prompt_batch(model.tokenizer, examples, clips)
+    """The official scripts' decoding for one batch of prompts (`Example.text`, or any `<audio>PATH</audio>…` text
+    with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
+    with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them."""
+    clips = [[c[:N_SAMPLES] for c in own] for own in clips]
+    batch = prompt_batch(model.tokenizer, texts, clips)
     config = model.generation_config.replace(do_sample=False, min_new_tokens=1, max_new_tokens=max_new_tokens)
     with torch.no_grad():
         ids = generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
-                       attention_mask=batch.attention_mask.to(model.device), audio=model.encode_audio(clips),
-                       config=config)
+                       attention_mask=batch.attention_mask.to(model.device),
+                       audio=model.encode_audio([c for own in clips for c in own]), config=config)
     return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
 
 
@@ -435,8 +441,10 @@ def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int =
                   **example_scores(run.task, example, reply)}
         replies.append(record)
 
-    outcomes = run_files(run.todo, lambda batch, clips: generate_replies(model, batch, clips, max_new_tokens),
-                         write, batch_size=batch_size, rank=rank, world=world,
+    def reply(batch: list[Example], clips: list[torch.Tensor]) -> list[str]:
+        return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens)
+
+    outcomes = run_files(run.todo, reply, write, batch_size=batch_size, rank=rank, world=world,
                          progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)))
     return [error for _, error in outcomes if error]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,15 +37,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import evaluation
-from .batch import seconds
+from . import evaluation, parallel, scoring
+from .batch import gather, seconds
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
 from .core.audio import CHUNK_LENGTH, audio_span, load_audio
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
 from .core.errors import InputError, TrainingError
 from .core.files import building, write_text
 from .core.model import IGNORE_INDEX, QwenAudio
-from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
+from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, Tokenizer
 from .lora import LoraConfig, apply_lora, lora_parameters
 
 Turn = tuple[str, str]  # (user text with Audio n:<audio>path</audio> regions, assistant reply)
@@ -230,6 +231,7 @@ def collate(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[S
 # ------------------------------------------------------------------------------------------------------- training
 
 PARTS = ("decoder", "encoder", "projection", "all")  # what full fine-tuning trains; the rest stays frozen
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -248,13 +250,30 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     activation_checkpointing: bool = True
     lora: LoraConfig | None = None  # train a LoRA adapter (everything else frozen) instead of `part`
+    # "bf16": the forward under bf16 autocast, weights, gradients and AdamW state kept in fp32; "auto": bf16 on GPUs
+    # that run it, fp32 elsewhere (on CPUs bf16 is fast only with AVX-512 BF16, and exact fp32 is what tests compare)
+    precision: str = "auto"
+    shard: bool = False  # under torchrun, FSDP: weights, gradients and AdamW state split over the processes
+    eval_every: int = 0  # steps between evaluations of the eval examples; 0: with each checkpoint
+    eval_task: str | None = None  # also score greedy replies to the eval examples by this task's official metrics
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
             raise InputError(f"part must be one of {', '.join(PARTS)}, got {self.part!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.eval_task is not None and self.eval_task not in evaluation.TASKS:
+            raise InputError(f"unknown eval task {self.eval_task!r}; choose from {', '.join(evaluation.TASKS)}")
+        if self.shard and self.lora:
+            raise InputError("shard (--fsdp) splits full fine-tuning's weights over the processes; a LoRA adapter is "
+                             "small enough to train data-parallel: leave it off")
         for name in ("steps", "batch_size", "accumulate"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+# Settings a resumed run may change: they do not change what is learned.
+RESUMABLE_CHANGES = ("steps", "save_every", "shard", "eval_every", "eval_task")
 
 
 def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
@@ -276,8 +295,7 @@ def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[lis
     """Batches of example indices, epoch after epoch: each epoch shuffled with `seed + epoch`, then batched by
     length within windows of 16 batches (so a batch pads little while the order stays random), the batches of an
     epoch shuffled again. The same settings always give the same order, which is what lets a run resume."""
-    lengths = [sum(seconds(p) for p in e.audio) + len(e.response) + sum(len(u) + len(r) for u, r in e.turns)
-               for e in examples]
+    lengths = _lengths(examples)
     window = 16 * config.batch_size
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(config.seed + epoch)
@@ -289,6 +307,12 @@ def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[lis
         yield from (epoch_batches[i] for i in torch.randperm(len(epoch_batches), generator=generator).tolist())
 
 
+def _lengths(examples: Sequence[Example]) -> list[float]:
+    """A sort key for batching by length: seconds of audio plus characters of text."""
+    return [sum(seconds(p) for p in e.audio) + len(e.response) + sum(len(u) + len(r) for u, r in e.turns)
+            for e in examples]
+
+
 def schedule(step: int, config: TrainConfig) -> float:
     """The learning rate's multiplier at optimizer step `step` (0-based): linear warmup, then cosine decay to 0."""
     if step < config.warmup_steps:
@@ -298,88 +322,118 @@ def schedule(step: int, config: TrainConfig) -> float:
 
 
 def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path, config: TrainConfig = TrainConfig(),
-          *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None) -> list[float]:
+          *, eval_examples: Sequence[Example] = (), resume: bool = False,
+          progress: Callable[[dict[str, Any]], None] | None = None) -> list[float]:
     """Fine-tune `model` in place on `examples` with AdamW and the official loss (the parameters of `config.part`,
     or a LoRA adapter with `config.lora`, `qwenaudio.lora.save_adapter` to keep it); returns every step's loss.
 
     With `accumulate` > 1 the forward passes of a step are weighted by their label tokens, so a step's loss and
-    gradients are those of one batch of all its examples. Every `save_every` steps and at the end, the trained
-    parameters, the optimizer, the schedule, torch's random state and the losses go to `output_dir/checkpoint`
-    (built aside and renamed, so the last one written is always whole); `resume` continues from there with the same
-    data order, to the same losses. A new run seeds torch's generator with `seed` (LoRA's initial weights,
-    dropout). Each step appends a line to `output_dir/metrics.jsonl`. A loss that is not finite stops the run with
-    TrainingError before the update, the last checkpoint kept."""
+    gradients are those of one batch of all its examples. Under torchrun each process takes every world-th batch
+    of a step and `parallel.wrap` averages the gradients (DistributedDataParallel, or FSDP with `shard`, after
+    which the model's parameters stay sharded: `save_model` gathers them), so N processes take the steps one
+    process would take with `accumulate` × N.
+
+    Every `save_every` steps and at the end, the trained parameters, the optimizer, the schedule, torch's random
+    state and the losses go to `output_dir/checkpoint` (built aside and renamed, so the last one written is always
+    whole); `resume` continues from there with the same data order, to the same losses. A new run seeds torch's
+    generator with `seed` (LoRA's initial weights, dropout). Each step appends a record to
+    `output_dir/metrics.jsonl` (and to TensorBoard's `output_dir/tensorboard` when tensorboard is installed), with
+    `eval_loss` (and `eval_task`'s scores) over `eval_examples` every `eval_every` steps. A loss that is not finite
+    stops the run with TrainingError before the update, the last checkpoint kept."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if config.eval_task:
+        reply_languages(eval_examples, config.eval_task)  # refuse what cannot be scored before training
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.train()
     model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
     if not resume:  # LoRA's initial A and its dropout draw from torch's generator; a resumed run restores it
         torch.manual_seed(config.seed)
     if config.lora is None:
-        params = trainable(model, config.part)
-    else:  # a model resumed or trained before already holds its adapter
-        params = lora_parameters(model) or apply_lora(model, config.lora)
+        trainable(model, config.part)
+    elif not lora_parameters(model):  # a model resumed or trained before already holds its adapter
+        apply_lora(model, config.lora)
+    engine = parallel.wrap(model, world, config.shard)
+    # taken after wrapping: FSDP replaces each parameter with its shard
+    params = trainable(model, config.part) if config.lora is None else lora_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, config))
-    losses: list[float] = []
-    if resume:
-        losses = _restore(output_dir / "checkpoint", params, optimizer, scheduler, config)
-        _forget_metrics_after(output_dir / "metrics.jsonl", len(losses))  # steps done again after the checkpoint
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    per_step = config.accumulate * world  # under torchrun each process takes every world-th batch of a step
+    losses = _restore(output_dir / "checkpoint", params, optimizer, scheduler, config) if resume else []
+    log = _Log(output_dir, done=len(losses)) if rank == 0 else None  # every process knows the same; one writes
+    per_step = config.accumulate * world
     order = plan_order(examples, config)
     for _ in range(len(losses) * per_step):  # the batches already learned from
         next(order)
+    every = config.eval_every or config.save_every
     started = time.monotonic()
-    for step in range(len(losses), config.steps):
-        batches = [[examples[i] for i in next(order)] for _ in range(per_step)][rank::world]
-        loss, tokens = _step(model, batches, params, optimizer, config, step, output_dir, world)
-        scheduler.step()
-        losses.append(loss)
-        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                  "seconds": time.monotonic() - started}
-        if rank == 0:  # every process holds the same parameters and losses; one writes them
-            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress:
-                progress(record)
-            if step + 1 == config.steps or (config.save_every and (step + 1) % config.save_every == 0):
-                _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config)
+    try:
+        for step in range(len(losses), config.steps):
+            batches = [[examples[i] for i in next(order)] for _ in range(per_step)][rank::world]
+            loss, tokens = _step(engine, model, batches, params, optimizer, config, step, output_dir, world)
+            scheduler.step()
+            losses.append(loss)
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                      "seconds": time.monotonic() - started}
+            if eval_examples and (done == config.steps or every and done % every == 0):
+                record |= _validate(engine, model, eval_examples, config, rank, world)
+            if log:
+                log.write(record)
+                if progress:
+                    progress(record)
+            if done == config.steps or (config.save_every and done % config.save_every == 0):
+                _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config, write=rank == 0)
+    finally:
+        if log:
+            log.close()
     if world > 1:
         dist.barrier()  # the last checkpoint is written before any process returns
     return losses
 
 
-def _step(model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter], optimizer,
-          config: TrainConfig, step: int, output_dir: Path, world: int) -> tuple[float, int]:
+def _prepare(model: QwenAudio, batch: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded."""
+    clips = [[load_audio(p) for p in e.audio] for e in batch]
+    ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
+    return ids, labels, mask, [c for row in clips for c in row]
+
+
+def _label_count(labels: Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _autocast(model: QwenAudio, config: TrainConfig) -> torch.autocast:
+    device = model.device
+    bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _step(engine: nn.Module, model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter],
+          optimizer, config: TrainConfig, step: int, output_dir: Path, world: int) -> tuple[float, int]:
     """One optimizer step over this process's `batches` (of the step's `accumulate` × `world`); returns the step's
-    loss, token-weighted over every process's batches, and their label tokens. Each batch's gradient is weighted
-    by its share of all the step's label tokens, and the processes' gradients are summed, so every process takes
-    the step one process would take on all the batches."""
+    loss, token-weighted over every process's batches, and their label tokens. Each batch's loss is weighted by its
+    share of all the step's label tokens (times `world`, as the engine averages over the processes), so every
+    process takes the step one process would take on all the batches."""
     optimizer.zero_grad(set_to_none=True)
-    prepared = []
-    for batch in batches:
-        clips = [[load_audio(p) for p in e.audio] for e in batch]
-        ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
-        prepared.append((ids, labels, mask, [c for row in clips for c in row]))
-    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _, _ in prepared]
+    prepared = [_prepare(model, batch) for batch in batches]
+    counts = [_label_count(labels) for _, labels, _, _ in prepared]
     total = int(_everywhere(torch.tensor([float(sum(counts))]), world))
     value, bad = 0.0, []
-    for batch, (ids, labels, mask, clips), count in zip(batches, prepared, counts):
-        loss = model.loss(ids, labels, mask, clips)
-        if not torch.isfinite(loss):
-            bad.append(f"{', '.join(e.where for e in batch)}: loss {loss.item()}")
-            continue
-        (loss * count / total).backward()
+    for k, (batch, inputs, count) in enumerate(zip(batches, prepared, counts)):
+        with parallel.syncing(engine, k == len(prepared) - 1):
+            with _autocast(model, config):
+                loss = engine(*inputs)
+            if not torch.isfinite(loss):
+                bad.append(f"{', '.join(e.where for e in batch)}: loss {loss.item()}")
+            # backward even so: every process must take part in each gradient exchange; nothing is applied below
+            (loss * (count * world / total)).backward()
         value += loss.item() * count / total
     value, failures = _everywhere(torch.tensor([value, float(len(bad))], dtype=torch.float64), world).tolist()
     if failures:
         where = "; ".join(bad) or "in another process"
         raise TrainingError(f"step {step + 1}: the loss is not finite (batch {where}); nothing was updated and the "
                             f"last checkpoint in {output_dir / 'checkpoint'} is kept")
-    for param in params.values():
-        if world > 1:
-            dist.all_reduce(param.grad)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
     optimizer.step()
@@ -393,20 +447,124 @@ def _everywhere(values: Tensor, world: int) -> Tensor:
     return values
 
 
-def _forget_metrics_after(path: Path, steps: int) -> None:
-    if path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.endswith("}") and json.loads(line)["step"] <= steps]
-        write_text(path, "".join(line + "\n" for line in kept))
+def _validate(engine: nn.Module, model: QwenAudio, examples: Sequence[Example], config: TrainConfig, rank: int,
+              world: int) -> dict[str, Any]:
+    """`eval_loss`, the official loss over all of `examples` (token-weighted, as a training step's), and with
+    `eval_task` each score of the greedy replies, `eval_<score>`. In eval mode: no dropout, and the model as
+    inference runs it. Each process takes every world-th batch."""
+    lengths = _lengths(examples)
+    ordered = sorted(range(len(examples)), key=lengths.__getitem__)
+    batches = [[examples[i] for i in ordered[k : k + config.batch_size]]
+               for k in range(0, len(ordered), config.batch_size)]
+    mine = batches[rank::world]
+    # Sharded, every process gathers each block's weights together: all take as many passes, weightless if need be.
+    passes = mine + batches[: -(-len(batches) // world) - len(mine)] if config.shard and world > 1 else mine
+    loss_of = engine if config.shard and world > 1 else model.loss  # DDP's forward belongs to training
+    model.eval()
+    try:
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for k, batch in enumerate(passes):
+                ids, labels, mask, clips = _prepare(model, batch)
+                count = _label_count(labels) if k < len(mine) else 0
+                with _autocast(model, config):
+                    total += loss_of(ids, labels, mask, clips).item() * count
+                tokens += count
+        total, tokens = _everywhere(torch.tensor([total, float(tokens)], dtype=torch.float64), world).tolist()
+        result: dict[str, Any] = {"eval_loss": total / tokens, "eval_tokens": int(tokens)}
+        if config.eval_task:
+            result |= _reply_scores(model, mine, config.eval_task, world)
+        return result
+    finally:
+        model.train()
+
+
+def reply_languages(examples: Sequence[Example], task: str) -> list[str | None]:
+    """The language each example's reply is scored in as `task` (the spoken one of an ASR or SRWT prompt, the
+    target of a translation; None where the task's score needs none). Only task-form examples have one prompt to
+    reply to; anything else is refused, naming the line."""
+    languages: list[str | None] = []
+    for example in examples:
+        if example.turns:
+            raise InputError(f"{example.where}: replies are scored for task-form examples; this is a conversation")
+        named = [tag for tag in re.findall(r"<\|(\w+)\|>", example.prompt) if tag in LANGUAGES]
+        if task not in ("asr", "srwt", "st"):
+            languages.append(None)
+        elif not named:
+            raise InputError(f"{example.where}: {task} scores in the prompt's language, and it names none")
+        elif task == "st":
+            languages.append(named[-1])
+        elif named[0] not in scoring.LANGUAGES:
+            raise InputError(f"{example.where}: {task} is scored in {' or '.join(scoring.LANGUAGES)} only, not "
+                             f"{named[0]!r}")
+        else:
+            languages.append(named[0])
+    return languages
+
+
+def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, world: int) -> dict[str, Any]:
+    """Greedy replies to this process's `batches` with the official evaluation's decoding, scored over every
+    process's replies as `evaluation.source_scores` scores one source."""
+    records = []
+    for batch in batches:
+        clips = [[load_audio(p) for p in e.audio] for e in batch]
+        replies = evaluation.generate_replies(model, [e.prompt for e in batch], clips,
+                                              evaluation.TASKS[task].max_new_tokens)
+        for e, reply, language in zip(batch, replies, reply_languages(batch, task)):
+            source = Path(e.where.rsplit(":", 1)[0]).stem  # the data file's name, as a source's in evaluation
+            records.append({"reference": e.response, "reply": reply, "language": language, "source": source})
+    everyone = [record for part in gather(records, world) for record in part]
+    scores, notes = evaluation.source_scores(task, everyone)
+    return {**{f"eval_{name}": value for name, value in scores.items()}, **({"eval_notes": notes} if notes else {})}
+
+
+class _Log:
+    """Each step's record as a line of `metrics.jsonl` and, when tensorboard is installed, as scalars in
+    `tensorboard/` (train/loss, train/lr, …, eval/loss, eval/wer, …). Steps after `done`, which a resumed run takes
+    again, are dropped from both first."""
+
+    def __init__(self, output_dir: Path, done: int):
+        self.path = output_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.endswith("}") and json.loads(line)["step"] <= done]
+            write_text(self.path, "".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.board = None
+        else:
+            self.board = SummaryWriter(str(output_dir / "tensorboard"), purge_step=done + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                    self.board.add_scalar(name, value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board:
+            self.board.close()
 
 
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, losses: list[float],
-          config: TrainConfig) -> None:
-    """The run so far, built aside and swapped in whole: a crash while saving leaves the previous checkpoint."""
+          config: TrainConfig, *, write: bool) -> None:
+    """The run so far, built aside and swapped in whole: a crash while saving leaves the previous checkpoint.
+    Sharded tensors are gathered whole (every process calls this), so a run resumes on any number of processes;
+    only `write` writes."""
+    tensors = {name: parallel.full(p.detach()).contiguous() for name, p in params.items()}
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: parallel.full(v) for k, v in s.items()} for i, s in state["state"].items()}
+    if not write:
+        return
     with building(directory, replace=True) as partial:
-        save_file({name: p.detach().contiguous() for name, p in params.items()}, str(partial / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, partial / "state.pt")
+        save_file(tensors, str(partial / "trainable.safetensors"))
+        torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+                   partial / "state.pt")
         write_text(partial / "progress.json", json.dumps({"losses": losses, "config": asdict(config)}, indent=1))
 
 
@@ -416,7 +574,7 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
         raise InputError(f"nothing to resume: {directory} holds no checkpoint")
     saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
     now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
-    changed = [k for k, v in now.items() if k not in ("steps", "save_every") and saved["config"].get(k) != v]
+    changed = [k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
     if changed:
         raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
                          "same ones, or start in another directory")
@@ -425,8 +583,13 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
         raise InputError(f"{directory} holds other parameters than part {config.part!r} trains")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[name])
+            param.copy_(parallel.shard_like(param, tensors[name].to(param.dtype)))
     state = torch.load(directory / "state.pt", weights_only=True)
+    for i, param in enumerate(params.values()):  # whole moments, cut into this process's shards
+        moments = state["optimizer"]["state"].get(i, {})
+        for key, value in moments.items():
+            if value.shape == param.shape:
+                moments[key] = parallel.shard_like(param, value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -438,12 +601,15 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
 def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path:
     """The fine-tuned model as a checkpoint in the official layout at `target` (a new directory, built aside and
     renamed): every tensor under its official name, and the other files of `source` (config, vocabulary,
-    generation config) copied, so `qwenaudio.load(target)` and the official code read it like the original."""
+    generation config) copied, so `qwenaudio.load(target)` and the official code read it like the original.
+    Under torchrun every process calls it (a sharded model's tensors are gathered whole) and process 0 writes."""
     source, target = Path(source), Path(target)
+    state = {official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
+             for name, tensor in getattr(model, owner).state_dict().items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return target
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} exists and is not empty: the fine-tuned model goes to a new directory")
-    state = {official_name(owner, name): tensor for owner in ("encoder", "decoder")
-             for name, tensor in getattr(model, owner).state_dict().items()}
     with building(target, replace=target.exists()) as partial:
         save_checkpoint(state, partial)
         for file in source.iterdir():
