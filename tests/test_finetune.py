@@ -271,6 +271,7 @@ def test_the_finetune_command_evaluates_held_out_data_and_refuses_what_it_cannot
             (["--eval-data", bad], f"1 line(s) of --eval-data cannot be evaluated:\n  {bad}:2: "),
             (["--eval-data", chat, "--eval-task", "asr"], f"{chat}:1: replies are scored for task-form examples"),
             (["--fsdp", "--lora-rank", "4"], "shard (--fsdp) splits full fine-tuning's weights over the processes"),
+            (["--fsdp", "--eval-data", data, "--eval-task", "asr"], "eval_task (--eval-task) with shard (--fsdp)"),
             (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'")]:
         refused = qwenaudio_cli(*run, *more, "--output-dir", tmp_path / "o3", home=tmp_path)
         assert refused.returncode == 2 and message in refused.stderr, (more, refused.stderr)
@@ -371,8 +372,9 @@ def test_two_processes_under_torchrun_take_one_process_s_steps(tiny_ckpt, tmp_pa
 
     rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
     data = write_rows(tmp_path / "train.jsonl", rows)
+    dev = write_rows(tmp_path / "dev.jsonl", rows[:3])  # 3 batches of 1: one process evaluates 2, the other 1
     run = ["finetune", "--model", tiny_ckpt, "--data", data, "--steps", "3", "--batch-size", "1", "--lr", "1e-3",
-           "--train", "projection", "--device", "cpu"]
+           "--train", "projection", "--device", "cpu", "--eval-data", dev, "--eval-task", "asr", "--eval-every", "2"]
     one = qwenaudio_cli(*run, "--accumulate", "2", "--output-dir", tmp_path / "one", home=tmp_path)
     two = torchrun_cli(*run, "--output-dir", tmp_path / "two", home=tmp_path)
     assert one.returncode == two.returncode == 0, two.stderr[-3000:]
@@ -382,6 +384,12 @@ def test_two_processes_under_torchrun_take_one_process_s_steps(tiny_ckpt, tmp_pa
         assert torch.allclose(first[name], second[name], rtol=0, atol=1e-6), name
     losses = [json.loads((tmp_path / d / "checkpoint" / "progress.json").read_text())["losses"] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    evaluated = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").open()] for d in ("one", "two")]
+    assert [[r["step"] for r in records if "eval_loss" in r] for records in evaluated] == [[2, 3], [2, 3]]
+    for mine, theirs in zip(*evaluated):
+        if "eval_loss" in mine:
+            assert (mine["eval_loss"], mine["eval_tokens"], mine["eval_wer"]) == pytest.approx(
+                (theirs["eval_loss"], theirs["eval_tokens"], theirs["eval_wer"]), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -514,8 +522,9 @@ def test_fsdp_over_two_processes_takes_one_process_s_steps_and_resumes(tiny_ckpt
 
     rows = [{"audio": str(shared_audio / clip), "prompt": ASR, "response": text} for clip, text in zip(SHARED, TARGETS)]
     data = write_rows(tmp_path / "train.jsonl", rows)
+    dev = write_rows(tmp_path / "dev.jsonl", rows[:3])  # 3 batches: one process passes a weightless third
     run = ["finetune", "--model", tiny_ckpt, "--data", data, "--batch-size", "1", "--lr", "1e-3", "--train", "all",
-           "--device", "cpu", "--steps", "3"]  # a later --steps wins
+           "--device", "cpu", "--eval-data", dev, "--steps", "3"]  # a later --steps wins
 
     def both(directory: str, *more: str) -> None:  # one process accumulating two batches; two sharded processes
         one = qwenaudio_cli(*run, *more, "--accumulate", "2", "--output-dir", tmp_path / directory / "one",
@@ -539,6 +548,9 @@ def test_fsdp_over_two_processes_takes_one_process_s_steps_and_resumes(tiny_ckpt
         losses = [json.loads((tmp_path / run_dir / p / "checkpoint" / "progress.json").read_text())["losses"]
                   for p in ("one", "two")]
         assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+        held_out = [json.loads((tmp_path / run_dir / p / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
+                    for p in ("one", "two")]
+        assert held_out[0] == pytest.approx(held_out[1], rel=1e-5)
     models = [load_checkpoint(tmp_path / "whole" / p / "model", dtype=torch.float32) for p in ("one", "two")]
     assert set(models[0]) == set(models[1]) == set(initial)
     for name, tensor in models[0].items():

@@ -267,6 +267,10 @@ class TrainConfig:
         if self.shard and self.lora:
             raise InputError("shard (--fsdp) splits full fine-tuning's weights over the processes; a LoRA adapter is "
                              "small enough to train data-parallel: leave it off")
+        if self.shard and self.eval_task:
+            raise InputError("eval_task (--eval-task) with shard (--fsdp): a sharded model computes only with every "
+                             "process in step, and each process's replies end at their own length; score the result "
+                             "with `qwenaudio evaluate` instead (eval_loss is still computed)")
         for name in ("steps", "batch_size", "accumulate"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
