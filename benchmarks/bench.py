@@ -1,6 +1,7 @@
 """Speed of qwenaudio against its closest maintained peer, on the same weights in the same process.
 
-    python benchmarks/bench.py [--dtypes float32 bfloat16] [--decoder-layers 2] [--encoder-layers 2] [--json out.json]
+    python benchmarks/bench.py [--dtypes float32 bfloat16] [--decoder-layers 2] [--encoder-layers 2] [--device cuda]
+                               [--json out.json]
 
 The peer is transformers' Qwen2-Audio encoder and Qwen2 decoder (`Qwen2AudioEncoder`, `Qwen2ForCausalLM`) with
 our tensors loaded into them (q/k/v split out of c_attn; up = w1, gate = w2, down = c_proj); below seq_length
@@ -17,14 +18,17 @@ so a CPU finishes in minutes; the layer counts are printed with the results. Eac
   the static KV cache (what generation runs), eager and then compiled (`compile_decoding`, torch.compile fullgraph); the
   peer is a forward with its DynamicCache, as HF generate runs it;
 - time to first token: encoder + prefill for the 30 s request; real-time factor: that plus 32 decoded tokens, / 30 s.
-Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 (`qwenaudio.quantize`, bf16
-activations) against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Last, the
-process's peak resident set size.
+Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 and in int4 (bf16 activations)
+against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Decoding one token reads every
+decoder weight once, so each decode batch-1 row also reports that traffic in GB/s and as a share of the device's
+stream bandwidth, measured in the same run (a copy of 1 GiB). Last, the peak memory: the process's resident set on
+a CPU, the GPU's allocated memory on CUDA (where decoding is compiled with CUDA graphs, mode="reduce-overhead").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -43,6 +47,7 @@ from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, KVCache
 from qwenaudio.core.encoder import AudioEncoder
 from qwenaudio.core.generate import compile_decoding, decode_one_token, prefill
+from qwenaudio.core.int4 import quantize_int4
 from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.testing import tiny_config
 
@@ -50,44 +55,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from tests.peers import qwen2_audio_encoder_weights, qwen2_decoder_weights  # noqa: E402
 
 PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags
+CUDA_GRAPHS: dict = {}  # compile_decoding's options: mode="reduce-overhead" on CUDA
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
+    """Median seconds of `repeats` calls after one warm-up (on a GPU, until its queued work is done)."""
     fn()
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int):
-    """Our encoder and decoder with random full-width weights, and the peer modules sharing those tensors."""
-    config = QwenAudioConfig.from_dict(tiny_config(hidden_size=4096, num_attention_heads=32, kv_channels=128,
-                                                   intermediate_size=22016, num_hidden_layers=decoder_layers,
-                                                   n_state=1280, n_head=20, n_layer=encoder_layers))
+def stream_bandwidth() -> float:
+    """GB/s of the device copying 1 GiB (read plus write), the ceiling a weight-streaming decode step can reach."""
+    source = torch.empty(2**28, dtype=torch.float32, device=DEVICE).fill_(1.0)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / timed(lambda: target.copy_(source), 5) / 1e9
+
+
+def weight_bytes(decoder: Decoder) -> int:
+    """Bytes a decoding step reads: every parameter and buffer of the decoder but the embedding table (one row a
+    token) and the KV cache (not a module buffer)."""
+    tensors = [*decoder.parameters(), *decoder.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) - decoder.wte.weight.numel() * \
+        decoder.wte.weight.element_size()
+
+
+FULL_WIDTH = {"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "intermediate_size": 22016,
+              "n_state": 1280, "n_head": 20}
+
+
+def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int, full_width: bool = True):
+    """Our encoder and decoder with random weights (full width, or the tiny test model's for a smoke run), and the
+    peer modules sharing those tensors."""
+    config = QwenAudioConfig.from_dict(tiny_config(**(FULL_WIDTH if full_width else {}),
+                                                   num_hidden_layers=decoder_layers, n_layer=encoder_layers))
+    a = config.audio
     torch.manual_seed(0)
     with torch.device("meta"):
         encoder, decoder = AudioEncoder(config.audio), Decoder(config)
     for module in (encoder, decoder):
-        module.to_empty(device="cpu").to(dtype).eval()
+        module.to_empty(device=DEVICE).to(dtype).eval()
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)
     encoder.positional_embedding.normal_()
 
     peer_encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(
-        num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=20, encoder_ffn_dim=5120,
-        d_model=1280, max_source_positions=1500)).to(dtype).eval()
+        num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=a.n_head, encoder_ffn_dim=4 * a.n_state,
+        d_model=a.n_state, max_source_positions=1500)).to(DEVICE, dtype).eval()
     peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
 
+    heads = config.num_attention_heads
     peer = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=config.vocab_size, hidden_size=4096, intermediate_size=config.mlp_width,
-        num_hidden_layers=decoder_layers, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.mlp_width,
+        num_hidden_layers=decoder_layers, num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-6,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
-        attn_implementation="sdpa")).to(dtype).eval()
+        attn_implementation="sdpa")).to(DEVICE, dtype).eval()
     peer.load_state_dict(qwen2_decoder_weights(decoder.state_dict()), strict=True, assign=True)
     return encoder, decoder, peer_encoder, peer
 
@@ -95,8 +132,9 @@ def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int):
 class Table:
     """Rows printed as they come and kept for JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: float) -> None:
         self.rows: list[dict] = []
+        self.stream = stream  # GB/s
         print(f"{'benchmark':<32} {'dtype':<11} {'unit':<6} {'qwenaudio':>10} {'transformers':>13} {'speedup':>8}")
 
     def add(self, name: str, dtype: str, unit: str, ours: float, theirs: float, higher_is_better: bool) -> None:
@@ -104,6 +142,15 @@ class Table:
         self.rows.append({"benchmark": name, "dtype": dtype, "unit": unit, "qwenaudio": ours, "transformers": theirs,
                           "speedup": ratio})
         print(f"{name:<32} {dtype:<11} {unit:<6} {ours:>10.3f} {theirs:>13.3f} {ratio:>7.2f}x", flush=True)
+
+    def traffic(self, name: str, dtype: str, bytes_per_second: float) -> None:
+        """Our decoding step's weight traffic, against the device's stream bandwidth."""
+        rate = bytes_per_second / 1e9
+        name = "weights read, " + name.removeprefix("decode ")
+        self.rows.append({"benchmark": name, "dtype": dtype, "unit": "GB/s", "qwenaudio": rate,
+                          "stream_share": rate / self.stream})
+        print(f"{name:<32} {dtype:<11} {'GB/s':<6} {rate:>10.1f} {'':>13} {rate / self.stream:>7.0%} of stream",
+              flush=True)
 
 
 def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
@@ -125,12 +172,13 @@ def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
 def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, step=decode_one_token):
     """A function running `steps` of our decoding steps (`step`: decode_one_token, or it compiled) after
     prefilling `prompt`."""
-    cache = KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype)
+    cache = KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype, DEVICE)
     prefill(decoder, cache, prompt)
+    slots = [torch.tensor([PROMPT_TOKENS + t], device=DEVICE) for t in range(steps)]
 
     def run():
-        for t in range(steps):
-            step(decoder, cache, next_ids, torch.tensor([PROMPT_TOKENS + t]))
+        for slot in slots:
+            step(decoder, cache, next_ids, slot)
 
     return run
 
@@ -139,17 +187,18 @@ def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, s
 def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[Decoder, object]:
     """Every row for one dtype; returns our decoder and the peer (for the int8 rows)."""
     dtype, short = getattr(torch, name), SHORT[name]
-    encoder, decoder, peer_encoder, peer = build(dtype, args.decoder_layers, args.encoder_layers)
+    encoder, decoder, peer_encoder, peer = build(dtype, args.decoder_layers, args.encoder_layers,
+                                                 full_width=not args.tiny)
     for seconds in (5, 30):
         samples = seconds * 16000
-        mel = log_mel_spectrogram(torch.randn(samples) * 0.1)[None].to(dtype)
+        mel = log_mel_spectrogram(torch.randn(samples) * 0.1)[None].to(DEVICE, dtype)
         ours = timed(lambda: encoder.encode(mel, [samples]), args.repeats)
         theirs = timed(lambda: encoder.proj(peer_encoder(mel).last_hidden_state), args.repeats)  # it needs 30 s
         table.add(f"encoder {seconds} s", short, "s", ours, theirs, higher_is_better=False)
     encoder_ours, encoder_peer = ours, theirs  # 30 s
 
-    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
-    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, dtype)
+    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
+    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, dtype, DEVICE)
     prefill_ours = timed(lambda: prefill(decoder, cache, ids), args.repeats)
     prefill_peer = timed(lambda: peer(ids, use_cache=True, logits_to_keep=1), args.repeats)
     table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
@@ -157,9 +206,9 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
 
     steps: dict[tuple[int, bool], float] = {}
     for compiled in (False, True):
-        step = compile_decoding() if compiled else decode_one_token
+        step = compile_decoding(**CUDA_GRAPHS) if compiled else decode_one_token
         for batch in (1, 8):
-            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
+            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
             ours = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, step), args.repeats)
             if not compiled:
                 theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
@@ -168,6 +217,8 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
             label = f"decode batch {batch}" + (", compiled" if compiled else "")
             table.add(label, short, "tok/s", batch / steps[batch, compiled], peer_figures[name][f"decode {batch}"],
                       True)
+            if batch == 1:
+                table.traffic(label, short, weight_bytes(decoder) / steps[batch, compiled])
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
@@ -177,22 +228,28 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
 
 
 @torch.no_grad()
-def measure_int8(table: Table, decoder: Decoder, peer, args, peer_figures: dict) -> None:
-    """Ours with int8 linears (bf16 activations) against the peer's bf16 and, when measured, fp32 figures."""
-    quantize_int8(decoder)  # the peer keeps the bf16 tensors
-    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS))
-    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype)
+def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_figures: dict) -> None:
+    """Ours with int8 or int4 linears (bf16 activations) against the peer's bf16 and, when measured, fp32 figures.
+    `decoder` is quantized in place."""
+    (quantize_int8 if method == "int8" else quantize_int4)(decoder)  # the peer keeps the bf16 tensors
+    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
+    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype, DEVICE)
     rates = {"prefill": PROMPT_TOKENS / timed(lambda: prefill(decoder, cache, ids), args.repeats)}
-    for batch in (1, 8):
-        prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1))
-        seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps), args.repeats)
-        rates[f"decode {batch}"] = batch * args.decode_steps / seconds
-    for peer_dtype, figures in peer_figures.items():
-        short = f"int8/{SHORT[peer_dtype]}"
-        table.add("prefill 30 s prompt", short, "tok/s", rates["prefill"], figures["prefill"], True)
+    for compiled in (False, True):
+        step = compile_decoding(**CUDA_GRAPHS) if compiled else decode_one_token
         for batch in (1, 8):
-            table.add(f"decode batch {batch}", short, "tok/s", rates[f"decode {batch}"], figures[f"decode {batch}"],
-                      True)
+            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
+            seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, step), args.repeats)
+            rates[f"decode {batch}" + (", compiled" if compiled else "")] = batch * args.decode_steps / seconds
+    for peer_dtype, figures in peer_figures.items():
+        short = f"{method}/{SHORT[peer_dtype]}"
+        table.add("prefill 30 s prompt", short, "tok/s", rates["prefill"], figures["prefill"], True)
+        for label in ("decode 1", "decode 8", "decode 1, compiled", "decode 8, compiled"):
+            batch = label.split(",")[0].split()[1]
+            table.add(label.replace("decode", "decode batch"), short, "tok/s", rates[label],
+                      figures[f"decode {batch}"], True)
+    for label in ("decode 1", "decode 1, compiled"):
+        table.traffic(label.replace("decode", "decode batch"), method, weight_bytes(decoder) * rates[label])
 
 
 def main() -> None:
@@ -202,22 +259,36 @@ def main() -> None:
     parser.add_argument("--encoder-layers", type=int, default=2, help="of 32 in the real model")
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model's widths (a smoke run)")
     parser.add_argument("--json", help="also write the rows and the setup here")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        CUDA_GRAPHS["mode"] = "reduce-overhead"
     setup = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+             "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
              "decoder_layers": args.decoder_layers, "encoder_layers": args.encoder_layers,
-             "dims": "full width, random weights"}
+             "dims": "tiny" if args.tiny else "full width, random weights", "stream_gb_s": stream_bandwidth()}
     print(f"# {setup}")
-    table, peer_figures, modules = Table(), {}, None
-    for name in sorted(args.dtypes, key=lambda n: n == "bfloat16"):  # bf16 last: the int8 rows reuse its modules
+    table, peer_figures, modules = Table(setup["stream_gb_s"]), {}, None
+    for name in sorted(args.dtypes, key=lambda n: n == "bfloat16"):  # bf16 last: the quantized rows reuse it
         modules = None  # free the previous dtype's first
         modules = measure_dtype(table, name, args, peer_figures)
     if "bfloat16" in args.dtypes:
-        measure_int8(table, *modules, args, {k: peer_figures[k] for k in ("bfloat16", "float32") if k in peer_figures})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"{'peak memory (process)':<32} {'':<11} {'GiB':<6} {peak:>10.2f}   (both implementations, shared weights)")
-    table.rows.append({"benchmark": "peak memory (process)", "unit": "GiB", "qwenaudio+transformers": peak})
+        decoder, _ = modules
+        bf16 = copy.deepcopy(decoder)  # int8 quantizes `decoder` in place; int4 starts from bf16 again
+        figures = {k: peer_figures[k] for k in ("bfloat16", "float32") if k in peer_figures}
+        measure_quantized(table, decoder, "int8", args, figures)
+        measure_quantized(table, bf16, "int4", args, figures)
+    if DEVICE.type == "cuda":
+        name, peak = "peak memory (GPU, allocated)", torch.cuda.max_memory_allocated() / 1024**3
+    else:
+        name, peak = "peak memory (process)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"{name:<32} {'':<11} {'GiB':<6} {peak:>10.2f}   (both implementations, shared weights)")
+    table.rows.append({"benchmark": name, "unit": "GiB", "qwenaudio+transformers": peak})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": setup, "rows": table.rows}, f, indent=2)

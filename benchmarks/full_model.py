@@ -1,6 +1,6 @@
 """The full-size model on this machine: load the 16.8 GB checkpoint, transcribe a 30 s clip, report time and memory.
 
-    python benchmarks/full_model.py [--weights DIR] [--modes bf16 int8] [--new-tokens 32] [--json out.json]
+    python benchmarks/full_model.py [--weights DIR] [--modes bf16 int8 int4] [--new-tokens 32] [--json out.json]
 
 The real weights cannot be downloaded here, so the first run writes random weights with the official dimensions
 and layout (`make_tiny_checkpoint` with every dimension set to Qwen-Audio's: 8.4 B parameters, 9 bf16 shards,
@@ -8,6 +8,8 @@ about 17 GB and a few minutes) into DIR, default `weights/random-full-size`. Eac
 so the peak resident set size it reports is its own:
 - bf16: the tensors stay as stored, used in place through safetensors' memory map (no second copy); bf16 compute;
 - int8: the decoder's linears quantized as each tensor is read (`qwenaudio.load(int8=True)`); bf16 activations;
+- int4: the same in int4, groups of 64 (`qwenaudio.load(int4=True)`); a DIR written by `qwenaudio quantize --bits 4`
+  loads pre-quantized in either int mode's place;
 - fp32: everything converted to fp32 (34 GB: does not fit a 24 GB machine; for larger ones).
 The clip is the first 30 s of ../shared/audio/music.wav (noise when that folder is absent). Random weights never
 emit the end token, so generation runs exactly --new-tokens greedy steps. Rows: load, encoder, prefill (the 758-token
@@ -32,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT.parent / "shared" / "audio" / "music.wav"
 SECONDS = 30
-MODES = {"bf16": (torch.bfloat16, False), "int8": (torch.bfloat16, True), "fp32": (torch.float32, False)}
+MODES = {"bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"), "int4": (torch.bfloat16, "int4"),
+         "fp32": (torch.float32, None)}
 
 
 def write_weights(directory: Path) -> None:
@@ -57,9 +60,10 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     from qwenaudio.core.audio import audio_span, load_audio
     from qwenaudio.tasks import asr_task, prompts
 
-    dtype, int8 = MODES[mode]
+    dtype, quantized = MODES[mode]
     start = time.perf_counter()
-    model = qwenaudio.load(weights, device="cpu", dtype=dtype, int8=int8, progress=False)
+    model = qwenaudio.load(weights, device="cpu", dtype=dtype, int8=quantized == "int8", int4=quantized == "int4",
+                           progress=False)
     loaded = time.perf_counter()
     rss_loaded = peak_rss_gib()
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from int8_accuracy import vocab_file  # a sibling script: the real vocabulary, from the dashscope wheel
+from quantization_accuracy import vocab_file  # a sibling script: the real vocabulary, from the dashscope wheel
 
 import qwenaudio
 from qwenaudio.testing import make_tiny_checkpoint

@@ -181,6 +181,33 @@ def test_rows_stop_on_their_own(tokenizer):
     assert decoder.calls == [3, 1, 1, 1, 1]  # one prefill, then one token per step until the last row is done
 
 
+def test_generate_looks_at_the_device_every_few_steps_and_replies_as_step_by_step_decoding(tokenizer, monkeypatch):
+    """`generate` keeps the ids on the device and looks every CHECK_EVERY steps: a batch whose rows end by a stop id,
+    by a stop string in the middle of a block (that row keeps making tokens, cut away), and by the budget gives
+    the replies `generate_steps` gives step by step, with one host look per block instead of one per step."""
+    from qwenaudio.core import generate as generation
+
+    hello, world, bang = tokenizer.encode("Hello world!")
+    scripts = [[hello, 151643, 42], [hello, world, bang, 42], [bang] * 30]
+    config = GenerationConfig(max_new_tokens=20, stop_strings=("world",))
+    stepwise = [[] for _ in scripts]
+    done = [False] * len(scripts)
+    for ids, finished in generate_steps(ScriptedDecoder(scripts), tokenizer, torch.zeros(3, 2, dtype=torch.long),
+                                        config=config):
+        for row, (token, end) in enumerate(zip(ids.tolist(), finished.tolist())):
+            if not done[row] and not (end and token in config.stop_token_ids):
+                stepwise[row].append(token)
+            done[row] = done[row] or end
+    looks = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: looks.append(t.shape) or real_tolist(t))
+    decoder = ScriptedDecoder(scripts)
+    assert generate(decoder, tokenizer, torch.zeros(3, 2, dtype=torch.long), config=config) == stepwise
+    assert stepwise == [[hello], [hello, world], [bang] * 20]
+    assert looks == [(3, 8), (3, 8), (3, 8), (3, 8), (3, 4), (3, 4)]  # ids and stop flags, after steps 8, 16, 20
+    assert decoder.calls == [2] + [1] * 19 and generation.CHECK_EVERY == 8
+
+
 def test_stop_strings_end_a_row(tokenizer):
     hello, world, bang = tokenizer.encode("Hello world!")
     decoder = ScriptedDecoder([[hello, world, bang, 42, 42]])

@@ -24,6 +24,7 @@ import torch
 from . import evaluation, finetune, lora, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_process_group, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
+from .core import int4
 from .core.audio import SAMPLE_RATE
 from .core.checkpoint import load_checkpoint
 from .core.errors import InputError, QwenAudioError, TrainingError
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             args.plan = evaluation.plan(
                 args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
                 caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                model_name=args.model + (" (int8)" if args.int8 else "") +
+                model_name=args.model + (" (int8)" if args.int8 else "") + (" (int4)" if args.int4 else "") +
                 (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.world > 1 and args.device == "cuda" else args.device
     try:
-        model = args.model and load(args.model, device=device, dtype=args.dtype, int8=args.int8,
+        model = args.model and load(args.model, device=device, dtype=args.dtype, int8=args.int8, int4=args.int4,
                                     adapter=args.adapter, progress=args.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)
@@ -228,14 +229,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                             "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
     check.add_argument("--out", type=Path, help="with --model: also save our trace here")
     _model_options(check, None, verify_traces)
-    shrink = commands.add_parser("quantize", help="write an int8 copy of a checkpoint",
+    shrink = commands.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint",
                                  description="Copy checkpoint directory SOURCE to TARGET with the decoder's linears in "
                                              "int8 plus per-row scales (9.68 GB on disk for Qwen-Audio instead of "
-                                             "16.79); "
-                                             "qwenaudio loads it in int8 as it is.")
+                                             "16.79), or in int4 with per-group scales and zeros (6.56 GB); "
+                                             "qwenaudio loads it quantized as it is.")
     shrink.add_argument("source", type=Path, help="a checkpoint directory in the official layout")
     shrink.add_argument("target", type=Path, help="the directory to write (new or empty; built aside, then renamed)")
     shrink.add_argument("--overwrite", action="store_true", help="replace TARGET if it holds files")
+    shrink.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8 (default) or 4")
+    shrink.add_argument("--group-size", type=int, choices=int4.GROUP_SIZES, default=int4.DEFAULT_GROUP_SIZE,
+                        help=f"--bits 4: inputs sharing a scale and a zero; default {int4.DEFAULT_GROUP_SIZE}")
     shrink.set_defaults(model=None, run=quantize_checkpoint, dtype=None, device=None, adapter=None)
     fold = commands.add_parser("merge", help="fold a LoRA adapter into its base checkpoint",
                                description="Write BASE with ADAPTER's updates added to its weights, as a checkpoint "
@@ -243,7 +247,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     fold.add_argument("base", metavar="BASE", help="the base checkpoint directory or repo id")
     fold.add_argument("adapter_dir", type=Path, metavar="ADAPTER", help="a LoRA adapter directory (peft format)")
     fold.add_argument("target", type=Path, metavar="TARGET", help="the directory to write (new or empty)")
-    fold.set_defaults(model=None, run=merge_adapter, dtype=None, device=None, adapter=None, int8=False)
+    fold.set_defaults(model=None, run=merge_adapter, dtype=None, device=None, adapter=None, int8=False, int4=False)
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
         check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
@@ -284,6 +288,10 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
     parser.add_argument("--int8", action="store_true",
                         help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead of "
                              "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
+                             "without it")
+    parser.add_argument("--int4", action="store_true",
+                        help="quantize the decoder's linears to int4 (groups of 64) while loading: about half of "
+                             "int8's memory, inference only; int4 checkpoints (quantize --bits 4) load in int4 "
                              "without it")
     parser.add_argument("--adapter", type=Path, metavar="DIR",
                         help="a LoRA adapter (qwenaudio finetune's, or peft's for Qwen-Audio) applied on load")
@@ -505,6 +513,8 @@ def plan_finetune(args: argparse.Namespace) -> None:
         raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
     if args.int8 and not adapter:
         raise InputError("--int8: int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
+    if args.int4:
+        raise InputError("--int4: int4 layers run inference only; train a LoRA adapter over --int8")
     if not adapter:
         args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights (LoRA's are fp32 anyway)
 
@@ -604,7 +614,8 @@ def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
 
 
 def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
-    return _write_checkpoint(lambda: save_quantized(args.source, args.target, overwrite=args.overwrite,
+    return _write_checkpoint(lambda: save_quantized(args.source, args.target, bits=args.bits,
+                                                    group_size=args.group_size, overwrite=args.overwrite,
                                                     progress=report_progress), args.target)
 
 

@@ -25,11 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import QwenAudioConfig
+from .config import QUANTIZATION_METHODS, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import CheckpointError
 from .files import write_text, writing
+from .int4 import quantize_int4
 from .int8 import quantize_int8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,22 +76,29 @@ def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
 
     Read off our own modules, built on the meta device (no memory): their state (parameters and persistent
     buffers) under official names, ordered as the official tree stores them, `transformer.*` before `lm_head.*`.
-    A quantized checkpoint (`qwenaudio quantize`) keeps every tensor and adds the int8 layers' per-row
-    `*.weight_scale` after them, in the decoder's order. tests/golden/official_tensors.py holds the table
-    written by hand from the official checkpoint's index.
+    A quantized checkpoint (`qwenaudio quantize`) keeps every tensor (an int4 weight packed two a byte) and
+    adds the int8 layers' per-row `*.weight_scale`, or the int4 layers' per-group `*.weight_scale` and
+    `*.weight_zero`, after them, in the decoder's order. tests/golden/official_tensors.py holds the table written
+    by hand from the official checkpoint's index.
     """
     with torch.device("meta"):
         encoder, decoder = AudioEncoder(config.audio), Decoder(config)
     shapes = _state_shapes("decoder", decoder) | _state_shapes("encoder", encoder)
     shapes = dict(sorted(shapes.items(), key=lambda item: item[0].startswith(UNPREFIXED)))  # stable: lm_head.* last
-    if config.quantization:  # int8 weights keep their names, shapes and places; the new scales go last
-        shapes |= _state_shapes("decoder", quantize_int8(decoder))
+    if config.quantization:  # quantized weights keep their names and places; the new scales (and zeros) go last
+        shapes |= _state_shapes("decoder", quantize_layout(decoder, config.quantization,
+                                                           config.quantization_group_size))
     return shapes
 
 
 def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
     """Shapes of a module's state dict (its parameters and persistent buffers), by official name."""
     return {official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
+
+
+def quantize_layout(decoder: nn.Module, method: str, group_size: int | None) -> nn.Module:
+    """`decoder` with its linears swapped for `method`'s layers ("int8-weight-only" or "int4-weight-only")."""
+    return quantize_int8(decoder) if method == QUANTIZATION_METHODS[0] else quantize_int4(decoder, group_size)
 
 
 def quantized_names(config: QwenAudioConfig) -> list[str]:

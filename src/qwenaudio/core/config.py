@@ -65,8 +65,14 @@ class QwenAudioConfig:
 
     @property
     def quantization(self) -> str | None:
-        """"int8-weight-only" for checkpoints written by `qwenaudio.quantize.save_quantized`, else None."""
+        """"int8-weight-only" or "int4-weight-only" for checkpoints written by `qwenaudio.quantize.save_quantized`,
+        else None."""
         return self.extra.get("quantization")
+
+    @property
+    def quantization_group_size(self) -> int | None:
+        """An int4 checkpoint's group size (inputs sharing a scale and a zero)."""
+        return self.extra.get("quantization_group_size")
 
     @property
     def context_length(self) -> int:
@@ -225,7 +231,8 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-QUANTIZATION_METHODS = ("int8-weight-only",)  # config.json "quantization" values we can load (not official)
+# config.json "quantization" values we can load (ours, not official)
+QUANTIZATION_METHODS = ("int8-weight-only", "int4-weight-only")
 
 _KINDS = {"int": int, "float": float, "bool": bool}
 
@@ -280,6 +287,8 @@ def _check_supported(c: QwenAudioConfig, source: str) -> None:
         (c.audio.avg_pool, "audio.avg_pool false is not supported"),
         (c.quantization in (None, *QUANTIZATION_METHODS),
          f"quantization {c.quantization!r} is not supported (only {', '.join(QUANTIZATION_METHODS)})"),
+        (c.quantization != QUANTIZATION_METHODS[1] or c.quantization_group_size in (32, 64, 128),
+         f"quantization_group_size {c.quantization_group_size!r} must be 32, 64 or 128 for int4"),
         (c.audio.add_audio_bos_eos_token, "audio.add_audio_bos_eos_token false is not supported"),
         (c.audio.audio_end_id < c.vocab_size,
          f"audio.audio_start_id ({c.audio.audio_start_id}) leaves `</audio>` outside vocab_size ({c.vocab_size})"),

@@ -152,38 +152,65 @@ def generate_steps(
     A row's stop token is yielded in the step it finishes, then padding; callers cut each row at its stop.
     A `cache` kept from an earlier call (a conversation's previous turn) is reused: when it `extends` to these ids
     only the new ones are prefilled; it grows when too small. Without one, a cache is made for this call.
+    Each step is handed over as it is made, which streaming needs; `generate` keeps them on the device instead.
     """
-    b, s = input_ids.shape
-    device = input_ids.device
-    audio = list(audio or [])
-    config = _fit_context(config, s, decoder.config.context_length)
-    generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
-    stops = torch.tensor(config.stop_token_ids, device=device)
-    reuse = cache is not None and attention_mask is None and extends(decoder, cache, input_ids, audio)
-    start = cache.length if reuse else 0
-    cache = fit(decoder, cache, b, s + config.max_new_tokens)
-    logits = prefill(decoder, cache, input_ids, attention_mask, audio, start)
-    step_fn = _compiled_step or decode_one_token
-    replies: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, cache)
+    config = decoding.config
+    replies: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for step in range(config.max_new_tokens):
-        candidates = logits if config.full_vocab else logits[:, : len(tokenizer)]
-        scores = process_logits(candidates.float(), cache.ids, step, config)
-        ids = choose(scores, config, generator).masked_fill(done, config.pad_token_id)
-        finished = ~done & torch.isin(ids, stops)
+        ids, finished = decoding.choose(step)
         if config.stop_strings:
-            for row in (~done & ~finished).nonzero().flatten().tolist():
+            for row in (~decoding.done & ~finished).nonzero().flatten().tolist():
                 replies[row].append(int(ids[row]))
-                text = tokenizer.decode(replies[row][-64:])
-                finished[row] = any(stop in text for stop in config.stop_strings)
+                finished[row] = _stop_string_ends(tokenizer, replies[row], config.stop_strings)
         if step == config.max_new_tokens - 1:
-            finished |= ~done
+            finished |= ~decoding.done
         yield ids, finished
-        done |= finished
-        if done.all():
+        decoding.done |= finished
+        if decoding.done.all():
             return
-        cache.ids = torch.cat([cache.ids, ids[:, None]], dim=1)
-        logits = step_fn(decoder, cache, ids[:, None], torch.tensor([s + step], device=device))
+        decoding.feed(ids, step)
+
+
+class _Decoding:
+    """What both generation loops share: the prompt prefilled into a KV cache, then, per step, the next ids and
+    which rows a stop id ends (`choose`), and feeding them back (`feed`). Nothing here waits for the device."""
+
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, input_ids: Tensor, attention_mask: Tensor | None,
+                 audio: Sequence[Tensor] | None, config: GenerationConfig, cache: KVCache | None):
+        b, s = input_ids.shape
+        device = input_ids.device
+        audio = list(audio or [])
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.config = config = _fit_context(config, s, decoder.config.context_length)
+        self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
+        self.stops = torch.tensor(config.stop_token_ids, device=device)
+        reuse = cache is not None and attention_mask is None and extends(decoder, cache, input_ids, audio)
+        start = cache.length if reuse else 0
+        self.cache = fit(decoder, cache, b, s + config.max_new_tokens)
+        self.logits = prefill(decoder, self.cache, input_ids, attention_mask, audio, start)
+        self.slots = torch.arange(s, s + config.max_new_tokens, device=device)  # made once: no copy per step
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def choose(self, step: int) -> tuple[Tensor, Tensor]:
+        """(next ids [B], rows a stop id ends now [B]); finished rows get padding."""
+        config = self.config
+        candidates = self.logits if config.full_vocab else self.logits[:, : len(self.tokenizer)]
+        scores = process_logits(candidates.float(), self.cache.ids, step, config)
+        ids = choose(scores, config, self.generator).masked_fill(self.done, config.pad_token_id)
+        return ids, ~self.done & torch.isin(ids, self.stops)
+
+    def feed(self, ids: Tensor, step: int) -> None:
+        """Step `step`'s ids into the cache, and the logits of the next step."""
+        self.cache.ids = torch.cat([self.cache.ids, ids[:, None]], dim=1)
+        step_fn = _compiled_step or decode_one_token
+        self.logits = step_fn(self.decoder, self.cache, ids[:, None], self.slots[step : step + 1])
+
+
+def _stop_string_ends(tokenizer: Tokenizer, reply: list[int], stop_strings: Sequence[str]) -> bool:
+    """Whether the reply so far ends in (holds) a stop string: its last 64 tokens decoded."""
+    text = tokenizer.decode(reply[-64:])
+    return any(stop in text for stop in stop_strings)
 
 
 def _fit_context(config: GenerationConfig, prompt: int, context: int) -> GenerationConfig:
@@ -200,6 +227,9 @@ def _fit_context(config: GenerationConfig, prompt: int, context: int) -> Generat
     return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
 
+CHECK_EVERY = 8  # decoding steps between `generate`'s looks at what the device made
+
+
 def generate(
     decoder: Decoder,
     tokenizer: Tokenizer,
@@ -209,15 +239,42 @@ def generate(
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
 ) -> list[list[int]]:
-    """New ids of each row, up to (not including) its stop token."""
-    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    done = [False] * len(rows)
-    for ids, finished in generate_steps(decoder, tokenizer, input_ids, attention_mask=attention_mask, audio=audio,
-                                        config=config):
-        for row, (token, end) in enumerate(zip(ids.tolist(), finished.tolist())):
-            if not done[row] and not (end and token in config.stop_token_ids):
-                rows[row].append(token)
-            done[row] = done[row] or end
+    """New ids of each row, up to (not including) its stop token.
+
+    The ids stay on the device, and the host looks at them every CHECK_EVERY steps (has every row stopped? has a
+    stop string appeared?), so a GPU is never kept waiting for Python between tokens. Rows are independent, so a
+    row whose stop string is found a few steps late has only made tokens that are cut away, and the replies equal
+    `generate_steps`' step by step; the loop ends at most CHECK_EVERY - 1 steps after the last row stops.
+    """
+    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, None)
+    config, b = decoding.config, input_ids.shape[0]
+    made = torch.empty((b, config.max_new_tokens), dtype=torch.long, device=input_ids.device)
+    by_stop_id = torch.empty((b, config.max_new_tokens), dtype=torch.bool, device=input_ids.device)
+    rows: list[list[int]] = [[] for _ in range(b)]
+    ended = [False] * b
+    looked = 0
+    for step in range(config.max_new_tokens):
+        ids, finished = decoding.choose(step)
+        made[:, step], by_stop_id[:, step] = ids, finished
+        decoding.done |= finished
+        last = step == config.max_new_tokens - 1
+        if last or (step + 1) % CHECK_EVERY == 0:
+            block = zip(made[:, looked : step + 1].tolist(), by_stop_id[:, looked : step + 1].tolist())
+            for row, (tokens, stopped) in enumerate(block):
+                for token, stop in zip(tokens, stopped):
+                    if ended[row]:
+                        break
+                    ended[row] = stop
+                    if not stop:
+                        rows[row].append(token)
+                        ended[row] = bool(config.stop_strings) and _stop_string_ends(tokenizer, rows[row],
+                                                                                   config.stop_strings)
+                if ended[row]:
+                    decoding.done[row] = True  # padding from now on, as generate_steps would feed it
+            looked = step + 1
+            if last or all(ended):
+                break
+        decoding.feed(ids, step)
     return rows
 
 

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
-from .checkpoint import PREFIXES, load_checkpoint, quantized_names, split_state
-from .config import GenerationConfig, QwenAudioConfig
+from .checkpoint import PREFIXES, load_checkpoint, quantize_layout, quantized_names, split_state
+from .config import QUANTIZATION_METHODS, GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
-from .int8 import quantize_int8, quantizer
+from .int4 import DEFAULT_GROUP_SIZE
+from .int4 import quantizer as int4_quantizer
+from .int8 import quantizer as int8_quantizer
 from .tokenizer import Tokenizer
 
 
@@ -143,25 +145,27 @@ def as_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
-         int8: bool = False, true_positions: bool = False,
+         int8: bool = False, int4: bool = False, true_positions: bool = False,
          progress: Callable[[int, int], None] | None = None) -> QwenAudio:
     """Load the checkpoint directory `path` onto `device` (default: CUDA if available) in `dtype` (a torch dtype or
     a name like "bf16"; default: `default_dtype`). `progress(done, total)` is called after each tensor read.
 
     `int8` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about 10.7 GiB
-    at its peak instead of 15.5 in bf16 (BENCHMARKS.md). A checkpoint written by `qwenaudio quantize` loads in
-    int8 without asking. (`qwenaudio.load` is this plus repo ids and a progress bar.)"""
+    at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `int4` (`int4.py`, inference only) to int4 in groups
+    of 64. A checkpoint written by `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load`
+    is this plus repo ids and a progress bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
-    state = _read(path, config, dtype, device, int8, progress=progress)
+    method, group_size = _quantization(config, int8, int4)
+    state = _read(path, config, dtype, device, method, group_size, progress=progress)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
         model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
-        if int8 or config.quantization:
-            quantize_int8(model.decoder)  # the int8 layout (on meta: no work), filled by load_state_dict
+        if method:
+            quantize_layout(model.decoder, method, group_size)  # the layout (on meta: no work), filled below
     owned = split_state(state)
     model.encoder.load_state_dict(owned["encoder"], assign=True)
     model.decoder.load_state_dict(owned["decoder"], assign=True)
@@ -180,21 +184,41 @@ def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
 
 
 def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                 int8: bool = False, true_positions: bool = False) -> Decoder:
-    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load` for `int8`)."""
+                 int8: bool = False, int4: bool = False, true_positions: bool = False) -> Decoder:
+    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load` for `int8` and
+    `int4`)."""
     config = QwenAudioConfig.from_json(path)
-    state = _read(path, config, as_dtype(dtype), as_device(device), int8)
+    method, group_size = _quantization(config, int8, int4)
+    state = _read(path, config, as_dtype(dtype), as_device(device), method, group_size)
     with torch.device("meta"):
         decoder = Decoder(config, true_positions=true_positions)
-        if int8 or config.quantization:
-            quantize_int8(decoder)
+        if method:
+            quantize_layout(decoder, method, group_size)
     decoder.load_state_dict(split_state(state)["decoder"], assign=True)
     return decoder.eval()
 
 
-def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, int8: bool,
-          progress=None) -> dict[str, Tensor]:
-    """The checkpoint's tensors, the decoder's linears quantized on arrival when `int8` asks for it."""
-    convert = quantizer(quantized_names(config), dtype) if int8 and not config.quantization else None
+def _quantization(config: QwenAudioConfig, int8: bool, int4: bool) -> tuple[str | None, int | None]:
+    """(method, int4 group size) the decoder's linears load in: the checkpoint's own, or the one asked for."""
+    asked = [method for method, wanted in zip(QUANTIZATION_METHODS, (int8, int4)) if wanted]
+    if len(asked) > 1:
+        raise InputError("int8 and int4: choose one")
+    if config.quantization:
+        if asked and asked[0] != config.quantization:
+            raise InputError(f"the checkpoint is already {config.quantization}; load its float original to quantize "
+                             f"it as {asked[0]}")
+        return config.quantization, config.quantization_group_size
+    return (asked[0], DEFAULT_GROUP_SIZE) if asked else (None, None)
+
+
+def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, method: str | None,
+          group_size: int | None, progress=None) -> dict[str, Tensor]:
+    """The checkpoint's tensors, the decoder's linears quantized on arrival when `method` asks for it and the
+    checkpoint is not quantized already."""
+    convert = None
+    if method and not config.quantization:
+        names = quantized_names(config)
+        convert = int8_quantizer(names, dtype) if method == QUANTIZATION_METHODS[0] else int4_quantizer(
+            names, dtype, group_size)
     return load_checkpoint(path, config, dtype=dtype, device=device, progress=progress, convert=convert)
 

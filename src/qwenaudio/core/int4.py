@@ -1,0 +1,210 @@
+"""Int4 weight-only linear layers: about a quarter of bf16's bytes, for running on small machines.
+
+Each row of a weight is cut into groups of `group_size` inputs; a group gets a scale and a zero, and its weights
+become q ∈ 0..15 with w ≈ (q − 8) · scale + zero, the layout torch's int4 kernels read
+(`_weight_int4pack_mm_for_cpu` on CPUs, tinygemm's `_weight_int4pack_mm` on CUDA). Activations stay in the model's
+float dtype; the kernels have no backward, so int4 is for inference (LoRA trains over int8).
+
+Rounding to nearest between a group's min and max spends levels on its extremes. `quantize_weight` then refines
+each group data-free: a few rounds of fitting scale and zero to the current levels by least squares and rounding
+again to the nearest level. Neither half raises the squared error (but for a clamp keeping scales positive), so it
+falls round by round; BENCHMARKS.md tables the reconstruction error per group size with and without it.
+
+A quantized checkpoint stores each quantized `*.weight` as uint8 [out, in / 2] (two levels a byte, the even input
+in the low nibble) next to its `*.weight_scale` and `*.weight_zero` [out, in / group_size], with
+`"quantization": "int4-weight-only"` and `"quantization_group_size"` in config.json; `qwenaudio quantize --bits 4`
+writes one. The kernel's own packed layout differs per device, so it is made when the layer loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import QUANTIZATION_METHODS
+
+METHOD = QUANTIZATION_METHODS[1]  # "int4-weight-only", the value of config.json's "quantization"
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64  # BENCHMARKS.md, "int4": the error of 32 at the speed of 128
+REFINE_ROUNDS = 2  # least-squares rounds after rounding to nearest: two thirds of what eight gain, a quarter the time
+CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
+
+
+def zero_name(weight_name: str) -> str:
+    """`lm_head.weight` -> `lm_head.weight_zero`: where a quantized weight's per-group zeros are stored."""
+    return weight_name + "_zero"
+
+
+def quantize_weight(weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE, refine: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-wise asymmetric int4: (levels uint8 [out, in] in 0..15, scales and zeros fp32 [out, in / group_size])
+    with weight ≈ (levels − 8) · scale + zero, refined (see the module docstring) unless `refine` is off."""
+    out, inputs = weight.shape
+    if group_size not in GROUP_SIZES or inputs % group_size:
+        raise ValueError(f"group size {group_size} must be one of {GROUP_SIZES} and divide the {inputs} inputs")
+    levels = torch.empty(out, inputs, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out, inputs // group_size, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for start in range(0, out, CHUNK_ROWS):
+        w = weight[start : start + CHUNK_ROWS].detach().float().reshape(-1, inputs // group_size, group_size)
+        low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        zero = low + 8 * scale
+        q = _round(w, scale, zero)
+        for _ in range(REFINE_ROUNDS if refine else 0):
+            scale, zero = _fit(w, q - 8, scale, zero)
+            q = _round(w, scale, zero)
+        rows = w.shape[0]
+        levels[start : start + rows] = q.reshape(rows, inputs).to(torch.uint8)
+        scales[start : start + rows], zeros[start : start + rows] = scale.squeeze(-1), zero.squeeze(-1)
+    return levels, scales, zeros
+
+
+def _round(w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """The nearest level of each weight: the best q for a given scale and zero, weight by weight."""
+    return torch.round((w - zero) / scale + 8).clamp(0, 15)
+
+
+def _fit(w: Tensor, centred: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """The least-squares scale and zero of each group for fixed levels (w ≈ centred · scale + zero); a group whose
+    levels are all equal keeps its scale."""
+    n = w.shape[-1]
+    mean_q, mean_w = centred.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+    spread = (centred * centred).mean(-1, keepdim=True) - mean_q * mean_q
+    fitted = ((centred * w).mean(-1, keepdim=True) - mean_q * mean_w) / spread.clamp(min=1e-12)
+    scale = torch.where(spread * n > 1e-6, fitted.clamp(min=1e-8), scale)
+    return scale, mean_w - scale * mean_q
+
+
+def dequantize(levels: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float weight [out, in] that levels, scales and zeros stand for."""
+    group_size = levels.shape[1] // scales.shape[1]
+    centred = levels.to(dtype).reshape(levels.shape[0], -1, group_size) - 8
+    return (centred * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).reshape(levels.shape)
+
+
+def pack(levels: Tensor) -> Tensor:
+    """Levels [out, in] (0..15) as stored: uint8 [out, in / 2], the even input in the low nibble."""
+    return levels[:, ::2] | (levels[:, 1::2] << 4)
+
+
+def unpack(packed: Tensor) -> Tensor:
+    """The inverse of `pack`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """A drop-in for `nn.Linear` (inference only) holding int4 `weight` with per-group `weight_scale` and
+    `weight_zero`.
+
+    It loads the stored layout (`pack`'s) and, at its first product, swaps it for the layout the device's kernel
+    reads, keeping only that one, so the weight costs half a byte a parameter, not one and a half: the kernel
+    computes every product, decoding's rows and prefill's alike (on the 2-core CPU here, 758 rows take 1.2× a bf16
+    matmul's time; converting the weight first takes 1.3×). The swap waits for the first product because while the
+    model loads, the checkpoint's tensors are still held: converting then would hold both layouts of every layer at
+    once. The kernel's layout belongs to the installed torch, so a layer that has computed cannot be saved: int4
+    checkpoints are written from float weights by `qwenaudio quantize --bits 4`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
+                 group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype))
+        self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.packed_for: str | None = None  # the device whose kernel layout `weight` holds, from the first product
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, refine: bool = True) -> Int4Linear:
+        dtype = linear.weight.dtype
+        layer = cls(linear.in_features, linear.out_features, dtype=dtype, group_size=group_size)
+        layer.bias = linear.bias
+        if linear.weight.is_meta:  # the layout only, to be filled by load_state_dict
+            return layer
+        levels, scales, zeros = quantize_weight(linear.weight, group_size, refine)
+        layer.weight, layer.weight_scale, layer.weight_zero = pack(levels), scales.to(dtype), zeros.to(dtype)
+        return layer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.packed_for:
+            raise TypeError(f"{prefix or 'this layer'}: an int4 layer holds its weight as the installed torch's "
+                            "kernel reads it, which is no checkpoint layout; write int4 checkpoints from float "
+                            "weights with qwenaudio quantize --bits 4")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _to_kernel(self) -> None:
+        """Replace the stored layout by the kernel's: the weight packed for this device (rows padded to a multiple
+        of 64, which the kernels need; only lm_head, 155,947 rows, has to be padded) and the scales and zeros as
+        [groups, out, 2]. On CPUs the packing is done in place, 4,096 rows at a time (the kernel's layout keeps
+        each 64 rows apart, and whole, lm_head's levels would take 2.5 GB as int32), so no second copy of the
+        weight is ever made: the allocator would keep the freed one's memory."""
+        device, rows = self.weight.device, -(-self.out_features // 64) * 64
+        both = torch.stack([self.weight_scale, self.weight_zero], dim=-1)
+        if rows != self.out_features:
+            both = torch.cat([both, both.new_zeros(rows - self.out_features, *both.shape[1:])])
+            padding = self.weight.new_full((rows - self.out_features, self.weight.shape[1]), 0x88)  # levels 8: 0
+            self.weight = torch.cat([self.weight, padding])
+        if device.type == "cuda":  # tinygemm: the even input in the high nibble; 8 inner k-tiles where they fit
+            tiles = next(t for t in (8, 4, 2, 1) if self.in_features % (16 * t) == 0)
+            self.weight = torch._convert_weight_to_int4pack(((self.weight << 4) | (self.weight >> 4)), tiles)
+            both = both.to(torch.bfloat16)
+        elif device.type == "cpu":
+            for i in range(0, rows, CHUNK_ROWS):
+                chunk = self.weight[i : i + CHUNK_ROWS]
+                chunk.copy_(torch._convert_weight_to_int4pack_for_cpu(unpack(chunk).to(torch.int32), 1))
+        else:
+            raise ValueError(f"int4 weights run on CPUs and CUDA GPUs, not on {device.type}")
+        self.weight_scale, self.weight_zero = both.transpose(0, 1).contiguous(), None
+        self.packed_for = device.type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("int4 layers have no backward: fine-tune over an int8 (or float) base instead")
+        if self.packed_for is None:
+            self._to_kernel()
+        if x.device.type != self.packed_for:
+            raise RuntimeError(f"int4 weights packed for {self.packed_for} cannot compute on {x.device.type}: load "
+                               "the model onto the device it runs on instead of moving it")
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type == "cuda":
+            y = torch._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.group_size,
+                                          self.weight_scale).to(x.dtype)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
+                                                  self.weight_scale.to(x.dtype))
+        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights in groups of " \
+               f"{self.group_size}"
+
+
+def quantize_int4(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Replace every `nn.Linear` inside `module` (in place) by an `Int4Linear`; returns `module`."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int4Linear.from_linear(child, group_size))
+        else:
+            quantize_int4(child, group_size)
+    return module
+
+
+def quantizer(names: list[str], dtype: torch.dtype | None, group_size: int = DEFAULT_GROUP_SIZE
+              ) -> Callable[[str, Tensor], dict[str, Tensor]]:
+    """A per-tensor hook for `load_checkpoint`: the named weights arrive packed with their scales and zeros (in
+    `dtype`), the rest unchanged, so the peak stays near the int4 size."""
+    wanted = set(names)
+
+    def convert(name: str, tensor: Tensor) -> dict[str, Tensor]:
+        if name not in wanted:
+            return {name: tensor.clone()}  # out of the shard's memory map (see int8.quantizer)
+        levels, scales, zeros = quantize_weight(tensor, group_size)
+        dt = dtype or tensor.dtype
+        return {name: pack(levels), name + "_scale": scales.to(dt), zero_name(name): zeros.to(dt)}
+
+    return convert

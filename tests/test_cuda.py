@@ -1,0 +1,56 @@
+"""The GPU paths against the CPU's, on the tiny checkpoint: fp32 logits, int8 and int4 layers (tinygemm) against
+their dequantized weights, and decoding compiled with CUDA graphs against eager decoding. They need a CUDA GPU and
+skip without one; benchmarks/gpu_check.sh runs them first on a GPU machine."""
+
+import pytest
+import torch
+
+import qwenaudio
+from qwenaudio.core import generate as generation
+from qwenaudio.core.generate import compile_decoding, generate
+from qwenaudio.core.int4 import Int4Linear, dequantize, quantize_weight
+from qwenaudio.core.int8 import Int8Linear
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_fp32_logits_on_the_gpu_equal_the_cpu_s(tiny_weights):
+    ids = torch.randint(0, 151643, (2, 40), generator=torch.Generator().manual_seed(0))
+    cpu = qwenaudio.load(tiny_weights, device="cpu", dtype=torch.float32, progress=False)
+    gpu = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        expected, got = cpu.decoder.logits(ids), gpu.decoder.logits(ids.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_on_the_gpu_equal_their_dequantized_weights(bits):
+    linear = torch.nn.Linear(256, 200, bias=False).to("cuda", torch.bfloat16)
+    if bits == 8:
+        layer = Int8Linear.from_linear(linear)
+        weight = layer.weight.double() * layer.weight_scale.double()[:, None]
+    else:
+        levels, scales, zeros = quantize_weight(linear.weight, 64)
+        weight = dequantize(levels, scales.bfloat16(), zeros.bfloat16(), torch.float64)
+        layer = Int4Linear.from_linear(linear, 64)
+    for rows in (1, 8, 300):  # decoding's rows and prefill's
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            got = layer(x).double()
+        expected = x.double() @ weight.T
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_decoding_compiled_with_cuda_graphs_equals_eager_decoding(tiny_weights, int4):
+    model = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.bfloat16, int4=int4, progress=False)
+    ids = torch.randint(0, 151643, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    config = model.generation_config.replace(do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    with torch.no_grad():
+        eager = generate(model.decoder, model.tokenizer, ids, config=config)
+        compile_decoding(mode="reduce-overhead")
+        try:
+            compiled = generate(model.decoder, model.tokenizer, ids, config=config)
+        finally:
+            generation._compiled_step = None  # later tests decode eagerly again
+    assert compiled == eager
