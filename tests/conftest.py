@@ -12,6 +12,7 @@ so CI cannot pass by skipping. ./scripts/test installs them all.
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +20,9 @@ from types import ModuleType
 from typing import NoReturn
 
 import pytest
+import torch
 
-from qwenaudio import Tokenizer
+from qwenaudio import Tokenizer, load_audio
 from qwenaudio.testing import make_tiny_checkpoint
 
 VOCAB_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"  # qwen.tiktoken of every checkpoint (docs/MODEL.md#bpe)
@@ -110,3 +112,15 @@ def shared_audio() -> Path:
     if not SHARED_AUDIO.is_dir():
         pytest.skip(reason="the shared recordings (../shared/audio) are not on this machine")
     return SHARED_AUDIO
+
+
+def golden_prompt_logits(case: str, *models) -> list[torch.Tensor]:
+    """Each model's logits at the real positions of a golden generation prompt (teacher forced), [positions, vocab]:
+    how the quantization tests compare variants of one checkpoint."""
+    c = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["generation"][case]
+    clips = [load_audio(ROOT / u) for urls in c["audio_urls"] for u in urls]
+    batch = models[0].tokenizer.encode_batch(c["texts"], audio_spans=c["audio_span_tokens"])
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        return [m.decoder.logits(batch.input_ids, batch.attention_mask, m.encode_audio(clips))[real] for m in models]
+

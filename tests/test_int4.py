@@ -8,15 +8,13 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import InputError, load_audio
+from qwenaudio import InputError
 from qwenaudio.core import int4
 from qwenaudio.core.checkpoint import quantized_names, read_header
 from qwenaudio.core.int4 import Int4Linear, dequantize, pack, quantize_int4, quantize_weight, unpack
 from qwenaudio.quantize import save_quantized
 
-from .conftest import GOLDEN, ROOT
-
-CASES = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["generation"]
+from .conftest import ROOT, golden_prompt_logits
 
 
 def relative_error(w: torch.Tensor, levels, scales, zeros) -> float:
@@ -141,12 +139,5 @@ def test_the_int4_model_is_the_float_model_with_its_dequantized_weights(tiny_ckp
         if isinstance(module, torch.nn.Linear):
             levels, scales, zeros = quantize_weight(module.weight)
             module.weight.data = dequantize(levels, scales, zeros, torch.float64).float()
-    c = CASES[case]
-    clips = [load_audio(ROOT / u) for urls in c["audio_urls"] for u in urls]
-    batch = reference.tokenizer.encode_batch(c["texts"], audio_spans=c["audio_span_tokens"])
-    with torch.no_grad():
-        logits = [m.decoder.logits(batch.input_ids, batch.attention_mask, m.encode_audio(clips))
-                  for m in (quantized, reference)]
-    real = batch.attention_mask.bool()
-    torch.testing.assert_close(logits[0][real], logits[1][real], rtol=1e-4,
-                               atol=1e-4 * float(logits[1][real].abs().max()))
+    ours, theirs = golden_prompt_logits(case, quantized, reference)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))

@@ -11,14 +11,12 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import ConfigError, InputError, load_audio
+from qwenaudio import ConfigError, InputError
 from qwenaudio.core import int8
 from qwenaudio.core.int8 import Int8Linear, quantize_int8, quantize_weight
 from qwenaudio.quantize import save_quantized
 
-from .conftest import GOLDEN, ROOT
-
-CASES = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["generation"]
+from .conftest import golden_prompt_logits
 
 
 def test_weight_round_trip_is_within_half_a_step():
@@ -176,15 +174,7 @@ def test_int8_agrees_with_fp32_wherever_fp32_is_decided(models, case):
     """Measured on the tiny checkpoint: logits within 1.4e-2 relative of fp32. Random weights give nearly flat
     next-token distributions, so greedy runs drift apart where fp32's top two are closer than the quantization
     error; wherever fp32's margin exceeds twice that error, int8 must pick the same token."""
-    fp32, int8 = models
-    c = CASES[case]
-    clips = [load_audio(ROOT / u) for urls in c["audio_urls"] for u in urls]
-    batch = fp32.tokenizer.encode_batch(c["texts"], audio_spans=c["audio_span_tokens"])
-    with torch.no_grad():
-        logits = [m.decoder.logits(batch.input_ids, batch.attention_mask, m.encode_audio(clips))
-                  for m in (fp32, int8)]
-    real = batch.attention_mask.bool()
-    exact, quantized = logits[0][real], logits[1][real]
+    exact, quantized = golden_prompt_logits(case, *models)
     error = (quantized - exact).abs().amax(-1)
     assert (error.max() / exact.abs().max()) < 2e-2
     top2 = exact.topk(2, dim=-1).values

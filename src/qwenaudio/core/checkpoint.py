@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -209,15 +209,27 @@ def load_checkpoint(
         return {n: torch.empty(headers[n][1], dtype=_read_dtype(headers[n][0], dtype), device="meta") for n in wanted}
     state: dict[str, dict[str, torch.Tensor]] = {}  # by name as stored: what it became
     for file in sorted({files[n] for n in wanted}):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.startswith(prefix) and name in files:
-                    tensor = f.get_tensor(name)
-                    tensor = tensor.to(device, _read_dtype(tensor.dtype, dtype))
-                    state[name] = convert(name, tensor) if convert else {name: tensor}
-                    if progress:
-                        progress(len(state), len(wanted))
+        for name, tensor in _shard_tensors(file, [n for n in wanted if files[n] == file], separately=bool(convert)):
+            tensor = tensor.to(device, _read_dtype(tensor.dtype, dtype))
+            state[name] = convert(name, tensor) if convert else {name: tensor}
+            del tensor
+            if progress:
+                progress(len(state), len(wanted))
     return {k: v for n in wanted for k, v in state[n].items()}
+
+
+def _shard_tensors(file: Path, names: list[str], separately: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of one shard, as views of its memory map. `separately`, each through a map of its own,
+    unmapped as soon as the tensor is dropped: a converting load keeps nothing of the original, and one map per
+    shard would keep every page read so far resident until the shard's last tensor (2 GB at the peak)."""
+    if separately:
+        for name in names:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                yield name, f.get_tensor(name)
+    else:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
 
 
 def _read_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:

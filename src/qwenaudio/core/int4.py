@@ -29,7 +29,7 @@ METHOD = QUANTIZATION_METHODS[1]  # "int4-weight-only", the value of config.json
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64  # BENCHMARKS.md, "int4": the error of 32 at the speed of 128
 REFINE_ROUNDS = 2  # least-squares rounds after rounding to nearest: two thirds of what eight gain, a quarter the time
-CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
+CHUNK_ROWS = 1024  # rows quantized (and packed) at a time: lm_head has 155,947, and each is 4096 fp32 to refine
 
 
 def zero_name(weight_name: str) -> str:
@@ -139,7 +139,7 @@ class Int4Linear(nn.Module):
     def _to_kernel(self) -> None:
         """Replace the stored layout by the kernel's: the weight packed for this device (rows padded to a multiple
         of 64, which the kernels need; only lm_head, 155,947 rows, has to be padded) and the scales and zeros as
-        [groups, out, 2]. On CPUs the packing is done in place, 4,096 rows at a time (the kernel's layout keeps
+        [groups, out, 2]. On CPUs the packing is done in place, CHUNK_ROWS rows at a time (the kernel's layout keeps
         each 64 rows apart, and whole, lm_head's levels would take 2.5 GB as int32), so no second copy of the
         weight is ever made: the allocator would keep the freed one's memory."""
         device, rows = self.weight.device, -(-self.out_features // 64) * 64
@@ -203,8 +203,15 @@ def quantizer(names: list[str], dtype: torch.dtype | None, group_size: int = DEF
     def convert(name: str, tensor: Tensor) -> dict[str, Tensor]:
         if name not in wanted:
             return {name: tensor.clone()}  # out of the shard's memory map (see int8.quantizer)
-        levels, scales, zeros = quantize_weight(tensor, group_size)
+        rows, inputs = tensor.shape
         dt = dtype or tensor.dtype
-        return {name: pack(levels), name + "_scale": scales.to(dt), zero_name(name): zeros.to(dt)}
+        packed = torch.empty(rows, inputs // 2, dtype=torch.uint8, device=tensor.device)
+        scales = torch.empty(rows, inputs // group_size, dtype=dt, device=tensor.device)
+        zeros = torch.empty_like(scales)
+        for start in range(0, rows, CHUNK_ROWS):  # lm_head's levels alone would take 640 MB at once
+            part = slice(start, start + CHUNK_ROWS)
+            levels, scales[part], zeros[part] = quantize_weight(tensor[part], group_size)
+            packed[part] = pack(levels)
+        return {name: packed, name + "_scale": scales, zero_name(name): zeros}
 
     return convert
