@@ -111,6 +111,7 @@ def test_int4_checkpoint_round_trip(tiny_ckpt, tmp_path):
         qwenaudio.load(tiny_ckpt, int8=True, int4=True, progress=False)
 
 
+@pytest.mark.slow
 def test_int4_from_the_command_line(tiny_ckpt, tmp_path):
     from .test_cli import qwenaudio_cli
 

@@ -12,6 +12,7 @@ Both engines hook a module's `forward`, so they wrap `Objective`, whose forward 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -49,9 +50,12 @@ def wrap(model: QwenAudio, world: int, shard: bool) -> nn.Module:
             fully_shard(block, mesh=mesh)
         fully_shard(objective, mesh=mesh)
         return objective
-    # The buffers (rotary tables, positional embedding) are constants: nothing to broadcast before every forward.
+    # The buffers (rotary tables, int8 weights under LoRA) are constants: nothing to send before every forward.
+    # torch 2.13 renamed the switch; the GPU images still run older versions.
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
     return DistributedDataParallel(objective, device_ids=[model.device] if model.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **{quiet: False})
 
 
 @contextmanager
