@@ -117,6 +117,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.packed_for: str | None = None  # the device whose kernel layout `weight` holds, from the first product
+        self._scales_and_zeros: Tensor | None = None  # made when the layer loads
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, refine: bool = True) -> Int4Linear:
@@ -128,6 +129,11 @@ class Int4Linear(nn.Module):
         levels, scales, zeros = quantize_weight(linear.weight, group_size, refine)
         layer.weight, layer.weight_scale, layer.weight_zero = pack(levels), scales.to(dtype), zeros.to(dtype)
         return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not self.weight.is_meta:  # the scales' and zeros' kernel layout now, while the model is being put
+            self._scales_and_zeros = self._kernel_scales()  # together, rather than at the peak of the first run
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.packed_for:
@@ -143,23 +149,31 @@ class Int4Linear(nn.Module):
         each 64 rows apart, and whole, lm_head's levels would take 2.5 GB as int32), so no second copy of the
         weight is ever made: the allocator would keep the freed one's memory."""
         device, rows = self.weight.device, -(-self.out_features // 64) * 64
-        both = torch.stack([self.weight_scale, self.weight_zero], dim=-1)
+        both = self._scales_and_zeros if self._scales_and_zeros is not None else self._kernel_scales()
         if rows != self.out_features:
-            both = torch.cat([both, both.new_zeros(rows - self.out_features, *both.shape[1:])])
             padding = self.weight.new_full((rows - self.out_features, self.weight.shape[1]), 0x88)  # levels 8: 0
             self.weight = torch.cat([self.weight, padding])
         if device.type == "cuda":  # tinygemm: the even input in the high nibble; 8 inner k-tiles where they fit
             tiles = next(t for t in (8, 4, 2, 1) if self.in_features % (16 * t) == 0)
             self.weight = torch._convert_weight_to_int4pack(((self.weight << 4) | (self.weight >> 4)), tiles)
-            both = both.to(torch.bfloat16)
         elif device.type == "cpu":
             for i in range(0, rows, CHUNK_ROWS):
                 chunk = self.weight[i : i + CHUNK_ROWS]
                 chunk.copy_(torch._convert_weight_to_int4pack_for_cpu(unpack(chunk).to(torch.int32), 1))
         else:
             raise ValueError(f"int4 weights run on CPUs and CUDA GPUs, not on {device.type}")
-        self.weight_scale, self.weight_zero = both.transpose(0, 1).contiguous(), None
+        self.weight_scale, self.weight_zero, self._scales_and_zeros = both, None, None
         self.packed_for = device.type
+
+    def _kernel_scales(self) -> Tensor:
+        """The scales and zeros as the kernels read them: [groups, rows padded to 64, 2] (bf16 on CUDA)."""
+        rows = -(-self.out_features // 64) * 64
+        both = torch.empty(self.weight_scale.shape[1], rows, 2, device=self.weight_scale.device,
+                           dtype=torch.bfloat16 if self.weight_scale.device.type == "cuda" else self.weight_scale.dtype)
+        both[:, self.out_features :] = 0
+        both[:, : self.out_features, 0] = self.weight_scale.T
+        both[:, : self.out_features, 1] = self.weight_zero.T
+        return both
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
