@@ -462,8 +462,9 @@ def _validate(engine: nn.Module, model: QwenAudio, examples: Sequence[Example], 
                for k in range(0, len(ordered), config.batch_size)]
     mine = batches[rank::world]
     # Sharded, every process gathers each block's weights together: all take as many passes, weightless if need be.
-    passes = mine + batches[: -(-len(batches) // world) - len(mine)] if config.shard and world > 1 else mine
-    loss_of = engine if config.shard and world > 1 else model.loss  # DDP's forward belongs to training
+    sharded = config.shard and world > 1
+    passes = mine + batches[: -(-len(batches) // world) - len(mine)] if sharded else mine
+    loss_of = engine if sharded else model.loss  # DDP's forward belongs to training
     model.eval()
     try:
         total, tokens = 0.0, 0

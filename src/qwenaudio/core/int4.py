@@ -148,7 +148,7 @@ class Int4Linear(nn.Module):
         [groups, out, 2]. On CPUs the packing is done in place, CHUNK_ROWS rows at a time (the kernel's layout keeps
         each 64 rows apart, and whole, lm_head's levels would take 2.5 GB as int32), so no second copy of the
         weight is ever made: the allocator would keep the freed one's memory."""
-        device, rows = self.weight.device, -(-self.out_features // 64) * 64
+        device, rows = self.weight.device, self._padded_rows
         both = self._scales_and_zeros if self._scales_and_zeros is not None else self._kernel_scales()
         if rows != self.out_features:
             padding = self.weight.new_full((rows - self.out_features, self.weight.shape[1]), 0x88)  # levels 8: 0
@@ -165,10 +165,14 @@ class Int4Linear(nn.Module):
         self.weight_scale, self.weight_zero, self._scales_and_zeros = both, None, None
         self.packed_for = device.type
 
+    @property
+    def _padded_rows(self) -> int:
+        """The output rows the kernels see: a multiple of 64."""
+        return -(-self.out_features // 64) * 64
+
     def _kernel_scales(self) -> Tensor:
         """The scales and zeros as the kernels read them: [groups, rows padded to 64, 2] (bf16 on CUDA)."""
-        rows = -(-self.out_features // 64) * 64
-        both = torch.empty(self.weight_scale.shape[1], rows, 2, device=self.weight_scale.device,
+        both = torch.empty(self.weight_scale.shape[1], self._padded_rows, 2, device=self.weight_scale.device,
                            dtype=torch.bfloat16 if self.weight_scale.device.type == "cuda" else self.weight_scale.dtype)
         both[:, self.out_features :] = 0
         both[:, : self.out_features, 0] = self.weight_scale.T
