@@ -1,7 +1,7 @@
 """Speed of qwenaudio against its closest maintained peer, on the same weights in the same process.
 
     python benchmarks/bench.py [--dtypes float32 bfloat16] [--decoder-layers 2] [--encoder-layers 2] [--device cuda]
-                               [--json out.json]
+                               [--compiled-batches 1 8] [--json out.json]
 
 The peer is transformers' Qwen2-Audio encoder and Qwen2 decoder (`Qwen2AudioEncoder`, `Qwen2ForCausalLM`) with
 our tensors loaded into them (q/k/v split out of c_attn; up = w1, gate = w2, down = c_proj); below seq_length
@@ -15,8 +15,9 @@ so a CPU finishes in minutes; the layer counts are printed with the results. Eac
 - prefill: the prompt of a 30 s ASR request (752 audio positions + 6 tags = 758 tokens), tokens per second, as
   generation runs it on both sides (KV cache filled, logits of the last position only);
 - decode: one token per step after that prompt, batch 1 and 8, tokens per second: ours is `decode_one_token` on
-  the static KV cache (what generation runs), eager and then compiled (`compile_decoding`, torch.compile fullgraph); the
-  peer is a forward with its DynamicCache, as HF generate runs it;
+  the static KV cache (what generation runs), eager and then compiled (`compile_decoding`, torch.compile fullgraph;
+  the first compiled run, which compiles, is timed on its own row); the peer is a forward with its DynamicCache, as
+  HF generate runs it;
 - time to first token: encoder + prefill for the 30 s request; real-time factor: that plus 32 decoded tokens, / 30 s.
 Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 and in int4 (bf16 activations)
 against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Decoding one token reads every
@@ -114,17 +115,17 @@ def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int, full_wid
             torch.nn.init.normal_(p, std=0.02)
     encoder.positional_embedding.normal_()
 
-    peer_encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(
-        num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=a.n_head, encoder_ffn_dim=4 * a.n_state,
-        d_model=a.n_state, max_source_positions=1500)).to(DEVICE, dtype).eval()
-    peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
-
     heads = config.num_attention_heads
-    peer = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.mlp_width,
-        num_hidden_layers=decoder_layers, num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-6,
-        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
-        attn_implementation="sdpa")).to(DEVICE, dtype).eval()
+    with torch.device(DEVICE):  # made where they run: a full-size peer initialised on the host takes minutes
+        peer_encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(
+            num_mel_bins=80, encoder_layers=encoder_layers, encoder_attention_heads=a.n_head,
+            encoder_ffn_dim=4 * a.n_state, d_model=a.n_state, max_source_positions=1500)).to(dtype).eval()
+        peer = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.mlp_width,
+            num_hidden_layers=decoder_layers, num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-6,
+            rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+            attn_implementation="sdpa")).to(dtype).eval()
+    peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
     peer.load_state_dict(qwen2_decoder_weights(decoder.state_dict()), strict=True, assign=True)
     return encoder, decoder, peer_encoder, peer
 
@@ -142,6 +143,11 @@ class Table:
         self.rows.append({"benchmark": name, "dtype": dtype, "unit": unit, "qwenaudio": ours, "transformers": theirs,
                           "speedup": ratio})
         print(f"{name:<32} {dtype:<11} {unit:<6} {ours:>10.3f} {theirs:>13.3f} {ratio:>7.2f}x", flush=True)
+
+    def own(self, name: str, dtype: str, unit: str, ours: float) -> None:
+        """A figure of ours alone."""
+        self.rows.append({"benchmark": name, "dtype": dtype, "unit": unit, "qwenaudio": ours})
+        print(f"{name:<32} {dtype:<11} {unit:<6} {ours:>10.3f}", flush=True)
 
     def traffic(self, name: str, dtype: str, bytes_per_second: float) -> None:
         """Our decoding step's weight traffic, against the device's stream bandwidth."""
@@ -183,6 +189,25 @@ def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, s
     return run
 
 
+def decode_seconds(table: Table, dtype: str, decoder: Decoder, ids: torch.Tensor,
+                   args) -> dict[tuple[int, bool], float]:
+    """Seconds per decoding step for batch 1 and 8, eager and compiled (the batches in --compiled-batches), keyed
+    (batch, compiled); the first compiled run, which compiles (and on CUDA records the graph), is a row of its own."""
+    seconds = {}
+    for compiled in (False, True):
+        step = compile_decoding(**CUDA_GRAPHS) if compiled else decode_one_token
+        for batch in args.compiled_batches if compiled else (1, 8):
+            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
+            run = our_decode(decoder, prompt, next_ids, args.decode_steps, step)
+            if compiled:
+                start = time.perf_counter()
+                run()
+                synchronize()
+                table.own(f"compiling, batch {batch}", dtype, "s", time.perf_counter() - start)
+            seconds[batch, compiled] = timed(run, args.repeats) / args.decode_steps
+    return seconds
+
+
 @torch.no_grad()
 def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[Decoder, object]:
     """Every row for one dtype; returns our decoder and the peer (for the int8 rows)."""
@@ -204,25 +229,20 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
     table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
     peer_figures[name] = {"prefill": PROMPT_TOKENS / prefill_peer}
 
-    steps: dict[tuple[int, bool], float] = {}
-    for compiled in (False, True):
-        step = compile_decoding(**CUDA_GRAPHS) if compiled else decode_one_token
-        for batch in (1, 8):
-            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
-            ours = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, step), args.repeats)
-            if not compiled:
-                theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
-                peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
-            steps[batch, compiled] = ours / args.decode_steps
-            label = f"decode batch {batch}" + (", compiled" if compiled else "")
-            table.add(label, short, "tok/s", batch / steps[batch, compiled], peer_figures[name][f"decode {batch}"],
-                      True)
-            if batch == 1:
-                table.traffic(label, short, weight_bytes(decoder) / steps[batch, compiled])
+    for batch in (1, 8):
+        prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
+        theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
+        peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
+    steps = decode_seconds(table, short, decoder, ids, args)
+    for (batch, compiled), seconds in steps.items():
+        label = f"decode batch {batch}" + (", compiled" if compiled else "")
+        table.add(label, short, "tok/s", batch / seconds, peer_figures[name][f"decode {batch}"], True)
+        if batch == 1:
+            table.traffic(label, short, weight_bytes(decoder) / seconds)
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
-    table.add("real-time factor (32 tok)", short, "x", (ttft_ours + 32 * steps[1, True]) / 30,
+    table.add("real-time factor (32 tok)", short, "x", (ttft_ours + 32 * steps.get((1, True), steps[1, False])) / 30,
               (ttft_peer + 32 * step_peer) / 30, higher_is_better=False)
     return decoder, peer
 
@@ -234,22 +254,18 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
     (quantize_int8 if method == "int8" else quantize_int4)(decoder)  # the peer keeps the bf16 tensors
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
     cache = KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype, DEVICE)
-    rates = {"prefill": PROMPT_TOKENS / timed(lambda: prefill(decoder, cache, ids), args.repeats)}
-    for compiled in (False, True):
-        step = compile_decoding(**CUDA_GRAPHS) if compiled else decode_one_token
-        for batch in (1, 8):
-            prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
-            seconds = timed(our_decode(decoder, prompt, next_ids, args.decode_steps, step), args.repeats)
-            rates[f"decode {batch}" + (", compiled" if compiled else "")] = batch * args.decode_steps / seconds
+    prefill_rate = PROMPT_TOKENS / timed(lambda: prefill(decoder, cache, ids), args.repeats)
+    steps = decode_seconds(table, method, decoder, ids, args)
     for peer_dtype, figures in peer_figures.items():
         short = f"{method}/{SHORT[peer_dtype]}"
-        table.add("prefill 30 s prompt", short, "tok/s", rates["prefill"], figures["prefill"], True)
-        for label in ("decode 1", "decode 8", "decode 1, compiled", "decode 8, compiled"):
-            batch = label.split(",")[0].split()[1]
-            table.add(label.replace("decode", "decode batch"), short, "tok/s", rates[label],
-                      figures[f"decode {batch}"], True)
-    for label in ("decode 1", "decode 1, compiled"):
-        table.traffic(label.replace("decode", "decode batch"), method, weight_bytes(decoder) * rates[label])
+        table.add("prefill 30 s prompt", short, "tok/s", prefill_rate, figures["prefill"], True)
+        for (batch, compiled), seconds in steps.items():
+            label = f"decode batch {batch}" + (", compiled" if compiled else "")
+            table.add(label, short, "tok/s", batch / seconds, figures[f"decode {batch}"], True)
+    for compiled in (False, True):
+        if (1, compiled) in steps:
+            label = "decode batch 1" + (", compiled" if compiled else "")
+            table.traffic(label, method, weight_bytes(decoder) / steps[1, compiled])
 
 
 def main() -> None:
@@ -260,6 +276,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decoding steps per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compiled-batches", type=int, nargs="*", default=[1, 8],
+                        help="the decode batches also timed compiled (each compiles anew)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model's widths (a smoke run)")
     parser.add_argument("--json", help="also write the rows and the setup here")
     args = parser.parse_args()

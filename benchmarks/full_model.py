@@ -38,15 +38,16 @@ MODES = {"bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"), "int4
          "fp32": (torch.float32, None)}
 
 
-def write_weights(directory: Path) -> None:
-    """Random full-size weights in the official layout (the official config, 2 GB shards)."""
+def write_weights(directory: Path, draw_on: str | None = None) -> None:
+    """Random full-size weights in the official layout (the official config, 2 GB shards), drawn by numpy or, with
+    `draw_on`, by torch on that device (a GPU draws them in seconds; see make_tiny_checkpoint)."""
     from qwenaudio.testing import OFFICIAL_CONFIG, make_tiny_checkpoint
 
     dims = {k: OFFICIAL_CONFIG[k] for k in ("hidden_size", "num_attention_heads", "kv_channels",
                                              "num_hidden_layers", "intermediate_size")}
     dims |= {k: OFFICIAL_CONFIG["audio"][k] for k in ("n_state", "n_head", "n_layer")}
     start = time.perf_counter()
-    make_tiny_checkpoint(directory, max_shard_bytes=2 * 1000**3, **dims)
+    make_tiny_checkpoint(directory, max_shard_bytes=2 * 1000**3, draw_on=draw_on, **dims)
     print(f"wrote random full-size weights to {directory} in {time.perf_counter() - start:.0f} s", flush=True)
 
 

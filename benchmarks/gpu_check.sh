@@ -1,43 +1,65 @@
 #!/usr/bin/env bash
-# The GPU check, one short run on a CUDA machine (no network, under 8 minutes on an H100/H200-class GPU):
-#   1. the CUDA-marked tests (tests/test_cuda.py: int8, int4 and compiled decoding on the GPU against the CPU);
+# The GPU check, one short run on a CUDA machine (no network; sized for the 15 minutes of device time a session
+# gets, machine start included):
+#   1. the CUDA-marked tests (tests/test_cuda.py: int8, int4 and compiled decoding on the GPU against the CPU, and
+#      that the compiled step really runs as a CUDA graph);
 #   2. benchmarks/bench.py at full size (32 + 32 layers, random weights built on the GPU) in bf16, int8 and int4:
-#      prefill and the 30 s clip's time to first token, batch-1 and batch-8 decode eager and compiled (CUDA graphs),
-#      each decode's weight traffic against the GPU's measured copy bandwidth, peak GPU memory, and transformers'
-#      Qwen2 / Qwen2-Audio modules on the same weights as the peer;
-#   3. one LoRA step of the full-size model (benchmarks/finetune_step.py, bf16 base, batch 8): examples/s.
-# Writes benchmarks/results/DATE-gpu-check.json and DATE-gpu-finetune.json and prints the tables.
+#      prefill and the 30 s clip's time to first token, batch-1 and batch-8 decode eager, batch-1 decode compiled
+#      (CUDA graphs; the first compiled run, which compiles, on a row of its own), each batch-1 decode's weight
+#      traffic against the GPU's measured copy bandwidth, peak GPU memory, and transformers' Qwen2 / Qwen2-Audio
+#      modules on the same weights as the peer;
+#   3. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
+#      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s.
+# Every step runs even when an earlier one failed; the failures are listed at the end, and the exit status is 1.
+# Writes DATE-gpu-check.json and DATE-gpu-finetune.json into $GPU_CHECK_RESULTS (default benchmarks/results).
 #
 #   bash benchmarks/gpu_check.sh            on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU: the same steps with the tiny model's widths and
 #                                           one layer (tests/test_benchmarks.py runs this, so the script cannot rot)
 #
 # Needs the runtime packages and transformers and pytest; PYTHON picks the interpreter (default python3). Images
-# without soundfile need its wheel installed first (the device tool's README says how to carry wheels).
-set -euo pipefail
+# without soundfile need its wheel installed first (the device tool's README says how to carry wheels). The weights
+# go to a new folder under $TMPDIR (17 GB at full size: /dev/shm is the fast choice where it has the room).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+results=${GPU_CHECK_RESULTS:-benchmarks/results}
 day=$(date +%F)
+failed=()
+
+step() {  # name, command...: run it, timed; a failure is noted and the next step runs
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name"
+  "$@" || failed+=("$name (exit $?)")
+  echo "== $name: $((SECONDS - start)) s"
+}
 
 if [[ ${1:-} == --smoke ]]; then
-  results=${GPU_CHECK_RESULTS:-$(mktemp -d)}
-  "$PYTHON" benchmarks/bench.py --device cpu --tiny --dtypes bfloat16 --decoder-layers 1 --encoder-layers 1 \
-    --decode-steps 2 --repeats 1 --json "$results/gpu-check.json"
-  weights=$(mktemp -d)/tiny
-  "$PYTHON" -c "import sys; from qwenaudio.testing import make_tiny_checkpoint; make_tiny_checkpoint(sys.argv[1])" \
-    "$weights"
-  "$PYTHON" benchmarks/finetune_step.py --weights "$weights" --bf16-base --batch-size 2 --steps 2 --new-tokens 8 \
-    --json "$results/gpu-finetune.json"
-  exit 0
+  device=cpu
+  size=(--tiny --decoder-layers 1 --encoder-layers 1 --decode-steps 2 --repeats 1)
+  weights="from qwenaudio.testing import make_tiny_checkpoint as write; write(sys.argv[1])"
+  training=(--batch-size 2 --steps 2 --new-tokens 8)
+else
+  device=cuda
+  size=(--decoder-layers 32 --encoder-layers 32 --decode-steps 32 --repeats 3)
+  weights="sys.path.insert(0, 'benchmarks'); import full_model; full_model.write_weights(sys.argv[1], 'cuda')"
+  training=(--batch-size 8 --steps 3)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 fi
+folder=$(mktemp -d)
+trap 'rm -rf "$folder"' EXIT
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-"$PYTHON" benchmarks/bench.py --device cuda --dtypes bfloat16 --decoder-layers 32 --encoder-layers 32 \
-  --decode-steps 32 --repeats 3 --json "benchmarks/results/$day-gpu-check.json"
-weights=$(mktemp -d)/random-full-size
-"$PYTHON" -c "import sys, pathlib; sys.path.insert(0, 'benchmarks'); import full_model
-full_model.write_weights(pathlib.Path(sys.argv[1]))" "$weights"
-"$PYTHON" benchmarks/finetune_step.py --weights "$weights" --device cuda --bf16-base --batch-size 8 --steps 3 \
-  --json "benchmarks/results/$day-gpu-finetune.json"
+step "CUDA tests" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step "bench.py" "$PYTHON" benchmarks/bench.py --device $device --dtypes bfloat16 "${size[@]}" \
+  --compiled-batches 1 --json "$results/$day-gpu-check.json"
+step "weights" "$PYTHON" -c "import sys; $weights" "$folder/weights"
+step "LoRA step" "$PYTHON" benchmarks/finetune_step.py --weights "$folder/weights" --device $device --bf16-base \
+  "${training[@]}" --json "$results/$day-gpu-finetune.json"
+
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "all steps passed"

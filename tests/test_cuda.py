@@ -4,6 +4,7 @@ skip without one; benchmarks/gpu_check.sh runs them first on a GPU machine."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import qwenaudio
 from qwenaudio.core import generate as generation
@@ -46,6 +47,7 @@ def test_decoding_compiled_with_cuda_graphs_equals_eager_decoding(tiny_weights, 
     model = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.bfloat16, int4=int4, progress=False)
     ids = torch.randint(0, 151643, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
     config = model.generation_config.replace(do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    counters.clear()
     with torch.no_grad():
         eager = generate(model.decoder, model.tokenizer, ids, config=config)
         compile_decoding(mode="reduce-overhead")
@@ -54,3 +56,4 @@ def test_decoding_compiled_with_cuda_graphs_equals_eager_decoding(tiny_weights, 
         finally:
             generation._compiled_step = None  # later tests decode eagerly again
     assert compiled == eager
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the step ran as a CUDA graph, not merely compiled

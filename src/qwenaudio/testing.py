@@ -97,6 +97,7 @@ def make_tiny_checkpoint(
     vocab_file: str | Path | None = None,
     chat: bool = False,
     max_shard_bytes: int = 8 * 1024**2,
+    draw_on: str | None = None,
     **dims: Any,
 ) -> Path:
     """Write a random checkpoint directory in the official layout and return its path.
@@ -105,6 +106,9 @@ def make_tiny_checkpoint(
     and so does the PyPI wheel `dashscope`, as dashscope/resources/qwen.tiktoken); without it a byte-level stand-in
     with the same number of ranks is written, so special-token ids stay exact while text encodes to bytes.
     `chat` selects Qwen-Audio-Chat's generation_config.json. `dims` override config fields (see `tiny_config`).
+    The values are numpy's draws from `seed`, the same on every machine (the golden recordings rely on that), or,
+    with `draw_on` a torch device, torch's draws there: other values, for full-size benchmarks, where numpy would
+    take minutes.
     `path` must be new or empty; the checkpoint is built beside it and renamed into place once complete.
     """
     path = Path(path)
@@ -114,7 +118,8 @@ def make_tiny_checkpoint(
         raise TokenizerError(f"make_tiny_checkpoint: vocabulary file not found: {vocab_file}")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InputError(f"make_tiny_checkpoint: {path} exists and is not an empty directory")
-    rng = np.random.Generator(np.random.PCG64(seed))
+    rng = np.random.Generator(np.random.PCG64(seed)) if draw_on is None else \
+        torch.Generator(draw_on).manual_seed(seed)
     shapes = tensor_shapes(config)  # made in this order, one shard at a time: full size needs no 17 GB of RAM
     layout = {name: (shape, torch.bfloat16) for name, shape in shapes.items()}
     with building(path) as partial:
@@ -131,21 +136,23 @@ def make_tiny_checkpoint(
     return path
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
-    """Values of the right scale for each kind of tensor, so activations neither vanish nor explode."""
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator | torch.Generator) -> torch.Tensor:
+    """Values of the right scale for each kind of tensor, so activations neither vanish nor explode. The scaling is
+    done in place, in float32 (numpy's or torch's), so no second copy of a large tensor is made."""
     if name.endswith("positional_embedding"):
-        values = _sinusoids(*shape)
+        return torch.from_numpy(_sinusoids(*shape)).to(torch.bfloat16)
+    if isinstance(rng, torch.Generator):
+        values = torch.randn(shape, generator=rng, device=rng.device)
     else:
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        if name.endswith(".bias"):
-            values = 0.1 * noise
-        elif len(shape) == 1:  # norm gains
-            values = 1.0 + 0.1 * noise
-        elif name.endswith(("wte.weight", "audio_bos_eos_token.weight")):  # embeddings: unit scale
-            values = noise
-        else:  # projections: variance-preserving
-            values = noise / math.sqrt(math.prod(shape[1:]))
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+        values = rng.standard_normal(shape, dtype=np.float32)
+    if name.endswith(".bias"):
+        values *= 0.1
+    elif len(shape) == 1:  # norm gains
+        values *= 0.1
+        values += 1.0
+    elif not name.endswith(("wte.weight", "audio_bos_eos_token.weight")):  # embeddings keep unit scale;
+        values /= math.sqrt(math.prod(shape[1:]))  # projections: variance-preserving
+    return torch.as_tensor(values).to("cpu", torch.bfloat16)
 
 
 def _sinusoids(length: int, channels: int) -> np.ndarray:

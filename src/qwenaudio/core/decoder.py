@@ -78,6 +78,16 @@ class KVCache:
         self.rope_base = torch.full((batch,), float(config.rotary_emb_base), dtype=torch.float64, device=device)
         self.ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # fed so far, slots 0..length-1
         self.audio: list[Tensor] = []  # the encoded clips spliced into those ids
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """On CUDA, tell torch.compile that the buffers a decoding step writes keep their addresses from step to
+        step. CUDA graphs replay fixed addresses and refuse a step that writes into an input they would have to copy
+        in first, so without this mark the compiled step would run without them. CPUs have no graphs to replay, and
+        the mark would cost them the import of torch._dynamo (a second) on every run."""
+        if self.valid.is_cuda:
+            for t in (*self.k, *self.v, self.valid):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def capacity(self) -> int:
@@ -93,6 +103,7 @@ class KVCache:
             for i, t in enumerate(kv):
                 kv[i] = torch.cat([t, t.new_zeros(*t.shape[:2], capacity - t.shape[2], t.shape[3])], dim=2)
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], capacity - self.capacity)], 1)
+        self._mark_static()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
