@@ -127,6 +127,8 @@ def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int, full_wid
             attn_implementation="sdpa")).to(dtype).eval()
     peer_encoder.load_state_dict(qwen2_audio_encoder_weights(encoder.state_dict()), strict=True, assign=True)
     peer.load_state_dict(qwen2_decoder_weights(decoder.state_dict()), strict=True, assign=True)
+    if DEVICE.type == "cuda":  # the peak reported is the running one, not the peers' fp32 initialisation
+        torch.cuda.reset_peak_memory_stats()
     return encoder, decoder, peer_encoder, peer
 
 

@@ -42,6 +42,37 @@ def test_quantized_layers_on_the_gpu_equal_their_dequantized_weights(bits):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
 
+def test_int8_decoding_compiled_on_the_gpu_equals_its_dequantized_weights():
+    """One row compiled takes the fused products-and-sum form (no int8 kernel on CUDA)."""
+    linear = torch.nn.Linear(256, 200, bias=False).to("cuda", torch.bfloat16)
+    layer = Int8Linear.from_linear(linear)
+    weight = layer.weight.double() * layer.weight_scale.double()[:, None]
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True)(x).double()
+    expected = x.double() @ weight.T
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_the_loss_and_forward_on_the_gpu_take_a_host_mask_and_equal_the_cpu_s(tiny_weights):
+    """Training on a GPU: the tokenizer's attention mask stays on the host (this once failed with a device
+    mismatch in the full-size LoRA benchmark)."""
+    ids = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    labels = ids.clone()
+    labels[:, :12] = -100
+    cpu = qwenaudio.load(tiny_weights, device="cpu", dtype=torch.float32, progress=False)
+    gpu = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.float32, progress=False)
+    for model in (cpu, gpu):
+        model.train()
+    expected, got = cpu.loss(ids, labels, mask), gpu.loss(ids, labels, mask)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=0)
+    with torch.no_grad():
+        expected, got = cpu(ids, mask), gpu(ids, mask).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("int4", [False, True])
 def test_decoding_compiled_with_cuda_graphs_equals_eager_decoding(tiny_weights, int4):
     model = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.bfloat16, int4=int4, progress=False)

@@ -49,6 +49,21 @@ def test_int8_linear_matches_its_dequantized_weights(dtype, shape):
                                    atol=tolerance * float(reference.abs().max()))
 
 
+@pytest.mark.slow  # torch.compile
+def test_a_compiled_one_row_product_without_a_kernel_is_a_fused_sum_equal_to_the_dequantized_weights():
+    """Where no int8 kernel serves one row (fp32 activations here, any row on CUDA), the compiled layer takes the
+    products-and-sum form, which the compiler fuses into one pass over the int8 weight."""
+    linear = torch.nn.Linear(96, 40)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(1, 1, 96)
+    reference = x.double() @ (layer.weight.double() * layer.weight_scale.double()[:, None]).T + linear.bias.double()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True)(x)
+    assert got.shape == (1, 1, 40)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 def test_decoder_linears_are_replaced(tiny_ckpt):
     decoder = quantize_int8(qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32))
     assert isinstance(decoder.h[0].attn.c_attn, Int8Linear) and isinstance(decoder.lm_head, Int8Linear)

@@ -265,7 +265,8 @@ class Decoder(nn.Module):
         """The official model's forward over whole sequences, no cache: logits [B, S, vocab_size] for `input_ids`
         [B, S], `attention_mask` [B, S] marking real tokens (1) and padding (0), and `audio`, the encoded span of
         every `<audio>…</audio>` region in row-major order."""
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
+            attention_mask.to(input_ids.device, torch.bool)  # a tokenizer's mask is on the host
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         positions, mask = positions_and_mask(valid, slots, self.true_positions)
         return self(self.embed(input_ids, audio), positions, mask, self.rope_base(valid),
