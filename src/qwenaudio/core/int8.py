@@ -9,7 +9,9 @@ Speed depends on the kernel, measured on the 2-core AVX-512 CPU here (torch 2.13
 `torch._weight_int8pack_mm` with bf16 activations takes 2.3 ms for one row (bf16 matmul: 5.0 ms, fp32: 11 ms) and
 22 ms for 32 rows, but 540 ms for 758, where converting the weight to bf16 first takes 200 ms (bf16: 165 ms).
 With fp32 activations the kernel is slower than an fp32 matmul even for one row. So few rows (decoding) use the
-kernel and longer inputs (prefill) convert; `KERNEL_MAX_ROWS` holds the crossover per activation dtype.
+kernel and longer inputs (prefill) convert; `KERNEL_MAX_ROWS` holds the crossover per activation dtype. CUDA has
+no such kernel: there a compiled one-row product is written as products and a sum, which the compiler fuses into
+one pass over the int8 weight.
 
 A quantized checkpoint stores each quantized `*.weight` as int8 next to its `*.weight_scale`, with
 `"quantization": "int8-weight-only"` in config.json; `load` reads it as it is (`qwenaudio.quantize` writes one).
