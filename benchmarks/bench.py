@@ -22,8 +22,10 @@ so a CPU finishes in minutes; the layer counts are printed with the results. Eac
 Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8 and in int4 (bf16 activations)
 against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Decoding one token reads every
 decoder weight once, so each decode batch-1 row also reports that traffic in GB/s and as a share of the device's
-stream bandwidth, measured in the same run (a copy of 1 GiB). Last, the peak memory: the process's resident set on
-a CPU, the GPU's allocated memory on CUDA (where decoding is compiled with CUDA graphs, mode="reduce-overhead").
+stream bandwidth, measured in the same run (a copy of 1 GiB), beside the same figure for one-row products through
+one layer alone (w1, over 1 GiB of copies of it): how far the kernel that the step spends its time in gets. Last,
+the peak memory: the process's resident set on a CPU, the GPU's allocated memory on CUDA (where decoding is
+compiled with CUDA graphs, mode="reduce-overhead").
 """
 
 from __future__ import annotations
@@ -152,9 +154,9 @@ class Table:
         print(f"{name:<32} {dtype:<11} {unit:<6} {ours:>10.3f}", flush=True)
 
     def traffic(self, name: str, dtype: str, bytes_per_second: float) -> None:
-        """Our decoding step's weight traffic, against the device's stream bandwidth."""
+        """Weights read per second by our decoding step (or one layer's product alone), against the device's stream
+        bandwidth."""
         rate = bytes_per_second / 1e9
-        name = "weights read, " + name.removeprefix("decode ")
         self.rows.append({"benchmark": name, "dtype": dtype, "unit": "GB/s", "qwenaudio": rate,
                           "stream_share": rate / self.stream})
         print(f"{name:<32} {dtype:<11} {'GB/s':<6} {rate:>10.1f} {'':>13} {rate / self.stream:>7.0%} of stream",
@@ -210,6 +212,22 @@ def decode_seconds(table: Table, dtype: str, decoder: Decoder, ids: torch.Tensor
     return seconds
 
 
+def kernel_alone(layer: torch.nn.Module, args) -> float:
+    """Bytes per second one-row products through `layer` alone read: the kernel a decoding step spends its time in
+    (w1, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB for --tiny) that the
+    weights come from memory, as in a decoding step, not from a cache. Its share of the stream bandwidth is as far
+    as the decoding step can get with this kernel."""
+    def size(module: torch.nn.Module) -> int:  # after the first product: an int4 layer packs its weight then
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    x = torch.randn(1, layer.in_features, device=DEVICE, dtype=torch.bfloat16)
+    layer(x)
+    total = 2**26 if args.tiny else 2**30
+    layers = [copy.deepcopy(layer) for _ in range(-(-total // size(layer)))]
+    seconds = timed(lambda: [c(x) for c in layers], args.repeats)
+    return sum(size(c) for c in layers) / seconds
+
+
 @torch.no_grad()
 def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[Decoder, object]:
     """Every row for one dtype; returns our decoder and the peer (for the int8 rows)."""
@@ -240,7 +258,8 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
         label = f"decode batch {batch}" + (", compiled" if compiled else "")
         table.add(label, short, "tok/s", batch / seconds, peer_figures[name][f"decode {batch}"], True)
         if batch == 1:
-            table.traffic(label, short, weight_bytes(decoder) / seconds)
+            table.traffic(label.replace("decode ", "weights read, "), short, weight_bytes(decoder) / seconds)
+    table.traffic("weights read, one layer alone", short, kernel_alone(decoder.h[0].mlp.w1, args))
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
@@ -267,7 +286,9 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
     for compiled in (False, True):
         if (1, compiled) in steps:
             label = "decode batch 1" + (", compiled" if compiled else "")
-            table.traffic(label, method, weight_bytes(decoder) / steps[1, compiled])
+            rate = weight_bytes(decoder) / steps[1, compiled]
+            table.traffic(label.replace("decode ", "weights read, "), method, rate)
+    table.traffic("weights read, one layer alone", method, kernel_alone(decoder.h[0].mlp.w1, args))
 
 
 def main() -> None:

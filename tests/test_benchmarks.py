@@ -44,3 +44,14 @@ def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
     assert done.returncode == 1
     for name in ("CUDA tests", "bench.py", "weights", "LoRA step"):
         assert f"== {name}:" in done.stdout and f"FAILED: {name} (exit 127)" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_decoding_profile_runs_and_splits_the_step_into_products_attention_and_the_rest():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--tiny", "--layers", "1",
+                           "--steps", "2", "--variant", "int4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("int4, 1 layers + lm_head,") and "products" in summary and "attention" in summary
+    shares = [float(part.split()[-1].rstrip("%")) for part in summary.split(": ")[1].split(", ")]
+    assert abs(sum(shares) - 100) < 0.5 and shares[0] > 0  # the int4 kernel's time is counted as products
