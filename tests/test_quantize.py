@@ -34,14 +34,17 @@ def test_quantizing_in_chunks_equals_one_pass(monkeypatch):
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
-# bf16 rows: up to 32 go through torch's int8 kernel, more convert the weight; fp32 always converts.
-@pytest.mark.parametrize("dtype,shape", [(torch.float32, (1, 96)), (torch.float32, (3, 5, 96)),
-                                         (torch.bfloat16, (1, 96)), (torch.bfloat16, (4, 8, 96)),
-                                         (torch.bfloat16, (5, 8, 96))])
-def test_int8_linear_matches_its_dequantized_weights(dtype, shape):
+# bf16 rows: up to 32 go through torch's int8 kernel, more convert the weight; fp32: up to 2.
+@pytest.mark.parametrize("dtype,shape,form", [(torch.float32, (1, 96), "kernel"), (torch.float32, (2, 96), "kernel"),
+                                              (torch.float32, (3, 5, 96), "convert"),
+                                              (torch.bfloat16, (1, 96), "kernel"),
+                                              (torch.bfloat16, (4, 8, 96), "kernel"),
+                                              (torch.bfloat16, (5, 8, 96), "convert")])
+def test_int8_linear_matches_its_dequantized_weights(dtype, shape, form):
     linear = torch.nn.Linear(96, 40).to(dtype)
     layer = Int8Linear.from_linear(linear)
     x = torch.randn(*shape).to(dtype)
+    assert Int8Linear.form(x, x.numel() // 96) == form
     reference = x.double() @ (layer.weight.double() * layer.weight_scale.double()[:, None]).T + linear.bias.double()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 output: 8 significant bits
     with torch.no_grad():
@@ -50,17 +53,18 @@ def test_int8_linear_matches_its_dequantized_weights(dtype, shape):
 
 
 @pytest.mark.slow  # torch.compile
-def test_a_compiled_one_row_product_without_a_kernel_is_a_fused_sum_equal_to_the_dequantized_weights():
-    """Where no int8 kernel serves one row (fp32 activations here, any row on CUDA), the compiled layer takes the
-    products-and-sum form, which the compiler fuses into one pass over the int8 weight."""
+def test_one_compiled_row_is_a_fused_sum_equal_to_the_dequantized_weights():
+    """Compiled, one row with fp32 activations (or any on CUDA) takes the products-and-sum form, which the compiler
+    fuses into one pass over the int8 weight: 3.4 ms against the CPU kernel's 20 on a full-width layer here."""
     linear = torch.nn.Linear(96, 40)
     layer = Int8Linear.from_linear(linear)
     x = torch.randn(1, 1, 96)
     reference = x.double() @ (layer.weight.double() * layer.weight_scale.double()[:, None]).T + linear.bias.double()
+    forms = []
     torch._dynamo.reset()
     with torch.no_grad():
-        got = torch.compile(layer, fullgraph=True)(x)
-    assert got.shape == (1, 1, 40)
+        got = torch.compile(lambda x: (forms.append(Int8Linear.form(x, 1)), layer(x))[1], fullgraph=True)(x)
+    assert forms == ["sum"] and got.shape == (1, 1, 40)
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
@@ -88,7 +92,8 @@ def test_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path):
     config = qwenaudio.QwenAudioConfig.from_json(tiny_ckpt)
     shapes = qwenaudio.tensor_shapes(config)
     # Each quantized weight goes from 2 bytes (bf16) to 1 per element and gains a bf16 scale per row.
-    saved = sum(shapes[n][0] * shapes[n][1] - 2 * shapes[n][0] for n in qwenaudio.core.checkpoint.quantized_names(config))
+    saved = sum(shapes[n][0] * shapes[n][1] - 2 * shapes[n][0]
+                for n in qwenaudio.core.checkpoint.quantized_names(config))
     size = {d: sum(p.stat().st_size for p in d.glob("*.safetensors")) for d in (tiny_ckpt, target)}
     assert abs(size[tiny_ckpt] - size[target] - saved) < 64 * 1024  # headers and shard count may differ
 

@@ -5,13 +5,17 @@ dtype, and since the scale is per output, y = (x · int8ᵀ) · scale. Int8 weig
 is what lets the whole model run at a 10.7 GiB peak instead of 15.5 (BENCHMARKS.md), and a one-token decoding step
 reads half the bytes.
 
-Speed depends on the kernel, measured on the 2-core AVX-512 CPU here (torch 2.13, a 4096 × 11008 layer):
-`torch._weight_int8pack_mm` with bf16 activations takes 2.3 ms for one row (bf16 matmul: 5.0 ms, fp32: 11 ms) and
-22 ms for 32 rows, but 540 ms for 758, where converting the weight to bf16 first takes 200 ms (bf16: 165 ms).
-With fp32 activations the kernel is slower than an fp32 matmul even for one row. So few rows (decoding) use the
-kernel and longer inputs (prefill) convert; `KERNEL_MAX_ROWS` holds the crossover per activation dtype. CUDA has
-no such kernel: there a compiled one-row product is written as products and a sum, which the compiler fuses into
-one pass over the int8 weight.
+How a product is computed (`Int8Linear.form`) follows measurements on the 2-core AVX-512 CPU here (torch 2.13,
+a 4096 × 11008 layer, weights coming from memory as in decoding):
+- torch's kernel, `torch._weight_int8pack_mm`, with bf16 activations takes 2.3 ms for one row (a bf16 matmul:
+  5.0 ms) and 22 ms for 32, but 540 ms for 758, where converting the weight to bf16 first takes 200 ms. With fp32
+  activations it takes 20 ms for one row and 33 ms for two, against 52–54 ms for converting, and loses from three
+  rows on. `KERNEL_MAX_ROWS` holds these crossovers: few rows (decoding) use the kernel, longer inputs (prefill)
+  convert.
+- Under torch.compile, a single row can be written as products and a sum, which the compiler fuses into one pass
+  over the int8 weight: 3.4 ms with fp32 activations (the kernel: 20 ms), 3.8 ms with bf16 (the kernel: 2.3 ms).
+  CUDA has no int8 kernel, so there this form is what a compiled decoding step takes; converting instead ran at
+  94 tok/s on an H200, slower than bf16's 202.
 
 A quantized checkpoint stores each quantized `*.weight` as int8 next to its `*.weight_scale`, with
 `"quantization": "int8-weight-only"` in config.json; `load` reads it as it is (`qwenaudio.quantize` writes one).
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 from .config import QUANTIZATION_METHODS
 
 METHOD = QUANTIZATION_METHODS[0]  # "int8-weight-only", the value of config.json's "quantization"
-KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 0}  # up to here the int8 kernel wins
+KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 2}  # up to here the CPU's kernel wins
 CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
 
 
@@ -72,21 +76,27 @@ class Int8Linear(nn.Module):
         if self.weight.data_ptr() % 64:  # a view into a memory-mapped shard need not be aligned; the kernel's
             self.weight = self.weight.clone()  # AVX-512 loads require it (an unaligned weight crashed the process)
 
+    @staticmethod
+    def form(x: Tensor, rows: int) -> str:
+        """How `rows` rows of `x` are multiplied (measured: the module docstring): "kernel" (torch's, on CPUs, for
+        few rows; it has no backward, so not when x needs a gradient, as under LoRA), "sum" (products and a sum:
+        one row under torch.compile, unless the kernel is faster there) or "convert" (the weight in x's dtype)."""
+        one_compiled = rows == 1 and torch.compiler.is_compiling()
+        kernel = x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS.get(x.dtype, 0) and \
+            not (x.requires_grad and torch.is_grad_enabled())
+        if kernel and not (one_compiled and x.dtype == torch.float32):
+            return "kernel"
+        return "sum" if one_compiled else "convert"
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        scales = self.weight_scale.to(x.dtype)
-        # The kernel has no backward: training (LoRA needs the gradient of x through this frozen layer) takes the
-        # dequantized product instead.
-        kernel = x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0)
-        if kernel and not (x.requires_grad and torch.is_grad_enabled()):
-            y = torch._weight_int8pack_mm(rows, self.weight, scales)
-        elif rows.shape[0] == 1 and torch.compiler.is_compiling():
-            # A compiled decoding step where no kernel serves (CUDA): as products and a sum, which the compiler
-            # fuses into one pass over the int8 weight, where a matmul would first write the weight out in x's
-            # dtype (measured on an H200 the other way: 94 tok/s, slower than bf16's 202).
+        form = self.form(x, rows.shape[0])
+        if form == "kernel":
+            y = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(x.dtype))
+        elif form == "sum":
             y = ((rows.float() * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)[None]
         else:
-            y = (rows @ self.weight.to(x.dtype).T) * scales
+            y = (rows @ self.weight.to(x.dtype).T) * self.weight_scale.to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
