@@ -212,7 +212,7 @@ def decode_seconds(table: Table, dtype: str, decoder: Decoder, ids: torch.Tensor
     return seconds
 
 
-def kernel_alone(layer: torch.nn.Module, args) -> float:
+def kernel_alone(layer: torch.nn.Module, dtype: torch.dtype, args) -> float:
     """Bytes per second one-row products through `layer` alone read: the kernel a decoding step spends its time in
     (w1, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB for --tiny) that the
     weights come from memory, as in a decoding step, not from a cache. Its share of the stream bandwidth is as far
@@ -220,7 +220,7 @@ def kernel_alone(layer: torch.nn.Module, args) -> float:
     def size(module: torch.nn.Module) -> int:  # after the first product: an int4 layer packs its weight then
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
-    x = torch.randn(1, layer.in_features, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(1, layer.in_features, device=DEVICE, dtype=dtype)
     layer(x)
     total = 2**26 if args.tiny else 2**30
     layers = [copy.deepcopy(layer) for _ in range(-(-total // size(layer)))]
@@ -259,7 +259,7 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
         table.add(label, short, "tok/s", batch / seconds, peer_figures[name][f"decode {batch}"], True)
         if batch == 1:
             table.traffic(label.replace("decode ", "weights read, "), short, weight_bytes(decoder) / seconds)
-    table.traffic("weights read, one layer alone", short, kernel_alone(decoder.h[0].mlp.w1, args))
+    table.traffic("weights read, one layer alone", short, kernel_alone(decoder.h[0].mlp.w1, dtype, args))
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
@@ -288,7 +288,8 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
             label = "decode batch 1" + (", compiled" if compiled else "")
             rate = weight_bytes(decoder) / steps[1, compiled]
             table.traffic(label.replace("decode ", "weights read, "), method, rate)
-    table.traffic("weights read, one layer alone", method, kernel_alone(decoder.h[0].mlp.w1, args))
+    table.traffic("weights read, one layer alone", method,
+                  kernel_alone(decoder.h[0].mlp.w1, decoder.wte.weight.dtype, args))
 
 
 def main() -> None:
