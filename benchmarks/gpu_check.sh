@@ -8,7 +8,8 @@
 #      (CUDA graphs; the first compiled run, which compiles, on a row of its own), each batch-1 decode's weight
 #      traffic against the GPU's measured copy bandwidth, peak GPU memory, and transformers' Qwen2 / Qwen2-Audio
 #      modules on the same weights as the peer;
-#   3. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
+#   3. where an eager decoding step spends its time (benchmarks/profile_decode.py, bf16, 4 layers at full width);
+#   4. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
 #      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s.
 # Every step runs even when an earlier one failed; the failures are listed at the end, and the exit status is 1.
 # Writes DATE-gpu-check.json and DATE-gpu-finetune.json into $GPU_CHECK_RESULTS (default benchmarks/results).
@@ -39,11 +40,13 @@ step() {  # name, command...: run it, timed; a failure is noted and the next ste
 if [[ ${1:-} == --smoke ]]; then
   device=cpu
   size=(--tiny --decoder-layers 1 --encoder-layers 1 --decode-steps 2 --repeats 1)
+  profile=(--tiny --layers 1 --steps 2)
   weights="from qwenaudio.testing import make_tiny_checkpoint as write; write(sys.argv[1])"
   training=(--batch-size 2 --steps 2 --new-tokens 8)
 else
   device=cuda
   size=(--decoder-layers 32 --encoder-layers 32 --decode-steps 32 --repeats 3)
+  profile=(--layers 4 --steps 12)
   weights="sys.path.insert(0, 'benchmarks'); import full_model; full_model.write_weights(sys.argv[1], 'cuda')"
   training=(--batch-size 8 --steps 3)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -54,6 +57,7 @@ trap 'rm -rf "$folder"' EXIT
 step "CUDA tests" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step "bench.py" "$PYTHON" benchmarks/bench.py --device $device --dtypes bfloat16 "${size[@]}" \
   --compiled-batches 1 --json "$results/$day-gpu-check.json"
+step "profile" "$PYTHON" benchmarks/profile_decode.py --device $device "${profile[@]}"
 step "weights" "$PYTHON" -c "import sys; $weights" "$folder/weights"
 step "LoRA step" "$PYTHON" benchmarks/finetune_step.py --weights "$folder/weights" --device $device --bf16-base \
   "${training[@]}" --json "$results/$day-gpu-finetune.json"

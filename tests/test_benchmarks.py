@@ -42,7 +42,7 @@ def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 1
-    for name in ("CUDA tests", "bench.py", "weights", "LoRA step"):
+    for name in ("CUDA tests", "bench.py", "profile", "weights", "LoRA step"):
         assert f"== {name}:" in done.stdout and f"FAILED: {name} (exit 127)" in done.stdout
 
 
