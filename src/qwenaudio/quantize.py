@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .core import int4, int8
-from .core.checkpoint import INDEX_FILE, load_checkpoint, quantized_names, save_checkpoint
+from .core.checkpoint import INDEX_FILE, load_checkpoint, quantizer, save_checkpoint
 from .core.config import QwenAudioConfig
 from .core.errors import CheckpointError, InputError
 from .core.files import building, write_text, writing
@@ -40,9 +40,9 @@ def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, gro
     config = QwenAudioConfig.from_json(source)
     if config.quantization:
         raise InputError(f"{source} is already quantized ({config.quantization}): quantize its float original")
-    names = quantized_names(config)
-    convert, marks = (int8.quantizer(names, None), {"quantization": int8.METHOD}) if bits == 8 else (
-        int4.quantizer(names, None, group_size), {"quantization": int4.METHOD, "quantization_group_size": group_size})
+    method = int8.METHOD if bits == 8 else int4.METHOD
+    convert = quantizer(method, config, None, group_size)
+    marks = {"quantization": method} | ({"quantization_group_size": group_size} if bits == 4 else {})
     try:
         with building(target, replace=overwrite) as partial:  # first, so an unwritable target fails before the work
             state = load_checkpoint(source, config, progress=progress, convert=convert)

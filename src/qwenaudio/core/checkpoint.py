@@ -25,13 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import int4, int8
 from .config import QUANTIZATION_METHODS, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import CheckpointError
 from .files import write_text, writing
-from .int4 import quantize_int4
-from .int8 import quantize_int8
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -98,7 +97,16 @@ def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
 
 def quantize_layout(decoder: nn.Module, method: str, group_size: int | None) -> nn.Module:
     """`decoder` with its linears swapped for `method`'s layers ("int8-weight-only" or "int4-weight-only")."""
-    return quantize_int8(decoder) if method == QUANTIZATION_METHODS[0] else quantize_int4(decoder, group_size)
+    return int8.quantize_int8(decoder) if method == QUANTIZATION_METHODS[0] else \
+        int4.quantize_int4(decoder, group_size)
+
+
+def quantizer(method: str, config: QwenAudioConfig, dtype: torch.dtype | None, group_size: int | None
+              ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`load_checkpoint`'s `convert` hook quantizing the decoder's linears in `method` as they are read."""
+    names = quantized_names(config)
+    return int8.quantizer(names, dtype) if method == QUANTIZATION_METHODS[0] else \
+        int4.quantizer(names, dtype, group_size)
 
 
 def quantized_names(config: QwenAudioConfig) -> list[str]:

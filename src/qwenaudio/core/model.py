@@ -17,14 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
-from .checkpoint import PREFIXES, load_checkpoint, quantize_layout, quantized_names, split_state
+from .checkpoint import PREFIXES, load_checkpoint, quantize_layout, quantizer, split_state
 from .config import QUANTIZATION_METHODS, GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
 from .int4 import DEFAULT_GROUP_SIZE
-from .int4 import quantizer as int4_quantizer
-from .int8 import quantizer as int8_quantizer
 from .tokenizer import Tokenizer
 
 
@@ -215,10 +213,6 @@ def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device
           group_size: int | None, progress=None) -> dict[str, Tensor]:
     """The checkpoint's tensors, the decoder's linears quantized on arrival when `method` asks for it and the
     checkpoint is not quantized already."""
-    convert = None
-    if method and not config.quantization:
-        names = quantized_names(config)
-        convert = int8_quantizer(names, dtype) if method == QUANTIZATION_METHODS[0] else int4_quantizer(
-            names, dtype, group_size)
+    convert = quantizer(method, config, dtype, group_size) if method and not config.quantization else None
     return load_checkpoint(path, config, dtype=dtype, device=device, progress=progress, convert=convert)
 
