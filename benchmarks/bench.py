@@ -90,12 +90,15 @@ def stream_bandwidth() -> float:
     return 2 * source.numel() * 4 / timed(lambda: target.copy_(source), 5) / 1e9
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (an int4 layer's after its first product, which packs them)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def weight_bytes(decoder: Decoder) -> int:
-    """Bytes a decoding step reads: every parameter and buffer of the decoder but the embedding table (one row a
-    token) and the KV cache (not a module buffer)."""
-    tensors = [*decoder.parameters(), *decoder.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) - decoder.wte.weight.numel() * \
-        decoder.wte.weight.element_size()
+    """Bytes a decoding step reads: the decoder's but the embedding table's (one row a token); the KV cache is no
+    module buffer."""
+    return tensor_bytes(decoder) - tensor_bytes(decoder.wte)
 
 
 FULL_WIDTH = {"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "intermediate_size": 22016,
@@ -217,15 +220,25 @@ def kernel_alone(layer: torch.nn.Module, dtype: torch.dtype, args) -> float:
     (w1, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB for --tiny) that the
     weights come from memory, as in a decoding step, not from a cache. Its share of the stream bandwidth is as far
     as the decoding step can get with this kernel."""
-    def size(module: torch.nn.Module) -> int:  # after the first product: an int4 layer packs its weight then
-        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
     x = torch.randn(1, layer.in_features, device=DEVICE, dtype=dtype)
-    layer(x)
+    layer(x)  # an int4 layer packs its weight at its first product
     total = 2**26 if args.tiny else 2**30
-    layers = [copy.deepcopy(layer) for _ in range(-(-total // size(layer)))]
-    seconds = timed(lambda: [c(x) for c in layers], args.repeats)
-    return sum(size(c) for c in layers) / seconds
+    layers = [copy.deepcopy(layer) for _ in range(-(-total // tensor_bytes(layer)))]
+    return len(layers) * tensor_bytes(layer) / timed(lambda: [c(x) for c in layers], args.repeats)
+
+
+def traffic_rows(table: Table, dtype: str, decoder: Decoder, steps: dict[tuple[int, bool], float], args) -> None:
+    """Each batch-1 decoding step's weight traffic, and its kernel's alone."""
+    for compiled in (False, True):
+        if (1, compiled) in steps:
+            table.traffic(decode_label(1, compiled).replace("decode ", "weights read, "), dtype,
+                          weight_bytes(decoder) / steps[1, compiled])
+    table.traffic("weights read, one layer alone", dtype,
+                  kernel_alone(decoder.h[0].mlp.w1, decoder.wte.weight.dtype, args))
+
+
+def decode_label(batch: int, compiled: bool) -> str:
+    return f"decode batch {batch}" + (", compiled" if compiled else "")
 
 
 @torch.no_grad()
@@ -255,11 +268,9 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
         peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
     steps = decode_seconds(table, short, decoder, ids, args)
     for (batch, compiled), seconds in steps.items():
-        label = f"decode batch {batch}" + (", compiled" if compiled else "")
-        table.add(label, short, "tok/s", batch / seconds, peer_figures[name][f"decode {batch}"], True)
-        if batch == 1:
-            table.traffic(label.replace("decode ", "weights read, "), short, weight_bytes(decoder) / seconds)
-    table.traffic("weights read, one layer alone", short, kernel_alone(decoder.h[0].mlp.w1, dtype, args))
+        table.add(decode_label(batch, compiled), short, "tok/s", batch / seconds,
+                  peer_figures[name][f"decode {batch}"], True)
+    traffic_rows(table, short, decoder, steps, args)
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
@@ -281,15 +292,8 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
         short = f"{method}/{SHORT[peer_dtype]}"
         table.add("prefill 30 s prompt", short, "tok/s", prefill_rate, figures["prefill"], True)
         for (batch, compiled), seconds in steps.items():
-            label = f"decode batch {batch}" + (", compiled" if compiled else "")
-            table.add(label, short, "tok/s", batch / seconds, figures[f"decode {batch}"], True)
-    for compiled in (False, True):
-        if (1, compiled) in steps:
-            label = "decode batch 1" + (", compiled" if compiled else "")
-            rate = weight_bytes(decoder) / steps[1, compiled]
-            table.traffic(label.replace("decode ", "weights read, "), method, rate)
-    table.traffic("weights read, one layer alone", method,
-                  kernel_alone(decoder.h[0].mlp.w1, decoder.wte.weight.dtype, args))
+            table.add(decode_label(batch, compiled), short, "tok/s", batch / seconds, figures[f"decode {batch}"], True)
+    traffic_rows(table, method, decoder, steps, args)
 
 
 def main() -> None:
