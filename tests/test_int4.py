@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import InputError
+from qwenaudio import ConfigError, InputError
 from qwenaudio.core import int4
 from qwenaudio.core.checkpoint import quantized_names, read_header
 from qwenaudio.core.int4 import Int4Linear, dequantize, pack, quantize_int4, quantize_weight, unpack
@@ -109,6 +109,10 @@ def test_int4_checkpoint_round_trip(tiny_ckpt, tmp_path):
         save_quantized(target, tmp_path / "again", bits=8)
     with pytest.raises(InputError, match="int8 and int4: choose one"):
         qwenaudio.load(tiny_ckpt, int8=True, int4=True, progress=False)
+    raw["quantization_group_size"] = 48  # no layout of ours: refused before any tensor is read
+    (target / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="quantization_group_size 48 must be one of 32, 64, 128 for int4"):
+        qwenaudio.load(target, progress=False)
 
 
 @pytest.mark.slow

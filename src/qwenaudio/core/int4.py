@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import QUANTIZATION_METHODS
+from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 
 METHOD = QUANTIZATION_METHODS[1]  # "int4-weight-only", the value of config.json's "quantization"
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = INT4_GROUP_SIZES  # config.json's "quantization_group_size"
 DEFAULT_GROUP_SIZE = 64  # BENCHMARKS.md, "int4": the error of 32 at the speed of 128
 REFINE_ROUNDS = 2  # least-squares rounds after rounding to nearest: two thirds of what eight gain, a quarter the time
 CHUNK_ROWS = 1024  # rows quantized (and packed) at a time: lm_head has 155,947, and each is 4096 fp32 to refine
