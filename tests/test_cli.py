@@ -323,7 +323,36 @@ def test_ctrl_c_keeps_what_is_done_and_writes_the_summary(tiny_ckpt, audio_dir, 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["interrupted"] and summary["done"] == [str(files_in[0])] and summary["failed"] == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["speech.txt", "summary.json"]
-    assert "1 done, 0 skipped (outputs exist), 0 failed, of 2 files (interrupted)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 done, 0 skipped (outputs exist), 0 failed, of 2 files (interrupted)" in err
+    assert err.rstrip().splitlines()[-1] == "interrupted; rerun the same command to resume: files done are kept"
+
+
+def test_sigterm_is_taken_like_ctrl_c_and_says_how_to_resume(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from qwenaudio import cli
+
+    calls = []
+    real_run_task = cli.run_task
+
+    def killed_on_second_batch(model, jobs, clips, args):
+        calls.append(jobs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_task(model, jobs, clips, args)
+
+    monkeypatch.setattr(cli, "run_task", killed_on_second_batch)
+    files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
+    args = ["transcribe", *map(str, files_in), "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
+            "--model", str(tiny_ckpt), *FAST]
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(args) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["done"] == [str(files_in[0])]
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1] == "interrupted; rerun the same command to resume: files done are kept"
 
 
 @pytest.mark.slow

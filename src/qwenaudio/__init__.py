@@ -12,6 +12,7 @@ from .core.errors import (
     DownloadError,
     InputError,
     MetricUnavailableError,
+    OutputError,
     QwenAudioError,
     TokenizerError,
 )
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AudioConfig", "AudioEncoder", "AudioError", "CheckpointError", "ConfigError", "Decoder", "DownloadError",
-    "GenerationConfig", "InputError", "MetricUnavailableError", "QwenAudio", "QwenAudioConfig", "QwenAudioError",
-    "Tokenizer", "TokenizerError", "download", "load", "load_audio", "load_checkpoint", "load_decoder", "load_encoder",
-    "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
+    "GenerationConfig", "InputError", "MetricUnavailableError", "OutputError", "QwenAudio", "QwenAudioConfig",
+    "QwenAudioError", "Tokenizer", "TokenizerError", "download", "load", "load_audio", "load_checkpoint",
+    "load_decoder", "load_encoder", "log_mel_spectrogram", "save_checkpoint", "tensor_shapes",
 ]

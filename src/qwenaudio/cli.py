@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE
 from .core.checkpoint import load_checkpoint
-from .core.errors import InputError, QwenAudioError, TrainingError
+from .core.errors import InputError, OutputError, QwenAudioError, TrainingError
 from .core.files import write_text
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES
@@ -41,16 +42,41 @@ FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
 TIMED_FORMATS = ("srt", "vtt")
 
 
+# What an interrupted command says on stderr: how to go on without losing what is done.
+RESUME_HINTS = {"transcribe": "rerun the same command to resume: files done are kept",
+                "evaluate": "rerun the same command to resume: the replies so far are kept",
+                "finetune": "rerun with --resume to continue from the last checkpoint"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`), taken like Ctrl-C so every command saves what it has done."""
+
+
+def _terminate(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: the command line), load the model, run the subcommand; returns the exit code."""
+    """Parse `argv` (default: the command line), load the model, run the subcommand; returns the exit code (128 +
+    the signal's number when interrupted: 130 for Ctrl-C, 143 for SIGTERM)."""
     warnings.showwarning = _warn
     try:
         args = parse(argv)
     except SystemExit as e:  # --help or a usage error: argparse has already said what to say
         return int(e.code or 0)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (a caller's worker): SIGTERM keeps its own handler
+        previous = None
+    try:
         return run(args)
+    except KeyboardInterrupt as e:
+        hint = RESUME_HINTS.get(args.command)
+        print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+        return 128 + (e.args[0] if isinstance(e, Terminated) else signal.SIGINT)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         leave_process_group()
 
 
@@ -86,14 +112,15 @@ def run(args: argparse.Namespace) -> int:
         return 3
     try:
         return args.run(model, args)
+    except OutputError as e:  # a full disk, a read-only directory: the run failed, the arguments were fine
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except QwenAudioError as e:  # e.g. a file that is not a trace, a missing clip, an unclosed <audio> tag
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a trace that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 def _warn(message: Warning | str, *_) -> None:
@@ -350,15 +377,15 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
 
     done: list[str] = []
     failed: list[str] = []
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         for job, error in run_files(todo, lambda batch, clips: run_task(model, batch, clips, args), write,
                                     batch_size=args.batch_size, rank=rank, world=world,
                                     progress=lambda k, n, batch: _progress(k, n, batch, rank, world)):
             (failed.append(error) if error else done.append(str(job.path)))
             shown.finish(job, documents.pop(job.path, None))
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the summary is still written, then the same signal goes on
+        interrupted = e
         shown.flush()
     reports = [(done, failed)] if interrupted else gather((done, failed), world)
     if rank == 0:
@@ -366,7 +393,7 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
         summary = {"files": len(jobs), "done": [path for paths, _ in reports for path in paths],
                    "skipped": [str(j.path) for j in jobs if j not in planned],
                    "failed": [line for _, lines in reports for line in lines],
-                   "processes": world, "interrupted": interrupted}
+                   "processes": world, "interrupted": interrupted is not None}
         if args.output_dir:
             try:
                 write_text(args.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -376,7 +403,7 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
               f"{len(summary['failed'])} failed, of {len(jobs)} files" + (" (interrupted)" if interrupted else ""),
               file=sys.stderr)
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     return 1 if any(f for _, f in reports) else 0
 
 

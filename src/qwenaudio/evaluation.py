@@ -515,18 +515,18 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, w
     (then with `"interrupted": true`, and KeyboardInterrupt is raised again). Other processes return {}."""
     if len(set(gather(len(run.todo), world))) > 1:  # also a barrier: every process plans before any appends
         raise InputError("the processes found different examples to do; is the output directory shared?")
-    started, failed, interrupted = time.monotonic(), [], False
+    started, failed, interrupted = time.monotonic(), [], None
     try:
         failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: summarize, then let the same signal go on
+        interrupted = e
     reports = [failed] if interrupted else gather(failed, world)
     summary = {}
     if rank == 0:
-        summary = summarize(run, [line for lines in reports for line in lines], interrupted=interrupted,
+        summary = summarize(run, [line for lines in reports for line in lines], interrupted=interrupted is not None,
                             seconds=time.monotonic() - started, processes=world)
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     return summary
 
 

@@ -41,5 +41,10 @@ class MetricUnavailableError(QwenAudioError, RuntimeError):
     message says what to install."""
 
 
+class OutputError(QwenAudioError, OSError):
+    """An output could not be written (a full disk, a read-only directory), or would replace one of the command's
+    own inputs or a file it did not write; nothing half-written is left under a final name."""
+
+
 class TrainingError(QwenAudioError, RuntimeError):
     """Training cannot go on: a loss that is not finite (the message names the step and the examples)."""

@@ -4,15 +4,22 @@ Every file qwenaudio writes for a user (transcripts, subtitles, summaries, trace
 a temporary name in the same directory, flushed to disk, and renamed into place; a failure (a full disk, a read-only
 directory, Ctrl-C) removes the temporary file and leaves whatever was at the final name untouched. A resumed run can
 therefore trust that an output which exists is complete. Directories (a whole checkpoint) are built the same way.
+
+Two more rules live here because every command needs them: `refuse_inputs` (an output never replaces one of the
+command's inputs, whatever names the user gave them) and `fingerprint` (a cheap key of a checkpoint's content, so
+a resumed run notices other weights under the same path).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputError
 
 
 def _mode() -> int:
@@ -65,3 +72,40 @@ def building(directory: str | Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _same(a: Path, b: Path) -> bool:
+    """One file or directory under two names (a symlink, `.` and its absolute path, a hard link)."""
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist yet
+        return a.resolve() == b.resolve()
+
+
+def refuse_inputs(writes: Iterable[str | Path], reads: Iterable[str | Path]) -> None:
+    """Raise OutputError when something a command would write (a file, or a directory it builds whole) is one of
+    its inputs or holds one: a command never replaces what it reads, whatever names the user gave both."""
+    reads = [Path(r) for r in reads]
+    for out in map(Path, writes):
+        for read in reads:
+            inside = any(_same(out, parent) for parent in Path(os.path.abspath(read)).parents)
+            if _same(out, read) or inside:
+                raise OutputError(f"{out} would replace the input {read}: write the output somewhere else")
+
+
+def fingerprint(directory: str | Path, *, block: int = 1 << 16, samples: int = 16) -> str:
+    """A cheap fingerprint of the files in `directory` (a checkpoint, an adapter): sha256 over each file's name, size
+    and `samples` blocks spread over its content (small files whole). A run keyed on it notices weights replaced
+    under the same path while reading a few MiB of a 16 GB checkpoint, not all of it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= block * samples:
+                digest.update(f.read())
+                continue
+            for k in range(samples):  # the first and the last block, and evenly between
+                f.seek(k * (size - block) // (samples - 1))
+                digest.update(f.read(block))
+    return digest.hexdigest()

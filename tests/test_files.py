@@ -1,0 +1,39 @@
+"""core/files.py: the rules every command's outputs follow."""
+
+import os
+
+import pytest
+
+from qwenaudio.core.errors import OutputError
+from qwenaudio.core.files import fingerprint, refuse_inputs
+
+
+def test_an_output_may_not_be_or_hold_an_input_under_any_name(tmp_path, monkeypatch):
+    data = tmp_path / "examples.jsonl"
+    data.write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    os.link(data, tmp_path / "hard.jsonl")
+    (tmp_path / "link.jsonl").symlink_to(data)
+    for same in (data, "examples.jsonl", "./sub/../examples.jsonl", tmp_path / "hard.jsonl", "link.jsonl"):
+        with pytest.raises(OutputError, match="would replace the input"):
+            refuse_inputs([same], [data])
+    with pytest.raises(OutputError, match="would replace the input"):  # a directory built whole, holding the input
+        refuse_inputs([tmp_path], ["examples.jsonl"])
+    refuse_inputs([tmp_path / "examples.json", tmp_path / "new" / "x"], [data, tmp_path / "missing"])  # beside: fine
+
+
+def test_fingerprint_follows_content_not_the_path(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"x": 1}')
+        (d / "model.safetensors").write_bytes(bytes(range(256)) * 20_000)  # 5 MB: sampled, not read whole
+    (a / ".partial").write_text("ignored")
+    assert fingerprint(a) == fingerprint(b)
+    data = bytearray((b / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # the last byte is always sampled
+    (b / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint(a) != fingerprint(b)
+    (b / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes())
+    (b / "config.json").write_text('{"x": 2}')
+    assert fingerprint(a) != fingerprint(b)
