@@ -6,6 +6,7 @@ its stated tolerance; broken files are refused."""
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,91 @@ def test_verify_command_reports_both_and_fails_on_a_bf16_checkpoint_with_a_bad_l
     marked = [line for line in bad.stdout.splitlines() if "<--" in line]
     assert len(marked) == 1 and marked[0].startswith("decoder.block1 ") and "FAIL    <-- first isolated" in marked[0]
     assert bad.stdout.splitlines()[0].split()[-2:] == ["isolated", "status"]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """cli.load recorded instead of run: what the command checks before the model loads."""
+    from qwenaudio import cli
+
+    loads = []
+    monkeypatch.setattr(cli, "load", lambda *a, **k: loads.append(a))
+    return loads
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "the prompt is empty"),
+    (" \n\t", "the prompt is only whitespace"),
+    ("<audio>missing.wav</audio>hi", "the prompt's clip missing.wav: no such audio file"),
+    ("<audio>note.txt</audio>hi", "the prompt's clip note.txt: not a readable audio file"),
+    ("<audio>clip.wav hi", "unclosed <audio> tag"),
+    ("<audio>clip.wav</audio></audio>", "a </audio> without its <audio>"),
+    ("<audio><audio>clip.wav</audio>", "opens an <audio> region inside another"),
+    ("<audio> </audio>hi", "region without a path"),
+])
+def test_trace_refuses_an_odd_prompt_before_the_model_loads(tmp_path, monkeypatch, capsys, no_load, prompt, message):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(GOLDEN / "clip0.wav", "clip.wav")
+    (tmp_path / "note.txt").write_text("not audio")
+    assert cli.main(["trace", "--prompt", prompt, "--out", "t.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert no_load == [] and not (tmp_path / "t.safetensors").exists()
+    if "clip" not in message:  # the library refuses the same prompts (record calls prompt_clips)
+        with pytest.raises(InputError, match=re.escape(message)):
+            trace.prompt_clips(prompt)
+
+
+def test_trace_out_never_replaces_an_input_and_is_checked_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch,
+                                                                                 capsys, no_load):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    model = shutil.copytree(tiny_ckpt, tmp_path / "model")
+    clip = shutil.copy(GOLDEN / "clip0.wav", "clip.wav")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [tmp_path / clip, tmp_path / "notes.txt", *model.iterdir()]}
+    prompt = "<audio>clip.wav</audio>hi"
+    cases = [("clip.wav", "would replace the input clip.wav"),
+             ("./model/model.safetensors.index.json", "would replace the input"),
+             ("model", "would replace the input"),
+             ("notes.txt", "exists and is not a trace"),
+             ("no-such-dir/t.safetensors", "cannot write in no-such-dir")]
+    for out, message in cases:
+        assert cli.main(["trace", "--model", str(model), "--prompt", prompt, "--out", out]) == 1, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", unwritable)  # tests may run as root: simulate read-only
+    assert cli.main(["trace", "--model", str(model), "--prompt", prompt, "--out", "t.safetensors"]) == 1
+    assert "error: --out t.safetensors: cannot write in . (Permission denied)" in capsys.readouterr().err
+    assert no_load == [] and before == {p: p.read_bytes() for p in before}
+    reference = str(GOLDEN / "trace_official.safetensors")
+    monkeypatch.chdir(ROOT)  # where the reference's prompt names its clips
+    assert cli.main(["verify", reference, "--model", str(model), "--out", reference]) == 1
+    assert "would replace the input" in capsys.readouterr().err and no_load == []
+
+
+def test_a_full_disk_while_writing_a_trace_is_one_error_line_and_no_file(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t.safetensors"
+    for error in (OSError(28, "No space left on device"), SafetensorError("I/O error: No space left on device")):
+        def full(tensors, path, metadata=None, error=error):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise error
+
+        monkeypatch.setattr(trace, "save_file", full)
+        assert cli.main(["trace", "--model", str(tiny_ckpt), "--prompt", "Hello", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: {out}: could not write the trace ({error})\n") and "Traceback" not in err
+        assert list(tmp_path.iterdir()) == []  # neither the trace nor its temporary file

@@ -26,10 +26,10 @@ from . import evaluation, finetune, lora, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_process_group, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
-from .core.audio import SAMPLE_RATE
+from .core.audio import SAMPLE_RATE, as_waveform
 from .core.checkpoint import load_checkpoint
-from .core.errors import InputError, OutputError, QwenAudioError, TrainingError
-from .core.files import write_text
+from .core.errors import AudioError, InputError, OutputError, QwenAudioError, TrainingError
+from .core.files import refuse_inputs, write_text
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES
 from .hub import load, report_progress, resolve
@@ -83,8 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check what can be checked before the model loads, join torchrun's processes, load the model, run."""
     try:
-        if args.command == "verify" and args.model and not args.dtype:  # compare like with like
-            args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
+        if args.command == "trace":
+            plan_trace(args)
+        if args.command == "verify":
+            plan_verify(args)
         if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
             plan_outputs(args)
         if args.command == "finetune":
@@ -98,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:  # an output that would replace an input, or that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sharing = args.command in ("transcribe", "evaluate", "finetune")
     args.rank, args.world = process_group(args.device) if sharing else (0, 1)
     if args.world > 1 and not args.output_dir:
@@ -278,6 +283,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
         check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
+    if args.command == "verify" and args.out and not args.model:
+        check.error("--out saves the trace recorded with --model; OURS is already a file")
     if args.command == "transcribe" and (args.timestamps or args.format in (*TIMED_FORMATS, "all")):
         if args.task != "transcribe":
             run.error("word timestamps (--timestamps, --format srt, vtt or all) come only with --task transcribe")
@@ -634,6 +641,58 @@ def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
             clips = []
 
 
+def plan_trace(args: argparse.Namespace) -> None:
+    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
+    _check_trace_out(args.out, [*_readable_clips(trace.prompt_clips(args.prompt)), *_model_files(args.model)])
+
+
+def plan_verify(args: argparse.Namespace) -> None:
+    """Before the model loads: both traces (or the reference and the clips of its prompt, which ours is recorded
+    from), --out, and the dtype to record in (the reference's, to compare like with like)."""
+    args.reference = trace.Trace.load(args.traces[-1])
+    if not args.model:
+        args.ours = trace.Trace.load(args.traces[0])
+        return
+    manifest = args.reference.manifest
+    try:
+        clips = _readable_clips(trace.prompt_clips(manifest.get("prompt")))
+    except InputError as e:
+        raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
+    if args.out:
+        _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
+    args.dtype = args.dtype or manifest.get("model", {}).get("dtype")
+
+
+def _readable_clips(paths: list[str]) -> list[str]:
+    """`paths` (a prompt's clips), each checked as the model would read it."""
+    for path in paths:
+        try:
+            as_waveform(Path(path), path)
+        except AudioError as e:
+            raise InputError(f"the prompt's clip {e}") from None
+    return paths
+
+
+def _model_files(model: str | None) -> list[Path]:
+    """The files of a local checkpoint directory (a repo id is not local yet)."""
+    path = Path(model) if model else None
+    return [*path.iterdir(), path] if path and path.is_dir() else []
+
+
+def _check_trace_out(out: Path, reads: list) -> None:
+    """--out is none of the inputs (a clip, a trace, a model file), replaces only an older trace, and can be
+    written: all found before the model loads (OutputError)."""
+    refuse_inputs([out], reads)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a directory: give the .safetensors file to write")
+    if out.exists() and not trace.is_trace(out):
+        raise OutputError(f"--out {out} exists and is not a trace: remove it or choose another name")
+    try:
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
+
+
 def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
     trace.record(model, args.prompt, project=args.project, logits=args.logits).save(args.out)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -647,31 +706,38 @@ def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
 
 
 def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
-    """Print the per-tensor table; the first tensor out of tolerance is where the implementations part. With the
-    model at hand, also each layer on the reference's own input (`trace.isolate`), which needs a full-size trace."""
-    reference = trace.Trace.load(args.traces[-1])
-    isolated, project = None, reference.manifest.get("project")
+    """Print the per-tensor table of the stages both traces hold and what each lacks; the first tensor out of
+    tolerance is where the implementations part. With the model at hand, also each layer on the reference's own
+    input (`trace.isolate`), which needs a full-size reference holding every stage; else say what it lacks."""
+    reference, isolated, blocker = args.reference, None, None
     if model is None:
-        ours = trace.Trace.load(args.traces[0])
+        ours = args.ours
     else:
         m = reference.manifest
-        ours = trace.record(model, m["prompt"], project=project, logits=m.get("logits", "last"))
+        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
         if args.out:
             ours.save(args.out)
-        isolated = None if project is not None else trace.isolate(model, reference, rtol=args.isolated_rtol)
+        blocker = trace.isolation_blocker(model, reference)
+        isolated = None if blocker else trace.isolate(model, reference, rtol=args.isolated_rtol)
     rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
+    lacking, ours_lacking = trace.unmatched(ours, reference)
     print(trace.format_table(rows, isolated))
     failed = [r for r in rows if not r.ok]
     rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
     looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
+    if lacking:
+        print(f"not in the reference, so not compared: {trace.name_list(lacking)}")
+    if ours_lacking:
+        print(f"FAIL: the reference has {trace.name_list(ours_lacking)}, ours does not")
+    if trace.models_note(ours, reference):
+        print(f"note: {trace.models_note(ours, reference)}")
     if isolated is not None:
         alone_failed = [r for r in isolated if not r.ok]
         print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
               f"{isolated[0].rtol:g} on the reference's own inputs" +
               (f"; first isolated failure: {alone_failed[0].name}" if alone_failed else ""))
     elif model is not None:
-        print(f"isolated: not available, the reference is projected (--project {project}); record it without "
-              "--project to also check each layer on the reference's own input")
-    return 1 if failed or any(not r.ok for r in isolated or []) else 0
+        print(f"isolated: not available, {blocker}")
+    return 1 if failed or ours_lacking or any(not r.ok for r in isolated or []) else 0
