@@ -288,3 +288,73 @@ def test_a_full_disk_while_writing_a_trace_is_one_error_line_and_no_file(tiny_ck
         err = capsys.readouterr().err
         assert err.endswith(f"error: {out}: could not write the trace ({error})\n") and "Traceback" not in err
         assert list(tmp_path.iterdir()) == []  # neither the trace nor its temporary file
+
+
+def partial(tmp_path, name, keep):
+    """A copy of the full official trace holding only the tensors `keep(name)` accepts."""
+    path = tmp_path / f"{name}.safetensors"
+    Trace({n: t for n, t in FULL.tensors.items() if keep(n)}, FULL.manifest).save(path)
+    return path
+
+
+HIDDEN_STATES = {"decoder.embeds", "decoder.block0", "decoder.ln_f", "logits"}  # output_hidden_states: no last block
+
+
+def test_a_partial_reference_compares_what_both_hold(tiny_ckpt, in_repo, tmp_path):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    mine = record(model, FULL.manifest["prompt"])
+    reference = Trace.load(partial(tmp_path, "hidden", HIDDEN_STATES.__contains__))
+    rows = compare(mine, reference)
+    assert [r.name for r in rows] == ["decoder.embeds", "decoder.block0", "decoder.ln_f", "logits"]
+    assert all(r.ok for r in rows)
+    lacking, ours_lacking = trace.unmatched(mine, reference)
+    assert ours_lacking == [] and lacking[:3] == ["waveform.0", "waveform.1", "mel.0"] and "decoder.block1" in lacking
+    assert trace.name_list(lacking).startswith("waveform.0, waveform.1, mel.0, mel.1, encoder.conv1, encoder.conv2")
+    assert trace.isolation_blocker(model, reference).startswith("the reference lacks waveform.0, waveform.1")
+    with pytest.raises(InputError, match="lacks waveform.0, .*decoder.block1, which the isolated comparison needs"):
+        isolate(model, reference)
+    nothing = Trace.load(partial(tmp_path, "none", lambda n: False))
+    with pytest.raises(InputError, match="no tensor in common"):
+        compare(mine, nothing)
+
+
+def test_name_list_collapses_runs():
+    names = [f"encoder.block{j}" for j in range(32)] + ["logits", "waveform.0", "decoder.block3", "decoder.block5"]
+    assert trace.name_list(names) == "waveform.0, encoder.block0..31, decoder.block3, decoder.block5, logits"
+
+
+def test_verify_against_partial_references(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(ROOT)
+    ours = tmp_path / "ours.safetensors"
+    no_wave = partial(tmp_path, "no-waveform", lambda n: not n.startswith("waveform."))
+    hidden = partial(tmp_path, "hidden", HIDDEN_STATES.__contains__)
+    assert cli.main(["verify", str(no_wave), "--model", str(tiny_ckpt), "--out", str(ours)]) == 0
+    out = capsys.readouterr().out
+    assert "\n17 of 17 tensors within rtol 1e-05, mel.0 0.0001, mel.1 0.0001\n" in out
+    assert "not in the reference, so not compared: waveform.0, waveform.1\n" in out
+    assert "isolated: not available, the reference lacks waveform.0, waveform.1, which the isolated" in out
+    assert cli.main(["verify", str(ours), str(hidden)]) == 0  # the two-trace form
+    out = capsys.readouterr().out
+    assert "\n4 of 4 tensors within rtol 1e-05\n" in out and "decoder.block1" in out.split("not in the reference")[1]
+    assert cli.main(["verify", str(hidden), "--model", str(tiny_ckpt)]) == 0
+    assert "isolated: not available, the reference lacks waveform.0" in capsys.readouterr().out
+    nothing = partial(tmp_path, "nothing", lambda n: False)
+    assert cli.main(["verify", str(ours), str(nothing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the traces have no tensor in common: ours holds waveform.0, waveform.1, mel.0")
+
+
+def test_verify_against_a_reference_of_another_model(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(ROOT)
+    deep = qwenaudio.load(make_tiny_checkpoint(tmp_path / "deep", num_hidden_layers=3, vocab_file=tiny_ckpt /
+                                               "qwen.tiktoken"), dtype=torch.float32, progress=False)
+    record(deep, FULL.manifest["prompt"]).save(tmp_path / "deep.safetensors")
+    assert cli.main(["verify", str(tmp_path / "deep.safetensors"), "--model", str(tiny_ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: the reference has decoder.block2, ours does not\n" in out
+    assert "note: the traces come from different models (ours {'hidden_size': 64, 'layers': 2}" in out
+    assert "isolated: not available, the reference trace comes from another model" in out
