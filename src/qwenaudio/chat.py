@@ -18,6 +18,7 @@ import torch
 
 from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
+from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
 from .core.generate import stream_text
 from .core.model import QwenAudio
@@ -32,14 +33,19 @@ def query_text(parts: str | Sequence[Part]) -> str:
     """A query from parts: each clip becomes `Audio n:<audio>path</audio>\\n` (n from 1), text is appended as is."""
     if isinstance(parts, str):
         return parts
+    if not isinstance(parts, (list, tuple)):
+        raise InputError(f"query must be a str or a list of parts (str, {{'text': …}}, {{'audio': path}}), got "
+                         f"{shown(parts)}")
     out, n = "", 0
     for part in parts:
         if isinstance(part, str):
             out += part
         elif isinstance(part, dict) and "audio" in part:
+            expect(part["audio"], (str, Path), "an audio part's path", "a str or Path")
             n += 1
             out += f"Audio {n}:<audio>{part['audio']}</audio>\n"
         elif isinstance(part, dict) and "text" in part:
+            expect(part["text"], str, "a text part's text", "a str")
             out += part["text"]
         else:
             raise InputError(f"a query part must be a str, {{'text': …}} or {{'audio': path}}, got {part!r}")
@@ -86,8 +92,10 @@ class Chat:
     turn prefills only what is new."""
 
     def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None):
+        expect_model(model)
+        expect(system, str, "system", "a str (the system message)")
         self.model, self.system = model, system
-        self.history: History = list(history or [])
+        self.history: History = _checked_history(history)
         self._clips: dict[str, torch.Tensor] = {}
         self._cache = self._new_cache()  # the conversation so far, as the decoder has read it
 
@@ -130,6 +138,16 @@ class Chat:
         if path not in self._clips:
             self._clips[path] = as_waveform(Path(path), path)
         return self._clips[path]
+
+
+def _checked_history(history: History | None) -> History:
+    """A copy of `history` once it is known to be (query, reply) pairs of text, as `chat` returns it."""
+    pairs = list(history) if isinstance(history, (list, tuple)) else None
+    if history is not None and (pairs is None or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)):
+        raise InputError(f"history must be a list of (query, reply) pairs of str, as chat() returns it, got "
+                         f"{shown(history)}")
+    return [tuple(p) for p in pairs or []]
 
 
 def chat(model: QwenAudio, query: str | Sequence[Part], history: History | None = None, *,

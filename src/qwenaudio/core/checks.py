@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, QwenAudioError
 
 
-def expect(value: Any, types: type | tuple[type, ...], name: str, what: str) -> None:
-    """Raise InputError unless `value` is one of `types`; a bool never passes for a number."""
+def expect(value: Any, types: type | tuple[type, ...], name: str, what: str,
+           error: type[QwenAudioError] = InputError) -> None:
+    """Raise `error` unless `value` is one of `types`; a bool never passes for a number."""
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
-        raise InputError(f"{name} must be {what}, got {_shown(value)}")
+        raise error(f"{name} must be {what}, got {shown(value)}")
 
 
 def expect_model(model: Any, name: str = "model") -> None:
@@ -22,14 +23,14 @@ def expect_model(model: Any, name: str = "model") -> None:
 
     if not isinstance(model, QwenAudio):
         hint = f" (load it first: qwenaudio.load({model!r}))" if isinstance(model, str) else ""
-        raise InputError(f"{name} must be a QwenAudio model, got {_shown(model)}{hint}")
+        raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
 
 
 def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """The value's type, and a short repr of it."""
     text = repr(value)
     return f"{type(value).__name__} {text[:60] + '…' if len(text) > 60 else text}"
