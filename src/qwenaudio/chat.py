@@ -107,14 +107,14 @@ class Chat:
         """Raw text and ids the model would read for `query` after the current history."""
         window = self.model.generation_config.max_window_size
         return build_context(self.model.tokenizer, query_text(query), self.history, self.system, window,
-                             lambda path: audio_span(len(self._clip(path))))
+                             lambda path: audio_span(len(self.clip(path))))
 
     def stream(self, query: str | Sequence[Part], **generation) -> Iterator[str]:
         """Yield the reply in text pieces; the turn joins the history once the reply is complete."""
         text = query_text(query)
         raw, ids = self.context(text)
         paths = self.model.tokenizer.audio_paths(raw, allowed_special=AUDIO_SPECIAL_TOKENS)
-        audio = self.model.encode_audio([self._clip(p) for p in paths])
+        audio = self.model.encode_audio([self.clip(p) for p in paths])
         config = self.model.generation_config.replace(**generation)
         pieces: list[str] = []
         with torch.no_grad():
@@ -134,7 +134,11 @@ class Chat:
         weight = self.model.decoder.wte.weight
         return KVCache(self.model.config, 1, 0, weight.dtype, weight.device)
 
-    def _clip(self, path: str) -> torch.Tensor:
+    def clip(self, path: str) -> torch.Tensor:
+        """The clip at `path` as the conversation hears it, read once and kept by path; a missing or unreadable file
+        raises AudioError here, so a caller can check a clip when it is attached, before any question."""
+        expect(path, (str, Path), "path", "a str or Path")
+        path = str(path)
         if path not in self._clips:
             self._clips[path] = as_waveform(Path(path), path)
         return self._clips[path]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -614,8 +615,18 @@ def _write_checkpoint(write: Callable[[], object], target: Path) -> int:
     return 0
 
 
+CHAT_HELP = """/audio PATH   attach a clip to the next question (checked at once)
+/reset        forget the conversation and the attached clips
+/help         this list
+/quit         leave (so does end of input, Ctrl-D)
+A line that starts with // is sent as text, with one / removed; so is any line that starts with / but not with
+/word followed by a space or the end (/tmp/a.wav, / 2, /5)."""
+CHAT_COMMAND = re.compile(r"/(?P<name>[A-Za-z]\w*)(?:\s+(?P<argument>.*))?")
+
+
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Read stdin a line at a time and stream each reply to stdout; a bad clip spoils only its own question."""
+    """Read stdin a line at a time and stream each reply to stdout. `/word` lines are commands (CHAT_HELP) and never
+    reach the model; a bad clip is refused when attached; Ctrl-C during a reply drops that reply only."""
     chat, clips = Chat(model, args.system), []
     prompt = "> " if sys.stdin.isatty() else ""
     generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
@@ -624,21 +635,57 @@ def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
             line = input(prompt).strip()
         except EOFError:
             return 0
-        if line == "/quit":
+        command = CHAT_COMMAND.fullmatch(line)
+        if command and command["name"] == "quit" and not command["argument"]:
             return 0
-        if line == "/reset":
-            chat.reset()
-            clips = []
-        elif line.startswith("/audio "):
-            clips.append({"audio": line.removeprefix("/audio ").strip()})
+        if command:
+            error = _chat_command(chat, clips, command["name"], command["argument"])
+            if error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
         elif line:
-            try:
-                for piece in chat.stream([*clips, line], **generation):
-                    print(piece, end="", flush=True)
-                print()
-            except QwenAudioError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            clips = []
+            _reply(chat, [*clips, line.removeprefix("/") if line.startswith("//") else line], generation)
+            clips.clear()
+
+
+def _chat_command(chat: Chat, clips: list[dict], name: str, argument: str | None) -> str | None:
+    """Run one chat command; the error to show, if any (nothing is sent to the model)."""
+    if name == "audio":
+        if not argument:
+            return "/audio needs a path: /audio PATH"
+        try:
+            seconds = len(chat.clip(argument)) / SAMPLE_RATE
+        except QwenAudioError as e:
+            return f"{e} (not attached)"
+        clips.append({"audio": argument})
+        print(f"attached {argument} ({seconds:.1f} s) to the next question", file=sys.stderr, flush=True)
+        return None
+    if name in ("reset", "help", "quit") and argument:
+        return f"/{name} takes no argument (start the line with // to send it as text)"
+    if name == "reset":
+        chat.reset()
+        clips.clear()
+    elif name == "help":
+        print(CHAT_HELP, file=sys.stderr, flush=True)
+    else:
+        return (f"unknown command /{name}: the commands are /audio PATH, /reset, /help, /quit; start the line with "
+                "// to send it as text")
+    return None
+
+
+def _reply(chat: Chat, query: list, generation: dict) -> None:
+    """Stream the reply to `query`; a bad clip or setting spoils only this question, and Ctrl-C drops this reply
+    (the conversation goes on without it; SIGTERM still ends the command)."""
+    try:
+        for piece in chat.stream(query, **generation):
+            print(piece, end="", flush=True)
+        print()
+    except QwenAudioError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            raise
+        print(flush=True)
+        print("interrupted: this reply is dropped; /quit or Ctrl-D leaves", file=sys.stderr, flush=True)
 
 
 def plan_trace(args: argparse.Namespace) -> None:
