@@ -634,6 +634,7 @@ def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
         try:
             line = input(prompt).strip()
         except EOFError:
+            print(prompt and "\n", end="")  # on a terminal, the shell's prompt starts on a line of its own
             return 0
         command = CHAT_COMMAND.fullmatch(line)
         if command and command["name"] == "quit" and not command["argument"]:
