@@ -162,7 +162,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
     chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
                                description="Chat on stdin: '/audio PATH' attaches a clip to the next question, "
-                                           "'/reset' forgets the conversation, '/quit' or end of input leaves.")
+                                           "'/reset' forgets the conversation, '/help' lists the commands, '/quit' "
+                                           "or end of input leaves; any other /word is refused, not sent (start a "
+                                           "line with // to send it as text). Ctrl-C during a reply drops it.")
     chat.add_argument("--system", default=DEFAULT_SYSTEM, help="the system message")
     _model_options(chat, "Qwen/Qwen-Audio-Chat", chat_loop)
     bench = commands.add_parser("evaluate", help="run one of the paper's benchmarks as the official script does",
@@ -241,7 +243,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(tune, "Qwen/Qwen-Audio", finetune_model)
     record = commands.add_parser("trace", help="record every layer's activations for one prompt",
                                  description="Run one prompt (a prefill, no generation) and write its activations "
-                                             "in the format tools/record_official.py writes for the official code.")
+                                             "in the format tools/record_official.py writes for the official code.",
+                                 epilog="exit status: 0 written, 1 --out cannot be written or would replace an input "
+                                        "(found before the model loads) or the disk is full, 2 a bad prompt or clip "
+                                        "(found before the model loads), 3 the model could not be loaded")
     record.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
     record.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     _trace_options(record)
@@ -251,8 +256,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "with one trace and --model, record ours from the reference's prompt and, "
                                             "if the reference is not projected, also run each layer on the "
                                             "reference's own input to it (the isolated column).",
-                                epilog="exit status: 0 every tensor within tolerance, 1 some tensor or isolated layer "
-                                       "is not, 2 unusable trace files")
+                                epilog="exit status: 0 every tensor both traces hold within tolerance, 1 some "
+                                       "tensor or isolated layer is not, or the reference holds a stage ours lacks, "
+                                       "or --out cannot be written, 2 unusable trace files or nothing in common, "
+                                       "3 the model could not be loaded")
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
     check.add_argument("--rtol", type=float, help="max |ours - ref| / max |ref| per tensor; default by dtype "
                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
