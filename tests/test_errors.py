@@ -16,6 +16,7 @@ from qwenaudio.testing import make_tiny_checkpoint
 from .conftest import GOLDEN
 
 CLIP = str(GOLDEN / "clip0.wav")
+REFERENCE = GOLDEN / "trace_official.safetensors"
 WAVE = load_audio(CLIP)
 
 
@@ -66,6 +67,10 @@ CASES = {
     "record model": (lambda m, c, tok: trace.record("m", "hi"), r"model must be a QwenAudio"),
     "record project": (lambda m, c, tok: trace.record(m, "hi", project="8"), r"project must be a positive int"),
     "compare": (lambda m, c, tok: trace.compare("ours", "ref"), r"ours must be a Trace"),
+    "compare rtol": (lambda m, c, tok: trace.compare(trace.Trace.load(REFERENCE), trace.Trace.load(REFERENCE),
+                                                     rtol=float("nan")), r"rtol must be a finite number >= 0"),
+    "compare atol": (lambda m, c, tok: trace.compare(trace.Trace.load(REFERENCE), trace.Trace.load(REFERENCE),
+                                                     atol="0"), r"atol must be a finite number >= 0"),
     "isolate": (lambda m, c, tok: trace.isolate(m, "ref.safetensors"), r"reference must be a Trace"),
     "Trace.load": (lambda m, c, tok: trace.Trace.load(123), r"path must be a trace file's path"),
     "Tokenizer path": (lambda m, c, tok: Tokenizer(123), r"vocab_file must be a path"),

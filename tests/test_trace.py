@@ -358,3 +358,13 @@ def test_verify_against_a_reference_of_another_model(tiny_ckpt, tmp_path, monkey
     assert "FAIL: the reference has decoder.block2, ours does not\n" in out
     assert "note: the traces come from different models (ours {'hidden_size': 64, 'layers': 2}" in out
     assert "isolated: not available, the reference trace comes from another model" in out
+
+
+@pytest.mark.parametrize("option", ["--rtol", "--atol", "--isolated-rtol"])
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
+def test_verify_refuses_a_tolerance_that_is_not_a_finite_number(option, value, capsys):
+    from qwenaudio import cli
+
+    reference = str(GOLDEN / "trace_official.safetensors")
+    assert cli.main(["verify", reference, reference, option, value]) == 2
+    assert f"{option}: expected a finite number >= 0, got '{value}'" in capsys.readouterr().err

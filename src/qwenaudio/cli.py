@@ -261,10 +261,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                        "or --out cannot be written, 2 unusable trace files or nothing in common, "
                                        "3 the model could not be loaded")
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
-    check.add_argument("--rtol", type=float, help="max |ours - ref| / max |ref| per tensor; default by dtype "
+    check.add_argument("--rtol", type=_tolerance, help="max |ours - ref| / max |ref| per tensor; default by dtype "
                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
-    check.add_argument("--atol", type=float, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
-    check.add_argument("--isolated-rtol", type=float, metavar="RTOL",
+    check.add_argument("--atol", type=_tolerance, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
+    check.add_argument("--isolated-rtol", type=_tolerance, metavar="RTOL",
                        help="with --model: tolerance of each layer run on the reference's input, relative to what the "
                             "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
     check.add_argument("--out", type=Path, help="with --model: also save our trace here")
@@ -694,6 +694,16 @@ def _reply(chat: Chat, query: list, generation: dict) -> None:
             raise
         print(flush=True)
         print("interrupted: this reply is dropped; /quit or Ctrl-D leaves", file=sys.stderr, flush=True)
+
+
+def _tolerance(text: str) -> float:
+    """verify's --rtol, --atol, --isolated-rtol: a finite number >= 0 (nan would fail every tensor silently)."""
+    try:
+        value = float(text)
+        trace.check_tolerance(value, "tolerance")
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    return value
 
 
 def plan_trace(args: argparse.Namespace) -> None:

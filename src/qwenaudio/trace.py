@@ -213,6 +213,13 @@ RTOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
 MEL_RTOL = 1e-4
 
 
+def check_tolerance(value: float | None, name: str) -> None:
+    """A tolerance is None (the default by dtype) or a finite number ≥ 0: NaN would fail every tensor silently."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and math.isfinite(value) and value >= 0):
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def default_rtol(ours: Trace, reference: Trace) -> float:
     """The loosest tolerance either trace's dtype calls for."""
     return max(RTOL.get(_dtype_of(t), 1e-5) for t in (ours, reference))
@@ -230,6 +237,8 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
     common tensors differ in shape cannot be compared (InputError)."""
     for which, t in (("ours", ours), ("reference", reference)):
         expect(t, Trace, which, "a Trace (Trace.load(path) or record(...))")
+    check_tolerance(rtol, "rtol")
+    check_tolerance(atol, "atol")
     given = rtol
     rtol = default_rtol(ours, reference) if rtol is None else rtol
     if ours.manifest.get("input_ids") != reference.manifest.get("input_ids"):
@@ -306,6 +315,7 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
     """
     expect_model(model)
     expect(reference, Trace, "reference", "a Trace (Trace.load(path))")
+    check_tolerance(rtol, "rtol")
     reason = isolation_blocker(model, reference)
     if reason:
         raise InputError(reason)
