@@ -356,8 +356,12 @@ def test_verify_against_a_reference_of_another_model(tiny_ckpt, tmp_path, monkey
     assert cli.main(["verify", str(tmp_path / "deep.safetensors"), "--model", str(tiny_ckpt)]) == 1
     out = capsys.readouterr().out
     assert "FAIL: the reference has decoder.block2, ours does not\n" in out
-    assert "note: the traces come from different models (ours {'hidden_size': 64, 'layers': 2}" in out
+    assert "FAIL: the traces come from different models (ours {'hidden_size': 64, 'layers': 2}" in out
     assert "isolated: not available, the reference trace comes from another model" in out
+    record(deep, REFERENCE.manifest["prompt"], project=32, logits="all").save(tmp_path / "ours.safetensors")
+    assert cli.main(["verify", str(tmp_path / "ours.safetensors"), str(GOLDEN / "trace_official.safetensors")]) == 1
+    out = capsys.readouterr().out  # ours is the deeper one: the reference lacks its third block, which is no excuse
+    assert "not in the reference, so not compared: decoder.block2\nFAIL: the traces come from different models" in out
 
 
 @pytest.mark.parametrize("option", ["--rtol", "--atol", "--isolated-rtol"])

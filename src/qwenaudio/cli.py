@@ -257,7 +257,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "if the reference is not projected, also run each layer on the "
                                             "reference's own input to it (the isolated column).",
                                 epilog="exit status: 0 every tensor both traces hold within tolerance, 1 some "
-                                       "tensor or isolated layer is not, or the reference holds a stage ours lacks, "
+                                       "tensor or isolated layer is not, or the reference holds a stage ours lacks "
+                                       "or comes from a model of other dimensions, "
                                        "or --out cannot be written, 2 unusable trace files or nothing in common, "
                                        "3 the model could not be loaded")
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
@@ -796,8 +797,9 @@ def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
         print(f"not in the reference, so not compared: {trace.name_list(lacking)}")
     if ours_lacking:
         print(f"FAIL: the reference has {trace.name_list(ours_lacking)}, ours does not")
-    if trace.models_note(ours, reference):
-        print(f"note: {trace.models_note(ours, reference)}")
+    other_model = trace.models_note(ours, reference)
+    if other_model:  # whatever the rows say, these are not the same computation
+        print(f"FAIL: {other_model}")
     if isolated is not None:
         alone_failed = [r for r in isolated if not r.ok]
         print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
@@ -805,4 +807,4 @@ def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
               (f"; first isolated failure: {alone_failed[0].name}" if alone_failed else ""))
     elif model is not None:
         print(f"isolated: not available, {blocker}")
-    return 1 if failed or ours_lacking or any(not r.ok for r in isolated or []) else 0
+    return 1 if failed or ours_lacking or other_model or any(not r.ok for r in isolated or []) else 0
