@@ -14,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import qwenaudio
-from qwenaudio import InputError, load_checkpoint, save_checkpoint, trace
+from qwenaudio import InputError, TokenizerError, load_checkpoint, save_checkpoint, trace
 from qwenaudio.testing import make_tiny_checkpoint
 from qwenaudio.trace import Trace, compare, isolate, record
 
@@ -372,3 +374,24 @@ def test_verify_refuses_a_tolerance_that_is_not_a_finite_number(option, value, c
     reference = str(GOLDEN / "trace_official.safetensors")
     assert cli.main(["verify", reference, reference, option, value]) == 2
     assert f"{option}: expected a finite number >= 0, got '{value}'" in capsys.readouterr().err
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(st.lists(st.sampled_from(["<audio>", "</audio>", "a.wav", " ", "x", "<|en|>", "e\u0301", "<audio", "audio>",
+                                 "\n", "<aud", "io>"]), max_size=8))
+def test_prompt_clips_finds_what_the_tokenizer_finds(tokenizer, pieces):
+    """prompt_clips reads the text alone (before the model loads): it must accept what the tokenizer accepts, find the
+    same clips, and refuse beyond it only blank prompts and regions without a path."""
+    prompt = "".join(pieces)
+    try:
+        ours = trace.prompt_clips(prompt)
+    except InputError as e:
+        ours = e
+    try:
+        theirs = tokenizer.audio_paths(prompt)
+    except TokenizerError as e:
+        theirs = e
+    if isinstance(ours, list):
+        assert ours == theirs
+    else:
+        assert isinstance(theirs, TokenizerError) or not prompt.strip() or any(not p.strip() for p in theirs), ours
