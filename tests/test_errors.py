@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import AudioError, GenerationConfig, QwenAudioConfig, QwenAudioError, Tokenizer, load_audio, tasks, trace
+from qwenaudio import (AudioError, GenerationConfig, InputError, QwenAudioConfig, QwenAudioError, Tokenizer, load_audio,
+                       tasks, trace)
 from qwenaudio.chat import Chat, chat, query_text
 from qwenaudio.core.audio import as_waveform, log_mel_spectrogram
 from qwenaudio.longform import plan_windows
@@ -108,3 +109,10 @@ def test_an_integer_source_is_never_read_as_a_file_descriptor():
     with pytest.raises(AudioError):
         load_audio(0)
     assert torch.equal(as_waveform(WAVE, "clip 0"), WAVE)  # a waveform still passes
+
+
+def test_the_readme_examples_are_input_errors(models):
+    with pytest.raises(InputError, match="model must be a QwenAudio model"):
+        tasks.transcribe("notamodel", CLIP)
+    with pytest.raises(InputError, match="query must be a str or a list of parts"):
+        Chat(models[1]).ask(123)

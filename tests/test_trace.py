@@ -267,9 +267,13 @@ def test_trace_out_never_replaces_an_input_and_is_checked_before_the_model_loads
     assert "error: --out t.safetensors: cannot write in . (Permission denied)" in capsys.readouterr().err
     assert no_load == [] and before == {p: p.read_bytes() for p in before}
     reference = str(GOLDEN / "trace_official.safetensors")
+    assert cli.main(["verify", reference, "--model", str(model)]) == 2  # its clips are named from the repository
+    assert "its prompt cannot be recorded: the prompt's clip tests/golden/clip1.wav: no such" in capsys.readouterr().err
     monkeypatch.chdir(ROOT)  # where the reference's prompt names its clips
-    assert cli.main(["verify", reference, "--model", str(model), "--out", reference]) == 1
-    assert "would replace the input" in capsys.readouterr().err and no_load == []
+    for out, message in ((reference, "would replace the input"), (tmp_path / "no-such-dir" / "t", "cannot write in")):
+        assert cli.main(["verify", reference, "--model", str(model), "--out", str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert no_load == []
 
 
 def test_a_full_disk_while_writing_a_trace_is_one_error_line_and_no_file(tiny_ckpt, tmp_path, monkeypatch, capsys):
