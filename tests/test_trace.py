@@ -355,7 +355,8 @@ def test_verify_against_a_reference_of_another_model(tmp_path, capsys):
     from qwenaudio import cli
 
     deeper = {**FULL.tensors, "decoder.block2": FULL.tensors["decoder.block1"] * 1.5}
-    Trace(deeper, {**FULL.manifest, "model": {**FULL.manifest["model"], "layers": 3}}).save(tmp_path / "deep.safetensors")
+    manifest = {**FULL.manifest, "model": {**FULL.manifest["model"], "layers": 3}}
+    Trace(deeper, manifest).save(tmp_path / "deep.safetensors")
     full, deep = str(GOLDEN / "trace_official_full.safetensors"), str(tmp_path / "deep.safetensors")
     assert cli.main(["verify", full, deep]) == 1
     out = capsys.readouterr().out

@@ -264,7 +264,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
     check.add_argument("--rtol", type=_tolerance, help="max |ours - ref| / max |ref| per tensor; default by dtype "
                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
-    check.add_argument("--atol", type=_tolerance, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
+    check.add_argument("--atol", type=_tolerance, default=0.0,
+                       help="a tensor also passes when max |ours - ref| <= atol")
     check.add_argument("--isolated-rtol", type=_tolerance, metavar="RTOL",
                        help="with --model: tolerance of each layer run on the reference's input, relative to what the "
                             "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
