@@ -317,6 +317,8 @@ def test_a_partial_reference_compares_what_both_hold(tiny_ckpt, in_repo, tmp_pat
     assert ours_lacking == [] and lacking[:3] == ["waveform.0", "waveform.1", "mel.0"] and "decoder.block1" in lacking
     assert trace.name_list(lacking).startswith("waveform.0, waveform.1, mel.0, mel.1, encoder.conv1, encoder.conv2")
     assert trace.isolation_blocker(model, reference).startswith("the reference lacks waveform.0, waveform.1")
+    unsaid = Trace(reference.tensors, {k: v for k, v in reference.manifest.items() if k != "model"})
+    assert trace.models_note(mine, unsaid) == ""  # a hand-made reference that does not say is not another model
     with pytest.raises(InputError, match="lacks waveform.0, .*decoder.block1, which the isolated comparison needs"):
         isolate(model, reference)
     nothing = Trace.load(partial(tmp_path, "none", lambda n: False))

@@ -271,9 +271,11 @@ def unmatched(ours: Trace, reference: Trace) -> tuple[list[str], list[str]]:
 
 
 def models_note(ours: Trace, reference: Trace) -> str:
-    """'the traces come from different models (…)' when their manifests say so, else ''."""
+    """'the traces come from different models (…)' when both manifests state a model's dimensions and they differ,
+    else '' (a hand-made reference may not say)."""
     a, b = ({k: t.manifest.get("model", {}).get(k) for k in ("hidden_size", "layers")} for t in (ours, reference))
-    return f"the traces come from different models (ours {a}, the reference {b})" if a != b else ""
+    differ = any(a[k] is not None and b[k] is not None and a[k] != b[k] for k in a)
+    return f"the traces come from different models (ours {a}, the reference {b})" if differ else ""
 
 
 def name_list(names) -> str:
