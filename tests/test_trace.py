@@ -346,6 +346,10 @@ def test_verify_against_partial_references(tiny_ckpt, tmp_path, monkeypatch, cap
     assert cli.main(["verify", str(ours), str(hidden)]) == 0  # the two-trace form
     out = capsys.readouterr().out
     assert "\n4 of 4 tensors within rtol 1e-05\n" in out and "decoder.block1" in out.split("not in the reference")[1]
+    odd = tmp_path / "odd-dtype.safetensors"
+    Trace(FULL.tensors, {**FULL.manifest, "model": {**FULL.manifest["model"], "dtype": "float64"}}).save(odd)
+    assert cli.main(["verify", str(odd), "--model", str(tiny_ckpt)]) == 2
+    assert "the reference's dtype 'float64' is not one we load: give --dtype" in capsys.readouterr().err
     nothing = partial(tmp_path, "nothing", lambda n: False)
     assert cli.main(["verify", str(ours), str(nothing)]) == 2
     err = capsys.readouterr().err

@@ -727,7 +727,10 @@ def plan_verify(args: argparse.Namespace) -> None:
         raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
     if args.out:
         _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
-    args.dtype = args.dtype or manifest.get("model", {}).get("dtype")
+    dtype = manifest.get("model", {}).get("dtype")
+    if not args.dtype and dtype not in trace.RTOL:
+        raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
+    args.dtype = args.dtype or dtype
 
 
 def _readable_clips(paths: list[str]) -> list[str]:
