@@ -2,6 +2,8 @@
 of tasks, chat, trace, the tokenizer, audio and the configs is called with a wrong type (or an impossible value)
 and must raise one, never a TypeError or AttributeError from inside."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,9 +107,14 @@ def test_a_wrong_type_is_a_qwenaudio_error_naming_the_argument(models, tokenizer
 
 
 def test_an_integer_source_is_never_read_as_a_file_descriptor():
-    """soundfile takes an int as an open file descriptor: load_audio(0) would read stdin."""
-    with pytest.raises(AudioError):
-        load_audio(0)
+    """soundfile takes an int as an open file descriptor (load_audio(0) would read stdin): a wrong type that would
+    silently read whatever file the number happens to name."""
+    fd = os.open(CLIP, os.O_RDONLY)
+    try:
+        with pytest.raises(AudioError, match=f"audio source must be a path.*got int {fd}"):
+            load_audio(fd)
+    finally:
+        os.close(fd)
     assert torch.equal(as_waveform(WAVE, "clip 0"), WAVE)  # a waveform still passes
 
 
