@@ -4,6 +4,7 @@ history window, and reuse of the KV cache across turns."""
 import json
 
 import pytest
+import soundfile
 import torch
 
 import qwenaudio
@@ -170,3 +171,82 @@ def test_a_clip_too_short_is_named_and_the_conversation_kept(chat_model, tmp_pat
     with pytest.raises(qwenaudio.AudioError, match=f"^{short}: 100 samples .* is too short"):
         chat.ask([{"audio": str(short)}, "what is it?"], max_new_tokens=2)
     assert chat.history == []
+
+
+def replies_ok(self, query, **generation):
+    yield "ok"
+
+
+def chat_command(monkeypatch, capsys, chat_model, lines, stream=replies_ok):
+    """Run `qwenaudio chat` in-process on `lines` of stdin, each reply made by `stream`; returns (exit code, the
+    queries sent, stdout, stderr)."""
+    import io
+
+    from qwenaudio import cli
+
+    sent = []
+
+    def spy(self, query, **generation):
+        sent.append(query)
+        return stream(self, query, **generation)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **k: chat_model)
+    monkeypatch.setattr(Chat, "stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    code = cli.main(["chat", "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    return code, sent, out, err
+
+
+def test_chat_commands_never_reach_the_model(chat_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "note.txt").write_text("not audio")
+    lines = ["/audio", "/audio   ", "/audio missing.wav", "/audio note.txt", "/unknowncmd hello", "/Audio x",
+             "/reset now", "/quit please", "/help", "/tmp/a.wav what is this?", "/ 2 + 2", "//audio is a word"]
+    code, sent, out, err = chat_command(monkeypatch, capsys, chat_model, lines)
+    assert code == 0 and sent == [["/tmp/a.wav what is this?"], ["/ 2 + 2"], ["/audio is a word"]]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: /audio needs a path: /audio PATH", "error: /audio needs a path: /audio PATH",
+        "error: missing.wav: no such audio file (not attached)",
+        "error: note.txt: not a readable audio file (Error opening 'note.txt': Format not recognised.) (not attached)",
+        "error: unknown command /unknowncmd: the commands are /audio PATH, /reset, /help, /quit; start the line "
+        "with // to send it as text",
+        "error: unknown command /Audio: the commands are /audio PATH, /reset, /help, /quit; start the line with // "
+        "to send it as text",
+        "error: /reset takes no argument (start the line with // to send it as text)",
+        "error: /quit takes no argument (start the line with // to send it as text)"]
+    assert "/audio PATH   attach a clip" in err and out == "ok\n" * 3
+
+
+def test_chat_attaches_a_good_clip_and_a_refused_one_is_not_sent(chat_model, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    lines = [f"/audio {CLIP0}", "/audio nope.wav", "what is it?", "and now?", "/quit", "not asked"]
+    code, sent, out, err = chat_command(monkeypatch, capsys, chat_model, lines)
+    assert code == 0 and sent == [[{"audio": CLIP0}, "what is it?"], ["and now?"]]
+    seconds = soundfile.info(ROOT / CLIP0).duration
+    assert f"attached {CLIP0} ({seconds:.1f} s) to the next question" in err and "nope.wav: no such audio file" in err
+
+
+def test_ctrl_c_during_a_reply_drops_that_reply_only(chat_model, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    calls = []
+
+    def interrupted_once(self, query, **generation):
+        calls.append(query)
+        yield "half a rep" if len(calls) == 1 else "Yes."
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    code, sent, out, err = chat_command(monkeypatch, capsys, chat_model, ["tell me a story", "short one?"],
+                                        stream=interrupted_once)
+    assert code == 0 and len(sent) == 2
+    assert out == "half a rep\nYes.\n" and "interrupted: this reply is dropped; /quit or Ctrl-D leaves" in err
+
+    def terminated(self, query, **generation):
+        raise cli.Terminated(15)
+        yield
+
+    code, *_ = chat_command(monkeypatch, capsys, chat_model, ["hello"], stream=terminated)
+    assert code == 143  # SIGTERM still ends the command

@@ -6,6 +6,7 @@ its stated tolerance; broken files are refused."""
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import qwenaudio
-from qwenaudio import InputError, load_checkpoint, save_checkpoint, trace
+from qwenaudio import InputError, TokenizerError, load_checkpoint, save_checkpoint, trace
 from qwenaudio.testing import make_tiny_checkpoint
 from qwenaudio.trace import Trace, compare, isolate, record
 
@@ -199,3 +202,205 @@ def test_verify_command_reports_both_and_fails_on_a_bf16_checkpoint_with_a_bad_l
     marked = [line for line in bad.stdout.splitlines() if "<--" in line]
     assert len(marked) == 1 and marked[0].startswith("decoder.block1 ") and "FAIL    <-- first isolated" in marked[0]
     assert bad.stdout.splitlines()[0].split()[-2:] == ["isolated", "status"]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """cli.load recorded instead of run: what the command checks before the model loads."""
+    from qwenaudio import cli
+
+    loads = []
+    monkeypatch.setattr(cli, "load", lambda *a, **k: loads.append(a))
+    return loads
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "the prompt is empty"),
+    (" \n\t", "the prompt is only whitespace"),
+    ("<audio>missing.wav</audio>hi", "the prompt's clip missing.wav: no such audio file"),
+    ("<audio>note.txt</audio>hi", "the prompt's clip note.txt: not a readable audio file"),
+    ("<audio>clip.wav hi", "unclosed <audio> tag"),
+    ("<audio>clip.wav</audio></audio>", "a </audio> without its <audio>"),
+    ("<audio><audio>clip.wav</audio>", "opens an <audio> region inside another"),
+    ("<audio> </audio>hi", "region without a path"),
+])
+def test_trace_refuses_an_odd_prompt_before_the_model_loads(tmp_path, monkeypatch, capsys, no_load, prompt, message):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(GOLDEN / "clip0.wav", "clip.wav")
+    (tmp_path / "note.txt").write_text("not audio")
+    assert cli.main(["trace", "--prompt", prompt, "--out", "t.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert no_load == [] and not (tmp_path / "t.safetensors").exists()
+    if "clip" not in message:  # the library refuses the same prompts (record calls prompt_clips)
+        with pytest.raises(InputError, match=re.escape(message)):
+            trace.prompt_clips(prompt)
+
+
+def test_trace_out_never_replaces_an_input_and_is_checked_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch,
+                                                                                 capsys, no_load):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    model = shutil.copytree(tiny_ckpt, tmp_path / "model")
+    clip = shutil.copy(GOLDEN / "clip0.wav", "clip.wav")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [tmp_path / clip, tmp_path / "notes.txt", *model.iterdir()]}
+    prompt = "<audio>clip.wav</audio>hi"
+    cases = [("clip.wav", "would replace the input clip.wav"),
+             ("./model/model.safetensors.index.json", "would replace the input"),
+             ("model", "would replace the input"),
+             ("notes.txt", "exists and is not a trace"),
+             ("no-such-dir/t.safetensors", "cannot write in no-such-dir")]
+    for out, message in cases:
+        assert cli.main(["trace", "--model", str(model), "--prompt", prompt, "--out", out]) == 1, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", unwritable)  # tests may run as root: simulate read-only
+    assert cli.main(["trace", "--model", str(model), "--prompt", prompt, "--out", "t.safetensors"]) == 1
+    assert "error: --out t.safetensors: cannot write in . (Permission denied)" in capsys.readouterr().err
+    assert no_load == [] and before == {p: p.read_bytes() for p in before}
+    reference = str(GOLDEN / "trace_official.safetensors")
+    assert cli.main(["verify", reference, "--model", str(model)]) == 2  # its clips are named from the repository
+    assert "its prompt cannot be recorded: the prompt's clip tests/golden/clip1.wav: no such" in capsys.readouterr().err
+    monkeypatch.chdir(ROOT)  # where the reference's prompt names its clips
+    for out, message in ((reference, "would replace the input"), (tmp_path / "no-such-dir" / "t", "cannot write in")):
+        assert cli.main(["verify", reference, "--model", str(model), "--out", str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert no_load == []
+
+
+def test_a_full_disk_while_writing_a_trace_is_one_error_line_and_no_file(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t.safetensors"
+    for error in (OSError(28, "No space left on device"), SafetensorError("I/O error: No space left on device")):
+        def full(tensors, path, metadata=None, error=error):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise error
+
+        monkeypatch.setattr(trace, "save_file", full)
+        assert cli.main(["trace", "--model", str(tiny_ckpt), "--prompt", "Hello", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: {out}: could not write the trace ({error})\n") and "Traceback" not in err
+        assert list(tmp_path.iterdir()) == []  # neither the trace nor its temporary file
+
+
+def partial(tmp_path, name, keep):
+    """A copy of the full official trace holding only the tensors `keep(name)` accepts."""
+    path = tmp_path / f"{name}.safetensors"
+    Trace({n: t for n, t in FULL.tensors.items() if keep(n)}, FULL.manifest).save(path)
+    return path
+
+
+HIDDEN_STATES = {"decoder.embeds", "decoder.block0", "decoder.ln_f", "logits"}  # output_hidden_states: no last block
+
+
+def test_a_partial_reference_compares_what_both_hold(tiny_ckpt, in_repo, tmp_path):
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    mine = FULL  # every stage; test_verify_against_partial_references records ours
+    reference = Trace.load(partial(tmp_path, "hidden", HIDDEN_STATES.__contains__))
+    rows = compare(mine, reference)
+    assert [r.name for r in rows] == ["decoder.embeds", "decoder.block0", "decoder.ln_f", "logits"]
+    assert all(r.ok for r in rows)
+    lacking, ours_lacking = trace.unmatched(mine, reference)
+    assert ours_lacking == [] and lacking[:3] == ["waveform.0", "waveform.1", "mel.0"] and "decoder.block1" in lacking
+    assert trace.name_list(lacking).startswith("waveform.0, waveform.1, mel.0, mel.1, encoder.conv1, encoder.conv2")
+    assert trace.isolation_blocker(model, reference).startswith("the reference lacks waveform.0, waveform.1")
+    unsaid = Trace(reference.tensors, {k: v for k, v in reference.manifest.items() if k != "model"})
+    assert trace.models_note(mine, unsaid) == ""  # a hand-made reference that does not say is not another model
+    with pytest.raises(InputError, match="lacks waveform.0, .*decoder.block1, which the isolated comparison needs"):
+        isolate(model, reference)
+    nothing = Trace.load(partial(tmp_path, "none", lambda n: False))
+    with pytest.raises(InputError, match="no tensor in common"):
+        compare(mine, nothing)
+
+
+def test_name_list_collapses_runs():
+    names = [f"encoder.block{j}" for j in range(32)] + ["logits", "waveform.0", "decoder.block3", "decoder.block5"]
+    assert trace.name_list(names) == "waveform.0, encoder.block0..31, decoder.block3, decoder.block5, logits"
+
+
+def test_verify_against_partial_references(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    monkeypatch.chdir(ROOT)
+    ours = tmp_path / "ours.safetensors"
+    no_wave = partial(tmp_path, "no-waveform", lambda n: not n.startswith("waveform."))
+    hidden = partial(tmp_path, "hidden", HIDDEN_STATES.__contains__)
+    assert cli.main(["verify", str(no_wave), "--model", str(tiny_ckpt), "--out", str(ours)]) == 0
+    out = capsys.readouterr().out
+    assert "\n17 of 17 tensors within rtol 1e-05, mel.0 0.0001, mel.1 0.0001\n" in out
+    assert "not in the reference, so not compared: waveform.0, waveform.1\n" in out
+    assert "isolated: not available, the reference lacks waveform.0, waveform.1, which the isolated" in out
+    assert cli.main(["verify", str(ours), str(hidden)]) == 0  # the two-trace form
+    out = capsys.readouterr().out
+    assert "\n4 of 4 tensors within rtol 1e-05\n" in out and "decoder.block1" in out.split("not in the reference")[1]
+    odd = tmp_path / "odd-dtype.safetensors"
+    Trace(FULL.tensors, {**FULL.manifest, "model": {**FULL.manifest["model"], "dtype": "float64"}}).save(odd)
+    assert cli.main(["verify", str(odd), "--model", str(tiny_ckpt)]) == 2
+    assert "the reference's dtype 'float64' is not one we load: give --dtype" in capsys.readouterr().err
+    nothing = partial(tmp_path, "nothing", lambda n: False)
+    assert cli.main(["verify", str(ours), str(nothing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the traces have no tensor in common: ours holds waveform.0, waveform.1, mel.0")
+
+
+def test_verify_against_a_reference_of_another_model(tmp_path, capsys):
+    """A reference of a deeper model (one more block, its manifest says 3 layers) against ours, both ways round."""
+    from qwenaudio import cli
+
+    deeper = {**FULL.tensors, "decoder.block2": FULL.tensors["decoder.block1"] * 1.5}
+    manifest = {**FULL.manifest, "model": {**FULL.manifest["model"], "layers": 3}}
+    Trace(deeper, manifest).save(tmp_path / "deep.safetensors")
+    full, deep = str(GOLDEN / "trace_official_full.safetensors"), str(tmp_path / "deep.safetensors")
+    assert cli.main(["verify", full, deep]) == 1
+    out = capsys.readouterr().out
+    assert "\n19 of 19 tensors within rtol 1e-05, mel.0 0.0001, mel.1 0.0001\n" in out
+    assert "FAIL: the reference has decoder.block2, ours does not\n" in out
+    assert "FAIL: the traces come from different models (ours {'hidden_size': 64, 'layers': 2}, the reference " \
+           "{'hidden_size': 64, 'layers': 3})" in out
+    assert cli.main(["verify", deep, full]) == 1  # ours is the deeper one: the reference lacking a block is no excuse
+    out = capsys.readouterr().out
+    assert "not in the reference, so not compared: decoder.block2\nFAIL: the traces come from different models" in out
+
+
+@pytest.mark.parametrize("option", ["--rtol", "--atol", "--isolated-rtol"])
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
+def test_verify_refuses_a_tolerance_that_is_not_a_finite_number(option, value, capsys):
+    from qwenaudio import cli
+
+    reference = str(GOLDEN / "trace_official.safetensors")
+    assert cli.main(["verify", reference, reference, option, value]) == 2
+    assert f"{option}: expected a finite number >= 0, got '{value}'" in capsys.readouterr().err
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(st.lists(st.sampled_from(["<audio>", "</audio>", "a.wav", " ", "x", "<|en|>", "e\u0301", "<audio", "audio>",
+                                 "\n", "<aud", "io>"]), max_size=8))
+def test_prompt_clips_finds_what_the_tokenizer_finds(tokenizer, pieces):
+    """prompt_clips reads the text alone (before the model loads): it must accept what the tokenizer accepts, find the
+    same clips, and refuse beyond it only blank prompts and regions without a path."""
+    prompt = "".join(pieces)
+    try:
+        ours = trace.prompt_clips(prompt)
+    except InputError as e:
+        ours = e
+    try:
+        theirs = tokenizer.audio_paths(prompt)
+    except TokenizerError as e:
+        theirs = e
+    if isinstance(ours, list):
+        assert ours == theirs
+    else:
+        assert isinstance(theirs, TokenizerError) or not prompt.strip() or any(not p.strip() for p in theirs), ours

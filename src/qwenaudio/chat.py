@@ -18,6 +18,7 @@ import torch
 
 from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
+from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
 from .core.generate import stream_text
 from .core.model import QwenAudio
@@ -32,14 +33,19 @@ def query_text(parts: str | Sequence[Part]) -> str:
     """A query from parts: each clip becomes `Audio n:<audio>path</audio>\\n` (n from 1), text is appended as is."""
     if isinstance(parts, str):
         return parts
+    if not isinstance(parts, (list, tuple)):
+        raise InputError(f"query must be a str or a list of parts (str, {{'text': …}}, {{'audio': path}}), got "
+                         f"{shown(parts)}")
     out, n = "", 0
     for part in parts:
         if isinstance(part, str):
             out += part
         elif isinstance(part, dict) and "audio" in part:
+            expect(part["audio"], (str, Path), "an audio part's path", "a str or Path")
             n += 1
             out += f"Audio {n}:<audio>{part['audio']}</audio>\n"
         elif isinstance(part, dict) and "text" in part:
+            expect(part["text"], str, "a text part's text", "a str")
             out += part["text"]
         else:
             raise InputError(f"a query part must be a str, {{'text': …}} or {{'audio': path}}, got {part!r}")
@@ -86,8 +92,10 @@ class Chat:
     turn prefills only what is new."""
 
     def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None):
+        expect_model(model)
+        expect(system, str, "system", "a str (the system message)")
         self.model, self.system = model, system
-        self.history: History = list(history or [])
+        self.history: History = _checked_history(history)
         self._clips: dict[str, torch.Tensor] = {}
         self._cache = self._new_cache()  # the conversation so far, as the decoder has read it
 
@@ -99,14 +107,14 @@ class Chat:
         """Raw text and ids the model would read for `query` after the current history."""
         window = self.model.generation_config.max_window_size
         return build_context(self.model.tokenizer, query_text(query), self.history, self.system, window,
-                             lambda path: audio_span(len(self._clip(path))))
+                             lambda path: audio_span(len(self.clip(path))))
 
     def stream(self, query: str | Sequence[Part], **generation) -> Iterator[str]:
         """Yield the reply in text pieces; the turn joins the history once the reply is complete."""
         text = query_text(query)
         raw, ids = self.context(text)
         paths = self.model.tokenizer.audio_paths(raw, allowed_special=AUDIO_SPECIAL_TOKENS)
-        audio = self.model.encode_audio([self._clip(p) for p in paths])
+        audio = self.model.encode_audio([self.clip(p) for p in paths])
         config = self.model.generation_config.replace(**generation)
         pieces: list[str] = []
         with torch.no_grad():
@@ -126,10 +134,24 @@ class Chat:
         weight = self.model.decoder.wte.weight
         return KVCache(self.model.config, 1, 0, weight.dtype, weight.device)
 
-    def _clip(self, path: str) -> torch.Tensor:
+    def clip(self, path: str) -> torch.Tensor:
+        """The clip at `path` as the conversation hears it, read once and kept by path; a missing or unreadable file
+        raises AudioError here, so a caller can check a clip when it is attached, before any question."""
+        expect(path, (str, Path), "path", "a str or Path")
+        path = str(path)
         if path not in self._clips:
             self._clips[path] = as_waveform(Path(path), path)
         return self._clips[path]
+
+
+def _checked_history(history: History | None) -> History:
+    """A copy of `history` once it is known to be (query, reply) pairs of text, as `chat` returns it."""
+    pairs = list(history) if isinstance(history, (list, tuple)) else None
+    if history is not None and (pairs is None or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)):
+        raise InputError(f"history must be a list of (query, reply) pairs of str, as chat() returns it, got "
+                         f"{shown(history)}")
+    return [tuple(p) for p in pairs or []]
 
 
 def chat(model: QwenAudio, query: str | Sequence[Part], history: History | None = None, *,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -26,10 +27,10 @@ from . import evaluation, finetune, lora, tasks, trace
 from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_process_group, process_group, run_files
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
-from .core.audio import SAMPLE_RATE
+from .core.audio import SAMPLE_RATE, as_waveform
 from .core.checkpoint import load_checkpoint
-from .core.errors import InputError, OutputError, QwenAudioError, TrainingError
-from .core.files import write_text
+from .core.errors import AudioError, InputError, OutputError, QwenAudioError, TrainingError
+from .core.files import refuse_inputs, write_text
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES
 from .hub import load, report_progress, resolve
@@ -83,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check what can be checked before the model loads, join torchrun's processes, load the model, run."""
     try:
-        if args.command == "verify" and args.model and not args.dtype:  # compare like with like
-            args.dtype = trace.Trace.load(args.traces[-1]).manifest.get("model", {}).get("dtype")
+        if args.command == "trace":
+            plan_trace(args)
+        if args.command == "verify":
+            plan_verify(args)
         if args.command == "transcribe":  # inputs and the output directory are checked before the model loads
             plan_outputs(args)
         if args.command == "finetune":
@@ -98,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:  # an output that would replace an input, or that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sharing = args.command in ("transcribe", "evaluate", "finetune")
     args.rank, args.world = process_group(args.device) if sharing else (0, 1)
     if args.world > 1 and not args.output_dir:
@@ -156,7 +162,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
     chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
                                description="Chat on stdin: '/audio PATH' attaches a clip to the next question, "
-                                           "'/reset' forgets the conversation, '/quit' or end of input leaves.")
+                                           "'/reset' forgets the conversation, '/help' lists the commands, '/quit' "
+                                           "or end of input leaves; any other /word is refused, not sent (start a "
+                                           "line with // to send it as text). Ctrl-C during a reply drops it.")
     chat.add_argument("--system", default=DEFAULT_SYSTEM, help="the system message")
     _model_options(chat, "Qwen/Qwen-Audio-Chat", chat_loop)
     bench = commands.add_parser("evaluate", help="run one of the paper's benchmarks as the official script does",
@@ -235,7 +243,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_options(tune, "Qwen/Qwen-Audio", finetune_model)
     record = commands.add_parser("trace", help="record every layer's activations for one prompt",
                                  description="Run one prompt (a prefill, no generation) and write its activations "
-                                             "in the format tools/record_official.py writes for the official code.")
+                                             "in the format tools/record_official.py writes for the official code.",
+                                 epilog="exit status: 0 written, 1 --out cannot be written or would replace an input "
+                                        "(found before the model loads) or the disk is full, 2 a bad prompt or clip "
+                                        "(found before the model loads), 3 the model could not be loaded")
     record.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
     record.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     _trace_options(record)
@@ -245,13 +256,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "with one trace and --model, record ours from the reference's prompt and, "
                                             "if the reference is not projected, also run each layer on the "
                                             "reference's own input to it (the isolated column).",
-                                epilog="exit status: 0 every tensor within tolerance, 1 some tensor or isolated layer "
-                                       "is not, 2 unusable trace files")
+                                epilog="exit status: 0 every tensor both traces hold within tolerance, 1 some "
+                                       "tensor or isolated layer is not, or the reference holds a stage ours lacks "
+                                       "or comes from a model of other dimensions, "
+                                       "or --out cannot be written, 2 unusable trace files or nothing in common, "
+                                       "3 the model could not be loaded")
     check.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
-    check.add_argument("--rtol", type=float, help="max |ours - ref| / max |ref| per tensor; default by dtype "
+    check.add_argument("--rtol", type=_tolerance, help="max |ours - ref| / max |ref| per tensor; default by dtype "
                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
-    check.add_argument("--atol", type=float, default=0.0, help="a tensor also passes when max |ours - ref| <= atol")
-    check.add_argument("--isolated-rtol", type=float, metavar="RTOL",
+    check.add_argument("--atol", type=_tolerance, default=0.0,
+                       help="a tensor also passes when max |ours - ref| <= atol")
+    check.add_argument("--isolated-rtol", type=_tolerance, metavar="RTOL",
                        help="with --model: tolerance of each layer run on the reference's input, relative to what the "
                             "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
     check.add_argument("--out", type=Path, help="with --model: also save our trace here")
@@ -278,6 +293,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "verify" and len(args.traces) != (1 if args.model else 2):
         check.error("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
+    if args.command == "verify" and args.out and not args.model:
+        check.error("--out saves the trace recorded with --model; OURS is already a file")
     if args.command == "transcribe" and (args.timestamps or args.format in (*TIMED_FORMATS, "all")):
         if args.task != "transcribe":
             run.error("word timestamps (--timestamps, --format srt, vtt or all) come only with --task transcribe")
@@ -607,8 +624,18 @@ def _write_checkpoint(write: Callable[[], object], target: Path) -> int:
     return 0
 
 
+CHAT_HELP = """/audio PATH   attach a clip to the next question (checked at once)
+/reset        forget the conversation and the attached clips
+/help         this list
+/quit         leave (so does end of input, Ctrl-D)
+A line that starts with // is sent as text, with one / removed; so is any line that starts with / but not with
+/word followed by a space or the end (/tmp/a.wav, / 2, /5)."""
+CHAT_COMMAND = re.compile(r"/(?P<name>[A-Za-z]\w*)(?:\s+(?P<argument>.*))?")
+
+
 def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Read stdin a line at a time and stream each reply to stdout; a bad clip spoils only its own question."""
+    """Read stdin a line at a time and stream each reply to stdout. `/word` lines are commands (CHAT_HELP) and never
+    reach the model; a bad clip is refused when attached; Ctrl-C during a reply drops that reply only."""
     chat, clips = Chat(model, args.system), []
     prompt = "> " if sys.stdin.isatty() else ""
     generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
@@ -616,22 +643,124 @@ def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
         try:
             line = input(prompt).strip()
         except EOFError:
+            print(prompt and "\n", end="")  # on a terminal, the shell's prompt starts on a line of its own
             return 0
-        if line == "/quit":
+        command = CHAT_COMMAND.fullmatch(line)
+        if command and command["name"] == "quit" and not command["argument"]:
             return 0
-        if line == "/reset":
-            chat.reset()
-            clips = []
-        elif line.startswith("/audio "):
-            clips.append({"audio": line.removeprefix("/audio ").strip()})
+        if command:
+            error = _chat_command(chat, clips, command["name"], command["argument"])
+            if error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
         elif line:
-            try:
-                for piece in chat.stream([*clips, line], **generation):
-                    print(piece, end="", flush=True)
-                print()
-            except QwenAudioError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            clips = []
+            _reply(chat, [*clips, line.removeprefix("/") if line.startswith("//") else line], generation)
+            clips.clear()
+
+
+def _chat_command(chat: Chat, clips: list[dict], name: str, argument: str | None) -> str | None:
+    """Run one chat command; the error to show, if any (nothing is sent to the model)."""
+    if name == "audio":
+        if not argument:
+            return "/audio needs a path: /audio PATH"
+        try:
+            seconds = len(chat.clip(argument)) / SAMPLE_RATE
+        except QwenAudioError as e:
+            return f"{e} (not attached)"
+        clips.append({"audio": argument})
+        print(f"attached {argument} ({seconds:.1f} s) to the next question", file=sys.stderr, flush=True)
+        return None
+    if name in ("reset", "help", "quit") and argument:
+        return f"/{name} takes no argument (start the line with // to send it as text)"
+    if name == "reset":
+        chat.reset()
+        clips.clear()
+    elif name == "help":
+        print(CHAT_HELP, file=sys.stderr, flush=True)
+    else:
+        return (f"unknown command /{name}: the commands are /audio PATH, /reset, /help, /quit; start the line with "
+                "// to send it as text")
+    return None
+
+
+def _reply(chat: Chat, query: list, generation: dict) -> None:
+    """Stream the reply to `query`; a bad clip or setting spoils only this question, and Ctrl-C drops this reply
+    (the conversation goes on without it; SIGTERM still ends the command)."""
+    try:
+        for piece in chat.stream(query, **generation):
+            print(piece, end="", flush=True)
+        print()
+    except QwenAudioError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            raise
+        print(flush=True)
+        print("interrupted: this reply is dropped; /quit or Ctrl-D leaves", file=sys.stderr, flush=True)
+
+
+def _tolerance(text: str) -> float:
+    """verify's --rtol, --atol, --isolated-rtol: a finite number >= 0 (nan would fail every tensor silently)."""
+    try:
+        value = float(text)
+        trace.check_tolerance(value, "tolerance")
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    return value
+
+
+def plan_trace(args: argparse.Namespace) -> None:
+    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
+    _check_trace_out(args.out, [*_readable_clips(trace.prompt_clips(args.prompt)), *_model_files(args.model)])
+
+
+def plan_verify(args: argparse.Namespace) -> None:
+    """Before the model loads: both traces (or the reference and the clips of its prompt, which ours is recorded
+    from), --out, and the dtype to record in (the reference's, to compare like with like)."""
+    args.reference = trace.Trace.load(args.traces[-1])
+    if not args.model:
+        args.ours = trace.Trace.load(args.traces[0])
+        return
+    manifest = args.reference.manifest
+    try:
+        clips = _readable_clips(trace.prompt_clips(manifest.get("prompt")))
+    except InputError as e:
+        raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
+    if args.out:
+        _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
+    dtype = manifest.get("model", {}).get("dtype")
+    if not args.dtype and dtype not in trace.RTOL:
+        raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
+    args.dtype = args.dtype or dtype
+
+
+def _readable_clips(paths: list[str]) -> list[str]:
+    """`paths` (a prompt's clips), each checked as the model would read it."""
+    for path in paths:
+        try:
+            as_waveform(Path(path), path)
+        except AudioError as e:
+            raise InputError(f"the prompt's clip {e}") from None
+    return paths
+
+
+def _model_files(model: str | None) -> list[Path]:
+    """The files of a local checkpoint directory (a repo id is not local yet)."""
+    path = Path(model) if model else None
+    return [*path.iterdir(), path] if path and path.is_dir() else []
+
+
+def _check_trace_out(out: Path, reads: list) -> None:
+    """--out is none of the inputs (a clip, a trace, a model file), replaces only an older trace, and can be
+    written: all found before the model loads (OutputError)."""
+    refuse_inputs([out], reads)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a directory: give the .safetensors file to write")
+    if out.exists() and not trace.is_trace(out):
+        raise OutputError(f"--out {out} exists and is not a trace: remove it or choose another name")
+    try:
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
 
 
 def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
@@ -647,31 +776,39 @@ def quantize_checkpoint(_: None, args: argparse.Namespace) -> int:
 
 
 def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
-    """Print the per-tensor table; the first tensor out of tolerance is where the implementations part. With the
-    model at hand, also each layer on the reference's own input (`trace.isolate`), which needs a full-size trace."""
-    reference = trace.Trace.load(args.traces[-1])
-    isolated, project = None, reference.manifest.get("project")
+    """Print the per-tensor table of the stages both traces hold and what each lacks; the first tensor out of
+    tolerance is where the implementations part. With the model at hand, also each layer on the reference's own
+    input (`trace.isolate`), which needs a full-size reference holding every stage; else say what it lacks."""
+    reference, isolated, blocker = args.reference, None, None
     if model is None:
-        ours = trace.Trace.load(args.traces[0])
+        ours = args.ours
     else:
         m = reference.manifest
-        ours = trace.record(model, m["prompt"], project=project, logits=m.get("logits", "last"))
+        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
         if args.out:
             ours.save(args.out)
-        isolated = None if project is not None else trace.isolate(model, reference, rtol=args.isolated_rtol)
+        blocker = trace.isolation_blocker(model, reference)
+        isolated = None if blocker else trace.isolate(model, reference, rtol=args.isolated_rtol)
     rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
+    lacking, ours_lacking = trace.unmatched(ours, reference)
     print(trace.format_table(rows, isolated))
     failed = [r for r in rows if not r.ok]
     rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
     looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
+    if lacking:
+        print(f"not in the reference, so not compared: {trace.name_list(lacking)}")
+    if ours_lacking:
+        print(f"FAIL: the reference has {trace.name_list(ours_lacking)}, ours does not")
+    other_model = trace.models_note(ours, reference)
+    if other_model:  # whatever the rows say, these are not the same computation
+        print(f"FAIL: {other_model}")
     if isolated is not None:
         alone_failed = [r for r in isolated if not r.ok]
         print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
               f"{isolated[0].rtol:g} on the reference's own inputs" +
               (f"; first isolated failure: {alone_failed[0].name}" if alone_failed else ""))
     elif model is not None:
-        print(f"isolated: not available, the reference is projected (--project {project}); record it without "
-              "--project to also check each layer on the reference's own input")
-    return 1 if failed or any(not r.ok for r in isolated or []) else 0
+        print(f"isolated: not available, {blocker}")
+    return 1 if failed or ours_lacking or other_model or any(not r.ok for r in isolated or []) else 0

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .core.audio import CHUNK_LENGTH, SAMPLE_RATE
+from .core.checks import shown
+from .core.errors import InputError
 from .subtitles import Word, in_order
 
 FRAME = SAMPLE_RATE // 50  # 20 ms energy frames
@@ -71,6 +73,9 @@ def frame_levels(audio: Tensor) -> Tensor:
 def plan_windows(audio: Tensor, *, max_seconds: float = CHUNK_LENGTH, search: float = 8.0, overlap: float = 1.0
                  ) -> list[Window]:
     """Windows of at most `max_seconds` covering a 16 kHz `audio`, cut at the quietest stretch available."""
+    if not isinstance(audio, Tensor) or audio.ndim != 1:
+        raise InputError(f"audio must be a 1-D torch.Tensor of 16 kHz samples (load_audio gives one), got "
+                         f"{shown(audio) if not isinstance(audio, Tensor) else f'shape {tuple(audio.shape)}'}")
     n, limit, half = len(audio), int(max_seconds * SAMPLE_RATE), int(overlap * SAMPLE_RATE) // 2
     if n <= limit:
         return [Window(0, n, n, True)]

@@ -17,6 +17,7 @@ import torch
 
 from . import longform
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
+from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
 from .core.generate import cut_at_stop, generate
 from .core.model import QwenAudio
@@ -48,6 +49,8 @@ def _language(code: str, *, allow_unknown: bool = False) -> str:
 
 def asr_task(language: str = "en", *, itn: bool = False, timestamps: bool = False) -> Task:
     """Speech recognition; `itn` writes numbers and symbols as written ("$5"), `timestamps` times every word."""
+    expect(itn, bool, "itn", "True or False")
+    expect(timestamps, bool, "timestamps", "True or False")
     lang = _language(language)
     tail = tags("timestamps", "0.00") if timestamps else tags("notimestamps", "itn" if itn else "wo_itn")
     return Task(tags("startoftranscript", lang, "transcribe", lang) + tail, 256)
@@ -68,6 +71,7 @@ TASKS: dict[str, Task] = {
 
 def question_task(question: str) -> Task:
     """Audio question answering: the question sits between `<|question|>` and `<|answer|>`."""
+    expect(question, str, "question", "a str")
     return Task(tags("startofanalysis", "en", "question") + question + tags("answer"), 4)
 
 
@@ -78,6 +82,8 @@ def prompts(task: Task, names: Sequence[str]) -> list[str]:
 
 def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task, **generation) -> list[list[int]]:
     """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
+    expect_model(model)
+    expect(task, Task, "task", "a tasks.Task (asr_task(), question_task(q), TASKS['caption'], …)")
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
@@ -105,6 +111,9 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False,
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
     `timed` says the task ends in timestamp tags, so segments carry their `Word`s. `progress(clip, done, total)`
     follows the windows of each long clip."""
+    expect_model(model)
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function (clip, done, total) or None, got {shown(progress)}")
     sources = list(audio) if not _single(audio) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     stops = generation.get("stop_strings", ())
@@ -155,7 +164,7 @@ def answer(model: QwenAudio, audio, question: str, **generation):
 
 def analyse(model: QwenAudio, audio, task: str, **generation):
     """One of `TASKS`: caption, emotion, vocal_sound, scene, note_analysis."""
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if task == "note_analysis":  # its tags are the answer
         return note_analysis(model, audio, **generation)

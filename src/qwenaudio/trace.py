@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .core.audio import audio_span, load_audio, log_mel_spectrogram
-from .core.errors import InputError
+from .core.checks import expect, expect_model
+from .core.errors import InputError, OutputError
 from .core.files import writing
 from .core.model import QwenAudio
 
@@ -59,13 +63,19 @@ class Trace:
     manifest: dict
 
     def save(self, path: str | Path) -> None:
+        """Write the trace under a temporary name and rename it into place: a full disk or a read-only directory
+        raises OutputError and leaves no partial file."""
         manifest = {**self.manifest, "tensors": {n: list(t.shape) for n, t in self.tensors.items()}}
-        with writing(path) as tmp:
-            save_file(self.tensors, str(tmp), metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+        try:
+            with writing(path) as tmp:
+                save_file(self.tensors, str(tmp), metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            raise OutputError(f"{path}: could not write the trace ({e})") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
         """Read a trace, checking that it is one and that its manifest lists exactly its tensors."""
+        expect(path, (str, Path), "path", "a trace file's path")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata, tensors = f.metadata() or {}, {n: f.get_tensor(n) for n in f.keys()}
@@ -81,6 +91,47 @@ class Trace:
         return cls(tensors, manifest)
 
 
+def is_trace(path: str | Path) -> bool:
+    """Whether `path` is a file in the trace format (its header alone is read), so that `--out` replaces an older
+    trace but nothing else."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors at all
+        return False
+
+
+_AUDIO_TAG = re.compile("(</?audio>)")
+
+
+def prompt_clips(prompt: str) -> list[str]:
+    """The clips a prompt names, read from its text alone, so a command can check them before the model loads.
+    `<audio>` and `</audio>` are special tokens that the tokenizer matches literally, so this finds the regions it
+    finds; a prompt that is empty or only whitespace, a malformed tag or a region without a path is refused."""
+    expect(prompt, str, "prompt", "text with <audio>PATH</audio> regions")
+    if not prompt.strip():
+        raise InputError(f"the prompt is {'empty' if not prompt else 'only whitespace'}: give text, "
+                         "<audio>PATH</audio> regions and task tags to trace")
+    paths, inside = [], None
+    for piece in _AUDIO_TAG.split(unicodedata.normalize("NFC", prompt)):
+        if piece == "<audio>":
+            if inside is not None:
+                raise InputError("the prompt opens an <audio> region inside another: close it with </audio> first")
+            inside = ""
+        elif piece == "</audio>":
+            if inside is None:
+                raise InputError("the prompt has a </audio> without its <audio>")
+            if not inside.strip():
+                raise InputError("the prompt has an <audio></audio> region without a path: <audio>PATH</audio>")
+            paths.append(inside)
+            inside = None
+        elif inside is not None:
+            inside = piece
+    if inside is not None:
+        raise InputError("the prompt has an unclosed <audio> tag: end the clip's path with </audio>")
+    return paths
+
+
 def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits: str = "last") -> Trace:
     """Run `prompt` once (a full-sequence prefill) and trace every stage. Its `<audio>PATH</audio>` regions name
     the clips, read relative to the working directory, as the official tokenizer reads them.
@@ -88,6 +139,10 @@ def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits:
     `logits` "last" keeps the last position's logits in full; "all" keeps every position (projected over the
     vocabulary when `project` is set).
     """
+    expect_model(model)
+    prompt_clips(prompt)  # the clear errors for an empty prompt and malformed tags
+    if project is not None and (not isinstance(project, int) or isinstance(project, bool) or project < 1):
+        raise InputError(f"project must be a positive int (columns kept) or None, got {project!r}")
     if logits not in ("last", "all"):
         raise InputError(f"logits must be 'last' or 'all', got {logits!r}")
     audio_files = model.tokenizer.audio_paths(prompt)
@@ -158,6 +213,13 @@ RTOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
 MEL_RTOL = 1e-4
 
 
+def check_tolerance(value: float | None, name: str) -> None:
+    """A tolerance is None (the default by dtype) or a finite number ≥ 0: NaN would fail every tensor silently."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and math.isfinite(value) and value >= 0):
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def default_rtol(ours: Trace, reference: Trace) -> float:
     """The loosest tolerance either trace's dtype calls for."""
     return max(RTOL.get(_dtype_of(t), 1e-5) for t in (ours, reference))
@@ -168,8 +230,15 @@ def _dtype_of(t: Trace) -> str:
 
 
 def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: float = 0.0) -> list[Row]:
-    """One row per tensor of the reference, in pipeline order; a tensor passes when rel ≤ rtol or max_abs ≤ atol.
-    `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32), and to at least `MEL_RTOL` for the mel."""
+    """One row per tensor both traces hold, in pipeline order (`unmatched` lists the others: a reference from the
+    official model's `output_hidden_states` lacks the waveform and the last block's raw output); a tensor passes
+    when rel ≤ rtol or max_abs ≤ atol. `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32), and to at
+    least `MEL_RTOL` for the mel. Traces of different prompts or projections, with no tensor in common, or whose
+    common tensors differ in shape cannot be compared (InputError)."""
+    for which, t in (("ours", ours), ("reference", reference)):
+        expect(t, Trace, which, "a Trace (Trace.load(path) or record(...))")
+    check_tolerance(rtol, "rtol")
+    check_tolerance(atol, "atol")
     given = rtol
     rtol = default_rtol(ours, reference) if rtol is None else rtol
     if ours.manifest.get("input_ids") != reference.manifest.get("input_ids"):
@@ -177,15 +246,48 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
     if ours.manifest.get("project") != reference.manifest.get("project"):
         raise InputError(f"the traces use different projections ({ours.manifest.get('project')} vs "
                          f"{reference.manifest.get('project')}); record both with the same --project")
+    common = sorted(ours.tensors.keys() & reference.tensors.keys(), key=_stage_order)
+    if not common:
+        raise InputError(f"the traces have no tensor in common: ours holds {name_list(ours.tensors)}; the reference "
+                         f"{name_list(reference.tensors) or 'nothing'}")
     rows = []
-    for name in sorted(reference.tensors, key=_stage_order):
+    for name in common:
         ref = reference.tensors[name]
-        if name not in ours.tensors or ours.tensors[name].shape != ref.shape:
-            got = tuple(ours.tensors[name].shape) if name in ours.tensors else "missing"
-            raise InputError(f"{name}: the reference has shape {tuple(ref.shape)}, ours {got}")
+        if ours.tensors[name].shape != ref.shape:
+            note = models_note(ours, reference)
+            raise InputError(f"{name}: the reference has shape {tuple(ref.shape)}, ours "
+                             f"{tuple(ours.tensors[name].shape)}" + (f"; {note}" if note else ""))
         tol = max(rtol, MEL_RTOL) if given is None and name.startswith("mel.") else rtol
         rows.append(_row(name, ours.tensors[name], ref, tol, atol))
     return rows
+
+
+def unmatched(ours: Trace, reference: Trace) -> tuple[list[str], list[str]]:
+    """(what the reference lacks, what ours lacks), each in pipeline order: the tensors `compare` cannot compare."""
+    def absent(here: Trace, there: Trace) -> list[str]:
+        return sorted(there.tensors.keys() - here.tensors.keys(), key=_stage_order)
+
+    return absent(reference, ours), absent(ours, reference)
+
+
+def models_note(ours: Trace, reference: Trace) -> str:
+    """'the traces come from different models (…)' when both manifests state a model's dimensions and they differ,
+    else '' (a hand-made reference may not say)."""
+    a, b = ({k: t.manifest.get("model", {}).get(k) for k in ("hidden_size", "layers")} for t in (ours, reference))
+    differ = any(a[k] is not None and b[k] is not None and a[k] != b[k] for k in a)
+    return f"the traces come from different models (ours {a}, the reference {b})" if differ else ""
+
+
+def name_list(names) -> str:
+    """Tensor names in pipeline order, runs of numbered ones collapsed: 'waveform.0, encoder.block0..31, logits'."""
+    out = []
+    for stem, group in groupby(sorted(names, key=_stage_order), key=lambda n: n.rstrip("0123456789")):
+        numbers = [int(n[len(stem):]) for n in group if n != stem]
+        if len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+            out.append(f"{stem}{numbers[0]}..{numbers[-1]}")
+        else:
+            out += [f"{stem}{k}" for k in numbers] or [stem]
+    return ", ".join(out)
 
 
 def _row(name: str, ours: Tensor, ref: Tensor, rtol: float, atol: float = 0.0, base: Tensor | None = None) -> Row:
@@ -213,13 +315,13 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
     looser of the dtype computed in and the reference's. Needs a reference recorded without `project`: a projected
     tensor cannot be fed to a layer.
     """
+    expect_model(model)
+    expect(reference, Trace, "reference", "a Trace (Trace.load(path))")
+    check_tolerance(rtol, "rtol")
+    reason = isolation_blocker(model, reference)
+    if reason:
+        raise InputError(reason)
     m, ref = reference.manifest, reference.tensors
-    if m.get("project") is not None:
-        raise InputError(f"the reference trace is projected (--project {m['project']}), so its tensors cannot be fed "
-                         "into our layers: record it without --project to check each layer on its own input")
-    dims = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}
-    if any(m.get("model", {}).get(k, v) != v for k, v in dims.items()):
-        raise InputError(f"the reference trace comes from another model ({m.get('model')}; this one has {dims})")
     enc, dec, device = model.encoder, model.decoder, model.device
     compute = torch.float32 if upcast else dec.wte.weight.dtype
     ours: dict[str, Tensor] = {}
@@ -256,6 +358,38 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
     if rtol is None:
         rtol = max(RTOL.get(str(d).removeprefix("torch."), 1e-5) for d in (compute, _dtype_of(reference)))
     return [_row(n, ours[n], ref[n], rtol, base=ref.get(_residual_input(n))) for n in sorted(ours, key=_stage_order)]
+
+
+def isolation_blocker(model: QwenAudio, reference: Trace) -> str | None:
+    """Why `isolate` cannot run on `reference`, or None. It feeds each layer the reference's input to it, so it needs
+    a reference of this model, not projected, holding every stage this model traces for the prompt (the waveform
+    for each clip's length, every block's raw output): a reference from the official `output_hidden_states` lacks
+    some, tools/record_official.py writes them all."""
+    m = reference.manifest
+    if m.get("project") is not None:
+        return (f"the reference is projected (--project {m['project']}), so its tensors cannot be fed into our "
+                "layers: record it without --project to check each layer on its own input")
+    dims = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}
+    if any(m.get("model", {}).get(k, v) != v for k, v in dims.items()):
+        return f"the reference trace comes from another model ({m.get('model')}; this one has {dims})"
+    clips = list(m.get("input_ids") or []).count(model.tokenizer.audio_start_id)
+    lacking = [n for n in stages(model, clips) if n not in reference.tensors]
+    if lacking:
+        return (f"the reference lacks {name_list(lacking)}, which the isolated comparison needs (each layer is fed "
+                "the reference's input to it, and each clip's length comes from its waveform): record the reference "
+                "with tools/record_official.py, without --project, which writes every stage")
+    return None
+
+
+def stages(model: QwenAudio, clips: int) -> list[str]:
+    """Every tensor `record` writes for `model` and a prompt of `clips` clips, in pipeline order."""
+    encoder = [f"{stage}.{k}" for stage in ("waveform", "mel") for k in range(clips)]
+    if clips:
+        blocks = [f"encoder.block{j}" for j in range(len(model.encoder.blocks))]
+        encoder += ["encoder.conv1", "encoder.conv2", "encoder.blocks_in", *blocks, "encoder.pooled",
+                    "encoder.ln_post", "encoder.proj", *(f"encoder.span{k}" for k in range(clips))]
+    decoder = ["decoder.embeds", *(f"decoder.block{i}" for i in range(len(model.decoder.h))), "decoder.ln_f", "logits"]
+    return sorted(encoder + decoder, key=_stage_order)
 
 
 @contextmanager

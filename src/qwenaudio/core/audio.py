@@ -19,6 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .checks import expect, shown
 from .errors import AudioError
 
 SAMPLE_RATE = 16_000
@@ -70,6 +71,7 @@ def as_waveform(source: AudioSource, name: str) -> torch.Tensor:
     """A clip as the model takes it: a 1-D float tensor is a 16 kHz waveform already, anything else goes through
     `load_audio`. Either way it must be finite and long enough for one audio token; `name` (a path, "clip 2")
     starts every error, so a bad clip in a batch is named, not blamed on the batch."""
+    _check_source(source, f"{name}: ")
     if isinstance(source, torch.Tensor):
         if source.ndim != 1:
             raise AudioError(f"{name}: a waveform tensor must be 1-D [samples] at {SAMPLE_RATE // 1000} kHz, got "
@@ -87,6 +89,14 @@ def as_waveform(source: AudioSource, name: str) -> torch.Tensor:
     if len(wave) < MIN_SAMPLES:
         raise AudioError(_too_short(f"{name}: {len(wave)} samples ({len(wave) / SAMPLE_RATE:.3f} s)"))
     return wave
+
+
+def _check_source(source: object, prefix: str = "") -> None:
+    """Refuse what no loader reads; an int above all, which soundfile would take for a file descriptor (0: stdin)."""
+    readable = isinstance(source, (str, Path, bytes, bytearray, np.ndarray, torch.Tensor)) or hasattr(source, "read")
+    if not readable or isinstance(source, bool):
+        raise AudioError(f"{prefix}audio source must be a path, the bytes of a file, a binary file object or an array "
+                         f"of samples, got {shown(source)}")
 
 
 def source_name(source: AudioSource, index: int) -> str:
@@ -137,6 +147,7 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
     """
     if not isinstance(sr, int) or isinstance(sr, bool) or sr <= 0:
         raise AudioError(f"sr must be a positive int, got {sr!r}")
+    _check_source(source)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if source_sr is None:
             raise AudioError("an array of samples needs its sample rate: load_audio(array, source_sr=...)")
@@ -159,14 +170,14 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
     return torch.round(audio * 32768).clamp(-32768, 32767) / 32768
 
 
-def _decode(source: str | Path | bytes | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+def _decode(source: str | Path | bytes | bytearray | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     """Decode a file with soundfile; returns [channels, samples] float32 and the rate."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         raise AudioError(f"{name}: is a directory, not an audio file")
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise AudioError(f"{name}: no such audio file")
     try:
-        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source,
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
                              dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{name}: not a readable audio file ({e})") from None
@@ -256,6 +267,8 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     padded window, and the STFT's last frame is dropped (3001 -> 3000). Clips longer than 30 s are truncated with
     a warning, as the official model does.
     """
+    expect(audio, torch.Tensor, "audio", "a torch.Tensor of 16 kHz samples [..., samples] (load_audio gives one)",
+           AudioError)
     if audio.shape[-1] > N_SAMPLES:
         warnings.warn(
             f"audio of {audio.shape[-1] / SAMPLE_RATE:.1f} s is cut to its first 30 s, as the official model does; "

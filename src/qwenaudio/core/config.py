@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import expect
 from .errors import ConfigError
 
 
@@ -103,6 +104,7 @@ class QwenAudioConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> QwenAudioConfig:
         """Read `config.json` from a file or from a checkpoint directory."""
+        expect(path, (str, Path), "path", "a checkpoint directory or its config.json", ConfigError)
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -155,6 +157,7 @@ class GenerationConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> GenerationConfig:
         """Defaults of a checkpoint directory's generation_config.json; missing file or keys keep ours."""
+        expect(path, (str, Path), "path", "a checkpoint directory or its generation_config.json", ConfigError)
         path = Path(path)
         path = path / "generation_config.json" if path.is_dir() else path
         if not path.exists():

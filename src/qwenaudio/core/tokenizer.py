@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import numbers
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ import tiktoken
 import torch
 
 from .audio import N_SAMPLES, audio_span
+from .checks import expect, shown
 from .errors import TokenizerError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -95,6 +97,8 @@ class Tokenizer:
     """
 
     def __init__(self, vocab_file: str | Path, errors: str = "replace"):
+        expect(vocab_file, (str, Path), "vocab_file", f"a path (the {VOCAB_FILE} file)", TokenizerError)
+        expect(errors, str, "errors", "a bytes.decode error handler name ('replace', 'strict', …)", TokenizerError)
         self.vocab_file = Path(vocab_file)
         self.errors = errors
         ranks = _load_ranks(self.vocab_file)
@@ -112,6 +116,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load from a checkpoint directory (its `qwen.tiktoken`) or from the vocabulary file itself."""
+        expect(path, (str, Path), "path", f"a checkpoint directory or its {VOCAB_FILE} file", TokenizerError)
         path = Path(path)
         return cls(path / VOCAB_FILE if path.is_dir() else path)
 
@@ -125,6 +130,8 @@ class Tokenizer:
 
     def timestamp_id(self, seconds: float) -> int:
         """Id of the timestamp tag nearest to `seconds` (0 to 30 s, 10 ms steps)."""
+        if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not math.isfinite(seconds):
+            raise TokenizerError(f"seconds must be a number of seconds from 0 to 30, got {shown(seconds)}")
         cs = round(seconds * 100)
         if not 0 <= cs <= MAX_TIMESTAMP_CS:
             raise TokenizerError(f"timestamp {seconds!r} s is outside the 0.00–30.00 s range of timestamp tags")

@@ -1,0 +1,36 @@
+"""Type checks at the library's public entry points, so a wrong type is an `InputError` that names the argument and
+what was expected, not a TypeError or AttributeError from deep inside (README: every error on bad input is a
+`QwenAudioError`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InputError, QwenAudioError
+
+
+def expect(value: Any, types: type | tuple[type, ...], name: str, what: str,
+           error: type[QwenAudioError] = InputError) -> None:
+    """Raise `error` unless `value` is one of `types`; a bool never passes for a number."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        raise error(f"{name} must be {what}, got {shown(value)}")
+
+
+def expect_model(model: Any, name: str = "model") -> None:
+    """A loaded `QwenAudio`, as `qwenaudio.load` returns: a path or repo id is not loaded here."""
+    from .model import QwenAudio  # the model imports the modules that use these checks
+
+    if not isinstance(model, QwenAudio):
+        hint = f" (load it first: qwenaudio.load({model!r}))" if isinstance(model, str) else ""
+        raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def shown(value: Any) -> str:
+    """The value's type, and a short repr of it."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '…' if len(text) > 60 else text}"
