@@ -181,12 +181,12 @@ def adapter(tiny_weights, tmp_path_factory):
 def test_merge_is_exact_in_fp32_and_rounds_once_to_the_stored_bf16(tiny_weights, adapter, tmp_path, capsys):
     """The README's figures, through the command: stored in fp32 (--dtype float32) merged logits equal the unmerged
     model's within 1e-5 relative; stored in the base's bf16 (the default) each merged weight is W + B A · scale
-    computed in fp32 and rounded once, which moves the logits by the bf16 rounding alone (< 1e-2 relative)."""
+    computed in fp32 and rounded once, which moves the logits by the bf16 rounding alone (under 2 ** -8 relative)."""
     assert run(capsys, "merge", tiny_weights, adapter, tmp_path / "fp32", "--dtype", "float32")[0] == 0
     assert run(capsys, "merge", tiny_weights, adapter, tmp_path / "bf16")[0] == 0
     unmerged = logits(fresh(tiny_weights, adapter=adapter))
     assert relative(logits(fresh(tmp_path / "fp32")), unmerged) < 1e-5
-    assert 1e-5 < relative(logits(fresh(tmp_path / "bf16")), unmerged) < 1e-2
+    assert 1e-5 < relative(logits(fresh(tmp_path / "bf16")), unmerged) < 4e-3  # README: 3.1e-3
     name = "transformer.h.1.mlp.w2.weight"
     base = qwenaudio.core.checkpoint.load_checkpoint(tiny_weights)[name]
     tensors = load_file(str(adapter / "adapter_model.safetensors"))

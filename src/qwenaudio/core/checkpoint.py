@@ -322,11 +322,12 @@ def write_shards(
     shards = plan_shards(nbytes, max_shard_bytes)
     for i, names in enumerate(shards):
         tensors = {n: make(n).detach().to("cpu").contiguous() for n in names}
-        with writing(directory / shard_name(i, len(shards))) as tmp:
+        shard = directory / shard_name(i, len(shards))
+        with writing(shard) as tmp:
             try:
                 save_file(tensors, tmp, metadata={"format": "pt"})
             except SafetensorError as e:  # how safetensors reports a full disk: an OSError like any other
-                raise OSError(f"{tmp.name}: {e}") from e
+                raise OSError(f"{shard.name}: {e}") from e
         del tensors
     write_index(directory, shards, sum(nbytes.values()))
     return directory
@@ -361,7 +362,7 @@ def building_checkpoint(target: Path, overwrite: bool) -> Iterator[Path]:
     """`files.building` for a checkpoint directory: an empty directory beside `target` to fill, made first, so an
     unwritable place fails before any work. A failure to write (a read-only directory, a full disk) is an
     OutputError naming `target`; nothing partial is left, and a checkpoint `overwrite` was to replace is kept."""
-    replacing = overwrite and target.exists()
+    replacing = overwrite and target.is_dir() and any(target.iterdir())
     try:
         with building(Path(os.path.abspath(target)), replace=replacing) as partial:
             yield partial
