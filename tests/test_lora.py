@@ -233,7 +233,8 @@ def test_merge_refuses_a_target_that_is_not_a_new_checkpoint_directory(tiny_weig
     assert run(capsys, "merge", tiny_weights, adapter, tmp_path / "file", "--overwrite") == (
         1, f"error: the target {tmp_path / 'file'} is a file, not a directory\n")
     code, err = run(capsys, "merge", tiny_weights, adapter, tmp_path / "notes")
-    assert code == 1 and "exists and is not empty: choose a new directory, or replace the checkpoint there with --overwrite" in err
+    assert code == 1 and "exists and is not empty: choose a new directory, or replace the checkpoint there with " \
+        "--overwrite" in err
     code, err = run(capsys, "merge", tiny_weights, adapter, tmp_path / "notes", "--overwrite")
     assert code == 1 and "--overwrite replaces a checkpoint directory only" in err and "todo.txt" in err
     assert (tmp_path / "file").read_text() == (tmp_path / "notes" / "todo.txt").read_text() == "mine"
@@ -391,3 +392,21 @@ def test_wrong_types_are_our_errors(tiny_weights, adapter, tmp_path):
     merged = lora.merge_lora(fresh(tiny_weights), adapter)
     assert torch.allclose(logits(merged), logits(fresh(tiny_weights, adapter=adapter)), rtol=0, atol=1e-5)
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+def test_merging_in_memory_into_int4_weights_names_int4(tiny_weights, adapter):
+    model = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", int4=True, progress=False,
+                           adapter=adapter)
+    with pytest.raises(qwenaudio.InputError, match="merging into int4 weights would round the update away"):
+        lora.merge_lora(model)
+
+
+def test_an_adapter_that_is_not_finite_is_not_saved(tiny_weights, tmp_path):
+    model = fresh(tiny_weights)
+    lora.apply_lora(model, lora.LoraConfig(rank=2))
+    with torch.no_grad():
+        model.decoder.h[1].mlp.w2.lora_B.weight[0, 0] = float("inf")
+    with pytest.raises(qwenaudio.InputError, match="transformer.h.1.mlp.w2.lora_B.weight holds values that are not "
+                                                   "finite"):
+        lora.save_adapter(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []

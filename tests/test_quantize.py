@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import CheckpointError, ConfigError, InputError, OutputError
+from qwenaudio import ConfigError, InputError, OutputError
 from qwenaudio.core import int8
 from qwenaudio.core.int8 import Int8Linear, quantize_int8, quantize_weight
 from qwenaudio.quantize import save_quantized
@@ -331,6 +331,7 @@ def test_quantize_and_merge_options_fuzzed(tiny_weights, fuzz_inputs, tmp_path_f
         if code == 0:
             assert qwenaudio.load(out, dtype=torch.float32, device="cpu", progress=False) is not None
             shutil.rmtree(out)
+            out.mkdir(exist_ok=target == "new")  # "empty" stays an empty directory for the next example
         assert [fingerprint(p) for p in inputs] == before
 
     once()

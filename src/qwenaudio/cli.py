@@ -27,7 +27,6 @@ from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE
-from .core.checkpoint import load_checkpoint
 from .core.errors import InputError, OutputError, QwenAudioError, TrainingError
 from .core.files import write_text
 from .core.model import QwenAudio
@@ -333,14 +332,13 @@ def _model_options(parser: argparse.ArgumentParser, repo: str | None, run) -> No
                              "(float16 on older GPUs); verify: the reference trace's dtype")
     quantized = parser.add_mutually_exclusive_group()
     quantized.add_argument("--int8", action="store_true",
-                        help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead of "
-                             "15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
-                             "without it")
+                           help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead "
+                                "of 15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
+                                "without it")
     quantized.add_argument("--int4", action="store_true",
-                        help="quantize the decoder's linears to int4 (groups of 64, or 32 where 64 does not divide a "
-                             "layer's inputs) while loading (peak memory "
-                             "7.95 GiB instead of int8's 10.8), inference only; int4 checkpoints (quantize --bits 4) "
-                             "load in int4 without it")
+                           help="quantize the decoder's linears to int4 (groups of 64, or 32 where 64 does not divide "
+                                "a layer's inputs) while loading (peak memory 7.95 GiB instead of int8's 10.8), "
+                                "inference only; int4 checkpoints (quantize --bits 4) load in int4 without it")
     parser.add_argument("--adapter", type=Path, metavar="DIR",
                         help="a LoRA adapter (qwenaudio finetune's, or peft's for Qwen-Audio) applied on load")
     parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")

@@ -33,6 +33,7 @@ from .core.config import QwenAudioConfig
 from .core.decoder import Decoder
 from .core.encoder import AudioEncoder
 from .core.errors import CheckpointError, InputError, QwenAudioError
+from .core.int4 import Int4Linear
 from .core.files import building, write_text, writing
 from .core.model import QwenAudio, as_dtype
 
@@ -276,7 +277,8 @@ def merge_lora(model: QwenAudio, adapter: str | Path | Adapter | None = None) ->
         for path, module in list(root.named_modules()):
             if isinstance(module, LoraLinear):
                 if not isinstance(module.base, nn.Linear):
-                    raise InputError("merging into int8 weights would round the update away: load the base in "
+                    bits = "int4" if isinstance(module.base, Int4Linear) else "int8"
+                    raise InputError(f"merging into {bits} weights would round the update away: load the base in "
                                      "float to merge")
                 with torch.no_grad():  # a new tensor: the weight may be a view of the checkpoint's memory map
                     weight = module.base.weight
@@ -294,19 +296,17 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
     stores, bf16 for the official weights; "float32" keeps the merge exact), the other tensors as stored (in
     `dtype` when given), the other files copied.
 
-    Tensor by tensor from the memory-mapped source, a shard in memory at a time: no model is built. Before
-    anything is read, `target` is checked as `quantize` checks it (never an input, new or empty, `overwrite`
-    replaces a checkpoint) and made beside it; the adapter is checked against the model before the base is read.
+    Tensor by tensor from the memory-mapped source, a shard in memory at a time: no model is built. The adapter is
+    read and checked against the model, and `target` is checked as `quantize` checks it (never an input, new or
+    empty, `overwrite` replaces a checkpoint) and made beside it, before the base is read.
     A merged weight that is not finite in `dtype` is refused (InputError) and nothing is left at `target`."""
     if not all(isinstance(p, (str, Path)) for p in (source, target)) or not isinstance(overwrite, bool):
         raise InputError(f"merge_checkpoint needs the source and target directories as paths and overwrite as "
                          f"True or False, got {source!r}, {target!r}, {overwrite!r}")
     dtype = as_dtype(dtype)
     source, target = Path(source), Path(target)
-    adapter_dir = adapter.directory if isinstance(adapter, Adapter) else adapter
-    check_target(target, [source] + ([Path(adapter_dir)] if isinstance(adapter_dir, (str, Path)) else []),
-                 overwrite)
     adapter = read_adapter(adapter)
+    check_target(target, [source, adapter.directory], overwrite)
     config = QwenAudioConfig.from_json(source)
     if config.quantization:
         raise InputError(f"{source} is quantized ({config.quantization}): its weights would round the update "

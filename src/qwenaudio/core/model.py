@@ -149,8 +149,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
 
     `int8` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about 10.7 GiB
     at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `int4` (`int4.py`, inference only) to int4 in groups
-    of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written by `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load`
-    is this plus repo ids and a progress bar.)"""
+    of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written by
+    `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load` is this plus repo ids and a
+    progress bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
