@@ -356,7 +356,7 @@ def test_merged_weights_that_are_not_finite_are_refused(tiny_weights, adapter, t
     tensors = {k: torch.full_like(v, 1e38) for k, v in load_file(str(huge / "adapter_model.safetensors")).items()}
     save_file(tensors, str(huge / "adapter_model.safetensors"))  # finite, but B A overflows
     code, err = run(capsys, "merge", tiny_weights, huge, tmp_path / "merged")
-    assert code == 2 and "not finite" in err and "transformer." in err
+    assert code == 2 and "is not finite in torch.bfloat16: the update of" in err and "too large to be a weight" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge"]
 
 
@@ -410,3 +410,17 @@ def test_an_adapter_that_is_not_finite_is_not_saved(tiny_weights, tmp_path):
                                                    "finite"):
         lora.save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dtype_too_narrow_for_a_weight_is_refused(tiny_weights, adapter, tmp_path, capsys):
+    from qwenaudio.core.checkpoint import INDEX_FILE, load_checkpoint, save_checkpoint
+
+    base = shutil.copytree(tiny_weights, tmp_path / "base", ignore=shutil.ignore_patterns("*.safetensors", INDEX_FILE))
+    state = load_checkpoint(tiny_weights)
+    state["transformer.ln_f.weight"] = state["transformer.ln_f.weight"].clone()
+    state["transformer.ln_f.weight"][0] = 1e6  # a bf16 value fp16 cannot hold, in a tensor no adapter touches
+    save_checkpoint(state, base)
+    code, err = run(capsys, "merge", base, adapter, tmp_path / "merged", "--dtype", "float16")
+    assert code == 2 and "transformer.ln_f.weight: the weight to write is not finite in torch.float16: " \
+        "torch.float16 cannot hold it; --dtype float32 can" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

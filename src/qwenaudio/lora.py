@@ -299,7 +299,8 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
     Tensor by tensor from the memory-mapped source, a shard in memory at a time: no model is built. The adapter is
     read and checked against the model, and `target` is checked as `quantize` checks it (never an input, new or
     empty, `overwrite` replaces a checkpoint) and made beside it, before the base is read.
-    A merged weight that is not finite in `dtype` is refused (InputError) and nothing is left at `target`."""
+    A weight that is not finite in `dtype` (an update too large, or a dtype too narrow) is refused (InputError)
+    and nothing is left at `target`."""
     if not all(isinstance(p, (str, Path)) for p in (source, target)) or not isinstance(overwrite, bool):
         raise InputError(f"merge_checkpoint needs the source and target directories as paths and overwrite as "
                          f"True or False, got {source!r}, {target!r}, {overwrite!r}")
@@ -323,14 +324,17 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
 
         def make(name: str) -> Tensor:
             tensor = state[name]
-            if name not in updates:
-                return tensor.to(dtype or tensor.dtype)
-            a, b = (adapter.tensors[f"{updates[name]}.lora_{part}.weight"] for part in "AB")
-            merged = (tensor.float() + (b @ a) * adapter.config.scale).to(dtype or tensor.dtype)
-            if not torch.isfinite(merged).all():
-                raise InputError(f"{name}: the merged weight is not finite in {merged.dtype} (the adapter's update "
-                                 f"is too large for it); check {adapter.directory}")
-            return merged
+            exact = tensor
+            if name in updates:
+                a, b = (adapter.tensors[f"{updates[name]}.lora_{part}.weight"] for part in "AB")
+                exact = tensor.float() + (b @ a) * adapter.config.scale
+            stored = exact.to(dtype or tensor.dtype)
+            if not torch.isfinite(stored).all():
+                raise InputError(f"{name}: the weight to write is not finite in {stored.dtype}: " + (
+                    f"{source} holds values that are not finite" if not torch.isfinite(tensor).all() else
+                    f"the update of {adapter.directory} is too large to be a weight" if not torch.isfinite(exact).all()
+                    else f"{stored.dtype} cannot hold it; --dtype float32 can"))
+            return stored
 
         write_shards(layout, make, partial)
         for file in source.iterdir():
