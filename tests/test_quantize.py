@@ -301,7 +301,7 @@ def test_quantize_and_merge_options_fuzzed(tiny_weights, fuzz_inputs, tmp_path_f
     """Random values for --bits, --group-size and --dtype, and random files and directories for each path: every
     run ends in exit 0 with a checkpoint that loads, or one `error:` line with its exit code; the inputs never
     change."""
-    from hypothesis import given
+    from hypothesis import event, example, given
     from hypothesis import strategies as st
 
     from .test_fuzz import fuzz
@@ -315,6 +315,8 @@ def test_quantize_and_merge_options_fuzzed(tiny_weights, fuzz_inputs, tmp_path_f
     before = [fingerprint(p) for p in inputs]
 
     @fuzz(8)
+    @example("quantize", "base", "base", "new", "4", None, None, False)  # the good paths, whatever is drawn
+    @example("merge", "base", "adapter", "new", None, None, "float32", True)
     @given(command=st.sampled_from(["quantize", "merge"]), source=st.sampled_from(sorted(paths)),
            adapter=st.sampled_from(sorted(paths)), target=st.sampled_from([*sorted(paths), "new"]),
            bits=st.none() | numbers, group=st.none() | numbers, dtype=st.none() | st.sampled_from(
@@ -327,6 +329,7 @@ def test_quantize_and_merge_options_fuzzed(tiny_weights, fuzz_inputs, tmp_path_f
                  *(["--dtype", dtype] if dtype is not None and command == "merge" else []),
                  *(["--overwrite"] if overwrite else [])]
         code, err = run(capsys, *args)
+        event(f"{command} exit {code}")
         assert code in (0, 1, 2, 3) and "Traceback" not in err, err
         if code == 0:
             assert qwenaudio.load(out, dtype=torch.float32, device="cpu", progress=False) is not None
