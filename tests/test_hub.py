@@ -141,3 +141,19 @@ def test_offline(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qa")], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.startswith("could not download Qwen/Qwen-Audio into") and "To place the files by hand" in out
+
+
+def test_an_adapter_is_read_before_the_model_loads(monkeypatch, tmp_path):
+    """A truncated or missing adapter is found in a second, not after a 16 GB checkpoint has loaded."""
+    loads = []
+    monkeypatch.setattr(qwenaudio.hub.model, "load", lambda *a, **k: loads.append(a))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LO')
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    for adapter, message in ((tmp_path / "none", "no adapter directory"), (tmp_path / "adapter", "truncated")):
+        with pytest.raises(CheckpointError, match=message):
+            qwenaudio.load(tmp_path / "ckpt", device="cpu", progress=False, adapter=adapter)
+    with pytest.raises(InputError, match="adapter"):
+        qwenaudio.load(tmp_path / "ckpt", device="cpu", progress=False, adapter=123)
+    assert loads == []

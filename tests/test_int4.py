@@ -3,6 +3,7 @@ layer against its dequantized weight (torch's int4 kernel in between), int4 chec
 accuracy against fp32 on the golden generation prompts."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from qwenaudio.core import int4
 from qwenaudio.core.checkpoint import quantized_names, read_header
 from qwenaudio.core.int4 import Int4Linear, dequantize, pack, quantize_int4, quantize_weight, unpack
 from qwenaudio.quantize import save_quantized
+from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import ROOT, golden_prompt_logits
 
@@ -44,7 +46,7 @@ def test_levels_pack_two_a_byte_and_unpack():
 
 
 def test_a_bad_group_size_is_refused():
-    with pytest.raises(ValueError, match="group size 48 must be one of"):
+    with pytest.raises(InputError, match="group size 48 must be one of"):
         quantize_weight(torch.randn(8, 96), 48)
 
 
@@ -146,3 +148,54 @@ def test_the_int4_model_is_the_float_model_with_its_dequantized_weights(tiny_ckp
             module.weight.data = dequantize(levels, scales, zeros, torch.float64).float()
     ours, theirs = golden_prompt_logits(case, quantized, reference)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def mlp96(tmp_path_factory):
+    """A tiny checkpoint whose MLP is 96 wide (intermediate_size 192): 64 does not divide c_proj's inputs, 32 does."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("mlp96") / "ckpt", seed=0, intermediate_size=192)
+
+
+def test_the_default_group_size_falls_back_to_the_largest_that_fits(mlp96, tmp_path, capsys):
+    from .test_quantize import run
+
+    with pytest.warns(UserWarning, match="int4: groups of 32, since 64 does not divide the 96 inputs of "
+                                         "transformer.h.0.mlp.c_proj.weight"):
+        model = qwenaudio.load(mlp96, dtype=torch.float32, device="cpu", int4=True, progress=False)
+    assert model.decoder.h[0].mlp.c_proj.group_size == model.decoder.lm_head.group_size == 32
+    with torch.no_grad():
+        assert torch.isfinite(model.decoder.logits(torch.tensor([[1, 2, 3]]))).all()
+    code, err = run(capsys, "quantize", mlp96, tmp_path / "int4", "--bits", "4")
+    assert code == 0 and "warning: int4: groups of 32, since 64 does not divide the 96 inputs" in err
+    assert json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_group_size"] == 32
+    with warnings.catch_warnings():  # shown again, as in a new process
+        warnings.simplefilter("always")
+        code, err = run(capsys, "trace", "--prompt", "hello", "--out", tmp_path / "t.safetensors", "--model", mlp96,
+                        "--int4", "--dtype", "float32", "--device", "cpu")
+    assert code == 0 and "groups of 32" in err
+
+
+def test_a_group_size_asked_for_that_does_not_fit_is_refused_naming_the_layer(mlp96, tmp_path, capsys):
+    from .test_quantize import run
+
+    message = ("group size 64 does not divide the 96 inputs of transformer.h.0.mlp.c_proj.weight: "
+               "--group-size 32 fits every layer")
+    with pytest.raises(InputError, match=message):
+        save_quantized(mlp96, tmp_path / "q", bits=4, group_size=64)
+    code, err = run(capsys, "quantize", mlp96, tmp_path / "q", "--bits", "4", "--group-size", "128")
+    assert code == 2 and "group size 128 does not divide the 64 inputs of transformer.h.0.attn.c_attn.weight: " \
+        "--group-size 32 fits every layer" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_no_group_size_fits_is_refused_before_anything_is_written(tmp_path, capsys):
+    from .test_quantize import run
+
+    odd = make_tiny_checkpoint(tmp_path / "odd", seed=0, intermediate_size=80)  # a 40-wide MLP
+    message = "no int4 group size .32, 64, 128. divides the 40 inputs of transformer.h.0.mlp.c_proj.weight"
+    with pytest.raises(InputError, match=message):
+        qwenaudio.load(odd, dtype=torch.float32, device="cpu", int4=True, progress=False)
+    code, err = run(capsys, "quantize", odd, tmp_path / "q", "--bits", "4")
+    assert code == 2 and "divides the 40 inputs" in err and "--bits 8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]
+    assert run(capsys, "quantize", odd, tmp_path / "q")[0] == 0  # int8 takes any width

@@ -24,7 +24,7 @@ import torch
 from .core import model
 from .core.checkpoint import INDEX_FILE, shard_files
 from .core.errors import CheckpointError, DownloadError, InputError
-from .lora import load_adapter
+from .lora import load_adapter, read_adapter
 
 OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
 FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
@@ -135,13 +135,14 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: str 
     `int8` quantizes the decoder's linears as they are read: the full model then needs about 10.7 GiB at its peak
     instead of 15.5 in bf16 (BENCHMARKS.md); `int4` to int4 (inference only). A checkpoint written by `qwenaudio
     quantize` loads as it was quantized without asking. `adapter` applies a LoRA adapter directory (ours or peft's
-    format, `qwenaudio.lora`) unmerged.
+    format, `qwenaudio.lora`) unmerged; it is read and checked before the model loads.
     `progress` draws a bar on a terminal (`report_progress`). The core's `qwenaudio.core.model.load` does the same
     from a directory, with a progress callback of your own."""
     device, dtype = model.as_device(device), model.as_dtype(dtype)  # bad arguments fail before any download
+    lora = None if adapter is None else read_adapter(adapter)  # a truncated adapter fails before a 16 GB load
     loaded = model.load(resolve(name), device, dtype, int8=int8, int4=int4, true_positions=true_positions,
                         progress=report_progress if progress else None)
-    return loaded if adapter is None else load_adapter(loaded, adapter)
+    return loaded if lora is None else load_adapter(loaded, lora)
 
 
 def report_progress(done: int, total: int) -> None:

@@ -9,12 +9,17 @@ Adapters are saved as peft saves them for the official model: `adapter_model.saf
 `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`, … (the official module names) and
 `adapter_config.json` with peft's fields, so an adapter trained here loads with peft on the official model, and
 one trained with peft loads here (`load_adapter`, or `qwenaudio.load(..., adapter=DIR)`).
+
+Merging folds each update into its base weight, W + B A · scale computed in fp32 and rounded once to the dtype
+stored (`merge_lora` in memory, `merge_checkpoint` from files to files, as `qwenaudio merge` does). An adapter
+directory that cannot be read or does not fit the model is a CheckpointError naming the file, like a checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +27,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core.checkpoint import PREFIXES
-from .core.errors import InputError
-from .core.files import building, write_text
-from .core.model import QwenAudio
+from .core.checkpoint import (INDEX_FILE, PREFIXES, building_checkpoint, check_target, load_checkpoint,
+                              official_name, write_shards)
+from .core.config import QwenAudioConfig
+from .core.decoder import Decoder
+from .core.encoder import AudioEncoder
+from .core.errors import CheckpointError, InputError, QwenAudioError
+from .core.int4 import Int4Linear
+from .core.files import building, write_text, writing
+from .core.model import QwenAudio, as_dtype
 
 DECODER_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # the attention and MLP linears of every decoder block
 ENCODER_TARGETS = ("query", "key", "value", "out", "mlp.0", "mlp.2")  # Whisper's block linears
 PEFT_PREFIX = "base_model.model."  # peft's name for the wrapped (official) model
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,15 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter directory as read (`read_adapter`): its config and its fp32 tensors under peft's names."""
+
+    directory: Path
+    config: LoraConfig
+    tensors: dict[str, Tensor]
 
 
 class LoraLinear(nn.Module):
@@ -75,27 +96,47 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
 
-def _targets(model: QwenAudio, config: LoraConfig) -> list[tuple[str, str]]:
-    """(owner, module path) of every linear the config adapts, in module order."""
-    chosen = [("decoder", name) for name, _ in model.decoder.named_modules()
+def _targets(owners: dict[str, nn.Module], config: LoraConfig) -> list[tuple[str, str]]:
+    """(owner, module path) of every linear the config adapts in the "encoder" and "decoder" of `owners`, in module
+    order."""
+    chosen = [("decoder", name) for name, _ in owners["decoder"].named_modules()
               if name.startswith("h.") and any(name == t or name.endswith(f".{t}") for t in config.targets)]
     if config.encoder:
-        chosen += [("encoder", name) for name, _ in model.encoder.named_modules()
+        chosen += [("encoder", name) for name, _ in owners["encoder"].named_modules()
                    if name.startswith("blocks.") and any(name.endswith(f".{t}") for t in ENCODER_TARGETS)]
     return chosen
+
+
+def _expected(owners: dict[str, nn.Module], config: LoraConfig) -> dict[str, Shape]:
+    """The shape of every LoRA tensor `config` gives these modules, by peft name: what an adapter must hold."""
+    shapes = {}
+    for owner, path in _targets(owners, config):
+        layer, name = owners[owner].get_submodule(path), f"{PEFT_PREFIX}{official_name(owner, path)}"
+        shapes[f"{name}.lora_A.weight"] = (config.rank, layer.in_features)
+        shapes[f"{name}.lora_B.weight"] = (layer.out_features, config.rank)
+    return shapes
+
+
+def _owners(model: QwenAudio) -> dict[str, nn.Module]:
+    if not isinstance(model, QwenAudio):
+        raise InputError(f"expected a QwenAudio model (qwenaudio.load), got {type(model).__name__}")
+    return {"encoder": model.encoder, "decoder": model.decoder}
 
 
 def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
     """Wrap the targeted linears of `model` in LoraLinear (in place), freeze everything else, and return the LoRA
     parameters by their peft names (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`, …)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    found = _targets(model, config)
+    owners = _owners(model)
+    if not isinstance(config, LoraConfig):
+        raise InputError(f"apply_lora needs a lora.LoraConfig, got {type(config).__name__}")
+    found = _targets(owners, config)
     if not found:
         raise InputError(f"no linear matches the LoRA targets {config.targets}")
+    for param in model.parameters():
+        param.requires_grad_(False)
     for owner, path in found:
         parent_path, _, name = path.rpartition(".")
-        parent = getattr(model, owner).get_submodule(parent_path)
+        parent = owners[owner].get_submodule(parent_path)
         setattr(parent, name, LoraLinear(getattr(parent, name), config))
     model.lora_config = config
     return lora_parameters(model)
@@ -104,8 +145,8 @@ def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
 def lora_parameters(model: QwenAudio) -> dict[str, nn.Parameter]:
     """The LoRA parameters of a model `apply_lora` changed, by peft name."""
     params = {}
-    for owner in ("encoder", "decoder"):
-        for path, module in getattr(model, owner).named_modules():
+    for owner, root in _owners(model).items():
+        for path, module in root.named_modules():
             if isinstance(module, LoraLinear):
                 for part in ("lora_A", "lora_B"):
                     params[f"{PEFT_PREFIX}{PREFIXES[owner]}{path}.{part}.weight"] = getattr(module, part).weight
@@ -113,8 +154,19 @@ def lora_parameters(model: QwenAudio) -> dict[str, nn.Parameter]:
 
 
 def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") -> Path:
-    """The adapter in peft's format (built aside and renamed): adapter_model.safetensors + adapter_config.json."""
-    config: LoraConfig = model.lora_config
+    """The adapter in peft's format (built aside and renamed): adapter_model.safetensors + adapter_config.json.
+    Weights that are not finite are refused: they would turn every reply into NaN."""
+    _owners(model)
+    config = getattr(model, "lora_config", None)
+    if not isinstance(config, LoraConfig):
+        raise InputError("the model has no LoRA adapter to save: apply_lora or load_adapter first")
+    if not isinstance(directory, (str, Path)) or not isinstance(base_model, str):
+        raise InputError(f"save_adapter needs a directory path and a base model name, got {directory!r} and "
+                         f"{base_model!r}")
+    tensors = {name: p.detach().contiguous() for name, p in lora_parameters(model).items()}
+    bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad:
+        raise InputError(f"{bad} holds values that are not finite: refusing to write an adapter that outputs NaN")
     targets = list(config.targets) + (list(ENCODER_TARGETS) if config.encoder else [])
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                    "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -122,57 +174,171 @@ def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") 
                    "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
                    "init_lora_weights": True}
     with building(directory, replace=Path(directory).exists()) as partial:
-        tensors = {name: p.detach().contiguous() for name, p in lora_parameters(model).items()}
-        save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_text(partial / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
+        save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_text(partial / CONFIG_FILE, json.dumps(peft_config, indent=2) + "\n")
     return Path(directory)
 
 
-def load_adapter(model: QwenAudio, directory: str | Path) -> QwenAudio:
-    """Apply a peft LoRA adapter (ours or peft's) to `model`, unmerged; every tensor must find its place."""
+def read_adapter(directory: str | Path) -> Adapter:
+    """Read and check a peft LoRA adapter directory (ours or peft's) without a model: a missing, truncated or
+    corrupt file, a config peft would not write and weights that are not finite are CheckpointErrors naming the
+    file, found before any model is loaded."""
+    if isinstance(directory, Adapter):
+        return directory
+    if not isinstance(directory, (str, Path)) or not str(directory):
+        raise InputError(f"an adapter is a directory path, got {directory!r}")
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no adapter directory there (a LoRA adapter is a directory holding "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: not a LoRA adapter: {name} is missing (a LoRA adapter holds "
+                                  f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = _read_config(directory / CONFIG_FILE)
+    file = directory / WEIGHTS_FILE
     try:
-        raw = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{directory}: not a LoRA adapter (adapter_config.json and adapter_model.safetensors): {e}")
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError, plus OSError for unreadable files
+        raise CheckpointError(f"{file}: cannot read the adapter's weights ({e}); the file is truncated or "
+                              "corrupt") from e
+    names = {name.replace(".default", ""): t for name, t in tensors.items()}  # peft may keep the adapter name
+    for name, tensor in names.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: {name} holds values that are not finite floats ({tensor.dtype})")
+    return Adapter(directory, config, {name: t.float() for name, t in names.items()})
+
+
+def _read_config(file: Path) -> LoraConfig:
+    """The LoraConfig of adapter_config.json; only what peft writes for a LoRA adapter without extras is taken."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON (cut short)
+        raise CheckpointError(f"{file}: cannot read the adapter config ({type(e).__name__}: {e}); the file is "
+                              "truncated or corrupt") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: not a peft adapter config (a JSON object)")
     if raw.get("peft_type") != "LORA" or raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
-        raise InputError(f"{directory}: only LoRA adapters without bias or extra saved modules are supported, got "
-                         f"peft_type {raw.get('peft_type')!r}, bias {raw.get('bias')!r}, "
-                         f"modules_to_save {raw.get('modules_to_save')!r}")
+        raise CheckpointError(f"{file}: only LoRA adapters without bias or extra saved modules are supported, got "
+                              f"peft_type {raw.get('peft_type')!r}, bias {raw.get('bias')!r}, "
+                              f"modules_to_save {raw.get('modules_to_save')!r}")
     targets = raw.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    config = LoraConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                        rslora=raw.get("use_rslora", False),
-                        targets=tuple(t for t in targets if t not in ENCODER_TARGETS),
-                        encoder=any(t in ENCODER_TARGETS for t in targets))
-    params = apply_lora(model, config)
-    names = {name.replace(".default", ""): t for name, t in tensors.items()}  # peft may keep the adapter name
-    missing, unknown = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(f"{file}: target_modules must be a list of module names, got {targets!r}")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if key not in raw or isinstance(raw[key], bool) or not isinstance(raw[key], kind):
+            raise CheckpointError(f"{file}: {key} must be a number, got {raw.get(key, 'nothing')!r}")
+    if not math.isfinite(raw["lora_alpha"]):
+        raise CheckpointError(f"{file}: lora_alpha must be finite, got {raw['lora_alpha']!r}")
+    try:
+        return LoraConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                          rslora=bool(raw.get("use_rslora", False)),
+                          targets=tuple(t for t in targets if t not in ENCODER_TARGETS),
+                          encoder=any(t in ENCODER_TARGETS for t in targets))
+    except (QwenAudioError, TypeError) as e:  # a field LoraConfig refuses
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _check_fit(adapter: Adapter, expected: dict[str, Shape]) -> None:
+    """Every tensor of the adapter must find its place, with its shape, and every place its tensor."""
+    missing = sorted(set(expected) - set(adapter.tensors))
+    unknown = sorted(set(adapter.tensors) - set(expected))
     if missing or unknown:
-        raise InputError(f"{directory}: the adapter does not fit this model: missing {missing[:3]}, unknown "
-                         f"{unknown[:3]} ({len(missing)} and {len(unknown)} in all)")
+        raise CheckpointError(f"{adapter.directory}: the adapter does not fit this model: missing {missing[:3]}, "
+                              f"unknown {unknown[:3]} ({len(missing)} and {len(unknown)} in all)")
+    for name, shape in expected.items():
+        if tuple(adapter.tensors[name].shape) != shape:
+            raise CheckpointError(f"{adapter.directory}: {name} has shape {tuple(adapter.tensors[name].shape)}, "
+                                  f"expected {shape}")
+
+
+def load_adapter(model: QwenAudio, directory: str | Path | Adapter) -> QwenAudio:
+    """Apply a peft LoRA adapter (a directory, ours or peft's, or one `read_adapter` read) to `model`, unmerged;
+    every tensor must find its place (checked before the model is changed)."""
+    owners = _owners(model)
+    adapter = read_adapter(directory)
+    _check_fit(adapter, _expected(owners, adapter.config))
+    params = apply_lora(model, adapter.config)
     with torch.no_grad():
         for name, param in params.items():
-            if names[name].shape != param.shape:
-                raise InputError(f"{directory}: {name} has shape {tuple(names[name].shape)}, expected "
-                                 f"{tuple(param.shape)}")
-            param.copy_(names[name])
+            param.copy_(adapter.tensors[name])
     return model
 
 
-def merge_lora(model: QwenAudio) -> QwenAudio:
-    """Fold every LoRA update into its base weight (W + B A · scale) and put the plain linears back, so the model
-    is an ordinary one again (float bases only: an int8 weight cannot take the update exactly)."""
-    for owner in ("encoder", "decoder"):
-        root = getattr(model, owner)
+def merge_lora(model: QwenAudio, adapter: str | Path | Adapter | None = None) -> QwenAudio:
+    """Fold every LoRA update into its base weight and put the plain linears back, so the model is an ordinary one
+    again: W + B A · scale computed in fp32, rounded once to W's dtype. With `adapter`, that adapter is applied
+    first (`load_adapter`). Float bases only: an int8 weight cannot take the update exactly."""
+    owners = _owners(model)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    for root in owners.values():
         for path, module in list(root.named_modules()):
             if isinstance(module, LoraLinear):
                 if not isinstance(module.base, nn.Linear):
-                    raise InputError("merging into int8 weights would round the update away: load the base in "
+                    bits = "int4" if isinstance(module.base, Int4Linear) else "int8"
+                    raise InputError(f"merging into {bits} weights would round the update away: load the base in "
                                      "float to merge")
-                with torch.no_grad():
-                    module.base.weight += module.delta().to(module.base.weight.dtype)
+                with torch.no_grad():  # a new tensor: the weight may be a view of the checkpoint's memory map
+                    weight = module.base.weight
+                    module.base.weight = nn.Parameter((weight.float() + module.delta()).to(weight.dtype),
+                                                      requires_grad=weight.requires_grad)
                 parent_path, _, name = path.rpartition(".")
                 setattr(root.get_submodule(parent_path), name, module.base)
     return model
+
+
+def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: str | Path, *,
+                     dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint directory `source` with `adapter` folded in to `target` (`qwenaudio merge`): each
+    adapted weight W + B A · scale computed in fp32 and rounded once to `dtype` (default: the dtype `source`
+    stores, bf16 for the official weights; "float32" keeps the merge exact), the other tensors as stored (in
+    `dtype` when given), the other files copied.
+
+    Tensor by tensor from the memory-mapped source, a shard in memory at a time: no model is built. The adapter is
+    read and checked against the model, and `target` is checked as `quantize` checks it (never an input, new or
+    empty, `overwrite` replaces a checkpoint) and made beside it, before the base is read.
+    A weight that is not finite in `dtype` (an update too large, or a dtype too narrow) is refused (InputError)
+    and nothing is left at `target`."""
+    if not all(isinstance(p, (str, Path)) for p in (source, target)) or not isinstance(overwrite, bool):
+        raise InputError(f"merge_checkpoint needs the source and target directories as paths and overwrite as "
+                         f"True or False, got {source!r}, {target!r}, {overwrite!r}")
+    dtype = as_dtype(dtype)
+    source, target = Path(source), Path(target)
+    adapter = read_adapter(adapter)
+    check_target(target, [source, adapter.directory], overwrite)
+    config = QwenAudioConfig.from_json(source)
+    if config.quantization:
+        raise InputError(f"{source} is quantized ({config.quantization}): its weights would round the update "
+                         "away; merge into its float original, then quantize the merged checkpoint (qwenaudio "
+                         "quantize)")
+    with torch.device("meta"):
+        owners = {"encoder": AudioEncoder(config.audio), "decoder": Decoder(config)}
+    _check_fit(adapter, _expected(owners, adapter.config))
+    with building_checkpoint(target, overwrite) as partial:
+        state = load_checkpoint(source, config)
+        layout = {n: (tuple(t.shape), dtype or t.dtype) for n, t in state.items()}
+        updates = {official_name(owner, f"{path}.weight"): f"{PEFT_PREFIX}{official_name(owner, path)}"
+                   for owner, path in _targets(owners, adapter.config)}  # weight -> its LoRA tensors' prefix
+
+        def make(name: str) -> Tensor:
+            tensor = state[name]
+            exact = tensor
+            if name in updates:
+                a, b = (adapter.tensors[f"{updates[name]}.lora_{part}.weight"] for part in "AB")
+                exact = tensor.float() + (b @ a) * adapter.config.scale
+            stored = exact.to(dtype or tensor.dtype)
+            if not torch.isfinite(stored).all():
+                raise InputError(f"{name}: the weight to write is not finite in {stored.dtype}: " + (
+                    f"{source} holds values that are not finite" if not torch.isfinite(tensor).all() else
+                    f"the update of {adapter.directory} is too large to be a weight" if not torch.isfinite(exact).all()
+                    else f"{stored.dtype} cannot hold it; --dtype float32 can"))
+            return stored
+
+        write_shards(layout, make, partial)
+        for file in source.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE:
+                with writing(partial / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
+    return target

@@ -15,59 +15,50 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .core import int4, int8
-from .core.checkpoint import INDEX_FILE, load_checkpoint, quantizer, save_checkpoint
+from .core.checkpoint import (INDEX_FILE, building_checkpoint, check_target, int4_group_size, load_checkpoint,
+                              quantizer, save_checkpoint)
 from .core.config import QwenAudioConfig
-from .core.errors import CheckpointError, InputError
-from .core.files import building, write_text, writing
+from .core.errors import InputError
+from .core.files import write_text, writing
 
 
-def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, group_size: int = int4.DEFAULT_GROUP_SIZE,
+def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, group_size: int | None = None,
                    overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write an int8 (or, with `bits=4`, int4 in groups of `group_size`) copy of the checkpoint directory `source`
     to `target`: the decoder's linears quantized, their scales (and zeros) in bf16 as the rest, every other file
     copied, config.json marked: 9.68 GB for Qwen-Audio in int8 instead of 16.79, 6.56 GB in int4 with groups of 64
-    (from the tensor table).
+    (from the tensor table). `group_size` defaults to 64, or to the largest allowed size below it that divides every
+    layer's inputs (a warning says so); one given that does not divide them all is refused, naming the layer.
 
-    `source` is only read. `target` must be a new or empty directory outside it (`overwrite` replaces an existing
-    one); the copy is built in a temporary directory beside it and renamed into place when complete, so a full disk
-    or Ctrl-C leaves no partial checkpoint behind, and an overwritten one survives until the new one is whole."""
-    source, target = Path(source), Path(target)
-    if bits not in (8, 4):
+    `source` is only read. `target` must not be, hold or lie inside it, and must be a new or empty directory
+    (`overwrite` replaces a checkpoint directory there; `checkpoint.check_target`). The copy is built in a temporary
+    directory beside it, made before anything is read, and renamed into place when complete, so an unwritable
+    target fails first, and a full disk or Ctrl-C leaves no partial checkpoint behind (OutputError), and an
+    overwritten one survives until the new one is whole."""
+    if not isinstance(source, (str, Path)) or not isinstance(target, (str, Path)):
+        raise InputError(f"save_quantized needs the source and target directories as paths, got {source!r} and "
+                         f"{target!r}")
+    if not isinstance(overwrite, bool):
+        raise InputError(f"overwrite must be True or False, got {overwrite!r}")
+    if isinstance(bits, bool) or bits not in (8, 4):
         raise InputError(f"bits must be 8 or 4, got {bits!r}")
-    if bits == 4 and group_size not in int4.GROUP_SIZES:
-        raise InputError(f"group size must be one of {', '.join(map(str, int4.GROUP_SIZES))}, got {group_size!r}")
-    _check_target(source, target, overwrite)
+    if bits == 8 and group_size is not None:
+        raise InputError(f"group_size applies to bits=4 only (int8 has a scale per row), got {group_size!r}")
+    source, target = Path(source), Path(target)
+    check_target(target, [source], overwrite)
     config = QwenAudioConfig.from_json(source)
     if config.quantization:
         raise InputError(f"{source} is already quantized ({config.quantization}): quantize its float original")
+    group_size = int4_group_size(config, group_size) if bits == 4 else None
     method = int8.METHOD if bits == 8 else int4.METHOD
     convert = quantizer(method, config, None, group_size)
     marks = {"quantization": method} | ({"quantization_group_size": group_size} if bits == 4 else {})
-    try:
-        with building(target, replace=overwrite) as partial:  # first, so an unwritable target fails before the work
-            state = load_checkpoint(source, config, progress=progress, convert=convert)
-            save_checkpoint(state, partial)
-            for file in source.iterdir():
-                if file.is_file() and file.suffix != ".safetensors" and file.name not in (INDEX_FILE, "config.json"):
-                    with writing(partial / file.name) as tmp:
-                        shutil.copyfile(file, tmp)
-            write_text(partial / "config.json", json.dumps({**config.to_dict(), **marks}, indent=2) + "\n")
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"{target}: could not write the int{bits} checkpoint ({e.strerror or e}); nothing "
-                              "was left there") from e
+    with building_checkpoint(target, overwrite) as partial:
+        state = load_checkpoint(source, config, progress=progress, convert=convert)
+        save_checkpoint(state, partial)
+        for file in source.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in (INDEX_FILE, "config.json"):
+                with writing(partial / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
+        write_text(partial / "config.json", json.dumps({**config.to_dict(), **marks}, indent=2) + "\n")
     return target
-
-
-def _check_target(source: Path, target: Path, overwrite: bool) -> None:
-    """Refuse a target that is the source, lies inside it or holds it, or already holds files (unless `overwrite`)."""
-    src, dst = source.resolve(), target.resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        raise InputError(f"the target {target} overlaps the source {source}: write the quantized checkpoint to a "
-                         "directory of its own")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"the target {target} is a file, not a directory")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"the target {target} exists and is not empty: choose a new directory, or replace it with "
-                         "overwrite=True (qwenaudio quantize --overwrite)")

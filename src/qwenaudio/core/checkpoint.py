@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,8 +31,8 @@ from . import int4, int8
 from .config import QUANTIZATION_METHODS, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
-from .errors import CheckpointError
-from .files import write_text, writing
+from .errors import CheckpointError, OutputError, QwenAudioError
+from .files import building, refuse_inputs, write_text, writing
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -112,10 +114,21 @@ def quantizer(method: str, config: QwenAudioConfig, dtype: torch.dtype | None, g
 def quantized_names(config: QwenAudioConfig) -> list[str]:
     """Official names of the weights that int8 quantization replaces: those of every `nn.Linear` of the decoder,
     the layers `quantize_int8` swaps."""
+    return list(_linear_widths(config))
+
+
+def int4_group_size(config: QwenAudioConfig, requested: int | None = None) -> int:
+    """The int4 group size for this model's linears: `requested`, or by default 64 or the largest allowed size
+    below it that divides every layer's inputs (`int4.fitting_group_size`)."""
+    return int4.fitting_group_size(_linear_widths(config), requested)
+
+
+def _linear_widths(config: QwenAudioConfig) -> dict[str, int]:
+    """The inputs of every `nn.Linear` of the decoder, by its weight's official name, in module order."""
     with torch.device("meta"):
         decoder = Decoder(config)
-    return [official_name("decoder", f"{path}.weight") for path, module in decoder.named_modules()
-            if isinstance(module, nn.Linear)]
+    return {official_name("decoder", f"{path}.weight"): module.in_features for path, module in decoder.named_modules()
+            if isinstance(module, nn.Linear)}
 
 
 def shard_files(path: str | Path) -> dict[str, Path]:
@@ -309,11 +322,56 @@ def write_shards(
     shards = plan_shards(nbytes, max_shard_bytes)
     for i, names in enumerate(shards):
         tensors = {n: make(n).detach().to("cpu").contiguous() for n in names}
-        with writing(directory / shard_name(i, len(shards))) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
+        shard = directory / shard_name(i, len(shards))
+        with writing(shard) as tmp:
+            try:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            except SafetensorError as e:  # how safetensors reports a full disk: an OSError like any other
+                raise OSError(f"{shard.name}: {e}") from e
         del tensors
     write_index(directory, shards, sum(nbytes.values()))
     return directory
+
+
+def check_target(target: Path, reads: Iterable[Path], overwrite: bool) -> None:
+    """The rule for a checkpoint directory a command writes whole (quantize, merge), checked before anything is
+    read: it is not, does not hold and does not lie inside any input, under any name (a symlink, `.`); it is new or
+    empty, or with `overwrite` a checkpoint directory (a folder of other files is never replaced). OutputError
+    otherwise."""
+    reads = list(reads)
+    refuse_inputs([target], reads)
+    for read in reads:
+        for parent in Path(os.path.abspath(target)).parents:
+            if parent.exists() and Path(read).exists() and os.path.samefile(parent, read):
+                raise OutputError(f"the target {target} lies inside the input {read}: write the checkpoint to a "
+                                  "directory of its own")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"the target {target} is a file, not a directory")
+    held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if held and not overwrite:
+        raise OutputError(f"the target {target} exists and is not empty: choose a new directory, or replace the "
+                          "checkpoint there with --overwrite (overwrite=True)")
+    if held and not ((target / "config.json").is_file() and
+                     ((target / INDEX_FILE).is_file() or (target / SINGLE_FILE).is_file())):
+        raise OutputError(f"--overwrite replaces a checkpoint directory only, and {target} is none (it holds "
+                          f"{', '.join(held[:3])}{', …' if len(held) > 3 else ''}): choose a new directory")
+
+
+@contextmanager
+def building_checkpoint(target: Path, overwrite: bool) -> Iterator[Path]:
+    """`files.building` for a checkpoint directory: an empty directory beside `target` to fill, made first, so an
+    unwritable place fails before any work. A failure to write (a read-only directory, a full disk) is an
+    OutputError naming `target`; nothing partial is left, and a checkpoint `overwrite` was to replace is kept."""
+    replacing = overwrite and target.is_dir() and any(target.iterdir())
+    try:
+        with building(Path(os.path.abspath(target)), replace=replacing) as partial:
+            yield partial
+    except QwenAudioError:
+        raise
+    except OSError as e:
+        kept = "; the checkpoint there is as it was" if replacing else ""
+        raise OutputError(f"{target}: could not write the checkpoint ({e.strerror or e}); nothing was left "
+                          f"there{kept}") from e
 
 
 _DTYPES = {

@@ -18,12 +18,14 @@ writes one. The kernel's own packed layout differs per device, so it is made whe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
+from .errors import InputError
 
 METHOD = QUANTIZATION_METHODS[1]  # "int4-weight-only", the value of config.json's "quantization"
 GROUP_SIZES = INT4_GROUP_SIZES  # config.json's "quantization_group_size"
@@ -37,13 +39,40 @@ def zero_name(weight_name: str) -> str:
     return weight_name + "_zero"
 
 
+def fitting_group_size(widths: dict[str, int], requested: int | None = None) -> int:
+    """The group size for layers of `widths` inputs (by name): `requested` if it divides every layer's inputs, else
+    an InputError naming the first layer it does not; by default DEFAULT_GROUP_SIZE, or where that does not divide
+    a layer's inputs the largest allowed size below it that divides all (a warning says so), since the kernels
+    need whole groups. A model no allowed size fits is refused: int8 takes any width."""
+    def misfit(size: int) -> tuple[str, int] | None:
+        return next(((name, width) for name, width in widths.items() if width % size), None)
+
+    if requested is not None and (isinstance(requested, bool) or requested not in GROUP_SIZES):
+        raise InputError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {requested!r}")
+    wanted = DEFAULT_GROUP_SIZE if requested is None else requested
+    bad = misfit(wanted)
+    if bad is None:
+        return wanted
+    fits = [size for size in sorted(GROUP_SIZES, reverse=True) if misfit(size) is None]
+    if not fits:
+        raise InputError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides the {bad[1]} inputs of "
+                         f"{bad[0]}: this model cannot be quantized to int4; use int8 (--int8, quantize --bits 8)")
+    smaller = [size for size in fits if size < wanted]
+    if requested is not None or not smaller:
+        raise InputError(f"group size {wanted} does not divide the {bad[1]} inputs of {bad[0]}: --group-size "
+                         f"{fits[0]} fits every layer")
+    warnings.warn(f"int4: groups of {smaller[0]}, since {wanted} does not divide the {bad[1]} inputs of {bad[0]}",
+                  stacklevel=2)
+    return smaller[0]
+
+
 def quantize_weight(weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE, refine: bool = True
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Group-wise asymmetric int4: (levels uint8 [out, in] in 0..15, scales and zeros fp32 [out, in / group_size])
     with weight ≈ (levels − 8) · scale + zero, refined (see the module docstring) unless `refine` is off."""
     out, inputs = weight.shape
     if group_size not in GROUP_SIZES or inputs % group_size:
-        raise ValueError(f"group size {group_size} must be one of {GROUP_SIZES} and divide the {inputs} inputs")
+        raise InputError(f"group size {group_size} must be one of {GROUP_SIZES} and divide the {inputs} inputs")
     levels = torch.empty(out, inputs, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(out, inputs // group_size, dtype=torch.float32, device=weight.device)
     zeros = torch.empty_like(scales)

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
-from .checkpoint import PREFIXES, load_checkpoint, quantize_layout, quantizer, split_state
+from .checkpoint import PREFIXES, int4_group_size, load_checkpoint, quantize_layout, quantizer, split_state
 from .config import QUANTIZATION_METHODS, GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
-from .int4 import DEFAULT_GROUP_SIZE
 from .tokenizer import Tokenizer
 
 
@@ -150,8 +149,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
 
     `int8` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about 10.7 GiB
     at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `int4` (`int4.py`, inference only) to int4 in groups
-    of 64. A checkpoint written by `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load`
-    is this plus repo ids and a progress bar.)"""
+    of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written by
+    `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load` is this plus repo ids and a
+    progress bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
@@ -206,7 +206,9 @@ def _quantization(config: QwenAudioConfig, int8: bool, int4: bool) -> tuple[str 
             raise InputError(f"the checkpoint is already {config.quantization}; load its float original to quantize "
                              f"it as {asked[0]}")
         return config.quantization, config.quantization_group_size
-    return (asked[0], DEFAULT_GROUP_SIZE) if asked else (None, None)
+    if not asked:
+        return None, None
+    return asked[0], int4_group_size(config) if asked[0] == QUANTIZATION_METHODS[1] else None
 
 
 def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, method: str | None,
