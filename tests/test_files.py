@@ -5,7 +5,8 @@ import os
 import pytest
 
 from qwenaudio.core.errors import OutputError
-from qwenaudio.core.files import fingerprint, refuse_inputs
+from qwenaudio.core import files
+from qwenaudio.core.files import building, fingerprint, refuse_inputs
 
 
 def test_an_output_may_not_be_or_hold_an_input_under_any_name(tmp_path, monkeypatch):
@@ -37,3 +38,22 @@ def test_fingerprint_follows_content_not_the_path(tmp_path):
     (b / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes())
     (b / "config.json").write_text('{"x": 2}')
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_a_replacing_build_that_fails_at_the_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    real_rename = files.Path.rename
+
+    def failing(self, to):
+        if self.name.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(files.Path, "rename", failing)
+    with pytest.raises(OSError, match="No space"):
+        with building(target, replace=True) as partial:
+            (partial / "model.safetensors").write_text("new")
+    assert (target / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # neither the .old nor the .partial is left

@@ -67,7 +67,12 @@ def building(directory: str | Path, *, replace: bool = False) -> Iterator[Path]:
         old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
         if replace and directory.exists():
             directory.rename(old)
-        tmp.rename(directory)
+        try:
+            tmp.rename(directory)
+        except BaseException:
+            if old.exists():  # the swap failed half-way: the replaced directory goes back under its name
+                old.rename(directory)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
