@@ -138,7 +138,7 @@ def test_bad_lines_fail_alone_named_by_file_and_line(model, tmp_path, shared_aud
     assert summary["failed"] == [
         f"{data}:2: not a JSON object (Expecting property name enclosed in double quotes at column 2)",
         f"{data}:3: no 'question' field (a aqa row needs audio, gt, source, question; this one has audio, gt, source)",
-        f"{data}:4: audio 'missing.wav': no such file",
+        f"{data}:4: audio 'missing.wav': no such audio file",
         f"{data}:6: 'gt' must be a string, got [\"a\", \"b\"]",
         f"{data}:7: expected a JSON object, got list"]
     assert (summary["examples"], summary["replied"], summary["complete"]) == (7, 2, False)
