@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qwenaudio
 from qwenaudio import evaluation
@@ -581,3 +583,75 @@ def test_wrong_types_raise_the_library_s_own_error(call, message, model, tmp_pat
     one_row(tmp_path, shared_audio)
     with pytest.raises(QwenAudioError, match=message):
         call(model, tmp_path)
+
+
+def fuzz_evaluate_inputs(root: Path, shared_audio: Path) -> dict[str, Path]:
+    """The files the fuzz below draws each path option from."""
+    junk = root / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    (root / "empty.jsonl").write_text("")
+    (root / "a-dir").mkdir(exist_ok=True)
+    mixed = write_rows(root / "mixed.jsonl", [
+        {"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}, "{torn", {"audio": "a-dir", "gt": "x",
+                                                                                      "source": "meld"},
+        {"audio": str(junk), "gt": "x", "source": "meld"}, {"audio": str(shared_audio / "music.wav"), "gt": 3}])
+    good = one_row(root, shared_audio, "good.jsonl", rows=2)
+    return {"good": good, "mixed": mixed, "empty": root / "empty.jsonl", "junk": junk, "dir": root / "a-dir",
+            "missing": root / "missing.jsonl", "bom": root / "bom.jsonl"}
+
+
+# Mostly usable values, so most runs get as far as the model: the bad ones are refused before it loads.
+NUMBERS = st.one_of(st.none(), st.integers(1, 5).map(str), st.integers(1, 5).map(str),
+                    st.sampled_from(["0", "-1", "1e3", "nan", "", "10" * 12, "٣", "999999999999"]))
+
+
+def test_fuzz_the_command_line_options(tiny_ckpt, tmp_path_factory, shared_audio, monkeypatch, capsys):
+    """Random values for each numeric option and random files for each path of `evaluate`: every run ends in exit
+    0 or 1 with a summary that accounts for every example, or in exit 1, 2 or 3 with one `error:` line; never a
+    traceback. Few examples: each loads the tiny model."""
+    from qwenaudio import cli
+
+    import shutil
+
+    root = tmp_path_factory.mktemp("fuzz")
+    files = fuzz_evaluate_inputs(root, shared_audio)
+    small = shutil.copytree(tiny_ckpt, root / "model")  # a context of 96: an absurd budget is cut to a few tokens
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    files["bom"].write_bytes(b"\xef\xbb\xbf" + files["good"].read_bytes())
+    paths = st.sampled_from(["good", "mixed", "good", "mixed", *sorted(files)])
+    runs = [0]
+
+    @settings(max_examples=16, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=paths, out=st.sampled_from(["new", "new", "new", "file", "same-as-data-dir", "dir"]),
+           root_dir=st.sampled_from([None, None, "dir", "missing", "junk"]), limit=NUMBERS, batch=NUMBERS,
+           budget=NUMBERS, overwrite=st.booleans())
+    def run(data, out, root_dir, limit, batch, budget, overwrite):
+        runs[0] += 1
+        output = {"new": root / f"out{runs[0]}", "file": files["junk"], "same-as-data-dir": files[data].parent,
+                  "dir": root / "a-dir"}[out]
+        args = ["evaluate", "emotion", "--data", str(files[data]), "--output-dir", str(output), "--model",
+                str(small), "--device", "cpu"]
+        for option, value in (("--limit", limit), ("--batch-size", batch), ("--max-new-tokens", budget)):
+            if value is not None:
+                args += [option, value]
+        if root_dir is not None:
+            args += ["--audio-root", str(files[root_dir])]
+        code = cli.main(args + ["--overwrite"] * overwrite)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        if code in (0, 1) and (output / "summary.json").exists() and "error: " not in err.splitlines()[-1]:
+            summary = json.loads((output / "summary.json").read_text())
+            assert summary["replied"] + len(summary["failed"]) == summary["examples"], summary
+            assert summary["complete"] == (code == 0)
+        else:
+            assert code in (1, 2, 3), (code, err)
+            errors = [line for line in err.splitlines() if line.startswith(("error: ", "qwenaudio evaluate: error"))]
+            assert len(errors) == 1, err
+
+    monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
+    with monkeypatch.context() as m:
+        m.setattr("qwenaudio.cli.evaluation.TASKS", {**evaluation.TASKS, "emotion": evaluation.Task(
+            "emotion", "evaluate_emotion.py", 2)})  # the task's own budget, cut for speed
+        run()

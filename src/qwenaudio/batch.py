@@ -262,21 +262,25 @@ def check_settings(record: Mapping[str, Any] | None, settings: Mapping[str, Any]
                          "choose another --output-dir, or --overwrite to start again")
 
 
-def check_outputs(directory: Path, names: Iterable[str], record: Mapping[str, Any] | None, *,
-                  overwrite: bool) -> set[str]:
-    """The names among `names` (relative to `directory`) that exist and that `record` claims: an earlier run's
-    work, to skip or replace. One that exists unclaimed is someone else's file: refused (OutputError, naming up to
-    five) unless `overwrite`."""
-    claimed = set(record["outputs"]) if record else set()
+def check_outputs(record_file: Path, command: str, names: Iterable[str], *, overwrite: bool
+                  ) -> tuple[dict[str, Any] | None, set[str]]:
+    """The command's record in `record_file` (`read_record`) and the names among `names` (relative to its
+    directory) that exist and that the record claims: an earlier run's work, to skip or replace. One that exists
+    unclaimed is someone else's file: refused (OutputError, naming up to five) unless `overwrite`. The files are
+    looked at before the record is read, so a process of the same run that claims and creates them meanwhile
+    (torchrun) is never taken for someone else."""
+    directory = record_file.parent
     existing = [name for name in names if (directory / name).exists()]
+    record = read_record(record_file, command, overwrite=overwrite)
+    claimed = set(record["outputs"]) if record else set()
     foreign = [name for name in existing if name not in claimed]
     if foreign and not overwrite:
         shown = ", ".join(str(directory / name) for name in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise OutputError(f"{shown}{more} exist{'s' if len(foreign) == 1 else ''} and {'was' if len(foreign) == 1 else 'were'} "
-                          "not written by this command: it would replace them; choose another --output-dir, or "
-                          "--overwrite to replace them")
-    return {name for name in existing if name in claimed}
+        more, one = (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""), len(foreign) == 1
+        raise OutputError(f"{shown}{more} {'exists' if one else 'exist'} and {'was' if one else 'were'} not written "
+                          "by this command: it would replace them; choose another --output-dir, or --overwrite to "
+                          "replace them")
+    return record, {name for name in existing if name in claimed}
 
 
 def write_record(path: Path, record: Mapping[str, Any]) -> None:

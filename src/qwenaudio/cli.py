@@ -24,8 +24,7 @@ import torch
 
 from . import evaluation, finetune, lora, tasks, trace
 from .batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, gather,
-                    leave_process_group, model_identity, process_group, read_record, refuse_many_inputs, run_files,
-                    write_record)
+                    leave_process_group, model_identity, process_group, refuse_many_inputs, run_files, write_record)
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE
@@ -372,9 +371,8 @@ def plan_outputs(args: argparse.Namespace) -> None:
     refuse_inputs([record_file], [*args.files, *model_files])
     refuse_many_inputs([record_file, *(p for paths in outputs.values() for p in paths)],
                        [*(job.path for job in args.jobs), *model_files])
-    record = read_record(record_file, "transcribe", overwrite=args.overwrite)
     names = [str(p.relative_to(directory)) for paths in outputs.values() for p in paths]
-    ours = check_outputs(directory, names, record, overwrite=args.overwrite)
+    record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
     settings = {"task": args.task, "language": args.language, "target_language": args.target_language,
                 "itn": args.itn, "timestamps": args.timestamps, "max_new_tokens": args.max_new_tokens,
                 "model": str(args.model), **key, "dtype": _dtype(args), "quantization": _quantization(args)}

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 import torch
 
 from . import scoring
-from .batch import (check_outputs, check_settings, gather, model_identity, process_group, read_record,
-                    refuse_many_inputs, run_files, write_record)
+from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
+                    run_files, write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
 from .core.errors import AudioError, InputError, QwenAudioError
 from .core.files import refuse_inputs, write_text
@@ -429,8 +429,7 @@ def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> Non
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file, not a directory")
     run_file = output_dir / "run.json"
-    record = read_record(run_file, "evaluate", overwrite=overwrite)
-    ours = check_outputs(output_dir, OUTPUTS, record, overwrite=overwrite)
+    record, ours = check_outputs(run_file, "evaluate", OUTPUTS, overwrite=overwrite)
     if "replies" in ours and any(p.stat().st_size for p in (output_dir / "replies").glob("rank-*.jsonl")):
         check_settings(record, settings, output_dir, overwrite=overwrite)
     try:
