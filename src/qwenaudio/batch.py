@@ -187,7 +187,7 @@ def gather(obj: object, world: int) -> list[object]:
     return out
 
 
-# ------------------------------------------------------------------------ what a command wrote into its output directory
+# ---------------------------------------------------------------------- what a command wrote into its output directory
 
 
 def refuse_many_inputs(writes: Iterable[Path], reads: Iterable[Path]) -> None:

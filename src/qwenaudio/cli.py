@@ -144,9 +144,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("transcribe", help="transcribe, translate, caption or classify audio files",
                               description="Run a Qwen-Audio task on audio files, a batch at a time.",
-                              epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments "
-                                     "(found before the model loads), 3 the model could not be loaded, 130 "
-                                     "interrupted (summary.json still written)")
+                              epilog="exit status: 0 all files done, 1 some failed (see stderr) or an output would "
+                                     "replace an input or a file the command did not write, 2 bad arguments or "
+                                     "other settings than the outputs' (both found before the model loads), 3 the "
+                                     "model could not be loaded, 130 interrupted, 143 on SIGTERM (summary.json still "
+                                     "written)")
     run.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
                      help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
@@ -162,7 +164,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="also write <name>.<format> per file here (and summary.json); files whose outputs exist "
                           "are skipped, so an interrupted run resumes")
-    run.add_argument("--overwrite", action="store_true", help="redo files whose outputs exist")
+    run.add_argument("--overwrite", action="store_true",
+                     help="redo files whose outputs exist, with any settings, and replace files of the outputs' "
+                          "names that this command did not write (never an input)")
     run.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="files per forward pass; default 4")
     _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
     chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
@@ -176,8 +180,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "decoding and scoring; replies are kept as they come, so a rerun "
                                             "into the same --output-dir resumes.",
                                 epilog="exit status: 0 every example replied to and scored, 1 some failed (listed "
-                                       "in summary.json), 2 bad arguments or data (found before the model loads), "
-                                       "3 the model could not be loaded, 130 interrupted (summary still written)")
+                                       "in summary.json) or an output would replace an input or a file the "
+                                       "command did not write, 2 bad arguments, data or other settings than "
+                                       "run.json's (all found before the model loads), 3 the model could not be "
+                                       "loaded, 130 interrupted, 143 on SIGTERM (summary still written)")
     bench.add_argument("task", choices=evaluation.TASKS, metavar="TASK", help=", ".join(evaluation.TASKS))
     bench.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl",
                        help="one example per line: audio, gt, source (and question for aqa)")
@@ -193,7 +199,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                             "source's dataset (librispeech en, aishell zh)")
     bench.add_argument("--caption-style", choices=evaluation.CAPTION_STYLES, default="clotho",
                        help="caption: the output style tag; default clotho")
-    bench.add_argument("--overwrite", action="store_true", help="discard the replies of an earlier run")
+    bench.add_argument("--overwrite", action="store_true",
+                       help="discard the replies of an earlier run, whatever its settings, and replace files of the "
+                            "outputs' names that this command did not write (never an input)")
     _model_options(bench, "Qwen/Qwen-Audio", evaluate_benchmark)
     tune = commands.add_parser("finetune", help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
                                description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
