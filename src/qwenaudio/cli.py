@@ -353,11 +353,8 @@ def _positive(text: str) -> int:
 
 def plan_outputs(args: argparse.Namespace) -> None:
     """Before any model loads: find the inputs (every path must exist, and some audio must be found), check the
-    output directory can be written, and set aside the files whose outputs already exist (`args.jobs`,
-    `args.todo`). No output may be an input (an audio file, the model's files) under any name, nor a file an
-    earlier run did not write, nor add to outputs made with other settings (`--overwrite` lifts the last two):
-    summary.json records the settings and claims every output before any is written, so a killed run knows its
-    own files."""
+    output directory can be written and claim the outputs there (`_claim_outputs`), and set aside the files whose
+    outputs already exist (`args.jobs`, `args.todo`)."""
     args.jobs = find_inputs(args.files)
     if not args.jobs:
         raise InputError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.files))}")
@@ -366,31 +363,38 @@ def plan_outputs(args: argparse.Namespace) -> None:
     if not args.output_dir:
         return
     check_names(args.jobs)
-    directory, record_file = args.output_dir, args.output_dir / "summary.json"
-    if directory.exists() and not directory.is_dir():
-        raise InputError(f"--output-dir {directory} is a file, not a directory")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output-dir {args.output_dir} is a file, not a directory")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
-        raise InputError(f"--output-dir {directory}: cannot write there ({e.strerror or e})") from None
-    model_files, key = model_identity(args.model, args.adapter)
+        raise InputError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
     outputs = {job: [_output(args, job, f) for f in args.formats] for job in args.jobs}
+    _claim_outputs(args, [p for paths in outputs.values() for p in paths])
+    args.todo = [j for j in args.jobs if args.overwrite or not all(p.exists() for p in outputs[j])]
+
+
+def _claim_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
+    """Refuse an output that is an input (an audio file, the model's files) under any name, one that exists but no
+    run wrote, and, where earlier outputs exist, other settings (`--overwrite` lifts the last two); then record the
+    settings and claim every output in summary.json (`args.record`) before any is written, so even a killed run
+    knows its own files."""
+    directory, record_file = args.output_dir, args.output_dir / "summary.json"
+    model_files, key = model_identity(args.model, args.adapter)
     refuse_inputs([record_file], [*args.files, *model_files])
-    refuse_many_inputs([record_file, *(p for paths in outputs.values() for p in paths)],
-                       [*(job.path for job in args.jobs), *model_files])
-    names = [str(p.relative_to(directory)) for paths in outputs.values() for p in paths]
+    refuse_many_inputs([record_file, *outputs], [*(job.path for job in args.jobs), *model_files])
+    names = [str(p.relative_to(directory)) for p in outputs]
     record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
     settings = {"task": args.task, "language": args.language, "target_language": args.target_language,
                 "itn": args.itn, "timestamps": args.timestamps, "max_new_tokens": args.max_new_tokens,
                 "model": str(args.model), **key, "dtype": _dtype(args), "quantization": _quantization(args)}
     if ours:
         check_settings(record, settings, directory, overwrite=args.overwrite)
-    claimed = sorted({*(record["outputs"] if record and not args.overwrite else []), *names})
+    claimed = sorted({*(record["outputs"] if record else []), *names})
     args.record = {"command": "transcribe", "settings": settings, "outputs": claimed}
     write_record(record_file, {**args.record, "files": len(args.jobs), "done": [], "skipped": [], "failed": [],
                                "interrupted": False, "finished": False})
-    args.todo = [j for j in args.jobs if args.overwrite or not all(p.exists() for p in outputs[j])]
 
 
 def _dtype(args: argparse.Namespace) -> str:

@@ -25,8 +25,7 @@ import os
 import re
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -419,7 +418,8 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     todo, bad = check_clips([e for e in examples if e.line not in replied])
     if bad:
         problems = by_line(data, [*problems, *bad])
-        examples = [e for e in examples if e.line in replied or e in todo]
+        runnable = {*replied, *(e.line for e in todo)}
+        examples = [e for e in examples if e.line in runnable]
     return Run(task, output_dir, settings, examples, problems, todo)
 
 
