@@ -154,7 +154,7 @@ def test_a_clip_that_cannot_be_read_fails_alone(model, tmp_path, shared_audio):
                                              {"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
     summary = evaluation.evaluate(model, "emotion", data, tmp_path / "out", audio_root=tmp_path)
     assert summary["replied"] == 1 and len(summary["failed"]) == 1
-    assert summary["failed"][0].startswith(f"{data}:1 (broken.wav): ")
+    assert summary["failed"][0].startswith(f"{data}:1: audio 'broken.wav': not a readable audio file")
 
 
 def test_st_rows_need_a_language_pair_in_the_source(tmp_path, shared_audio):

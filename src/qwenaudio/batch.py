@@ -65,6 +65,8 @@ def find_inputs(paths: list[Path]) -> list[Job]:
 
 def check_names(jobs: list[Job]) -> None:
     """Refuse two inputs that would write outputs of the same name (only matters when outputs are written)."""
+    if not all(isinstance(job, Job) for job in jobs):
+        raise InputError("check_names takes the Jobs find_inputs returns")
     seen: dict[Path, Path] = {}
     for job in jobs:
         if job.name in seen and seen[job.name] != job.path:
@@ -83,6 +85,9 @@ def seconds(path: Path) -> float:
 def plan_batches(jobs: Sequence[J], batch_size: int) -> list[list[J]]:
     """Batches of files of similar length, longest first; equal lengths keep the input order. Every process
     plans the same batches from the same arguments."""
+    _count(batch_size, "batch_size", 1)
+    if not all(isinstance(getattr(j, "path", None), (str, os.PathLike)) for j in jobs):
+        raise InputError("plan_batches takes jobs with a path (Jobs, or evaluation Examples)")
     ordered = sorted(jobs, key=lambda j: -seconds(j.path))  # stable
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
@@ -101,8 +106,7 @@ def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], li
     if not callable(recognize) or not callable(write) or not (progress is None or callable(progress)):
         raise InputError("run_files: recognize and write must be functions (and progress a function or None)")
     for name, value, least in (("batch_size", batch_size, 1), ("rank", rank, 0), ("world", world, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise InputError(f"run_files: {name} must be an int >= {least}, got {value!r}")
+        _count(value, name, least)
     mine = plan_batches(jobs, batch_size)[rank::world]
     finished, total = 0, sum(len(b) for b in mine)
     for batch in mine:
@@ -125,6 +129,11 @@ def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], li
         finished += len(batch)
         if progress:
             progress(finished, total, batch)
+
+
+def _count(value: object, name: str, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise InputError(f"{name} must be an int >= {least}, got {value!r}")
 
 
 RECOVERABLE = (QwenAudioError, RuntimeError)  # library errors, and torch's (out of memory, a failing kernel)
