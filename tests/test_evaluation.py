@@ -181,7 +181,7 @@ def test_a_rerun_does_only_what_is_left_and_a_torn_line_is_redone(model, tmp_pat
     assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2]
     with open(part, "a") as f:
         f.write('{"line": 3, "audio": "')  # a run killed while writing line 3's record
-    run = evaluation.plan("emotion", data, tmp_path / "out")
+    run = evaluation.plan("emotion", data, tmp_path / "out", dtype="float32")  # as evaluate() keys it
     assert [e.line for e in run.todo] == [3, 4]
     summary = evaluation.execute(model, run)
     assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2, 3, 4]
@@ -228,13 +228,14 @@ def test_a_reply_that_cannot_be_written_fails_its_example(model, tmp_path, share
 def test_other_settings_are_refused_and_overwrite_starts_again(model, tmp_path, shared_audio):
     data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
     evaluation.evaluate(model, "emotion", data, tmp_path / "out", model_name="a")
-    with pytest.raises(InputError, match=r"holds replies made with other settings \(model: 'a' then, 'b' now\)"):
-        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+    with pytest.raises(InputError, match=r"holds outputs made with other settings \(model: 'a' then, 'b' now\)"):
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b", dtype="float32")
     assert [e.line for e in evaluation.plan("emotion", data, tmp_path / "out", model_name="b", overwrite=True).todo
             ] == [1]
+    evaluation.evaluate(model, "emotion", data, tmp_path / "out", model_name="b")
     write_rows(data, [{"audio": str(shared_audio / SPEECH), "gt": "y", "source": "meld"}])
     with pytest.raises(InputError, match="data_sha256"):
-        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b", dtype="float32")
 
 
 @pytest.mark.slow
@@ -378,8 +379,8 @@ def test_the_command_evaluates_with_an_adapter_and_records_it(tiny_ckpt, tmp_pat
     run = ["evaluate", "emotion", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_ckpt),
            "--device", "cpu"]
     assert cli.main([*run, "--adapter", str(tmp_path / "adapter")]) == 0
-    settings = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert settings["model"] == f"{tiny_ckpt} + adapter {(tmp_path / 'adapter').resolve()}"
+    settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
+    assert settings["adapter_fingerprint"] and settings["model"] == f"{tiny_ckpt} + adapter {(tmp_path / 'adapter').resolve()}"
     assert cli.main(run) == 2  # the same directory without the adapter: other settings, refused before loading
 
 
