@@ -436,7 +436,7 @@ def test_transcribing_a_folder_into_itself_keeps_the_user_s_files(tiny_ckpt, tmp
         (folder / "summary.json").unlink()
         assert cli.main(run) == 1
         err = capsys.readouterr().err
-        assert f"{folder / 'rec1.json'} exists and was not written by this command" in err
+        assert f"{folder / 'rec1.json'} exists and was not written by qwenaudio transcribe" in err
         assert (folder / "rec1.json").read_text() == mine["rec1.json"]
     assert cli.main([*run, "--overwrite"]) == 0
     assert json.loads((folder / "rec1.json").read_text())["file"] == str(folder / "rec1.wav")

@@ -468,7 +468,7 @@ def test_files_the_command_did_not_write_are_refused_unless_overwrite(tiny_ckpt,
         (out / name).unlink()
     (out / "replies").mkdir()
     assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt)) == 1
-    assert f"{out / 'replies'} exists and was not written by this command" in capsys.readouterr().err
+    assert f"{out / 'replies'} exists and was not written by qwenaudio evaluate" in capsys.readouterr().err
     (out / "summary.md").write_text("# notes\n")
     assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt, "--overwrite")) == 0
     assert (out / "summary.md").read_text().startswith("# emotion: 1 of 1")

@@ -287,8 +287,8 @@ def check_outputs(record_file: Path, command: str, names: Iterable[str], *, over
         shown = ", ".join(str(directory / name) for name in foreign[:5])
         more, one = (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""), len(foreign) == 1
         raise OutputError(f"{shown}{more} {'exists' if one else 'exist'} and {'was' if one else 'were'} not written "
-                          "by this command: it would replace them; choose another --output-dir, or --overwrite to "
-                          "replace them")
+                          f"by qwenaudio {command}: choose another --output-dir, or --overwrite to replace "
+                          f"{'it' if one else 'them'}")
     return record, {name for name in existing if name in claimed}
 
 
