@@ -167,7 +167,8 @@ def check_clips(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
     """The examples whose clip the model can hear, and a message per other one naming its file:line: each clip is
     read and checked as `as_waveform` checks it when its batch runs (no such file, a directory, not audio, empty,
     NaN or infinite samples, shorter than one audio token), so a bad clip is reported before any model loads. This
-    decodes every clip once more (a second or so per hour of audio)."""
+    decodes every clip once more: measured on a 2-core CPU, 16 kHz FLAC or WAV at 2,000-10,000x real time, 48 kHz
+    MP3 (resampled) at 350-700x, so about 1 to 10 s per hour of audio (LibriSpeech test-clean, 5.4 h, in seconds)."""
     good, bad = [], []
     for example in examples:
         try:
