@@ -623,7 +623,7 @@ def test_fuzz_the_command_line_options(tiny_ckpt, tmp_path_factory, shared_audio
     paths = st.sampled_from(["good", "mixed", "good", "mixed", *sorted(files)])
     runs = [0]
 
-    @settings(max_examples=12, derandomize=True, database=None, deadline=None,
+    @settings(max_examples=10, derandomize=True, database=None, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(data=paths, out=st.sampled_from(["new", "new", "new", "file", "same-as-data-dir", "dir"]),
            root_dir=st.sampled_from([None, None, "dir", "missing", "junk"]), limit=NUMBERS, batch=NUMBERS,
