@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OutputError as e:  # an output would replace an input or a file the command did not write
+    except OutputError as e:  # an output that would replace an input, or that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except QwenAudioError as e:  # the model to key the outputs on is missing (transcribe, evaluate)
+    except QwenAudioError as e:  # transcribe, evaluate: the model their outputs are keyed on cannot be found
         print(f"error: {e}", file=sys.stderr)
         return 3
     sharing = args.command in ("transcribe", "evaluate", "finetune")
