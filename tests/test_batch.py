@@ -167,3 +167,32 @@ def test_a_failing_batch_is_retried_file_by_file(tmp_path):
     assert written == {paths[0]: "text of a", paths[1]: "text of b"}
     assert [(job.path, error) for job, error in outcomes] == [
         (paths[0], None), (paths[1], None), (paths[2], f"{paths[2]}: cannot be recognised")]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: find_inputs([123]), "find_inputs takes paths"),
+    (lambda: find_inputs(None), "find_inputs takes paths"),
+    (lambda: run_files([], "recognize", print), "must be functions"),
+    (lambda: run_files([], print, print, batch_size=0), "batch_size must be an int >= 1"),
+    (lambda: run_files([], print, print, world="2"), "world must be an int >= 1"),
+    (lambda: plan_batches([Job(Path("a.wav"), Path("a"))], 0), "batch_size must be an int >= 1"),
+    (lambda: plan_batches(["a.wav"], 2), "takes jobs with a path"),
+    (lambda: check_names(["a.wav"]), "takes the Jobs find_inputs returns"),
+])
+def test_wrong_types_raise_the_library_s_own_error(call, message):
+    with pytest.raises(InputError, match=message):
+        result = call()
+        list(result or [])
+
+
+def test_subtitle_writers_refuse_what_is_not_timed_text():
+    from qwenaudio.subtitles import Word, cues, in_order, to_json, to_srt, to_vtt
+
+    for call, message in ((lambda: to_srt("hello"), "items must be a list of Words"),
+                          (lambda: to_vtt([("a", 0, 1)]), r"items\[0\] must have a str text"),
+                          (lambda: to_json(5), "text must be a str"),
+                          (lambda: to_srt([Word("a", float("nan"), 1.0)]), r"items\[0\].start must be a finite"),
+                          (lambda: in_order([Word("a", 0, 1)], 0, None), "end must be a finite number"),
+                          (lambda: cues([], None, 0, 1), "text must be a str")):
+        with pytest.raises(InputError, match=message):
+            call()

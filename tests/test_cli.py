@@ -408,3 +408,123 @@ def test_a_budget_past_the_context_is_cut_with_a_warning_line(tiny_ckpt, audio_d
     assert ("warning: max_new_tokens=1000000000 is cut to 6: the prompt's 58 tokens and the new ones must fit the "
             "model's context of 64 (max_position_embeddings)\n") in done.stderr
     assert "UserWarning" not in done.stderr
+
+
+# --- issue 23: an output is never an input nor someone else's file; outputs keyed on the model and settings --------
+
+def transcribe_args(*args) -> list[str]:
+    return ["transcribe", *map(str, args), "--device", "cpu", "--max-new-tokens", "4"]
+
+
+def test_transcribing_a_folder_into_itself_keeps_the_user_s_files(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """`transcribe DIR --format all --output-dir DIR` where DIR holds the user's own rec1.json and summary.json:
+    refused before the model loads, naming them; --overwrite replaces them; a rerun then skips what it wrote."""
+    from qwenaudio import cli
+
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    write_wav(folder / "rec1.wav", seed=0)
+    mine = {"rec1.json": '{"my": "notes"}\n', "summary.json": '{"my": "summary"}\n'}
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    run = transcribe_args(folder, "--format", "all", "--output-dir", folder, "--model", tiny_ckpt)
+    with monkeypatch.context() as m:
+        m.setattr(cli, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert cli.main(run) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(folder / "summary.json") in err and "--overwrite" in err
+        (folder / "summary.json").unlink()
+        assert cli.main(run) == 1
+        err = capsys.readouterr().err
+        assert f"{folder / 'rec1.json'} exists and was not written by qwenaudio transcribe" in err
+        assert (folder / "rec1.json").read_text() == mine["rec1.json"]
+    assert cli.main([*run, "--overwrite"]) == 0
+    assert json.loads((folder / "rec1.json").read_text())["file"] == str(folder / "rec1.wav")
+    record = json.loads((folder / "summary.json").read_text())
+    assert record["command"] == "transcribe" and sorted(record["outputs"]) == [f"rec1.{f}" for f in
+                                                                               ("json", "srt", "txt", "vtt")]
+    assert cli.main(run) == 0
+    assert json.loads((folder / "summary.json").read_text())["skipped"] == [str(folder / "rec1.wav")]
+
+
+def test_an_output_that_is_the_model_s_file_is_refused_even_with_overwrite(tiny_ckpt, tmp_path, monkeypatch,
+                                                                          capsys):
+    from qwenaudio import cli
+
+    model = shutil.copytree(tiny_ckpt, tmp_path / "model")
+    before = (model / "config.json").read_bytes()
+    write_wav(tmp_path / "config.wav", seed=0)
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(transcribe_args(tmp_path / "config.wav", "--format", "json", "--output-dir", model,
+                                        "--model", model, *extra)) == 1
+        assert "would replace the input" in capsys.readouterr().err
+    assert (model / "config.json").read_bytes() == before
+
+
+def test_outputs_of_another_model_or_other_settings_are_refused(tiny_ckpt, tmp_path, vocab_file, capsys):
+    """Not "skipped": another task, language, dtype or weights under the same path would mix two runs' outputs."""
+    from qwenaudio import cli
+
+    model = shutil.copytree(tiny_ckpt, tmp_path / "model")
+    wav, out = write_wav(tmp_path / "a.wav", seed=0), tmp_path / "out"
+    run = transcribe_args(wav, "--output-dir", out, "--model", model, "--dtype", "float32")
+    assert cli.main(run) == 0
+    capsys.readouterr()
+    for extra, difference in ((["--language", "de"], "language: 'en' then, 'de' now"),
+                              (["--task", "caption"], "task: 'transcribe' then, 'caption' now"),
+                              (["--timestamps"], "timestamps: False then, True now"),
+                              (["--int8"], "quantization: None then, 'int8' now")):
+        assert cli.main([*run, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and difference in err and "--overwrite" in err, err
+    assert cli.main(["bfloat16" if x == "float32" else x for x in run]) == 2
+    assert "dtype: 'float32' then, 'bfloat16' now" in capsys.readouterr().err
+    shutil.rmtree(model)
+    make_tiny_checkpoint(model, seed=1, vocab_file=vocab_file)
+    assert cli.main(run) == 2
+    assert "model_fingerprint: '" in capsys.readouterr().err
+    assert cli.main([*run, "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["done"] == [str(wav)]
+
+
+def test_a_killed_run_knows_its_own_outputs(tiny_ckpt, audio_dir, tmp_path, monkeypatch):
+    """A run killed before its summary (here: an exception no handler takes) has claimed its outputs in
+    summary.json before writing any: the rerun skips them as its own and does the rest."""
+    from qwenaudio import cli
+
+    calls, real_run_task = [], cli.run_task
+
+    def dies_on_second_batch(model, jobs, clips, args):
+        calls.append(jobs)
+        if len(calls) == 2:
+            raise SystemExit("killed")
+        return real_run_task(model, jobs, clips, args)
+
+    files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
+    run = transcribe_args(*files_in, "--batch-size", "1", "--output-dir", tmp_path / "out", "--model", tiny_ckpt)
+    monkeypatch.setattr(cli, "run_task", dies_on_second_batch)
+    with pytest.raises(SystemExit):
+        cli.main(run)
+    assert not json.loads((tmp_path / "out" / "summary.json").read_text())["finished"]
+    monkeypatch.setattr(cli, "run_task", real_run_task)
+    assert cli.main(run) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(summary["skipped"]) == 1 and len(summary["done"]) == 1 and summary["finished"]
+
+
+def test_subtitles_of_a_reply_without_timestamps_show_its_text():
+    """One cue over the window instead of an empty zero-length one; a last word without a closing stamp lasts to
+    the end of its window."""
+    from qwenaudio.cli import render
+    from qwenaudio.longform import Segment
+    from qwenaudio.subtitles import Word
+
+    untimed = [Segment("hello world", 0.0, 2.5)]
+    assert render("srt", Path("a.wav"), "hello world", [], untimed, "transcribe") == (
+        "1\n00:00:00,000 --> 00:00:02,500\nhello world\n")
+    assert render("vtt", Path("a.wav"), "", [], [Segment("", 0.0, 2.5)], "transcribe") == "WEBVTT\n\n"
+    words = [Word("hello", 0.2, 0.6), Word("world", 0.8, 0.8)]
+    timed = [Segment("hello world", 0.0, 2.5, words)]
+    assert render("vtt", Path("a.wav"), "hello world", words, timed, "transcribe") == (
+        "WEBVTT\n\n00:00:00.200 --> 00:00:00.600\nhello\n\n00:00:00.800 --> 00:00:02.500\nworld\n")

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qwenaudio
 from qwenaudio import evaluation
 from qwenaudio.core.audio import load_audio
-from qwenaudio.core.errors import InputError
+from qwenaudio.core.errors import InputError, QwenAudioError
 
 from .test_cli import qwenaudio_cli, torchrun_cli
 
@@ -138,7 +140,7 @@ def test_bad_lines_fail_alone_named_by_file_and_line(model, tmp_path, shared_aud
     assert summary["failed"] == [
         f"{data}:2: not a JSON object (Expecting property name enclosed in double quotes at column 2)",
         f"{data}:3: no 'question' field (a aqa row needs audio, gt, source, question; this one has audio, gt, source)",
-        f"{data}:4: audio 'missing.wav': no such file",
+        f"{data}:4: audio 'missing.wav': no such audio file",
         f"{data}:6: 'gt' must be a string, got [\"a\", \"b\"]",
         f"{data}:7: expected a JSON object, got list"]
     assert (summary["examples"], summary["replied"], summary["complete"]) == (7, 2, False)
@@ -152,7 +154,7 @@ def test_a_clip_that_cannot_be_read_fails_alone(model, tmp_path, shared_audio):
                                              {"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
     summary = evaluation.evaluate(model, "emotion", data, tmp_path / "out", audio_root=tmp_path)
     assert summary["replied"] == 1 and len(summary["failed"]) == 1
-    assert summary["failed"][0].startswith(f"{data}:1 (broken.wav): ")
+    assert summary["failed"][0].startswith(f"{data}:1: audio 'broken.wav': not a readable audio file")
 
 
 def test_st_rows_need_a_language_pair_in_the_source(tmp_path, shared_audio):
@@ -179,7 +181,7 @@ def test_a_rerun_does_only_what_is_left_and_a_torn_line_is_redone(model, tmp_pat
     assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2]
     with open(part, "a") as f:
         f.write('{"line": 3, "audio": "')  # a run killed while writing line 3's record
-    run = evaluation.plan("emotion", data, tmp_path / "out")
+    run = evaluation.plan("emotion", data, tmp_path / "out", dtype="float32")  # as evaluate() keys it
     assert [e.line for e in run.todo] == [3, 4]
     summary = evaluation.execute(model, run)
     assert [json.loads(line)["line"] for line in part.read_text().splitlines()] == [1, 2, 3, 4]
@@ -226,13 +228,14 @@ def test_a_reply_that_cannot_be_written_fails_its_example(model, tmp_path, share
 def test_other_settings_are_refused_and_overwrite_starts_again(model, tmp_path, shared_audio):
     data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
     evaluation.evaluate(model, "emotion", data, tmp_path / "out", model_name="a")
-    with pytest.raises(InputError, match=r"holds replies made with other settings \(model: 'a' then, 'b' now\)"):
-        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+    with pytest.raises(InputError, match=r"holds outputs made with other settings \(model: 'a' then, 'b' now\)"):
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b", dtype="float32")
     assert [e.line for e in evaluation.plan("emotion", data, tmp_path / "out", model_name="b", overwrite=True).todo
             ] == [1]
+    evaluation.evaluate(model, "emotion", data, tmp_path / "out", model_name="b")
     write_rows(data, [{"audio": str(shared_audio / SPEECH), "gt": "y", "source": "meld"}])
     with pytest.raises(InputError, match="data_sha256"):
-        evaluation.plan("emotion", data, tmp_path / "out", model_name="b")
+        evaluation.plan("emotion", data, tmp_path / "out", model_name="b", dtype="float32")
 
 
 @pytest.mark.slow
@@ -376,6 +379,280 @@ def test_the_command_evaluates_with_an_adapter_and_records_it(tiny_ckpt, tmp_pat
     run = ["evaluate", "emotion", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_ckpt),
            "--device", "cpu"]
     assert cli.main([*run, "--adapter", str(tmp_path / "adapter")]) == 0
-    settings = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert settings["model"] == f"{tiny_ckpt} + adapter {(tmp_path / 'adapter').resolve()}"
+    settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
+    assert settings["adapter_fingerprint"] and settings["model"] == f"{tiny_ckpt} + adapter {(tmp_path / 'adapter').resolve()}"
     assert cli.main(run) == 2  # the same directory without the adapter: other settings, refused before loading
+
+
+# --- issue 23: nothing lost, nothing silent ------------------------------------------------------------------------
+
+def one_row(tmp_path: Path, shared_audio: Path, name: str = "d.jsonl", rows: int = 1) -> Path:
+    return write_rows(tmp_path / name, [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}] * rows)
+
+
+def evaluate_cli(*args) -> list[str]:
+    return ["evaluate", "emotion", *map(str, args), "--device", "cpu", "--max-new-tokens", "2"]
+
+
+def test_bad_clips_are_named_by_line_on_stderr_before_the_model_loads(tiny_ckpt, tmp_path, shared_audio,
+                                                                      monkeypatch, capsys):
+    """A 10 ms clip, an empty one, an all-NaN one and a directory given as a clip: each line named file:line with
+    the reason (as as_waveform gives it) on stderr before the model loads, and listed under failed."""
+    import numpy as np
+    import soundfile as sf
+
+    from qwenaudio import cli
+
+    sf.write(tmp_path / "short.wav", np.full(160, 0.1, dtype=np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    (tmp_path / "folder.wav").mkdir()
+    names = ["short.wav", "empty.wav", "nan.wav", "folder.wav"]
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"},
+                                             *({"audio": n, "gt": "x", "source": "meld"} for n in names)])
+    seen_before_loading = []
+    real_load = cli.load
+
+    def load(*args, **kwargs):
+        seen_before_loading.append(capsys.readouterr().err)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load", load)
+    code = cli.main(evaluate_cli("--data", data, "--output-dir", tmp_path / "out", "--model", tiny_ckpt,
+                                 "--audio-root", tmp_path))
+    assert code == 1
+    errors = [line for line in seen_before_loading[0].splitlines() if line.startswith("error: ")]
+    reasons = ["160 samples (0.010 s) is too short", "the audio is empty", "NaN or infinite samples",
+               "is a directory, not an audio file"]
+    assert len(errors) == 4
+    for line, (name, reason) in enumerate(zip(names, reasons), 2):
+        assert errors[line - 2].startswith(f"error: {data}:{line}: audio {name!r}: ") and reason in errors[line - 2]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [f.split(": audio")[0] for f in summary["failed"]] == [f"{data}:{i}" for i in range(2, 6)]
+    assert summary["replied"] == 1
+
+
+def test_an_output_is_never_an_input_under_any_name(tiny_ckpt, tmp_path, shared_audio, monkeypatch, capsys):
+    """`--data examples.jsonl --output-dir .` (and the same through a symlink, or with the data as summary.md):
+    refused with exit 1 before the model loads, the data file untouched."""
+    from qwenaudio import cli
+
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("examples.jsonl", "summary.md", "summary.json", "run.json"):
+        data = one_row(tmp_path, shared_audio, name)
+        before = data.read_bytes()
+        for out in (".", str(tmp_path), "link"):
+            if out == "link" and not Path("link").exists():
+                Path("link").symlink_to(tmp_path)
+            for extra in ([], ["--overwrite"]):
+                assert cli.main(evaluate_cli("--data", name, "--output-dir", out, "--model", tiny_ckpt, *extra)) == 1
+                err = capsys.readouterr().err
+                assert err.startswith("error: ") and "would replace the input" in err and name in err, err
+                assert data.read_bytes() == before
+        data.unlink()
+
+
+def test_files_the_command_did_not_write_are_refused_unless_overwrite(tiny_ckpt, tmp_path, shared_audio, capsys):
+    from qwenaudio import cli
+
+    data = one_row(tmp_path, shared_audio)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("summary.json", '{"mine": true}\n'), ("run.json", "{}\n"), ("summary.md", "# notes\n")):
+        (out / name).write_text(text)
+        assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt)) == 1
+        err = capsys.readouterr().err
+        assert f"{out / name}" in err and "--overwrite" in err and "Traceback" not in err
+        assert (out / name).read_text() == text
+        (out / name).unlink()
+    (out / "replies").mkdir()
+    assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt)) == 1
+    assert f"{out / 'replies'} exists and was not written by qwenaudio evaluate" in capsys.readouterr().err
+    (out / "summary.md").write_text("# notes\n")
+    assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt, "--overwrite")) == 0
+    assert (out / "summary.md").read_text().startswith("# emotion: 1 of 1")
+    assert cli.main(evaluate_cli("--data", data, "--output-dir", out, "--model", tiny_ckpt)) == 0  # ours: resumes
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "evaluate" and set(record["outputs"]) == {"replies", "examples.jsonl",
+                                                                         "summary.json", "summary.md"}
+
+
+def test_weights_replaced_under_the_same_path_or_another_dtype_are_refused(tiny_ckpt, tmp_path, shared_audio,
+                                                                          vocab_file, capsys):
+    """The run is keyed on the checkpoint's content, the adapter's, the dtype and the quantization, not the path."""
+    import shutil
+
+    from qwenaudio import cli
+    from qwenaudio.testing import make_tiny_checkpoint
+
+    model = shutil.copytree(tiny_ckpt, tmp_path / "model")
+    data, out = one_row(tmp_path, shared_audio), tmp_path / "out"
+    run = evaluate_cli("--data", data, "--output-dir", out, "--model", model, "--dtype", "float32")
+    assert cli.main(run) == 0
+    capsys.readouterr()
+    other = ["bfloat16" if x == "float32" else x for x in run]
+    assert cli.main(other) == 2
+    assert "dtype: 'float32' then, 'bfloat16' now" in capsys.readouterr().err
+    assert cli.main([*run, "--int8"]) == 2
+    assert "quantization: None then, 'int8' now" in capsys.readouterr().err
+    shutil.rmtree(model)
+    make_tiny_checkpoint(model, seed=1, vocab_file=vocab_file)
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "model_fingerprint: '" in err and "--overwrite" in err
+    assert cli.main([*run, "--overwrite"]) == 0
+
+
+def test_sigterm_writes_the_summary_and_says_how_to_resume(tiny_ckpt, tmp_path, shared_audio, monkeypatch, capsys):
+    from qwenaudio import cli
+
+    data = one_row(tmp_path, shared_audio, rows=3)
+    real, calls = evaluation.generate_replies, []
+
+    def killed_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "generate_replies", killed_on_second_batch)
+    run = evaluate_cli("--data", data, "--output-dir", tmp_path / "out", "--model", tiny_ckpt, "--batch-size", "1")
+    assert cli.main(run) == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["replied"] in (1, 2) and not summary["complete"]
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == (
+        "interrupted; rerun the same command to resume: the replies so far are kept")
+    monkeypatch.setattr(evaluation, "generate_replies", real)
+    assert cli.main(run) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["replied"] == 3
+
+
+def test_progress_moves_while_a_batch_decodes(tiny_ckpt, tmp_path, shared_audio, monkeypatch, capsys):
+    """A large budget (the tiny model never stops by itself) reports the tokens made as it decodes."""
+    from qwenaudio import cli
+
+    monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
+    data = one_row(tmp_path, shared_audio)
+    run = ["evaluate", "emotion", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model",
+           str(tiny_ckpt), "--device", "cpu", "--max-new-tokens", "20"]
+    assert cli.main(run) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("decoding a batch: ")]
+    assert lines == ["decoding a batch: 8/20 new tokens", "decoding a batch: 16/20 new tokens",
+                     "decoding a batch: 20/20 new tokens"]
+
+
+def test_generate_reports_its_steps_where_it_looks_anyway(model):
+    from qwenaudio.core.generate import CHECK_EVERY, generate
+
+    seen = []
+    batch = model.tokenizer.encode_batch(["hello", "a longer prompt here"])
+    config = model.generation_config.replace(do_sample=False, max_new_tokens=2 * CHECK_EVERY + 3)
+    generate(model.decoder, model.tokenizer, batch.input_ids, attention_mask=batch.attention_mask, config=config,
+             progress=lambda steps, budget: seen.append((steps, budget)))
+    budget = config.max_new_tokens
+    assert seen[:2] == [(CHECK_EVERY, budget), (2 * CHECK_EVERY, budget)] and seen[-1][0] <= budget
+
+
+def test_malformed_note_references_are_warned_about_and_counted(model, tmp_path, shared_audio):
+    clip = str(shared_audio / "music.wav")
+    good = "<|pitch|><|midi_pitch_60|><|velocity|><|midi_velocity_100|><|instrument|>keyboard"
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": clip, "gt": g, "source": "nsynth"} for g in
+                                             (good, "pitch: 60, velocity: 100, instrument: keyboard", "<|pitch|>60")])
+    with pytest.warns(UserWarning, match="2 of 3 note references lack a readable pitch, velocity or instrument"):
+        summary = evaluation.evaluate(model, "note_analysis", data, tmp_path / "out", max_new_tokens=4)
+    [source] = summary["sources"]
+    assert source["unreadable_references"] == 2
+    assert any(note.startswith("2 of 3 references lack a readable") for note in source["notes"])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, p: evaluation.evaluate(m, "asr", 123, p), "data must be a path"),
+    (lambda m, p: evaluation.evaluate(m, "asr", p / "d.jsonl", None), "output_dir must be a path"),
+    (lambda m, p: evaluation.evaluate("notamodel", "asr", p / "d.jsonl", p), "needs a loaded model"),
+    (lambda m, p: evaluation.evaluate(m, 5, p / "d.jsonl", p), "unknown task 5"),
+    (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, limit="3"), "limit must be a positive int"),
+    (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, max_new_tokens=0), "max_new_tokens must be"),
+    (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, audio_root=1), "audio_root must be a path"),
+    (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, batch_size="8"), "batch_size must be an int"),
+    (lambda m, p: evaluation.read_examples("emotion", 123), "data must be a path"),
+    (lambda m, p: evaluation.read_lines(p / "d.jsonl", "parse"), "parse must be a function"),
+    (lambda m, p: evaluation.generate_replies(m, ["x"], [[]], "8"), "max_new_tokens must be"),
+    (lambda m, p: evaluation.execute(m, "run"), "a Run from evaluation.plan"),
+])
+def test_wrong_types_raise_the_library_s_own_error(call, message, model, tmp_path, shared_audio):
+    one_row(tmp_path, shared_audio)
+    with pytest.raises(QwenAudioError, match=message):
+        call(model, tmp_path)
+
+
+def fuzz_evaluate_inputs(root: Path, shared_audio: Path) -> dict[str, Path]:
+    """The files the fuzz below draws each path option from."""
+    junk = root / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    (root / "empty.jsonl").write_text("")
+    (root / "a-dir").mkdir(exist_ok=True)
+    mixed = write_rows(root / "mixed.jsonl", [
+        {"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}, "{torn", {"audio": "a-dir", "gt": "x",
+                                                                                      "source": "meld"},
+        {"audio": str(junk), "gt": "x", "source": "meld"}, {"audio": str(shared_audio / "music.wav"), "gt": 3}])
+    good = one_row(root, shared_audio, "good.jsonl", rows=2)
+    return {"good": good, "mixed": mixed, "empty": root / "empty.jsonl", "junk": junk, "dir": root / "a-dir",
+            "missing": root / "missing.jsonl", "bom": root / "bom.jsonl"}
+
+
+# Mostly usable values, so most runs get as far as the model: the bad ones are refused before it loads.
+NUMBERS = st.one_of(st.none(), st.integers(1, 5).map(str), st.integers(1, 5).map(str),
+                    st.sampled_from(["0", "-1", "1e3", "nan", "", "10" * 12, "٣", "999999999999"]))
+
+
+def test_fuzz_the_command_line_options(tiny_ckpt, tmp_path_factory, shared_audio, monkeypatch, capsys):
+    """Random values for each numeric option and random files for each path of `evaluate`: every run ends in exit
+    0 or 1 with a summary that accounts for every example, or in exit 1, 2 or 3 with one `error:` line; never a
+    traceback. Few examples: each loads the tiny model."""
+    from qwenaudio import cli
+
+    import shutil
+
+    root = tmp_path_factory.mktemp("fuzz")
+    files = fuzz_evaluate_inputs(root, shared_audio)
+    small = shutil.copytree(tiny_ckpt, root / "model")  # a context of 96: an absurd budget is cut to a few tokens
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    files["bom"].write_bytes(b"\xef\xbb\xbf" + files["good"].read_bytes())
+    paths = st.sampled_from(["good", "mixed", "good", "mixed", *sorted(files)])
+    runs = [0]
+
+    @settings(max_examples=10, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=paths, out=st.sampled_from(["new", "new", "new", "file", "same-as-data-dir", "dir"]),
+           root_dir=st.sampled_from([None, None, "dir", "missing", "junk"]), limit=NUMBERS, batch=NUMBERS,
+           budget=NUMBERS, overwrite=st.booleans())
+    def run(data, out, root_dir, limit, batch, budget, overwrite):
+        runs[0] += 1
+        output = {"new": root / f"out{runs[0]}", "file": files["junk"], "same-as-data-dir": files[data].parent,
+                  "dir": root / "a-dir"}[out]
+        args = ["evaluate", "emotion", "--data", str(files[data]), "--output-dir", str(output), "--model",
+                str(small), "--device", "cpu"]
+        for option, value in (("--limit", limit), ("--batch-size", batch), ("--max-new-tokens", budget)):
+            if value is not None:
+                args += [option, value]
+        if root_dir is not None:
+            args += ["--audio-root", str(files[root_dir])]
+        code = cli.main(args + ["--overwrite"] * overwrite)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        if code in (0, 1) and (output / "summary.json").exists() and "error: " not in err.splitlines()[-1]:
+            summary = json.loads((output / "summary.json").read_text())
+            assert summary["replied"] + len(summary["failed"]) == summary["examples"], summary
+            assert summary["complete"] == (code == 0)
+        else:
+            assert code in (1, 2, 3), (code, err)
+            errors = [line for line in err.splitlines() if line.startswith(("error: ", "qwenaudio evaluate: error"))]
+            assert len(errors) == 1, err
+
+    monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
+    with monkeypatch.context() as m:
+        m.setattr("qwenaudio.cli.evaluation.TASKS", {**evaluation.TASKS, "emotion": evaluation.Task(
+            "emotion", "evaluate_emotion.py", 2)})  # the task's own budget, cut for speed
+        run()

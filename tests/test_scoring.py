@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qwenaudio import scoring
 from qwenaudio.core.errors import InputError
 from qwenaudio.scoring import (
     NO_NUMBER,
@@ -232,3 +233,45 @@ def reference_average_precision(truth, scores) -> float:
 def test_average_precision_matches_definition(pairs):
     truth, scores = [t for t, _ in pairs], [s for _, s in pairs]
     assert average_precision(truth, scores) == pytest.approx(reference_average_precision(truth, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: scoring.remove_sp(123, "en"), "text must be a str"),
+    (lambda: scoring.remove_sp("a", 1), "language must be one of"),
+    (lambda: scoring.evaluation_tokens(None, "en"), "text must be a str"),
+    (lambda: scoring.edit_distance(1, [2]), "compares two sequences"),
+    (lambda: scoring.error_rate("abc", ["a", "b", "c"], "en"), "refs must be a list"),
+    (lambda: scoring.error_rate([1], ["a"], "en"), r"refs\[0\] must be a str"),
+    (lambda: scoring.average_shift(["a"], [None]), r"hyps\[0\] must be a str"),
+    (lambda: scoring.accuracy(3, [3]), "refs must be a list"),
+    (lambda: scoring.yes_no_accuracy([1], ["yes"]), r"refs\[0\] must be a str"),
+    (lambda: scoring.group_by_source("abc"), "takes a list of examples"),
+    (lambda: scoring.group_by_source([1]), "example 0 must be a dict"),
+    (lambda: scoring.note_info(b"<|pitch|>"), "text must be a str"),
+    (lambda: scoring.sonic_labels(None), "sonic must be a str"),
+    (lambda: scoring.average_precision([True], ["1"]), "every score must be a number"),
+    (lambda: scoring.sonic_map([1], [["bright"]]), r"refs\[0\] must be a list"),
+    (lambda: scoring.chroma_accuracy([60.5], [60]), "every one must be an int"),
+    (lambda: scoring.note_scores([None], ["x"]), r"refs\[0\] must be a str"),
+    (lambda: scoring.bleu(["a"], ["a"], 7), "target_language must be a str"),
+    (lambda: scoring.bleu_tokenizer(None), "target_language must be a str"),
+    (lambda: scoring.caption_scores([["a dog"]], [3]), r"hyps\[0\] must be a str"),
+    (lambda: scoring.caption_scores([[3]], ["a"]), r"refs\[0\]\[0\] must be a str"),
+    (lambda: scoring.unreadable_notes("x"), "refs must be a list"),
+])
+def test_wrong_types_raise_the_library_s_own_error(call, message):
+    """Every public scoring function refuses a wrong-typed argument with InputError (a QwenAudioError), never a
+    TypeError or AttributeError from deep inside."""
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+def test_malformed_note_references_warn_and_keep_the_official_scores():
+    """References in another tag format read no pitch, velocity or instrument, so a gibberish reply "agrees" with
+    them and scores 1.0, as the official scoring gives; a warning says so and how many."""
+    refs = ["pitch: 60, velocity: 100, instrument: keyboard", "<|pitch|><|midi_pitch_60|>"]
+    with pytest.warns(UserWarning, match=r"2 of 2 note references lack a readable pitch, velocity or instrument"):
+        scores = scoring.note_scores(refs, ["gibberish", "<|pitch|><|midi_pitch_60|>"])
+    assert scores["instrument"] == scores["velocity"] == scores["pitch"] == 1.0  # the official quirk, kept
+    assert scoring.unreadable_notes([*refs, "<|pitch|><|midi_pitch_1|><|velocity|><|midi_velocity_2|>"
+                                            "<|instrument|>bass"]) == [0, 1]

@@ -9,11 +9,12 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from qwenaudio.core.errors import InputError, MetricUnavailableError
-from qwenaudio.scoring import bleu, bleu_tokenizer, caption_scores, coco_tokenize, spice_unavailable
+from qwenaudio.scoring import bleu, bleu_tokenizer, caption_scores, coco_tokenize, spice_score, spice_unavailable
 
 from .conftest import GOLDEN, reference, reference_program
 
@@ -135,30 +136,39 @@ def test_caption_references_as_one_string_are_refused():
 
 @dataclass
 class StandInSpice:
-    """Records what `caption_scores` hands SPICE and returns a fixed score."""
+    """Stands in for SPICE's Java process (`subprocess.run` of spice-1.0.jar): records the clips it is handed and
+    writes a fixed score for each, or fails with `returncode`; any other command runs for real."""
 
     score: float = 0.25
+    returncode: int = 0
     calls: list = field(default_factory=list)
 
-    def __call__(self):
-        return self
+    def __call__(self, command, **kwargs):
+        if "-jar" not in command:
+            return REAL_RUN(command, **kwargs)
+        self.calls.append((command, json.loads(Path(command[4]).read_text())))
+        if not self.returncode:
+            out = Path(command[command.index("-out") + 1])
+            out.write_text(json.dumps([{"image_id": c["image_id"], "scores": {"All": {"f": self.score}}}
+                                       for c in self.calls[-1][1]]))
+        return subprocess.CompletedProcess(command, self.returncode)
 
-    def compute_score(self, gts, res):
-        self.calls.append((gts, res))
-        return self.score, []
+
+REAL_RUN = subprocess.run
 
 
 def test_caption_scores_hand_spice_the_official_tokens(monkeypatch):
     caption_packages()
-    spice_module = reference("pycocoevalcap.spice.spice")
     spice = StandInSpice()
-    monkeypatch.setattr(spice_module, "Spice", spice)
+    monkeypatch.setattr("qwenaudio.scoring.subprocess.run", spice)
     monkeypatch.setattr("qwenaudio.scoring.spice_unavailable", lambda: None)
     case = CAPTION["clotho_like"]
     scores = caption_scores(case["refs"], case["hyps"])
-    [(gts, res)] = spice.calls
-    assert gts == dict(enumerate(case["tokenized_refs"])) and res == {i: [h] for i, h in
-                                                                    enumerate(case["tokenized_hyps"])}
+    [(command, clips)] = spice.calls
+    assert command[:4] == ["java", "-jar", "-Xmx8G", command[3]] and command[3].endswith("spice-1.0.jar")
+    assert command[5:] == ["-cache", command[6], "-out", command[8], "-subset", "-silent"]
+    assert clips == [{"image_id": i, "test": hyp, "refs": refs} for i, (refs, hyp) in
+                     enumerate(zip(case["tokenized_refs"], case["tokenized_hyps"]))]  # pycocoevalcap's input
     assert scores == pytest.approx({"CIDEr": case["CIDEr"], "SPICE": 0.25, "SPIDEr": (case["CIDEr"] + 0.25) / 2},
                                    abs=TOLERANCE)
 
@@ -175,18 +185,55 @@ def test_spice_unavailable_names_the_missing_models(monkeypatch, tmp_path):
     assert spice_unavailable() is None
 
 
-def test_spice_failure_says_what_it_needs(monkeypatch):
+def test_spice_failure_says_what_it_needs_and_cider_is_kept(monkeypatch):
+    """The official script loses CIDEr when SPICE fails; caption_scores keeps it and warns why SPICE is missing."""
     caption_packages()
-    spice_module = reference("pycocoevalcap.spice.spice")
-
-    class FailingSpice(StandInSpice):
-        def compute_score(self, gts, res):
-            raise subprocess.CalledProcessError(1, ["java", "-jar", "spice-1.0.jar"])
-
-    monkeypatch.setattr(spice_module, "Spice", FailingSpice())
+    monkeypatch.setattr("qwenaudio.scoring.subprocess.run", StandInSpice(returncode=1))
     monkeypatch.setattr("qwenaudio.scoring.spice_unavailable", lambda: None)
+    case = CAPTION["clotho_like"]
     with pytest.raises(MetricUnavailableError, match="SPICE failed .java exit status 1.*Java 8 or 11"):
-        caption_scores([["a dog barks"], ["rain falls"]], ["a dog", "rain"])
+        spice_score(*coco_tokenize(case["refs"], case["hyps"]))
+    with pytest.warns(UserWarning, match="SPICE and SPIDEr not computed: SPICE failed .java exit status 1"):
+        scores = caption_scores(case["refs"], case["hyps"])
+    assert scores == {"CIDEr": pytest.approx(case["CIDEr"], abs=TOLERANCE), "SPICE": None, "SPIDEr": None}
+
+
+def test_caption_scores_run_with_a_read_only_pycocoevalcap(monkeypatch, tmp_path):
+    """pycocoevalcap's tokenizer and SPICE write temporary files beside their jars; ours run from a read-only copy
+    of the package and write nothing there (an audit hook sees every file opened for writing, as root, whom the
+    permissions do not stop, would not notice otherwise)."""
+    caption_packages()
+    import importlib
+    import os
+    import shutil
+    import stat
+
+    package = Path(reference("pycocoevalcap.tokenizer.ptbtokenizer").__file__).parents[1]
+    copy = shutil.copytree(package, tmp_path / "pycocoevalcap", ignore=shutil.ignore_patterns("__pycache__"))
+    writable = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~writable)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "pycocoevalcap"]:
+        monkeypatch.delitem(sys.modules, name)
+    assert Path(importlib.import_module("pycocoevalcap.tokenizer.ptbtokenizer").__file__).parents[1] == copy
+    written, watching = [], [True]
+
+    def audit(event, args):
+        if watching[0] and event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).startswith(str(copy)):
+            if isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                written.append(args[0])
+
+    sys.addaudithook(audit)  # hooks cannot be removed: `watching` ends it
+    case = CAPTION["clotho_like"]
+    try:
+        scores = caption_scores(case["refs"], case["hyps"])
+    finally:
+        watching[0] = False
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert scores["CIDEr"] == pytest.approx(case["CIDEr"], abs=TOLERANCE) and written == []
 
 
 def test_caption_scores_name_what_to_install(monkeypatch):

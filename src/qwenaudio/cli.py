@@ -24,18 +24,19 @@ from pathlib import Path
 import torch
 
 from . import evaluation, finetune, lora, tasks, trace
-from .batch import AUDIO_SUFFIXES, Job, check_names, find_inputs, gather, leave_process_group, process_group, run_files
+from .batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, gather,
+                    leave_process_group, model_identity, process_group, refuse_many_inputs, run_files, write_record)
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE, as_waveform
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError, TrainingError
 from .core.files import refuse_inputs, write_text
-from .core.model import QwenAudio
+from .core.model import QwenAudio, as_device, as_dtype, default_dtype
 from .core.tokenizer import LANGUAGES
 from .hub import load, report_progress, resolve
 from .longform import Segment, text_of, words_of
 from .quantize import save_quantized
-from .subtitles import Word, to_json, to_srt, to_vtt
+from .subtitles import Word, cues, to_json, to_srt, to_vtt
 
 TASKS = ("transcribe", "translate", *tasks.TASKS)
 # quantize and merge write a checkpoint directory whole: the same rules, said once.
@@ -101,13 +102,20 @@ def run(args: argparse.Namespace) -> int:
                 args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
                 caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
                 model_name=args.model + (" (int8)" if args.int8 else "") + (" (int4)" if args.int4 else "") +
-                (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), overwrite=args.overwrite)
+                (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), checkpoint=args.model,
+                adapter=args.adapter, dtype=_dtype(args), quantization=_quantization(args), overwrite=args.overwrite)
+            if os.environ.get("RANK", "0") == "0":  # every line that cannot run, before the model loads
+                for problem in args.plan.problems:
+                    print(f"error: {problem}", file=sys.stderr, flush=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OutputError as e:  # an output that would replace an input, or that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except QwenAudioError as e:  # transcribe, evaluate: the model their outputs are keyed on cannot be found
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     sharing = args.command in ("transcribe", "evaluate", "finetune")
     args.rank, args.world = process_group(args.device) if sharing else (0, 1)
     if args.world > 1 and not args.output_dir:
@@ -143,9 +151,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("transcribe", help="transcribe, translate, caption or classify audio files",
                               description="Run a Qwen-Audio task on audio files, a batch at a time.",
-                              epilog="exit status: 0 all files done, 1 some failed (see stderr), 2 bad arguments "
-                                     "(found before the model loads), 3 the model could not be loaded, 130 "
-                                     "interrupted (summary.json still written)")
+                              epilog="exit status: 0 all files done, 1 some failed (see stderr) or an output would "
+                                     "replace an input or a file the command did not write, 2 bad arguments or "
+                                     "other settings than the outputs' (both found before the model loads), 3 the "
+                                     "model could not be loaded, 130 interrupted, 143 on SIGTERM (summary.json still "
+                                     "written)")
     run.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
                      help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     run.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
@@ -161,7 +171,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="also write <name>.<format> per file here (and summary.json); files whose outputs exist "
                           "are skipped, so an interrupted run resumes")
-    run.add_argument("--overwrite", action="store_true", help="redo files whose outputs exist")
+    run.add_argument("--overwrite", action="store_true",
+                     help="redo files whose outputs exist, with any settings, and replace files of the outputs' "
+                          "names that this command did not write (never an input)")
     run.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="files per forward pass; default 4")
     _model_options(run, "Qwen/Qwen-Audio", transcribe_files)
     chat = commands.add_parser("chat", help="talk with Qwen-Audio-Chat about clips",
@@ -177,8 +189,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "decoding and scoring; replies are kept as they come, so a rerun "
                                             "into the same --output-dir resumes.",
                                 epilog="exit status: 0 every example replied to and scored, 1 some failed (listed "
-                                       "in summary.json), 2 bad arguments or data (found before the model loads), "
-                                       "3 the model could not be loaded, 130 interrupted (summary still written)")
+                                       "in summary.json) or an output would replace an input or a file the "
+                                       "command did not write, 2 bad arguments, data or other settings than "
+                                       "run.json's (all found before the model loads), 3 the model could not be "
+                                       "loaded, 130 interrupted, 143 on SIGTERM (summary still written)")
     bench.add_argument("task", choices=evaluation.TASKS, metavar="TASK", help=", ".join(evaluation.TASKS))
     bench.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl",
                        help="one example per line: audio, gt, source (and question for aqa)")
@@ -194,7 +208,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                             "source's dataset (librispeech en, aishell zh)")
     bench.add_argument("--caption-style", choices=evaluation.CAPTION_STYLES, default="clotho",
                        help="caption: the output style tag; default clotho")
-    bench.add_argument("--overwrite", action="store_true", help="discard the replies of an earlier run")
+    bench.add_argument("--overwrite", action="store_true",
+                       help="discard the replies of an earlier run, whatever its settings, and replace files of the "
+                            "outputs' names that this command did not write (never an input)")
     _model_options(bench, "Qwen/Qwen-Audio", evaluate_benchmark)
     tune = commands.add_parser("finetune", help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
                                description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
@@ -370,23 +386,57 @@ def _positive(text: str) -> int:
 
 def plan_outputs(args: argparse.Namespace) -> None:
     """Before any model loads: find the inputs (every path must exist, and some audio must be found), check the
-    output directory can be written, and set aside the files whose outputs already exist (`args.jobs`,
-    `args.todo`)."""
+    output directory can be written and claim the outputs there (`_claim_outputs`), and set aside the files whose
+    outputs already exist (`args.jobs`, `args.todo`)."""
     args.jobs = find_inputs(args.files)
     if not args.jobs:
         raise InputError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.files))}")
     args.formats = FORMATS if args.format == "all" else (args.format,)
-    if args.output_dir:
-        check_names(args.jobs)
-        if args.output_dir.exists() and not args.output_dir.is_dir():
-            raise InputError(f"--output-dir {args.output_dir} is a file, not a directory")
-        try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.output_dir).close()
-        except OSError as e:
-            raise InputError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
-    args.todo = [j for j in args.jobs if args.overwrite or not args.output_dir or
-                 not all(_output(args, j, f).exists() for f in args.formats)]
+    args.todo = args.jobs
+    if not args.output_dir:
+        return
+    check_names(args.jobs)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output-dir {args.output_dir} is a file, not a directory")
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        raise InputError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
+    outputs = {job: [_output(args, job, f) for f in args.formats] for job in args.jobs}
+    _claim_outputs(args, [p for paths in outputs.values() for p in paths])
+    args.todo = [j for j in args.jobs if args.overwrite or not all(p.exists() for p in outputs[j])]
+
+
+def _claim_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
+    """Refuse an output that is an input (an audio file, the model's files) under any name, one that exists but no
+    run wrote, and, where earlier outputs exist, other settings (`--overwrite` lifts the last two); then record the
+    settings and claim every output in summary.json (`args.record`) before any is written, so even a killed run
+    knows its own files."""
+    directory, record_file = args.output_dir, args.output_dir / "summary.json"
+    model_files, key = model_identity(args.model, args.adapter)
+    refuse_inputs([record_file], [*args.files, *model_files])
+    refuse_many_inputs([record_file, *outputs], [*(job.path for job in args.jobs), *model_files])
+    names = [str(p.relative_to(directory)) for p in outputs]
+    record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
+    settings = {"task": args.task, "language": args.language, "target_language": args.target_language,
+                "itn": args.itn, "timestamps": args.timestamps, "max_new_tokens": args.max_new_tokens,
+                "model": str(args.model), **key, "dtype": _dtype(args), "quantization": _quantization(args)}
+    if ours:
+        check_settings(record, settings, directory, overwrite=args.overwrite)
+    claimed = sorted({*(record["outputs"] if record else []), *names})
+    args.record = {"command": "transcribe", "settings": settings, "outputs": claimed}
+    write_record(record_file, {**args.record, "files": len(args.jobs), "done": [], "skipped": [], "failed": [],
+                               "interrupted": False, "finished": False})
+
+
+def _dtype(args: argparse.Namespace) -> str:
+    """The dtype the model will be loaded in (--dtype, else the device's default), as outputs are keyed on it."""
+    return str(as_dtype(args.dtype) or default_dtype(as_device(args.device))).removeprefix("torch.")
+
+
+def _quantization(args: argparse.Namespace) -> str | None:
+    return "int8" if args.int8 else "int4" if args.int4 else None
 
 
 def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
@@ -426,10 +476,11 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
     reports = [(done, failed)] if interrupted else gather((done, failed), world)
     if rank == 0:
         planned = set(todo)
-        summary = {"files": len(jobs), "done": [path for paths, _ in reports for path in paths],
+        summary = {**getattr(args, "record", {}), "files": len(jobs),
+                   "done": [path for paths, _ in reports for path in paths],
                    "skipped": [str(j.path) for j in jobs if j not in planned],
                    "failed": [line for _, lines in reports for line in lines],
-                   "processes": world, "interrupted": interrupted is not None}
+                   "processes": world, "interrupted": interrupted is not None, "finished": interrupted is None}
         if args.output_dir:
             try:
                 write_text(args.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -492,8 +543,9 @@ def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segme
     if fmt == "json":
         segments = [{"text": s.text, "start": s.start, "end": s.end} for s in parts]
         return to_json(text, words, segments=segments, file=str(path), task=task)
-    if fmt in TIMED_FORMATS:
-        return to_srt(words) if fmt == "srt" else to_vtt(words)
+    if fmt in TIMED_FORMATS:  # a reply without timestamps is one cue over its window, not an empty one
+        shown = [cue for s in parts for cue in cues(s.words, s.text, s.start, s.end)]
+        return to_srt(shown) if fmt == "srt" else to_vtt(shown)
     return text + "\n"
 
 
@@ -520,15 +572,26 @@ def _progress(finished: int, total: int, batch: list[Job], rank: int, world: int
     print(f"{who}{bar}[{finished}/{total}] {' '.join(str(j.path) for j in batch)}", file=sys.stderr, flush=True)
 
 
+DECODING_EVERY_S = 10.0  # evaluate: seconds between "decoding a batch" lines while a batch decodes
+
+
 def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
     """Run this process's share of the planned benchmark; process 0 prints the Markdown summary on stdout."""
     rank, world = args.rank, args.world
 
     def progress(done: int, total: int, seconds: float) -> None:
         evaluation.report_progress(done, total, seconds, rank, world)
+        shown[0] = time.monotonic()
 
+    def decoding(steps: int, budget: int) -> None:  # a batch with a large budget takes minutes: show it moves
+        if time.monotonic() - shown[0] >= DECODING_EVERY_S:
+            print(f"{f'rank {rank}: ' if world > 1 else ''}decoding a batch: {steps}/{budget} new tokens",
+                  file=sys.stderr, flush=True)
+            shown[0] = time.monotonic()
+
+    shown = [time.monotonic()]
     summary = evaluation.execute(model, args.plan, batch_size=args.batch_size, rank=rank, world=world,
-                                 progress=progress)
+                                 progress=progress, decoding=decoding)
     if rank == 0:
         print(evaluation.markdown(summary), end="")
         print(f"wrote {args.output_dir / 'summary.json'}, summary.md and examples.jsonl", file=sys.stderr)

@@ -9,8 +9,10 @@ one's own machine needs: each reply is appended to a JSON Lines file as soon as 
 stopped resumes where it stopped; examples run in batches of similar length; processes under torchrun share the
 batches; a bad line or a missing clip fails alone, named by file and line.
 
-Layout of the output directory: `run.json` (the settings the replies were made with; a rerun with other settings
-is refused), `replies/rank-K.jsonl` (each process appends its replies there), then, once every example is done or
+Layout of the output directory: `run.json` (the settings the replies were made with, the model's content
+fingerprint among them, and the files this command writes there, claimed before they are written; a rerun with
+other settings is refused, and so is a file of those names that an earlier run did not write),
+`replies/rank-K.jsonl` (each process appends its replies there), then, once every example is done or
 the run is stopped, `examples.jsonl` (every reply with its score fields, in the data file's order),
 `summary.json` and `summary.md` (the scores per source beside the paper's figures).
 """
@@ -31,10 +33,11 @@ from typing import Any, TypeVar
 import torch
 
 from . import scoring
-from .batch import gather, process_group, run_files
-from .core.audio import N_SAMPLES, audio_span
-from .core.errors import InputError, QwenAudioError
-from .core.files import write_text
+from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
+                    run_files, write_record)
+from .core.audio import N_SAMPLES, as_waveform, audio_span
+from .core.errors import AudioError, InputError, QwenAudioError
+from .core.files import refuse_inputs, write_text
 from .core.generate import generate
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, Batch, Tokenizer
@@ -67,6 +70,22 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 CAPTION_STYLES = ("clotho", "audiocaps", "plain")  # the official caption script's output styles
 # The official ASR and SRWT scripts take the language from the dataset's name; a row's own field comes first here.
 DATASET_LANGUAGES = {"librispeech": "en", "aishell": "zh", "industrial": "zh"}
+
+
+def _path(value: Any, name: str) -> Path:
+    """`value` as a Path; InputError unless it is a non-empty str or path-like."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise InputError(f"{name} must be a path (a str or Path), got {value!r}")
+    return Path(value)
+
+
+def _optional(value: Any, kind: type, name: str) -> None:
+    """InputError unless `value` is None or of `kind` (a positive number, for int)."""
+    if value is None:
+        return
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+        raise InputError(f"{name} must be {'a positive int' if kind is int else f'a {kind.__name__}'} or None, "
+                         f"got {value!r}")
 
 
 def prompt(task: str, row: dict[str, Any], language: str | None = None, caption_style: str = "clotho") -> str:
@@ -119,20 +138,52 @@ class Example:
         return f"<audio>{self.audio}</audio>{self.prompt}"
 
 
-def read_examples(task: str, data: Path, *, audio_root: Path | None = None, language: str | None = None,
-                  caption_style: str = "clotho", limit: int | None = None) -> tuple[list[Example], list[str]]:
+def read_examples(task: str, data: str | Path, *, audio_root: str | Path | None = None, language: str | None = None,
+                  caption_style: str = "clotho", limit: int | None = None, check_audio: bool = True
+                  ) -> tuple[list[Example], list[str]]:
     """The examples of an official-format JSON Lines file, and a message per line that cannot run (not JSON, a
-    field missing or of the wrong type, no clip at the path), each naming the file and line; blank lines are not
-    examples. `limit` keeps the first that many examples. Clip paths are relative to `audio_root`, else to the
-    current directory, as the official scripts open them."""
-    if task not in TASKS:
+    field missing or of the wrong type, a clip the model cannot hear: `check_clips`), each naming the file and
+    line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
+    `audio_root`, else to the current directory, as the official scripts open them. `check_audio=False` leaves the
+    clips unread (`plan` checks only the clips still to be replied to)."""
+    data = _path(data, "data")
+    audio_root = None if audio_root is None else _path(audio_root, "audio_root")
+    _optional(limit, int, "limit")
+    if not isinstance(task, str) or task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if caption_style not in CAPTION_STYLES:
         raise InputError(f"caption style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
     if language is not None and language not in LANGUAGES:
         raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
-    return read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root, language,
-                                                               caption_style), limit)
+    examples, problems = read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root,
+                                                                            language, caption_style), limit)
+    if not check_audio:
+        return examples, problems
+    examples, bad = check_clips(examples)
+    return examples, by_line(data, [*problems, *bad])
+
+
+def check_clips(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
+    """The examples whose clip the model can hear, and a message per other one naming its file:line: each clip is
+    read and checked as `as_waveform` checks it when its batch runs (no such file, a directory, not audio, empty,
+    NaN or infinite samples, shorter than one audio token), so a bad clip is reported before any model loads. This
+    decodes every clip once more: measured on a 2-core CPU, 16 kHz FLAC or WAV at 2,000-10,000x real time, 48 kHz
+    MP3 (resampled) at 350-700x, so about 1 to 10 s per hour of audio (LibriSpeech test-clean, 5.4 h, in seconds)."""
+    good, bad = [], []
+    for example in examples:
+        try:
+            as_waveform(example.path, str(example.path))
+        except AudioError as e:
+            looked = "" if str(example.path) == example.audio else f" (looked for {example.path})"
+            bad.append(f"{example.where}: audio {example.audio!r}: {str(e).removeprefix(f'{example.path}: ')}{looked}")
+        else:
+            good.append(example)
+    return good, bad
+
+
+def by_line(data: Path, messages: Iterable[str]) -> list[str]:
+    """Messages that start with `data`'s "FILE:LINE: ", in line order."""
+    return sorted(messages, key=lambda m: int(m[len(f"{data}:"):].split(":", 1)[0]))
 
 
 def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | None = None
@@ -140,6 +191,11 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
     """`parse(row, line number, "file:line")` of every non-blank line of a JSON Lines file, and a message for each
     line that is not JSON or that `parse` refuses with InputError, naming the file and line, so one bad line
     never hides the others. `limit` stops after that many lines, good or bad."""
+    path = _path(path, "path")
+    if not callable(parse):
+        raise InputError(f"read_lines: parse must be a function, got {parse!r}")
+    _optional(limit, int, "limit")
+
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -191,9 +247,6 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
         language = None
     path = Path(row["audio"])
     resolved = path if path.is_absolute() or audio_root is None else audio_root / path
-    if not resolved.is_file():
-        looked = "" if resolved == path else f" (looked for {resolved})"
-        raise InputError(f"audio {row['audio']!r}: no such file{looked}")
     return Example(line, resolved, row["audio"], reference, row["source"],
                    prompt(task, row, language, caption_style), language, where)
 
@@ -256,14 +309,18 @@ def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, f
         return scores, notes
     if task == "st":
         return {"bleu": attempt("bleu", lambda: scoring.bleu(refs, hyps, language))}, notes
-    if task == "caption":
+    if task == "caption":  # each score that can be computed is kept: a failing SPICE leaves CIDEr
         listed = [r if isinstance(r, list) else [r] for r in refs]
-        found = attempt("caption", lambda: scoring.caption_scores(listed, hyps)) or {}
-        scores = {name.lower(): found.get(name) for name in ("CIDEr", "SPICE", "SPIDEr")}
-        if found and scores["spice"] is None:
-            notes.append(f"spice, spider: not computed: {scoring.spice_unavailable()}")
-        return scores, notes
+        tokens = attempt("cider, spice, spider", lambda: scoring.coco_tokenize(listed, hyps))
+        cider = tokens and attempt("cider", lambda: scoring.cider_score(*tokens))
+        spice = tokens and attempt("spice, spider", lambda: scoring.spice_score(*tokens))
+        both = cider is not None and spice is not None
+        return {"cider": cider, "spice": spice, "spider": (cider + spice) / 2 if both else None}, notes
     if task == "note_analysis":
+        unreadable = scoring.unreadable_notes(refs)
+        if unreadable:
+            notes.append(f"{len(unreadable)} of {len(refs)} references lack a readable pitch, velocity or instrument "
+                         "tag: any reply lacking it agrees with them (the official quirk), check their format")
         return scoring.note_scores(refs, hyps), notes
     scores = {"accuracy": scoring.accuracy(refs, hyps)}
     if task == "aqa" and records[0]["source"].startswith("clotho"):  # as the official script: Clotho-AQA only
@@ -321,46 +378,68 @@ class Run:
     todo: list[Example]
 
 
+OUTPUTS = ("replies", "examples.jsonl", "summary.json", "summary.md")  # what a run writes besides run.json
+
+
 def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str | Path | None = None,
          language: str | None = None, caption_style: str = "clotho", limit: int | None = None,
-         max_new_tokens: int | None = None, model_name: str = "", overwrite: bool = False) -> Run:
-    """Read the data, check the output directory can be written, and find the replies an earlier run with the
-    same settings left there (`overwrite` discards them). Everything here is checked before any model loads."""
-    data, output_dir = Path(data), Path(output_dir)
-    audio = None if audio_root is None else Path(audio_root)
+         max_new_tokens: int | None = None, model_name: str = "", checkpoint: str | Path | None = None,
+         adapter: str | Path | None = None, dtype: str | None = None, quantization: str | None = None,
+         overwrite: bool = False) -> Run:
+    """Read the data, check every clip still to be replied to, check the output directory, and find the replies an
+    earlier run with the same settings left there (`overwrite` discards them). Everything here is checked before any
+    model loads.
+
+    The run is keyed on what its replies depend on: the data file's content, the task's settings, and the model:
+    `checkpoint` (a directory, or a repo id `qwenaudio.hub.resolve` finds or downloads) and `adapter` by a
+    fingerprint of their files' content, `dtype` and `quantization` ("int8", "int4") as loaded. A rerun that
+    differs in any of them is refused, naming the difference, rather than mixing two models' replies. No output
+    may be one of the run's inputs (the data file, a clip, the model's files), whatever names they are given, and
+    a file of an output's name that no earlier run wrote is refused unless `overwrite`."""
+    data, output_dir = _path(data, "data"), _path(output_dir, "output_dir")
+    audio = None if audio_root is None else _path(audio_root, "audio_root")
+    _optional(max_new_tokens, int, "max_new_tokens")
+    for name, value in (("model_name", model_name), ("dtype", dtype), ("quantization", quantization)):
+        _optional(value, str, name)
     if audio is not None and not audio.is_dir():
         raise InputError(f"--audio-root {audio}: no such directory")
     examples, problems = read_examples(task, data, audio_root=audio, language=language,
-                                       caption_style=caption_style, limit=limit)
+                                       caption_style=caption_style, limit=limit, check_audio=False)
+    model_files, key = model_identity(checkpoint, None if adapter is None else _path(adapter, "adapter"))
     settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "audio_root": None if audio is None else str(audio.resolve()), "language": language,
                 "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
-                "model": model_name}
+                "model": model_name, **key, "dtype": dtype, "quantization": quantization}
+    reads = [data, *([audio] if audio else []), *model_files]
+    refuse_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)], reads)
+    refuse_many_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)],
+                       [e.path for e in examples])
     _prepare(output_dir, settings, overwrite)
     replied = _read_replies(output_dir, {e.line: e for e in examples})
-    return Run(task, output_dir, settings, examples, problems, [e for e in examples if e.line not in replied])
+    todo, bad = check_clips([e for e in examples if e.line not in replied])
+    if bad:
+        problems = by_line(data, [*problems, *bad])
+        runnable = {*replied, *(e.line for e in todo)}
+        examples = [e for e in examples if e.line in runnable]
+    return Run(task, output_dir, settings, examples, problems, todo)
 
 
 def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Make the output directory (and replies/) and record the settings; refuse one made with other settings."""
+    """Claim the output directory: refuse files of the outputs' names an earlier run did not write and, where
+    replies exist, other settings; then record the settings and the outputs in run.json, and make replies/."""
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file, not a directory")
+    run_file = output_dir / "run.json"
+    record, ours = check_outputs(run_file, "evaluate", OUTPUTS, overwrite=overwrite)
+    if "replies" in ours and any(p.stat().st_size for p in (output_dir / "replies").glob("rank-*.jsonl")):
+        check_settings(record, settings, output_dir, overwrite=overwrite)
     try:
-        (output_dir / "replies").mkdir(parents=True, exist_ok=True)
-        run_file = output_dir / "run.json"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_record(run_file, {"command": "evaluate", "settings": settings, "outputs": list(OUTPUTS)})
+        (output_dir / "replies").mkdir(exist_ok=True)
         if overwrite:
             for part in (output_dir / "replies").glob("rank-*.jsonl"):
                 part.unlink()
-        elif run_file.exists():
-            before = json.loads(run_file.read_text(encoding="utf-8"))
-            changed = [k for k in settings if before.get(k) != settings[k]]
-            if changed:
-                raise InputError(f"{output_dir} holds replies made with other settings ({', '.join(changed)}: "
-                                 f"{', '.join(f'{before.get(k)!r} then, {settings[k]!r} now' for k in changed)}); "
-                                 "choose another --output-dir, or --overwrite to start again")
-        write_text(run_file, json.dumps(settings, indent=2) + "\n")
-    except json.JSONDecodeError as e:
-        raise InputError(f"{output_dir / 'run.json'} is not JSON ({e}); remove it or use --overwrite") from None
     except OSError as e:
         raise InputError(f"--output-dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
@@ -412,26 +491,31 @@ def prompt_batch(tokenizer: Tokenizer, texts: Sequence[str], clips: Sequence[Seq
 
 
 def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],
-                     max_new_tokens: int) -> list[str]:
+                     max_new_tokens: int, decoding: Callable[[int, int], None] | None = None) -> list[str]:
     """The official scripts' decoding for one batch of prompts (`Example.text`, or any `<audio>PATH</audio>…` text
     with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
-    with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them."""
+    with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
+    `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
+    if not isinstance(model, QwenAudio):
+        raise InputError(f"generate_replies needs a loaded model, got {type(model).__name__}")
+    _optional(max_new_tokens, int, "max_new_tokens")
     clips = [[c[:N_SAMPLES] for c in own] for own in clips]
     batch = prompt_batch(model.tokenizer, texts, clips)
     config = model.generation_config.replace(do_sample=False, min_new_tokens=1, max_new_tokens=max_new_tokens)
     with torch.no_grad():
         ids = generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
                        attention_mask=batch.attention_mask.to(model.device),
-                       audio=model.encode_audio([c for own in clips for c in own]), config=config)
+                       audio=model.encode_audio([c for own in clips for c in own]), config=config, progress=decoding)
     return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
 
 
 def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
-                 progress: Callable[[int, int, float], None] | None = None) -> list[str]:
+                 progress: Callable[[int, int, float], None] | None = None,
+                 decoding: Callable[[int, int], None] | None = None) -> list[str]:
     """Reply to this process's share of `run.todo` (batches of similar length, longest first; process `rank` of
     `world` takes every world-th batch), appending each record as it is known. Returns a message per example that
     failed (an unreadable clip, a failing batch retried example by example). `progress(done, total,
-    seconds)` follows the batches."""
+    seconds)` follows the batches, `decoding(steps, budget)` the tokens of the batch being decoded."""
     replies, started = Replies(run.output_dir, rank), time.monotonic()
     max_new_tokens = run.settings["max_new_tokens"]
 
@@ -442,7 +526,7 @@ def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int =
         replies.append(record)
 
     def reply(batch: list[Example], clips: list[torch.Tensor]) -> list[str]:
-        return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens)
+        return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens, decoding)
 
     outcomes = run_files(run.todo, reply, write, batch_size=batch_size, rank=rank, world=world,
                          progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)))
@@ -461,7 +545,9 @@ def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False
         scores, notes = source_scores(run.task, group)
         paper = paper_row(run.task, source)
         sources.append({"source": source, "examples": len(group), "scores": scores, "notes": notes,
-                        "paper": paper and {"row": paper[0], **paper[1]}})
+                        "paper": paper and {"row": paper[0], **paper[1]},
+                        **({"unreadable_references": len(scoring.unreadable_notes([r["reference"] for r in group]))}
+                           if run.task == "note_analysis" else {})})
     total = len(run.examples) + len(run.problems)
     summary = {"task": run.task, "script": f"eval_audio/{TASKS[run.task].script}", **{
         k: run.settings[k] for k in ("data", "model", "max_new_tokens")},
@@ -503,21 +589,38 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     """Run benchmark `task` on an official-format JSON Lines file and score it as the official script does; returns
     the summary (also written to `output_dir`, with every reply). A rerun into the same directory resumes: examples
     replied to already are not run again. `options` go to `plan` (audio_root, language, caption_style, limit,
-    max_new_tokens, model_name, overwrite). Under torchrun every process calls this and takes its share."""
+    max_new_tokens, model_name, checkpoint, adapter, overwrite; dtype and quantization default to the model's: pass
+    `checkpoint` too, to key the run on the weights' content). Under torchrun every process calls this and takes its
+    share."""
+    if not isinstance(model, QwenAudio):
+        raise InputError(f"evaluate needs a loaded model (qwenaudio.load(...)), got {type(model).__name__}")
+    options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
+    options.setdefault("quantization", _quantization(model))
     rank, world = process_group(str(model.device))
     return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size, rank=rank, world=world,
                    progress=progress)
 
 
+def _quantization(model: QwenAudio) -> str | None:
+    """"int8" or "int4" when the decoder's linears are quantized so, else None."""
+    kinds = {type(m).__name__ for m in model.decoder.modules()}
+    return next((bits for bits, kind in (("int8", "Int8Linear"), ("int4", "Int4Linear")) if kind in kinds), None)
+
+
 def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
-            progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[int, int, float], None] | None = None,
+            decoding: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run a planned benchmark (this process's share) and, in process 0, write the summary, also after Ctrl-C
-    (then with `"interrupted": true`, and KeyboardInterrupt is raised again). Other processes return {}."""
+    or SIGTERM taken as KeyboardInterrupt (then with `"interrupted": true`, and the interrupt is raised again).
+    Other processes return {}. `decoding(step, budget)` follows the tokens of the batch being decoded."""
+    if not isinstance(model, QwenAudio) or not isinstance(run, Run):
+        raise InputError("execute needs a loaded model and a Run from evaluation.plan")
     if len(set(gather(len(run.todo), world))) > 1:  # also a barrier: every process plans before any appends
         raise InputError("the processes found different examples to do; is the output directory shared?")
     started, failed, interrupted = time.monotonic(), [], None
     try:
-        failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress)
+        failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress,
+                              decoding=decoding)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: summarize, then let the same signal go on
         interrupted = e
     reports = [failed] if interrupted else gather(failed, world)

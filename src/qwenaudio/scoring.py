@@ -20,10 +20,13 @@ Where the official code crashes, these functions give a defined result instead; 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 import shutil
 import subprocess
+import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, groupby, pairwise
 from pathlib import Path
@@ -49,12 +52,32 @@ _INSTRUMENT = re.compile(r"<\|instrument\|>(.*)")  # `.` stops at a newline, and
 _SONIC = re.compile(r"<\|sonic\|>(.*)")
 
 
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
+    return value
+
+
+def _sequence(value: Any, name: str) -> Sequence[Any]:
+    """`value` if it is a list-like of examples (not a str, which would be read a character at a time)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InputError(f"{name} must be a list, got {type(value).__name__}: {value!r:.80}")
+    return value
+
+
+def _texts(value: Any, name: str) -> Sequence[str]:
+    for i, item in enumerate(_sequence(value, name)):
+        _text(item, f"{name}[{i}]")
+    return value
+
+
 def _check_language(language: str) -> None:
-    if language not in LANGUAGES:
+    if not isinstance(language, str) or language not in LANGUAGES:
         raise InputError(f"language must be one of {LANGUAGES}, got {language!r}")
 
 
-def _check_pairs(refs: Sequence[str], hyps: Sequence[str]) -> None:
+def _check_pairs(refs: Sequence[Any], hyps: Sequence[Any]) -> None:
+    _sequence(refs, "refs"), _sequence(hyps, "hyps")
     if len(refs) != len(hyps):
         raise InputError(f"{len(refs)} references but {len(hyps)} replies: they must pair up one to one")
     if not refs:
@@ -65,6 +88,7 @@ def remove_sp(text: str, language: str) -> str:
     """`text` with every `<|...|>` tag turned into a space, whitespace runs collapsed to one space, the space before
     each of `PUNCTUATION` dropped and leading spaces removed; for Chinese, all whitespace removed. A trailing space
     is kept (English), as in the official function of the same name; scoring splits on whitespace, so it is harmless."""
+    _text(text, "text")
     _check_language(language)
     text = re.sub(r"\s+", " ", _TAG.sub(" ", text))
     text = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", text).lstrip(" ")
@@ -75,6 +99,7 @@ def evaluation_tokens(text: str, language: str) -> list[str]:
     """The units an error rate counts: lowercased whitespace-separated words for English, the characters left after
     dropping whitespace for Chinese. This is what the official `EvaluationTokenizer` does with the settings the
     scripts use (no sacreBLEU tokenization, lowercasing, punctuation kept), followed by the scripts' split."""
+    _text(text, "text")
     _check_language(language)
     words = text.lower().split()
     return list("".join(words)) if language == "zh" else words
@@ -82,6 +107,8 @@ def evaluation_tokens(text: str, language: str) -> list[str]:
 
 def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
     """The Levenshtein distance: the fewest insertions, deletions and substitutions (each costing 1) from a to b."""
+    if not all(isinstance(x, (str, Sequence)) for x in (a, b)):
+        raise InputError(f"edit_distance compares two sequences, got {type(a).__name__} and {type(b).__name__}")
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         current = [i]
@@ -106,7 +133,7 @@ def error_rate(refs: Sequence[str], hyps: Sequence[str], language: str) -> float
       fails on with IndexError: InputError.
     """
     _check_language(language)
-    _check_pairs(refs, hyps)
+    _check_pairs(_texts(refs, "refs"), _texts(hyps, "hyps"))
     errors = length = 0
     for ref, hyp in zip(refs, hyps):
         ref_tokens = evaluation_tokens(ref, language)
@@ -122,7 +149,11 @@ def group_by_source(examples: Iterable[Mapping[str, Any]]) -> dict[str, list[Map
     """The examples per value of their `source` field, sources in order of first appearance, examples in input
     order: the groups the official scripts score and report one by one."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
+    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Iterable):
+        raise InputError(f"group_by_source takes a list of examples (dicts), got {type(examples).__name__}")
     for index, example in enumerate(examples):
+        if not isinstance(example, Mapping):
+            raise InputError(f"example {index} must be a dict with a 'source' field, got {type(example).__name__}")
         if "source" not in example:
             raise InputError(f"example {index} has no 'source' field (fields: {sorted(example)})")
         groups.setdefault(example["source"], []).append(example)
@@ -187,7 +218,7 @@ def average_shift(refs: Sequence[str], hyps: Sequence[str]) -> float:
     - no pair at all in any example (the official calculator raises ZeroDivisionError): InputError;
     - lists of different lengths: InputError.
     """
-    _check_pairs(refs, hyps)
+    _check_pairs(_texts(refs, "refs"), _texts(hyps, "hyps"))
     shift, pairs = 0.0, 0
     for ref, hyp in zip(refs, hyps):
         ref_parsed, hyp_parsed = _timed_segments(ref), _timed_segments(hyp)
@@ -223,7 +254,7 @@ def accuracy(refs: Sequence[Any], hyps: Sequence[Any]) -> float:
 def yes_no_accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """`accuracy` over the examples whose reference is "yes" or "no" in any case, the second score the official AQA
     script reports for Clotho-AQA sources. No such example: InputError (scikit-learn raises ValueError)."""
-    _check_pairs(refs, hyps)
+    _check_pairs(_texts(refs, "refs"), hyps)
     kept = [(ref, hyp) for ref, hyp in zip(refs, hyps) if ref.lower() in YES_NO]
     if not kept:
         raise InputError(f"none of the {len(refs)} references is yes or no")
@@ -259,12 +290,14 @@ def note_info(text: str) -> NoteInfo:
     """The pitch, velocity, instrument and sonic qualities written in `text` with the `<|pitch|><|midi_pitch_N|>`,
     `<|velocity|><|midi_velocity_N|>`, `<|instrument|>NAME` and `<|sonic|>A, B` tags, in any order. A missing or
     malformed field gives its empty value (NO_NUMBER or ""), never an error: replies are scored as they come."""
+    _text(text, "text")
     return NoteInfo(_number(_PITCH, text), _number(_VELOCITY, text), _label(_INSTRUMENT, text), _label(_SONIC, text))
 
 
 def sonic_labels(sonic: str) -> list[str]:
     """The known labels (SONIC_LABELS) of a `NoteInfo.sonic` field, in written order. The field is split on ", "
     exactly, so "bright,dark", "Bright" or a doubled space make labels that are not known and are dropped."""
+    _text(sonic, "sonic")
     return [label for label in sonic.split(", ") if label in SONIC_LABELS]
 
 
@@ -273,6 +306,9 @@ def average_precision(truth: Sequence[bool], scores: Sequence[float]) -> float:
     thresholds, from the highest down, the sum of each threshold's precision times the recall it adds. Examples with
     equal scores enter together, so with 0/1 scores (a reply has a label or not) there are at most two steps. No
     positive example: 0.0, as in scikit-learn 1.9 (it warns; older versions gave nan or a different value)."""
+    _sequence(truth, "truth"), _sequence(scores, "scores")
+    if not all(isinstance(s, (int, float)) for s in scores):
+        raise InputError("average_precision: every score must be a number")
     if len(truth) != len(scores) or not truth:
         raise InputError(f"average precision needs as many scores as labels, at least one: {len(truth)} labels, "
                          f"{len(scores)} scores")
@@ -296,6 +332,9 @@ def sonic_map(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -> f
     the reply scoring 1 where it has the label and 0 elsewhere, and their plain mean. A label only the replies have
     scores 0.0, so it pulls the mean down. No label anywhere (scikit-learn raises ValueError): InputError."""
     _check_pairs(refs, hyps)
+    for name, side in (("refs", refs), ("hyps", hyps)):
+        for i, labels in enumerate(side):
+            _sequence(labels, f"{name}[{i}]")
     labels = sorted(set(chain(*refs, *hyps)))
     if not labels:
         raise InputError(f"none of the {len(refs)} references and replies has a label: the mean average precision "
@@ -311,8 +350,17 @@ def chroma_accuracy(refs: Sequence[int], hyps: Sequence[int]) -> float:
     between them: 40 against 52 counts as wrong when 41 is the only other pitch present, and 40 against 53 counts as
     right in a group with the twelve pitches 41 to 51 and no 52."""
     _check_pairs(refs, hyps)
+    if not all(isinstance(p, int) for p in (*refs, *hyps)):
+        raise InputError("chroma_accuracy compares MIDI pitches: every one must be an int")
     place = {pitch: i for i, pitch in enumerate(sorted(set(refs) | set(hyps)))}
     return sum(place[ref] % 12 == place[hyp] % 12 for ref, hyp in zip(refs, hyps)) / len(refs)
+
+
+def unreadable_notes(refs: Sequence[str]) -> list[int]:
+    """Indices of the note references in which `note_info` finds no pitch, velocity or instrument (a malformed or
+    other tag format): a reply lacking the same field reads the same empty value and agrees with them."""
+    notes = [note_info(t) for t in _texts(refs, "refs")]
+    return [i for i, n in enumerate(notes) if NO_NUMBER in (n.pitch, n.velocity) or not n.instrument]
 
 
 def note_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float | None]:
@@ -320,9 +368,18 @@ def note_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float | N
     instrument and velocity `accuracy`, the sonic qualities' `sonic_map` over their `sonic_labels` (None where no
     example has a known label: the official script raises ValueError there, and the other scores stand), pitch
     accuracy (the official top-1 accuracy over one-hot pitches, which is pitch equality) and `chroma_accuracy`. Two
-    texts without a readable pitch both read NO_NUMBER and so agree, as in the official scoring."""
-    _check_pairs(refs, hyps)
+    texts without a readable pitch both read NO_NUMBER and so agree, as in the official scoring. That quirk is kept,
+    so a reference in another tag format scores 1.0 against any reply lacking the same tags: such references
+    (`unreadable_notes`) are counted in a warning."""
+    _check_pairs(_texts(refs, "refs"), _texts(hyps, "hyps"))
     ref_notes, hyp_notes = [note_info(t) for t in refs], [note_info(t) for t in hyps]
+    unreadable = unreadable_notes(refs)
+    if unreadable:
+        warnings.warn(f"{len(unreadable)} of {len(refs)} note references lack a readable pitch, velocity or "
+                      f"instrument tag (first: {refs[unreadable[0]]!r:.120}); as in the official scoring, any reply "
+                      "lacking the same tag agrees with them, so their scores mean little: check the data's tag "
+                      "format (<|pitch|><|midi_pitch_N|><|velocity|><|midi_velocity_N|><|instrument|>NAME)",
+                      stacklevel=2)
 
     def field(notes: list[NoteInfo], name: str) -> list[Any]:
         return [getattr(note, name) for note in notes]
@@ -358,6 +415,7 @@ def _package(module: str, install: str = EVAL_EXTRA) -> ModuleType:
 def bleu_tokenizer(target_language: str) -> str:
     """The sacreBLEU tokenizer the official S2TT script scores a target language with: MeCab words for Japanese,
     characters for Chinese, and mteval-v13a's words and punctuation for every other language."""
+    _text(target_language, "target_language")
     return BLEU_TOKENIZERS.get(target_language, "13a")
 
 
@@ -386,7 +444,8 @@ def bleu(refs: Sequence[str], hyps: Sequence[str], target_language: str) -> floa
       count it as a reference of no words, which is 1.5.1's result for a reference of one space. That is ours.
     Japanese needs MeCab: `pip install 'sacrebleu[ja]'`.
     """
-    _check_pairs(refs, hyps)
+    _check_pairs(_texts(refs, "refs"), _texts(hyps, "hyps"))
+    _text(target_language, "target_language")
     sacrebleu = _package("sacrebleu")
     tokenize = bleu_tokenizer(target_language)
     if tokenize == "ja-mecab":
@@ -397,12 +456,12 @@ def bleu(refs: Sequence[str], hyps: Sequence[str], target_language: str) -> floa
 
 
 def _check_captions(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> None:
-    _check_pairs(refs, hyps)
+    _check_pairs(refs, _texts(hyps, "hyps"))
     for i, clip in enumerate(refs):
         if isinstance(clip, str):
             raise InputError(f"refs[{i}] is one string, not a list of reference captions (the official script would "
                              f"take each of its {len(clip)} characters as a reference)")
-        if not clip:
+        if not _texts(clip, f"refs[{i}]"):
             raise InputError(f"refs[{i}] holds no reference caption")
 
 
@@ -425,17 +484,34 @@ def coco_tokenize(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[l
     "\\f", U+2028 and U+2029, and then every later caption is paired with the clip before it; here all of them
     become spaces, which gives the official result of the captions with those characters replaced. A clip's
     references given as one string are refused (InputError): the official code takes each character as a
-    reference. Captions go to the tokenizer in a temporary file that pycocoevalcap writes beside its jar."""
+    reference. pycocoevalcap's `PTBTokenizer` writes the captions to a temporary file beside its jar, which fails
+    where site-packages is read-only; here the same jar runs the same command on a file in a temporary directory."""
     _check_captions(refs, hyps)
     _caption_tools()
-    ptb = _package("pycocoevalcap.tokenizer.ptbtokenizer").PTBTokenizer()
+    ptb = _package("pycocoevalcap.tokenizer.ptbtokenizer")
     one_line = str.maketrans(dict.fromkeys(PTB_LINE_BREAKS, " "))
 
     def tokenized(clips: Sequence[Sequence[str]]) -> list[list[str]]:
-        out = ptb.tokenize({i: [{"caption": c.translate(one_line)} for c in clip] for i, clip in enumerate(clips)})
-        return [out[i] for i in range(len(clips))]
+        lines = iter(_ptb_lines([c.translate(one_line) for clip in clips for c in clip], ptb))
+        words = (" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines)
+        return [[next(words) for _ in clip] for clip in clips]
 
     return tokenized(refs), [clip[0] for clip in tokenized([[hyp] for hyp in hyps])]
+
+
+def _ptb_lines(captions: Sequence[str], ptb: ModuleType) -> list[str]:
+    """The Stanford PTB tokenizer's output lines for `captions` (one per line), as pycocoevalcap runs it:
+    `java -cp stanford-corenlp-3.4.1.jar edu.stanford.nlp.process.PTBTokenizer -preserveLines -lowerCase FILE`."""
+    jar = Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix="qwenaudio-ptb-") as work:
+        source = Path(work) / "captions.txt"
+        source.write_bytes("\n".join(captions).encode())
+        done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(source)], cwd=work, stdout=subprocess.PIPE, check=False)
+    if done.returncode:
+        raise MetricUnavailableError(f"the Stanford PTB tokenizer failed (java exit status {done.returncode}, its "
+                                     "message above)")
+    return done.stdout.decode().split("\n")
 
 
 def spice_unavailable() -> str | None:
@@ -458,17 +534,53 @@ def caption_scores(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> dict[s
     (CIDEr-D: n-grams up to 4, idf over the group's clips, so one clip alone scores 0) and `Spice`, and
     SPIDEr = (CIDEr + SPICE) / 2. The scores are fractions, not percentages as BLEU is.
 
-    SPICE and SPIDEr are None where `spice_unavailable` says why; CIDEr is still given. SPICE runs
-    `java -jar -Xmx8G spice-1.0.jar` with its cache beside the jar; when that fails (SPICE 1.0 is reported to fail
-    on Java 17 and later, and the official setup uses Java 8) this raises MetricUnavailableError."""
+    SPICE and SPIDEr are None where SPICE cannot run (`spice_score` raises; a warning says why), and CIDEr, computed
+    first, is kept: the official script loses it with SPICE."""
     ref_tokens, hyp_tokens = coco_tokenize(refs, hyps)
-    gts, res = dict(enumerate(ref_tokens)), {i: [hyp] for i, hyp in enumerate(hyp_tokens)}
-    cider = float(_package("pycocoevalcap.cider.cider").Cider().compute_score(gts, res)[0])
-    if spice_unavailable() is not None:
-        return {"CIDEr": cider, "SPICE": None, "SPIDEr": None}
+    cider = cider_score(ref_tokens, hyp_tokens)
     try:
-        spice = float(_package("pycocoevalcap.spice.spice").Spice().compute_score(gts, res)[0])
-    except subprocess.CalledProcessError as e:
-        raise MetricUnavailableError(f"SPICE failed (java exit status {e.returncode}, its message above); it needs "
-                                     "Java 8 or 11 and 8 GB of memory") from e
+        spice = spice_score(ref_tokens, hyp_tokens)
+    except MetricUnavailableError as e:
+        warnings.warn(f"SPICE and SPIDEr not computed: {e}", stacklevel=2)
+        return {"CIDEr": cider, "SPICE": None, "SPIDEr": None}
     return {"CIDEr": cider, "SPICE": spice, "SPIDEr": (cider + spice) / 2}
+
+
+def cider_score(ref_tokens: Sequence[Sequence[str]], hyp_tokens: Sequence[str]) -> float:
+    """pycocoevalcap's CIDEr-D of `coco_tokenize`'s output (see `caption_scores`)."""
+    gts, res = dict(enumerate(ref_tokens)), {i: [hyp] for i, hyp in enumerate(hyp_tokens)}
+    return float(_package("pycocoevalcap.cider.cider").Cider().compute_score(gts, res)[0])
+
+
+def spice_score(ref_tokens: Sequence[Sequence[str]], hyp_tokens: Sequence[str]) -> float:
+    """SPICE of `coco_tokenize`'s output as pycocoevalcap's `Spice` computes it: `java -jar -Xmx8G spice-1.0.jar
+    IN -cache DIR -out OUT -subset -silent`, then the mean of every clip's "All" F-score. pycocoevalcap writes IN,
+    OUT and the cache beside the jar (a read-only site-packages fails) and starts a download when CoreNLP is
+    missing; here they go to a temporary directory, and a missing CoreNLP raises MetricUnavailableError saying how
+    to fetch it (`spice_unavailable`), as does a failing SPICE (1.0 is reported to fail on Java 17 and later; the
+    official setup uses Java 8)."""
+    why = spice_unavailable()
+    if why is not None:
+        raise MetricUnavailableError(why)
+    jar = Path(_package("pycocoevalcap.spice.spice").__file__).parent / "spice-1.0.jar"
+    clips = [{"image_id": i, "test": hyp, "refs": list(refs)} for i, (refs, hyp) in
+             enumerate(zip(ref_tokens, hyp_tokens))]
+    with tempfile.TemporaryDirectory(prefix="qwenaudio-spice-") as work:
+        source, out = Path(work) / "in.json", Path(work) / "out.json"
+        source.write_text(json.dumps(clips, indent=2))
+        command = ["java", "-jar", "-Xmx8G", str(jar), str(source), "-cache", str(Path(work) / "cache"),
+                   "-out", str(out), "-subset", "-silent"]
+        done = subprocess.run(command, cwd=work, check=False)
+        if done.returncode:
+            raise MetricUnavailableError(f"SPICE failed (java exit status {done.returncode}, its message above); it "
+                                         "needs Java 8 or 11 and 8 GB of memory")
+        results = json.loads(out.read_text())
+    return float(sum(_float(r["scores"]["All"]["f"]) for r in results) / len(results))
+
+
+def _float(value: Any) -> float:
+    """As pycocoevalcap's `Spice.float_convert`: a value that is not a number is NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

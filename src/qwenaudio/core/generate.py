@@ -238,6 +238,7 @@ def generate(
     attention_mask: Tensor | None = None,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """New ids of each row, up to (not including) its stop token.
 
@@ -245,6 +246,8 @@ def generate(
     stop string appeared?), so a GPU is never kept waiting for Python between tokens. Rows are independent, so a
     row whose stop string is found a few steps late has only made tokens that are cut away, and the replies equal
     `generate_steps`' step by step; the loop ends at most CHECK_EVERY - 1 steps after the last row stops.
+    `progress(steps made, budget)` is called at each of those looks, so a long decode can show that it moves
+    without adding a wait of its own (the budget is max_new_tokens after `_fit_context`).
     """
     decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, None)
     config, b = decoding.config, input_ids.shape[0]
@@ -272,6 +275,8 @@ def generate(
                 if ended[row]:
                     decoding.done[row] = True  # padding from now on, as generate_steps would feed it
             looked = step + 1
+            if progress is not None:
+                progress(looked, config.max_new_tokens)
             if last or all(ended):
                 break
         decoding.feed(ids, step)
