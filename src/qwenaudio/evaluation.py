@@ -141,7 +141,7 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
     line that is not JSON or that `parse` refuses with InputError, naming the file and line, so one bad line
     never hides the others. `limit` stops after that many lines, good or bad."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the data file ({e})") from None
     parsed: list[T] = []
