@@ -626,13 +626,14 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
         finetune.train(model, args.examples, args.output_dir, args.config, eval_examples=args.eval_examples,
                        resume=args.resume, progress=progress, saved=saved,
                        inputs={"model": fingerprint(resolve(args.model))})
+        if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
+            target = finetune.save_model(model, resolve(args.model), args.result)
+        elif args.rank == 0:
+            with finetune.output_errors(args.result):
+                target = lora.save_adapter(model, args.result, base_model=str(args.model))
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
-        target = finetune.save_model(model, resolve(args.model), args.result)
-    elif args.rank == 0:
-        target = lora.save_adapter(model, args.result, base_model=str(args.model))
     if args.rank:
         return 0
     print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)

@@ -818,7 +818,7 @@ class _Log:
     def __init__(self, output_dir: Path, done: int):
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
-            with _writes(self.path):
+            with output_errors(self.path):
                 kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= done]
                 write_text(self.path, "".join(line + "\n" for line in kept))
         try:
@@ -829,7 +829,7 @@ class _Log:
             self.board = SummaryWriter(str(output_dir / "tensorboard"), purge_step=done + 1)
 
     def write(self, record: dict[str, Any]) -> None:
-        with _writes(self.path), open(self.path, "a", encoding="utf-8") as f:
+        with output_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.board:
             for key, value in record.items():
@@ -854,7 +854,7 @@ def _step_of(line: str) -> float:
 
 
 @contextmanager
-def _writes(what: Path) -> Iterator[None]:
+def output_errors(what: Path) -> Iterator[None]:
     """A write that fails (a full disk: OSError, torch.save's RuntimeError "unexpected pos", safetensors'
     SafetensorError; a read-only directory) as one OutputError naming `what`."""
     try:
@@ -887,7 +887,7 @@ def _save(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler
     _finite(tensors, f"the checkpoint of step {len(losses)}")
     if not write:
         return
-    with _writes(directory), building(directory, replace=True) as partial:
+    with output_errors(directory), building(directory, replace=True) as partial:
         with writing(partial / "trainable.safetensors") as path:
             save_file(tensors, str(path))
         with writing(partial / "state.pt") as path:
@@ -939,7 +939,7 @@ def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path
         return target
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} exists and is not empty: the fine-tuned model goes to a new directory")
-    with _writes(target), building(target, replace=target.exists()) as partial:
+    with output_errors(target), building(target, replace=target.exists()) as partial:
         save_checkpoint(state, partial)
         for file in source.iterdir():
             if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE:

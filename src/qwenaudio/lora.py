@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .core.checkpoint import PREFIXES
 from .core.errors import InputError
-from .core.files import building, write_text
+from .core.files import building, write_text, writing
 from .core.model import QwenAudio
 
 DECODER_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # the attention and MLP linears of every decoder block
@@ -145,7 +145,8 @@ def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") 
                    "init_lora_weights": True}
     with building(directory, replace=Path(directory).exists()) as partial:
         tensors = {name: p.detach().contiguous() for name, p in lora_parameters(model).items()}
-        save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with writing(partial / "adapter_model.safetensors") as path:  # synced, the usual permissions
+            save_file(tensors, str(path), metadata={"format": "pt"})
         write_text(partial / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
     return Path(directory)
 
