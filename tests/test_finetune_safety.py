@@ -177,7 +177,8 @@ def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_
     err = capsys.readouterr().err
     assert "checkpoint saved at step 2/3: " in err and err.rstrip().endswith(
         "interrupted; rerun with --resume to continue from the last checkpoint")
-    assert cli.main(run) == 2 and "holds a run (checkpoint, metrics.jsonl" in capsys.readouterr().err
+    assert cli.main(run) == 2 and "holds a run: --resume continues it, or choose another --output-dir (it holds checkpoint, metrics.jsonl" in \
+        capsys.readouterr().err
     assert cli.main([*run, "--resume"]) == 0
     err = capsys.readouterr().err
     assert "step 3/3 loss" in err and "step 2/3" not in err and f"wrote {tmp_path / 'out' / 'model'}" in err
@@ -219,6 +220,9 @@ def test_a_resume_refuses_other_data_held_out_data_or_base_model_before_the_mode
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and named in err and "was trained on other inputs" in err, err
     monkeypatch.undo()
+    config = finetune.TrainConfig(batch_size=2, lr=1e-3, part="projection")
+    with pytest.raises(qwenaudio.InputError, match=r"other inputs: the model's dtype \(--dtype, --int8\) differ"):
+        finetune.check_resume(tmp_path / "out" / "checkpoint", config, {**inputs, "weights": "bfloat16"})
     assert cli.main([*run, "--model", str(tiny_ckpt), "--resume"]) == 0  # the same again: it continues
 
 

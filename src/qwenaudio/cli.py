@@ -573,16 +573,16 @@ def _plan_finetune_outputs(args: argparse.Namespace) -> None:
     refuse_inputs(writes, [args.data, *filter(None, [args.eval_data, model]), *clips])
     if model is not None and out.exists() and out.resolve() == model.resolve():
         raise OutputError(f"--output-dir {out} is the model's directory: the run's files would change its files")
-    if args.result.exists():
-        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
     found = [path.name for path in writes if path.exists()]
     if found and not args.resume:
-        raise InputError(f"{out} holds a run ({', '.join(found)}): --resume continues it, or choose another "
-                         "--output-dir")
+        raise InputError(f"{out} holds a run: --resume continues it, or choose another --output-dir (it holds "
+                         f"{', '.join(found)})")
     if args.resume:
         inputs = {"model": fingerprint(model)} if model is not None else {}
         finetune.check_resume(out / "checkpoint", args.config,
                               finetune.run_inputs(args.examples, args.eval_examples, **inputs))
+    if args.result.exists():
+        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
     if out.exists() and not out.is_dir():
         raise InputError(f"--output-dir {out} is a file, not a directory")
     try:
