@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -653,13 +654,11 @@ def _deferred_interrupts() -> Iterator[None]:
             restore()
             signal.raise_signal(signum)
 
-    try:
-        for kind in previous:
-            signal.signal(kind, defer)
-    except (ValueError, TypeError):  # not the main thread, or a handler set outside Python that cannot be put back
-        restore() if None not in previous.values() else None
-        yield
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # no handler can be set here, or one set outside Python could not be put back
         return
+    for kind in previous:
+        signal.signal(kind, defer)
     try:
         yield
     finally:
