@@ -22,7 +22,8 @@ from qwenaudio import cli
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP0, CLIP1 = REPO_ROOT / "tests" / "golden" / "clip0.wav", REPO_ROOT / "tests" / "golden" / "clip1.wav"
 ASR = "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>"
-GOOD = [{"audio": str(CLIP0), "prompt": ASR, "response": "one"}, {"audio": str(CLIP1), "prompt": ASR, "response": "two"}]
+GOOD = [{"audio": str(CLIP0), "prompt": ASR, "response": "one"},
+        {"audio": str(CLIP1), "prompt": ASR, "response": "two"}]
 
 NUMBER = st.one_of(st.integers(-3, 3), st.integers(-2**70, 2**70), st.sampled_from([0.0, -0.0, 1e-3, 1e300, -1e-9]),
                    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "x", "1e", "0x10", "--"]))

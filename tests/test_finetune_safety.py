@@ -177,8 +177,9 @@ def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_
     err = capsys.readouterr().err
     assert "checkpoint saved at step 2/3: " in err and err.rstrip().endswith(
         "interrupted; rerun with --resume to continue from the last checkpoint")
-    assert cli.main(run) == 2 and "holds a run: --resume continues it, or choose another --output-dir (it holds checkpoint, metrics.jsonl" in \
-        capsys.readouterr().err
+    assert cli.main(run) == 2
+    assert "holds a run: --resume continues it, or choose another --output-dir (it holds checkpoint, metrics.jsonl" \
+        in capsys.readouterr().err
     assert cli.main([*run, "--resume"]) == 0
     err = capsys.readouterr().err
     assert "step 3/3 loss" in err and "step 2/3" not in err and f"wrote {tmp_path / 'out' / 'model'}" in err
@@ -339,7 +340,8 @@ def test_the_official_inline_audio_form_reads_as_the_list_form(tokenizer, tmp_pa
     parts = {"messages": [{"role": "user", "content": [{"text": "Audio 1:<audio>clips/a.wav</audio>\nwhat is it?"}]},
                           {"role": "assistant", "content": "a tone"}]}
     unclosed = {"messages": [{"role": "user", "content": "<audio>clips/a.wav"}, {"role": "assistant", "content": "x"}]}
-    missing = {"messages": [{"role": "user", "content": "<audio>nope.wav</audio>"}, {"role": "assistant", "content": "x"}]}
+    missing = {"messages": [{"role": "user", "content": "<audio>nope.wav</audio>"},
+                            {"role": "assistant", "content": "x"}]}
     data = write_rows(tmp_path / "chat.jsonl", [listed, inline, parts, unclosed, missing])
     (a, b, c), problems = finetune.read_examples(data)
     assert a.audio == b.audio == c.audio == (tmp_path / "clips" / "a.wav",) and a.turns == b.turns == c.turns
@@ -376,7 +378,8 @@ def test_library_calls_with_wrong_types_or_no_examples_are_refused(tiny_weights,
                  lambda: finetune.trainable(model, "lm_head"), lambda: finetune.reply_languages(5, "asr"),
                  lambda: finetune.reply_languages(examples, "wer"), lambda: finetune.run_inputs(None),
                  lambda: finetune.save_model("m", tmp_path, tmp_path / "m"),
-                 lambda: finetune.check_resume(tmp_path, "config", {})]:
+                 lambda: finetune.check_resume(tmp_path, "config", {}),
+                 lambda: finetune.check_resume(123, config, {}), lambda: finetune.check_resume(tmp_path, config, 5)]:
         with pytest.raises(qwenaudio.InputError):
             call()
     assert not (tmp_path / "o").exists()
@@ -473,3 +476,19 @@ def test_every_file_of_a_run_has_the_usual_permissions(tiny_ckpt, tmp_path, data
              for p in (tmp_path / "run").rglob("*") if p.is_file() and "tensorboard" not in p.parts}
     assert set(modes) == {"run/metrics.jsonl", "run/checkpoint/trainable.safetensors", "run/checkpoint/state.pt",
                           "run/checkpoint/progress.json"} and set(modes.values()) == {0o644}, modes
+
+
+def test_a_damaged_checkpoint_is_refused_by_name(tiny_weights, tmp_path, data):
+    from dataclasses import asdict
+
+    model = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", progress=False)
+    examples, _ = finetune.read_examples(data)
+    config = finetune.TrainConfig(steps=1, part="projection")
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    for progress, message in [("[1, 2]", "is not a checkpoint's progress record"), ("{oops", "cannot be read"),
+                              (json.dumps({"losses": [], "config": json.loads(json.dumps(asdict(config)))}),
+                               "the checkpoint cannot be read")]:
+        (checkpoint / "progress.json").write_text(progress)
+        with pytest.raises(qwenaudio.InputError, match=message):
+            finetune.train(model, examples, tmp_path / "run", config, resume=True)

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -50,7 +51,7 @@ from .chat import DEFAULT_SYSTEM, content_ids, query_text
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
 from .core.errors import AudioError, InputError, OutputError, TrainingError
-from .core.files import building, writing, write_text
+from .core.files import building, write_text, writing
 from .core.int8 import Int8Linear
 from .core.model import IGNORE_INDEX, QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, Tokenizer
@@ -476,14 +477,19 @@ def check_resume(directory: str | Path, config: TrainConfig, inputs: Mapping[str
     """The progress record of the checkpoint in `directory` (losses, settings, inputs), if resuming it with
     `config` and `inputs` continues the same run; else InputError naming each difference. Inputs the checkpoint
     did not record (one written before they were) are not compared."""
-    directory = Path(directory)
+    _expect(directory, (str, Path), "directory", "a checkpoint directory")
     _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    _expect(inputs, Mapping, "inputs", "a mapping of input names to digests (run_inputs)")
+    directory = Path(directory)
     try:
         saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"nothing to resume: {directory} holds no checkpoint") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{directory}/progress.json cannot be read ({e}): the checkpoint is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(
+            saved.get("losses"), list):
+        raise InputError(f"{directory}/progress.json is not a checkpoint's progress record: the checkpoint is damaged")
     now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
     changed = [k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
     if changed:
@@ -899,13 +905,16 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
              losses: list[float]) -> list[float]:
     """Load the checkpoint `check_resume` accepted (its `losses`) into the parameters, optimizer, schedule and
     torch's random state."""
-    tensors = load_file(str(directory / "trainable.safetensors"))
+    try:
+        tensors = load_file(str(directory / "trainable.safetensors"))
+        state = torch.load(directory / "state.pt", weights_only=True)
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise InputError(f"{directory}: the checkpoint cannot be read ({e}); start in another --output-dir") from None
     if set(tensors) != set(params):
         raise InputError(f"{directory} holds other parameters than part {config.part!r} trains")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(parallel.shard_like(param, tensors[name].to(param.dtype)))
-    state = torch.load(directory / "state.pt", weights_only=True)
     for i, param in enumerate(params.values()):  # whole moments, cut into this process's shards
         moments = state["optimizer"]["state"].get(i, {})
         for key, value in moments.items():
