@@ -539,7 +539,8 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     for name, function in (("progress", progress), ("saved", saved)):
         if function is not None and not callable(function):
             raise InputError(f"{name} must be a function or None, got {function!r:.80}")
-    inputs = run_inputs(examples, eval_examples, weights=_weights(model), **dict(inputs or {}))
+    _expect(inputs, (Mapping, type(None)), "inputs", "a mapping of input names to digests, or None")
+    inputs = {**run_inputs(examples, eval_examples, weights=_weights(model)), **dict(inputs or {})}
     output_dir = Path(output_dir)
     if config.eval_task:
         reply_languages(eval_examples, config.eval_task)  # refuse what cannot be scored before training
