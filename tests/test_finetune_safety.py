@@ -492,3 +492,30 @@ def test_a_damaged_checkpoint_is_refused_by_name(tiny_weights, tmp_path, data):
         (checkpoint / "progress.json").write_text(progress)
         with pytest.raises(qwenaudio.InputError, match=message):
             finetune.train(model, examples, tmp_path / "run", config, resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_command_saves_and_the_resumed_adapter_is_the_uninterrupted_one(kind, tiny_ckpt, tmp_path,
+                                                                                         data):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QWENAUDIO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "qwenaudio", "finetune", "--model", str(tiny_ckpt), "--data", str(data), "--steps",
+           "6", "--batch-size", "2", "--lr", "1e-2", "--lora-rank", "2", "--lora-dropout", "0.2", "--device", "cpu"]
+    cut = subprocess.Popen([*run, "--output-dir", str(tmp_path / "cut")], env=env, stderr=subprocess.PIPE, text=True)
+    for line in cut.stderr:
+        if line.startswith("step 2/6"):
+            cut.send_signal(getattr(signal, kind))
+            break
+    err = cut.stderr.read()
+    assert cut.wait(timeout=120) == 128 + getattr(signal, kind), err
+    step = int(err.split("checkpoint saved at step ")[1].split("/")[0])
+    assert step >= 2 and err.endswith("interrupted; rerun with --resume to continue from the last checkpoint\n")
+    for output, more in (("cut", ["--resume"]), ("whole", [])):
+        done = subprocess.run([*run, "--output-dir", str(tmp_path / output), *more], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
