@@ -466,16 +466,21 @@ def test_a_full_disk_is_one_error_line_and_the_previous_checkpoint_stays(failing
 
 
 def test_every_file_of_a_run_has_the_usual_permissions(tiny_ckpt, tmp_path, data):
+    from qwenaudio.lora import save_adapter
+
     umask = os.umask(0o022)
     try:
-        finetune.train(model_of(tiny_ckpt), finetune.read_examples(data)[0], tmp_path / "run",
-                       finetune.TrainConfig(steps=1, batch_size=2, part="projection"))
+        model = model_of(tiny_ckpt)
+        finetune.train(model, finetune.read_examples(data)[0], tmp_path / "run",
+                       finetune.TrainConfig(steps=1, batch_size=2, lora=LoraConfig(rank=2)))
+        save_adapter(model, tmp_path / "run" / "adapter")
     finally:
         os.umask(umask)
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
              for p in (tmp_path / "run").rglob("*") if p.is_file() and "tensorboard" not in p.parts}
     assert set(modes) == {"run/metrics.jsonl", "run/checkpoint/trainable.safetensors", "run/checkpoint/state.pt",
-                          "run/checkpoint/progress.json"} and set(modes.values()) == {0o644}, modes
+                          "run/checkpoint/progress.json", "run/adapter/adapter_model.safetensors",
+                          "run/adapter/adapter_config.json"} and set(modes.values()) == {0o644}, modes
 
 
 def test_a_damaged_checkpoint_is_refused_by_name(tiny_weights, tmp_path, data):
