@@ -158,6 +158,10 @@ def test_a_checkpoint_is_saved_every_few_minutes_by_the_wall_clock_and_the_logge
     assert saved == [2, 4]
     rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25])  # warmup's 1e-3, then the cosine
+    longer = finetune.TrainConfig(**{**config.__dict__, "steps": 6})  # resumed with more steps: today's schedule
+    finetune.train(model_of(tiny_ckpt), examples, tmp_path / "run", longer, resume=True)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rates[4:] == pytest.approx([1e-3 * finetune.schedule(step, longer) for step in (4, 5)])
 
 
 def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_ckpt, tmp_path, data, monkeypatch,

@@ -587,7 +587,7 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
             loss, tokens = _step(engine, model, batches, params, optimizer, config, step, output_dir, world)
             done = step + 1
             with _deferred_interrupts():  # the update, the schedule and the record move together, or not at all
-                record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],  # the rate this update uses
+                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],  # this update's rate
                           "tokens": tokens, "seconds": time.monotonic() - started}
                 optimizer.step()
                 scheduler.step()
