@@ -108,7 +108,7 @@ def test_bad_lines_are_named_by_file_and_line(tmp_path):
     examples, problems = finetune.read_examples(data)
     assert len(examples) == 1 and problems == [
         f"{data}:1: not a JSON object (Expecting property name enclosed in double quotes at column 2)",
-        f"{data}:2: audio {tmp_path / 'missing.wav'}: no such file",
+        f"{data}:2: audio {tmp_path / 'missing.wav'}: no such audio file",
         f"{data}:3: audio {long} lasts 31.0 s; the model hears at most 30 s: cut it",
         f"{data}:4: 'response' is empty: there is nothing to learn",
         f"{data}:5: the conversation must end with an assistant message (its reply is what is learned)",
@@ -117,8 +117,8 @@ def test_bad_lines_are_named_by_file_and_line(tmp_path):
         f"{data}:7: message 0 has 2 <audio> placeholder(s) but 'audios' has only 1 path(s) left",
         f"{data}:8: no 'prompt' field and no task (give 'task' in the row or for the file): one of asr, st, srwt, "
         "caption, aqa, emotion, vocal_sound, scene, note_analysis, got None",
-        f"{data}:9: audio {tmp_path / 'broken.wav'}: cannot be read ("
-        + problems[8].split("cannot be read (", 1)[1]]
+        f"{data}:9: audio {tmp_path / 'broken.wav'}: not a readable audio file ("
+        + problems[8].split("not a readable audio file (", 1)[1]]
 
 
 def test_a_batch_is_right_padded_and_learned_from(tiny_ckpt, tmp_path):
@@ -246,7 +246,7 @@ def test_the_finetune_command_trains_resumes_and_refuses_bad_data(tiny_ckpt, tmp
     bad = write_rows(tmp_path / "bad.jsonl", [*rows, {"audio": "nope.wav", "prompt": ASR, "response": "x"}])
     refused = qwenaudio_cli(*run[:3], "--data", bad, "--output-dir", tmp_path / "o2", home=tmp_path)
     assert refused.returncode == 2 and "1 of 5 lines cannot be trained on" in refused.stderr
-    assert f"{bad}:5: audio {tmp_path / 'nope.wav'}: no such file" in refused.stderr
+    assert f"{bad}:5: audio {tmp_path / 'nope.wav'}: no such audio file" in refused.stderr
     assert not (tmp_path / "o2").exists()  # refused before anything was written
 
 

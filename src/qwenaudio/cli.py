@@ -30,10 +30,10 @@ from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE, as_waveform
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError, TrainingError
-from .core.files import refuse_inputs, write_text
+from .core.files import fingerprint, refuse_inputs, write_text
 from .core.model import QwenAudio, as_device, as_dtype, default_dtype
 from .core.tokenizer import LANGUAGES
-from .hub import load, report_progress, resolve
+from .hub import load, looks_like_path, report_progress, resolve
 from .longform import Segment, text_of, words_of
 from .quantize import save_quantized
 from .subtitles import Word, cues, to_json, to_srt, to_vtt
@@ -216,9 +216,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
                                            "chat form or ms-swift form; see README), checkpoints as it goes, the "
                                            "fine-tuned model in the official layout at the end.",
-                               epilog="exit status: 0 done, 1 training stopped (a loss that is not finite; the last "
-                                      "checkpoint is kept), 2 bad arguments or data (found before the model loads), "
-                                      "3 the model could not be loaded, 130 interrupted (--resume continues)")
+                               epilog="exit status: 0 done, 1 training stopped (a loss or weights that are not "
+                                      "finite, a full disk, an unwritable --output-dir; the last checkpoint is "
+                                      "kept), 2 bad arguments or data (found before the model loads), 3 the model "
+                                      "could not be loaded, 130 interrupted by Ctrl-C, 143 by SIGTERM (a checkpoint "
+                                      "of the last whole step is saved first: --resume continues)")
     tune.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="the training examples")
     tune.add_argument("--eval-data", type=Path, metavar="FILE.jsonl",
                       help="held-out examples (same forms): eval_loss in metrics.jsonl every --eval-every steps")
@@ -240,7 +242,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--weight-decay", type=float, default=0.0)
     tune.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm; 0: off")
     tune.add_argument("--seed", type=int, default=0, help="the data order")
-    tune.add_argument("--save-every", type=int, default=0, metavar="N", help="steps between checkpoints; 0: the end")
+    tune.add_argument("--save-every", type=int, default=0, metavar="N",
+                      help="steps between checkpoints; 0 (default): only at the end, on Ctrl-C and by --save-minutes")
+    tune.add_argument("--save-minutes", type=float, default=finetune.TrainConfig.save_minutes, metavar="M",
+                      help=f"also save a checkpoint every M minutes of wall time; 0: off; default "
+                           f"{finetune.TrainConfig.save_minutes:g}")
     tune.add_argument("--precision", choices=finetune.PRECISIONS, default="auto",
                       help="bf16: forward under bf16 autocast, fp32 weights and optimizer; auto (default): bf16 on "
                            "GPUs that run it, else fp32")
@@ -254,9 +260,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     tune.add_argument("--lora-rank", type=int, default=0, metavar="R",
                       help="train a LoRA adapter of rank R instead of --train's weights (0: full fine-tuning)")
-    tune.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha; default 2 × rank")
-    tune.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
-    tune.add_argument("--lora-targets", nargs="+", default=list(lora.DECODER_TARGETS), metavar="NAME",
+    tune.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (> 0); default 2 × rank")
+    tune.add_argument("--lora-dropout", type=float, metavar="P", help="dropout before A, in [0, 1); default 0")
+    tune.add_argument("--lora-targets", nargs="+", metavar="NAME",
                       help=f"decoder linears to adapt; default {' '.join(lora.DECODER_TARGETS)}")
     tune.add_argument("--lora-encoder", action="store_true", help="also adapt the audio encoder's linears")
     tune.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilized LoRA)")
@@ -598,17 +604,35 @@ def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
     return 1 if summary and not summary["complete"] else 0
 
 
+# LoRA's options, which mean nothing without --lora-rank: (option, its attribute, its value when not given).
+LORA_OPTIONS = (("--lora-alpha", "lora_alpha", None), ("--lora-dropout", "lora_dropout", None),
+                ("--lora-targets", "lora_targets", None), ("--lora-encoder", "lora_encoder", False),
+                ("--rslora", "rslora", False))
+
+
 def plan_finetune(args: argparse.Namespace) -> None:
-    """Before the model loads: the settings, every data line (all bad ones listed), and the output directory."""
-    adapter = args.lora_rank and lora.LoraConfig(
-        rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank, dropout=args.lora_dropout,
-        rslora=args.rslora, targets=tuple(args.lora_targets), encoder=args.lora_encoder)
+    """Before the model loads: the settings, every data line (all bad ones listed), what the run writes (never one
+    of its inputs, into a directory it can write) and, with --resume, that the checkpoint's run is this one."""
+    ignored = [option for option, name, unset in LORA_OPTIONS if getattr(args, name) != unset]
+    if ignored and not args.lora_rank:
+        raise InputError(f"{', '.join(ignored)}: LoRA's options need --lora-rank R (0, the default, is full "
+                         "fine-tuning)")
+    adapter = args.lora_rank and lora.LoraConfig(  # only an absent alpha defaults: 0 or -4 are refused
+        rank=args.lora_rank, alpha=2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
+        dropout=args.lora_dropout or 0.0, rslora=args.rslora, encoder=args.lora_encoder,
+        targets=tuple(args.lora_targets or lora.DECODER_TARGETS))
     args.config = finetune.TrainConfig(
         lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        seed=args.seed, part=args.train, save_every=args.save_every,
+        seed=args.seed, part=args.train, save_every=args.save_every, save_minutes=args.save_minutes,
         activation_checkpointing=not args.no_activation_checkpointing, precision=args.precision, shard=args.fsdp,
         eval_every=args.eval_every, eval_task=args.eval_task)
+    if args.adapter:
+        raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
+    if args.int8 and not adapter:
+        raise InputError("--int8: int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
+    if args.int4:
+        raise InputError("--int4: int4 layers run inference only; train a LoRA adapter over --int8")
     args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
     args.eval_examples = []
     if args.eval_data:  # held-out data must be whole: a skipped line would change what eval_loss means
@@ -627,26 +651,55 @@ def plan_finetune(args: argparse.Namespace) -> None:
                          f"(fix them, or --skip-bad to train on the rest):\n  {shown}")
     if not args.examples:
         raise InputError(f"{args.data}: no line can be trained on")
-    started = (args.output_dir / "checkpoint").exists()
-    if started and not args.resume:
-        raise InputError(f"{args.output_dir} holds a run: --resume continues it, or choose another --output-dir")
-    if args.resume and not started:
-        raise InputError(f"--resume: {args.output_dir} holds no checkpoint")
     args.result = args.output_dir / ("adapter" if adapter else "model")
-    if args.result.exists():
-        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
-    if args.adapter:
-        raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
-    if args.int8 and not adapter:
-        raise InputError("--int8: int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
-    if args.int4:
-        raise InputError("--int4: int4 layers run inference only; train a LoRA adapter over --int8")
+    _plan_finetune_outputs(args)
     if not adapter:
         args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights (LoRA's are fp32 anyway)
 
 
+def _plan_finetune_outputs(args: argparse.Namespace) -> None:
+    """What the run writes (checkpoint/, metrics.jsonl, tensorboard/, model/ or adapter/) must replace none of its
+    inputs (the data files, the clips, the model) and go to a directory that can be written; a new run starts in a
+    directory that holds no run's files, and --resume continues the run the checkpoint records (its settings, data,
+    held-out data and model files)."""
+    out = args.output_dir
+    writes = [out / "checkpoint", out / "metrics.jsonl", out / "tensorboard", args.result]
+    model = _local_model(args.model, resolving=args.resume)
+    clips = {path.parent for e in (*args.examples, *args.eval_examples) for path in e.audio}
+    refuse_inputs(writes, [args.data, *filter(None, [args.eval_data, model]), *clips])
+    if model is not None and out.exists() and out.resolve() == model.resolve():
+        raise OutputError(f"--output-dir {out} is the model's directory: the run's files would change its files")
+    found = [path.name for path in writes if path.exists()]
+    if found and not args.resume:
+        raise InputError(f"{out} holds a run: --resume continues it, or choose another --output-dir (it holds "
+                         f"{', '.join(found)})")
+    if args.resume:
+        inputs = {"model": fingerprint(model)} if model is not None else {}
+        finetune.check_resume(out / "checkpoint", args.config,
+                              finetune.run_inputs(args.examples, args.eval_examples, **inputs))
+    if args.result.exists():
+        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise OutputError(f"--output-dir {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _local_model(name: str | Path, *, resolving: bool) -> Path | None:
+    """The model's directory when it is named by path or, when `resolving`, found or fetched as loading would;
+    else None (a repo id is looked up when the model loads, after the processes have joined)."""
+    try:
+        return resolve(name) if resolving or looks_like_path(name) else None
+    except QwenAudioError:  # loading names the problem (exit 3)
+        return None
+
+
 def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Train, printing a line per step; write the fine-tuned checkpoint to OUTPUT_DIR/model."""
+    """Train, printing a line per step and one per checkpoint; write the fine-tuned checkpoint to OUTPUT_DIR/model
+    (or the adapter to OUTPUT_DIR/adapter)."""
     total, started = args.config.steps, time.monotonic()
 
     def progress(record: dict) -> None:
@@ -659,19 +712,24 @@ def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
               f"ETA {int(eta) // 60}:{int(eta) % 60:02d}{evaluated}", file=sys.stderr, flush=True)
         last[0] = record["seconds"]
 
+    def saved(step: int) -> None:
+        print(f"checkpoint saved at step {step}/{total}: {args.output_dir / 'checkpoint'}", file=sys.stderr, flush=True)
+
     last, first = [0.0], 0
     if args.resume:
         first = len(json.loads((args.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
     try:
         finetune.train(model, args.examples, args.output_dir, args.config, eval_examples=args.eval_examples,
-                       resume=args.resume, progress=progress)
+                       resume=args.resume, progress=progress, saved=saved,
+                       inputs={"model": fingerprint(resolve(args.model))})
+        if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
+            target = finetune.save_model(model, resolve(args.model), args.result)
+        elif args.rank == 0:
+            with finetune.output_errors(args.result):
+                target = lora.save_adapter(model, args.result, base_model=str(args.model))
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
-        target = finetune.save_model(model, resolve(args.model), args.result)
-    elif args.rank == 0:
-        target = lora.save_adapter(model, args.result, base_model=str(args.model))
     if args.rank:
         return 0
     print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)

@@ -197,7 +197,7 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
     _optional(limit, int, "limit")
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the data file ({e})") from None
     parsed: list[T] = []

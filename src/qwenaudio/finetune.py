@@ -9,41 +9,50 @@ Three forms are read, one example a line, audio paths relative to the file:
 - chat form, for Qwen-Audio-Chat: `{"messages": [{"role": "user", "content": [{"audio": "a.wav"}, {"text": "…"}]},
   {"role": "assistant", "content": "…"}, …]}` (an optional first `system` message), rendered as the official
   ChatML context (chat.py's pieces, `Audio 1:` labels per turn); the model learns each assistant reply and its
-  `<|im_end|>`, nothing else;
+  `<|im_end|>`, nothing else. Text may also hold the official inline form that `tokenizer.from_list_format` writes,
+  `"Audio 1:<audio>a.wav</audio>\nwhat is it?"`;
 - ms-swift's form: `{"messages": [{"role": "user", "content": "<audio>what is said?"}, …], "audios": ["a.wav"]}`,
   each `<audio>` placeholder taking the next path of `audios`; read as the chat form.
 
-Every line is checked when the file is read (JSON, fields, turns in order, clips that exist, are readable and last
-at most 30 s, non-empty replies), so a bad line is named by file and line before any training starts. Token ids
+Every line is checked when the file is read (JSON, fields, turns in order, clips that load as the model takes them
+(`audio.as_waveform`: readable, finite, long enough for one audio token) and last at most 30 s, non-empty replies),
+so a bad line is named by file and line before any training starts. Token ids
 are made when a batch is put together, from the clips as loaded (a clip's span depends on its exact length).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import os
+import pickle
 import re
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import evaluation, parallel, scoring
 from .batch import gather, seconds
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
-from .core.audio import CHUNK_LENGTH, audio_span, load_audio
+from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
-from .core.errors import InputError, TrainingError
-from .core.files import building, write_text
+from .core.errors import AudioError, InputError, OutputError, TrainingError
+from .core.files import building, write_text, writing
+from .core.int8 import Int8Linear
 from .core.model import IGNORE_INDEX, QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, Tokenizer
 from .lora import LoraConfig, apply_lora, lora_parameters
@@ -68,9 +77,13 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
     """The examples of a JSON Lines file and one message per line that cannot be trained on, naming the file and
     line (blank lines are not examples). `task` reads rows without a prompt (the official evaluation files) as that
     task of `evaluation.TASKS`; `language` is the spoken language such rows need when they do not say it."""
+    _expect(path, (str, Path), "path", "a JSON Lines file")
+    _expect(task, (str, type(None)), "task", "a task name or None")
+    _expect(language, (str, type(None)), "language", "a language tag or None")
     path = Path(path)
     if task is not None and task not in evaluation.TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(evaluation.TASKS)}")
+    checked: dict[Path, str | None] = {}  # each clip's problem, found once however many lines name it
 
     def parse(row: Any, _: int, where: str) -> Example:
         if not isinstance(row, dict):
@@ -78,7 +91,10 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
         example = _chat(row, where, path.parent) if "messages" in row else _task(row, where, path.parent, task,
                                                                                  language)
         for clip in example.audio:
-            _check_clip(clip)
+            if clip not in checked:
+                checked[clip] = _clip_problem(clip)
+            if checked[clip]:
+                raise InputError(checked[clip])
         return example
 
     return evaluation.read_lines(path, parse)
@@ -121,20 +137,17 @@ def _chat(row: dict, where: str, root: Path) -> Example:
         raise InputError("'messages' must be a non-empty list of {role, content}")
     audios = row.get("audios")
     pending = list(audios) if isinstance(audios, list) else None  # ms-swift: <audio> placeholders take these
-    system, turns, clips, user = DEFAULT_SYSTEM, [], [], None
+    system, turns, user = DEFAULT_SYSTEM, [], None
     for k, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise InputError(f"message {k} must be {{'role': system|user|assistant, 'content': …}}, got "
                              f"{json.dumps(message, ensure_ascii=False)[:80]}")
         role, content = message["role"], message.get("content")
         if role == "system" and k == 0:
-            system = _text(message, "content")
+            system = _inline_audio(_text(message, "content"), root)
         elif role == "user" and user is None:
             parts = _swift_parts(content, pending, k) if pending is not None else content
-            parts = [{"audio": str(_resolve(root, p["audio"]))} if isinstance(p, dict) and "audio" in p else p
-                     for p in ([parts] if isinstance(parts, str) else parts or [])]
-            user = query_text(parts)
-            clips += [Path(p["audio"]) for p in parts if isinstance(p, dict) and "audio" in p]
+            user = query_text(_user_parts(parts, root, k))
         elif role == "assistant" and user is not None:
             turns.append((user, _text(message, "content")))
             user = None
@@ -145,7 +158,41 @@ def _chat(row: dict, where: str, root: Path) -> Example:
         raise InputError("the conversation must end with an assistant message (its reply is what is learned)")
     if pending:
         raise InputError(f"'audios' has {len(pending)} more path(s) than the messages have <audio> placeholders")
-    return Example(where, tuple(clips), system=system, turns=tuple(turns))
+    clips = AUDIO_REGION.findall(system + "".join(user for user, _ in turns))  # in the order the model reads them
+    return Example(where, tuple(map(Path, clips)), system=system, turns=tuple(turns))
+
+
+AUDIO_REGION = re.compile(r"<audio>(.*?)</audio>", re.DOTALL)
+
+
+def _user_parts(content: Any, root: Path, k: int) -> list:
+    """A user message's content as `query_text` parts, every clip's path resolved against the data file's
+    directory: a string, or a list of strings, `{"text": …}` and `{"audio": PATH}` parts."""
+    parts = [content] if isinstance(content, str) else content if isinstance(content, list) else None
+    if parts is None:
+        raise InputError(f"message {k}: content must be a string or a list of {{'text': …}} and {{'audio': PATH}} "
+                         f"parts, got {json.dumps(content, ensure_ascii=False)[:80]}")
+    resolved = []
+    for part in parts:
+        if isinstance(part, dict) and "audio" in part:
+            resolved.append({"audio": str(_resolve(root, part["audio"]))})
+        elif isinstance(part, dict) and isinstance(part.get("text"), str):
+            resolved.append({"text": _inline_audio(part["text"], root)})
+        elif isinstance(part, str):
+            resolved.append(_inline_audio(part, root))
+        else:
+            raise InputError(f"message {k}: a content part must be a string, {{'text': …}} or {{'audio': PATH}}, "
+                             f"got {json.dumps(part, ensure_ascii=False)[:80]}")
+    return resolved
+
+
+def _inline_audio(text: str, root: Path) -> str:
+    """Text in the official inline form (`from_list_format` writes `Audio 1:<audio>a.wav</audio>\n…`) with each
+    region's path resolved as a clip part's is; an unclosed region is refused here, not at the step that reads it."""
+    regions = AUDIO_REGION.findall(text)
+    if text.count("<audio>") != len(regions) or text.count("</audio>") != len(regions):
+        raise InputError("an <audio> tag is not closed by </audio> (the inline form is <audio>PATH</audio>)")
+    return AUDIO_REGION.sub(lambda m: f"<audio>{_resolve(root, m.group(1))}</audio>", text)
 
 
 def _swift_parts(content: Any, pending: list, k: int) -> list:
@@ -165,28 +212,52 @@ def _swift_parts(content: Any, pending: list, k: int) -> list:
 
 
 def _resolve(root: Path, audio: Any) -> Path:
-    if not isinstance(audio, str) or not audio:
+    """An absolute path: the same clip has the same name however the data file was named (a resumed run keys on
+    the examples)."""
+    if not isinstance(audio, str) or not audio.strip():
         raise InputError(f"an audio path must be a non-empty string, got {audio!r}")
-    path = Path(audio)
-    return path if path.is_absolute() else root / path
+    return Path(os.path.abspath(root / Path(audio)))
 
 
-def _check_clip(clip: Path) -> None:
-    """Missing, unreadable and over-long clips are refused here: the model hears at most 30 s, and a longer clip
-    would be learned from its first 30 s while its reply describes the whole."""
-    if not clip.is_file():
-        raise InputError(f"audio {clip}: no such file")
+def _clip_problem(clip: Path) -> str | None:
+    """Why a clip cannot be trained on, or None: it must load as the model takes it (`as_waveform`'s rules: a
+    readable audio file, finite samples, long enough for one audio token), and last at most 30 s, since the model
+    hears no more and a longer clip's reply would describe what it never hears."""
     try:
-        seconds = sf.info(str(clip)).duration
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several kinds
-        raise InputError(f"audio {clip}: cannot be read ({e})") from None
-    if seconds > CHUNK_LENGTH:
-        raise InputError(f"audio {clip} lasts {seconds:.1f} s; the model hears at most {CHUNK_LENGTH} s: cut it")
+        wave = as_waveform(clip, str(clip))
+    except AudioError as e:
+        return f"audio {e}"
+    if len(wave) > N_SAMPLES:
+        return f"audio {clip} lasts {len(wave) / SAMPLE_RATE:.1f} s; the model hears at most {CHUNK_LENGTH} s: cut it"
+    return None
+
+
+def _expect(value: Any, types: type | tuple[type, ...], name: str, what: str) -> None:
+    """InputError unless `value` is one of `types` (a bool is never taken for a number)."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,))):
+        raise InputError(f"{name} must be {what}, got {type(value).__name__} {value!r:.80}")
+
+
+def _examples(examples: Any, name: str, *, empty: bool = False) -> list[Example]:
+    """`examples` as a list, refused unless it is a sequence of `Example`s (`read_examples` makes them), non-empty
+    unless `empty` is allowed: training on nothing would wait forever for a first batch."""
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence) or not all(
+            isinstance(e, Example) for e in examples):
+        raise InputError(f"{name} must be a list of finetune.Example (from read_examples), got "
+                         f"{type(examples).__name__} {examples!r:.80}")
+    if not examples and not empty:
+        raise InputError(f"{name} is empty: there is nothing to train on")
+    return list(examples)
 
 
 def encode(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example; labels are IGNORE_INDEX wherever nothing is to be learned. `span_of(path)`
     gives each clip's audio span (`audio_span` of its length)."""
+    _expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer (model.tokenizer)")
+    _expect(example, Example, "example", "a finetune.Example (from read_examples)")
+    if not callable(span_of):
+        raise InputError(f"span_of must be a function of a clip's path, got {span_of!r:.80}")
     if example.turns:
         return _encode_chat(tokenizer, example, span_of)
     prompt = tokenizer.encode(example.prompt, audio_spans=[span_of(p) for p in tokenizer.audio_paths(example.prompt)])
@@ -215,6 +286,11 @@ def collate(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[S
             span_of: Callable[[Tensor], int]) -> tuple[Tensor, Tensor, Tensor]:
     """(input_ids, labels, attention_mask) of a batch, right-padded with <|endoftext|> (labels IGNORE_INDEX and mask
     0 there), as training reads it: every row starts at position 0. `clips[i]` are example i's loaded clips."""
+    examples = _examples(examples, "examples")
+    if not isinstance(clips, Sequence) or len(clips) != len(examples) or not all(
+            isinstance(own, Sequence) and len(own) == len(e.audio) and all(isinstance(c, Tensor) for c in own)
+            for e, own in zip(examples, clips)):
+        raise InputError("clips must hold, for each example, a list of its loaded clips (waveform tensors)")
     rows = []
     for example, own in zip(examples, clips):
         lengths = {str(path): span_of(clip) for path, clip in zip(example.audio, own)}
@@ -247,7 +323,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm (0: off)
     seed: int = 0  # the data order
     part: str = "decoder"  # one of PARTS
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and on an interrupt)
+    # minutes of wall time between checkpoints (0: off), so a kill loses at most this much: process 0's clock decides
+    # for every process, since a checkpoint gathers from all of them
+    save_minutes: float = 10.0
     activation_checkpointing: bool = True
     lora: LoraConfig | None = None  # train a LoRA adapter (everything else frozen) instead of `part`
     # "bf16": the forward under bf16 autocast, weights, gradients and AdamW state kept in fp32; "auto": bf16 on GPUs
@@ -258,6 +337,9 @@ class TrainConfig:
     eval_task: str | None = None  # also score greedy replies to the eval examples by this task's official metrics
 
     def __post_init__(self) -> None:
+        for ok, message in _train_rules(self):
+            if not ok:
+                raise InputError(message)
         if self.part not in PARTS:
             raise InputError(f"part must be one of {', '.join(PARTS)}, got {self.part!r}")
         if self.precision not in PRECISIONS:
@@ -271,19 +353,60 @@ class TrainConfig:
             raise InputError("eval_task (--eval-task) with shard (--fsdp): a sharded model computes only with every "
                              "process in step, and each process's replies end at their own length; score the result "
                              "with `qwenaudio evaluate` instead (eval_loss is still computed)")
-        for name in ("steps", "batch_size", "accumulate"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+MAX_STEPS = 10**9  # far past any run (a billion steps), and a bound the schedule and the data order can count to
+MAX_BATCH = 10**6  # examples a pass (or passes a step) that could ever fit in memory (or finish)
+SEED_LIMIT = 2**63  # torch.Generator takes seeds below 2**64; each epoch draws from seed + epoch
+
+
+def _train_rules(c: TrainConfig) -> list[tuple[bool, str]]:
+    """(holds, message) for each number and switch of a TrainConfig, checked before anything loads: a value torch
+    would fail on after minutes of loading, or train on silently (a negative clip norm, an infinite rate)."""
+    def whole(x: Any, low: int, high: int) -> bool:  # bool is an int in Python; never accept it as a count
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return [
+        (whole(c.steps, 1, MAX_STEPS), f"steps must be an int in 1..{MAX_STEPS:,}, got {c.steps!r}"),
+        (whole(c.batch_size, 1, MAX_BATCH), f"batch_size must be an int in 1..{MAX_BATCH:,}, got {c.batch_size!r}"),
+        (whole(c.accumulate, 1, MAX_BATCH), f"accumulate must be an int in 1..{MAX_BATCH:,}, got {c.accumulate!r}"),
+        (number(c.lr) and c.lr > 0, f"lr must be a finite number > 0, got {c.lr!r}"),
+        (whole(c.warmup_steps, 0, MAX_STEPS), f"warmup_steps must be an int in 0..{MAX_STEPS:,}, got "
+                                              f"{c.warmup_steps!r}"),
+        (number(c.weight_decay) and c.weight_decay >= 0,
+         f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"),
+        (number(c.max_grad_norm) and c.max_grad_norm >= 0,
+         f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {c.max_grad_norm!r}"),
+        (whole(c.seed, 0, SEED_LIMIT - 1), f"seed must be an int in 0..2**63-1, got {c.seed!r}"),
+        (whole(c.save_every, 0, MAX_STEPS), f"save_every must be an int in 0..{MAX_STEPS:,} (0: at the end), got "
+                                            f"{c.save_every!r}"),
+        (number(c.save_minutes) and c.save_minutes >= 0,
+         f"save_minutes must be a finite number >= 0 (0: off), got {c.save_minutes!r}"),
+        (whole(c.eval_every, 0, MAX_STEPS), f"eval_every must be an int in 0..{MAX_STEPS:,} (0: with each "
+                                            f"checkpoint), got {c.eval_every!r}"),
+        (isinstance(c.activation_checkpointing, bool),
+         f"activation_checkpointing must be True or False, got {c.activation_checkpointing!r}"),
+        (isinstance(c.shard, bool), f"shard must be True or False, got {c.shard!r}"),
+        (c.lora is None or isinstance(c.lora, LoraConfig), f"lora must be a lora.LoraConfig or None, got {c.lora!r}"),
+        (isinstance(c.part, str) and isinstance(c.precision, str) and isinstance(c.eval_task, (str, type(None))),
+         "part, precision and eval_task must be names (strings)"),
+    ]
 
 
 # Settings a resumed run may change: they do not change what is learned.
-RESUMABLE_CHANGES = ("steps", "save_every", "shard", "eval_every", "eval_task")
+RESUMABLE_CHANGES = ("steps", "save_every", "save_minutes", "shard", "eval_every", "eval_task")
 
 
 def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
     """The parameters `part` trains, by official tensor name; every other parameter is frozen. `projection` is the
     audio encoder's output side (ln_post, proj and the BOS/EOS rows), which maps Whisper's features into the
     decoder's space."""
+    _expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
+    if part not in PARTS:
+        raise InputError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     chosen: dict[str, nn.Parameter] = {}
     for owner in ("encoder", "decoder"):
         for path, param in getattr(model, owner).named_parameters():
@@ -299,11 +422,16 @@ def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[lis
     """Batches of example indices, epoch after epoch: each epoch shuffled with `seed + epoch`, then batched by
     length within windows of 16 batches (so a batch pads little while the order stays random), the batches of an
     epoch shuffled again. The same settings always give the same order, which is what lets a run resume."""
-    lengths = _lengths(examples)
+    examples = _examples(examples, "examples")  # none would be an endless search for a first batch
+    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    return _order(_lengths(examples), config)
+
+
+def _order(lengths: list[float], config: TrainConfig) -> Iterator[list[int]]:
     window = 16 * config.batch_size
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(config.seed + epoch)
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        order = torch.randperm(len(lengths), generator=generator).tolist()
         epoch_batches = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
@@ -319,15 +447,66 @@ def _lengths(examples: Sequence[Example]) -> list[float]:
 
 def schedule(step: int, config: TrainConfig) -> float:
     """The learning rate's multiplier at optimizer step `step` (0-based): linear warmup, then cosine decay to 0."""
+    _expect(step, int, "step", "an int (0-based optimizer step)")
+    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def run_inputs(examples: Sequence[Example], eval_examples: Sequence[Example] = (), **more: str) -> dict[str, str]:
+    """What a run's result depends on besides its settings, as a checkpoint records it: a digest of the training
+    and the held-out examples (their text and clip paths) and `more` (the command adds the base model's
+    `files.fingerprint` and its dtype). A resume with other inputs is refused (`check_resume`)."""
+    def digest(chosen: Sequence[Example]) -> str:
+        rows = [[e.prompt, e.response, e.system, e.turns, [str(p) for p in e.audio]] for e in chosen]
+        return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+    return {"examples": digest(_examples(examples, "examples")),
+            "eval_examples": digest(_examples(eval_examples, "eval_examples", empty=True)), **more}
+
+
+# What each recorded input is, for the message that refuses a resume.
+INPUT_NAMES = {"examples": "the training examples (--data, or its clips' paths)",
+               "eval_examples": "the held-out examples (--eval-data)",
+               "model": "the base model's files (--model)", "weights": "the model's dtype (--dtype, --int8)"}
+
+
+def check_resume(directory: str | Path, config: TrainConfig, inputs: Mapping[str, str]) -> dict[str, Any]:
+    """The progress record of the checkpoint in `directory` (losses, settings, inputs), if resuming it with
+    `config` and `inputs` continues the same run; else InputError naming each difference. Inputs the checkpoint
+    did not record (one written before they were) are not compared."""
+    _expect(directory, (str, Path), "directory", "a checkpoint directory")
+    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    _expect(inputs, Mapping, "inputs", "a mapping of input names to digests (run_inputs)")
+    directory = Path(directory)
+    try:
+        saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"nothing to resume: {directory} holds no checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{directory}/progress.json cannot be read ({e}): the checkpoint is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(
+            saved.get("losses"), list):
+        raise InputError(f"{directory}/progress.json is not a checkpoint's progress record: the checkpoint is damaged")
+    now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
+    changed = [k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
+    if changed:
+        raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
+                         "same ones, or start in another directory")
+    recorded = saved.get("inputs", {})
+    other = [INPUT_NAMES.get(k, k) for k, v in inputs.items() if k in recorded and recorded[k] != v]
+    if other:
+        raise InputError(f"{directory} was trained on other inputs: {'; '.join(other)} differ from what the run "
+                         "began with; resume with the same ones, or start in another --output-dir")
+    return saved
+
+
 def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path, config: TrainConfig = TrainConfig(),
           *, eval_examples: Sequence[Example] = (), resume: bool = False,
-          progress: Callable[[dict[str, Any]], None] | None = None) -> list[float]:
+          progress: Callable[[dict[str, Any]], None] | None = None, inputs: Mapping[str, str] | None = None,
+          saved: Callable[[int], None] | None = None) -> list[float]:
     """Fine-tune `model` in place on `examples` with AdamW and the official loss (the parameters of `config.part`,
     or a LoRA adapter with `config.lora`, `qwenaudio.lora.save_adapter` to keep it); returns every step's loss.
 
@@ -337,17 +516,40 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     which the model's parameters stay sharded: `save_model` gathers them), so N processes take the steps one
     process would take with `accumulate` × N.
 
-    Every `save_every` steps and at the end, the trained parameters, the optimizer, the schedule, torch's random
-    state and the losses go to `output_dir/checkpoint` (built aside and renamed, so the last one written is always
-    whole); `resume` continues from there with the same data order, to the same losses. A new run seeds torch's
-    generator with `seed` (LoRA's initial weights, dropout). Each step appends a record to
-    `output_dir/metrics.jsonl` (and to TensorBoard's `output_dir/tensorboard` when tensorboard is installed), with
-    `eval_loss` (and `eval_task`'s scores) over `eval_examples` every `eval_every` steps. A loss that is not finite
-    stops the run with TrainingError before the update, the last checkpoint kept."""
+    Every `save_every` steps, every `save_minutes` of wall time, at the end and on Ctrl-C or SIGTERM
+    (KeyboardInterrupt), the trained parameters, the optimizer, the schedule, torch's random state, the losses and
+    what the run depends on (`run_inputs`, plus `inputs`) go to `output_dir/checkpoint` (built aside and renamed, so
+    the last one written is always whole); `saved(step)` is called after each. An update is taken whole or not at
+    all (a signal during it acts once it is done), and an interrupt saves the last whole step, so `resume`
+    continues with the same data order to the same losses and weights as a run never stopped. A signal while a
+    checkpoint is written lets it finish; a second one abandons it, the previous checkpoint kept. Sharded over
+    several processes (`shard`), an interrupt saves nothing (gathering needs every process in step; the last
+    checkpoint stays); data-parallel, process 0 saves its whole copy alone. A new run seeds torch's generator with
+    `seed` (LoRA's initial weights, dropout). Each step appends a record to `output_dir/metrics.jsonl` (and to
+    TensorBoard's `output_dir/tensorboard` when tensorboard is installed), with `eval_loss` (and `eval_task`'s
+    scores) over `eval_examples` every `eval_every` steps. A loss that is not finite stops the run with
+    TrainingError before the update, and trained weights that are not finite are never written, the last
+    checkpoint kept; a checkpoint or log that cannot be written (a full disk) is OutputError."""
+    _expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
+    examples = _examples(examples, "examples")
+    eval_examples = _examples(eval_examples, "eval_examples", empty=True)
+    _expect(output_dir, (str, Path), "output_dir", "a directory path")
+    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    _expect(resume, bool, "resume", "True or False")
+    for name, function in (("progress", progress), ("saved", saved)):
+        if function is not None and not callable(function):
+            raise InputError(f"{name} must be a function or None, got {function!r:.80}")
+    _expect(inputs, (Mapping, type(None)), "inputs", "a mapping of input names to digests, or None")
+    inputs = {**run_inputs(examples, eval_examples, weights=_weights(model)), **dict(inputs or {})}
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if config.eval_task:
         reply_languages(eval_examples, config.eval_task)  # refuse what cannot be scored before training
+    checkpoint = output_dir / "checkpoint"
+    previous = check_resume(checkpoint, config, inputs)["losses"] if resume else None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{output_dir}: cannot make the output directory ({e.strerror or e})") from None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.train()
     model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
@@ -362,31 +564,54 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     params = trainable(model, config.part) if config.lora is None else lora_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, config))
-    losses = _restore(output_dir / "checkpoint", params, optimizer, scheduler, config) if resume else []
+    losses = _restore(checkpoint, params, optimizer, scheduler, config, previous) if resume else []
     log = _Log(output_dir, done=len(losses)) if rank == 0 else None  # every process knows the same; one writes
     per_step = config.accumulate * world
     order = plan_order(examples, config)
     for _ in range(len(losses) * per_step):  # the batches already learned from
         next(order)
     every = config.eval_every or config.save_every
-    started = time.monotonic()
+    started = last_save = time.monotonic()
+    on_disk, writing_one = len(losses) if resume else None, False  # the step the checkpoint holds; a save under way
+    logged, record = len(losses), None  # the last step in metrics.jsonl; the last step's record
+    rng = _rng_state(model)  # torch's random state at the start of the next step: what a resume restores
+
+    def save() -> None:
+        _save(checkpoint, params, optimizer, scheduler, losses, config, rng, inputs, write=rank == 0)
+        if saved and rank == 0:
+            saved(len(losses))
+
     try:
         for step in range(len(losses), config.steps):
             batches = [[examples[i] for i in next(order)] for _ in range(per_step)][rank::world]
             loss, tokens = _step(engine, model, batches, params, optimizer, config, step, output_dir, world)
-            scheduler.step()
-            losses.append(loss)
             done = step + 1
-            record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                      "seconds": time.monotonic() - started}
+            with _deferred_interrupts():  # the update, the schedule and the record move together, or not at all
+                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],  # this update's rate
+                          "tokens": tokens, "seconds": time.monotonic() - started}
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss)
+                rng = _rng_state(model)
             if eval_examples and (done == config.steps or every and done % every == 0):
                 record |= _validate(engine, model, eval_examples, config, rank, world)
             if log:
                 log.write(record)
+                logged = done
                 if progress:
                     progress(record)
-            if done == config.steps or (config.save_every and done % config.save_every == 0):
-                _save(output_dir / "checkpoint", params, optimizer, scheduler, losses, config, write=rank == 0)
+            if done == config.steps or (config.save_every and done % config.save_every == 0) or _due(
+                    last_save, config, rank, world):
+                writing_one = True
+                with _deferred_interrupts():  # Ctrl-C lets the checkpoint finish; a second one abandons it
+                    save()
+                on_disk, writing_one, last_save = done, False, time.monotonic()
+    except KeyboardInterrupt:
+        if log and record and logged != len(losses):
+            log.write(record)  # interrupted before it was logged (while evaluating): logged without the eval scores
+        if not writing_one and on_disk != len(losses) and not (config.shard and world > 1):
+            save()  # the last whole step (the step under way, if any, is done again after the resume)
+        raise
     finally:
         if log:
             log.close()
@@ -395,11 +620,73 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     return losses
 
 
+def _weights(model: QwenAudio) -> str:
+    """The model's floating dtype, and whether its linears are int8: a resume on other weights learns otherwise."""
+    dtype = next(model.decoder.parameters()).dtype
+    return str(dtype).removeprefix("torch.") + (", int8 linears" if any(
+        isinstance(m, Int8Linear) for m in model.decoder.modules()) else "")
+
+
+def _rng_state(model: QwenAudio) -> dict[str, Tensor]:
+    """torch's random state (the CPU generator's and, on a GPU, the device's: dropout draws there)."""
+    state = {"rng": torch.get_rng_state()}
+    if model.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(model.device)
+    return state
+
+
+def _due(last: float, config: TrainConfig, rank: int, world: int) -> bool:
+    """Whether `save_minutes` have passed since the last checkpoint, by process 0's clock for every process (each
+    process's own clock could disagree, and a checkpoint gathers from all of them)."""
+    late = bool(config.save_minutes) and time.monotonic() - last >= 60 * config.save_minutes
+    if world == 1:
+        return late
+    return bool(_everywhere(torch.tensor([float(late and rank == 0)]), world).item())
+
+
+@contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during the block takes effect when the block ends, so what it does is done whole; a second
+    signal takes effect at once. Outside the main thread (where no handler can be set) the block runs as it is."""
+    received: list[int] = []
+    previous = {kind: signal.getsignal(kind) for kind in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+
+    def defer(signum: int, _frame) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            restore()
+            signal.raise_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # no handler can be set here, or one set outside Python could not be put back
+        return
+    for kind in previous:
+        signal.signal(kind, defer)
+    try:
+        yield
+    finally:
+        restore()
+    if received:
+        signal.raise_signal(received[0])
+
+
 def _prepare(model: QwenAudio, batch: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded."""
-    clips = [[load_audio(p) for p in e.audio] for e in batch]
+    """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded (a clip changed since it was checked
+    is named)."""
+    clips = [[_load(p) for p in e.audio] for e in batch]
     ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
     return ids, labels, mask, [c for row in clips for c in row]
+
+
+def _load(clip: Path) -> Tensor:
+    try:
+        return as_waveform(clip, str(clip))
+    except AudioError as e:
+        raise InputError(f"audio {e} (it was readable when the data was checked)") from None
 
 
 def _label_count(labels: Tensor) -> int:
@@ -415,8 +702,9 @@ def _autocast(model: QwenAudio, config: TrainConfig) -> torch.autocast:
 
 def _step(engine: nn.Module, model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter],
           optimizer, config: TrainConfig, step: int, output_dir: Path, world: int) -> tuple[float, int]:
-    """One optimizer step over this process's `batches` (of the step's `accumulate` × `world`); returns the step's
-    loss, token-weighted over every process's batches, and their label tokens. Each batch's loss is weighted by its
+    """The gradients of one optimizer step over this process's `batches` (of the step's `accumulate` × `world`),
+    clipped, for `train` to apply; returns the step's loss, token-weighted over every process's batches, and their
+    label tokens. Each batch's loss is weighted by its
     share of all the step's label tokens (times `world`, as the engine averages over the processes), so every
     process takes the step one process would take on all the batches."""
     optimizer.zero_grad(set_to_none=True)
@@ -440,14 +728,16 @@ def _step(engine: nn.Module, model: QwenAudio, batches: list[list[Example]], par
                             f"last checkpoint in {output_dir / 'checkpoint'} is kept")
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-    optimizer.step()
     return value, total
 
 
 def _everywhere(values: Tensor, world: int) -> Tensor:
-    """`values` summed over the processes (unchanged in a single process)."""
+    """`values` summed over the processes (unchanged in a single process); nccl sums only on the GPU."""
     if world > 1:
-        dist.all_reduce(values)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+        on = values.to(device)
+        dist.all_reduce(on)
+        values = on.to(values.device)
     return values
 
 
@@ -488,6 +778,9 @@ def reply_languages(examples: Sequence[Example], task: str) -> list[str | None]:
     """The language each example's reply is scored in as `task` (the spoken one of an ASR or SRWT prompt, the
     target of a translation; None where the task's score needs none). Only task-form examples have one prompt to
     reply to; anything else is refused, naming the line."""
+    examples = _examples(examples, "examples", empty=True)
+    if task not in evaluation.TASKS:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(evaluation.TASKS)}")
     languages: list[str | None] = []
     for example in examples:
         if example.turns:
@@ -512,7 +805,7 @@ def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, wor
     process's replies as `evaluation.source_scores` scores one source."""
     records = []
     for batch in batches:
-        clips = [[load_audio(p) for p in e.audio] for e in batch]
+        clips = [[_load(p) for p in e.audio] for e in batch]
         replies = evaluation.generate_replies(model, [e.prompt for e in batch], clips,
                                               evaluation.TASKS[task].max_new_tokens)
         for e, reply, language in zip(batch, replies, reply_languages(batch, task)):
@@ -526,14 +819,14 @@ def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, wor
 class _Log:
     """Each step's record as a line of `metrics.jsonl` and, when tensorboard is installed, as scalars in
     `tensorboard/` (train/loss, train/lr, …, eval/loss, eval/wer, …). Steps after `done`, which a resumed run takes
-    again, are dropped from both first."""
+    again, are dropped from both first (and any line that is not one of our records: a line cut off by a crash)."""
 
     def __init__(self, output_dir: Path, done: int):
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.endswith("}") and json.loads(line)["step"] <= done]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+            with output_errors(self.path):
+                kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= done]
+                write_text(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
@@ -542,7 +835,7 @@ class _Log:
             self.board = SummaryWriter(str(output_dir / "tensorboard"), purge_step=done + 1)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with output_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.board:
             for key, value in record.items():
@@ -556,40 +849,73 @@ class _Log:
             self.board.close()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl record; infinity for a line that is not one (never kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf
+
+
+@contextmanager
+def output_errors(what: Path) -> Iterator[None]:
+    """A write that fails (a full disk: OSError, torch.save's RuntimeError "unexpected pos", safetensors'
+    SafetensorError; a read-only directory) as one OutputError naming `what`."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, OutputError):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else e
+        raise OutputError(f"{what}: could not be written ({reason}); free space or choose another --output-dir. "
+                          "Anything written before (the previous checkpoint) is kept") from None
+
+
+def _finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    """TrainingError naming the first tensor that holds NaN or infinity: such weights are never written."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingError(f"{name} holds values that are not finite: {what} is not written (a learning rate "
+                                "too high for these data?); the last checkpoint is kept")
+
+
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, losses: list[float],
-          config: TrainConfig, *, write: bool) -> None:
-    """The run so far, built aside and swapped in whole: a crash while saving leaves the previous checkpoint.
-    Sharded tensors are gathered whole (every process calls this), so a run resumes on any number of processes;
-    only `write` writes."""
+          config: TrainConfig, rng: dict[str, Tensor], inputs: Mapping[str, str], *, write: bool) -> None:
+    """The run so far, built aside and swapped in whole: a crash, a full disk or Ctrl-C while saving leaves the
+    previous checkpoint. Every file is written by `files.writing` (synced, the usual permissions). Sharded tensors
+    are gathered whole (every process calls this), so a run resumes on any number of processes; only `write`
+    writes. `rng` is torch's random state at the start of the next step."""
     tensors = {name: parallel.full(p.detach()).contiguous() for name, p in params.items()}
     state = optimizer.state_dict()
     state["state"] = {i: {k: parallel.full(v) for k, v in s.items()} for i, s in state["state"].items()}
+    _finite(tensors, f"the checkpoint of step {len(losses)}")
     if not write:
         return
-    with building(directory, replace=True) as partial:
-        save_file(tensors, str(partial / "trainable.safetensors"))
-        torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
-                   partial / "state.pt")
-        write_text(partial / "progress.json", json.dumps({"losses": losses, "config": asdict(config)}, indent=1))
+    with output_errors(directory), building(directory, replace=True) as partial:
+        with writing(partial / "trainable.safetensors") as path:
+            save_file(tensors, str(path))
+        with writing(partial / "state.pt") as path:
+            torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), **rng}, path)
+        write_text(partial / "progress.json", json.dumps({"losses": losses, "config": asdict(config),
+                                                          "inputs": dict(inputs)}, indent=1))
 
 
-def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, config: TrainConfig
-             ) -> list[float]:
-    if not (directory / "progress.json").is_file():
-        raise InputError(f"nothing to resume: {directory} holds no checkpoint")
-    saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
-    now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
-    changed = [k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
-    if changed:
-        raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
-                         "same ones, or start in another directory")
-    tensors = load_file(str(directory / "trainable.safetensors"))
+def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, scheduler, config: TrainConfig,
+             losses: list[float]) -> list[float]:
+    """Load the checkpoint `check_resume` accepted (its `losses`) into the parameters, optimizer, schedule and
+    torch's random state."""
+    try:
+        tensors = load_file(str(directory / "trainable.safetensors"))
+        state = torch.load(directory / "state.pt", weights_only=True)
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise InputError(f"{directory}: the checkpoint cannot be read ({e}); start in another --output-dir") from None
     if set(tensors) != set(params):
         raise InputError(f"{directory} holds other parameters than part {config.part!r} trains")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(parallel.shard_like(param, tensors[name].to(param.dtype)))
-    state = torch.load(directory / "state.pt", weights_only=True)
     for i, param in enumerate(params.values()):  # whole moments, cut into this process's shards
         moments = state["optimizer"]["state"].get(i, {})
         for key, value in moments.items():
@@ -598,24 +924,31 @@ def _restore(directory: Path, params: dict[str, nn.Parameter], optimizer, schedu
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"], next(iter(params.values())).device)
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # `steps` may have grown: today's schedule
-        group["lr"] = base * schedule(len(saved["losses"]), config)
-    return saved["losses"]
+        group["lr"] = base * schedule(len(losses), config)
+    return losses
 
 
 def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path:
     """The fine-tuned model as a checkpoint in the official layout at `target` (a new directory, built aside and
     renamed): every tensor under its official name, and the other files of `source` (config, vocabulary,
     generation config) copied, so `qwenaudio.load(target)` and the official code read it like the original.
-    Under torchrun every process calls it (a sharded model's tensors are gathered whole) and process 0 writes."""
+    Under torchrun every process calls it (a sharded model's tensors are gathered whole) and process 0 writes.
+    Weights that are not finite are refused (TrainingError), a failed write is OutputError."""
+    _expect(model, QwenAudio, "model", "a QwenAudio model")
+    _expect(source, (str, Path), "source", "the base checkpoint's directory")
+    _expect(target, (str, Path), "target", "a directory path")
     source, target = Path(source), Path(target)
     state = {official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
              for name, tensor in getattr(model, owner).state_dict().items()}
+    _finite(state, f"the model {target}")
     if dist.is_initialized() and dist.get_rank() != 0:
         return target
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} exists and is not empty: the fine-tuned model goes to a new directory")
-    with building(target, replace=target.exists()) as partial:
+    with output_errors(target), building(target, replace=target.exists()) as partial:
         save_checkpoint(state, partial)
         for file in source.iterdir():
             if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE:

@@ -54,10 +54,11 @@ class LoraConfig:
     encoder: bool = False  # also the audio encoder's linears (ENCODER_TARGETS)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise InputError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if not 0 <= self.dropout < 1:
-            raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, list):  # a list is welcome; one bare string is not a list of names
+            object.__setattr__(self, "targets", tuple(self.targets))
+        for ok, message in _rules(self):
+            if not ok:
+                raise InputError(message)
 
     @property
     def scale(self) -> float:
@@ -71,6 +72,27 @@ class Adapter:
     directory: Path
     config: LoraConfig
     tensors: dict[str, Tensor]
+
+
+MAX_RANK = 4096  # Qwen-Audio's hidden size: no rank past a layer's narrower side adds anything
+
+
+def _rules(c: LoraConfig) -> list[tuple[bool, str]]:
+    """(holds, message) for each field, checked when the config is made: an alpha of 0 would train nothing and a
+    negative one train backwards, silently."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return [
+        (isinstance(c.rank, int) and not isinstance(c.rank, bool) and 1 <= c.rank <= MAX_RANK,
+         f"LoRA rank must be a positive integer (at most {MAX_RANK}), got {c.rank!r}"),
+        (number(c.alpha) and c.alpha > 0, f"LoRA alpha must be a finite number > 0, got {c.alpha!r}"),
+        (number(c.dropout) and 0 <= c.dropout < 1, f"LoRA dropout must be in [0, 1), got {c.dropout!r}"),
+        (isinstance(c.rslora, bool), f"rslora must be True or False, got {c.rslora!r}"),
+        (isinstance(c.encoder, bool), f"encoder must be True or False, got {c.encoder!r}"),
+        (isinstance(c.targets, tuple) and all(isinstance(t, str) and t.strip() for t in c.targets),
+         f"LoRA targets must be module names (non-empty strings), got {c.targets!r}"),
+    ]
 
 
 class LoraLinear(nn.Module):
@@ -174,7 +196,8 @@ def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") 
                    "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
                    "init_lora_weights": True}
     with building(directory, replace=Path(directory).exists()) as partial:
-        save_file(tensors, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+        with writing(partial / WEIGHTS_FILE) as path:  # synced, the usual permissions
+            save_file(tensors, str(path), metadata={"format": "pt"})
         write_text(partial / CONFIG_FILE, json.dumps(peft_config, indent=2) + "\n")
     return Path(directory)
 
