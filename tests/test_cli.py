@@ -271,8 +271,8 @@ def test_readonly_or_full_output_directory(tiny_ckpt, audio_dir, tmp_path, monke
     loads = []
     monkeypatch.setattr(cli, "load", lambda *a, **k: loads.append(a))
     with monkeypatch.context() as m:
-        m.setattr(cli.tempfile, "TemporaryFile", unwritable)
-        assert cli.main(["transcribe", str(audio_dir / "speech.wav"), "--output-dir", str(tmp_path / "ro")]) == 2
+        m.setattr(files.tempfile, "TemporaryFile", unwritable)
+        assert cli.main(["transcribe", str(audio_dir / "speech.wav"), "--output-dir", str(tmp_path / "ro")]) == 1
     assert loads == [] and f"error: --output-dir {tmp_path / 'ro'}: cannot write there (Permission denied)" in \
         capsys.readouterr().err
     monkeypatch.undo()

@@ -569,7 +569,7 @@ def test_malformed_note_references_are_warned_about_and_counted(model, tmp_path,
 @pytest.mark.parametrize("call, message", [
     (lambda m, p: evaluation.evaluate(m, "asr", 123, p), "data must be a path"),
     (lambda m, p: evaluation.evaluate(m, "asr", p / "d.jsonl", None), "output_dir must be a path"),
-    (lambda m, p: evaluation.evaluate("notamodel", "asr", p / "d.jsonl", p), "needs a loaded model"),
+    (lambda m, p: evaluation.evaluate("notamodel", "asr", p / "d.jsonl", p), "model must be a QwenAudio model"),
     (lambda m, p: evaluation.evaluate(m, 5, p / "d.jsonl", p), "unknown task 5"),
     (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, limit="3"), "limit must be a positive int"),
     (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, max_new_tokens=0), "max_new_tokens must be"),

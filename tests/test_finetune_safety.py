@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import qwenaudio
 from qwenaudio import cli, finetune
+from qwenaudio.core import files
 from qwenaudio.core.errors import TrainingError
 from qwenaudio.lora import LoraConfig
 
@@ -187,6 +188,19 @@ def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_
     assert cli.main([*run, "--resume"]) == 0
     err = capsys.readouterr().err
     assert "step 3/3 loss" in err and "step 2/3" not in err and f"wrote {tmp_path / 'out' / 'model'}" in err
+
+
+def test_an_interrupt_before_the_first_checkpoint_does_not_send_the_user_to_resume(tiny_ckpt, tmp_path, data,
+                                                                                    monkeypatch, capsys):
+    def interrupted_while_loading(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load", interrupted_while_loading)
+    run = ["finetune", "--model", str(tiny_ckpt), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+           "--steps", "3", "--device", "cpu"]
+    assert cli.main(run) == 130
+    assert capsys.readouterr().err.rstrip().endswith(
+        "interrupted; no checkpoint was saved yet: rerun the same command, without --resume, to start")
 
 
 # ----------------------------------------------------------------------------------------------- resume (4)
@@ -421,7 +435,7 @@ def test_no_output_replaces_an_input_and_an_unwritable_directory_is_found_before
     def unwritable(*_, **__):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", unwritable)
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", unwritable)
     code = cli.main(["finetune", "--data", str(data), "--output-dir", str(tmp_path / "ro"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and err == f"error: --output-dir {tmp_path / 'ro'}: cannot write there (Permission denied)\n"

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .core.audio import as_waveform
+from .core.checks import whole
 from .core.errors import CheckpointError, InputError, OutputError, QwenAudioError
 from .core.files import fingerprint, refuse_inputs, write_text
 
@@ -132,7 +133,7 @@ def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], li
 
 
 def _count(value: object, name: str, least: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    if not whole(value, least):
         raise InputError(f"{name} must be an int >= {least}, got {value!r}")
 
 

@@ -30,7 +30,7 @@ from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE, as_waveform
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError, TrainingError
-from .core.files import fingerprint, refuse_inputs, write_text
+from .core.files import fingerprint, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, as_device, as_dtype, default_dtype
 from .core.tokenizer import LANGUAGES
 from .hub import load, looks_like_path, report_progress, resolve
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except KeyboardInterrupt as e:
         hint = RESUME_HINTS.get(args.command)
+        if args.command == "finetune" and not (args.output_dir / "checkpoint").is_dir():  # stopped before step 1
+            hint = "no checkpoint was saved yet: rerun the same command, without --resume, to start"
         print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
         return 128 + (e.args[0] if isinstance(e, Terminated) else signal.SIGINT)
     finally:
@@ -402,13 +404,7 @@ def plan_outputs(args: argparse.Namespace) -> None:
     if not args.output_dir:
         return
     check_names(args.jobs)
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise InputError(f"--output-dir {args.output_dir} is a file, not a directory")
-    try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
-    except OSError as e:
-        raise InputError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
+    writable_directory(args.output_dir)
     outputs = {job: [_output(args, job, f) for f in args.formats] for job in args.jobs}
     _claim_outputs(args, [p for paths in outputs.values() for p in paths])
     args.todo = [j for j in args.jobs if args.overwrite or not all(p.exists() for p in outputs[j])]
@@ -679,13 +675,7 @@ def _plan_finetune_outputs(args: argparse.Namespace) -> None:
                               finetune.run_inputs(args.examples, args.eval_examples, **inputs))
     if args.result.exists():
         raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output-dir {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise OutputError(f"--output-dir {out}: cannot write there ({e.strerror or e})") from None
+    writable_directory(out)
 
 
 def _local_model(name: str | Path, *, resolving: bool) -> Path | None:

@@ -36,8 +36,9 @@ from . import scoring
 from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
                     run_files, write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
-from .core.errors import AudioError, InputError, QwenAudioError
-from .core.files import refuse_inputs, write_text
+from .core.checks import as_path, expect, expect_model
+from .core.errors import AudioError, InputError, OutputError, QwenAudioError
+from .core.files import refuse_inputs, writable_directory, write_text
 from .core.generate import generate
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, Batch, Tokenizer
@@ -70,13 +71,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 CAPTION_STYLES = ("clotho", "audiocaps", "plain")  # the official caption script's output styles
 # The official ASR and SRWT scripts take the language from the dataset's name; a row's own field comes first here.
 DATASET_LANGUAGES = {"librispeech": "en", "aishell": "zh", "industrial": "zh"}
-
-
-def _path(value: Any, name: str) -> Path:
-    """`value` as a Path; InputError unless it is a non-empty str or path-like."""
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise InputError(f"{name} must be a path (a str or Path), got {value!r}")
-    return Path(value)
 
 
 def _optional(value: Any, kind: type, name: str) -> None:
@@ -146,8 +140,8 @@ def read_examples(task: str, data: str | Path, *, audio_root: str | Path | None 
     line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
     `audio_root`, else to the current directory, as the official scripts open them. `check_audio=False` leaves the
     clips unread (`plan` checks only the clips still to be replied to)."""
-    data = _path(data, "data")
-    audio_root = None if audio_root is None else _path(audio_root, "audio_root")
+    data = as_path(data, "data")
+    audio_root = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(limit, int, "limit")
     if not isinstance(task, str) or task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -191,7 +185,7 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
     """`parse(row, line number, "file:line")` of every non-blank line of a JSON Lines file, and a message for each
     line that is not JSON or that `parse` refuses with InputError, naming the file and line, so one bad line
     never hides the others. `limit` stops after that many lines, good or bad."""
-    path = _path(path, "path")
+    path = as_path(path, "path")
     if not callable(parse):
         raise InputError(f"read_lines: parse must be a function, got {parse!r}")
     _optional(limit, int, "limit")
@@ -396,8 +390,8 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     differs in any of them is refused, naming the difference, rather than mixing two models' replies. No output
     may be one of the run's inputs (the data file, a clip, the model's files), whatever names they are given, and
     a file of an output's name that no earlier run wrote is refused unless `overwrite`."""
-    data, output_dir = _path(data, "data"), _path(output_dir, "output_dir")
-    audio = None if audio_root is None else _path(audio_root, "audio_root")
+    data, output_dir = as_path(data, "data"), as_path(output_dir, "output_dir")
+    audio = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(max_new_tokens, int, "max_new_tokens")
     for name, value in (("model_name", model_name), ("dtype", dtype), ("quantization", quantization)):
         _optional(value, str, name)
@@ -405,7 +399,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
         raise InputError(f"--audio-root {audio}: no such directory")
     examples, problems = read_examples(task, data, audio_root=audio, language=language,
                                        caption_style=caption_style, limit=limit, check_audio=False)
-    model_files, key = model_identity(checkpoint, None if adapter is None else _path(adapter, "adapter"))
+    model_files, key = model_identity(checkpoint, None if adapter is None else as_path(adapter, "adapter"))
     settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "audio_root": None if audio is None else str(audio.resolve()), "language": language,
                 "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
@@ -427,21 +421,19 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
 def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Claim the output directory: refuse files of the outputs' names an earlier run did not write and, where
     replies exist, other settings; then record the settings and the outputs in run.json, and make replies/."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output-dir {output_dir} is a file, not a directory")
+    writable_directory(output_dir)
     run_file = output_dir / "run.json"
     record, ours = check_outputs(run_file, "evaluate", OUTPUTS, overwrite=overwrite)
     if "replies" in ours and any(p.stat().st_size for p in (output_dir / "replies").glob("rank-*.jsonl")):
         check_settings(record, settings, output_dir, overwrite=overwrite)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_record(run_file, {"command": "evaluate", "settings": settings, "outputs": list(OUTPUTS)})
         (output_dir / "replies").mkdir(exist_ok=True)
         if overwrite:
             for part in (output_dir / "replies").glob("rank-*.jsonl"):
                 part.unlink()
     except OSError as e:
-        raise InputError(f"--output-dir {output_dir}: cannot write there ({e.strerror or e})") from None
+        raise OutputError(f"--output-dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def _read_replies(output_dir: Path, examples: dict[int, Example]) -> dict[int, dict[str, Any]]:
@@ -496,8 +488,7 @@ def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Seq
     with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
     with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
     `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
-    if not isinstance(model, QwenAudio):
-        raise InputError(f"generate_replies needs a loaded model, got {type(model).__name__}")
+    expect_model(model)
     _optional(max_new_tokens, int, "max_new_tokens")
     clips = [[c[:N_SAMPLES] for c in own] for own in clips]
     batch = prompt_batch(model.tokenizer, texts, clips)
@@ -592,8 +583,7 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     max_new_tokens, model_name, checkpoint, adapter, overwrite; dtype and quantization default to the model's: pass
     `checkpoint` too, to key the run on the weights' content). Under torchrun every process calls this and takes its
     share."""
-    if not isinstance(model, QwenAudio):
-        raise InputError(f"evaluate needs a loaded model (qwenaudio.load(...)), got {type(model).__name__}")
+    expect_model(model)
     options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
     options.setdefault("quantization", _quantization(model))
     rank, world = process_group(str(model.device))
@@ -613,8 +603,8 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, w
     """Run a planned benchmark (this process's share) and, in process 0, write the summary, also after Ctrl-C
     or SIGTERM taken as KeyboardInterrupt (then with `"interrupted": true`, and the interrupt is raised again).
     Other processes return {}. `decoding(step, budget)` follows the tokens of the batch being decoded."""
-    if not isinstance(model, QwenAudio) or not isinstance(run, Run):
-        raise InputError("execute needs a loaded model and a Run from evaluation.plan")
+    expect_model(model)
+    expect(run, Run, "run", "a Run from evaluation.plan")
     if len(set(gather(len(run.todo), world))) > 1:  # also a barrier: every process plans before any appends
         raise InputError("the processes found different examples to do; is the output directory shared?")
     started, failed, interrupted = time.monotonic(), [], None

@@ -50,6 +50,7 @@ from .batch import gather, seconds
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
+from .core.checks import expect, finite, whole
 from .core.errors import AudioError, InputError, OutputError, TrainingError
 from .core.files import building, write_text, writing
 from .core.int8 import Int8Linear
@@ -77,9 +78,9 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
     """The examples of a JSON Lines file and one message per line that cannot be trained on, naming the file and
     line (blank lines are not examples). `task` reads rows without a prompt (the official evaluation files) as that
     task of `evaluation.TASKS`; `language` is the spoken language such rows need when they do not say it."""
-    _expect(path, (str, Path), "path", "a JSON Lines file")
-    _expect(task, (str, type(None)), "task", "a task name or None")
-    _expect(language, (str, type(None)), "language", "a language tag or None")
+    expect(path, (str, Path), "path", "a JSON Lines file")
+    expect(task, (str, type(None)), "task", "a task name or None")
+    expect(language, (str, type(None)), "language", "a language tag or None")
     path = Path(path)
     if task is not None and task not in evaluation.TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(evaluation.TASKS)}")
@@ -232,13 +233,6 @@ def _clip_problem(clip: Path) -> str | None:
     return None
 
 
-def _expect(value: Any, types: type | tuple[type, ...], name: str, what: str) -> None:
-    """InputError unless `value` is one of `types` (a bool is never taken for a number)."""
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,))):
-        raise InputError(f"{name} must be {what}, got {type(value).__name__} {value!r:.80}")
-
-
 def _examples(examples: Any, name: str, *, empty: bool = False) -> list[Example]:
     """`examples` as a list, refused unless it is a sequence of `Example`s (`read_examples` makes them), non-empty
     unless `empty` is allowed: training on nothing would wait forever for a first batch."""
@@ -254,8 +248,8 @@ def _examples(examples: Any, name: str, *, empty: bool = False) -> list[Example]
 def encode(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example; labels are IGNORE_INDEX wherever nothing is to be learned. `span_of(path)`
     gives each clip's audio span (`audio_span` of its length)."""
-    _expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer (model.tokenizer)")
-    _expect(example, Example, "example", "a finetune.Example (from read_examples)")
+    expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer (model.tokenizer)")
+    expect(example, Example, "example", "a finetune.Example (from read_examples)")
     if not callable(span_of):
         raise InputError(f"span_of must be a function of a clip's path, got {span_of!r:.80}")
     if example.turns:
@@ -363,27 +357,21 @@ SEED_LIMIT = 2**63  # torch.Generator takes seeds below 2**64; each epoch draws 
 def _train_rules(c: TrainConfig) -> list[tuple[bool, str]]:
     """(holds, message) for each number and switch of a TrainConfig, checked before anything loads: a value torch
     would fail on after minutes of loading, or train on silently (a negative clip norm, an infinite rate)."""
-    def whole(x: Any, low: int, high: int) -> bool:  # bool is an int in Python; never accept it as a count
-        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     return [
         (whole(c.steps, 1, MAX_STEPS), f"steps must be an int in 1..{MAX_STEPS:,}, got {c.steps!r}"),
         (whole(c.batch_size, 1, MAX_BATCH), f"batch_size must be an int in 1..{MAX_BATCH:,}, got {c.batch_size!r}"),
         (whole(c.accumulate, 1, MAX_BATCH), f"accumulate must be an int in 1..{MAX_BATCH:,}, got {c.accumulate!r}"),
-        (number(c.lr) and c.lr > 0, f"lr must be a finite number > 0, got {c.lr!r}"),
+        (finite(c.lr) and c.lr > 0, f"lr must be a finite number > 0, got {c.lr!r}"),
         (whole(c.warmup_steps, 0, MAX_STEPS), f"warmup_steps must be an int in 0..{MAX_STEPS:,}, got "
                                               f"{c.warmup_steps!r}"),
-        (number(c.weight_decay) and c.weight_decay >= 0,
+        (finite(c.weight_decay) and c.weight_decay >= 0,
          f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"),
-        (number(c.max_grad_norm) and c.max_grad_norm >= 0,
+        (finite(c.max_grad_norm) and c.max_grad_norm >= 0,
          f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {c.max_grad_norm!r}"),
         (whole(c.seed, 0, SEED_LIMIT - 1), f"seed must be an int in 0..2**63-1, got {c.seed!r}"),
         (whole(c.save_every, 0, MAX_STEPS), f"save_every must be an int in 0..{MAX_STEPS:,} (0: at the end), got "
                                             f"{c.save_every!r}"),
-        (number(c.save_minutes) and c.save_minutes >= 0,
+        (finite(c.save_minutes) and c.save_minutes >= 0,
          f"save_minutes must be a finite number >= 0 (0: off), got {c.save_minutes!r}"),
         (whole(c.eval_every, 0, MAX_STEPS), f"eval_every must be an int in 0..{MAX_STEPS:,} (0: with each "
                                             f"checkpoint), got {c.eval_every!r}"),
@@ -404,7 +392,7 @@ def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
     """The parameters `part` trains, by official tensor name; every other parameter is frozen. `projection` is the
     audio encoder's output side (ln_post, proj and the BOS/EOS rows), which maps Whisper's features into the
     decoder's space."""
-    _expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
+    expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
     if part not in PARTS:
         raise InputError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     chosen: dict[str, nn.Parameter] = {}
@@ -423,7 +411,7 @@ def plan_order(examples: Sequence[Example], config: TrainConfig) -> Iterator[lis
     length within windows of 16 batches (so a batch pads little while the order stays random), the batches of an
     epoch shuffled again. The same settings always give the same order, which is what lets a run resume."""
     examples = _examples(examples, "examples")  # none would be an endless search for a first batch
-    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    expect(config, TrainConfig, "config", "a finetune.TrainConfig")
     return _order(_lengths(examples), config)
 
 
@@ -447,8 +435,8 @@ def _lengths(examples: Sequence[Example]) -> list[float]:
 
 def schedule(step: int, config: TrainConfig) -> float:
     """The learning rate's multiplier at optimizer step `step` (0-based): linear warmup, then cosine decay to 0."""
-    _expect(step, int, "step", "an int (0-based optimizer step)")
-    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    expect(step, int, "step", "an int (0-based optimizer step)")
+    expect(config, TrainConfig, "config", "a finetune.TrainConfig")
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -477,9 +465,9 @@ def check_resume(directory: str | Path, config: TrainConfig, inputs: Mapping[str
     """The progress record of the checkpoint in `directory` (losses, settings, inputs), if resuming it with
     `config` and `inputs` continues the same run; else InputError naming each difference. Inputs the checkpoint
     did not record (one written before they were) are not compared."""
-    _expect(directory, (str, Path), "directory", "a checkpoint directory")
-    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
-    _expect(inputs, Mapping, "inputs", "a mapping of input names to digests (run_inputs)")
+    expect(directory, (str, Path), "directory", "a checkpoint directory")
+    expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    expect(inputs, Mapping, "inputs", "a mapping of input names to digests (run_inputs)")
     directory = Path(directory)
     try:
         saved = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
@@ -530,16 +518,16 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     scores) over `eval_examples` every `eval_every` steps. A loss that is not finite stops the run with
     TrainingError before the update, and trained weights that are not finite are never written, the last
     checkpoint kept; a checkpoint or log that cannot be written (a full disk) is OutputError."""
-    _expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
+    expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
     examples = _examples(examples, "examples")
     eval_examples = _examples(eval_examples, "eval_examples", empty=True)
-    _expect(output_dir, (str, Path), "output_dir", "a directory path")
-    _expect(config, TrainConfig, "config", "a finetune.TrainConfig")
-    _expect(resume, bool, "resume", "True or False")
+    expect(output_dir, (str, Path), "output_dir", "a directory path")
+    expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    expect(resume, bool, "resume", "True or False")
     for name, function in (("progress", progress), ("saved", saved)):
         if function is not None and not callable(function):
             raise InputError(f"{name} must be a function or None, got {function!r:.80}")
-    _expect(inputs, (Mapping, type(None)), "inputs", "a mapping of input names to digests, or None")
+    expect(inputs, (Mapping, type(None)), "inputs", "a mapping of input names to digests, or None")
     inputs = {**run_inputs(examples, eval_examples, weights=_weights(model)), **dict(inputs or {})}
     output_dir = Path(output_dir)
     if config.eval_task:
@@ -937,9 +925,9 @@ def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path
     generation config) copied, so `qwenaudio.load(target)` and the official code read it like the original.
     Under torchrun every process calls it (a sharded model's tensors are gathered whole) and process 0 writes.
     Weights that are not finite are refused (TrainingError), a failed write is OutputError."""
-    _expect(model, QwenAudio, "model", "a QwenAudio model")
-    _expect(source, (str, Path), "source", "the base checkpoint's directory")
-    _expect(target, (str, Path), "target", "a directory path")
+    expect(model, QwenAudio, "model", "a QwenAudio model")
+    expect(source, (str, Path), "source", "the base checkpoint's directory")
+    expect(target, (str, Path), "target", "a directory path")
     source, target = Path(source), Path(target)
     state = {official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
              for name, tensor in getattr(model, owner).state_dict().items()}

@@ -29,12 +29,13 @@ from torch import Tensor, nn
 
 from .core.checkpoint import (INDEX_FILE, PREFIXES, building_checkpoint, check_target, load_checkpoint,
                               official_name, write_shards)
+from .core.checks import expect_model, finite, whole
 from .core.config import QwenAudioConfig
 from .core.decoder import Decoder
 from .core.encoder import AudioEncoder
 from .core.errors import CheckpointError, InputError, QwenAudioError
-from .core.int4 import Int4Linear
 from .core.files import building, write_text, writing
+from .core.int4 import Int4Linear
 from .core.model import QwenAudio, as_dtype
 
 DECODER_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # the attention and MLP linears of every decoder block
@@ -80,14 +81,11 @@ MAX_RANK = 4096  # Qwen-Audio's hidden size: no rank past a layer's narrower sid
 def _rules(c: LoraConfig) -> list[tuple[bool, str]]:
     """(holds, message) for each field, checked when the config is made: an alpha of 0 would train nothing and a
     negative one train backwards, silently."""
-    def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     return [
-        (isinstance(c.rank, int) and not isinstance(c.rank, bool) and 1 <= c.rank <= MAX_RANK,
+        (whole(c.rank, 1, MAX_RANK),
          f"LoRA rank must be a positive integer (at most {MAX_RANK}), got {c.rank!r}"),
-        (number(c.alpha) and c.alpha > 0, f"LoRA alpha must be a finite number > 0, got {c.alpha!r}"),
-        (number(c.dropout) and 0 <= c.dropout < 1, f"LoRA dropout must be in [0, 1), got {c.dropout!r}"),
+        (finite(c.alpha) and c.alpha > 0, f"LoRA alpha must be a finite number > 0, got {c.alpha!r}"),
+        (finite(c.dropout) and 0 <= c.dropout < 1, f"LoRA dropout must be in [0, 1), got {c.dropout!r}"),
         (isinstance(c.rslora, bool), f"rslora must be True or False, got {c.rslora!r}"),
         (isinstance(c.encoder, bool), f"encoder must be True or False, got {c.encoder!r}"),
         (isinstance(c.targets, tuple) and all(isinstance(t, str) and t.strip() for t in c.targets),
@@ -140,8 +138,7 @@ def _expected(owners: dict[str, nn.Module], config: LoraConfig) -> dict[str, Sha
 
 
 def _owners(model: QwenAudio) -> dict[str, nn.Module]:
-    if not isinstance(model, QwenAudio):
-        raise InputError(f"expected a QwenAudio model (qwenaudio.load), got {type(model).__name__}")
+    expect_model(model)
     return {"encoder": model.encoder, "decoder": model.decoder}
 
 

@@ -5,6 +5,9 @@ what was expected, not a TypeError or AttributeError from deep inside (README: e
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 from .errors import InputError, QwenAudioError
@@ -24,6 +27,23 @@ def expect_model(model: Any, name: str = "model") -> None:
     if not isinstance(model, QwenAudio):
         hint = f" (load it first: qwenaudio.load({model!r}))" if isinstance(model, str) else ""
         raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
+
+
+def whole(x: Any, low: int, high: int | None = None) -> bool:
+    """An int in [low, high] (no upper bound when `high` is None); a bool is never taken for a count."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x <= high)
+
+
+def finite(x: Any) -> bool:
+    """A finite int or float (not a bool, not nan or inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def as_path(value: Any, name: str) -> Path:
+    """`value` as a Path; InputError unless it is a non-empty str or path-like."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise InputError(f"{name} must be a path (a str or Path), got {shown(value)}")
+    return Path(value)
 
 
 def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:

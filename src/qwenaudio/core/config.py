@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import expect
+from .checks import expect, finite, whole
 from .errors import ConfigError
 
 
@@ -192,12 +192,6 @@ class GenerationConfig:
 
 def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
     """(holds, message) for each setting; the messages say what a setting takes, and what to use instead."""
-    def whole(x: Any, low: int) -> bool:  # bool is an int in Python; never accept it as a count
-        return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     return [
         (whole(c.max_new_tokens, 1), f"max_new_tokens must be an int >= 1, got {c.max_new_tokens!r}"),
         (whole(c.min_new_tokens, 0), f"min_new_tokens must be an int >= 0, got {c.min_new_tokens!r}"),
@@ -205,11 +199,11 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
          f"min_new_tokens ({c.min_new_tokens}) must not exceed max_new_tokens ({c.max_new_tokens})"),
         (isinstance(c.do_sample, bool), f"do_sample must be True or False, got {c.do_sample!r}"),
         (isinstance(c.full_vocab, bool), f"full_vocab must be True or False, got {c.full_vocab!r}"),
-        (number(c.temperature) and c.temperature > 0,
+        (finite(c.temperature) and c.temperature > 0,
          f"temperature must be > 0, got {c.temperature!r}; for greedy decoding use do_sample=False"),
         (whole(c.top_k, 0), f"top_k must be an int >= 0 (0: off), got {c.top_k!r}"),
-        (number(c.top_p) and 0 < c.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {c.top_p!r}"),
-        (number(c.repetition_penalty) and c.repetition_penalty > 0,
+        (finite(c.top_p) and 0 < c.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {c.top_p!r}"),
+        (finite(c.repetition_penalty) and c.repetition_penalty > 0,
          f"repetition_penalty must be > 0 (1: off), got {c.repetition_penalty!r}"),
         (isinstance(c.stop_token_ids, tuple) and all(whole(i, 0) for i in c.stop_token_ids),
          f"stop_token_ids must hold ints >= 0, got {c.stop_token_ids!r}"),

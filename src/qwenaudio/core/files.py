@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 
 def _mode() -> int:
@@ -77,6 +78,20 @@ def building(directory: str | Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def writable_directory(directory: str | Path, name: str = "--output-dir") -> Path:
+    """Make `directory` (and its parents) and prove a file can be created in it, before any work is done: a
+    read-only or full file system is OutputError, a file in the way InputError, each naming the option."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{name} {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise OutputError(f"{name} {directory}: cannot write there ({e.strerror or e})") from None
+    return directory
 
 
 def _same(a: Path, b: Path) -> bool:
