@@ -153,8 +153,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("transcribe", help="transcribe, translate, caption or classify audio files",
                               description="Run a Qwen-Audio task on audio files, a batch at a time.",
-                              epilog="exit status: 0 all files done, 1 some failed (see stderr) or an output would "
-                                     "replace an input or a file the command did not write, 2 bad arguments or "
+                              epilog="exit status: 0 all files done, 1 some failed (see stderr), --output-dir cannot "
+                                     "be written, or an output would replace an input or a file the command did "
+                                     "not write, 2 bad arguments or "
                                      "other settings than the outputs' (both found before the model loads), 3 the "
                                      "model could not be loaded, 130 interrupted, 143 on SIGTERM (summary.json still "
                                      "written)")
@@ -191,8 +192,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "decoding and scoring; replies are kept as they come, so a rerun "
                                             "into the same --output-dir resumes.",
                                 epilog="exit status: 0 every example replied to and scored, 1 some failed (listed "
-                                       "in summary.json) or an output would replace an input or a file the "
-                                       "command did not write, 2 bad arguments, data or other settings than "
+                                       "in summary.json), --output-dir cannot be written, or an output would "
+                                       "replace an input or a file the command did not write, 2 bad arguments, data or other settings than "
                                        "run.json's (all found before the model loads), 3 the model could not be "
                                        "loaded, 130 interrupted, 143 on SIGTERM (summary still written)")
     bench.add_argument("task", choices=evaluation.TASKS, metavar="TASK", help=", ".join(evaluation.TASKS))
