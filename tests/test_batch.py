@@ -196,3 +196,25 @@ def test_subtitle_writers_refuse_what_is_not_timed_text():
                           (lambda: cues([], None, 0, 1), "text must be a str")):
         with pytest.raises(InputError, match=message):
             call()
+
+
+def test_an_output_directory_may_not_be_the_model_s(tiny_weights, tmp_path, capsys):
+    """Trial 2: transcribe and evaluate wrote into the model's directory (exit 0), which changed the fingerprint
+    every run on that model is keyed on: the same command's rerun was then refused ("would replace the input
+    model/run.json") and so were other directories' runs on that model ("other settings: model_fingerprint")."""
+    import shutil
+
+    from qwenaudio import cli
+    model = shutil.copytree(tiny_weights, tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    clip = Path(__file__).parent / "golden" / "clip0.wav"
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"audio": str(clip), "gt": "x", "source": "librispeech"}) + "\n")
+    for command in (["transcribe", str(clip)], ["evaluate", "asr", "--data", str(data)]):
+        for out in (model, tmp_path / "link"):
+            if not out.exists():
+                out.symlink_to(model)
+            assert cli.main([*command, "--model", str(model), "--output-dir", str(out), "--device", "cpu",
+                             "--max-new-tokens", "1"]) == 1
+            assert re.search(r"^error: \S+ is the model's directory", capsys.readouterr().err, re.M)
+    assert sorted(p.name for p in model.iterdir()) == before

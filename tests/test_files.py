@@ -1,6 +1,8 @@
 """core/files.py: the rules every command's outputs follow."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,22 @@ def test_an_output_may_not_be_or_hold_an_input_under_any_name(tmp_path, monkeypa
     with pytest.raises(OutputError, match="would replace the input"):  # a directory built whole, holding the input
         refuse_inputs([tmp_path], ["examples.jsonl"])
     refuse_inputs([tmp_path / "examples.json", tmp_path / "new" / "x"], [data, tmp_path / "missing"])  # beside: fine
+
+
+def test_an_output_dir_in_a_symlink_loop_is_one_error_line_not_a_traceback(tiny_weights, tmp_path, capsys):
+    """Path.resolve raises RuntimeError on a loop (trial 2: evaluate and finetune tracebacks; transcribe, which
+    checks the directory first, said so in one line)."""
+    from qwenaudio import cli
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    clip = Path(__file__).parent / "golden" / "clip0.wav"
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"audio": str(clip), "gt": "x", "source": "librispeech", "task": "asr",
+                                "language": "en", "response": "x"}) + "\n")
+    refuse_inputs([tmp_path / "loop1" / "run.json", tmp_path / "loop1"], [data])  # no input there: fine
+    for command in (["evaluate", "asr", "--data", str(data)], ["finetune", "--data", str(data), "--lora-rank", "2"]):
+        assert cli.main([*command, "--output-dir", str(tmp_path / "loop1"), "--model", str(tiny_weights)]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --output-dir")
 
 
 def test_fingerprint_follows_content_not_the_path(tmp_path):

@@ -320,6 +320,18 @@ def test_non_finite_weights_are_never_written(tiny_ckpt, tmp_path, data, monkeyp
     assert not (tmp_path / "model").exists()
 
 
+def test_gradients_that_overflow_stop_the_step_and_the_message_does_not_claim_a_checkpoint(tiny_ckpt, tmp_path, data):
+    """A huge alpha overflows the gradient norm: clipping then scaled every gradient by 0 and the run "trained" to
+    an adapter equal to the base, exit 0 (trial 2). No checkpoint exists at step 1, so none is said to be kept."""
+    examples, _ = finetune.read_examples(data)
+    config = finetune.TrainConfig(steps=2, batch_size=2, save_minutes=0, lora=LoraConfig(rank=2, alpha=1e30))
+    with pytest.raises(TrainingError, match=r"step 1: the gradients are not finite .*nothing was updated and no "
+                                            r"checkpoint was saved yet") as stopped:
+        finetune.train(model_of(tiny_ckpt), examples, tmp_path / "run", config)
+    assert "is kept" not in str(stopped.value)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
 # ------------------------------------------------------------------------------------------ data (3, 6, 14, 16)
 
 def test_bad_clips_are_named_by_line_before_the_model_loads_and_skipped_with_skip_bad(tmp_path, capsys,

@@ -237,6 +237,16 @@ def model_identity(checkpoint: str | Path | None, adapter: str | Path | None = N
                    "adapter_fingerprint": fingerprint(places[1]) if len(places) > 1 else None}
 
 
+def refuse_model_directory(output_dir: Path, model_files: Iterable[Path]) -> None:
+    """An output directory may not be the model's or the adapter's (`model_identity`'s files' folders): what is
+    written there changes the fingerprint every run on that model is keyed on, so this run's rerun and other runs
+    on the model would be refused as another model's."""
+    for place in {path.parent for path in model_files}:
+        if os.path.realpath(output_dir) == os.path.realpath(place):
+            raise OutputError(f"{output_dir} is the model's directory ({place}): its files would change the "
+                              "model's files; choose another output directory")
+
+
 def read_record(path: Path, command: str, *, overwrite: bool) -> dict[str, Any] | None:
     """The record a command keeps in its output directory (`path`: run.json, summary.json): `{"command": …,
     "settings": …, "outputs": [names relative to the directory, claimed before they are written]}`, None where

@@ -25,7 +25,8 @@ import torch
 
 from . import evaluation, finetune, lora, tasks, trace
 from .batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, gather,
-                    leave_process_group, model_identity, process_group, refuse_many_inputs, run_files, write_record)
+                    leave_process_group, model_identity, process_group, refuse_many_inputs, refuse_model_directory,
+                    run_files, write_record)
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE, as_waveform
@@ -418,6 +419,7 @@ def _claim_outputs(args: argparse.Namespace, outputs: list[Path]) -> None:
     knows its own files."""
     directory, record_file = args.output_dir, args.output_dir / "summary.json"
     model_files, key = model_identity(args.model, args.adapter)
+    refuse_model_directory(directory, model_files)
     refuse_inputs([record_file], [*args.files, *model_files])
     refuse_many_inputs([record_file, *outputs], [*(job.path for job in args.jobs), *model_files])
     names = [str(p.relative_to(directory)) for p in outputs]

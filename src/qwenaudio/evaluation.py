@@ -34,7 +34,7 @@ import torch
 
 from . import scoring
 from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
-                    run_files, write_record)
+                    refuse_model_directory, run_files, write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
 from .core.checks import as_path, expect, expect_model
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
@@ -405,6 +405,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
                 "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
                 "model": model_name, **key, "dtype": dtype, "quantization": quantization}
     reads = [data, *([audio] if audio else []), *model_files]
+    refuse_model_directory(output_dir, model_files)
     refuse_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)], reads)
     refuse_many_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)],
                        [e.path for e in examples])

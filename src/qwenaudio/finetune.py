@@ -712,11 +712,21 @@ def _step(engine: nn.Module, model: QwenAudio, batches: list[list[Example]], par
     value, failures = _everywhere(torch.tensor([value, float(len(bad))], dtype=torch.float64), world).tolist()
     if failures:
         where = "; ".join(bad) or "in another process"
-        raise TrainingError(f"step {step + 1}: the loss is not finite (batch {where}); nothing was updated and the "
-                            f"last checkpoint in {output_dir / 'checkpoint'} is kept")
-    if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        raise TrainingError(f"step {step + 1}: the loss is not finite (batch {where}); {_kept(output_dir)}")
+    # the norm is needed even unclipped (max_norm inf scales by exactly 1): an overflowed norm made clipping scale
+    # every gradient by 0, a step that silently changed nothing
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
+    if _everywhere(torch.tensor([float(not torch.isfinite(norm))]), world).item():
+        raise TrainingError(f"step {step + 1}: the gradients are not finite (norm {norm.item()}; a learning rate or "
+                            f"LoRA alpha too large?); {_kept(output_dir)}")
     return value, total
+
+
+def _kept(output_dir: Path) -> str:
+    """What a step stopped before its update leaves: the last checkpoint, if one was saved."""
+    checkpoint = output_dir / "checkpoint"
+    kept = f"the last checkpoint in {checkpoint} is kept" if checkpoint.is_dir() else "no checkpoint was saved yet"
+    return f"nothing was updated and {kept}"
 
 
 def _everywhere(values: Tensor, world: int) -> Tensor:
