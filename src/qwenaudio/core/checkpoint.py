@@ -355,6 +355,9 @@ def check_target(target: Path, reads: Iterable[Path], overwrite: bool) -> None:
                                   "directory of its own")
     if target.exists() and not target.is_dir():
         raise OutputError(f"the target {target} is a file, not a directory")
+    if target.is_symlink() and not target.exists():
+        raise OutputError(f"the target {target} is a symbolic link that leads nowhere (a loop, or a missing "
+                          "directory): choose a new directory")
     held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if held and not overwrite:
         raise OutputError(f"the target {target} exists and is not empty: choose a new directory, or replace the "

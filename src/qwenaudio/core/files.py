@@ -98,8 +98,8 @@ def _same(a: Path, b: Path) -> bool:
     """One file or directory under two names (a symlink, `.` and its absolute path, a hard link)."""
     try:
         return a.samefile(b)
-    except OSError:  # one of them does not exist yet
-        return a.resolve() == b.resolve()
+    except OSError:  # one of them does not exist yet, or is a symlink loop (which Path.resolve raises on)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def refuse_inputs(writes: Iterable[str | Path], reads: Iterable[str | Path]) -> None:
