@@ -423,3 +423,17 @@ def test_prompt_clips_finds_what_the_tokenizer_finds(tokenizer, pieces):
         assert ours == theirs
     else:
         assert isinstance(theirs, TokenizerError) or not prompt.strip() or any(not p.strip() for p in theirs), ours
+
+
+def test_a_trace_that_is_a_pipe_or_a_directory_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """`qwenaudio verify FIFO REF` waited forever (past SIGTERM: safetensors holds the GIL while it opens) for a
+    writer; a directory was 'No such device'. Neither may be opened at all."""
+    def never(path, **_):
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr(trace, "safe_open", never)
+    os.mkfifo(tmp_path / "fifo")
+    assert trace.is_trace(tmp_path / "fifo") is False
+    for path in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(InputError, match="not a regular file"):
+            trace.Trace.load(path)
