@@ -3,6 +3,8 @@ wrong."""
 
 import copy
 import json
+import os
+import threading
 
 import pytest
 
@@ -125,3 +127,19 @@ def test_from_json_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in OFFICIAL_CONFIG.items() if k != "kv_channels"}))
     with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: field 'kv_channels' is missing"):
         QwenAudioConfig.from_json(tmp_path)
+
+
+def test_a_pipe_given_as_a_checkpoint_is_refused_not_waited_on(tmp_path):
+    """`qwenaudio merge FIFO …` waited forever for a writer: reading config.json from a pipe or device blocks."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+    reader = threading.Thread(target=lambda: result.append(pytest.raises(ConfigError, QwenAudioConfig.from_json,
+                                                                         fifo).value))
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # let the blocked read end (a writer that closes at once) before failing
+        os.close(os.open(fifo, os.O_WRONLY))
+        reader.join()
+        pytest.fail("QwenAudioConfig.from_json waited on a pipe")
+    assert "not a regular file" in str(result[0])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenaudio.core.checkpoint import check_target
 from qwenaudio.core.errors import OutputError
 from qwenaudio.core import files
 from qwenaudio.core.files import building, fingerprint, refuse_inputs
@@ -75,3 +76,15 @@ def test_a_replacing_build_that_fails_at_the_swap_puts_the_old_directory_back(tm
             (partial / "model.safetensors").write_text("new")
     assert (target / "model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # neither the .old nor the .partial is left
+
+
+def test_a_symlink_loop_as_an_output_is_refused_not_a_traceback(tmp_path):
+    """A loop cannot be resolved (Path.resolve raises RuntimeError): it is never an input, and nothing can be written
+    through it, so the rule still answers and the command says why it cannot write there."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    refuse_inputs([tmp_path / "loop1"], [data, tmp_path / "loop2"])
+    with pytest.raises(OutputError, match="loop1"):
+        check_target(tmp_path / "loop1", [data], overwrite=False)

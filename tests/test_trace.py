@@ -6,10 +6,13 @@ its stated tolerance; broken files are refused."""
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +242,22 @@ def test_trace_refuses_an_odd_prompt_before_the_model_loads(tmp_path, monkeypatc
             trace.prompt_clips(prompt)
 
 
+def test_trace_out_that_is_no_regular_file_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, no_load):
+    """A symlink loop at --out was replaced by the trace (exit 0); a pipe there was opened to see whether it held a
+    trace, which waited for a writer, and SIGTERM could not end the wait."""
+    from qwenaudio import cli
+
+    monkeypatch.chdir(tmp_path)
+    Path("loop1").symlink_to("loop2")
+    Path("loop2").symlink_to("loop1")
+    os.mkfifo("fifo")
+    for out in ("loop1", "fifo"):
+        assert cli.main(["trace", "--prompt", "hi", "--out", out]) == 1, out
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is not a regular file") and len(err.splitlines()) == 1, err
+    assert no_load == [] and Path("loop1").is_symlink() and stat.S_ISFIFO(os.stat("fifo").st_mode)
+
+
 def test_trace_out_never_replaces_an_input_and_is_checked_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch,
                                                                                  capsys, no_load):
     from qwenaudio import cli
@@ -404,3 +423,17 @@ def test_prompt_clips_finds_what_the_tokenizer_finds(tokenizer, pieces):
         assert ours == theirs
     else:
         assert isinstance(theirs, TokenizerError) or not prompt.strip() or any(not p.strip() for p in theirs), ours
+
+
+def test_a_trace_that_is_a_pipe_or_a_directory_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """`qwenaudio verify FIFO REF` waited forever (past SIGTERM: safetensors holds the GIL while it opens) for a
+    writer; a directory was 'No such device'. Neither may be opened at all."""
+    def never(path, **_):
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr(trace, "safe_open", never)
+    os.mkfifo(tmp_path / "fifo")
+    assert trace.is_trace(tmp_path / "fifo") is False
+    for path in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(InputError, match="not a regular file"):
+            trace.Trace.load(path)

@@ -885,6 +885,9 @@ def _check_trace_out(out: Path, reads: list) -> None:
     refuse_inputs([out], reads)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory: give the .safetensors file to write")
+    if out.is_symlink() and not out.exists() or out.exists() and not out.is_file():  # opening a pipe would wait
+        raise OutputError(f"--out {out} is not a regular file (a pipe, a device or a symlink that leads nowhere): "
+                          "choose another name")
     if out.exists() and not trace.is_trace(out):
         raise OutputError(f"--out {out} exists and is not a trace: remove it or choose another name")
     try:

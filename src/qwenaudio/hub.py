@@ -23,6 +23,7 @@ import torch
 
 from .core import model
 from .core.checkpoint import INDEX_FILE, shard_files
+from .core.checks import expect
 from .core.errors import CheckpointError, DownloadError, InputError
 from .lora import load_adapter, read_adapter
 
@@ -48,6 +49,7 @@ def hf_cache() -> Path:
 def cached(repo_id: str, revision: str = "main") -> Path | None:
     """The snapshot directory of `repo_id` in the Hugging Face cache, when the cache holds a complete checkpoint
     for `revision` (a branch name or a commit hash), else None."""
+    expect(repo_id, str, "repo_id", "a Hugging Face repo id (owner/name)")
     repo = hf_cache() / f"models--{repo_id.replace('/', '--')}"
     ref = repo / "refs" / revision
     commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision

@@ -76,6 +76,8 @@ class Trace:
     def load(cls, path: str | Path) -> Trace:
         """Read a trace, checking that it is one and that its manifest lists exactly its tensors."""
         expect(path, (str, Path), "path", "a trace file's path")
+        if Path(path).exists() and not Path(path).is_file():  # opening a pipe waits for a writer, past SIGTERM
+            raise InputError(f"{path}: not a regular file (a directory, a pipe or a device): give a trace file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata, tensors = f.metadata() or {}, {n: f.get_tensor(n) for n in f.keys()}
@@ -94,6 +96,8 @@ class Trace:
 def is_trace(path: str | Path) -> bool:
     """Whether `path` is a file in the trace format (its header alone is read), so that `--out` replaces an older
     trace but nothing else."""
+    if not Path(path).is_file():  # a pipe would be waited on
+        return False
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT

@@ -28,10 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import int4, int8
+from .checks import as_path, expect, shown, whole
 from .config import QUANTIZATION_METHODS, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
-from .errors import CheckpointError, OutputError, QwenAudioError
+from .errors import CheckpointError, InputError, OutputError, QwenAudioError
 from .files import building, refuse_inputs, write_text, writing
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,6 +83,7 @@ def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
     `*.weight_zero`, after them, in the decoder's order. tests/golden/official_tensors.py holds the table written
     by hand from the official checkpoint's index.
     """
+    expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
     with torch.device("meta"):
         encoder, decoder = AudioEncoder(config.audio), Decoder(config)
     shapes = _state_shapes("decoder", decoder) | _state_shapes("encoder", encoder)
@@ -207,7 +209,8 @@ def load_checkpoint(
     its own (quantization does), so that the full-precision original is never held for long. Integer tensors
     (int8 weights) keep their dtype.
     """
-    path = Path(path)
+    path = as_path(path, "path")
+    expect(config, (QwenAudioConfig, type(None)), "config", "a QwenAudioConfig or None (the directory's config.json)")
     files = shard_files(path)
     if config is None:
         config = QwenAudioConfig.from_json(path if path.is_dir() else path.parent)
@@ -302,6 +305,9 @@ def save_checkpoint(
     state: dict[str, torch.Tensor], directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3
 ) -> Path:
     """Write tensors in the official layout: `model-0000i-of-0000N.safetensors` shards plus the index."""
+    expect(state, dict, "state", "a dict of tensor names to torch.Tensor")
+    for name, tensor in state.items():
+        expect(tensor, torch.Tensor, f"state[{name!r}]", "a torch.Tensor")
     layout = {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
     return write_shards(layout, state.__getitem__, directory, max_shard_bytes=max_shard_bytes)
 
@@ -316,7 +322,9 @@ def write_shards(
     """Write the tensors named in `layout` (name -> shape, dtype), in its order, asking `make(name)` for each
     only when its shard is written: a 16.8 GB checkpoint is produced with one shard in memory at a time. Each file
     is written under a temporary name and renamed (`qwenaudio.files`), the index last."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
+    if not whole(max_shard_bytes, 1):
+        raise InputError(f"max_shard_bytes must be an int >= 1, got {shown(max_shard_bytes)}")
     directory.mkdir(parents=True, exist_ok=True)
     nbytes = {n: math.prod(shape) * dtype.itemsize for n, (shape, dtype) in layout.items()}
     shards = plan_shards(nbytes, max_shard_bytes)
@@ -347,6 +355,9 @@ def check_target(target: Path, reads: Iterable[Path], overwrite: bool) -> None:
                                   "directory of its own")
     if target.exists() and not target.is_dir():
         raise OutputError(f"the target {target} is a file, not a directory")
+    if target.is_symlink() and not target.exists():
+        raise OutputError(f"the target {target} is a symbolic link that leads nowhere (a loop, or a missing "
+                          "directory): choose a new directory")
     held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if held and not overwrite:
         raise OutputError(f"the target {target} exists and is not empty: choose a new directory, or replace the "

@@ -218,6 +218,8 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
 
 def _read_json(path: Path) -> Any:
     """The parsed contents of a JSON file; every way reading it can fail is a ConfigError naming the file."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # reading a pipe or device waits for a writer
+        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device): give the checkpoint directory")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checks import expect
 from .config import QwenAudioConfig
 from .errors import InputError
 
@@ -203,6 +204,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: QwenAudioConfig, *, true_positions: bool = False):
         super().__init__()
+        expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
         self.config = config
         self.true_positions = true_positions  # how callers number positions (`positions_and_mask`)
         # Training: recompute each block's activations in the backward pass instead of keeping them, so a long
@@ -265,6 +267,8 @@ class Decoder(nn.Module):
         """The official model's forward over whole sequences, no cache: logits [B, S, vocab_size] for `input_ids`
         [B, S], `attention_mask` [B, S] marking real tokens (1) and padding (0), and `audio`, the encoded span of
         every `<audio>…</audio>` region in row-major order."""
+        expect(input_ids, Tensor, "input_ids", "a torch.Tensor of token ids [B, S]")
+        expect(attention_mask, (Tensor, type(None)), "attention_mask", "a torch.Tensor [B, S] or None")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
             attention_mask.to(input_ids.device, torch.bool)  # a tokenizer's mask is on the host
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .audio import audio_span, frames_after_conv, mel_length
+from .checks import expect, shown, whole
 from .config import AudioConfig
+from .errors import InputError
 
 
 class MultiHeadAttention(nn.Module):
@@ -64,6 +66,7 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, config: AudioConfig):
         super().__init__()
+        expect(config, AudioConfig, "config", "an AudioConfig (QwenAudioConfig.audio)")
         self.conv1 = nn.Conv1d(config.n_mels, config.n_state, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(config.n_state, config.n_state, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", torch.empty(config.n_ctx, config.n_state))
@@ -104,6 +107,10 @@ class AudioEncoder(nn.Module):
 
         `num_samples` are the clips' lengths at 16 kHz (before padding to 30 s); they set each clip's frames.
         """
+        expect(mel, Tensor, "mel", "a torch.Tensor of log-mel spectrograms [B, n_mels, frames]")
+        if not isinstance(num_samples, (list, tuple)) or not all(whole(n, 0) for n in num_samples):
+            raise InputError(f"num_samples must be a list of ints (each clip's length at 16 kHz), got "
+                             f"{shown(num_samples)}")
         spans = [audio_span(n) for n in num_samples]  # raises for clips too short to give one token
         frames = torch.tensor([frames_after_conv(mel_length(n)) for n in num_samples])
         x = self(mel, frames)

@@ -98,7 +98,7 @@ def _same(a: Path, b: Path) -> bool:
     """One file or directory under two names (a symlink, `.` and its absolute path, a hard link)."""
     try:
         return a.samefile(b)
-    except OSError:  # one of them does not exist yet (or is a symlink loop, on which Path.resolve raises)
+    except OSError:  # one of them does not exist yet, or is a symlink loop (which Path.resolve raises on)
         return os.path.realpath(a) == os.path.realpath(b)
 
 

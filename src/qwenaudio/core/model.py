@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
 from .checkpoint import PREFIXES, int4_group_size, load_checkpoint, quantize_layout, quantizer, split_state
+from .checks import expect
 from .config import QUANTIZATION_METHODS, GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
@@ -45,6 +46,9 @@ class QwenAudio(nn.Module):
     def __init__(self, config: QwenAudioConfig, tokenizer: Tokenizer, generation_config: GenerationConfig,
                  *, true_positions: bool = False):
         super().__init__()
+        expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
+        expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer")
+        expect(generation_config, GenerationConfig, "generation_config", "a GenerationConfig")
         if tokenizer.audio_start_id != config.audio.audio_start_id:
             raise ConfigError(f"config.json: audio.audio_start_id is {config.audio.audio_start_id} but the "
                               f"vocabulary's <audio> is {tokenizer.audio_start_id}")
@@ -64,6 +68,7 @@ class QwenAudio(nn.Module):
             return self._encode(clips)
 
     def _encode(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
+        expect(clips, (list, tuple), "clips", "a list of clips (16 kHz waveforms or audio files)")
         clips = [as_waveform(c, source_name(c, i)) for i, c in enumerate(clips)]
         if not clips:
             return []
@@ -78,6 +83,8 @@ class QwenAudio(nn.Module):
 
         Only the positions that predict a label go through lm_head: the loss is the same mean over the same tokens,
         while a batch of 1,000-token prompts with 20-token answers skips 98 % of its 155,947-wide logits."""
+        expect(input_ids, Tensor, "input_ids", "a torch.Tensor of token ids [B, S]")
+        expect(labels, Tensor, "labels", "a torch.Tensor of token ids [B, S]")
         labels = labels.to(self.device)
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
@@ -91,6 +98,7 @@ class QwenAudio(nn.Module):
         anything `load_audio` reads), no KV cache: the official model's forward. With `output_hidden_states`, an
         `Output` with the logits and the hidden states as the official model returns them."""
         hidden: list[Tensor] | None = [] if output_hidden_states else None
+        expect(input_ids, Tensor, "input_ids", "a torch.Tensor of token ids [B, S]")
         logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self.encode_audio(audio or []),
                                      hidden_states=hidden)
         return Output(logits, tuple(hidden)) if hidden is not None else logits
