@@ -453,12 +453,17 @@ def test_an_output_that_is_the_model_s_file_is_refused_even_with_overwrite(tiny_
 
     model = shutil.copytree(tiny_ckpt, tmp_path / "model")
     before = (model / "config.json").read_bytes()
-    write_wav(tmp_path / "config.wav", seed=0)
+    (tmp_path / "in" / "model").mkdir(parents=True)
+    write_wav(tmp_path / "in" / "model" / "config.wav", seed=0)  # its output: OUT/model/config.json
     monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     for extra in ([], ["--overwrite"]):
-        assert cli.main(transcribe_args(tmp_path / "config.wav", "--format", "json", "--output-dir", model,
+        assert cli.main(transcribe_args(tmp_path / "in", "--format", "json", "--output-dir", tmp_path,
                                         "--model", model, *extra)) == 1
         assert "would replace the input" in capsys.readouterr().err
+        # the model's directory itself as --output-dir is refused before any output is named
+        assert cli.main(transcribe_args(tmp_path / "in", "--format", "json", "--output-dir", model,
+                                        "--model", model, *extra)) == 1
+        assert "is the model's directory" in capsys.readouterr().err
     assert (model / "config.json").read_bytes() == before
 
 
