@@ -4,7 +4,6 @@ generation prompts."""
 import errno
 import hashlib
 import json
-import re
 import os
 import shutil
 
@@ -18,6 +17,7 @@ from qwenaudio.core.int8 import Int8Linear, quantize_int8, quantize_weight
 from qwenaudio.quantize import save_quantized
 
 from .conftest import golden_prompt_logits
+from .test_lora import run
 
 
 def test_weight_round_trip_is_within_half_a_step():
@@ -216,19 +216,6 @@ def test_int8_agrees_with_fp32_wherever_fp32_is_decided(models, case):
 
 
 # `qwenaudio quantize` as a careless user drives it (in process: cli.main).
-
-def run(capsys, *args) -> tuple[int, str]:
-    """cli.main's exit code and stderr; an error must be one `error:` line (argparse's starts with the command's
-    name), and a traceback would raise here."""
-    from qwenaudio import cli
-
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    if code:
-        errors = [line for line in err.splitlines() if re.match(r"(qwenaudio \w+: )?error: ", line)]
-        assert len(errors) == 1 and "Traceback" not in err, err
-    return code, err
-
 
 def test_a_group_size_without_bits_4_is_refused(tiny_ckpt, tmp_path, capsys):
     code, err = run(capsys, "quantize", tiny_ckpt, tmp_path / "q", "--group-size", "32")
