@@ -6,6 +6,7 @@ once per session and every run caps generation with --max-new-tokens.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -303,7 +304,18 @@ def test_readonly_or_full_output_directory(tiny_ckpt, audio_dir, tmp_path, monke
     assert summary["done"] == [str(files_in[1])] and summary["skipped"] == [str(files_in[0])]
 
 
-def test_ctrl_c_keeps_what_is_done_and_writes_the_summary(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
+def _send_sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _press_ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("interrupt, code", [(_press_ctrl_c, 130), (_send_sigterm, 128 + signal.SIGTERM)])
+def test_an_interrupt_keeps_what_is_done_writes_the_summary_and_says_how_to_resume(
+        interrupt, code, tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C, and SIGTERM taken like it, on the second batch."""
     from qwenaudio import cli
 
     calls = []
@@ -312,46 +324,21 @@ def test_ctrl_c_keeps_what_is_done_and_writes_the_summary(tiny_ckpt, audio_dir, 
     def interrupted_on_second_batch(model, jobs, clips, args):
         calls.append(jobs)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            interrupt()
         return real_run_task(model, jobs, clips, args)
 
     monkeypatch.setattr(cli, "run_task", interrupted_on_second_batch)
     files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
     args = ["transcribe", *map(str, files_in), "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
             "--model", str(tiny_ckpt), *FAST]
-    assert cli.main(args) == 130
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(args) == code
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["interrupted"] and summary["done"] == [str(files_in[0])] and summary["failed"] == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["speech.txt", "summary.json"]
     err = capsys.readouterr().err
     assert "1 done, 0 skipped (outputs exist), 0 failed, of 2 files (interrupted)" in err
-    assert err.rstrip().splitlines()[-1] == "interrupted; rerun the same command to resume: files done are kept"
-
-
-def test_sigterm_is_taken_like_ctrl_c_and_says_how_to_resume(tiny_ckpt, audio_dir, tmp_path, monkeypatch, capsys):
-    import signal
-
-    from qwenaudio import cli
-
-    calls = []
-    real_run_task = cli.run_task
-
-    def killed_on_second_batch(model, jobs, clips, args):
-        calls.append(jobs)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_run_task(model, jobs, clips, args)
-
-    monkeypatch.setattr(cli, "run_task", killed_on_second_batch)
-    files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
-    args = ["transcribe", *map(str, files_in), "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
-            "--model", str(tiny_ckpt), *FAST]
-    before = signal.getsignal(signal.SIGTERM)
-    assert cli.main(args) == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["interrupted"] and summary["done"] == [str(files_in[0])]
-    err = capsys.readouterr().err
     assert err.rstrip().splitlines()[-1] == "interrupted; rerun the same command to resume: files done are kept"
 
 
