@@ -4,6 +4,10 @@ Modules are created on the meta device (no memory, no random init) and then take
 directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
 copied again, so loading needs no more memory than the weights themselves. Which official tensor goes to which
 module, under which attribute path, is `checkpoint.split_state`'s to say.
+
+`QwenAudio.generate` is the one way prompts with clips are answered (tasks, evaluation and chat all call it, or
+`stream` for one reply in pieces): the batch, the clips' spans, the settings and `generate.generate`, put together
+once.
 """
 
 from __future__ import annotations
