@@ -7,7 +7,6 @@ import torch
 from torch._dynamo.utils import counters
 
 import qwenaudio
-from qwenaudio.core import generate as generation
 from qwenaudio.core.generate import compile_decoding, generate
 from qwenaudio.core.int4 import Int4Linear, dequantize, quantize_weight
 from qwenaudio.core.int8 import Int8Linear
@@ -75,16 +74,14 @@ def test_the_loss_and_forward_on_the_gpu_take_a_host_mask_and_equal_the_cpu_s(ti
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_decoding_compiled_with_cuda_graphs_equals_eager_decoding(tiny_weights, int4):
-    model = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.bfloat16, int4=int4, progress=False)
+    model = qwenaudio.load(tiny_weights, device="cuda", dtype=torch.bfloat16, quantize="int4" if int4 else None,
+                           progress=False)
     ids = torch.randint(0, 151643, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
     config = model.generation_config.replace(do_sample=False, max_new_tokens=16, min_new_tokens=16)
     counters.clear()
     with torch.no_grad():
         eager = generate(model.decoder, model.tokenizer, ids, config=config)
-        compile_decoding(mode="reduce-overhead")
-        try:
-            compiled = generate(model.decoder, model.tokenizer, ids, config=config)
-        finally:
-            generation._compiled_step = None  # later tests decode eagerly again
+        compiled = generate(model.decoder, model.tokenizer, ids, config=config,
+                            step=compile_decoding(mode="reduce-overhead"))
     assert compiled == eager
     assert counters["inductor"]["cudagraph_skips"] == 0  # the step ran as a CUDA graph, not merely compiled

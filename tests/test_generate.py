@@ -9,7 +9,11 @@ import torch
 
 import qwenaudio
 from qwenaudio import GenerationConfig, QwenAudioConfig, load_audio
-from qwenaudio.core.generate import choose, generate, generate_steps, process_logits, stream_text
+from qwenaudio.core import generate as generation
+from qwenaudio.core.audio import audio_span
+from qwenaudio.core.decoder import KVCache
+from qwenaudio.core.generate import (choose, decode_one_token, generate, generate_steps, prefill, process_logits,
+                                     stream_text)
 from qwenaudio.testing import make_tiny_checkpoint, tiny_config
 
 from .conftest import GOLDEN, ROOT
@@ -334,3 +338,36 @@ def test_new_tokens_are_capped_by_the_context(model, monkeypatch):
                                config=GenerationConfig(max_new_tokens=10**9, stop_token_ids=(), min_new_tokens=0))
         next(steps)
     assert seen["slots"] == 8192
+
+
+# --- the model's entry --------------------------------------------------------------------------------------------
+
+def test_prefill_called_directly_builds_no_autograd_graph(model):
+    """The loaded parameters keep requires_grad=True; the core's generation functions run under no_grad themselves,
+    as gpt-fast's and whisper's do, so a library user who calls them needs no `with torch.no_grad()`."""
+    assert next(model.decoder.parameters()).requires_grad
+    ids = torch.tensor([model.tokenizer.encode("hello there")])
+    cache = KVCache(model.config, 1, ids.shape[1] + 1, torch.float32)
+    assert not prefill(model.decoder, cache, ids).requires_grad
+    step = decode_one_token(model.decoder, cache, ids[:, -1:], torch.tensor([ids.shape[1]]))
+    assert not step.requires_grad and not cache.k[0].requires_grad
+
+
+def test_model_generate_equals_the_core_generate(model):
+    """`QwenAudio.generate` is encode_batch, encode_audio, the settings and `generate`, put together once."""
+    clips = [0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0)), torch.zeros(8000)]
+    texts = [f"<audio>{p}</audio>hi" for p in ("a.wav", "b.wav")]
+    ours = model.generate(texts, [[clips[0]], [clips[1]]], max_new_tokens=5, do_sample=False, top_k=None)
+    batch = model.tokenizer.encode_batch(texts, audio_spans=[[audio_span(16000)], [audio_span(8000)]])
+    config = model.generation_config.replace(max_new_tokens=5, do_sample=False)
+    expected = generate(model.decoder, model.tokenizer, batch.input_ids, attention_mask=batch.attention_mask,
+                        audio=model.encode_audio(clips), config=config)
+    assert ours == expected and all(len(r) <= 5 for r in ours)
+
+
+def test_compiling_one_model_changes_no_other_generation(tiny_ckpt):
+    a = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    b = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
+    a.compile_decoding()  # torch.compile is lazy: nothing compiles until a step runs
+    assert a.decode_step is not generation.decode_one_token
+    assert b.decode_step is generation.decode_one_token and not hasattr(generation, "_compiled_step")

@@ -10,8 +10,11 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import qwenaudio
+from qwenaudio.core import model as core_model
+from qwenaudio.core.checkpoint import quantization_of
 from qwenaudio import CheckpointError, DownloadError, InputError
 from qwenaudio.hub import FILE_PATTERNS, hf_cache, resolve, weights_home
 from qwenaudio.testing import make_tiny_checkpoint
@@ -146,7 +149,7 @@ def test_offline(tmp_path):
 def test_an_adapter_is_read_before_the_model_loads(monkeypatch, tmp_path):
     """A truncated or missing adapter is found in a second, not after a 16 GB checkpoint has loaded."""
     loads = []
-    monkeypatch.setattr(qwenaudio.hub.model, "load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(qwenaudio.hub.model, "load_model", lambda *a, **k: loads.append(a))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LO')
@@ -157,3 +160,27 @@ def test_an_adapter_is_read_before_the_model_loads(monkeypatch, tmp_path):
     with pytest.raises(InputError, match="adapter"):
         qwenaudio.load(tmp_path / "ckpt", device="cpu", progress=False, adapter=123)
     assert loads == []
+
+
+# --- load's arguments ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_replaces_the_old_booleans_which_warn(tiny_weights, method):
+    new = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", quantize=method, progress=False)
+    with pytest.warns(DeprecationWarning, match=f"{method}=True is deprecated: pass quantize='{method}'"):
+        old = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", progress=False, **{method: True})
+    with pytest.warns(DeprecationWarning, match=f"{method}=True is deprecated"):
+        decoder = qwenaudio.load_decoder(tiny_weights, dtype=torch.float32, **{method: True})
+    assert quantization_of(new) == quantization_of(old) == quantization_of(decoder) == method
+    ids = torch.randint(0, 151643, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(new.decoder.logits(ids), old.decoder.logits(ids))
+    with pytest.raises(InputError, match="quantize='int2': choose one of 'int8', 'int4' or None"):
+        qwenaudio.load(tiny_weights, device="cpu", quantize="int2", progress=False)
+
+
+def test_core_load_is_renamed_load_model_and_the_old_name_warns(tiny_weights):
+    with pytest.warns(DeprecationWarning, match="renamed load_model"):
+        old = core_model.load
+    assert old is core_model.load_model
+    assert quantization_of(old(tiny_weights, "cpu", torch.float32)) is None

@@ -79,7 +79,7 @@ def test_an_int4_layer_refuses_training_and_saving_once_it_has_computed():
 
 def test_int4_on_load_equals_quantizing_after_load(tiny_ckpt):
     after = quantize_int4(qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32))
-    during = qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32, int4=True)
+    during = qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32, quantize="int4")
     assert isinstance(during.h[0].attn.c_attn, Int4Linear) and isinstance(during.lm_head, Int4Linear)
     assert during.wte.weight.dtype == torch.float32  # a lookup table reads one row a token: it stays in float
     ids = torch.randint(0, 151643, (2, 7))
@@ -106,7 +106,7 @@ def test_int4_checkpoint_round_trip(tiny_ckpt, tmp_path):
     with torch.no_grad():
         assert torch.equal(stored.decoder.logits(ids), fresh.decoder.logits(ids))
     with pytest.raises(InputError, match="already int4-weight-only; load its float original to quantize it as int8"):
-        qwenaudio.load(target, int8=True, progress=False)
+        qwenaudio.load(target, quantize="int8", progress=False)
     with pytest.raises(InputError, match="is already quantized"):
         save_quantized(target, tmp_path / "again", bits=8)
     with pytest.raises(InputError, match="int8 and int4: choose one"):
@@ -140,7 +140,7 @@ def test_the_int4_model_is_the_float_model_with_its_dequantized_weights(tiny_ckp
     """Everything int4 changes is the weights: the float model given each linear's dequantized int4 weight (in
     float64, then fp32) computes the int4 model's logits. How far those are from fp32's is a property of int4 on
     this tiny model (BENCHMARKS.md: 18 % of the largest logit, near-ties everywhere), not of the code."""
-    quantized = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False, int4=True)
+    quantized = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False, quantize="int4")
     reference = qwenaudio.load(tiny_ckpt, dtype=torch.float32, progress=False)
     for module in reference.decoder.modules():
         if isinstance(module, torch.nn.Linear):
@@ -161,7 +161,7 @@ def test_the_default_group_size_falls_back_to_the_largest_that_fits(mlp96, tmp_p
 
     with pytest.warns(UserWarning, match="int4: groups of 32, since 64 does not divide the 96 inputs of "
                                          "transformer.h.0.mlp.c_proj.weight"):
-        model = qwenaudio.load(mlp96, dtype=torch.float32, device="cpu", int4=True, progress=False)
+        model = qwenaudio.load(mlp96, dtype=torch.float32, device="cpu", quantize="int4", progress=False)
     assert model.decoder.h[0].mlp.c_proj.group_size == model.decoder.lm_head.group_size == 32
     with torch.no_grad():
         assert torch.isfinite(model.decoder.logits(torch.tensor([[1, 2, 3]]))).all()
@@ -194,7 +194,7 @@ def test_a_model_no_group_size_fits_is_refused_before_anything_is_written(tmp_pa
     odd = make_tiny_checkpoint(tmp_path / "odd", seed=0, intermediate_size=80)  # a 40-wide MLP
     message = "no int4 group size .32, 64, 128. divides the 40 inputs of transformer.h.0.mlp.c_proj.weight"
     with pytest.raises(InputError, match=message):
-        qwenaudio.load(odd, dtype=torch.float32, device="cpu", int4=True, progress=False)
+        qwenaudio.load(odd, dtype=torch.float32, device="cpu", quantize="int4", progress=False)
     code, err = run(capsys, "quantize", odd, tmp_path / "q", "--bits", "4")
     assert code == 2 and "divides the 40 inputs" in err and "--bits 8" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]

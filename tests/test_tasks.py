@@ -49,11 +49,11 @@ def model(tiny_ckpt):
 def test_task_builds_the_official_prompt(model, monkeypatch, name):
     seen = {}
 
-    def fake_generate(decoder, tokenizer, input_ids, *, attention_mask, audio, config):
+    def fake_generate(decoder, tokenizer, input_ids, *, attention_mask, audio, config, **_):
         seen.update(ids=input_ids.tolist(), mask=attention_mask.tolist(), spans=[len(a) for a in audio], config=config)
         return [[]] * input_ids.shape[0]
 
-    monkeypatch.setattr(tasks, "generate", fake_generate)
+    monkeypatch.setattr(qwenaudio.core.model, "generate", fake_generate)  # what model.generate runs
     CALLS[name](model, str(CLIP))
     tags, max_new = OFFICIAL_PROMPTS[name]
     expected = model.tokenizer.encode(f"<audio>{CLIP}</audio>{tags}", audio_spans=[34])

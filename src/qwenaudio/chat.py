@@ -20,7 +20,6 @@ from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
 from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
-from .core.generate import stream_text
 from .core.model import QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, Tokenizer
 
@@ -114,15 +113,11 @@ class Chat:
         text = query_text(query)
         raw, ids = self.context(text)
         paths = self.model.tokenizer.audio_paths(raw, allowed_special=AUDIO_SPECIAL_TOKENS)
-        audio = self.model.encode_audio([self.clip(p) for p in paths])
-        config = self.model.generation_config.replace(**generation)
         pieces: list[str] = []
-        with torch.no_grad():
-            for piece in stream_text(self.model.decoder, self.model.tokenizer,
-                                     torch.tensor([ids], device=self.model.device), audio=audio, config=config,
-                                     cache=self._cache):
-                pieces.append(piece)
-                yield piece
+        for piece in self.model.stream(torch.tensor([ids]), [self.clip(p) for p in paths], cache=self._cache,
+                                       **generation):
+            pieces.append(piece)
+            yield piece
         self.history.append((text, "".join(pieces)))
 
     def ask(self, query: str | Sequence[Part], **generation) -> str:

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.world > 1 and args.device == "cuda" else args.device
     try:
-        model = args.model and load(args.model, device=device, dtype=args.dtype, int8=args.int8, int4=args.int4,
+        model = args.model and load(args.model, device=device, dtype=args.dtype, quantize=_quantization(args),
                                     adapter=args.adapter, progress=args.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)

@@ -36,10 +36,10 @@ from . import scoring
 from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
                     refuse_model_directory, run_files, write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
+from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, expect_model
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.files import refuse_inputs, writable_directory, write_text
-from .core.generate import generate
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, Batch, Tokenizer
 
@@ -491,13 +491,9 @@ def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Seq
     `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
     expect_model(model)
     _optional(max_new_tokens, int, "max_new_tokens")
-    clips = [[c[:N_SAMPLES] for c in own] for own in clips]
-    batch = prompt_batch(model.tokenizer, texts, clips)
-    config = model.generation_config.replace(do_sample=False, min_new_tokens=1, max_new_tokens=max_new_tokens)
-    with torch.no_grad():
-        ids = generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
-                       attention_mask=batch.attention_mask.to(model.device),
-                       audio=model.encode_audio([c for own in clips for c in own]), config=config, progress=decoding)
+    clips = [[c[:N_SAMPLES] for c in own] for own in clips]  # as heard anyway, without log_mel's warning per clip
+    ids = model.generate(texts, clips, progress=decoding, do_sample=False, min_new_tokens=1,
+                         max_new_tokens=max_new_tokens)
     return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
 
 
@@ -594,8 +590,7 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
 
 def _quantization(model: QwenAudio) -> str | None:
     """"int8" or "int4" when the decoder's linears are quantized so, else None."""
-    kinds = {type(m).__name__ for m in model.decoder.modules()}
-    return next((bits for bits, kind in (("int8", "Int8Linear"), ("int4", "Int4Linear")) if kind in kinds), None)
+    return quantization_of(model.decoder)
 
 
 def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,

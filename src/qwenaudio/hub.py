@@ -128,21 +128,23 @@ def resolve(name: str | Path) -> Path:
 
 
 def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
-         int8: bool = False, int4: bool = False, true_positions: bool = False, adapter: str | Path | None = None,
-         progress: bool = True) -> model.QwenAudio:
+         quantize: str | None = None, true_positions: bool = False, adapter: str | Path | None = None,
+         progress: bool = True, int8: bool = False, int4: bool = False) -> model.QwenAudio:
     """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", found in $QWENAUDIO_HOME or the Hugging Face
     cache and downloaded there when missing: `resolve`) onto `device` (default: CUDA if available) in `dtype` (a
     torch dtype or a name like "bf16"; default: bf16 where the CPU or GPU runs it natively, else fp32 / fp16).
 
-    `int8` quantizes the decoder's linears as they are read: the full model then needs about 10.7 GiB at its peak
-    instead of 15.5 in bf16 (BENCHMARKS.md); `int4` to int4 (inference only). A checkpoint written by `qwenaudio
-    quantize` loads as it was quantized without asking. `adapter` applies a LoRA adapter directory (ours or peft's
+    `quantize="int8"` quantizes the decoder's linears as they are read: the full model then needs about 10.7 GiB at
+    its peak instead of 15.5 in bf16 (BENCHMARKS.md); `quantize="int4"` to int4 (inference only). A checkpoint written
+    by `qwenaudio quantize` loads as it was quantized without asking (`int8=True` / `int4=True`: deprecated
+    spellings). `adapter` applies a LoRA adapter directory (ours or peft's
     format, `qwenaudio.lora`) unmerged; it is read and checked before the model loads.
-    `progress` draws a bar on a terminal (`report_progress`). The core's `qwenaudio.core.model.load` does the same
+    `progress` draws a bar on a terminal (`report_progress`). The core's `qwenaudio.core.model.load_model` does the same
     from a directory, with a progress callback of your own."""
     device, dtype = model.as_device(device), model.as_dtype(dtype)  # bad arguments fail before any download
+    quantize = model.quantize_option(quantize, int8, int4)
     lora = None if adapter is None else read_adapter(adapter)  # a truncated adapter fails before a 16 GB load
-    loaded = model.load(resolve(name), device, dtype, int8=int8, int4=int4, true_positions=true_positions,
+    loaded = model.load_model(resolve(name), device, dtype, quantize=quantize, true_positions=true_positions,
                         progress=report_progress if progress else None)
     return loaded if lora is None else load_adapter(loaded, lora)
 

@@ -16,10 +16,10 @@ from functools import partial
 import torch
 
 from . import longform
-from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, audio_span, source_name
+from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
 from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
-from .core.generate import cut_at_stop, generate
+from .core.generate import cut_at_stop
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 from .longform import Segment
@@ -87,13 +87,9 @@ def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
-    batch = model.tokenizer.encode_batch(prompts(task, names), audio_spans=[[audio_span(len(c))] for c in clips])
     chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
-    config = model.generation_config.replace(**{"do_sample": False, "max_new_tokens": task.max_new_tokens, **chosen})
-    with torch.no_grad():
-        return generate(model.decoder, model.tokenizer, batch.input_ids.to(model.device),
-                        attention_mask=batch.attention_mask.to(model.device), audio=model.encode_audio(clips),
-                        config=config)
+    return model.generate(prompts(task, names), [[c] for c in clips],
+                          **{"do_sample": False, "max_new_tokens": task.max_new_tokens, **chosen})
 
 
 def _texts(model: QwenAudio, replies: list[list[int]], single: bool, stop_strings: Sequence[str] = ()):

@@ -9,8 +9,8 @@ Read it in this order, each file building only on those before it:
     decoder.py     Qwen-7B: rotary attention with dynamic NTK and logn, one forward path for training and inference
     int8.py        int8 weight-only linears, for quantized checkpoints
     checkpoint.py  official tensor names, and reading / writing the safetensors shards
-    model.py       QwenAudio = config + tokenizer + encoder + decoder, loaded from a directory
     generate.py    prefill / decode_one_token over a KV cache that generation owns
+    model.py       QwenAudio = config + tokenizer + encoder + decoder, loaded from a directory; model.generate
 
 errors.py holds the exception types and files.py the write-to-a-temporary-name-and-rename rule. The product
 (`qwenaudio.tasks`, `chat`, `cli`, …) is built on these modules; nothing here imports it.

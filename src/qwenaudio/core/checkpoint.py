@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from . import int4, int8
 from .checks import as_path, expect, shown, whole
-from .config import QUANTIZATION_METHODS, QwenAudioConfig
+from .config import QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import CheckpointError, InputError, OutputError, QwenAudioError
@@ -99,18 +100,46 @@ def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
     return {official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """One way to quantize the decoder's linears: config.json's name for it, the layer that replaces `nn.Linear`,
+    how to swap those layers in (`swap(decoder, group_size)`) and how to quantize weights as they are read
+    (`quantizer(names, dtype, group_size)`, `load_checkpoint`'s `convert` hook)."""
+
+    method: str
+    layer: type[nn.Module]
+    swap: Callable[[nn.Module, int | None], nn.Module]
+    quantizer: Callable[[list[str], torch.dtype | None, int | None], Callable[[str, torch.Tensor], dict]]
+
+
+# `load(quantize=...)`'s values, each with its method: the one table every quantization choice is read from
+QUANTIZATIONS = {
+    "int8": Quantization(int8.METHOD, int8.Int8Linear, lambda decoder, _: int8.quantize_int8(decoder),
+                         lambda names, dtype, _: int8.quantizer(names, dtype)),
+    "int4": Quantization(int4.METHOD, int4.Int4Linear, int4.quantize_int4, int4.quantizer),
+}
+
+
+def _method(method: str) -> Quantization:
+    """The table's entry for config.json's `method` ("int8-weight-only" or "int4-weight-only")."""
+    return next(q for q in QUANTIZATIONS.values() if q.method == method)
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """"int8" or "int4" when `module` (a model, a decoder) holds that method's layers, else None."""
+    kinds = {type(m) for m in module.modules()}
+    return next((name for name, q in QUANTIZATIONS.items() if q.layer in kinds), None)
+
+
 def quantize_layout(decoder: nn.Module, method: str, group_size: int | None) -> nn.Module:
     """`decoder` with its linears swapped for `method`'s layers ("int8-weight-only" or "int4-weight-only")."""
-    return int8.quantize_int8(decoder) if method == QUANTIZATION_METHODS[0] else \
-        int4.quantize_int4(decoder, group_size)
+    return _method(method).swap(decoder, group_size)
 
 
 def quantizer(method: str, config: QwenAudioConfig, dtype: torch.dtype | None, group_size: int | None
               ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`load_checkpoint`'s `convert` hook quantizing the decoder's linears in `method` as they are read."""
-    names = quantized_names(config)
-    return int8.quantizer(names, dtype) if method == QUANTIZATION_METHODS[0] else \
-        int4.quantizer(names, dtype, group_size)
+    return _method(method).quantizer(quantized_names(config), dtype, group_size)
 
 
 def quantized_names(config: QwenAudioConfig) -> list[str]:

@@ -230,8 +230,9 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-# config.json "quantization" values we can load (ours, not official), and int4's "quantization_group_size" values
-QUANTIZATION_METHODS = ("int8-weight-only", "int4-weight-only")
+# What `load(quantize=...)` takes, each with its config.json "quantization" value (ours, not official); and int4's
+# "quantization_group_size" values
+QUANTIZATION_METHODS = {"int8": "int8-weight-only", "int4": "int4-weight-only"}
 INT4_GROUP_SIZES = (32, 64, 128)
 
 _KINDS = {"int": int, "float": float, "bool": bool}
@@ -285,9 +286,9 @@ def _check_supported(c: QwenAudioConfig, source: str) -> None:
         (c.audio.output_dim == c.hidden_size,
          f"audio.output_dim ({c.audio.output_dim}) must equal hidden_size ({c.hidden_size})"),
         (c.audio.avg_pool, "audio.avg_pool false is not supported"),
-        (c.quantization in (None, *QUANTIZATION_METHODS),
-         f"quantization {c.quantization!r} is not supported (only {', '.join(QUANTIZATION_METHODS)})"),
-        (c.quantization != QUANTIZATION_METHODS[1] or c.quantization_group_size in INT4_GROUP_SIZES,
+        (c.quantization in (None, *QUANTIZATION_METHODS.values()),
+         f"quantization {c.quantization!r} is not supported (only {', '.join(QUANTIZATION_METHODS.values())})"),
+        (c.quantization != QUANTIZATION_METHODS["int4"] or c.quantization_group_size in INT4_GROUP_SIZES,
          f"quantization_group_size {c.quantization_group_size!r} must be one of "
          f"{', '.join(map(str, INT4_GROUP_SIZES))} for int4"),
         (c.audio.add_audio_bos_eos_token, "audio.add_audio_bos_eos_token false is not supported"),

@@ -61,6 +61,7 @@ def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+@torch.no_grad()
 def prefill(decoder: Decoder, cache: KVCache, input_ids: Tensor, attention_mask: Tensor | None = None,
             audio: Sequence[Tensor] = (), start: int = 0) -> Tensor:
     """Feed `input_ids[:, start:]` into `cache` at slots start.. and return the last slot's logits [B, vocab].
@@ -91,6 +92,7 @@ def prefill(decoder: Decoder, cache: KVCache, input_ids: Tensor, attention_mask:
     return logits
 
 
+@torch.no_grad()
 def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor) -> Tensor:
     """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` [1]: fixed shapes and no host synchronisation, the
     graph `compile_decoding` captures. The ids must be valid and the slot inside the cache; generation sees to it."""
@@ -99,16 +101,14 @@ def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor
     return decoder(ids, positions, mask, cache.rope_base, cache, slot, last_only=True)[:, -1]
 
 
-_compiled_step: Callable[[Decoder, KVCache, Tensor, Tensor], Tensor] | None = None
+Step = Callable[[Decoder, KVCache, Tensor, Tensor], Tensor]  # `decode_one_token`, or a compiled copy of it
 
 
-def compile_decoding(**options) -> Callable[[Decoder, KVCache, Tensor, Tensor], Tensor]:
-    """Have all later generation run `decode_one_token` compiled with `torch.compile(fullgraph=True)` (gpt-fast's
-    --compile), and return the compiled step. On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles
-    when the batch size or cache capacity changes."""
-    global _compiled_step
-    _compiled_step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
-    return _compiled_step
+def compile_decoding(**options) -> Step:
+    """`decode_one_token` compiled with `torch.compile(fullgraph=True)` (gpt-fast's --compile), for generation's
+    `step=`; nothing else changes. On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles when the
+    batch size or cache capacity changes."""
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
 
 
 def extends(decoder: Decoder, cache: KVCache, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> bool:
@@ -137,6 +137,7 @@ def fit(decoder: Decoder, cache: KVCache | None, batch: int, need: int) -> KVCac
     return cache
 
 
+@torch.no_grad()
 def generate_steps(
     decoder: Decoder,
     tokenizer: Tokenizer,
@@ -146,6 +147,7 @@ def generate_steps(
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
     cache: KVCache | None = None,
+    step: Step = decode_one_token,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (next ids [B], newly finished rows [B] bool) once per step until every row has stopped.
 
@@ -153,23 +155,24 @@ def generate_steps(
     A `cache` kept from an earlier call (a conversation's previous turn) is reused: when it `extends` to these ids
     only the new ones are prefilled; it grows when too small. Without one, a cache is made for this call.
     Each step is handed over as it is made, which streaming needs; `generate` keeps them on the device instead.
+    `step` feeds each new token (`decode_one_token`, or `compile_decoding`'s).
     """
-    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, cache)
+    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, cache, step)
     config = decoding.config
     replies: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    for step in range(config.max_new_tokens):
-        ids, finished = decoding.choose(step)
+    for t in range(config.max_new_tokens):
+        ids, finished = decoding.choose(t)
         if config.stop_strings:
             for row in (~decoding.done & ~finished).nonzero().flatten().tolist():
                 replies[row].append(int(ids[row]))
                 finished[row] = _stop_string_ends(tokenizer, replies[row], config.stop_strings)
-        if step == config.max_new_tokens - 1:
+        if t == config.max_new_tokens - 1:
             finished |= ~decoding.done
         yield ids, finished
         decoding.done |= finished
         if decoding.done.all():
             return
-        decoding.feed(ids, step)
+        decoding.feed(ids, t)
 
 
 class _Decoding:
@@ -177,11 +180,11 @@ class _Decoding:
     which rows a stop id ends (`choose`), and feeding them back (`feed`). Nothing here waits for the device."""
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, input_ids: Tensor, attention_mask: Tensor | None,
-                 audio: Sequence[Tensor] | None, config: GenerationConfig, cache: KVCache | None):
+                 audio: Sequence[Tensor] | None, config: GenerationConfig, cache: KVCache | None, step: Step):
         b, s = input_ids.shape
         device = input_ids.device
         audio = list(audio or [])
-        self.decoder, self.tokenizer = decoder, tokenizer
+        self.decoder, self.tokenizer, self.decode_step = decoder, tokenizer, step
         self.config = config = _fit_context(config, s, decoder.config.context_length)
         self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
         self.stops = torch.tensor(config.stop_token_ids, device=device)
@@ -203,8 +206,7 @@ class _Decoding:
     def feed(self, ids: Tensor, step: int) -> None:
         """Step `step`'s ids into the cache, and the logits of the next step."""
         self.cache.ids = torch.cat([self.cache.ids, ids[:, None]], dim=1)
-        step_fn = _compiled_step or decode_one_token
-        self.logits = step_fn(self.decoder, self.cache, ids[:, None], self.slots[step : step + 1])
+        self.logits = self.decode_step(self.decoder, self.cache, ids[:, None], self.slots[step : step + 1])
 
 
 def _stop_string_ends(tokenizer: Tokenizer, reply: list[int], stop_strings: Sequence[str]) -> bool:
@@ -230,6 +232,7 @@ def _fit_context(config: GenerationConfig, prompt: int, context: int) -> Generat
 CHECK_EVERY = 8  # decoding steps between `generate`'s looks at what the device made
 
 
+@torch.no_grad()
 def generate(
     decoder: Decoder,
     tokenizer: Tokenizer,
@@ -239,6 +242,7 @@ def generate(
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
     progress: Callable[[int, int], None] | None = None,
+    step: Step = decode_one_token,
 ) -> list[list[int]]:
     """New ids of each row, up to (not including) its stop token.
 
@@ -247,22 +251,23 @@ def generate(
     row whose stop string is found a few steps late has only made tokens that are cut away, and the replies equal
     `generate_steps`' step by step; the loop ends at most CHECK_EVERY - 1 steps after the last row stops.
     `progress(steps made, budget)` is called at each of those looks, so a long decode can show that it moves
-    without adding a wait of its own (the budget is max_new_tokens after `_fit_context`).
+    without adding a wait of its own (the budget is max_new_tokens after `_fit_context`). `step` is as in
+    `generate_steps`.
     """
-    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, None)
+    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, None, step)
     config, b = decoding.config, input_ids.shape[0]
     made = torch.empty((b, config.max_new_tokens), dtype=torch.long, device=input_ids.device)
     by_stop_id = torch.empty((b, config.max_new_tokens), dtype=torch.bool, device=input_ids.device)
     rows: list[list[int]] = [[] for _ in range(b)]
     ended = [False] * b
     looked = 0
-    for step in range(config.max_new_tokens):
-        ids, finished = decoding.choose(step)
-        made[:, step], by_stop_id[:, step] = ids, finished
+    for t in range(config.max_new_tokens):
+        ids, finished = decoding.choose(t)
+        made[:, t], by_stop_id[:, t] = ids, finished
         decoding.done |= finished
-        last = step == config.max_new_tokens - 1
-        if last or (step + 1) % CHECK_EVERY == 0:
-            block = zip(made[:, looked : step + 1].tolist(), by_stop_id[:, looked : step + 1].tolist())
+        last = t == config.max_new_tokens - 1
+        if last or (t + 1) % CHECK_EVERY == 0:
+            block = zip(made[:, looked : t + 1].tolist(), by_stop_id[:, looked : t + 1].tolist())
             for row, (tokens, stopped) in enumerate(block):
                 for token, stop in zip(tokens, stopped):
                     if ended[row]:
@@ -274,12 +279,12 @@ def generate(
                                                                                    config.stop_strings)
                 if ended[row]:
                     decoding.done[row] = True  # padding from now on, as generate_steps would feed it
-            looked = step + 1
+            looked = t + 1
             if progress is not None:
                 progress(looked, config.max_new_tokens)
             if last or all(ended):
                 break
-        decoding.feed(ids, step)
+        decoding.feed(ids, t)
     return rows
 
 
@@ -289,6 +294,7 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+@torch.no_grad()
 def stream_text(
     decoder: Decoder,
     tokenizer: Tokenizer,
@@ -297,14 +303,16 @@ def stream_text(
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
     cache: KVCache | None = None,
+    step: Step = decode_one_token,
 ) -> Iterator[str]:
-    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters (`cache` is
-    as in `generate_steps`)."""
+    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters (`cache` and
+    `step` are as in `generate_steps`)."""
     if input_ids.shape[0] != 1:
         raise InputError("stream_text takes one prompt (a [1, S] batch)")
     reply: list[int] = []
     shown = ""
-    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config, cache=cache):
+    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config, cache=cache,
+                                          step=step):
         token, last = int(ids[0]), bool(finished[0])
         if not (last and token in config.stop_token_ids):
             reply.append(token)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 from .errors import InputError
 
-METHOD = QUANTIZATION_METHODS[1]  # "int4-weight-only", the value of config.json's "quantization"
+METHOD = QUANTIZATION_METHODS["int4"]  # "int4-weight-only", the value of config.json's "quantization"
 GROUP_SIZES = INT4_GROUP_SIZES  # config.json's "quantization_group_size"
 DEFAULT_GROUP_SIZE = 64  # BENCHMARKS.md, "int4": the error of 32 at the speed of 128
 REFINE_ROUNDS = 2  # least-squares rounds after rounding to nearest: two thirds of what eight gain, a quarter the time

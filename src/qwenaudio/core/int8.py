@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .config import QUANTIZATION_METHODS
 
-METHOD = QUANTIZATION_METHODS[0]  # "int8-weight-only", the value of config.json's "quantization"
+METHOD = QUANTIZATION_METHODS["int8"]  # "int8-weight-only", the value of config.json's "quantization"
 KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 2}  # up to here the CPU's kernel wins
 CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
 

@@ -4,11 +4,16 @@ Modules are created on the meta device (no memory, no random init) and then take
 directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
 copied again, so loading needs no more memory than the weights themselves. Which official tensor goes to which
 module, under which attribute path, is `checkpoint.split_state`'s to say.
+
+`QwenAudio.generate` is the one way prompts with clips are answered (tasks, evaluation and chat all call it, or
+`stream` for one reply in pieces): the batch, the clips' spans, the settings and `generate.generate`, put together
+once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .audio import AudioSource, as_waveform, log_mel_spectrogram, source_name
-from .checkpoint import PREFIXES, int4_group_size, load_checkpoint, quantize_layout, quantizer, split_state
+from .audio import AudioSource, as_waveform, audio_span, log_mel_spectrogram, source_name
+from .checkpoint import (PREFIXES, QUANTIZATIONS, int4_group_size, load_checkpoint, quantize_layout, quantizer,
+                         split_state)
 from .checks import expect
-from .config import QUANTIZATION_METHODS, GenerationConfig, QwenAudioConfig
-from .decoder import Decoder
+from .config import GenerationConfig, QwenAudioConfig
+from .decoder import Decoder, KVCache
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
+from .generate import Step, compile_decoding, decode_one_token, generate, stream_text
 from .tokenizer import Tokenizer
 
 
@@ -55,6 +62,41 @@ class QwenAudio(nn.Module):
         self.config, self.tokenizer, self.generation_config = config, tokenizer, generation_config
         self.encoder = AudioEncoder(config.audio)
         self.decoder = Decoder(config, true_positions=true_positions)
+        self.decode_step: Step = decode_one_token  # what `generate` and `stream` feed each token with
+
+    def compile_decoding(self, **options) -> None:
+        """Have this model's `generate` and `stream` decode with the compiled step (`generate.compile_decoding`,
+        whose `options` these are); other models, and the core's functions, are unchanged."""
+        self.decode_step = compile_decoding(**options)
+
+    def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None, *,
+                 progress: Callable[[int, int], None] | None = None, **settings) -> list[list[int]]:
+        """New ids of each prompt, up to (not including) its stop: the one way a batch of prompts is answered.
+
+        `prompts` are texts with `<audio>PATH</audio>` regions, `clips[i]` the clips (16 kHz waveforms, or anything
+        `load_audio` reads) of prompt i in region order. The prompts are left-padded into one batch, each region
+        sized to its clip, the clips encoded as one batch, and `settings` applied to the model's generation config
+        (None keeps its default). `progress(steps, budget)` is `core.generate.generate`'s."""
+        expect(prompts, (list, tuple), "prompts", "a list of str (texts with <audio>PATH</audio> regions)")
+        clips = [[] for _ in prompts] if clips is None else clips
+        waves = [as_waveform(c, source_name(c, i)) for i, c in enumerate(c for own in clips for c in own)]
+        lengths = iter(len(w) for w in waves)
+        spans = [[audio_span(next(lengths)) for _ in own] for own in clips]
+        batch = self.tokenizer.encode_batch(prompts, audio_spans=spans)
+        config = self.generation_config.replace(**settings)
+        return generate(self.decoder, self.tokenizer, batch.input_ids.to(self.device),
+                        attention_mask=batch.attention_mask.to(self.device), audio=self.encode_audio(waves),
+                        config=config, progress=progress, step=self.decode_step)
+
+    def stream(self, input_ids: Tensor, clips: Sequence[Tensor | AudioSource] = (), *, cache: KVCache | None = None,
+               **settings) -> Iterator[str]:
+        """The reply to one prompt's ids [1, S] (its clips in region order), in text pieces as they decode; a `cache`
+        kept from the previous turn of a conversation is reused where it extends to these ids (`generate_steps`).
+        `settings` are applied to the model's generation config (None keeps its default)."""
+        audio = self.encode_audio(clips)
+        config = self.generation_config.replace(**settings)
+        yield from stream_text(self.decoder, self.tokenizer, input_ids.to(self.device), audio=audio, config=config,
+                               cache=cache, step=self.decode_step)
 
     @property
     def device(self) -> torch.device:
@@ -149,23 +191,23 @@ def as_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
-         int8: bool = False, int4: bool = False, true_positions: bool = False,
-         progress: Callable[[int, int], None] | None = None) -> QwenAudio:
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
+               quantize: str | None = None, true_positions: bool = False,
+               progress: Callable[[int, int], None] | None = None, int8: bool = False, int4: bool = False) -> QwenAudio:
     """Load the checkpoint directory `path` onto `device` (default: CUDA if available) in `dtype` (a torch dtype or
     a name like "bf16"; default: `default_dtype`). `progress(done, total)` is called after each tensor read.
 
-    `int8` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about 10.7 GiB
-    at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `int4` (`int4.py`, inference only) to int4 in groups
-    of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written by
-    `qwenaudio quantize` loads as it was quantized without asking. (`qwenaudio.load` is this plus repo ids and a
-    progress bar.)"""
+    `quantize="int8"` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about
+    10.7 GiB at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `quantize="int4"` (`int4.py`, inference only) to
+    int4 in groups of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written
+    by `qwenaudio quantize` loads as it was quantized without asking. `int8=True` / `int4=True` are the deprecated
+    spellings of `quantize`. (`qwenaudio.load` is this plus repo ids and a progress bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
     config = QwenAudioConfig.from_json(path)
     tokenizer = Tokenizer.from_pretrained(path)
-    method, group_size = _quantization(config, int8, int4)
+    method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, dtype, device, method, group_size, progress=progress)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
@@ -176,6 +218,15 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     model.encoder.load_state_dict(owned["encoder"], assign=True)
     model.decoder.load_state_dict(owned["decoder"], assign=True)
     return model.eval()
+
+
+def __getattr__(name: str):
+    """`load`, the old name of `load_model`, still works for one release, with a DeprecationWarning."""
+    if name == "load":
+        warnings.warn("qwenaudio.core.model.load is renamed load_model (qwenaudio.load is unchanged)",
+                      DeprecationWarning, stacklevel=2)
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -190,11 +241,12 @@ def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
 
 
 def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                 int8: bool = False, int4: bool = False, true_positions: bool = False) -> Decoder:
-    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load` for `int8` and
-    `int4`)."""
+                 quantize: str | None = None, true_positions: bool = False, int8: bool = False,
+                 int4: bool = False) -> Decoder:
+    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load_model` for
+    `quantize`)."""
     config = QwenAudioConfig.from_json(path)
-    method, group_size = _quantization(config, int8, int4)
+    method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, as_dtype(dtype), as_device(device), method, group_size)
     with torch.device("meta"):
         decoder = Decoder(config, true_positions=true_positions)
@@ -204,19 +256,31 @@ def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, de
     return decoder.eval()
 
 
-def _quantization(config: QwenAudioConfig, int8: bool, int4: bool) -> tuple[str | None, int | None]:
-    """(method, int4 group size) the decoder's linears load in: the checkpoint's own, or the one asked for."""
-    asked = [method for method, wanted in zip(QUANTIZATION_METHODS, (int8, int4)) if wanted]
-    if len(asked) > 1:
+def quantize_option(quantize: str | None, int8: bool = False, int4: bool = False) -> str | None:
+    """The loaders' `quantize` ("int8", "int4" or None), checked, with the deprecated booleans `int8` / `int4`
+    folded in (with a DeprecationWarning)."""
+    old = [name for name, wanted in (("int8", int8), ("int4", int4)) if wanted]
+    if old:
+        warnings.warn(f"{old[0]}=True is deprecated: pass quantize={old[0]!r}", DeprecationWarning, stacklevel=3)
+    if len(old) > 1 or (old and quantize not in (None, old[0])):
         raise InputError("int8 and int4: choose one")
+    quantize = quantize or (old[0] if old else None)
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise InputError(f"quantize={quantize!r}: choose one of {', '.join(map(repr, QUANTIZATIONS))} or None")
+    return quantize
+
+
+def _quantization(config: QwenAudioConfig, quantize: str | None) -> tuple[str | None, int | None]:
+    """(method, int4 group size) the decoder's linears load in: the checkpoint's own, or the one asked for."""
+    asked = QUANTIZATIONS[quantize].method if quantize else None
     if config.quantization:
-        if asked and asked[0] != config.quantization:
+        if asked and asked != config.quantization:
             raise InputError(f"the checkpoint is already {config.quantization}; load its float original to quantize "
-                             f"it as {asked[0]}")
+                             f"it as {asked}")
         return config.quantization, config.quantization_group_size
     if not asked:
         return None, None
-    return asked[0], int4_group_size(config) if asked[0] == QUANTIZATION_METHODS[1] else None
+    return asked, int4_group_size(config) if quantize == "int4" else None
 
 
 def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, method: str | None,
