@@ -26,6 +26,9 @@ from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tok
 
 @dataclass(frozen=True)
 class Prompt:
+    """A base-model task: the tags the model reads after the clip, and how many tokens the official evaluation lets
+    it reply with."""
+
     tags: str  # what follows `</audio>`
     max_new_tokens: int  # the official evaluation's budget
 
