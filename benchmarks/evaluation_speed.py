@@ -150,7 +150,7 @@ def main() -> None:
         ckpt = make_tiny_checkpoint(tmp / "tiny", seed=0, vocab_file=qwen_vocabulary())
         model = qwenaudio.load(ckpt, dtype=torch.float32, device="cpu", progress=False)
         (tmp / "data").mkdir()
-        for task in evaluation.TASKS:
+        for task in evaluation.BENCHMARKS:
             data = write_rows(tmp / "data" / f"{task}.jsonl", task, args.examples)
             seconds, tokens = time_ours(model, task, data, tmp / "out" / task, args.batch_size)
             results["tiny"][task] = {"examples": args.examples, "seconds": seconds,

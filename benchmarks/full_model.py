@@ -59,7 +59,7 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     """One mode, in this process: load, then transcribe the clip step by step with timings."""
     import qwenaudio
     from qwenaudio.core.audio import audio_span, load_audio
-    from qwenaudio.tasks import asr_task, prompts
+    from qwenaudio.tasks import asr_task, prompt_texts
 
     dtype, quantized = MODES[mode]
     start = time.perf_counter()
@@ -69,7 +69,7 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     rss_loaded = peak_rss_gib()
 
     clip = load_audio(CLIP)[: SECONDS * 16000] if CLIP.exists() else 0.1 * torch.randn(SECONDS * 16000)
-    batch = model.tokenizer.encode_batch(prompts(asr_task("en"), ["clip"]), audio_spans=[[audio_span(len(clip))]])
+    batch = model.tokenizer.encode_batch(prompt_texts(asr_task("en"), ["clip"]), audio_spans=[[audio_span(len(clip))]])
     config = model.generation_config.replace(do_sample=False, max_new_tokens=new_tokens)
     runs = [_transcribe(model, clip, batch, config) for _ in range(2)]
     return {"mode": mode, "prompt_tokens": batch.input_ids.shape[1], "load_s": loaded - start,

@@ -9,7 +9,7 @@ import qwenaudio
 from qwenaudio import evaluation
 
 parser = argparse.ArgumentParser(description="Run one of the Qwen-Audio paper's benchmarks.")
-parser.add_argument("task", choices=evaluation.TASKS)
+parser.add_argument("task", choices=evaluation.BENCHMARKS)
 parser.add_argument("data", help="official-format JSON Lines: audio, gt, source (and question for aqa)")
 parser.add_argument("output_dir", help="replies, examples.jsonl, summary.json and summary.md go here")
 parser.add_argument("--model", default="Qwen/Qwen-Audio", help="checkpoint directory or Hugging Face repo id")

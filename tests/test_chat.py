@@ -8,10 +8,10 @@ import soundfile
 import torch
 
 import qwenaudio
-from qwenaudio.chat import Chat, build_context, chat, query_text
+from qwenaudio import prompts
+from qwenaudio.chat import Chat, chat, query_text
 from qwenaudio.core import generate
 from qwenaudio.core.audio import audio_span
-from qwenaudio.core.tokenizer import AUDIO_SPECIAL_TOKENS
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, ROOT
@@ -30,13 +30,20 @@ def test_queries_equal_official():
         OFFICIAL["turns"][1]["query"])
 
 
+def context(tokenizer, query, history, system, max_window_size, span_of):
+    """The official context as the renderer gives it: (ids, clips)."""
+    ids, _, clips = prompts.render_chat(tokenizer, system, history, query, span_of=span_of,
+                                        max_window_size=max_window_size)
+    return ids, clips
+
+
 @pytest.mark.parametrize("turn", [0, 1])
 def test_two_turn_contexts_equal_official(tokenizer, turn):
     t = OFFICIAL["turns"][turn]
-    raw, ids = build_context(tokenizer, t["query"], [tuple(h) for h in t["history"]], OFFICIAL["system"],
-                             t["max_window_size"], span_of)
-    assert raw == t["raw_text"] and ids == t["context_tokens"]
-    assert tokenizer.audio_paths(raw) == t["audio_urls"]
+    ids, clips = context(tokenizer, t["query"], [tuple(h) for h in t["history"]], OFFICIAL["system"],
+                         t["max_window_size"], span_of)
+    assert ids == t["context_tokens"]
+    assert clips == t["audio_urls"]
 
 
 def window_cases():
@@ -45,13 +52,33 @@ def window_cases():
 
 @pytest.mark.parametrize("case", window_cases(), ids=lambda c: f"window{c['max_window_size']}")
 def test_history_window_equals_official(tokenizer, case):
-    raw, ids = build_context(tokenizer, case["query"], [tuple(h) for h in case["history"]], OFFICIAL["system"],
-                             case["max_window_size"], span_of)
+    ids, clips = context(tokenizer, case["query"], [tuple(h) for h in case["history"]], OFFICIAL["system"],
+                         case["max_window_size"], span_of)
+    assert ids == case["context_tokens"] and clips == (case["audio_urls"] or [])  # None: no audio
+
+
+@pytest.mark.parametrize("case", [*OFFICIAL["turns"], *window_cases()], ids=lambda c: f"window{c['max_window_size']}")
+def test_old_build_context_warns_and_still_gives_the_official_raw_text_and_ids(tokenizer, case):
+    from qwenaudio import chat as module
+
+    with pytest.warns(DeprecationWarning, match="chat.build_context is deprecated; use prompts.render_chat"):
+        old = module.build_context
+    raw, ids = old(tokenizer, case["query"], [tuple(h) for h in case["history"]], OFFICIAL["system"],
+                   case["max_window_size"], span_of)
     assert raw == case["raw_text"] and ids == case["context_tokens"]
+    assert tokenizer.audio_paths(raw) == (case["audio_urls"] or [])
+
+
+def test_old_content_ids_warns_and_still_works(tokenizer):
+    from qwenaudio import chat as module
+
+    with pytest.warns(DeprecationWarning, match="chat.content_ids is deprecated; use prompts.content_ids"):
+        old = module.content_ids
+    assert old(tokenizer, "Say <|im_start|>", span_of) == prompts.content_ids(tokenizer, "Say <|im_start|>", span_of)
 
 
 def test_typed_markers_stay_text_but_tags_do_not(tokenizer):
-    raw, ids = build_context(tokenizer, "Say <|im_start|> and <|en|>", [], "sys", 6144, span_of)
+    ids, _ = context(tokenizer, "Say <|im_start|> and <|en|>", [], "sys", 6144, span_of)
     assert ids.count(tokenizer.im_start_id) == 3  # system, user, assistant: not the typed one
     assert tokenizer.special_ids["<|en|>"] in ids
 
@@ -70,11 +97,13 @@ def in_repo(monkeypatch):
 def test_chat_context_and_history(chat_model, in_repo):
     chat = Chat(chat_model)
     t0, t1 = OFFICIAL["turns"]
-    assert chat.context([{"audio": CLIP0}, {"text": "What do you hear?"}]) == (t0["raw_text"], t0["context_tokens"])
+    context = chat.context([{"audio": CLIP0}, {"text": "What do you hear?"}])
+    assert (context.ids, context.clips) == (t0["context_tokens"], t0["audio_urls"])
     reply = chat.ask([{"audio": CLIP0}, {"text": "What do you hear?"}], max_new_tokens=3, seed=0)
     assert chat.history == [(t0["query"], reply)]
     chat.history = [(t0["query"], "A short tone.")]
-    assert chat.context(t1["query"]) == (t1["raw_text"], t1["context_tokens"])
+    context = chat.context(t1["query"])
+    assert (context.ids, context.clips) == (t1["context_tokens"], t1["audio_urls"])
 
 
 def scripted(monkeypatch, *replies):
@@ -93,8 +122,7 @@ def scripted(monkeypatch, *replies):
 
 
 def full_prefill_logits(model, chat, query):
-    _, ids = chat.context(query)
-    paths = model.tokenizer.audio_paths(chat.context(query)[0], allowed_special=AUDIO_SPECIAL_TOKENS)
+    ids, _, paths = chat.context(query)
     with torch.no_grad():
         return model.decoder.logits(torch.tensor([ids]), audio=model.encode_audio(paths))[:, -1]
 

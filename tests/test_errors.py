@@ -49,7 +49,7 @@ CASES = {
     "analyse task": (lambda m, c, tok: tasks.analyse(m, CLIP, ["caption"]), r"unknown task \['caption'\]"),
     "caption model": (lambda m, c, tok: tasks.caption("m", CLIP), r"model must be a QwenAudio"),
     "note_analysis model": (lambda m, c, tok: tasks.note_analysis(3, CLIP), r"model must be a QwenAudio"),
-    "run task": (lambda m, c, tok: tasks.run(m, CLIP, "caption"), r"task must be a tasks.Task"),
+    "run task": (lambda m, c, tok: tasks.run(m, CLIP, "caption"), r"task must be a prompts.Prompt"),
     "segments progress": (lambda m, c, tok: tasks.segments(m, CLIP, tasks.asr_task(), progress=5),
                           r"progress must be a function"),
     "question_task": (lambda m, c, tok: tasks.question_task(b"why"), r"question must be a str"),

@@ -44,19 +44,19 @@ def official_rows(task: str, tmp_path: Path, shared_audio: Path) -> Path:
     return write_rows(tmp_path / f"{task}.jsonl", GOLDEN["tasks"][task]["rows"])
 
 
-@pytest.mark.parametrize("task", evaluation.TASKS)
+@pytest.mark.parametrize("task", evaluation.BENCHMARKS)
 def test_prompt_ids_equal_the_official_scripts(task, tokenizer, tmp_path, shared_audio):
     recorded = GOLDEN["tasks"][task]
-    examples, problems = evaluation.read_examples(task, official_rows(task, tmp_path, shared_audio),
+    examples, problems = evaluation.read_benchmark(task, official_rows(task, tmp_path, shared_audio),
                                                   audio_root=REPO_ROOT)
-    assert problems == [] and evaluation.TASKS[task].max_new_tokens == recorded["max_new_tokens"]
+    assert problems == [] and evaluation.BENCHMARKS[task].max_new_tokens == recorded["max_new_tokens"]
     assert [e.text for e in examples] == recorded["texts"]
     batch = evaluation.prompt_batch(tokenizer, [e.text for e in examples], [[load_audio(e.path)] for e in examples])
     assert batch.input_ids.tolist() == recorded["input_ids"]
     assert batch.attention_mask.tolist() == recorded["attention_mask"]
 
 
-@pytest.mark.parametrize("task", evaluation.TASKS)
+@pytest.mark.parametrize("task", evaluation.BENCHMARKS)
 def test_replies_equal_the_official_scripts(task, model, tmp_path, shared_audio):
     """The whole run (reading, batching, decoding, decoding the reply, writing): each reply equals the official
     script's on the same batch, except where the official reply holds an id its tokenizer cannot decode (it
@@ -75,7 +75,7 @@ def test_replies_equal_the_official_scripts(task, model, tmp_path, shared_audio)
 
 
 def test_every_task_writes_a_summary_that_parses(model, tmp_path, shared_audio):
-    for task in evaluation.TASKS:
+    for task in evaluation.BENCHMARKS:
         out = tmp_path / task
         evaluation.evaluate(model, task, official_rows(task, tmp_path, shared_audio), out, audio_root=REPO_ROOT,
                             max_new_tokens=4, batch_size=4)
@@ -116,12 +116,12 @@ def test_the_language_comes_from_the_row_the_option_or_the_dataset(tmp_path, sha
     data = write_rows(tmp_path / "d.jsonl", [
         {"audio": clip, "gt": "a", "source": "aishell1_test"}, {"audio": clip, "gt": "a", "source": "x", "lang": "en"},
         {"audio": clip, "gt": "a", "source": "mine"}])
-    examples, problems = evaluation.read_examples("asr", data)
+    examples, problems = evaluation.read_benchmark("asr", data)
     assert [e.language for e in examples] == ["zh", "en"]
     assert examples[0].prompt == "<|startoftranscript|><|zh|><|transcribe|><|zh|><|notimestamps|><|wo_itn|>"
     assert problems == [f"{data}:3: no language: the row has no 'lang' field and its source 'mine' names no dataset "
                         "of known language (librispeech, aishell, industrial); give one (--language)"]
-    examples, problems = evaluation.read_examples("asr", data, language="en")  # the option before the dataset
+    examples, problems = evaluation.read_benchmark("asr", data, language="en")  # the option before the dataset
     assert [e.language for e in examples] == ["en", "en", "en"] and problems == []
 
 
@@ -159,18 +159,36 @@ def test_a_clip_that_cannot_be_read_fails_alone(model, tmp_path, shared_audio):
 
 def test_st_rows_need_a_language_pair_in_the_source(tmp_path, shared_audio):
     data = write_rows(tmp_path / "st.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "covost2"}])
-    _, problems = evaluation.read_examples("st", data)
+    _, problems = evaluation.read_benchmark("st", data)
     assert problems == [f"{data}:1: source 'covost2' does not name a language pair the way CoVoST2 sources do "
                         "(NAME_FROM_TO_SPLIT, with FROM and TO among en zh de es ko fr ja it)"]
 
 
+@pytest.mark.parametrize("old, new", [("TASKS", "BENCHMARKS"), ("Task", "Benchmark"),
+                                      ("read_examples", "read_benchmark")])
+def test_old_names_warn_and_still_work(old, new):
+    with pytest.warns(DeprecationWarning, match=f"evaluation.{old} is deprecated; use evaluation.{new}"):
+        assert getattr(evaluation, old) is getattr(evaluation, new)
+    with pytest.warns(DeprecationWarning, match="evaluation.CAPTION_STYLES is deprecated; use prompts.CAPTION_STYLES"):
+        assert evaluation.CAPTION_STYLES == ("clotho", "audiocaps", "plain")
+    with pytest.raises(AttributeError, match="has no attribute 'TASK'"):
+        evaluation.TASK
+
+
+def test_the_old_reader_still_reads(tmp_path, shared_audio):
+    data = write_rows(tmp_path / "d.jsonl", [{"audio": str(shared_audio / SPEECH), "gt": "x", "source": "meld"}])
+    with pytest.warns(DeprecationWarning):
+        old = evaluation.read_examples("emotion", data)
+    assert old == evaluation.read_benchmark("emotion", data)
+
+
 def test_unknown_task_and_empty_data_are_refused(tmp_path):
     with pytest.raises(InputError, match="unknown task 'wer'; choose from asr, st, srwt"):
-        evaluation.read_examples("wer", tmp_path / "x.jsonl")
+        evaluation.read_benchmark("wer", tmp_path / "x.jsonl")
     with pytest.raises(InputError, match="no examples"):
-        evaluation.read_examples("asr", write_rows(tmp_path / "empty.jsonl", ["", "  "]))
+        evaluation.read_benchmark("asr", write_rows(tmp_path / "empty.jsonl", ["", "  "]))
     with pytest.raises(InputError, match="cannot read the data file"):
-        evaluation.read_examples("asr", tmp_path / "absent.jsonl")
+        evaluation.read_benchmark("asr", tmp_path / "absent.jsonl")
 
 
 def test_a_rerun_does_only_what_is_left_and_a_torn_line_is_redone(model, tmp_path, shared_audio):
@@ -319,7 +337,7 @@ def four_rows(task: str, tmp_path: Path, shared_audio: Path) -> Path:
     return write_rows(tmp_path / f"{task}.jsonl", varied)
 
 
-@pytest.mark.parametrize("task", evaluation.TASKS)
+@pytest.mark.parametrize("task", evaluation.BENCHMARKS)
 def test_every_task_resumes_after_an_interruption_to_the_same_summary(task, model, tmp_path, shared_audio,
                                                                       monkeypatch):
     data = four_rows(task, tmp_path, shared_audio)
@@ -342,7 +360,7 @@ import qwenaudio.batch
 from qwenaudio import evaluation
 checkpoint, data, audio_root, out = sys.argv[1:]
 model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
-for task in evaluation.TASKS:
+for task in evaluation.BENCHMARKS:
     evaluation.evaluate(model, task, f"{data}/{task}.jsonl", f"{out}/{task}", audio_root=audio_root, batch_size=1,
                         max_new_tokens=4)
 qwenaudio.batch.leave_process_group()
@@ -352,7 +370,7 @@ qwenaudio.batch.leave_process_group()
 @pytest.mark.slow
 def test_every_task_under_torchrun_gives_one_process_s_summary(tiny_ckpt, model, tmp_path, shared_audio):
     """All nine tasks through the library under `torchrun --nproc-per-node 2`, against one process in this one."""
-    for task in evaluation.TASKS:
+    for task in evaluation.BENCHMARKS:
         evaluation.evaluate(model, task, four_rows(task, tmp_path, shared_audio), tmp_path / "one" / task,
                             audio_root=REPO_ROOT, batch_size=1, max_new_tokens=4)
     driver = tmp_path / "driver.py"
@@ -362,7 +380,7 @@ def test_every_task_under_torchrun_gives_one_process_s_summary(tiny_ckpt, model,
                            str(driver), str(tiny_ckpt), str(tmp_path), str(REPO_ROOT), str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for task in evaluation.TASKS:
+    for task in evaluation.BENCHMARKS:
         one, two = (json.loads((tmp_path / d / task / "summary.json").read_text()) for d in ("one", "two"))
         assert (two["processes"], two["sources"], two["failed"]) == (2, one["sources"], one["failed"]), task
         parts = sorted((tmp_path / "two" / task / "replies").iterdir())
@@ -575,7 +593,7 @@ def test_malformed_note_references_are_warned_about_and_counted(model, tmp_path,
     (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, max_new_tokens=0), "max_new_tokens must be"),
     (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, audio_root=1), "audio_root must be a path"),
     (lambda m, p: evaluation.evaluate(m, "emotion", p / "d.jsonl", p, batch_size="8"), "batch_size must be an int"),
-    (lambda m, p: evaluation.read_examples("emotion", 123), "data must be a path"),
+    (lambda m, p: evaluation.read_benchmark("emotion", 123), "data must be a path"),
     (lambda m, p: evaluation.read_lines(p / "d.jsonl", "parse"), "parse must be a function"),
     (lambda m, p: evaluation.generate_replies(m, ["x"], [[]], "8"), "max_new_tokens must be"),
     (lambda m, p: evaluation.execute(m, "run"), "a Run from evaluation.plan"),
@@ -653,6 +671,6 @@ def test_fuzz_the_command_line_options(tiny_ckpt, tmp_path_factory, shared_audio
 
     monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
     with monkeypatch.context() as m:
-        m.setattr("qwenaudio.cli.evaluation.TASKS", {**evaluation.TASKS, "emotion": evaluation.Task(
+        m.setattr("qwenaudio.cli.evaluation.BENCHMARKS", {**evaluation.BENCHMARKS, "emotion": evaluation.Benchmark(
             "emotion", "evaluate_emotion.py", 2)})  # the task's own budget, cut for speed
         run()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import InputError, tasks
+from qwenaudio import InputError, prompts, tasks
 from qwenaudio.core.audio import audio_span
 from qwenaudio.subtitles import Word, to_json, to_srt, to_vtt
 
@@ -62,13 +62,31 @@ def test_task_builds_the_official_prompt(model, monkeypatch, name):
 
 
 def test_custom_tags_and_their_errors():
-    assert tasks.tags("startofanalysis", "en", "keyword") == "<|startofanalysis|><|en|><|keyword|>"
+    assert prompts.tags("startofanalysis", "en", "keyword") == "<|startofanalysis|><|en|><|keyword|>"
     with pytest.raises(InputError, match=r"unknown tags: \['klingon'\]"):
-        tasks.tags("startofanalysis", "klingon")
+        prompts.tags("startofanalysis", "klingon")
     with pytest.raises(InputError, match="language 'xx' has no tag; Qwen-Audio knows en, zh, de, es, ko, fr, ja, it"):
         tasks.asr_task("xx")
     with pytest.raises(InputError, match="unknown task 'karaoke'"):
         tasks.analyse(None, "clip.wav", "karaoke")
+
+
+@pytest.mark.parametrize("old, new, value", [("Task", "tasks.Prompt", prompts.Prompt),
+                                             ("TASKS", "tasks.ANALYSES", prompts.ANALYSES),
+                                             ("tags", "prompts.tags", prompts.tags)])
+def test_old_names_warn_and_still_work(old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"tasks.{old} is deprecated; use {new}"):
+        assert getattr(tasks, old) is value
+    with pytest.raises(AttributeError, match="has no attribute 'Tsak'"):
+        tasks.Tsak
+
+
+def test_the_old_custom_task_still_runs(model):
+    with pytest.warns(DeprecationWarning):
+        old = tasks.Task(tasks.tags("startofanalysis", "en", "keyword", "en", "notimestamps", "event"), 10)
+    new = prompts.Prompt(prompts.tags("startofanalysis", "en", "keyword", "en", "notimestamps", "event"), 10)
+    assert old == new and tasks.run(model, str(CLIP), old, max_new_tokens=2) == tasks.run(model, str(CLIP), new,
+                                                                                            max_new_tokens=2)
 
 
 def test_batch_returns_one_result_per_clip(model):

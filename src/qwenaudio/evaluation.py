@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import scoring
+from . import prompts, scoring
 from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
                     refuse_model_directory, run_files, write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
@@ -46,29 +47,40 @@ from .core.tokenizer import LANGUAGES, Batch, Tokenizer
 T = TypeVar("T")
 
 
+def __getattr__(name: str):
+    """The names this module had before each meant one thing: they still work, with a warning."""
+    moved = {"TASKS": ("evaluation.BENCHMARKS", BENCHMARKS), "Task": ("evaluation.Benchmark", Benchmark),
+             "read_examples": ("evaluation.read_benchmark", read_benchmark),
+             "CAPTION_STYLES": ("prompts.CAPTION_STYLES", prompts.CAPTION_STYLES)}
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new, value = moved[name]
+    warnings.warn(f"evaluation.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+    return value
+
+
 @dataclass(frozen=True)
-class Task:
+class Benchmark:
     """One official evaluation script's protocol."""
 
     name: str
     script: str  # the official script, in eval_audio/
-    max_new_tokens: int  # the script's budget
+    max_new_tokens: int  # the script's budget: its prompt's, from `prompts`
     fields: tuple[str, ...] = ()  # row fields the prompt needs besides audio, gt and source
     speech: bool = False  # the prompt and the scoring need the spoken language (ASR, SRWT)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("asr", "evaluate_asr.py", 256, speech=True),
-    Task("st", "evaluate_st.py", 256),
-    Task("srwt", "evaluate_srwt.py", 256, speech=True),
-    Task("caption", "evaluate_caption.py", 30),
-    Task("aqa", "evaluate_aqa.py", 4, fields=("question",)),
-    Task("emotion", "evaluate_emotion.py", 4),
-    Task("vocal_sound", "evaluate_vocal_sound.py", 4),
-    Task("scene", "evaluate_scene.py", 10),
-    Task("note_analysis", "evaluate_note_analysis.py", 30),
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("asr", "evaluate_asr.py", prompts.asr().max_new_tokens, speech=True),
+    Benchmark("st", "evaluate_st.py", prompts.translation().max_new_tokens),
+    Benchmark("srwt", "evaluate_srwt.py", prompts.asr(timestamps=True).max_new_tokens, speech=True),
+    Benchmark("caption", "evaluate_caption.py", prompts.caption().max_new_tokens),
+    Benchmark("aqa", "evaluate_aqa.py", prompts.question("").max_new_tokens, fields=("question",)),
+    Benchmark("emotion", "evaluate_emotion.py", prompts.ANALYSES["emotion"].max_new_tokens),
+    Benchmark("vocal_sound", "evaluate_vocal_sound.py", prompts.ANALYSES["vocal_sound"].max_new_tokens),
+    Benchmark("scene", "evaluate_scene.py", prompts.ANALYSES["scene"].max_new_tokens),
+    Benchmark("note_analysis", "evaluate_note_analysis.py", prompts.ANALYSES["note_analysis"].max_new_tokens),
 )}
-CAPTION_STYLES = ("clotho", "audiocaps", "plain")  # the official caption script's output styles
 # The official ASR and SRWT scripts take the language from the dataset's name; a row's own field comes first here.
 DATASET_LANGUAGES = {"librispeech": "en", "aishell": "zh", "industrial": "zh"}
 
@@ -83,20 +95,18 @@ def _optional(value: Any, kind: type, name: str) -> None:
 
 
 def prompt(task: str, row: dict[str, Any], language: str | None = None, caption_style: str = "clotho") -> str:
-    """What follows `<audio>PATH</audio>` for a data row, exactly as the official script formats it."""
+    """What follows `<audio>PATH</audio>` for a data row, exactly as the official script formats it: the prompt of
+    `prompts`, with the settings each script takes from the row (the spoken language, a CoVoST2 source's language
+    pair, the question)."""
     if task in ("asr", "srwt"):
-        tail = "<|timestamps|><|0.00|>" if task == "srwt" else "<|notimestamps|><|wo_itn|>"
-        return f"<|startoftranscript|><|{language}|><|transcribe|><|{language}|>{tail}"
+        return prompts.asr(language, timestamps=task == "srwt").tags
     if task == "st":
-        audio_language, text_language = st_languages(row["source"])
-        return f"<|startoftranscript|><|{audio_language}|><|translate|><|{text_language}|><|notimestamps|><|itn|>"
+        return prompts.translation(*st_languages(row["source"])).tags
     if task == "caption":
-        return f"<|startofanalysis|><|unknown|><|caption|><|en|><|notimestamps|><|caption_{caption_style}|>"
+        return prompts.caption(caption_style).tags
     if task == "aqa":
-        return f"<|startofanalysis|><|en|><|question|>{row['question']}<|answer|>"
-    heard, label = {"emotion": ("en", "emotion_recognition"), "vocal_sound": ("en", "vocal_classification"),
-                    "scene": ("unknown", "scene"), "note_analysis": ("unknown", "note_analysis")}[task]
-    return f"<|startofanalysis|><|{heard}|><|keyword|><|en|><|notimestamps|><|{label}|>"
+        return prompts.question(row["question"]).tags
+    return prompts.ANALYSES[task].tags
 
 
 def st_languages(source: str) -> tuple[str, str]:
@@ -132,9 +142,9 @@ class Example:
         return f"<audio>{self.audio}</audio>{self.prompt}"
 
 
-def read_examples(task: str, data: str | Path, *, audio_root: str | Path | None = None, language: str | None = None,
-                  caption_style: str = "clotho", limit: int | None = None, check_audio: bool = True
-                  ) -> tuple[list[Example], list[str]]:
+def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None = None,
+                   language: str | None = None, caption_style: str = "clotho", limit: int | None = None,
+                   check_audio: bool = True) -> tuple[list[Example], list[str]]:
     """The examples of an official-format JSON Lines file, and a message per line that cannot run (not JSON, a
     field missing or of the wrong type, a clip the model cannot hear: `check_clips`), each naming the file and
     line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
@@ -143,12 +153,11 @@ def read_examples(task: str, data: str | Path, *, audio_root: str | Path | None 
     data = as_path(data, "data")
     audio_root = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(limit, int, "limit")
-    if not isinstance(task, str) or task not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if caption_style not in CAPTION_STYLES:
-        raise InputError(f"caption style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
-    if language is not None and language not in LANGUAGES:
-        raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    if not isinstance(task, str) or task not in BENCHMARKS:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)}")
+    prompts.caption(caption_style)  # the style's check
+    if language is not None:
+        prompts.check_language(language)
     examples, problems = read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root,
                                                                             language, caption_style), limit)
     if not check_audio:
@@ -215,7 +224,7 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
 
 def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None, language: str | None,
              caption_style: str) -> Example:
-    spec = TASKS[task]
+    spec = BENCHMARKS[task]
     if not isinstance(row, dict):
         raise InputError(f"expected a JSON object, got {type(row).__name__}")
     needed = ("audio", "gt", "source", *spec.fields)
@@ -232,9 +241,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
         kind = "a string or a non-empty list of strings" if task == "caption" else "a string"
         raise InputError(f"'gt' must be {kind}, got {json.dumps(reference, ensure_ascii=False)[:80]}")
     if spec.speech:
-        language = spoken_language(row, language)
-        if language not in scoring.LANGUAGES:
-            raise InputError(f"{task} is scored in {' or '.join(scoring.LANGUAGES)} only, not {language!r}")
+        language = scored_language(task, spoken_language(row, language))
     elif task == "st":
         language = st_languages(row["source"])[1]
     else:
@@ -256,8 +263,13 @@ def spoken_language(row: dict[str, Any], default: str | None) -> str:
             raise InputError(f"no language: the row has no 'lang' field and its source {source!r} names no dataset "
                              f"of known language ({', '.join(DATASET_LANGUAGES)}); give one (--language)")
         language = known[0]
-    if language not in LANGUAGES:
-        raise InputError(f"language {language!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
+    return prompts.check_language(language)
+
+
+def scored_language(task: str, language: str) -> str:
+    """`language` once `task`'s score is defined in it (the ASR and SRWT error rates: en or zh), else InputError."""
+    if language not in scoring.LANGUAGES:
+        raise InputError(f"{task} is scored in {' or '.join(scoring.LANGUAGES)} only, not {language!r}")
     return language
 
 
@@ -397,12 +409,12 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
         _optional(value, str, name)
     if audio is not None and not audio.is_dir():
         raise InputError(f"--audio-root {audio}: no such directory")
-    examples, problems = read_examples(task, data, audio_root=audio, language=language,
-                                       caption_style=caption_style, limit=limit, check_audio=False)
+    examples, problems = read_benchmark(task, data, audio_root=audio, language=language,
+                                        caption_style=caption_style, limit=limit, check_audio=False)
     model_files, key = model_identity(checkpoint, None if adapter is None else as_path(adapter, "adapter"))
     settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "audio_root": None if audio is None else str(audio.resolve()), "language": language,
-                "caption_style": caption_style, "max_new_tokens": max_new_tokens or TASKS[task].max_new_tokens,
+                "caption_style": caption_style, "max_new_tokens": max_new_tokens or BENCHMARKS[task].max_new_tokens,
                 "model": model_name, **key, "dtype": dtype, "quantization": quantization}
     reads = [data, *([audio] if audio else []), *model_files]
     refuse_model_directory(output_dir, model_files)
@@ -537,7 +549,7 @@ def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False
                         **({"unreadable_references": len(scoring.unreadable_notes([r["reference"] for r in group]))}
                            if run.task == "note_analysis" else {})})
     total = len(run.examples) + len(run.problems)
-    summary = {"task": run.task, "script": f"eval_audio/{TASKS[run.task].script}", **{
+    summary = {"task": run.task, "script": f"eval_audio/{BENCHMARKS[run.task].script}", **{
         k: run.settings[k] for k in ("data", "model", "max_new_tokens")},
         "examples": total, "replied": len(records), "failed": failures, "complete": len(records) == total,
         "interrupted": interrupted, "processes": processes, "seconds": seconds, "sources": sources}

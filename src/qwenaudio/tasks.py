@@ -1,94 +1,61 @@
 """The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (docs/MODEL.md#tasks).
 
-The base model is steered by hierarchical tags: what kind of output (`<|startoftranscript|>` or
-`<|startofanalysis|>`), the audio's language, the task, the output language, timestamps or not, and a style. Every
-function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes greedily
-by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
+The tags and their official budgets are `qwenaudio.prompts`' (`asr_task`, `translate_task` and `question_task` are
+its `asr`, `translation` and `question`; `ANALYSES` its analyses; `prompts.tags` builds a sequence of one's own).
+Every function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes
+greedily by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
 `GenerationConfig` field to change that.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from . import longform
+from . import prompts as _prompts
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
 from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
 from .core.generate import cut_at_stop
 from .core.model import QwenAudio
-from .core.tokenizer import LANGUAGES, MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
+from .core.tokenizer import MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 from .longform import Segment
+from .prompts import ANALYSES, Prompt
+from .prompts import asr as asr_task
+from .prompts import question as question_task
+from .prompts import translation as translate_task
 from .subtitles import Word, in_order
 
 
-@dataclass(frozen=True)
-class Task:
-    tags: str  # what follows `</audio>`
-    max_new_tokens: int  # the official evaluation's budget
+def __getattr__(name: str):
+    """The names this module had before `prompts` held every prompt: they still work, with a warning."""
+    moved = {"Task": ("tasks.Prompt", Prompt), "TASKS": ("tasks.ANALYSES", ANALYSES),
+             "tags": ("prompts.tags", _prompts.tags)}
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new, value = moved[name]
+    warnings.warn(f"tasks.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+    return value
 
 
-def tags(*names: str) -> str:
-    """A custom tag sequence: tags("startofanalysis", "en", "keyword") -> "<|startofanalysis|><|en|><|keyword|>"."""
-    out = "".join(f"<|{n}|>" for n in names)
-    unknown = [n for n in names if f"<|{n}|>" not in SPECIAL_TOKENS]
-    if unknown:
-        raise InputError(f"unknown tags: {unknown}")
-    return out
-
-
-def _language(code: str, *, allow_unknown: bool = False) -> str:
-    if code not in LANGUAGES and not (allow_unknown and code == "unknown"):
-        raise InputError(f"language {code!r} has no tag; Qwen-Audio knows {', '.join(LANGUAGES)}")
-    return code
-
-
-def asr_task(language: str = "en", *, itn: bool = False, timestamps: bool = False) -> Task:
-    """Speech recognition; `itn` writes numbers and symbols as written ("$5"), `timestamps` times every word."""
-    expect(itn, bool, "itn", "True or False")
-    expect(timestamps, bool, "timestamps", "True or False")
-    lang = _language(language)
-    tail = tags("timestamps", "0.00") if timestamps else tags("notimestamps", "itn" if itn else "wo_itn")
-    return Task(tags("startoftranscript", lang, "transcribe", lang) + tail, 256)
-
-
-def translate_task(source: str = "en", target: str = "zh") -> Task:
-    return Task(tags("startoftranscript", _language(source), "translate", _language(target), "notimestamps", "itn"), 256)
-
-
-TASKS: dict[str, Task] = {
-    "caption": Task(tags("startofanalysis", "unknown", "caption", "en", "notimestamps", "caption_clotho"), 30),
-    "emotion": Task(tags("startofanalysis", "en", "keyword", "en", "notimestamps", "emotion_recognition"), 4),
-    "vocal_sound": Task(tags("startofanalysis", "en", "keyword", "en", "notimestamps", "vocal_classification"), 4),
-    "scene": Task(tags("startofanalysis", "unknown", "keyword", "en", "notimestamps", "scene"), 10),
-    "note_analysis": Task(tags("startofanalysis", "unknown", "keyword", "en", "notimestamps", "note_analysis"), 30),
-}
-
-
-def question_task(question: str) -> Task:
-    """Audio question answering: the question sits between `<|question|>` and `<|answer|>`."""
-    expect(question, str, "question", "a str")
-    return Task(tags("startofanalysis", "en", "question") + question + tags("answer"), 4)
-
-
-def prompts(task: Task, names: Sequence[str]) -> list[str]:
+def prompt_texts(task: Prompt, names: Sequence[str]) -> list[str]:
     """`<audio>name</audio>` + the task's tags per clip (the name's tokens are replaced by audio pads)."""
     return [f"<audio>{name}</audio>{task.tags}" for name in names]
 
 
-def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Task, **generation) -> list[list[int]]:
+def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt, **generation) -> list[list[int]]:
     """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
     expect_model(model)
-    expect(task, Task, "task", "a tasks.Task (asr_task(), question_task(q), TASKS['caption'], …)")
+    expect(task, Prompt, "task", "a prompts.Prompt (asr_task(), question_task(q), ANALYSES['caption'], …)")
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
     chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
-    return model.generate(prompts(task, names), [[c] for c in clips],
+    return model.generate(prompt_texts(task, names), [[c] for c in clips],
                           **{"do_sample": False, "max_new_tokens": task.max_new_tokens, **chosen})
 
 
@@ -101,7 +68,7 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
-def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False,
+def segments(model: QwenAudio, audio, task: Prompt, *, timed: bool = False,
              progress: Callable[[int, int, int], None] | None = None, **generation) -> list[list[Segment]]:
     """Per clip, its transcript as `Segment`s in seconds from the clip's start: one for a clip of up to 30 s, one
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
@@ -132,7 +99,7 @@ def segments(model: QwenAudio, audio, task: Task, *, timed: bool = False,
     return [results[i] for i in range(len(clips))]
 
 
-def recognize(model: QwenAudio, audio, task: Task, *, timed: bool = False, **generation) -> list:
+def recognize(model: QwenAudio, audio, task: Prompt, *, timed: bool = False, **generation) -> list:
     """Per clip, the reply as text, or as `Word`s when `timed`; audio of any length (see `segments`)."""
     out = segments(model, audio, task, timed=timed, **generation)
     return [longform.words_of(parts) if timed else longform.text_of(parts) for parts in out]
@@ -159,12 +126,12 @@ def answer(model: QwenAudio, audio, question: str, **generation):
 
 
 def analyse(model: QwenAudio, audio, task: str, **generation):
-    """One of `TASKS`: caption, emotion, vocal_sound, scene, note_analysis."""
-    if not isinstance(task, str) or task not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    """One of `ANALYSES`: caption, emotion, vocal_sound, scene, note_analysis."""
+    if not isinstance(task, str) or task not in ANALYSES:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(ANALYSES)}")
     if task == "note_analysis":  # its tags are the answer
         return note_analysis(model, audio, **generation)
-    return _texts(model, run(model, audio, TASKS[task], **generation), _single(audio))
+    return _texts(model, run(model, audio, ANALYSES[task], **generation), _single(audio))
 
 
 def caption(model: QwenAudio, audio, **generation):
@@ -186,7 +153,7 @@ def scene(model: QwenAudio, audio, **generation):
 def note_analysis(model: QwenAudio, audio, **generation):
     """Musical note: the reply holds `<|pitch|><|midi_pitch_N|>`, `<|velocity|>…`, `<|instrument|>…`, `<|sonic|>…`;
     decoded here with its tags kept."""
-    replies = run(model, audio, TASKS["note_analysis"], **generation)
+    replies = run(model, audio, ANALYSES["note_analysis"], **generation)
     texts = [model.tokenizer.decode(r).strip() for r in replies]
     return texts[0] if _single(audio) else texts
 
