@@ -577,8 +577,7 @@ def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
 
     def decoding(steps: int, budget: int) -> None:  # a batch with a large budget takes minutes: show it moves
         if time.monotonic() - shown[0] >= DECODING_EVERY_S:
-            print(f"{processes.who}decoding a batch: {steps}/{budget} new tokens",
-                  file=sys.stderr, flush=True)
+            print(f"{processes.who}decoding a batch: {steps}/{budget} new tokens", file=sys.stderr, flush=True)
             shown[0] = time.monotonic()
 
     shown = [time.monotonic()]

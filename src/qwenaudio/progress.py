@@ -16,7 +16,7 @@ def bar(done: int, total: int, width: int = 20) -> str:
     return f"[{'#' * (width * done // max(total, 1)):<{width}}] " if sys.stderr.isatty() else ""
 
 
-def rate(done: int, total: int, seconds: float) -> str:
+def pace(done: int, total: int, seconds: float) -> str:
     """`2.30/s, ETA 0:26`: done per second so far, and the time left at that rate."""
     per_second = done / seconds if seconds > 0 else 0.0
     eta = (total - done) / per_second if per_second > 0 else 0.0
@@ -46,4 +46,4 @@ class Progress:
         say(f"{who(self.rank, self.world)}{bar(done, total)}[{done}/{total}] {detail}")
 
     def rate(self, done: int, total: int, seconds: float) -> None:
-        say(f"{who(self.rank, self.world)}{bar(done, total)}{done}/{total} {self.unit}, {rate(done, total, seconds)}")
+        say(f"{who(self.rank, self.world)}{bar(done, total)}{done}/{total} {self.unit}, {pace(done, total, seconds)}")
