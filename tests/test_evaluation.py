@@ -356,14 +356,14 @@ def test_every_task_resumes_after_an_interruption_to_the_same_summary(task, mode
 
 DRIVER = """
 import sys, torch, qwenaudio
-import qwenaudio.batch
+import qwenaudio.runner
 from qwenaudio import evaluation
 checkpoint, data, audio_root, out = sys.argv[1:]
 model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
 for task in evaluation.BENCHMARKS:
     evaluation.evaluate(model, task, f"{data}/{task}.jsonl", f"{out}/{task}", audio_root=audio_root, batch_size=1,
                         max_new_tokens=4)
-qwenaudio.batch.leave_process_group()
+qwenaudio.runner.leave_process_group()
 """
 
 

@@ -1,8 +1,9 @@
-"""Many files at once: finding them, ordering them into batches, resuming, and sharing them between processes.
+"""Many files at once: finding them, ordering them into batches, each process's share of the batches, and the
+record a command keeps in its output directory to resume (`qwenaudio.runner` runs the processes).
 
 Files are batched by length (longest first), so a batch wastes little on left padding and the slowest batches
 start first. Under `torchrun --nproc-per-node N` every process sees the same batches and takes every N-th one
-(torch.distributed tells it which), so each file is done exactly once and a batch holds the same files whatever N
+(`runner.Processes` tells it which), so each file is done exactly once and a batch holds the same files whatever N
 is: the outputs do not depend on the number of processes.
 """
 
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import soundfile as sf
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .core.audio import as_waveform
@@ -166,35 +165,6 @@ def _report(job: J, error: Exception | str) -> str:
     line = f"{job.label}: {message.removeprefix(f'{job.path}: ')}"
     print(f"error: {line}", file=sys.stderr, flush=True)
     return line
-
-
-def process_group(device: str | None) -> tuple[int, int]:
-    """(rank, world size): joins torchrun's process group when started under torchrun (gloo on CPU, nccl on
-    CUDA), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
-    if device and device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def leave_process_group() -> None:
-    """Leave torchrun's process group, if joined: gloo's threads must stop before the interpreter does, or a
-    process can abort while exiting ("terminate called without an active exception") after its work is done."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def gather(obj: object, world: int) -> list[object]:
-    """Every process's `obj`, in rank order (just [obj] in a single process)."""
-    if world == 1:
-        return [obj]
-    out: list[object] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------- what a command wrote into its output directory

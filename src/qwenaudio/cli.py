@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from . import evaluation, finetune, lora, tasks, trace
-from .batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, gather,
-                    leave_process_group, model_identity, process_group, refuse_many_inputs, refuse_model_directory,
-                    run_files, write_record)
+from .batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, model_identity,
+                    refuse_many_inputs, refuse_model_directory, write_record)
 from .chat import DEFAULT_SYSTEM, Chat
 from .core import int4
 from .core.audio import SAMPLE_RATE, as_waveform
@@ -37,6 +36,7 @@ from .core.tokenizer import LANGUAGES
 from .hub import load, looks_like_path, report_progress, resolve
 from .longform import Segment, text_of, words_of
 from .quantize import save_quantized
+from .runner import Processes, Report, leave_process_group, process_group
 from .subtitles import Word, cues, to_json, to_srt, to_vtt
 
 TASKS = ("transcribe", "translate", *tasks.TASKS)
@@ -445,16 +445,15 @@ def _quantization(args: argparse.Namespace) -> str | None:
 
 
 def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
-    """Inputs are batched by length and shared between processes (`qwenaudio.batch`); a file that cannot be read,
+    """Inputs are batched by length and shared between processes (`qwenaudio.runner`); a file that cannot be read,
     recognised or written is reported and the others go on. Outputs are written under temporary names and renamed,
     so an output that exists is complete; stdout gets the files in input order. summary.json (rank 0) lists the
     files done, skipped and failed, also after Ctrl-C."""
-    rank, world, jobs, todo = args.rank, args.world, args.jobs, args.todo
-    if len(set(gather(len(todo), world))) > 1:  # also a barrier: every process plans before any writes an output
-        raise InputError("the processes found different files to do; is the output directory shared and stable?")
-    printing = world == 1 and args.format != "all"
+    processes, jobs, todo = Processes(args.rank, args.world), args.jobs, args.todo
+    printing = processes.world == 1 and args.format != "all"
     shown = InputOrder(todo if printing else [])
     documents: dict[Path, str] = {}
+    progress = processes.progress("files")
 
     def write(job: Job, result: tuple[str, list[Word], list[Segment]]) -> None:
         for fmt in args.formats:
@@ -466,26 +465,15 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
             if printing:
                 documents[job.path] = _for_stdout(job, fmt, document, single=len(jobs) == 1)
 
-    done: list[str] = []
-    failed: list[str] = []
-    interrupted: KeyboardInterrupt | None = None
-    try:
-        for job, error in run_files(todo, lambda batch, clips: run_task(model, batch, clips, args), write,
-                                    batch_size=args.batch_size, rank=rank, world=world,
-                                    progress=lambda k, n, batch: _progress(k, n, batch, rank, world)):
-            (failed.append(error) if error else done.append(str(job.path)))
-            shown.finish(job, documents.pop(job.path, None))
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the summary is still written, then the same signal goes on
-        interrupted = e
-        shown.flush()
-    reports = [(done, failed)] if interrupted else gather((done, failed), world)
-    if rank == 0:
+    def summarize(reports: list[Report], interrupted: bool) -> None:
+        if interrupted:  # what has finished is printed, in order, though earlier files have not
+            shown.flush()
         planned = set(todo)
         summary = {**getattr(args, "record", {}), "files": len(jobs),
-                   "done": [path for paths, _ in reports for path in paths],
+                   "done": [path for report in reports for path in report.done],
                    "skipped": [str(j.path) for j in jobs if j not in planned],
-                   "failed": [line for _, lines in reports for line in lines],
-                   "processes": world, "interrupted": interrupted is not None, "finished": interrupted is None}
+                   "failed": [line for report in reports for line in report.failed],
+                   "processes": processes.world, "interrupted": interrupted, "finished": not interrupted}
         if args.output_dir:
             try:
                 write_text(args.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -494,9 +482,14 @@ def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
         print(f"{len(summary['done'])} done, {len(summary['skipped'])} skipped (outputs exist), "
               f"{len(summary['failed'])} failed, of {len(jobs)} files" + (" (interrupted)" if interrupted else ""),
               file=sys.stderr)
-    if interrupted:
-        raise interrupted
-    return 1 if any(f for _, f in reports) else 0
+
+    _, reports = processes.run(
+        todo, lambda batch, clips: run_task(model, batch, clips, args), write, summarize,
+        batch_size=args.batch_size,
+        progress=lambda k, n, batch: progress.count(k, n, " ".join(str(j.path) for j in batch)),
+        finished=lambda job, _: shown.finish(job, documents.pop(job.path, None)),
+        different="the processes found different files to do; is the output directory shared and stable?")
+    return 1 if any(report.failed for report in reports) else 0
 
 
 class InputOrder:
@@ -535,7 +528,7 @@ def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], args:
     else:
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
                 for text, c in zip(tasks.analyse(model, clips, args.task, **generation), clips)]
-    who = f"rank {args.rank}: " if args.world > 1 else ""
+    who = Processes(args.rank, args.world).who
 
     def windows(i: int, finished: int, total: int) -> None:
         print(f"{who}{jobs[i].path}: {finished}/{total} windows", file=sys.stderr, flush=True)
@@ -570,34 +563,27 @@ def _output(args: argparse.Namespace, job: Job, fmt: str) -> Path:
     return args.output_dir / job.name.with_name(f"{job.name.name}.{fmt}")
 
 
-def _progress(finished: int, total: int, batch: list[Job], rank: int, world: int) -> None:
-    """`[k/N] files` per batch; on a terminal, a bar in front of it."""
-    who = f"rank {rank}: " if world > 1 else ""
-    bar = f"[{'#' * (20 * finished // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
-    print(f"{who}{bar}[{finished}/{total}] {' '.join(str(j.path) for j in batch)}", file=sys.stderr, flush=True)
-
-
 DECODING_EVERY_S = 10.0  # evaluate: seconds between "decoding a batch" lines while a batch decodes
 
 
 def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
     """Run this process's share of the planned benchmark; process 0 prints the Markdown summary on stdout."""
-    rank, world = args.rank, args.world
+    processes = Processes(args.rank, args.world)
+    examples = processes.progress("examples")
 
     def progress(done: int, total: int, seconds: float) -> None:
-        evaluation.report_progress(done, total, seconds, rank, world)
+        examples.rate(done, total, seconds)
         shown[0] = time.monotonic()
 
     def decoding(steps: int, budget: int) -> None:  # a batch with a large budget takes minutes: show it moves
         if time.monotonic() - shown[0] >= DECODING_EVERY_S:
-            print(f"{f'rank {rank}: ' if world > 1 else ''}decoding a batch: {steps}/{budget} new tokens",
-                  file=sys.stderr, flush=True)
+            print(f"{processes.who}decoding a batch: {steps}/{budget} new tokens", file=sys.stderr, flush=True)
             shown[0] = time.monotonic()
 
     shown = [time.monotonic()]
-    summary = evaluation.execute(model, args.plan, batch_size=args.batch_size, rank=rank, world=world,
+    summary = evaluation.execute(model, args.plan, batch_size=args.batch_size, processes=processes,
                                  progress=progress, decoding=decoding)
-    if rank == 0:
+    if processes.rank == 0:
         print(evaluation.markdown(summary), end="")
         print(f"wrote {args.output_dir / 'summary.json'}, summary.md and examples.jsonl", file=sys.stderr)
     return 1 if summary and not summary["complete"] else 0

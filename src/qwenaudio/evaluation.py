@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -34,8 +33,8 @@ from typing import Any, TypeVar
 import torch
 
 from . import prompts, scoring
-from .batch import (check_outputs, check_settings, gather, model_identity, process_group, refuse_many_inputs,
-                    refuse_model_directory, run_files, write_record)
+from .batch import (check_outputs, check_settings, model_identity, refuse_many_inputs, refuse_model_directory,
+                    write_record)
 from .core.audio import N_SAMPLES, as_waveform, audio_span
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, expect_model
@@ -43,6 +42,8 @@ from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.files import refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio
 from .core.tokenizer import LANGUAGES, Batch, Tokenizer
+from .progress import Progress
+from .runner import Processes, Report
 
 T = TypeVar("T")
 
@@ -421,7 +422,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     refuse_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)], reads)
     refuse_many_inputs([output_dir / "run.json", *(output_dir / name for name in OUTPUTS)],
                        [e.path for e in examples])
-    _prepare(output_dir, settings, overwrite)
+    _claim_output_directory(output_dir, settings, overwrite)
     replied = _read_replies(output_dir, {e.line: e for e in examples})
     todo, bad = check_clips([e for e in examples if e.line not in replied])
     if bad:
@@ -431,7 +432,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     return Run(task, output_dir, settings, examples, problems, todo)
 
 
-def _prepare(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
+def _claim_output_directory(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Claim the output directory: refuse files of the outputs' names an earlier run did not write and, where
     replies exist, other settings; then record the settings and the outputs in run.json, and make replies/."""
     writable_directory(output_dir)
@@ -509,30 +510,6 @@ def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Seq
     return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
 
 
-def run_examples(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
-                 progress: Callable[[int, int, float], None] | None = None,
-                 decoding: Callable[[int, int], None] | None = None) -> list[str]:
-    """Reply to this process's share of `run.todo` (batches of similar length, longest first; process `rank` of
-    `world` takes every world-th batch), appending each record as it is known. Returns a message per example that
-    failed (an unreadable clip, a failing batch retried example by example). `progress(done, total,
-    seconds)` follows the batches, `decoding(steps, budget)` the tokens of the batch being decoded."""
-    replies, started = Replies(run.output_dir, rank), time.monotonic()
-    max_new_tokens = run.settings["max_new_tokens"]
-
-    def write(example: Example, reply: str) -> None:
-        record = {"line": example.line, "audio": example.audio, "source": example.source,
-                  "reference": example.reference, "reply": reply, "language": example.language,
-                  **example_scores(run.task, example, reply)}
-        replies.append(record)
-
-    def reply(batch: list[Example], clips: list[torch.Tensor]) -> list[str]:
-        return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens, decoding)
-
-    outcomes = run_files(run.todo, reply, write, batch_size=batch_size, rank=rank, world=world,
-                         progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)))
-    return [error for _, error in outcomes if error]
-
-
 def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False, seconds: float | None = None,
               processes: int = 1) -> dict[str, Any]:
     """Write examples.jsonl (every reply in data order), summary.json and summary.md from the replies on disk (every
@@ -595,9 +572,8 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     expect_model(model)
     options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
     options.setdefault("quantization", _quantization(model))
-    rank, world = process_group(str(model.device))
-    return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size, rank=rank, world=world,
-                   progress=progress)
+    return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size,
+                   processes=Processes.join(str(model.device)), progress=progress)
 
 
 def _quantization(model: QwenAudio) -> str | None:
@@ -605,37 +581,39 @@ def _quantization(model: QwenAudio) -> str | None:
     return quantization_of(model.decoder)
 
 
-def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, rank: int = 0, world: int = 1,
+def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Processes = Processes(),
             progress: Callable[[int, int, float], None] | None = None,
             decoding: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run a planned benchmark (this process's share) and, in process 0, write the summary, also after Ctrl-C
-    or SIGTERM taken as KeyboardInterrupt (then with `"interrupted": true`, and the interrupt is raised again).
-    Other processes return {}. `decoding(step, budget)` follows the tokens of the batch being decoded."""
+    """Reply to this process's share of `run.todo` (`Processes.run`: batches of similar length, longest first),
+    appending each record as it is known, and, in process 0, write the summary, also after Ctrl-C or SIGTERM taken
+    as KeyboardInterrupt (then with `"interrupted": true`, and the interrupt is raised again). An example that fails
+    (an unreadable clip, a failing batch retried example by example) is listed in the summary. Other processes
+    return {}. `progress(done, total, seconds)` follows the batches, `decoding(steps, budget)` the tokens of the
+    batch being decoded."""
     expect_model(model)
     expect(run, Run, "run", "a Run from evaluation.plan")
-    if len(set(gather(len(run.todo), world))) > 1:  # also a barrier: every process plans before any appends
-        raise InputError("the processes found different examples to do; is the output directory shared?")
-    started, failed, interrupted = time.monotonic(), [], None
-    try:
-        failed = run_examples(model, run, batch_size=batch_size, rank=rank, world=world, progress=progress,
-                              decoding=decoding)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: summarize, then let the same signal go on
-        interrupted = e
-    reports = [failed] if interrupted else gather(failed, world)
-    summary = {}
-    if rank == 0:
-        summary = summarize(run, [line for lines in reports for line in lines], interrupted=interrupted is not None,
-                            seconds=time.monotonic() - started, processes=world)
-    if interrupted:
-        raise interrupted
-    return summary
+    replies, started = Replies(run.output_dir, processes.rank), time.monotonic()
+    max_new_tokens = run.settings["max_new_tokens"]
+
+    def reply(batch: list[Example], clips: list[torch.Tensor]) -> list[str]:
+        return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens, decoding)
+
+    def write(example: Example, reply: str) -> None:
+        replies.append({"line": example.line, "audio": example.audio, "source": example.source,
+                        "reference": example.reference, "reply": reply, "language": example.language,
+                        **example_scores(run.task, example, reply)})
+
+    def summary(reports: list[Report], interrupted: bool) -> dict[str, Any]:
+        return summarize(run, [line for report in reports for line in report.failed], interrupted=interrupted,
+                         seconds=time.monotonic() - started, processes=processes.world)
+
+    written, _ = processes.run(
+        run.todo, reply, write, summary, batch_size=batch_size,
+        progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)),
+        different="the processes found different examples to do; is the output directory shared?")
+    return written or {}
 
 
 def report_progress(done: int, total: int, seconds: float, rank: int = 0, world: int = 1) -> None:
     """`40/100 examples, 2.3/s, ETA 0:26` on stderr after each batch; on a terminal, a bar in front of it."""
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    who = f"rank {rank}: " if world > 1 else ""
-    bar = f"[{'#' * (20 * done // max(total, 1)):<20}] " if sys.stderr.isatty() else ""
-    print(f"{who}{bar}{done}/{total} examples, {rate:.2f}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}",
-          file=sys.stderr, flush=True)
+    Progress("examples", rank, world).rate(done, total, seconds)

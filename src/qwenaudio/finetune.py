@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import evaluation, parallel, scoring
-from .batch import gather, seconds
+from .batch import seconds
 from .chat import DEFAULT_SYSTEM, content_ids, query_text
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
 from .core.checkpoint import INDEX_FILE, official_name, save_checkpoint
@@ -57,6 +57,7 @@ from .core.int8 import Int8Linear
 from .core.model import IGNORE_INDEX, QwenAudio
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, Tokenizer
 from .lora import LoraConfig, apply_lora, lora_parameters
+from .runner import gather
 
 Turn = tuple[str, str]  # (user text with Audio n:<audio>path</audio> regions, assistant reply)
 

@@ -26,6 +26,7 @@ from .core.checkpoint import INDEX_FILE, shard_files
 from .core.checks import expect
 from .core.errors import CheckpointError, DownloadError, InputError
 from .lora import load_adapter, read_adapter
+from .progress import bar, say
 
 OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
 FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
@@ -152,7 +153,6 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: str 
 def report_progress(done: int, total: int) -> None:
     """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
     if sys.stderr.isatty():
-        bar = "#" * (30 * done // total)
-        print(f"\rloading weights [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
+        say(f"\rloading weights {bar(done, total, 30)}{done}/{total}", end="\n" if done == total else "")
     elif done == total:
-        print(f"loaded {total} weight tensors", file=sys.stderr)
+        say(f"loaded {total} weight tensors")
