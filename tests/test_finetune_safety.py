@@ -415,6 +415,33 @@ def test_library_calls_with_wrong_types_or_no_examples_are_refused(tiny_weights,
     assert not (tmp_path / "o").exists()
 
 
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_train_refuses_quantized_weights_it_cannot_update(quantize, tiny_ckpt, tmp_path, data):
+    """The command's rule (int8 weights train only a LoRA adapter, int4 layers run inference only) is the library's:
+    a caller of `train` is refused before anything is written."""
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False, **{quantize: True})
+    examples, _ = finetune.read_examples(data)
+    assert finetune.quantization(model) == quantize
+    with pytest.raises(qwenaudio.InputError, match="int8 weights cannot be fine-tuned in full" if quantize == "int8"
+                       else "int4 layers run inference only"):
+        finetune.train(model, examples, tmp_path / "o", finetune.TrainConfig(steps=1))
+    if quantize == "int4":  # not even an adapter: int4 layers have no backward
+        with pytest.raises(qwenaudio.InputError, match="int4 layers run inference only"):
+            finetune.train(model, examples, tmp_path / "o", finetune.TrainConfig(steps=1, **LORA))
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_policy_on_a_run_s_weights_full_fine_tuning_in_fp32_and_lora_over_int8_only():
+    full, adapter = finetune.TrainConfig(), finetune.TrainConfig(lora=LoraConfig(rank=2))
+    assert finetune.weights_dtype(full, None) == "float32" and finetune.weights_dtype(full, "bf16") == "bf16"
+    assert finetune.weights_dtype(adapter, None) is None and finetune.weights_dtype(adapter, "fp32") == "fp32"
+    finetune.check_quantization(full, None)
+    finetune.check_quantization(adapter, "int8")
+    for config, quantize in [(full, "int8"), (full, "int4"), (adapter, "int4"), (adapter, "int3"), ("c", None)]:
+        with pytest.raises(qwenaudio.InputError):
+            finetune.check_quantization(config, quantize)
+
 # ------------------------------------------------------------------------------------------------ outputs (11, 14, 17)
 
 def test_no_output_replaces_an_input_and_an_unwritable_directory_is_found_before_loading(

@@ -157,8 +157,7 @@ def check_quantization(config: TrainConfig, quantize: str | None) -> None:
     if quantize == "int4":
         raise InputError("int4 layers run inference only; train a LoRA adapter over int8 weights (--int8)")
     if quantize == "int8" and config.lora is None:
-        raise InputError("int8 weights cannot be fine-tuned in full; train a LoRA adapter over them "
-                         "(TrainConfig(lora=…), --lora-rank)")
+        raise InputError("int8 weights cannot be fine-tuned in full; add lora (--lora-rank) to train an adapter")
 
 
 def weights_dtype(config: TrainConfig, dtype: str | torch.dtype | None) -> str | torch.dtype | None:
