@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import parallel
 from ..core.checks import expect
@@ -49,7 +50,8 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     TensorBoard's `output_dir/tensorboard` when tensorboard is installed), with `eval_loss` (and `eval_task`'s
     scores) over `eval_examples` every `eval_every` steps. A loss that is not finite stops the run with
     TrainingError before the update, and trained weights that are not finite are never written, the last
-    checkpoint kept; a checkpoint or log that cannot be written (a full disk) is OutputError."""
+    checkpoint kept; a checkpoint or log that cannot be written (a full disk) is OutputError. Weights it cannot
+    update (int8 without a LoRA adapter, int4: `check_quantization`) are refused before anything is written."""
     expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
     examples = as_examples(examples, "examples")
     eval_examples = as_examples(eval_examples, "eval_examples", empty=True)
@@ -72,17 +74,7 @@ def train(model: QwenAudio, examples: Sequence[Example], output_dir: str | Path,
     except OSError as e:
         raise OutputError(f"{output_dir}: cannot make the output directory ({e.strerror or e})") from None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    model.train()
-    model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
-    if not resume:  # LoRA's initial A and its dropout draw from torch's generator; a resumed run restores it
-        torch.manual_seed(config.seed)
-    if config.lora is None:
-        trainable(model, config.part)
-    elif not lora_parameters(model):  # a model resumed or trained before already holds its adapter
-        apply_lora(model, config.lora)
-    engine = parallel.wrap(model, world, config.shard)
-    # taken after wrapping: FSDP replaces each parameter with its shard
-    params = trainable(model, config.part) if config.lora is None else lora_parameters(model)
+    engine, params = _trained(model, config, resume, world)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, config))
     losses = restore_run(checkpoint, params, optimizer, scheduler, config, previous) if resume else []
@@ -148,3 +140,21 @@ def _due(last: float, config: TrainConfig, rank: int, world: int) -> bool:
     if world == 1:
         return late
     return bool(everywhere(torch.tensor([float(late and rank == 0)]), world).item())
+
+
+def _trained(model: QwenAudio, config: TrainConfig, resume: bool, world: int
+             ) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The model in training mode, wrapped for `world` processes (`parallel.wrap`: what runs the forward), and the
+    parameters the run trains by name: `config.part`, everything else frozen, or a LoRA adapter (added unless the
+    model already holds one, resumed or trained before)."""
+    model.train()
+    model.decoder.activation_checkpointing = model.encoder.activation_checkpointing = config.activation_checkpointing
+    if not resume:  # LoRA's initial A and its dropout draw from torch's generator; a resumed run restores it
+        torch.manual_seed(config.seed)
+    if config.lora is None:
+        trainable(model, config.part)
+    elif not lora_parameters(model):  # a model resumed or trained before already holds its adapter
+        apply_lora(model, config.lora)
+    engine = parallel.wrap(model, world, config.shard)
+    # taken after wrapping: FSDP replaces each parameter with its shard
+    return engine, trainable(model, config.part) if config.lora is None else lora_parameters(model)

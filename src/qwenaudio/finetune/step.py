@@ -58,8 +58,9 @@ def autocast(model: QwenAudio, config: TrainConfig) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def compute_gradients(engine: nn.Module, model: QwenAudio, batches: list[list[Example]], params: dict[str, nn.Parameter],
-          optimizer, config: TrainConfig, step: int, output_dir: Path, world: int) -> tuple[float, int]:
+def compute_gradients(engine: nn.Module, model: QwenAudio, batches: list[list[Example]],
+                      params: dict[str, nn.Parameter], optimizer, config: TrainConfig, step: int, output_dir: Path,
+                      world: int) -> tuple[float, int]:
     """The gradients of one optimizer step over this process's `batches` (of the step's `accumulate` × `world`),
     clipped, for `train` to apply; returns the step's loss, token-weighted over every process's batches, and their
     label tokens. Each batch's loss is weighted by its
