@@ -150,14 +150,15 @@ def quantization(model: QwenAudio) -> str | None:
 
 def check_quantization(config: TrainConfig, quantize: str | None) -> None:
     """InputError unless `config` can train over weights quantized as `quantize` ("int8", "int4" or None): int8
-    weights cannot take an update, so only a LoRA adapter trains over them; int4 layers have no backward at all."""
+    weights cannot take an update, so only a LoRA adapter trains over them; int4 layers have no backward at all.
+    The messages name the command's options, so `qwenaudio finetune` says exactly what it always said."""
     expect(config, TrainConfig, "config", "a finetune.TrainConfig")
     if quantize not in (None, *QUANTIZED):
         raise InputError(f"quantize must be one of {', '.join(QUANTIZED)} or None, got {quantize!r}")
     if quantize == "int4":
-        raise InputError("int4 layers run inference only; train a LoRA adapter over int8 weights (--int8)")
+        raise InputError("int4 layers run inference only; train a LoRA adapter over --int8")
     if quantize == "int8" and config.lora is None:
-        raise InputError("int8 weights cannot be fine-tuned in full; add lora (--lora-rank) to train an adapter")
+        raise InputError("int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
 
 
 def weights_dtype(config: TrainConfig, dtype: str | torch.dtype | None) -> str | torch.dtype | None:
