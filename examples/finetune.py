@@ -22,9 +22,9 @@ try:
     held_out, bad_held_out = finetune.read_examples(args.eval_data) if args.eval_data else ([], [])
     if bad or bad_held_out:
         raise SystemExit("error: fix these lines first:\n  " + "\n  ".join(bad + bad_held_out))
-    model = qwenaudio.load(args.model, dtype="float32")  # AdamW needs fp32 weights
     config = finetune.TrainConfig(steps=args.steps, batch_size=4, lr=1e-5, warmup_steps=10, part="decoder",
                                   save_every=50, eval_task="asr" if held_out else None)
+    model = qwenaudio.load(args.model, dtype=finetune.weights_dtype(config, None))  # float32: AdamW needs it
 
     def report(record: dict) -> None:
         held = f", held-out loss {record['eval_loss']:.4f}, WER {record['eval_wer']}" if "eval_loss" in record else ""

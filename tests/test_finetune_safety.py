@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import qwenaudio
 from qwenaudio import cli, finetune
+from qwenaudio.core.checkpoint import quantization_of
 from qwenaudio.core import files
 from qwenaudio.core.errors import TrainingError
 from qwenaudio.lora import LoraConfig
@@ -97,10 +98,10 @@ def test_an_interrupt_mid_step_or_mid_update_saves_the_last_whole_step_and_resum
         return real_schedule(step, config)
 
     sent: list = []
-    monkeypatch.setattr(finetune, "schedule", schedule_with_a_signal)
+    monkeypatch.setattr(finetune.loop, "schedule", schedule_with_a_signal)
     with pytest.raises(KeyboardInterrupt):
         finetune.train(model_of(tiny_ckpt), examples, tmp_path / "mid-update", config)
-    monkeypatch.setattr(finetune, "schedule", real_schedule)
+    monkeypatch.setattr(finetune.loop, "schedule", real_schedule)
     assert sent and progress_of(tmp_path / "mid-update")["losses"] == whole[:3]
 
     for run in ("mid-step", "mid-update"):
@@ -147,7 +148,7 @@ def test_a_checkpoint_is_saved_every_few_minutes_by_the_wall_clock_and_the_logge
         tiny_ckpt, tmp_path, data, monkeypatch):
     examples, _ = finetune.read_examples(data)
     now = [0.0]
-    monkeypatch.setattr(finetune, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(finetune.loop, "time", SimpleNamespace(monotonic=lambda: now[0]))
 
     def progress(record):
         now[0] += 70 if record["step"] == 2 else 1  # step 2 ends 72 s in: past save_minutes=1
@@ -167,7 +168,7 @@ def test_a_checkpoint_is_saved_every_few_minutes_by_the_wall_clock_and_the_logge
 
 def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_ckpt, tmp_path, data, monkeypatch,
                                                                           capsys):
-    real_step, calls = finetune._step, []
+    real_step, calls = finetune.loop.compute_gradients, []
 
     def step_then_signal(*args):
         calls.append(1)
@@ -175,7 +176,7 @@ def test_the_command_says_which_step_it_saved_when_interrupted_and_resumes(tiny_
             raise cli.Terminated(signal.SIGTERM)
         return real_step(*args)
 
-    monkeypatch.setattr(finetune, "_step", step_then_signal)
+    monkeypatch.setattr(finetune.loop, "compute_gradients", step_then_signal)
     run = ["finetune", "--model", str(tiny_ckpt), "--data", str(data), "--output-dir", str(tmp_path / "out"),
            "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--train", "projection", "--device", "cpu"]
     assert cli.main(run) == 143
@@ -415,6 +416,33 @@ def test_library_calls_with_wrong_types_or_no_examples_are_refused(tiny_weights,
     assert not (tmp_path / "o").exists()
 
 
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_train_refuses_quantized_weights_it_cannot_update(quantize, tiny_ckpt, tmp_path, data):
+    """The command's rule (int8 weights train only a LoRA adapter, int4 layers run inference only) is the library's:
+    a caller of `train` is refused before anything is written."""
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False, **{quantize: True})
+    examples, _ = finetune.read_examples(data)
+    assert quantization_of(model.decoder) == quantize
+    with pytest.raises(qwenaudio.InputError, match="int8 weights cannot be fine-tuned in full" if quantize == "int8"
+                       else "int4 layers run inference only"):
+        finetune.train(model, examples, tmp_path / "o", finetune.TrainConfig(steps=1))
+    if quantize == "int4":  # not even an adapter: int4 layers have no backward
+        with pytest.raises(qwenaudio.InputError, match="int4 layers run inference only"):
+            finetune.train(model, examples, tmp_path / "o", finetune.TrainConfig(steps=1, **LORA))
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_policy_on_a_run_s_weights_full_fine_tuning_in_fp32_and_lora_over_int8_only():
+    full, adapter = finetune.TrainConfig(), finetune.TrainConfig(lora=LoraConfig(rank=2))
+    assert finetune.weights_dtype(full, None) == "float32" and finetune.weights_dtype(full, "bf16") == "bf16"
+    assert finetune.weights_dtype(adapter, None) is None and finetune.weights_dtype(adapter, "fp32") == "fp32"
+    finetune.check_quantization(full, None)
+    finetune.check_quantization(adapter, "int8")
+    for config, quantize in [(full, "int8"), (full, "int4"), (adapter, "int4"), (adapter, "int3"), ("c", None)]:
+        with pytest.raises(qwenaudio.InputError):
+            finetune.check_quantization(config, quantize)
+
 # ------------------------------------------------------------------------------------------------ outputs (11, 14, 17)
 
 def test_no_output_replaces_an_input_and_an_unwritable_directory_is_found_before_loading(
@@ -458,8 +486,8 @@ def test_a_full_disk_is_one_error_line_and_the_previous_checkpoint_stays(failing
                                                                          monkeypatch, capsys):
     from safetensors import SafetensorError
 
-    real = {"save_file": finetune.save_file, "torch.save": torch.save, "open": open,
-            "save_checkpoint": finetune.save_checkpoint}
+    real = {"save_file": finetune.checkpoints.save_file, "torch.save": torch.save, "open": open,
+            "save_checkpoint": finetune.checkpoints.save_checkpoint}
     calls: list[str] = []
 
     def full_disk_on_the_second(name, error):
@@ -471,17 +499,17 @@ def test_a_full_disk_is_one_error_line_and_the_previous_checkpoint_stays(failing
         return write
 
     if failing == "trainable":
-        monkeypatch.setattr(finetune, "save_file", full_disk_on_the_second(
+        monkeypatch.setattr(finetune.checkpoints, "save_file", full_disk_on_the_second(
             "save_file", SafetensorError("Error while serializing: IoError(No space left on device)")))
     elif failing == "state":
         monkeypatch.setattr(torch, "save", full_disk_on_the_second(
             "torch.save", RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
                                        "writing file data/3: file write failed (unexpected pos 512 vs 448)")))
     elif failing == "metrics":
-        monkeypatch.setattr(finetune, "open", full_disk_on_the_second(
+        monkeypatch.setattr(finetune.log, "open", full_disk_on_the_second(
             "open", OSError(errno.ENOSPC, "No space left on device")), raising=False)
     else:
-        monkeypatch.setattr(finetune, "save_checkpoint", lambda *_: (_ for _ in ()).throw(
+        monkeypatch.setattr(finetune.checkpoints, "save_checkpoint", lambda *_: (_ for _ in ()).throw(
             SafetensorError("Error while serializing: IoError(No space left on device)")))
     run = ["finetune", "--model", str(tiny_ckpt), "--data", str(data), "--output-dir", str(tmp_path / "out"),
            "--steps", "2", "--save-every", "1", "--batch-size", "2", "--lr", "1e-3", "--train", "projection",

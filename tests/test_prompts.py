@@ -10,6 +10,7 @@ import pytest
 from qwenaudio import InputError, evaluation, finetune, prompts
 from qwenaudio.core.audio import audio_span, load_audio
 from qwenaudio.core.model import IGNORE_INDEX
+from qwenaudio.core.tokenizer import AUDIO_SPECIAL_TOKENS
 
 from .test_tasks import OFFICIAL_PROMPTS
 
@@ -112,8 +113,9 @@ CONVERSATIONS = {
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_the_renderer_equals_fine_tuning_s(tokenizer, tmp_path, name):
-    """Training: every turn kept, each reply and its <|im_end|> learned, the clips in the order the ids hold them."""
+def test_fine_tuning_learns_each_reply_of_the_rendered_conversation(tokenizer, tmp_path, name):
+    """Training: every turn kept, each reply and its <|im_end|> learned (nothing else), the clips in the order the
+    ids hold them, and the ids before the last reply are the inference context of the last question."""
     (example,), problems = finetune.read_examples(write_rows(tmp_path / "chat.jsonl",
                                                              [{"messages": CONVERSATIONS[name]}]))
     assert problems == []
@@ -121,7 +123,26 @@ def test_the_renderer_equals_fine_tuning_s(tokenizer, tmp_path, name):
     rendered = prompts.render_chat(tokenizer, example.system, example.turns, span_of=span_of)
     assert (rendered.ids, rendered.labels) == finetune.encode(tokenizer, example, span_of)
     assert rendered.clips == [str(p) for p in example.audio]
-    assert IGNORE_INDEX in rendered.labels and rendered.ids.count(tokenizer.im_start_id) == 1 + 2 * len(example.turns)
+    learned = [i for i, label in zip(rendered.ids, rendered.labels) if label != IGNORE_INDEX]
+    replies = [tokenizer.encode(r, allowed_special=AUDIO_SPECIAL_TOKENS) + [tokenizer.im_end_id]
+               for _, r in example.turns]
+    assert learned == [i for reply in replies for i in reply]
+    *history, (query, _) = example.turns
+    context = prompts.render_chat(tokenizer, example.system, history, query, span_of=span_of,
+                                  max_window_size=10**6)
+    assert rendered.ids == context.ids + replies[-1]
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN["chat"]["turns"] if c["history"]],
+                         ids=lambda c: f"{len(c['history'])}-turns")
+def test_fine_tuning_s_conversation_is_the_official_context_then_the_reply(tokenizer, monkeypatch, case):
+    """The training ids of history + (query, reply) are the official make_context ids for that query (recorded
+    from the official code), then the reply and <|im_end|>."""
+    monkeypatch.chdir(REPO_ROOT)
+    turns = [*(tuple(h) for h in case["history"]), (case["query"], "A reply.")]
+    rendered = prompts.render_chat(tokenizer, GOLDEN["chat"]["system"], turns,
+                                   span_of=spans(case["audio_urls"] or []))
+    assert rendered.ids == case["context_tokens"] + tokenizer.encode("A reply.") + [tokenizer.im_end_id]
 
 
 def official_cases():

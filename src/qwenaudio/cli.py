@@ -614,10 +614,10 @@ def plan_finetune(args: argparse.Namespace) -> None:
         eval_every=args.eval_every, eval_task=args.eval_task)
     if args.adapter:
         raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
-    if args.int8 and not adapter:
-        raise InputError("--int8: int8 weights cannot be fine-tuned in full; add --lora-rank to train an adapter")
-    if args.int4:
-        raise InputError("--int4: int4 layers run inference only; train a LoRA adapter over --int8")
+    try:  # the library's rule (train refuses the same), named by the option that asked for the weights
+        finetune.check_quantization(args.config, _quantization(args))
+    except InputError as e:
+        raise InputError(f"--{_quantization(args)}: {e}") from None
     args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
     args.eval_examples = []
     if args.eval_data:  # held-out data must be whole: a skipped line would change what eval_loss means
@@ -638,8 +638,7 @@ def plan_finetune(args: argparse.Namespace) -> None:
         raise InputError(f"{args.data}: no line can be trained on")
     args.result = args.output_dir / ("adapter" if adapter else "model")
     _plan_finetune_outputs(args)
-    if not adapter:
-        args.dtype = args.dtype or "float32"  # AdamW updates are lost in bf16 weights (LoRA's are fp32 anyway)
+    args.dtype = finetune.weights_dtype(args.config, args.dtype)
 
 
 def _plan_finetune_outputs(args: argparse.Namespace) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core.checkpoint import (INDEX_FILE, PREFIXES, building_checkpoint, check_target, load_checkpoint,
-                              official_name, write_shards)
+from .core.checkpoint import PREFIXES, load_checkpoint, official_name, write_shards, writing_checkpoint
 from .core.checks import expect_model, finite, whole
 from .core.config import QwenAudioConfig
 from .core.decoder import Decoder
@@ -327,16 +325,15 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
     dtype = as_dtype(dtype)
     source, target = Path(source), Path(target)
     adapter = read_adapter(adapter)
-    check_target(target, [source, adapter.directory], overwrite)
-    config = QwenAudioConfig.from_json(source)
-    if config.quantization:
-        raise InputError(f"{source} is quantized ({config.quantization}): its weights would round the update "
-                         "away; merge into its float original, then quantize the merged checkpoint (qwenaudio "
-                         "quantize)")
-    with torch.device("meta"):
-        owners = {"encoder": AudioEncoder(config.audio), "decoder": Decoder(config)}
-    _check_fit(adapter, _expected(owners, adapter.config))
-    with building_checkpoint(target, overwrite) as partial:
+    with writing_checkpoint(target, source, reads=[adapter.directory], overwrite=overwrite) as partial:
+        config = QwenAudioConfig.from_json(source)
+        if config.quantization:
+            raise InputError(f"{source} is quantized ({config.quantization}): its weights would round the update "
+                             "away; merge into its float original, then quantize the merged checkpoint (qwenaudio "
+                             "quantize)")
+        with torch.device("meta"):
+            owners = {"encoder": AudioEncoder(config.audio), "decoder": Decoder(config)}
+        _check_fit(adapter, _expected(owners, adapter.config))
         state = load_checkpoint(source, config)
         layout = {n: (tuple(t.shape), dtype or t.dtype) for n, t in state.items()}
         updates = {official_name(owner, f"{path}.weight"): f"{PEFT_PREFIX}{official_name(owner, path)}"
@@ -357,8 +354,4 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
             return stored
 
         write_shards(layout, make, partial)
-        for file in source.iterdir():
-            if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE:
-                with writing(partial / file.name) as tmp:
-                    shutil.copyfile(file, tmp)
     return target

@@ -10,16 +10,14 @@ and `"quantization_group_size"` (`qwenaudio.core.int4`); `qwenaudio.load` reads 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from .core import int4, int8
-from .core.checkpoint import (INDEX_FILE, building_checkpoint, check_target, int4_group_size, load_checkpoint,
-                              quantizer, save_checkpoint)
+from .core.checkpoint import int4_group_size, load_checkpoint, quantizer, save_checkpoint, writing_checkpoint
 from .core.config import QwenAudioConfig
 from .core.errors import InputError
-from .core.files import write_text, writing
+from .core.files import write_text
 
 
 def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, group_size: int | None = None,
@@ -45,20 +43,15 @@ def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, gro
     if bits == 8 and group_size is not None:
         raise InputError(f"group_size applies to bits=4 only (int8 has a scale per row), got {group_size!r}")
     source, target = Path(source), Path(target)
-    check_target(target, [source], overwrite)
-    config = QwenAudioConfig.from_json(source)
-    if config.quantization:
-        raise InputError(f"{source} is already quantized ({config.quantization}): quantize its float original")
-    group_size = int4_group_size(config, group_size) if bits == 4 else None
-    method = int8.METHOD if bits == 8 else int4.METHOD
-    convert = quantizer(method, config, None, group_size)
-    marks = {"quantization": method} | ({"quantization_group_size": group_size} if bits == 4 else {})
-    with building_checkpoint(target, overwrite) as partial:
+    with writing_checkpoint(target, source, overwrite=overwrite) as partial:
+        config = QwenAudioConfig.from_json(source)
+        if config.quantization:
+            raise InputError(f"{source} is already quantized ({config.quantization}): quantize its float original")
+        group_size = int4_group_size(config, group_size) if bits == 4 else None
+        method = int8.METHOD if bits == 8 else int4.METHOD
+        convert = quantizer(method, config, None, group_size)
+        marks = {"quantization": method} | ({"quantization_group_size": group_size} if bits == 4 else {})
         state = load_checkpoint(source, config, progress=progress, convert=convert)
         save_checkpoint(state, partial)
-        for file in source.iterdir():
-            if file.is_file() and file.suffix != ".safetensors" and file.name not in (INDEX_FILE, "config.json"):
-                with writing(partial / file.name) as tmp:
-                    shutil.copyfile(file, tmp)
         write_text(partial / "config.json", json.dumps({**config.to_dict(), **marks}, indent=2) + "\n")
     return target

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -412,6 +413,24 @@ def building_checkpoint(target: Path, overwrite: bool) -> Iterator[Path]:
         kept = "; the checkpoint there is as it was" if replacing else ""
         raise OutputError(f"{target}: could not write the checkpoint ({e.strerror or e}); nothing was left "
                           f"there{kept}") from e
+
+
+@contextmanager
+def writing_checkpoint(target: Path, source: Path, *, reads: Iterable[Path] = (), overwrite: bool = False
+                       ) -> Iterator[Path]:
+    """The one way a checkpoint directory is made from another (quantize, merge, a fine-tuned model): `target` is
+    refused as `check_target` says (never `source` or another of `reads`; new or empty, or with `overwrite` a
+    checkpoint), then built aside (`building_checkpoint`). The block writes the tensors, and any file it changes
+    (config.json), into the directory it is given; every other file of `source` (config, vocabulary, generation
+    config) is then copied, each synced, and the whole renamed into place."""
+    check_target(target, [source, *reads], overwrite)
+    with building_checkpoint(target, overwrite) as partial:
+        yield partial
+        for file in source.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX_FILE and not (
+                    partial / file.name).exists():
+                with writing(partial / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
 
 
 _DTYPES = {
