@@ -520,3 +520,24 @@ def test_subtitles_of_a_reply_without_timestamps_show_its_text():
     timed = [Segment("hello world", 0.0, 2.5, words)]
     assert render("vtt", Path("a.wav"), "hello world", words, timed, "transcribe") == (
         "WEBVTT\n\n00:00:00.200 --> 00:00:00.600\nhello\n\n00:00:00.800 --> 00:00:02.500\nworld\n")
+
+
+def test_every_module_of_the_command_package_is_a_command_listed_in_commands():
+    """Adding a command is cli/NAME.py (PARSER, add_arguments, plan, run) and its module in COMMANDS: README says so.
+    The plans are frozen: what a command found before loading cannot change while it runs."""
+    import dataclasses
+    import inspect
+    import pkgutil
+
+    from qwenaudio import cli
+    from qwenaudio.cli.options import Plan
+
+    modules = {m.name for m in pkgutil.iter_modules(cli.__path__)} - {"options"}
+    assert set(cli.COMMANDS) == modules
+    for name, command in cli.COMMANDS.items():
+        assert {"help", "description"} <= set(command.PARSER), name
+        assert all(callable(getattr(command, f)) for f in ("add_arguments", "plan", "run")), name
+        plan = inspect.signature(command.plan).return_annotation
+        plans = [v for v in vars(command).values() if inspect.isclass(v) and issubclass(v, Plan) and v is not Plan]
+        assert len(plans) == 1 and plans[0].__name__ == plan and plans[0].__dataclass_params__.frozen, name
+        assert dataclasses.is_dataclass(plans[0])

@@ -48,7 +48,7 @@ A line that starts with // is sent as text, with one / removed; so is any line t
 CHAT_COMMAND = re.compile(r"/(?P<name>[A-Za-z]\w*)(?:\s+(?P<argument>.*))?")
 
 
-def chat_loop(model: QwenAudio, args: argparse.Namespace) -> int:
+def chat_loop(model: QwenAudio, args: ChatPlan) -> int:
     """Read stdin a line at a time and stream each reply to stdout. `/word` lines are commands (CHAT_HELP) and never
     reach the model; a bad clip is refused when attached; Ctrl-C during a reply drops that reply only."""
     chat, clips = Chat(model, args.system), []

@@ -23,7 +23,8 @@ PARSER = dict(help="run one of the paper's benchmarks as the official script doe
                           "into the same --output-dir resumes.",
               epilog="exit status: 0 every example replied to and scored, 1 some failed (listed "
                      "in summary.json), --output-dir cannot be written, or an output would "
-                     "replace an input or a file the command did not write, 2 bad arguments, data or other settings than "
+                     "replace an input or a file the command did not write, 2 bad arguments, data or other "
+                     "settings than "
                      "run.json's (all found before the model loads), 3 the model could not be "
                      "loaded, 130 interrupted, 143 on SIGTERM (summary still written)")
 
@@ -78,7 +79,7 @@ def run(model: QwenAudio, plan: EvaluatePlan) -> int:
 DECODING_EVERY_S = 10.0  # evaluate: seconds between "decoding a batch" lines while a batch decodes
 
 
-def evaluate_benchmark(model: QwenAudio, args: argparse.Namespace) -> int:
+def evaluate_benchmark(model: QwenAudio, args: EvaluatePlan) -> int:
     """Run this process's share of the planned benchmark; process 0 prints the Markdown summary on stdout."""
     rank, world = args.rank, args.world
 

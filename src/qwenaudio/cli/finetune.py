@@ -190,7 +190,7 @@ def _local_model(name: str | Path, *, resolving: bool) -> Path | None:
         return None
 
 
-def finetune_model(model: QwenAudio, args: argparse.Namespace) -> int:
+def finetune_model(model: QwenAudio, args: FinetunePlan) -> int:
     """Train, printing a line per step and one per checkpoint; write the fine-tuned checkpoint to OUTPUT_DIR/model
     (or the adapter to OUTPUT_DIR/adapter)."""
     total, started = args.config.steps, time.monotonic()

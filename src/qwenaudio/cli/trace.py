@@ -89,7 +89,7 @@ def _check_trace_out(out: Path, reads: list) -> None:
         raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
 
 
-def trace_prompt(model: QwenAudio, args: argparse.Namespace) -> int:
+def trace_prompt(model: QwenAudio, args: TracePlan) -> int:
     trace.record(model, args.prompt, project=args.project, logits=args.logits).save(args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -23,7 +23,7 @@ from ..longform import Segment, text_of, words_of
 from ..subtitles import Word, cues, to_json, to_srt, to_vtt
 from .options import Plan, UsageError, _dtype, _positive, _quantization, add_model_options, freeze
 
-TASKS = ("transcribe", "translate", *tasks.TASKS)
+TASK_CHOICES = ("transcribe", "translate", *tasks.TASKS)  # --task: not tasks.TASKS (analyses only)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
 TIMED_FORMATS = ("srt", "vtt")
 SHARES_WORK = True  # under torchrun, the processes share the files
@@ -61,8 +61,8 @@ class TranscribePlan(Plan):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
                         help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
-    parser.add_argument("--task", choices=TASKS, default="transcribe", metavar="TASK",
-                        help=f"{', '.join(TASKS)}; default transcribe")
+    parser.add_argument("--task", choices=TASK_CHOICES, default="transcribe", metavar="TASK",
+                        help=f"{', '.join(TASK_CHOICES)}; default transcribe")
     parser.add_argument("--language", choices=LANGUAGES, metavar="LANG",
                         help=f"transcribe, translate: the spoken language, one of {' '.join(LANGUAGES)}; default en")
     parser.add_argument("--target-language", choices=LANGUAGES, metavar="LANG",
@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo files whose outputs exist, with any settings, and replace files of the outputs' "
                              "names that this command did not write (never an input)")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="files per forward pass; default 4")
+    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N",
+                        help="files per forward pass; default 4")
     add_model_options(parser, "Qwen/Qwen-Audio")
 
 
@@ -86,7 +87,8 @@ def plan(args: argparse.Namespace) -> TranscribePlan:
     args = argparse.Namespace(**vars(args))  # resolved here: the plan holds the values the run uses
     if args.timestamps or args.format in (*TIMED_FORMATS, "all"):
         if args.task != "transcribe":
-            raise UsageError("word timestamps (--timestamps, --format srt, vtt or all) come only with --task transcribe")
+            raise UsageError("word timestamps (--timestamps, --format srt, vtt or all) come only with --task "
+                             "transcribe")
         args.timestamps = True
     if args.format == "all" and not args.output_dir:
         raise UsageError("--format all writes files: give --output-dir")
@@ -147,7 +149,7 @@ def _claim_outputs(args: argparse.Namespace, jobs: list[Job], outputs: list[Path
     return claim
 
 
-def transcribe_files(model: QwenAudio, args: argparse.Namespace) -> int:
+def transcribe_files(model: QwenAudio, args: TranscribePlan) -> int:
     """Inputs are batched by length and shared between processes (`qwenaudio.batch`); a file that cannot be read,
     recognised or written is reported and the others go on. Outputs are written under temporary names and renamed,
     so an output that exists is complete; stdout gets the files in input order. summary.json (rank 0) lists the
@@ -226,7 +228,7 @@ class InputOrder:
             print(document, end="", flush=True)
 
 
-def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], args: argparse.Namespace
+def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], args: TranscribePlan
              ) -> list[tuple[str, list[Word], list[Segment]]]:
     """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks): a long
     file reports its windows as they are done."""

@@ -93,7 +93,7 @@ def plan_verify(args: argparse.Namespace) -> None:
     args.dtype = args.dtype or dtype
 
 
-def verify_traces(model: QwenAudio | None, args: argparse.Namespace) -> int:
+def verify_traces(model: QwenAudio | None, args: VerifyPlan) -> int:
     """Print the per-tensor table of the stages both traces hold and what each lacks; the first tensor out of
     tolerance is where the implementations part. With the model at hand, also each layer on the reference's own
     input (`trace.isolate`), which needs a full-size reference holding every stage; else say what it lacks."""
