@@ -287,7 +287,7 @@ def test_readonly_or_full_output_directory(tiny_ckpt, audio_dir, tmp_path, monke
             raise OSError(28, "No space left on device")
         real_write(path, text)
 
-    monkeypatch.setattr(cli, "write_text", disk_full_for_other)
+    monkeypatch.setattr(cli.transcribe, "write_text", disk_full_for_other)
     args = ["transcribe", *map(str, files_in), "--format", "json", "--output-dir", str(tmp_path / "out"),
             "--model", str(tiny_ckpt), *FAST]
     assert cli.main(args) == 1
@@ -319,7 +319,7 @@ def test_an_interrupt_keeps_what_is_done_writes_the_summary_and_says_how_to_resu
     from qwenaudio import cli
 
     calls = []
-    real_run_task = cli.run_task
+    real_run_task = cli.transcribe.run_task
 
     def interrupted_on_second_batch(model, jobs, clips, args):
         calls.append(jobs)
@@ -327,7 +327,7 @@ def test_an_interrupt_keeps_what_is_done_writes_the_summary_and_says_how_to_resu
             interrupt()
         return real_run_task(model, jobs, clips, args)
 
-    monkeypatch.setattr(cli, "run_task", interrupted_on_second_batch)
+    monkeypatch.setattr(cli.transcribe, "run_task", interrupted_on_second_batch)
     files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
     args = ["transcribe", *map(str, files_in), "--batch-size", "1", "--output-dir", str(tmp_path / "out"),
             "--model", str(tiny_ckpt), *FAST]
@@ -485,7 +485,7 @@ def test_a_killed_run_knows_its_own_outputs(tiny_ckpt, audio_dir, tmp_path, monk
     summary.json before writing any: the rerun skips them as its own and does the rest."""
     from qwenaudio import cli
 
-    calls, real_run_task = [], cli.run_task
+    calls, real_run_task = [], cli.transcribe.run_task
 
     def dies_on_second_batch(model, jobs, clips, args):
         calls.append(jobs)
@@ -495,11 +495,11 @@ def test_a_killed_run_knows_its_own_outputs(tiny_ckpt, audio_dir, tmp_path, monk
 
     files_in = [audio_dir / "speech.wav", audio_dir / "other.wav"]
     run = transcribe_args(*files_in, "--batch-size", "1", "--output-dir", tmp_path / "out", "--model", tiny_ckpt)
-    monkeypatch.setattr(cli, "run_task", dies_on_second_batch)
+    monkeypatch.setattr(cli.transcribe, "run_task", dies_on_second_batch)
     with pytest.raises(SystemExit):
         cli.main(run)
     assert not json.loads((tmp_path / "out" / "summary.json").read_text())["finished"]
-    monkeypatch.setattr(cli, "run_task", real_run_task)
+    monkeypatch.setattr(cli.transcribe, "run_task", real_run_task)
     assert cli.main(run) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary["skipped"]) == 1 and len(summary["done"]) == 1 and summary["finished"]
@@ -508,7 +508,7 @@ def test_a_killed_run_knows_its_own_outputs(tiny_ckpt, audio_dir, tmp_path, monk
 def test_subtitles_of_a_reply_without_timestamps_show_its_text():
     """One cue over the window instead of an empty zero-length one; a last word without a closing stamp lasts to
     the end of its window."""
-    from qwenaudio.cli import render
+    from qwenaudio.cli.transcribe import render
     from qwenaudio.longform import Segment
     from qwenaudio.subtitles import Word
 
@@ -520,3 +520,24 @@ def test_subtitles_of_a_reply_without_timestamps_show_its_text():
     timed = [Segment("hello world", 0.0, 2.5, words)]
     assert render("vtt", Path("a.wav"), "hello world", words, timed, "transcribe") == (
         "WEBVTT\n\n00:00:00.200 --> 00:00:00.600\nhello\n\n00:00:00.800 --> 00:00:02.500\nworld\n")
+
+
+def test_every_module_of_the_command_package_is_a_command_listed_in_commands():
+    """Adding a command is cli/NAME.py (PARSER, add_arguments, plan, run) and its module in COMMANDS: README says so.
+    The plans are frozen: what a command found before loading cannot change while it runs."""
+    import dataclasses
+    import inspect
+    import pkgutil
+
+    from qwenaudio import cli
+    from qwenaudio.cli.options import Plan
+
+    modules = {m.name for m in pkgutil.iter_modules(cli.__path__)} - {"options"}
+    assert set(cli.COMMANDS) == modules
+    for name, command in cli.COMMANDS.items():
+        assert {"help", "description"} <= set(command.PARSER), name
+        assert all(callable(getattr(command, f)) for f in ("add_arguments", "plan", "run")), name
+        plan = inspect.signature(command.plan).return_annotation
+        plans = [v for v in vars(command).values() if inspect.isclass(v) and issubclass(v, Plan) and v is not Plan]
+        assert len(plans) == 1 and plans[0].__name__ == plan and plans[0].__dataclass_params__.frozen, name
+        assert dataclasses.is_dataclass(plans[0])

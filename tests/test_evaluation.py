@@ -550,7 +550,7 @@ def test_progress_moves_while_a_batch_decodes(tiny_ckpt, tmp_path, shared_audio,
     """A large budget (the tiny model never stops by itself) reports the tokens made as it decodes."""
     from qwenaudio import cli
 
-    monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
+    monkeypatch.setattr(cli.evaluate, "DECODING_EVERY_S", 0.0)
     data = one_row(tmp_path, shared_audio)
     run = ["evaluate", "emotion", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model",
            str(tiny_ckpt), "--device", "cpu", "--max-new-tokens", "20"]
@@ -669,8 +669,8 @@ def test_fuzz_the_command_line_options(tiny_ckpt, tmp_path_factory, shared_audio
             errors = [line for line in err.splitlines() if line.startswith(("error: ", "qwenaudio evaluate: error"))]
             assert len(errors) == 1, err
 
-    monkeypatch.setattr(cli, "DECODING_EVERY_S", 0.0)
+    monkeypatch.setattr(cli.evaluate, "DECODING_EVERY_S", 0.0)
     with monkeypatch.context() as m:
-        m.setattr("qwenaudio.cli.evaluation.BENCHMARKS", {**evaluation.BENCHMARKS, "emotion": evaluation.Benchmark(
+        m.setattr("qwenaudio.cli.evaluate.evaluation.BENCHMARKS", {**evaluation.BENCHMARKS, "emotion": evaluation.Benchmark(
             "emotion", "evaluate_emotion.py", 2)})  # the task's own budget, cut for speed
         run()

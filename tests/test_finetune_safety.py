@@ -295,8 +295,8 @@ def test_the_library_configs_check_every_field_and_only_an_absent_alpha_defaults
         with pytest.raises(qwenaudio.InputError):
             LoraConfig(**wrong)
     assert LoraConfig(targets=["c_attn"]).targets == ("c_attn",)
-    args = cli.parse(["finetune", "--data", str(data), "--output-dir", str(tmp_path / "o"), "--lora-rank", "4"])
-    cli.plan_finetune(args)
+    args = cli.finetune.plan(cli.parse(["finetune", "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                                        "--lora-rank", "4"]))
     assert args.config.lora.alpha == 8
 
 
@@ -356,8 +356,7 @@ def test_bad_clips_are_named_by_line_before_the_model_loads_and_skipped_with_ski
     assert cli.main(run) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "5 of 6 lines cannot be trained on" in err and f"{data}:4: audio " in err
-    args = cli.parse([*run, "--skip-bad"])
-    cli.plan_finetune(args)
+    args = cli.finetune.plan(cli.parse([*run, "--skip-bad"]))
     assert [e.where for e in args.examples] == [f"{data}:1"] and len(args.bad) == 5
 
 

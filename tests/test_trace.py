@@ -281,7 +281,7 @@ def test_trace_out_never_replaces_an_input_and_is_checked_before_the_model_loads
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", unwritable)  # tests may run as root: simulate read-only
+    monkeypatch.setattr(cli.trace.tempfile, "TemporaryFile", unwritable)  # tests may run as root: simulate read-only
     assert cli.main(["trace", "--model", str(model), "--prompt", prompt, "--out", "t.safetensors"]) == 1
     assert "error: --out t.safetensors: cannot write in . (Permission denied)" in capsys.readouterr().err
     assert no_load == [] and before == {p: p.read_bytes() for p in before}

@@ -1,0 +1,229 @@
+"""`qwenaudio finetune`: full fine-tuning or a LoRA adapter on your own examples (checkpoints as it goes; shared
+between torchrun's processes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import evaluation, finetune, lora
+from ..core.errors import InputError, OutputError, QwenAudioError, TrainingError
+from ..core.files import fingerprint, refuse_inputs, writable_directory
+from ..core.model import QwenAudio
+from ..core.tokenizer import LANGUAGES
+from ..hub import looks_like_path, resolve
+from .options import Plan, _positive, _quantization, add_model_options, freeze
+
+SHARES_WORK = True  # under torchrun, the processes share each step
+PARSER = dict(help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
+              description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
+                          "chat form or ms-swift form; see README), checkpoints as it goes, the "
+                          "fine-tuned model in the official layout at the end.",
+              epilog="exit status: 0 done, 1 training stopped (a loss or weights that are not "
+                     "finite, a full disk, an unwritable --output-dir; the last checkpoint is "
+                     "kept), 2 bad arguments or data (found before the model loads), 3 the model "
+                     "could not be loaded, 130 interrupted by Ctrl-C, 143 by SIGTERM (a checkpoint "
+                     "of the last whole step is saved first: --resume continues)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetunePlan(Plan):
+    """The training settings, the examples read and checked (and the bad lines), and what the run writes."""
+    data: Path
+    eval_data: Path | None
+    output_dir: Path
+    resume: bool
+    config: finetune.TrainConfig
+    examples: list
+    bad: list[str]
+    eval_examples: list
+    result: Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="the training examples")
+    parser.add_argument("--eval-data", type=Path, metavar="FILE.jsonl",
+                        help="held-out examples (same forms): eval_loss in metrics.jsonl every --eval-every steps")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="steps between evaluations; default: with each checkpoint and at the end")
+    parser.add_argument("--eval-task", choices=evaluation.BENCHMARKS, metavar="TASK",
+                        help="also reply greedily to the --eval-data prompts and score them as TASK is (e.g. asr: WER)")
+    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                        help="checkpoint/, metrics.jsonl and, at the end, model/ (the fine-tuned checkpoint)")
+    parser.add_argument("--task", choices=evaluation.BENCHMARKS, metavar="TASK",
+                        help="read rows without a prompt (e.g. the official evaluation files) as this task")
+    parser.add_argument("--language", choices=LANGUAGES, metavar="LANG", help="--task asr, srwt: the spoken language")
+    parser.add_argument("--train", choices=finetune.PARTS, default="decoder", help="what to train; default decoder")
+    parser.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps; default 100")
+    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="examples per pass; default 4")
+    parser.add_argument("--accumulate", type=_positive, default=1, metavar="N", help="passes per step; default 1")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate; default 1e-5")
+    parser.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup; then cosine to 0")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm; 0: off")
+    parser.add_argument("--seed", type=int, default=0, help="the data order")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="steps between checkpoints; 0 (default): only at the end, on Ctrl-C and by --save-minutes")
+    parser.add_argument("--save-minutes", type=float, default=finetune.TrainConfig.save_minutes, metavar="M",
+                        help=f"also save a checkpoint every M minutes of wall time; 0: off; default "
+                             f"{finetune.TrainConfig.save_minutes:g}")
+    parser.add_argument("--precision", choices=finetune.PRECISIONS, default="auto",
+                        help="bf16: forward under bf16 autocast, fp32 weights and optimizer; auto (default): bf16 on "
+                             "GPUs that run it, else fp32")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard weights, gradients and optimizer state over the processes "
+                             "(full fine-tuning of a model too large for one device)")
+    parser.add_argument("--no-activation-checkpointing", action="store_true",
+                        help="keep every block's activations (faster, much more memory)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="train on the good lines and list the bad ones at the end (default: refuse the file)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                        help="train a LoRA adapter of rank R instead of --train's weights (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (> 0); default 2 × rank")
+    parser.add_argument("--lora-dropout", type=float, metavar="P", help="dropout before A, in [0, 1); default 0")
+    parser.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                        help=f"decoder linears to adapt; default {' '.join(lora.DECODER_TARGETS)}")
+    parser.add_argument("--lora-encoder", action="store_true", help="also adapt the audio encoder's linears")
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilized LoRA)")
+    add_model_options(parser, "Qwen/Qwen-Audio")
+
+
+def plan(args: argparse.Namespace) -> FinetunePlan:
+    args = argparse.Namespace(**vars(args))  # `plan_finetune` fills in what it finds; the plan holds it
+    plan_finetune(args)
+    return freeze(FinetunePlan, args)
+
+
+def run(model: QwenAudio, plan: FinetunePlan) -> int:
+    return finetune_model(model, plan)
+
+
+# LoRA's options, which mean nothing without --lora-rank: (option, its attribute, its value when not given).
+LORA_OPTIONS = (("--lora-alpha", "lora_alpha", None), ("--lora-dropout", "lora_dropout", None),
+                ("--lora-targets", "lora_targets", None), ("--lora-encoder", "lora_encoder", False),
+                ("--rslora", "rslora", False))
+
+
+def plan_finetune(args: argparse.Namespace) -> None:
+    """Before the model loads: the settings, every data line (all bad ones listed), what the run writes (never one
+    of its inputs, into a directory it can write) and, with --resume, that the checkpoint's run is this one."""
+    ignored = [option for option, name, unset in LORA_OPTIONS if getattr(args, name) != unset]
+    if ignored and not args.lora_rank:
+        raise InputError(f"{', '.join(ignored)}: LoRA's options need --lora-rank R (0, the default, is full "
+                         "fine-tuning)")
+    adapter = args.lora_rank and lora.LoraConfig(  # only an absent alpha defaults: 0 or -4 are refused
+        rank=args.lora_rank, alpha=2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
+        dropout=args.lora_dropout or 0.0, rslora=args.rslora, encoder=args.lora_encoder,
+        targets=tuple(args.lora_targets or lora.DECODER_TARGETS))
+    args.config = finetune.TrainConfig(
+        lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, part=args.train, save_every=args.save_every, save_minutes=args.save_minutes,
+        activation_checkpointing=not args.no_activation_checkpointing, precision=args.precision, shard=args.fsdp,
+        eval_every=args.eval_every, eval_task=args.eval_task)
+    if args.adapter:
+        raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
+    try:  # the library's rule (train refuses the same), named by the option that asked for the weights
+        finetune.check_quantization(args.config, _quantization(args))
+    except InputError as e:
+        raise InputError(f"--{_quantization(args)}: {e}") from None
+    args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
+    args.eval_examples = []
+    if args.eval_data:  # held-out data must be whole: a skipped line would change what eval_loss means
+        args.eval_examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language)
+        if bad:
+            raise InputError(f"{len(bad)} line(s) of --eval-data cannot be evaluated:\n  " + "\n  ".join(bad[:20]))
+        if not args.eval_examples:
+            raise InputError(f"--eval-data {args.eval_data}: no examples")
+        if args.eval_task:
+            finetune.reply_languages(args.eval_examples, args.eval_task)
+    elif args.eval_task or args.eval_every:
+        raise InputError("--eval-task and --eval-every need --eval-data")
+    if args.bad and not args.skip_bad:
+        shown = "\n  ".join(args.bad[:20]) + (f"\n  … and {len(args.bad) - 20} more" if len(args.bad) > 20 else "")
+        raise InputError(f"{len(args.bad)} of {len(args.bad) + len(args.examples)} lines cannot be trained on "
+                         f"(fix them, or --skip-bad to train on the rest):\n  {shown}")
+    if not args.examples:
+        raise InputError(f"{args.data}: no line can be trained on")
+    args.result = args.output_dir / ("adapter" if adapter else "model")
+    _plan_finetune_outputs(args)
+    args.dtype = finetune.weights_dtype(args.config, args.dtype)
+
+
+def _plan_finetune_outputs(args: argparse.Namespace) -> None:
+    """What the run writes (checkpoint/, metrics.jsonl, tensorboard/, model/ or adapter/) must replace none of its
+    inputs (the data files, the clips, the model) and go to a directory that can be written; a new run starts in a
+    directory that holds no run's files, and --resume continues the run the checkpoint records (its settings, data,
+    held-out data and model files)."""
+    out = args.output_dir
+    writes = [out / "checkpoint", out / "metrics.jsonl", out / "tensorboard", args.result]
+    model = _local_model(args.model, resolving=args.resume)
+    clips = {path.parent for e in (*args.examples, *args.eval_examples) for path in e.audio}
+    refuse_inputs(writes, [args.data, *filter(None, [args.eval_data, model]), *clips])
+    if model is not None and out.exists() and out.resolve() == model.resolve():
+        raise OutputError(f"--output-dir {out} is the model's directory: the run's files would change its files")
+    found = [path.name for path in writes if path.exists()]
+    if found and not args.resume:
+        raise InputError(f"{out} holds a run: --resume continues it, or choose another --output-dir (it holds "
+                         f"{', '.join(found)})")
+    if args.resume:
+        inputs = {"model": fingerprint(model)} if model is not None else {}
+        finetune.check_resume(out / "checkpoint", args.config,
+                              finetune.run_inputs(args.examples, args.eval_examples, **inputs))
+    if args.result.exists():
+        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
+    writable_directory(out)
+
+
+def _local_model(name: str | Path, *, resolving: bool) -> Path | None:
+    """The model's directory when it is named by path or, when `resolving`, found or fetched as loading would;
+    else None (a repo id is looked up when the model loads, after the processes have joined)."""
+    try:
+        return resolve(name) if resolving or looks_like_path(name) else None
+    except QwenAudioError:  # loading names the problem (exit 3)
+        return None
+
+
+def finetune_model(model: QwenAudio, args: FinetunePlan) -> int:
+    """Train, printing a line per step and one per checkpoint; write the fine-tuned checkpoint to OUTPUT_DIR/model
+    (or the adapter to OUTPUT_DIR/adapter)."""
+    total, started = args.config.steps, time.monotonic()
+
+    def progress(record: dict) -> None:
+        done = record["step"]
+        eta = (time.monotonic() - started) / max(done - first, 1) * (total - done)
+        evaluated = "".join(f" {key} {value:.4f}" for key, value in record.items()
+                            if key.startswith("eval_") and key != "eval_tokens" and isinstance(value, float))
+        print(f"step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+              f"{record['tokens'] / max(record['seconds'] - last[0], 1e-9):.0f} label tokens/s "
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}{evaluated}", file=sys.stderr, flush=True)
+        last[0] = record["seconds"]
+
+    def saved(step: int) -> None:
+        print(f"checkpoint saved at step {step}/{total}: {args.output_dir / 'checkpoint'}", file=sys.stderr, flush=True)
+
+    last, first = [0.0], 0
+    if args.resume:
+        first = len(json.loads((args.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
+    try:
+        finetune.train(model, args.examples, args.output_dir, args.config, eval_examples=args.eval_examples,
+                       resume=args.resume, progress=progress, saved=saved,
+                       inputs={"model": fingerprint(resolve(args.model))})
+        if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
+            target = finetune.save_model(model, resolve(args.model), args.result)
+        elif args.processes.rank == 0:
+            with finetune.output_errors(args.result):
+                target = lora.save_adapter(model, args.result, base_model=str(args.model))
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.processes.rank:
+        return 0
+    print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)
+                               if args.bad else ""), file=sys.stderr)
+    return 0

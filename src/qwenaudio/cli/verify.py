@@ -1,0 +1,132 @@
+"""`qwenaudio verify`: compare two traces layer by layer, or record ours from the reference's prompt and compare."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import trace
+from ..core.errors import InputError
+from ..core.model import QwenAudio
+from .options import Plan, UsageError, add_model_options, freeze
+from .trace import _check_trace_out, _model_files, _readable_clips
+
+PARSER = dict(help="compare two traces layer by layer",
+              description="Compare our trace with a reference trace (from tools/record_official.py); "
+                          "with one trace and --model, record ours from the reference's prompt and, "
+                          "if the reference is not projected, also run each layer on the "
+                          "reference's own input to it (the isolated column).",
+              epilog="exit status: 0 every tensor both traces hold within tolerance, 1 some "
+                     "tensor or isolated layer is not, or the reference holds a stage ours lacks "
+                     "or comes from a model of other dimensions, "
+                     "or --out cannot be written, 2 unusable trace files or nothing in common, "
+                     "3 the model could not be loaded")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyPlan(Plan):
+    """The options, the traces loaded, and the dtype to record ours in."""
+    traces: list[Path]
+    rtol: float | None
+    atol: float
+    isolated_rtol: float | None
+    out: Path | None
+    reference: trace.Trace
+    ours: trace.Trace | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="OURS REFERENCE, or REFERENCE --model")
+    parser.add_argument("--rtol", type=_tolerance, help="max |ours - ref| / max |ref| per tensor; default by dtype "
+                                                   "(1e-5 for fp32, 5e-3 fp16, 3e-2 bf16)")
+    parser.add_argument("--atol", type=_tolerance, default=0.0,
+                        help="a tensor also passes when max |ours - ref| <= atol")
+    parser.add_argument("--isolated-rtol", type=_tolerance, metavar="RTOL",
+                        help="with --model: tolerance of each layer run on the reference's input, relative to what the "
+                             "layer changes; default by the reference's dtype (1e-5 for fp32, 3e-2 bf16)")
+    parser.add_argument("--out", type=Path, help="with --model: also save our trace here")
+    add_model_options(parser, None)
+
+
+def plan(args: argparse.Namespace) -> VerifyPlan:
+    if len(args.traces) != (1 if args.model else 2):
+        raise UsageError("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
+    if args.out and not args.model:
+        raise UsageError("--out saves the trace recorded with --model; OURS is already a file")
+    args = argparse.Namespace(**vars(args))  # `plan_verify` fills in the traces and the dtype; the plan holds them
+    plan_verify(args)
+    return freeze(VerifyPlan, args)
+
+
+def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
+    return verify_traces(model, plan)
+
+
+def _tolerance(text: str) -> float:
+    """verify's --rtol, --atol, --isolated-rtol: a finite number >= 0 (nan would fail every tensor silently)."""
+    try:
+        value = float(text)
+        trace.check_tolerance(value, "tolerance")
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    return value
+
+
+def plan_verify(args: argparse.Namespace) -> None:
+    """Before the model loads: both traces (or the reference and the clips of its prompt, which ours is recorded
+    from), --out, and the dtype to record in (the reference's, to compare like with like)."""
+    args.reference = trace.Trace.load(args.traces[-1])
+    if not args.model:
+        args.ours = trace.Trace.load(args.traces[0])
+        return
+    manifest = args.reference.manifest
+    try:
+        clips = _readable_clips(trace.prompt_clips(manifest.get("prompt")))
+    except InputError as e:
+        raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
+    if args.out:
+        _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
+    dtype = manifest.get("model", {}).get("dtype")
+    if not args.dtype and dtype not in trace.RTOL:
+        raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
+    args.dtype = args.dtype or dtype
+
+
+def verify_traces(model: QwenAudio | None, args: VerifyPlan) -> int:
+    """Print the per-tensor table of the stages both traces hold and what each lacks; the first tensor out of
+    tolerance is where the implementations part. With the model at hand, also each layer on the reference's own
+    input (`trace.isolate`), which needs a full-size reference holding every stage; else say what it lacks."""
+    reference, isolated, blocker = args.reference, None, None
+    if model is None:
+        ours = args.ours
+    else:
+        m = reference.manifest
+        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
+        if args.out:
+            ours.save(args.out)
+        blocker = trace.isolation_blocker(model, reference)
+        isolated = None if blocker else trace.isolate(model, reference, rtol=args.isolated_rtol)
+    rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
+    lacking, ours_lacking = trace.unmatched(ours, reference)
+    print(trace.format_table(rows, isolated))
+    failed = [r for r in rows if not r.ok]
+    rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
+    looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
+          (f"; first divergence: {failed[0].name}" if failed else ""))
+    if lacking:
+        print(f"not in the reference, so not compared: {trace.name_list(lacking)}")
+    if ours_lacking:
+        print(f"FAIL: the reference has {trace.name_list(ours_lacking)}, ours does not")
+    other_model = trace.models_note(ours, reference)
+    if other_model:  # whatever the rows say, these are not the same computation
+        print(f"FAIL: {other_model}")
+    if isolated is not None:
+        alone_failed = [r for r in isolated if not r.ok]
+        print(f"{len(isolated) - len(alone_failed)} of {len(isolated)} layers within isolated rtol "
+              f"{isolated[0].rtol:g} on the reference's own inputs" +
+              (f"; first isolated failure: {alone_failed[0].name}" if alone_failed else ""))
+    elif model is not None:
+        print(f"isolated: not available, {blocker}")
+    return 1 if failed or ours_lacking or other_model or any(not r.ok for r in isolated or []) else 0
