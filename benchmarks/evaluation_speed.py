@@ -163,7 +163,7 @@ def main() -> None:
         if args.full:
             data = write_rows(tmp / "full.jsonl", "asr", 5)
             for mode in args.full_modes:
-                big = qwenaudio.load(args.full, dtype=torch.bfloat16, int8=mode == "int8", progress=False)
+                big = qwenaudio.load(args.full, dtype=torch.bfloat16, quantize="int8" if mode == "int8" else None, progress=False)
                 seconds, _ = time_ours(big, "asr", data, tmp / f"full-{mode}", args.full_batch_size,
                                        max_new_tokens=args.full_new_tokens)
                 results["full"][mode] = {"examples": 5, "batch_size": args.full_batch_size,

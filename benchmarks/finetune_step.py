@@ -54,7 +54,7 @@ def main() -> None:
             audio, rate = 0.1 * np.random.default_rng(0).standard_normal(30 * 16000), 16000
         sf.write(tmp / "clip.wav", audio, rate)
         start = time.perf_counter()
-        model = qwenaudio.load(args.weights, dtype=torch.bfloat16, int8=not args.bf16_base, device=args.device,
+        model = qwenaudio.load(args.weights, dtype=torch.bfloat16, quantize=None if args.bf16_base else "int8", device=args.device,
                                progress=False)
         load_s = time.perf_counter() - start
         words = " ".join(["la"] * 4 * args.new_tokens)

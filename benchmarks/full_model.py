@@ -7,8 +7,8 @@ and layout (`make_tiny_checkpoint` with every dimension set to Qwen-Audio's: 8.4
 about 17 GB and a few minutes) into DIR, default `weights/random-full-size`. Each mode then runs in a fresh process,
 so the peak resident set size it reports is its own:
 - bf16: the tensors stay as stored, used in place through safetensors' memory map (no second copy); bf16 compute;
-- int8: the decoder's linears quantized as each tensor is read (`qwenaudio.load(int8=True)`); bf16 activations;
-- int4: the same in int4, groups of 64 (`qwenaudio.load(int4=True)`); a DIR written by `qwenaudio quantize --bits 4`
+- int8: the decoder's linears quantized as each tensor is read (`qwenaudio.load(quantize="int8")`); bf16 activations;
+- int4: the same in int4, groups of 64 (`qwenaudio.load(quantize="int4")`); a DIR written by `qwenaudio quantize --bits 4`
   loads pre-quantized in either int mode's place;
 - fp32: everything converted to fp32 (34 GB: does not fit a 24 GB machine; for larger ones).
 The clip is the first 30 s of ../shared/audio/music.wav (noise when that folder is absent). Random weights never
@@ -63,7 +63,7 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
 
     dtype, quantized = MODES[mode]
     start = time.perf_counter()
-    model = qwenaudio.load(weights, device="cpu", dtype=dtype, int8=quantized == "int8", int4=quantized == "int4",
+    model = qwenaudio.load(weights, device="cpu", dtype=dtype, quantize=quantized,
                            progress=False)
     loaded = time.perf_counter()
     rss_loaded = peak_rss_gib()

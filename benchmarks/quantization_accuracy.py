@@ -58,7 +58,7 @@ def main() -> None:
     cases = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["generation"]
     path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", vocab_file=vocab_file())
     models = {"fp32": qwenaudio.load(path, dtype=torch.float32, progress=False)}
-    models |= {name: qwenaudio.load(path, dtype=d, int8=q == "int8", int4=q == "int4", progress=False)
+    models |= {name: qwenaudio.load(path, dtype=d, quantize=q, progress=False)
                for name, (d, q) in VARIANTS.items()}
 
     logits: dict[str, list[torch.Tensor]] = {name: [] for name in models}

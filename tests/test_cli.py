@@ -176,7 +176,7 @@ def test_quantize_then_transcribe_in_int8(tiny_ckpt, audio_dir, tmp_path):
     done = qwenaudio_cli("quantize", tiny_ckpt, tmp_path / "int8", home=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization"] == "int8-weight-only"
-    expected = tasks.transcribe(qwenaudio.load(tiny_ckpt, int8=True, progress=False), [wav], max_new_tokens=8)[0]
+    expected = tasks.transcribe(qwenaudio.load(tiny_ckpt, quantize="int8", progress=False), [wav], max_new_tokens=8)[0]
     stored = qwenaudio_cli("transcribe", wav, "--model", tmp_path / "int8", *FAST, home=tmp_path)
     on_load = qwenaudio_cli("transcribe", wav, "--model", tiny_ckpt, "--int8", *FAST, home=tmp_path)
     assert stored.stdout == on_load.stdout == expected + "\n"

@@ -19,6 +19,7 @@ import qwenaudio
 from qwenaudio import evaluation
 from qwenaudio.core.audio import load_audio
 from qwenaudio.core.errors import InputError, QwenAudioError
+from qwenaudio.core.model import prompt_batch
 
 from .test_cli import qwenaudio_cli, torchrun_cli
 
@@ -51,7 +52,7 @@ def test_prompt_ids_equal_the_official_scripts(task, tokenizer, tmp_path, shared
                                                   audio_root=REPO_ROOT)
     assert problems == [] and evaluation.BENCHMARKS[task].max_new_tokens == recorded["max_new_tokens"]
     assert [e.text for e in examples] == recorded["texts"]
-    batch = evaluation.prompt_batch(tokenizer, [e.text for e in examples], [[load_audio(e.path)] for e in examples])
+    batch = prompt_batch(tokenizer, [e.text for e in examples], [[load_audio(e.path)] for e in examples])
     assert batch.input_ids.tolist() == recorded["input_ids"]
     assert batch.attention_mask.tolist() == recorded["attention_mask"]
 

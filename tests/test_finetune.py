@@ -303,7 +303,7 @@ def test_a_lora_adapter_over_an_int8_base_trains_and_resumes_to_the_same_losses(
                                   lora=LoraConfig(rank=4, alpha=8, dropout=0.1))  # dropout: the random state resumes
 
     def int8_model():
-        return qwenaudio.load(tiny_ckpt, dtype=torch.bfloat16, device="cpu", int8=True, progress=False)
+        return qwenaudio.load(tiny_ckpt, dtype=torch.bfloat16, device="cpu", quantize="int8", progress=False)
 
     model = int8_model()
     before = model.decoder.h[0].attn.c_attn.weight.clone()

@@ -112,7 +112,7 @@ def test_adapters_round_trip_through_peft(tiny_weights, tmp_path):
 
 
 def test_an_int8_base_keeps_its_int8_weights_and_trains_the_adapter(tiny_weights):
-    model = fresh(tiny_weights, int8=True)
+    model = fresh(tiny_weights, quantize="int8")
     params = lora.apply_lora(model, lora.LoraConfig(rank=2))
     randomize(model)
     loss = model.decoder.logits(IDS).float().logsumexp(-1).mean()
@@ -398,7 +398,7 @@ def test_wrong_types_are_our_errors(tiny_weights, adapter, tmp_path):
 
 
 def test_merging_in_memory_into_int4_weights_names_int4(tiny_weights, adapter):
-    model = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", int4=True, progress=False,
+    model = qwenaudio.load(tiny_weights, dtype=torch.float32, device="cpu", quantize="int4", progress=False,
                            adapter=adapter)
     with pytest.raises(qwenaudio.InputError, match="merging into int4 weights would round the update away"):
         lora.merge_lora(model)

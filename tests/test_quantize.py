@@ -78,7 +78,7 @@ def test_decoder_linears_are_replaced(tiny_ckpt):
 
 def test_int8_on_load_equals_quantizing_after_load(tiny_ckpt):
     after = quantize_int8(qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32))
-    during = qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32, int8=True)
+    during = qwenaudio.load_decoder(tiny_ckpt, dtype=torch.float32, quantize="int8")
     assert after.state_dict().keys() == during.state_dict().keys()
     for name, tensor in after.state_dict().items():
         assert torch.equal(tensor, during.state_dict()[name]), name
@@ -100,7 +100,7 @@ def test_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path):
     assert abs(size[tiny_ckpt] - size[target] - saved) < 64 * 1024  # headers and shard count may differ
 
     stored = qwenaudio.load(target, dtype=torch.bfloat16, progress=False)  # int8 because the config says so
-    fresh = qwenaudio.load(tiny_ckpt, dtype=torch.bfloat16, int8=True, progress=False)
+    fresh = qwenaudio.load(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", progress=False)
     assert isinstance(stored.decoder.h[1].mlp.w2, Int8Linear)
     ids = torch.randint(0, 151643, (2, 7))
     with torch.no_grad():  # also runs the int8 kernel on weights read back from the shards

@@ -35,13 +35,13 @@ import torch
 from . import prompts, scoring
 from .batch import (check_outputs, check_settings, model_identity, refuse_many_inputs, refuse_model_directory,
                     write_record)
-from .core.audio import N_SAMPLES, as_waveform, audio_span
+from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, expect_model
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.files import refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio
-from .core.tokenizer import LANGUAGES, Batch, Tokenizer
+from .core.tokenizer import LANGUAGES
 from .progress import Progress
 from .runner import Processes, Report
 
@@ -486,14 +486,6 @@ class Replies:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def prompt_batch(tokenizer: Tokenizer, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]]) -> Batch:
-    """The left-padded prompt ids of a batch, as the official scripts' collate_fn makes them: each text's
-    `<audio>PATH</audio>` regions (then the task's tags), a region's path tokens replaced by one pad per encoder frame
-    of its clip in `clips[i]` (cut to 30 s)."""
-    return tokenizer.encode_batch(texts, audio_spans=[[audio_span(min(len(c), N_SAMPLES)) for c in own]
-                                                      for own in clips])
 
 
 def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],

@@ -30,7 +30,7 @@ from .decoder import Decoder, KVCache
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
 from .generate import Step, compile_decoding, decode_one_token, generate, stream_text
-from .tokenizer import Tokenizer
+from .tokenizer import Batch, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,14 @@ class QwenAudio(nn.Module):
         (None keeps its default). `progress(steps, budget)` is `core.generate.generate`'s."""
         expect(prompts, (list, tuple), "prompts", "a list of str (texts with <audio>PATH</audio> regions)")
         clips = [[] for _ in prompts] if clips is None else clips
-        waves = [as_waveform(c, source_name(c, i)) for i, c in enumerate(c for own in clips for c in own)]
-        lengths = iter(len(w) for w in waves)
-        spans = [[audio_span(next(lengths)) for _ in own] for own in clips]
-        batch = self.tokenizer.encode_batch(prompts, audio_spans=spans)
+        numbered = iter(range(sum(len(own) for own in clips)))
+        waves = [[as_waveform(c, source_name(c, next(numbered))) for c in own] for own in clips]
+        batch = prompt_batch(self.tokenizer, prompts, waves)
         config = self.generation_config.replace(**settings)
         return generate(self.decoder, self.tokenizer, batch.input_ids.to(self.device),
-                        attention_mask=batch.attention_mask.to(self.device), audio=self.encode_audio(waves),
-                        config=config, progress=progress, step=self.decode_step)
+                        attention_mask=batch.attention_mask.to(self.device),
+                        audio=self.encode_audio([w for own in waves for w in own]), config=config,
+                        progress=progress, step=self.decode_step)
 
     def stream(self, input_ids: Tensor, clips: Sequence[Tensor | AudioSource] = (), *, cache: KVCache | None = None,
                **settings) -> Iterator[str]:
@@ -144,6 +144,13 @@ class QwenAudio(nn.Module):
         logits = self.decoder.logits(input_ids.to(self.device), attention_mask, self.encode_audio(audio or []),
                                      hidden_states=hidden)
         return Output(logits, tuple(hidden)) if hidden is not None else logits
+
+
+def prompt_batch(tokenizer: Tokenizer, prompts: Sequence[str], clips: Sequence[Sequence[Tensor]]) -> Batch:
+    """The left-padded ids of a batch of prompts, as the official evaluation's collate_fn makes them: each
+    `<audio>PATH</audio>` region's path tokens replaced by one pad per encoder frame of its clip (`clips[i]`: prompt
+    i's 16 kHz waveforms, in region order; past 30 s a clip takes a 30 s span, all the model hears)."""
+    return tokenizer.encode_batch(prompts, audio_spans=[[audio_span(len(c)) for c in own] for own in clips])
 
 
 IGNORE_INDEX = -100  # a label that adds nothing to the loss: prompt, padding, anything not to be learned
