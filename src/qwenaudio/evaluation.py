@@ -563,14 +563,9 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     share."""
     expect_model(model)
     options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
-    options.setdefault("quantization", _quantization(model))
+    options.setdefault("quantization", quantization_of(model.decoder))
     return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size,
                    processes=Processes.join(str(model.device)), progress=progress)
-
-
-def _quantization(model: QwenAudio) -> str | None:
-    """"int8" or "int4" when the decoder's linears are quantized so, else None."""
-    return quantization_of(model.decoder)
 
 
 def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Processes = Processes(),

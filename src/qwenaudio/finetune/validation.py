@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import evaluation, scoring
-from ..runner import gather
+from .. import evaluation
 from ..core.errors import InputError
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
+from ..runner import gather
 from .config import TrainConfig
 from .data import Example, as_examples, batch_inputs, label_count, length_keys, load_clip
 from .step import autocast, everywhere
@@ -71,11 +71,11 @@ def reply_languages(examples: Sequence[Example], task: str) -> list[str | None]:
             raise InputError(f"{example.where}: {task} scores in the prompt's language, and it names none")
         elif task == "st":
             languages.append(named[-1])
-        elif named[0] not in scoring.LANGUAGES:
-            raise InputError(f"{example.where}: {task} is scored in {' or '.join(scoring.LANGUAGES)} only, not "
-                             f"{named[0]!r}")
         else:
-            languages.append(named[0])
+            try:
+                languages.append(evaluation.scored_language(task, named[0]))
+            except InputError as e:
+                raise InputError(f"{example.where}: {e}") from None
     return languages
 
 
