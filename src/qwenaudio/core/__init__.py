@@ -7,11 +7,13 @@ Read it in this order, each file building only on those before it:
     tokenizer.py   tiktoken BPE + Qwen-Audio's tags; `<audio>path</audio>` -> a span of placeholder ids
     encoder.py     Whisper-large-v2's encoder, average pooling, projection to the decoder's width
     decoder.py     Qwen-7B: rotary attention with dynamic NTK and logn, one forward path for training and inference
-    int8.py        int8 weight-only linears, for quantized checkpoints
-    checkpoint.py  official tensor names, and reading / writing the safetensors shards
+    int8.py        int8 weight-only linears, for quantized checkpoints (int4.py: the same in 4 bits)
+    checkpoint.py  official tensor names, the quantization table, reading / writing shards and checkpoint dirs
     generate.py    prefill / decode_one_token over a KV cache that generation owns
-    model.py       QwenAudio = config + tokenizer + encoder + decoder, loaded from a directory; model.generate
+    model.py       QwenAudio = config + tokenizer + encoder + decoder, loaded from a directory; generate/stream,
+                   the one entry every product path generates through
 
-errors.py holds the exception types and files.py the write-to-a-temporary-name-and-rename rule. The product
+errors.py holds the exception types, checks.py the argument checks and files.py the
+write-to-a-temporary-name-and-rename rule. The product
 (`qwenaudio.tasks`, `chat`, `cli`, …) is built on these modules; nothing here imports it.
 """
