@@ -393,6 +393,23 @@ def test_true_positions_make_padding_invisible(short_ckpt, tokenizer):
             assert masked_relative_error(ours, decoder.logits(ids, mask)[:, -4:], mask[:, -4:]) < 1e-5
 
 
+def test_true_positions_is_the_configs_choice_and_never_written(tiny_ckpt):
+    """The rule lives in `config.true_positions`, as use_dynamic_ntk and use_logn_attn do: the loaders and `Decoder`
+    set it, no module keeps a copy, and config.json (`to_dict`, which `quantize` writes) never holds it."""
+    official = QwenAudioConfig.from_json(tiny_ckpt)
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32, true_positions=True)
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, true_positions=True, progress=False)
+    assert decoder.config.true_positions and model.config.true_positions and model.decoder.config is model.config
+    assert not official.true_positions and not hasattr(decoder, "true_positions")
+    with torch.device("meta"):
+        assert Decoder(official, true_positions=True).config.true_positions
+        assert Decoder(decoder.config).config.true_positions  # None keeps the config's
+        assert not Decoder(decoder.config, true_positions=False).config.true_positions
+    assert decoder.config.to_dict() == official.to_dict() and "true_positions" not in official.to_dict()
+    raw = {**official.to_dict(), "true_positions": True}  # a config.json that holds it: kept as an unknown key
+    assert not QwenAudioConfig.from_dict(raw).true_positions and QwenAudioConfig.from_dict(raw).to_dict() == raw
+
+
 # --- dtypes -------------------------------------------------------------------------------------------------------
 
 # Measured relative logit error against fp32: bf16 8.3e-3, fp16 1.1e-3.
