@@ -49,7 +49,7 @@ from qwenaudio import QwenAudioConfig
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, KVCache
 from qwenaudio.core.encoder import AudioEncoder
-from qwenaudio.core.generate import compile_decoding, decode_one_token, prefill
+from qwenaudio.core.generate import Session, compile_decoding, decode_one_token, prefill
 from qwenaudio.core.int4 import quantize_int4
 from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.testing import tiny_config
@@ -185,13 +185,14 @@ def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
 def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, step=decode_one_token):
     """A function running `steps` of our decoding steps (`step`: decode_one_token, or it compiled) after
     prefilling `prompt`."""
-    cache = KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype, DEVICE)
-    prefill(decoder, cache, prompt)
+    session = Session(KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype,
+                              DEVICE))
+    prefill(decoder, session, prompt)
     slots = [torch.tensor([PROMPT_TOKENS + t], device=DEVICE) for t in range(steps)]
 
     def run():
         for slot in slots:
-            step(decoder, cache, next_ids, slot)
+            step(decoder, session.cache, next_ids, slot, session.rope_base)
 
     return run
 
@@ -256,8 +257,8 @@ def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[De
     encoder_ours, encoder_peer = ours, theirs  # 30 s
 
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
-    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, dtype, DEVICE)
-    prefill_ours = timed(lambda: prefill(decoder, cache, ids), args.repeats)
+    session = Session(KVCache(decoder.config, 1, PROMPT_TOKENS, dtype, DEVICE))
+    prefill_ours = timed(lambda: prefill(decoder, session, ids), args.repeats)
     prefill_peer = timed(lambda: peer(ids, use_cache=True, logits_to_keep=1), args.repeats)
     table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
     peer_figures[name] = {"prefill": PROMPT_TOKENS / prefill_peer}
@@ -285,8 +286,8 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
     `decoder` is quantized in place."""
     (quantize_int8 if method == "int8" else quantize_int4)(decoder)  # the peer keeps the bf16 tensors
     ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
-    cache = KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype, DEVICE)
-    prefill_rate = PROMPT_TOKENS / timed(lambda: prefill(decoder, cache, ids), args.repeats)
+    session = Session(KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype, DEVICE))
+    prefill_rate = PROMPT_TOKENS / timed(lambda: prefill(decoder, session, ids), args.repeats)
     steps = decode_seconds(table, method, decoder, ids, args)
     for peer_dtype, figures in peer_figures.items():
         short = f"{method}/{SHORT[peer_dtype]}"

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from qwenaudio import QwenAudioConfig
 from qwenaudio.core.decoder import Decoder, KVCache
-from qwenaudio.core.generate import decode_one_token, prefill
+from qwenaudio.core.generate import Session, decode_one_token, prefill
 from qwenaudio.core.int4 import quantize_int4
 from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.testing import tiny_config
@@ -50,18 +50,18 @@ def main() -> None:
         torch.nn.init.normal_(p, std=0.02)
     {"int8": quantize_int8, "int4": quantize_int4}.get(args.variant, lambda m: m)(decoder)
 
-    cache = KVCache(config, 1, PROMPT_TOKENS + args.steps + 5, torch.bfloat16, device)
+    session = Session(KVCache(config, 1, PROMPT_TOKENS + args.steps + 5, torch.bfloat16, device))
     ids = torch.randint(0, 151643, (1, 1), device=device)
     slots = [torch.tensor([PROMPT_TOKENS + t], device=device) for t in range(args.steps + 4)]
     with torch.no_grad():
-        prefill(decoder, cache, torch.randint(0, 151643, (1, PROMPT_TOKENS), device=device))
+        prefill(decoder, session, torch.randint(0, 151643, (1, PROMPT_TOKENS), device=device))
         for slot in slots[:4]:
-            decode_one_token(decoder, cache, ids, slot)
+            decode_one_token(decoder, session.cache, ids, slot, session.rope_base)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         start = time.perf_counter()
         with profile(activities=activities) as prof:
             for slot in slots[4:]:
-                decode_one_token(decoder, cache, ids, slot)
+                decode_one_token(decoder, session.cache, ids, slot, session.rope_base)
             if device.type == "cuda":
                 torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps

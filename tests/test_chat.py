@@ -112,8 +112,8 @@ def scripted(monkeypatch, *replies):
     monkeypatch.setattr(generate, "choose", lambda logits, config, generator: torch.tensor([next(script)]))
     original = generate.prefill
 
-    def spy(decoder, cache, ids, mask=None, audio=(), start=0):
-        logits = original(decoder, cache, ids, mask, audio, start)
+    def spy(decoder, session, ids, mask=None, audio=(), start=0):
+        logits = original(decoder, session, ids, mask, audio, start)
         prefills.append((start, ids.shape[1], logits))
         return logits
 

@@ -22,7 +22,7 @@ from qwenaudio.core import generate
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.checkpoint import split_state
 from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
-from qwenaudio.core.generate import decode_one_token, extends, prefill
+from qwenaudio.core.generate import Session, decode_one_token, extends, prefill
 from qwenaudio.testing import make_tiny_checkpoint
 
 from .conftest import GOLDEN, reference
@@ -67,13 +67,14 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def decode_incrementally(decoder: Decoder, ids, mask, prefill_len: int, step=decode_one_token, cache=None):
+def decode_incrementally(decoder: Decoder, ids, mask, prefill_len: int, step=decode_one_token, session=None):
     """Prefill `prefill_len` slots, then feed the rest one token per `step` (decoded tokens are real: the mask is 1
     there); the logits [B, S - prefill_len + 1, V] of slots prefill_len - 1 … S - 1."""
-    if cache is None:
-        cache = KVCache(decoder.config, ids.shape[0], ids.shape[1] + 4, torch.float32)
-    out = [prefill(decoder, cache, ids[:, :prefill_len], mask[:, :prefill_len])]
-    out += [step(decoder, cache, ids[:, p : p + 1], torch.tensor([p])) for p in range(prefill_len, ids.shape[1])]
+    if session is None:
+        session = Session(KVCache(decoder.config, ids.shape[0], ids.shape[1] + 4, torch.float32))
+    out = [prefill(decoder, session, ids[:, :prefill_len], mask[:, :prefill_len])]
+    out += [step(decoder, session.cache, ids[:, p : p + 1], torch.tensor([p]), session.rope_base)
+            for p in range(prefill_len, ids.shape[1])]
     return torch.stack(out, dim=1)
 
 
@@ -87,7 +88,7 @@ def test_golden_was_recorded_from_official_code():
 def run_case(case, ckpt):
     """Run the case's ids (splicing its clips, encoded as the official code batched them) through the full forward,
     then prefill them into a KV cache and feed the official greedy steps one at a time; returns the hooked
-    activations and logits of the full forward, the step logits and the cache."""
+    activations and logits of the full forward, the step logits and the session."""
     ids, mask = OFFICIAL[f"{case}.input_ids"], OFFICIAL[f"{case}.attention_mask"]
     audio = []
     clips = [CLIPS[k] for k in json.loads(META["clips"])[case]]
@@ -107,16 +108,16 @@ def run_case(case, ckpt):
     hooks += [b.register_forward_hook(keep_prefill(f"block{i}")) for i, b in enumerate(decoder.h)]
     steps = OFFICIAL.get(f"{case}.step_ids")
     b, s = ids.shape
-    cache = KVCache(decoder.config, b, s + 8, torch.float32)
+    session = Session(KVCache(decoder.config, b, s + 8, torch.float32))
     with torch.no_grad():
         logits = decoder.logits(ids, mask, audio)
         for h in hooks:
             h.remove()
-        last = prefill(decoder, cache, ids, mask, audio)
+        last = prefill(decoder, session, ids, mask, audio)
         assert relative_error(last, logits[:, -1]) < 1e-5  # the cached prefill's last slot
-        step_logits = [decode_one_token(decoder, cache, steps[:, t : t + 1], torch.tensor([s + t]))
-                       for t in range(8)] if steps is not None else []
-    return acts, logits, step_logits, cache
+        step_logits = [decode_one_token(decoder, session.cache, steps[:, t : t + 1], torch.tensor([s + t]),
+                                        session.rope_base) for t in range(8)] if steps is not None else []
+    return acts, logits, step_logits, session
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def checkpoints(tiny_weights, short_ckpt):
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_layer_and_logits_equal_official(checkpoints, case):
-    acts, logits, _, cache = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
+    acts, logits, _, session = run_case(case, checkpoints[json.loads(META["case_checkpoint"])[case]])
     real = OFFICIAL[f"{case}.attention_mask"].bool()  # padded rows are never read; compare the real ones
     for name in ("embeds", "block0", "block1", "ln_f"):
         assert relative_error(acts[name][real], OFFICIAL[f"{case}.{name}"][real]) < 1e-5, name
@@ -134,9 +135,9 @@ def test_every_layer_and_logits_equal_official(checkpoints, case):
     assert relative_error(logits[..., cols][real], OFFICIAL[f"{case}.logits_cols"][real]) < 1e-5
     assert relative_error(logits.double().logsumexp(-1)[real], OFFICIAL[f"{case}.logits_lse"][real]) < 1e-5
     assert torch.equal(logits.argmax(-1)[real], OFFICIAL[f"{case}.logits_argmax"][real])
-    dim = cache.k[0].shape[-1]  # head_dim
+    dim = session.cache.k[0].shape[-1]  # head_dim
     alphas = OFFICIAL[f"{case}.ntk_alpha"].tolist()
-    assert cache.rope_base.tolist() == [10000 * a ** (dim / (dim - 2)) for a in alphas] * (len(real) // len(alphas))
+    assert session.rope_base.tolist() == [10000 * a ** (dim / (dim - 2)) for a in alphas] * (len(real) // len(alphas))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if f"{c}.step_ids" in OFFICIAL])
@@ -278,10 +279,10 @@ def test_per_row_alpha_under_left_padding(short_ckpt, tokenizer):
     decoder = load_decoder(short_ckpt, dtype=torch.float32)
     full = [text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)]
     ids, mask = left_pad(full)
-    cache = KVCache(decoder.config, 2, ids.shape[1], torch.float32)
+    session = Session(KVCache(decoder.config, 2, ids.shape[1], torch.float32))
     with torch.no_grad():
-        ours = decode_incrementally(decoder, ids, mask, 40, cache=cache)
-    assert cache.rope_base.tolist() == [10000 * a ** (16 / 14) for a in (7, 3)]
+        ours = decode_incrementally(decoder, ids, mask, 40, session=session)
+    assert session.rope_base.tolist() == [10000 * a ** (16 / 14) for a in (7, 3)]
     reference = reference_logits(short_ckpt, ids, mask, prefill=40)[:, 39:]
     assert masked_relative_error(ours, reference, mask[:, 39:]) < 1e-5
 
@@ -324,13 +325,14 @@ def test_chat_prefix_reused_across_turns(tiny_ckpt, tokenizer):
     a, b = len(turn1), len(turn1) + len(reply)
     with torch.no_grad():
         full = decoder.logits(ids)
-        cache = KVCache(decoder.config, 1, 64, torch.float32)
-        logits = [prefill(decoder, cache, ids[:, :a])]
+        session = Session(KVCache(decoder.config, 1, 64, torch.float32))
+        logits = [prefill(decoder, session, ids[:, :a])]
         for p in range(a, b):
-            cache.ids = ids[:, : p + 1]  # as generation records what it feeds
-            logits.append(decode_one_token(decoder, cache, ids[:, p : p + 1], torch.tensor([p])))
-        assert extends(decoder, cache, ids)
-        logits.append(prefill(decoder, cache, ids, start=b))
+            session.ids = ids[:, : p + 1]  # as generation records what it feeds
+            logits.append(decode_one_token(decoder, session.cache, ids[:, p : p + 1], torch.tensor([p]),
+                                           session.rope_base))
+        assert extends(decoder, session, ids)
+        logits.append(prefill(decoder, session, ids, start=b))
     expected = full[:, [*range(a - 1, b), ids.shape[1] - 1]]
     assert relative_error(torch.stack(logits, dim=1), expected) < 1e-5
 
@@ -338,12 +340,12 @@ def test_chat_prefix_reused_across_turns(tiny_ckpt, tokenizer):
 def test_prefix_reuse_refused_when_alpha_would_change(short_ckpt, tokenizer):
     decoder = load_decoder(short_ckpt, dtype=torch.float32)
     ids = torch.tensor([text_ids(tokenizer, 30)])
-    cache = KVCache(decoder.config, 1, 32, torch.float32)
+    session = Session(KVCache(decoder.config, 1, 32, torch.float32))
     with torch.no_grad():
-        prefill(decoder, cache, ids[:, :10])
-        assert extends(decoder, cache, ids[:, :16]) and not extends(decoder, cache, ids)  # 30 > seq_length 16
+        prefill(decoder, session, ids[:, :10])
+        assert extends(decoder, session, ids[:, :16]) and not extends(decoder, session, ids)  # 30 > seq_length 16
         with pytest.raises(InputError, match="would change the NTK rotary base .*prefill the whole sequence"):
-            prefill(decoder, cache, ids, start=10)
+            prefill(decoder, session, ids, start=10)
 
 
 @pytest.mark.parametrize("true_positions", [False, True])
@@ -352,10 +354,10 @@ def test_decoding_on_a_reused_cache_equals_the_full_forward(short_ckpt, tokenize
     earlier run: left-padded rows with their own NTK alpha (7 and 3) and logn past seq_length."""
     decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
     ids, mask = left_pad([text_ids(tokenizer, 46, seed=1), text_ids(tokenizer, 26, seed=2)])
-    cache = KVCache(decoder.config, 2, ids.shape[1] + 4, torch.float32)
+    session = Session(KVCache(decoder.config, 2, ids.shape[1] + 4, torch.float32))
     with torch.no_grad():
-        decode_incrementally(decoder, ids, mask, 42, cache=cache)  # leaves slots 0..45 filled
-        ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], 40, cache=cache)
+        decode_incrementally(decoder, ids, mask, 42, session=session)  # leaves slots 0..45 filled
+        ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], 40, session=session)
         reference = decoder.logits(ids[:, :44], mask[:, :44])[:, 39:]
     assert masked_relative_error(ours, reference, mask[:, 39:44]) < 1e-6
 
@@ -389,6 +391,23 @@ def test_true_positions_make_padding_invisible(short_ckpt, tokenizer):
             assert (relative_error(padded, alone) < 1e-5) == matches
             ours = decode_incrementally(decoder, ids, mask, ids.shape[1] - 3)  # the cache agrees too
             assert masked_relative_error(ours, decoder.logits(ids, mask)[:, -4:], mask[:, -4:]) < 1e-5
+
+
+def test_true_positions_is_the_configs_choice_and_never_written(tiny_ckpt):
+    """The rule lives in `config.true_positions`, as use_dynamic_ntk and use_logn_attn do: the loaders and `Decoder`
+    set it, no module keeps a copy, and config.json (`to_dict`, which `quantize` writes) never holds it."""
+    official = QwenAudioConfig.from_json(tiny_ckpt)
+    decoder = load_decoder(tiny_ckpt, dtype=torch.float32, true_positions=True)
+    model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, true_positions=True, progress=False)
+    assert decoder.config.true_positions and model.config.true_positions and model.decoder.config is model.config
+    assert not official.true_positions and not hasattr(decoder, "true_positions")
+    with torch.device("meta"):
+        assert Decoder(official, true_positions=True).config.true_positions
+        assert Decoder(decoder.config).config.true_positions  # None keeps the config's
+        assert not Decoder(decoder.config, true_positions=False).config.true_positions
+    assert decoder.config.to_dict() == official.to_dict() and "true_positions" not in official.to_dict()
+    raw = {**official.to_dict(), "true_positions": True}  # a config.json that holds it: kept as an unknown key
+    assert not QwenAudioConfig.from_dict(raw).true_positions and QwenAudioConfig.from_dict(raw).to_dict() == raw
 
 
 # --- dtypes -------------------------------------------------------------------------------------------------------
@@ -437,13 +456,13 @@ def test_audio_regions_must_match_clips(tiny_ckpt, decoder, tokenizer):
 
 def test_prompt_must_fit_the_cache(tiny_ckpt):
     decoder = load_decoder(tiny_ckpt, dtype=torch.float32)
-    cache = KVCache(decoder.config, 1, 8, torch.float32)
+    session = Session(KVCache(decoder.config, 1, 8, torch.float32))
     with torch.no_grad(), pytest.raises(InputError, match=r"a \[1, 10\] prompt does not fit a KV cache of 1 rows and 8"):
-        prefill(decoder, cache, torch.zeros(1, 10, dtype=torch.long))
+        prefill(decoder, session, torch.zeros(1, 10, dtype=torch.long))
     with torch.no_grad(), pytest.raises(InputError, match=r"a \[2, 3\] prompt does not fit a KV cache of 1 rows"):
-        prefill(decoder, cache, torch.zeros(2, 3, dtype=torch.long))
+        prefill(decoder, session, torch.zeros(2, 3, dtype=torch.long))
     with torch.no_grad(), pytest.raises(InputError, match="start=3: a prefill starts at slot 0 or extends the 0 ids"):
-        prefill(decoder, cache, torch.zeros(1, 5, dtype=torch.long), start=3)
+        prefill(decoder, session, torch.zeros(1, 5, dtype=torch.long), start=3)
 
 
 def test_hidden_states_equal_official(tmp_path):

@@ -12,8 +12,8 @@ from qwenaudio import GenerationConfig, QwenAudioConfig, load_audio
 from qwenaudio.core import generate as generation
 from qwenaudio.core.audio import audio_span
 from qwenaudio.core.decoder import KVCache
-from qwenaudio.core.generate import (choose, decode_one_token, generate, generate_steps, prefill, process_logits,
-                                     stream_text)
+from qwenaudio.core.generate import (Session, choose, decode_one_token, generate, generate_steps, prefill,
+                                     process_logits, stream_text)
 from qwenaudio.testing import make_tiny_checkpoint, tiny_config
 
 from .conftest import GOLDEN, ROOT
@@ -161,7 +161,6 @@ class ScriptedDecoder:
         self.scripts, self.vocab, self.turn, self.calls = scripts, vocab, 0, []
         self.config = QwenAudioConfig.from_dict(tiny_config(num_hidden_layers=1))  # for the KV cache's shapes
         self.wte = SimpleNamespace(weight=torch.zeros(1))
-        self.true_positions = False
 
     def embed(self, ids, audio=()):
         return ids
@@ -347,10 +346,10 @@ def test_prefill_called_directly_builds_no_autograd_graph(model):
     as gpt-fast's and whisper's do, so a library user who calls them needs no `with torch.no_grad()`."""
     assert next(model.decoder.parameters()).requires_grad
     ids = torch.tensor([model.tokenizer.encode("hello there")])
-    cache = KVCache(model.config, 1, ids.shape[1] + 1, torch.float32)
-    assert not prefill(model.decoder, cache, ids).requires_grad
-    step = decode_one_token(model.decoder, cache, ids[:, -1:], torch.tensor([ids.shape[1]]))
-    assert not step.requires_grad and not cache.k[0].requires_grad
+    session = Session(KVCache(model.config, 1, ids.shape[1] + 1, torch.float32))
+    assert not prefill(model.decoder, session, ids).requires_grad
+    step = decode_one_token(model.decoder, session.cache, ids[:, -1:], torch.tensor([ids.shape[1]]), session.rope_base)
+    assert not step.requires_grad and not session.cache.k[0].requires_grad
 
 
 def test_model_generate_equals_the_core_generate(model):

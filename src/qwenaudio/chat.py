@@ -23,6 +23,7 @@ from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
 from .core.checks import expect, expect_model, shown
 from .core.errors import InputError
+from .core.generate import Session
 from .core.model import QwenAudio
 from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
@@ -65,11 +66,11 @@ class Chat:
         self.model, self.system = model, system
         self.history: History = _checked_history(history)
         self._clips: dict[str, torch.Tensor] = {}
-        self._cache = self._new_cache()  # the conversation so far, as the decoder has read it
+        self._session = self._new_session()  # the conversation so far, as the decoder has read it
 
     def reset(self) -> None:
         """Forget the conversation (the clips already read stay cached by path)."""
-        self.history, self._cache = [], self._new_cache()
+        self.history, self._session = [], self._new_session()
 
     def context(self, query: str | Sequence[Part]) -> prompts.Rendered:
         """What the model would read for `query` after the current history: the ids (and labels) and the clips."""
@@ -82,7 +83,7 @@ class Chat:
         text = query_text(query)
         ids, _, paths = self.context(text)
         pieces: list[str] = []
-        for piece in self.model.stream(torch.tensor([ids]), [self.clip(p) for p in paths], cache=self._cache,
+        for piece in self.model.stream(torch.tensor([ids]), [self.clip(p) for p in paths], session=self._session,
                                        **generation):
             pieces.append(piece)
             yield piece
@@ -92,10 +93,10 @@ class Chat:
         """The whole reply to `query` (see `stream`)."""
         return "".join(self.stream(query, **generation))
 
-    def _new_cache(self) -> KVCache:
-        """An empty cache of one row; generation grows it as the conversation does."""
+    def _new_session(self) -> Session:
+        """An empty session of one row; generation grows its cache as the conversation does."""
         weight = self.model.decoder.wte.weight
-        return KVCache(self.model.config, 1, 0, weight.dtype, weight.device)
+        return Session(KVCache(self.model.config, 1, 0, weight.dtype, weight.device))
 
     def clip(self, path: str) -> torch.Tensor:
         """The clip at `path` as the conversation hears it, read once and kept by path; a missing or unreadable file

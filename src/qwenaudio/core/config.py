@@ -62,6 +62,10 @@ class QwenAudioConfig:
     no_bias: bool  # c_proj has no bias (must be true; c_attn always has one)
     tie_word_embeddings: bool  # must be false: lm_head is stored separately
     audio: AudioConfig
+    # Ours, beside use_dynamic_ntk and use_logn_attn: rotary and logn number each row's positions by its real tokens
+    # instead of its slots, so padding changes no logits (docs/MODEL.md#positions). A choice made when loading
+    # (`load(..., true_positions=True)`), never read from config.json nor written to it.
+    true_positions: bool = field(default=False, metadata={"json": False})
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -113,8 +117,8 @@ class QwenAudioConfig:
     def to_dict(self) -> dict[str, Any]:
         """The official `config.json` layout, with every field that was read (known or not) written back."""
         out = dict(self.extra)
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "audio"):
+        for f in _json_fields(type(self)):
+            if f.name != "audio":
                 out[f.name] = getattr(self, f.name)
         out["audio"] = {**self.audio.extra, **{
             f.name: getattr(self.audio, f.name) for f in dataclasses.fields(self.audio) if f.name != "extra"
@@ -240,7 +244,7 @@ _KINDS = {"int": int, "float": float, "bool": bool}
 
 def _read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip: set[str] = frozenset()) -> dict:
     """Take the dataclass's fields out of `raw` with type checks; the rest goes to `extra`."""
-    names = [f for f in dataclasses.fields(cls) if f.name not in skip and f.name != "extra"]
+    names = [f for f in _json_fields(cls) if f.name not in skip]
     values: dict[str, Any] = {}
     for f in names:
         where = f"{source}: field '{prefix}{f.name}'"
@@ -265,9 +269,15 @@ def _read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip:
         if kind in ("int", "float") and value <= 0:
             raise ConfigError(f"{where} must be positive, got {value!r}")
         values[f.name] = value
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {"extra", *(f.name for f in _json_fields(cls))}
     values["extra"] = {k: v for k, v in raw.items() if k not in known}
     return values
+
+
+def _json_fields(cls: type) -> list[dataclasses.Field]:
+    """The dataclass's fields that config.json holds by name: all but `extra` and our own choices
+    (`true_positions`)."""
+    return [f for f in dataclasses.fields(cls) if f.name != "extra" and f.metadata.get("json", True)]
 
 
 def _check_supported(c: QwenAudioConfig, source: str) -> None:

@@ -11,8 +11,9 @@ Beyond a textbook decoder, three inference-time rules of the official code chang
 - positions are token slots 0..K-1 even under left padding, so a left-padded row starts at position > 0.
   Rotary scores depend only on position differences, so the shift changes nothing until slots pass seq_length;
   from there a padded row's queries get logn scaling that the same prompt unpadded would not get yet.
-`Decoder(config, true_positions=True)` is the one switch away from the official behaviour: rotary and logn then
-use each row's real-token count as its position, so a prompt gives the same logits whether or not it is padded.
+`config.true_positions` (`Decoder(config, true_positions=True)`) is the one switch away from the official behaviour:
+rotary and logn then use each row's real-token count as its position, so a prompt gives the same logits whether or
+not it is padded.
 
 There is one forward path, for training and inference alike: ids or embeddings, positions, mask and rotary base in,
 logits out, with keys and values written into a `KVCache` when one is given. The cache is gpt-fast's static one:
@@ -23,6 +24,7 @@ it. Module names follow the checkpoint (`h.0.attn.c_attn`, `ln_f`, …) once its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -63,11 +65,11 @@ class MLP(nn.Module):
 
 
 class KVCache:
-    """Generation's state between decoder calls: each block's keys and values, written in place at their slots
-    (gpt-fast's static cache: a decoding step has fixed shapes), which slots hold real tokens, and what the prompt
-    fixed: each row's rotary base, the ids fed so far and the clips spliced into them.
+    """Each block's keys and values, written in place at their slots (gpt-fast's static cache: a decoding step has
+    fixed shapes), and which slots hold real tokens (what the attention mask reads).
 
-    The decoder reads and writes the buffers it is given; generation (generate.py) allocates, grows and reuses them.
+    The decoder reads and writes the buffers it is given; generation (generate.py) allocates, grows and reuses them,
+    and keeps what the prompt fixed (the ids fed, the clips, each row's rotary base) beside them in a `Session`.
     """
 
     def __init__(self, config: QwenAudioConfig, batch: int, capacity: int, dtype: torch.dtype,
@@ -76,9 +78,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # slot holds a real token
-        self.rope_base = torch.full((batch,), float(config.rotary_emb_base), dtype=torch.float64, device=device)
-        self.ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # fed so far, slots 0..length-1
-        self.audio: list[Tensor] = []  # the encoded clips spliced into those ids
         self._mark_static()
 
     def _mark_static(self) -> None:
@@ -93,10 +92,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.valid.shape[1]
-
-    @property
-    def length(self) -> int:
-        return self.ids.shape[1]
 
     def grow(self, capacity: int) -> None:
         """Room for `capacity` slots, keeping what the cache holds (so a conversation's prefix stays usable)."""
@@ -202,11 +197,11 @@ def positions_and_mask(valid: Tensor, slots: Tensor, true_positions: bool = Fals
 class Decoder(nn.Module):
     """Qwen-7B: token ids (or their embeddings, audio spliced in) in, next-token logits out."""
 
-    def __init__(self, config: QwenAudioConfig, *, true_positions: bool = False):
+    def __init__(self, config: QwenAudioConfig, *, true_positions: bool | None = None):
+        """`true_positions` sets `config.true_positions` (None keeps it)."""
         super().__init__()
         expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
-        self.config = config
-        self.true_positions = true_positions  # how callers number positions (`positions_and_mask`)
+        self.config = config if true_positions is None else dataclasses.replace(config, true_positions=true_positions)
         # Training: recompute each block's activations in the backward pass instead of keeping them, so a long
         # example fits in memory (costs one more forward); the gradients are the same.
         self.activation_checkpointing = False
@@ -272,7 +267,7 @@ class Decoder(nn.Module):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
             attention_mask.to(input_ids.device, torch.bool)  # a tokenizer's mask is on the host
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
-        positions, mask = positions_and_mask(valid, slots, self.true_positions)
+        positions, mask = positions_and_mask(valid, slots, self.config.true_positions)
         return self(self.embed(input_ids, audio), positions, mask, self.rope_base(valid),
                     last_only=last_only, select=select, hidden_states=hidden_states)
 

@@ -1,11 +1,12 @@
 """Token generation: greedy or sampled, batched, stoppable, streamable, over a KV cache that generation owns.
 
 gpt-fast's shape: `prefill` feeds the (left-padded) prompts into a `KVCache` once and fixes each row's rotary base,
-then `decode_one_token` (compiled by `compile_decoding`) feeds one new token per step. A cache kept between calls
-(a conversation) is reused when it `extends` to the new prompt; `fit` is the one rule for its size. Each
-row stops on its own (stop id, stop string or length); finished rows are fed padding until all are done, as in
-Hugging Face's generate. The logits pipeline follows the official generate's order: repetition penalty and
-min-length suppression, then temperature, top-k and top-p (docs/MODEL.md#generation).
+then `decode_one_token` (compiled by `compile_decoding`) feeds one new token per step. The cache holds only what the
+decoder reads; a `Session` keeps it together with what generation fed into it (the ids, the clips, each row's
+rotary base). A session kept between calls (a conversation) is reused when it `extends` to the new prompt; `fit` is
+the one rule for its cache's size. Each row stops on its own (stop id, stop string or length); finished rows are fed
+padding until all are done, as in Hugging Face's generate. The logits pipeline follows the official generate's
+order: repetition penalty and min-length suppression, then temperature, top-k and top-p (docs/MODEL.md#generation).
 
 By default only ids the tokenizer can decode are chosen: the embedding has rows 155165–155946 too, but no text maps
 to them. The official generate chooses among all rows, so where an extra row scores best (tiny random weights do
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -61,47 +63,70 @@ def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+@dataclass(eq=False)
+class Session:
+    """A KV cache and what generation fed into it. The decoder reads none of the rest: generation keeps it to tell
+    whether a longer prompt `extends` what the cache holds (a conversation's next turn), and to decode with the
+    rotary base the prompt fixed."""
+
+    cache: KVCache
+    ids: Tensor = field(init=False)  # [B, length]: the ids fed so far, in slots 0..length-1
+    audio: list[Tensor] = field(init=False, default_factory=list)  # the encoded clips spliced into them, in order
+    rope_base: Tensor | None = field(init=False, default=None)  # [B] float64, fixed by the prefill from slot 0
+
+    def __post_init__(self) -> None:
+        valid = self.cache.valid
+        self.ids = torch.zeros(valid.shape[0], 0, dtype=torch.long, device=valid.device)
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
 @torch.no_grad()
-def prefill(decoder: Decoder, cache: KVCache, input_ids: Tensor, attention_mask: Tensor | None = None,
+def prefill(decoder: Decoder, session: Session, input_ids: Tensor, attention_mask: Tensor | None = None,
             audio: Sequence[Tensor] = (), start: int = 0) -> Tensor:
-    """Feed `input_ids[:, start:]` into `cache` at slots start.. and return the last slot's logits [B, vocab].
+    """Feed `input_ids[:, start:]` into the session's cache at slots start.. and return the last slot's logits
+    [B, vocab].
 
     `start` 0 is a new prompt: each row's rotary base is chosen from its real tokens (`attention_mask`) and frozen
-    for the decoding steps. `start` > 0 extends what the cache holds (`input_ids[:, :start]`, as `extends` checks);
-    `audio` holds every clip of the whole prompt, the cached ones first.
+    in `session.rope_base` for the decoding steps. `start` > 0 extends what the session holds
+    (`input_ids[:, :start]`, as `extends` checks); `audio` holds every clip of the whole prompt, the cached ones first.
     """
+    cache = session.cache
     b, s = input_ids.shape
     if s > cache.capacity or b != cache.valid.shape[0]:
         raise InputError(f"a [{b}, {s}] prompt does not fit a KV cache of {cache.valid.shape[0]} rows and "
                          f"{cache.capacity} slots")
-    if start not in (0, cache.length):
-        raise InputError(f"start={start}: a prefill starts at slot 0 or extends the {cache.length} ids the cache "
+    if start not in (0, session.length):
+        raise InputError(f"start={start}: a prefill starts at slot 0 or extends the {session.length} ids the cache "
                          "holds")
     slots = torch.arange(start, s, device=input_ids.device)
     cache.valid[:, slots] = True if attention_mask is None else attention_mask[:, start:].bool()
     base = decoder.rope_base(cache.valid[:, :s])
     if start == 0:
-        cache.rope_base = base
-    elif not torch.equal(base, cache.rope_base):
+        session.rope_base = base
+    elif not torch.equal(base, session.rope_base):
         raise InputError(f"extending the cached prefix to {s} tokens would change the NTK rotary base "
-                         f"({cache.rope_base.tolist()} -> {base.tolist()}): prefill the whole sequence from slot 0")
-    x = decoder.embed(input_ids[:, start:], audio[len(cache.audio) if start else 0:])
-    positions, mask = positions_and_mask(cache.valid, slots, decoder.true_positions)
-    logits = decoder(x, positions, mask, cache.rope_base, cache, slots, last_only=True)[:, -1]
-    cache.ids, cache.audio = input_ids, list(audio)
+                         f"({session.rope_base.tolist()} -> {base.tolist()}): prefill the whole sequence from slot 0")
+    x = decoder.embed(input_ids[:, start:], audio[len(session.audio) if start else 0:])
+    positions, mask = positions_and_mask(cache.valid, slots, decoder.config.true_positions)
+    logits = decoder(x, positions, mask, session.rope_base, cache, slots, last_only=True)[:, -1]
+    session.ids, session.audio = input_ids, list(audio)
     return logits
 
 
 @torch.no_grad()
-def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor) -> Tensor:
-    """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` [1]: fixed shapes and no host synchronisation, the
-    graph `compile_decoding` captures. The ids must be valid and the slot inside the cache; generation sees to it."""
+def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor, base: Tensor) -> Tensor:
+    """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` [1] with each row's rotary `base` [B] (the prefill's,
+    `Session.rope_base`): plain tensors, fixed shapes and no host synchronisation, the graph `compile_decoding`
+    captures. The ids must be valid and the slot inside the cache; generation sees to it."""
     cache.valid[:, slot] = True
-    positions, mask = positions_and_mask(cache.valid, slot, decoder.true_positions)
-    return decoder(ids, positions, mask, cache.rope_base, cache, slot, last_only=True)[:, -1]
+    positions, mask = positions_and_mask(cache.valid, slot, decoder.config.true_positions)
+    return decoder(ids, positions, mask, base, cache, slot, last_only=True)[:, -1]
 
 
-Step = Callable[[Decoder, KVCache, Tensor, Tensor], Tensor]  # `decode_one_token`, or a compiled copy of it
+Step = Callable[[Decoder, KVCache, Tensor, Tensor, Tensor], Tensor]  # `decode_one_token`, or a compiled copy of it
 
 
 def compile_decoding(**options) -> Step:
@@ -111,30 +136,31 @@ def compile_decoding(**options) -> Step:
     return torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
 
 
-def extends(decoder: Decoder, cache: KVCache, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> bool:
-    """Whether `cache` can be extended to `input_ids` (one row per cache row, no padding) with the same logits as a
-    fresh prefill: it holds a proper prefix of the ids, the clips spliced there encode the same (to 1e-5 relative)
+def extends(decoder: Decoder, session: Session, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> bool:
+    """Whether `session` can be extended to `input_ids` (one row per cache row, no padding) with the same logits as
+    a fresh prefill: it holds a proper prefix of the ids, the clips spliced there encode the same (to 1e-5 relative)
     as `audio`'s first ones, and the longer sequence keeps every row's rotary base (dynamic NTK)."""
-    n = cache.length
-    if not 0 < n < input_ids.shape[1] or cache.ids.shape[0] != input_ids.shape[0]:
+    n = session.length
+    if not 0 < n < input_ids.shape[1] or session.ids.shape[0] != input_ids.shape[0]:
         return False
-    if not torch.equal(cache.ids, input_ids[:, :n]) or len(audio) < len(cache.audio):
+    if not torch.equal(session.ids, input_ids[:, :n]) or len(audio) < len(session.audio):
         return False
-    if any((a - b).abs().max() > 1e-5 * b.abs().max() for a, b in zip(cache.audio, audio)):
+    if any((a - b).abs().max() > 1e-5 * b.abs().max() for a, b in zip(session.audio, audio)):
         return False
     all_real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    return torch.equal(decoder.rope_base(all_real), cache.rope_base)
+    return torch.equal(decoder.rope_base(all_real), session.rope_base)
 
 
-def fit(decoder: Decoder, cache: KVCache | None, batch: int, need: int) -> KVCache:
-    """A cache with `batch` rows and at least `need` slots: `cache` itself when it has them; grown to twice its
-    size (or `need`), keeping its contents, when it is too small; a new one when it has another batch size."""
+def fit(decoder: Decoder, session: Session | None, batch: int, need: int) -> Session:
+    """A session whose cache has `batch` rows and at least `need` slots: `session` itself when it has them; its
+    cache grown to twice its size (or `need`), keeping its contents, when too small; a new one when it has another
+    batch size."""
     weight = decoder.wte.weight
-    if cache is None or cache.valid.shape[0] != batch:
-        return KVCache(decoder.config, batch, need, weight.dtype, weight.device)
-    if cache.capacity < need:
-        cache.grow(max(need, 2 * cache.capacity))
-    return cache
+    if session is None or session.cache.valid.shape[0] != batch:
+        return Session(KVCache(decoder.config, batch, need, weight.dtype, weight.device))
+    if session.cache.capacity < need:
+        session.cache.grow(max(need, 2 * session.cache.capacity))
+    return session
 
 
 @torch.no_grad()
@@ -146,18 +172,18 @@ def generate_steps(
     attention_mask: Tensor | None = None,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
-    cache: KVCache | None = None,
+    session: Session | None = None,
     step: Step = decode_one_token,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (next ids [B], newly finished rows [B] bool) once per step until every row has stopped.
 
     A row's stop token is yielded in the step it finishes, then padding; callers cut each row at its stop.
-    A `cache` kept from an earlier call (a conversation's previous turn) is reused: when it `extends` to these ids
-    only the new ones are prefilled; it grows when too small. Without one, a cache is made for this call.
+    A `session` kept from an earlier call (a conversation's previous turn) is reused: when it `extends` to these ids
+    only the new ones are prefilled; its cache grows when too small. Without one, a session is made for this call.
     Each step is handed over as it is made, which streaming needs; `generate` keeps them on the device instead.
     `step` feeds each new token (`decode_one_token`, or `compile_decoding`'s).
     """
-    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, cache, step)
+    decoding = _Decoding(decoder, tokenizer, input_ids, attention_mask, audio, config, session, step)
     config = decoding.config
     replies: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for t in range(config.max_new_tokens):
@@ -176,11 +202,11 @@ def generate_steps(
 
 
 class _Decoding:
-    """What both generation loops share: the prompt prefilled into a KV cache, then, per step, the next ids and
-    which rows a stop id ends (`choose`), and feeding them back (`feed`). Nothing here waits for the device."""
+    """What both generation loops share: the prompt prefilled into a session's KV cache, then, per step, the next
+    ids and which rows a stop id ends (`choose`), and feeding them back (`feed`). Nothing here waits for the device."""
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, input_ids: Tensor, attention_mask: Tensor | None,
-                 audio: Sequence[Tensor] | None, config: GenerationConfig, cache: KVCache | None, step: Step):
+                 audio: Sequence[Tensor] | None, config: GenerationConfig, session: Session | None, step: Step):
         b, s = input_ids.shape
         device = input_ids.device
         audio = list(audio or [])
@@ -188,10 +214,10 @@ class _Decoding:
         self.config = config = _fit_context(config, s, decoder.config.context_length)
         self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
         self.stops = torch.tensor(config.stop_token_ids, device=device)
-        reuse = cache is not None and attention_mask is None and extends(decoder, cache, input_ids, audio)
-        start = cache.length if reuse else 0
-        self.cache = fit(decoder, cache, b, s + config.max_new_tokens)
-        self.logits = prefill(decoder, self.cache, input_ids, attention_mask, audio, start)
+        reuse = session is not None and attention_mask is None and extends(decoder, session, input_ids, audio)
+        start = session.length if reuse else 0
+        self.session = fit(decoder, session, b, s + config.max_new_tokens)
+        self.logits = prefill(decoder, self.session, input_ids, attention_mask, audio, start)
         self.slots = torch.arange(s, s + config.max_new_tokens, device=device)  # made once: no copy per step
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
 
@@ -199,14 +225,16 @@ class _Decoding:
         """(next ids [B], rows a stop id ends now [B]); finished rows get padding."""
         config = self.config
         candidates = self.logits if config.full_vocab else self.logits[:, : len(self.tokenizer)]
-        scores = process_logits(candidates.float(), self.cache.ids, step, config)
+        scores = process_logits(candidates.float(), self.session.ids, step, config)
         ids = choose(scores, config, self.generator).masked_fill(self.done, config.pad_token_id)
         return ids, ~self.done & torch.isin(ids, self.stops)
 
     def feed(self, ids: Tensor, step: int) -> None:
         """Step `step`'s ids into the cache, and the logits of the next step."""
-        self.cache.ids = torch.cat([self.cache.ids, ids[:, None]], dim=1)
-        self.logits = self.decode_step(self.decoder, self.cache, ids[:, None], self.slots[step : step + 1])
+        session = self.session
+        session.ids = torch.cat([session.ids, ids[:, None]], dim=1)
+        self.logits = self.decode_step(self.decoder, session.cache, ids[:, None], self.slots[step : step + 1],
+                                       session.rope_base)
 
 
 def _stop_string_ends(tokenizer: Tokenizer, reply: list[int], stop_strings: Sequence[str]) -> bool:
@@ -302,17 +330,17 @@ def stream_text(
     *,
     audio: Sequence[Tensor] | None = None,
     config: GenerationConfig = GenerationConfig(),
-    cache: KVCache | None = None,
+    session: Session | None = None,
     step: Step = decode_one_token,
 ) -> Iterator[str]:
-    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters (`cache` and
+    """Yield the reply of a single prompt as text pieces, as soon as they decode to whole characters (`session` and
     `step` are as in `generate_steps`)."""
     if input_ids.shape[0] != 1:
         raise InputError("stream_text takes one prompt (a [1, S] batch)")
     reply: list[int] = []
     shown = ""
-    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config, cache=cache,
-                                          step=step):
+    for ids, finished in generate_steps(decoder, tokenizer, input_ids, audio=audio, config=config,
+                                          session=session, step=step):
         token, last = int(ids[0]), bool(finished[0])
         if not (last and token in config.stop_token_ids):
             reply.append(token)

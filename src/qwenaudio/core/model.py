@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from .checkpoint import (PREFIXES, QUANTIZATIONS, int4_group_size, load_checkpoi
                          split_state)
 from .checks import expect
 from .config import GenerationConfig, QwenAudioConfig
-from .decoder import Decoder, KVCache
+from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
-from .generate import Step, compile_decoding, decode_one_token, generate, stream_text
+from .generate import Session, Step, compile_decoding, decode_one_token, generate, stream_text
 from .tokenizer import Batch, Tokenizer
 
 
@@ -50,8 +50,7 @@ class Output:
 class QwenAudio(nn.Module):
     """The whole model: `encoder` turns clips into spans, `decoder` reads prompts with the spans spliced in."""
 
-    def __init__(self, config: QwenAudioConfig, tokenizer: Tokenizer, generation_config: GenerationConfig,
-                 *, true_positions: bool = False):
+    def __init__(self, config: QwenAudioConfig, tokenizer: Tokenizer, generation_config: GenerationConfig):
         super().__init__()
         expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
         expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer")
@@ -61,7 +60,7 @@ class QwenAudio(nn.Module):
                               f"vocabulary's <audio> is {tokenizer.audio_start_id}")
         self.config, self.tokenizer, self.generation_config = config, tokenizer, generation_config
         self.encoder = AudioEncoder(config.audio)
-        self.decoder = Decoder(config, true_positions=true_positions)
+        self.decoder = Decoder(config)
         self.decode_step: Step = decode_one_token  # what `generate` and `stream` feed each token with
 
     def compile_decoding(self, **options) -> None:
@@ -88,15 +87,15 @@ class QwenAudio(nn.Module):
                         audio=self.encode_audio([w for own in waves for w in own]), config=config,
                         progress=progress, step=self.decode_step)
 
-    def stream(self, input_ids: Tensor, clips: Sequence[Tensor | AudioSource] = (), *, cache: KVCache | None = None,
-               **settings) -> Iterator[str]:
-        """The reply to one prompt's ids [1, S] (its clips in region order), in text pieces as they decode; a `cache`
-        kept from the previous turn of a conversation is reused where it extends to these ids (`generate_steps`).
-        `settings` are applied to the model's generation config (None keeps its default)."""
+    def stream(self, input_ids: Tensor, clips: Sequence[Tensor | AudioSource] = (), *,
+               session: Session | None = None, **settings) -> Iterator[str]:
+        """The reply to one prompt's ids [1, S] (its clips in region order), in text pieces as they decode; a
+        `session` kept from the previous turn of a conversation is reused where it extends to these ids
+        (`generate_steps`). `settings` are applied to the model's generation config (None keeps its default)."""
         audio = self.encode_audio(clips)
         config = self.generation_config.replace(**settings)
         yield from stream_text(self.decoder, self.tokenizer, input_ids.to(self.device), audio=audio, config=config,
-                               cache=cache, step=self.decode_step)
+                               session=session, step=self.decode_step)
 
     @property
     def device(self) -> torch.device:
@@ -212,13 +211,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
-    config = QwenAudioConfig.from_json(path)
+    config = replace(QwenAudioConfig.from_json(path), true_positions=true_positions)
     tokenizer = Tokenizer.from_pretrained(path)
     method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, dtype, device, method, group_size, progress=progress)
     generation_config = GenerationConfig.from_json(path)
     with torch.device("meta"):
-        model = QwenAudio(config, tokenizer, generation_config, true_positions=true_positions)
+        model = QwenAudio(config, tokenizer, generation_config)
         if method:
             quantize_layout(model.decoder, method, group_size)  # the layout (on meta: no work), filled below
     owned = split_state(state)
@@ -250,13 +249,13 @@ def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
 def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                  quantize: str | None = None, true_positions: bool = False, int8: bool = False,
                  int4: bool = False) -> Decoder:
-    """The language model of a checkpoint, in eval mode (see `Decoder` for `true_positions`, `load_model` for
-    `quantize`)."""
-    config = QwenAudioConfig.from_json(path)
+    """The language model of a checkpoint, in eval mode (`true_positions` sets the config's, see `Decoder`;
+    `load_model` for `quantize`)."""
+    config = replace(QwenAudioConfig.from_json(path), true_positions=true_positions)
     method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, as_dtype(dtype), as_device(device), method, group_size)
     with torch.device("meta"):
-        decoder = Decoder(config, true_positions=true_positions)
+        decoder = Decoder(config)
         if method:
             quantize_layout(decoder, method, group_size)
     decoder.load_state_dict(split_state(state)["decoder"], assign=True)
