@@ -42,18 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan(args: argparse.Namespace) -> TracePlan:
-    plan_trace(args)
+    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
+    _check_trace_out(args.out, [*_readable_clips(trace.prompt_clips(args.prompt)), *_model_files(args.model)])
     return freeze(TracePlan, args)
 
 
 def run(model: QwenAudio, plan: TracePlan) -> int:
-    return trace_prompt(model, plan)
-
-
-def plan_trace(args: argparse.Namespace) -> None:
-    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
-    _check_trace_out(args.out, [*_readable_clips(trace.prompt_clips(args.prompt)), *_model_files(args.model)])
-
+    trace.record(model, plan.prompt, project=plan.project, logits=plan.logits).save(plan.out)
+    print(f"wrote {plan.out}", file=sys.stderr)
+    return 0
 
 
 def _readable_clips(paths: list[str]) -> list[str]:
@@ -87,10 +84,3 @@ def _check_trace_out(out: Path, reads: list) -> None:
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:
         raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
-
-
-def trace_prompt(model: QwenAudio, args: TracePlan) -> int:
-    trace.record(model, args.prompt, project=args.project, logits=args.logits).save(args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
