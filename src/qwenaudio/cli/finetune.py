@@ -16,7 +16,7 @@ from ..core.files import fingerprint, refuse_inputs, writable_directory
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
 from ..hub import looks_like_path, resolve
-from .options import Plan, _positive, _quantization, add_model_options, freeze
+from .options import Plan, add_model_options, freeze, positive, quantization
 
 SHARES_WORK = True  # under torchrun, the processes share each step
 PARSER = dict(help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read rows without a prompt (e.g. the official evaluation files) as this task")
     parser.add_argument("--language", choices=LANGUAGES, metavar="LANG", help="--task asr, srwt: the spoken language")
     parser.add_argument("--train", choices=finetune.PARTS, default="decoder", help="what to train; default decoder")
-    parser.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps; default 100")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="examples per pass; default 4")
-    parser.add_argument("--accumulate", type=_positive, default=1, metavar="N", help="passes per step; default 1")
+    parser.add_argument("--steps", type=positive, default=100, metavar="N", help="optimizer steps; default 100")
+    parser.add_argument("--batch-size", type=positive, default=4, metavar="N", help="examples per pass; default 4")
+    parser.add_argument("--accumulate", type=positive, default=1, metavar="N", help="passes per step; default 1")
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate; default 1e-5")
     parser.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup; then cosine to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -119,9 +119,9 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
     if args.adapter:
         raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
     try:  # the library's rule (train refuses the same), named by the option that asked for the weights
-        finetune.check_quantization(config, _quantization(args))
+        finetune.check_quantization(config, quantization(args))
     except InputError as e:
-        raise InputError(f"--{_quantization(args)}: {e}") from None
+        raise InputError(f"--{quantization(args)}: {e}") from None
     examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language)
     eval_examples = _eval_examples(args)
     if bad and not args.skip_bad:
@@ -134,6 +134,12 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
     _check_outputs(args, config, result, examples, eval_examples)
     return freeze(FinetunePlan, args, config=config, examples=examples, bad=bad, eval_examples=eval_examples,
                   result=result, dtype=finetune.weights_dtype(config, args.dtype))
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    if not (args.output_dir / "checkpoint").is_dir():  # stopped before step 1
+        return "no checkpoint was saved yet: rerun the same command, without --resume, to start"
+    return "rerun with --resume to continue from the last checkpoint"
 
 
 def _eval_examples(args: argparse.Namespace) -> list:

@@ -22,7 +22,7 @@ from ..core.tokenizer import LANGUAGES
 from ..longform import Segment, text_of, words_of
 from ..runner import Report
 from ..subtitles import Word, cues, to_json, to_srt, to_vtt
-from .options import Plan, UsageError, _dtype, _positive, _quantization, add_model_options, freeze
+from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive, quantization
 
 TASK_CHOICES = ("transcribe", "translate", *tasks.ANALYSES)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo files whose outputs exist, with any settings, and replace files of the outputs' "
                              "names that this command did not write (never an input)")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N",
+    parser.add_argument("--batch-size", type=positive, default=4, metavar="N",
                         help="files per forward pass; default 4")
     add_model_options(parser, "Qwen/Qwen-Audio")
 
@@ -101,6 +101,10 @@ def plan(args: argparse.Namespace) -> TranscribePlan:
     resolved = {"timestamps": timestamps, "language": args.language or "en",
                 "target_language": args.target_language or "zh"}
     return _plan_outputs(args, resolved)
+
+
+def resume_hint(_: argparse.Namespace) -> str:
+    return "rerun the same command to resume: files done are kept"
 
 
 def _plan_outputs(args: argparse.Namespace, resolved: dict) -> TranscribePlan:
@@ -135,7 +139,7 @@ def _claim_outputs(args: argparse.Namespace, resolved: dict, jobs: list[Job], ou
     record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
     settings = {"task": args.task, "language": resolved["language"], "target_language": resolved["target_language"],
                 "itn": args.itn, "timestamps": resolved["timestamps"], "max_new_tokens": args.max_new_tokens,
-                "model": str(args.model), **key, "dtype": _dtype(args), "quantization": _quantization(args)}
+                "model": str(args.model), **key, "dtype": loaded_dtype(args), "quantization": quantization(args)}
     if ours:
         check_settings(record, settings, directory, overwrite=args.overwrite)
     claimed = sorted({*(record["outputs"] if record else []), *names})

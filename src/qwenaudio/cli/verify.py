@@ -10,7 +10,7 @@ from .. import trace
 from ..core.errors import InputError
 from ..core.model import QwenAudio
 from .options import Plan, UsageError, add_model_options, freeze
-from .trace import _check_trace_out, _model_files, _readable_clips
+from .trace import check_trace_out, model_files, readable_clips
 
 PARSER = dict(help="compare two traces layer by layer",
               description="Compare our trace with a reference trace (from tools/record_official.py); "
@@ -71,11 +71,11 @@ def plan(args: argparse.Namespace) -> VerifyPlan:
         return freeze(VerifyPlan, args, reference=reference, ours=trace.Trace.load(args.traces[0]))
     manifest = reference.manifest
     try:
-        clips = _readable_clips(trace.prompt_clips(manifest.get("prompt")))
+        clips = readable_clips(trace.prompt_clips(manifest.get("prompt")))
     except InputError as e:
         raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
     if args.out:
-        _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
+        check_trace_out(args.out, [*args.traces, *clips, *model_files(args.model)])
     dtype = manifest.get("model", {}).get("dtype")
     if not args.dtype and dtype not in trace.RTOL:
         raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
