@@ -8,8 +8,11 @@ unusable trace files, 3 the model could not be loaded.
 
 Each command is a module of this package with three functions: `add_arguments(parser)`, `plan(args)` (everything
 checked before the model loads, as a frozen plan; UsageError for options that do not go together) and
-`run(model, plan)` (the exit code), plus `PARSER` (its --help texts). This module parses, loads the model once,
-turns errors into exit codes and interrupts into a resume hint: adding a command is adding its module to COMMANDS.
+`run(model, plan)` (the exit code), plus `PARSER` (its --help texts) and, where they apply, `SHARES_WORK` (torchrun's
+processes share its work), `READS_CHECKPOINT` (a checkpoint `run` cannot read exits 3) and `resume_hint(args)` (what
+an interrupted run says: how to go on without losing what is done). This module parses, loads the model once, turns
+errors into exit codes and interrupts into the command's resume hint: adding a command is adding its module to
+COMMANDS.
 """
 
 from __future__ import annotations
@@ -29,17 +32,12 @@ from ..core.errors import InputError, OutputError, QwenAudioError
 from ..hub import load
 from ..runner import Processes, leave_process_group
 from . import chat, evaluate, finetune, merge, quantize, trace, transcribe, verify
-from .options import Terminated, UsageError, _quantization
+from .options import Terminated, UsageError, quantization
 
 __all__ = ["COMMANDS", "Terminated", "main", "parse"]
 
 COMMANDS: dict[str, ModuleType] = {module.__name__.rsplit(".", 1)[1]: module for module in (
     transcribe, chat, evaluate, finetune, trace, verify, quantize, merge)}
-
-# What an interrupted command says on stderr: how to go on without losing what is done.
-RESUME_HINTS = {"transcribe": "rerun the same command to resume: files done are kept",
-                "evaluate": "rerun the same command to resume: the replies so far are kept",
-                "finetune": "rerun with --resume to continue from the last checkpoint"}
 
 
 def _terminate(signum: int, _frame) -> None:
@@ -61,9 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt as e:
-        hint = RESUME_HINTS.get(args.command)
-        if args.command == "finetune" and not (args.output_dir / "checkpoint").is_dir():  # stopped before step 1
-            hint = "no checkpoint was saved yet: rerun the same command, without --resume, to start"
+        resume_hint = getattr(COMMANDS[args.command], "resume_hint", None)
+        hint = resume_hint and resume_hint(args)
         print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
         return 128 + (e.args[0] if isinstance(e, Terminated) else signal.SIGINT)
     finally:
@@ -91,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if plan.processes.world > 1 and not plan.output_dir:
         print("error: several processes write files only: give --output-dir", file=sys.stderr)
         return 2
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if plan.processes.world > 1 and plan.device == "cuda" else plan.device
+    device = plan.device
+    if plan.processes.world > 1 and device == "cuda":  # torchrun's process on its own GPU
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
-        model = plan.model and load(plan.model, device=device, dtype=plan.dtype, quantize=_quantization(plan),
+        model = plan.model and load(plan.model, device=device, dtype=plan.dtype, quantize=quantization(plan),
                                     adapter=plan.adapter, progress=plan.processes.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)

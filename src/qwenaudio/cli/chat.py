@@ -35,10 +35,6 @@ def plan(args: argparse.Namespace) -> ChatPlan:
     return freeze(ChatPlan, args)
 
 
-def run(model: QwenAudio, plan: ChatPlan) -> int:
-    return chat_loop(model, plan)
-
-
 CHAT_HELP = """/audio PATH   attach a clip to the next question (checked at once)
 /reset        forget the conversation and the attached clips
 /help         this list
@@ -48,12 +44,12 @@ A line that starts with // is sent as text, with one / removed; so is any line t
 CHAT_COMMAND = re.compile(r"/(?P<name>[A-Za-z]\w*)(?:\s+(?P<argument>.*))?")
 
 
-def chat_loop(model: QwenAudio, args: ChatPlan) -> int:
+def run(model: QwenAudio, plan: ChatPlan) -> int:
     """Read stdin a line at a time and stream each reply to stdout. `/word` lines are commands (CHAT_HELP) and never
     reach the model; a bad clip is refused when attached; Ctrl-C during a reply drops that reply only."""
-    chat, clips = Chat(model, args.system), []
+    chat, clips = Chat(model, plan.system), []
     prompt = "> " if sys.stdin.isatty() else ""
-    generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    generation = {"max_new_tokens": plan.max_new_tokens} if plan.max_new_tokens else {}
     while True:
         try:
             line = input(prompt).strip()
@@ -111,4 +107,3 @@ def _reply(chat: Chat, query: list, generation: dict) -> None:
             raise
         print(flush=True)
         print("interrupted: this reply is dropped; /quit or Ctrl-D leaves", file=sys.stderr, flush=True)
-

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import evaluation, prompts
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
-from .options import Plan, _dtype, _positive, _quantization, add_model_options, freeze
+from .options import Plan, add_model_options, freeze, loaded_dtype, positive, quantization
 
 SHARES_WORK = True  # under torchrun, the processes share the examples
 PARSER = dict(help="run one of the paper's benchmarks as the official script does",
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scripts")
     parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                         help="run.json, replies/, examples.jsonl, summary.json and summary.md go here")
-    parser.add_argument("--limit", type=_positive, metavar="N", help="only the first N examples")
-    parser.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="examples per batch; default 8")
+    parser.add_argument("--limit", type=positive, metavar="N", help="only the first N examples")
+    parser.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per batch; default 8")
     parser.add_argument("--language", choices=LANGUAGES, metavar="LANG",
                         help="asr, srwt: the spoken language of rows without a 'lang' field; default: from the "
                              "source's dataset (librispeech en, aishell zh)")
@@ -65,11 +65,15 @@ def plan(args: argparse.Namespace) -> EvaluatePlan:
         caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
         model_name=args.model + (" (int8)" if args.int8 else "") + (" (int4)" if args.int4 else "") +
         (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), checkpoint=args.model,
-        adapter=args.adapter, dtype=_dtype(args), quantization=_quantization(args), overwrite=args.overwrite)
+        adapter=args.adapter, dtype=loaded_dtype(args), quantization=quantization(args), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # every line that cannot run, before the model loads
         for problem in benchmark.problems:
             print(f"error: {problem}", file=sys.stderr, flush=True)
     return freeze(EvaluatePlan, args, benchmark=benchmark)
+
+
+def resume_hint(_: argparse.Namespace) -> str:
+    return "rerun the same command to resume: the replies so far are kept"
 
 
 DECODING_EVERY_S = 10.0  # seconds between "decoding a batch" lines while a batch decodes

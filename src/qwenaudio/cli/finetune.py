@@ -16,7 +16,7 @@ from ..core.files import fingerprint, refuse_inputs, writable_directory
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
 from ..hub import looks_like_path, resolve
-from .options import Plan, _positive, _quantization, add_model_options, freeze
+from .options import Plan, add_model_options, freeze, positive, quantization
 
 SHARES_WORK = True  # under torchrun, the processes share each step
 PARSER = dict(help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read rows without a prompt (e.g. the official evaluation files) as this task")
     parser.add_argument("--language", choices=LANGUAGES, metavar="LANG", help="--task asr, srwt: the spoken language")
     parser.add_argument("--train", choices=finetune.PARTS, default="decoder", help="what to train; default decoder")
-    parser.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps; default 100")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N", help="examples per pass; default 4")
-    parser.add_argument("--accumulate", type=_positive, default=1, metavar="N", help="passes per step; default 1")
+    parser.add_argument("--steps", type=positive, default=100, metavar="N", help="optimizer steps; default 100")
+    parser.add_argument("--batch-size", type=positive, default=4, metavar="N", help="examples per pass; default 4")
+    parser.add_argument("--accumulate", type=positive, default=1, metavar="N", help="passes per step; default 1")
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate; default 1e-5")
     parser.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup; then cosine to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -93,23 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, "Qwen/Qwen-Audio")
 
 
-def plan(args: argparse.Namespace) -> FinetunePlan:
-    args = argparse.Namespace(**vars(args))  # `plan_finetune` fills in what it finds; the plan holds it
-    plan_finetune(args)
-    return freeze(FinetunePlan, args)
-
-
-def run(model: QwenAudio, plan: FinetunePlan) -> int:
-    return finetune_model(model, plan)
-
-
 # LoRA's options, which mean nothing without --lora-rank: (option, its attribute, its value when not given).
 LORA_OPTIONS = (("--lora-alpha", "lora_alpha", None), ("--lora-dropout", "lora_dropout", None),
                 ("--lora-targets", "lora_targets", None), ("--lora-encoder", "lora_encoder", False),
                 ("--rslora", "rslora", False))
 
 
-def plan_finetune(args: argparse.Namespace) -> None:
+def plan(args: argparse.Namespace) -> FinetunePlan:
     """Before the model loads: the settings, every data line (all bad ones listed), what the run writes (never one
     of its inputs, into a directory it can write) and, with --resume, that the checkpoint's run is this one."""
     ignored = [option for option, name, unset in LORA_OPTIONS if getattr(args, name) != unset]
@@ -120,7 +110,7 @@ def plan_finetune(args: argparse.Namespace) -> None:
         rank=args.lora_rank, alpha=2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
         dropout=args.lora_dropout or 0.0, rslora=args.rslora, encoder=args.lora_encoder,
         targets=tuple(args.lora_targets or lora.DECODER_TARGETS))
-    args.config = finetune.TrainConfig(
+    config = finetune.TrainConfig(
         lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         seed=args.seed, part=args.train, save_every=args.save_every, save_minutes=args.save_minutes,
@@ -129,41 +119,56 @@ def plan_finetune(args: argparse.Namespace) -> None:
     if args.adapter:
         raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
     try:  # the library's rule (train refuses the same), named by the option that asked for the weights
-        finetune.check_quantization(args.config, _quantization(args))
+        finetune.check_quantization(config, quantization(args))
     except InputError as e:
-        raise InputError(f"--{_quantization(args)}: {e}") from None
-    args.examples, args.bad = finetune.read_examples(args.data, task=args.task, language=args.language)
-    args.eval_examples = []
-    if args.eval_data:  # held-out data must be whole: a skipped line would change what eval_loss means
-        args.eval_examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language)
-        if bad:
-            raise InputError(f"{len(bad)} line(s) of --eval-data cannot be evaluated:\n  " + "\n  ".join(bad[:20]))
-        if not args.eval_examples:
-            raise InputError(f"--eval-data {args.eval_data}: no examples")
-        if args.eval_task:
-            finetune.reply_languages(args.eval_examples, args.eval_task)
-    elif args.eval_task or args.eval_every:
-        raise InputError("--eval-task and --eval-every need --eval-data")
-    if args.bad and not args.skip_bad:
-        shown = "\n  ".join(args.bad[:20]) + (f"\n  … and {len(args.bad) - 20} more" if len(args.bad) > 20 else "")
-        raise InputError(f"{len(args.bad)} of {len(args.bad) + len(args.examples)} lines cannot be trained on "
+        raise InputError(f"--{quantization(args)}: {e}") from None
+    examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language)
+    eval_examples = _eval_examples(args)
+    if bad and not args.skip_bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise InputError(f"{len(bad)} of {len(bad) + len(examples)} lines cannot be trained on "
                          f"(fix them, or --skip-bad to train on the rest):\n  {shown}")
-    if not args.examples:
+    if not examples:
         raise InputError(f"{args.data}: no line can be trained on")
-    args.result = args.output_dir / ("adapter" if adapter else "model")
-    _plan_finetune_outputs(args)
-    args.dtype = finetune.weights_dtype(args.config, args.dtype)
+    result = args.output_dir / ("adapter" if adapter else "model")
+    _check_outputs(args, config, result, examples, eval_examples)
+    return freeze(FinetunePlan, args, config=config, examples=examples, bad=bad, eval_examples=eval_examples,
+                  result=result, dtype=finetune.weights_dtype(config, args.dtype))
 
 
-def _plan_finetune_outputs(args: argparse.Namespace) -> None:
+def resume_hint(args: argparse.Namespace) -> str:
+    if not (args.output_dir / "checkpoint").is_dir():  # stopped before step 1
+        return "no checkpoint was saved yet: rerun the same command, without --resume, to start"
+    return "rerun with --resume to continue from the last checkpoint"
+
+
+def _eval_examples(args: argparse.Namespace) -> list:
+    """--eval-data's examples, every line good (a skipped line would change what eval_loss means); none without it,
+    and then no --eval-task or --eval-every."""
+    if not args.eval_data:
+        if args.eval_task or args.eval_every:
+            raise InputError("--eval-task and --eval-every need --eval-data")
+        return []
+    examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language)
+    if bad:
+        raise InputError(f"{len(bad)} line(s) of --eval-data cannot be evaluated:\n  " + "\n  ".join(bad[:20]))
+    if not examples:
+        raise InputError(f"--eval-data {args.eval_data}: no examples")
+    if args.eval_task:
+        finetune.reply_languages(examples, args.eval_task)
+    return examples
+
+
+def _check_outputs(args: argparse.Namespace, config: finetune.TrainConfig, result: Path, examples: list,
+                   eval_examples: list) -> None:
     """What the run writes (checkpoint/, metrics.jsonl, tensorboard/, model/ or adapter/) must replace none of its
     inputs (the data files, the clips, the model) and go to a directory that can be written; a new run starts in a
     directory that holds no run's files, and --resume continues the run the checkpoint records (its settings, data,
     held-out data and model files)."""
     out = args.output_dir
-    writes = [out / "checkpoint", out / "metrics.jsonl", out / "tensorboard", args.result]
+    writes = [out / "checkpoint", out / "metrics.jsonl", out / "tensorboard", result]
     model = _local_model(args.model, resolving=args.resume)
-    clips = {path.parent for e in (*args.examples, *args.eval_examples) for path in e.audio}
+    clips = {path.parent for e in (*examples, *eval_examples) for path in e.audio}
     refuse_inputs(writes, [args.data, *filter(None, [args.eval_data, model]), *clips])
     if model is not None and out.exists() and out.resolve() == model.resolve():
         raise OutputError(f"--output-dir {out} is the model's directory: the run's files would change its files")
@@ -173,10 +178,9 @@ def _plan_finetune_outputs(args: argparse.Namespace) -> None:
                          f"{', '.join(found)})")
     if args.resume:
         inputs = {"model": fingerprint(model)} if model is not None else {}
-        finetune.check_resume(out / "checkpoint", args.config,
-                              finetune.run_inputs(args.examples, args.eval_examples, **inputs))
-    if args.result.exists():
-        raise InputError(f"{args.result} exists: this run is finished; choose another --output-dir")
+        finetune.check_resume(out / "checkpoint", config, finetune.run_inputs(examples, eval_examples, **inputs))
+    if result.exists():
+        raise InputError(f"{result} exists: this run is finished; choose another --output-dir")
     writable_directory(out)
 
 
@@ -189,10 +193,10 @@ def _local_model(name: str | Path, *, resolving: bool) -> Path | None:
         return None
 
 
-def finetune_model(model: QwenAudio, args: FinetunePlan) -> int:
+def run(model: QwenAudio, plan: FinetunePlan) -> int:
     """Train, printing a line per step and one per checkpoint; write the fine-tuned checkpoint to OUTPUT_DIR/model
     (or the adapter to OUTPUT_DIR/adapter)."""
-    total, started = args.config.steps, time.monotonic()
+    total, started = plan.config.steps, time.monotonic()
 
     def progress(record: dict) -> None:
         done = record["step"]
@@ -205,25 +209,25 @@ def finetune_model(model: QwenAudio, args: FinetunePlan) -> int:
         last[0] = record["seconds"]
 
     def saved(step: int) -> None:
-        print(f"checkpoint saved at step {step}/{total}: {args.output_dir / 'checkpoint'}", file=sys.stderr, flush=True)
+        print(f"checkpoint saved at step {step}/{total}: {plan.output_dir / 'checkpoint'}", file=sys.stderr, flush=True)
 
     last, first = [0.0], 0
-    if args.resume:
-        first = len(json.loads((args.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
+    if plan.resume:
+        first = len(json.loads((plan.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
     try:
-        finetune.train(model, args.examples, args.output_dir, args.config, eval_examples=args.eval_examples,
-                       resume=args.resume, progress=progress, saved=saved,
-                       inputs={"model": fingerprint(resolve(args.model))})
-        if not args.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
-            target = finetune.save_model(model, resolve(args.model), args.result)
-        elif args.processes.rank == 0:
-            with finetune.output_errors(args.result):
-                target = lora.save_adapter(model, args.result, base_model=str(args.model))
+        finetune.train(model, plan.examples, plan.output_dir, plan.config, eval_examples=plan.eval_examples,
+                       resume=plan.resume, progress=progress, saved=saved,
+                       inputs={"model": fingerprint(resolve(plan.model))})
+        if not plan.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
+            target = finetune.save_model(model, resolve(plan.model), plan.result)
+        elif plan.processes.rank == 0:
+            with finetune.output_errors(plan.result):
+                target = lora.save_adapter(model, plan.result, base_model=str(plan.model))
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.processes.rank:
+    if plan.processes.rank:
         return 0
-    print(f"wrote {target}" + (f"; {len(args.bad)} bad line(s) skipped:\n  " + "\n  ".join(args.bad)
-                               if args.bad else ""), file=sys.stderr)
+    print(f"wrote {target}" + (f"; {len(plan.bad)} bad line(s) skipped:\n  " + "\n  ".join(plan.bad)
+                               if plan.bad else ""), file=sys.stderr)
     return 0

@@ -1,5 +1,6 @@
-"""What every command shares: the model options and the plan fields they fill, `_positive`, the rules of a command
-that writes a checkpoint directory, and the two exceptions a command raises to its entry (`cli.main`)."""
+"""What every command shares: the model options, the plan fields they fill and what they mean (`loaded_dtype`,
+`quantization`), `positive`, the rules of a command that writes a checkpoint directory, and the two exceptions a
+command raises to its entry (`cli.main`)."""
 
 from __future__ import annotations
 
@@ -64,19 +65,21 @@ def add_model_options(parser: argparse.ArgumentParser, repo: str | None) -> None
                                 "inference only; int4 checkpoints (quantize --bits 4) load in int4 without it")
     parser.add_argument("--adapter", type=Path, metavar="DIR",
                         help="a LoRA adapter (qwenaudio finetune's, or peft's for Qwen-Audio) applied on load")
-    parser.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the task's own budget")
+    parser.add_argument("--max-new-tokens", type=positive, metavar="N", help="default: the task's own budget")
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """An option's N: a whole number above 0."""
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 
-def _dtype(args: argparse.Namespace) -> str:
+def loaded_dtype(args: argparse.Namespace) -> str:
     """The dtype the model will be loaded in (--dtype, else the device's default), as outputs are keyed on it."""
     return str(as_dtype(args.dtype) or default_dtype(as_device(args.device))).removeprefix("torch.")
 
 
-def _quantization(args: argparse.Namespace) -> str | None:
+def quantization(args: argparse.Namespace) -> str | None:
+    """--int8 / --int4 as the library's `quantize=`."""
     return "int8" if args.int8 else "int4" if args.int4 else None

@@ -14,7 +14,7 @@ from ..core.audio import as_waveform
 from ..core.errors import AudioError, InputError, OutputError
 from ..core.files import refuse_inputs
 from ..core.model import QwenAudio
-from .options import Plan, _positive, add_model_options, freeze
+from .options import Plan, add_model_options, freeze, positive
 
 PARSER = dict(help="record every layer's activations for one prompt",
               description="Run one prompt (a prefill, no generation) and write its activations "
@@ -35,28 +35,25 @@ class TracePlan(Plan):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
-    parser.add_argument("--project", type=_positive, metavar="K",
+    parser.add_argument("--project", type=positive, metavar="K",
                         help="project wide tensors onto K fixed random columns (keeps full-size traces small)")
     parser.add_argument("--logits", choices=("last", "all"), default="last", help="which positions' logits to keep")
     add_model_options(parser, "Qwen/Qwen-Audio")
 
 
 def plan(args: argparse.Namespace) -> TracePlan:
-    plan_trace(args)
+    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
+    check_trace_out(args.out, [*readable_clips(trace.prompt_clips(args.prompt)), *model_files(args.model)])
     return freeze(TracePlan, args)
 
 
 def run(model: QwenAudio, plan: TracePlan) -> int:
-    return trace_prompt(model, plan)
+    trace.record(model, plan.prompt, project=plan.project, logits=plan.logits).save(plan.out)
+    print(f"wrote {plan.out}", file=sys.stderr)
+    return 0
 
 
-def plan_trace(args: argparse.Namespace) -> None:
-    """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
-    _check_trace_out(args.out, [*_readable_clips(trace.prompt_clips(args.prompt)), *_model_files(args.model)])
-
-
-
-def _readable_clips(paths: list[str]) -> list[str]:
+def readable_clips(paths: list[str]) -> list[str]:
     """`paths` (a prompt's clips), each checked as the model would read it."""
     for path in paths:
         try:
@@ -66,13 +63,13 @@ def _readable_clips(paths: list[str]) -> list[str]:
     return paths
 
 
-def _model_files(model: str | None) -> list[Path]:
+def model_files(model: str | None) -> list[Path]:
     """The files of a local checkpoint directory (a repo id is not local yet)."""
     path = Path(model) if model else None
     return [*path.iterdir(), path] if path and path.is_dir() else []
 
 
-def _check_trace_out(out: Path, reads: list) -> None:
+def check_trace_out(out: Path, reads: list) -> None:
     """--out is none of the inputs (a clip, a trace, a model file), replaces only an older trace, and can be
     written: all found before the model loads (OutputError)."""
     refuse_inputs([out], reads)
@@ -87,10 +84,3 @@ def _check_trace_out(out: Path, reads: list) -> None:
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:
         raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
-
-
-def trace_prompt(model: QwenAudio, args: TracePlan) -> int:
-    trace.record(model, args.prompt, project=args.project, logits=args.logits).save(args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-

@@ -22,7 +22,7 @@ from ..core.tokenizer import LANGUAGES
 from ..longform import Segment, text_of, words_of
 from ..runner import Report
 from ..subtitles import Word, cues, to_json, to_srt, to_vtt
-from .options import Plan, UsageError, _dtype, _positive, _quantization, add_model_options, freeze
+from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive, quantization
 
 TASK_CHOICES = ("transcribe", "translate", *tasks.ANALYSES)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
@@ -78,37 +78,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo files whose outputs exist, with any settings, and replace files of the outputs' "
                              "names that this command did not write (never an input)")
-    parser.add_argument("--batch-size", type=_positive, default=4, metavar="N",
+    parser.add_argument("--batch-size", type=positive, default=4, metavar="N",
                         help="files per forward pass; default 4")
     add_model_options(parser, "Qwen/Qwen-Audio")
 
 
 def plan(args: argparse.Namespace) -> TranscribePlan:
-    """The options that do not go together (UsageError), then the inputs and outputs (`plan_outputs`)."""
-    args = argparse.Namespace(**vars(args))  # resolved here: the plan holds the values the run uses
-    if args.timestamps or args.format in (*TIMED_FORMATS, "all"):
-        if args.task != "transcribe":
-            raise UsageError("word timestamps (--timestamps, --format srt, vtt or all) come only with --task "
-                             "transcribe")
-        args.timestamps = True
+    """The options that do not go together (UsageError), resolved (timestamps implied by a timed format, languages
+    defaulted), then the inputs and outputs (`_plan_outputs`)."""
+    timestamps = args.timestamps or args.format in (*TIMED_FORMATS, "all")
+    if timestamps and args.task != "transcribe":
+        raise UsageError("word timestamps (--timestamps, --format srt, vtt or all) come only with --task transcribe")
     if args.format == "all" and not args.output_dir:
         raise UsageError("--format all writes files: give --output-dir")
     ignored = [option for option, used in (
-        ("--itn", not args.itn or (args.task == "transcribe" and not args.timestamps)),
+        ("--itn", not args.itn or (args.task == "transcribe" and not timestamps)),
         ("--language", args.language is None or args.task in ("transcribe", "translate")),
         ("--target-language", args.target_language is None or args.task == "translate")) if not used]
     if ignored:
         what = "word timestamps" if args.task == "transcribe" else f"--task {args.task}"
         raise UsageError(f"{' and '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with {what}")
-    args.language, args.target_language = args.language or "en", args.target_language or "zh"
-    return plan_outputs(args)
+    resolved = {"timestamps": timestamps, "language": args.language or "en",
+                "target_language": args.target_language or "zh"}
+    return _plan_outputs(args, resolved)
 
 
-def run(model: QwenAudio, plan: TranscribePlan) -> int:
-    return transcribe_files(model, plan)
+def resume_hint(_: argparse.Namespace) -> str:
+    return "rerun the same command to resume: files done are kept"
 
 
-def plan_outputs(args: argparse.Namespace) -> TranscribePlan:
+def _plan_outputs(args: argparse.Namespace, resolved: dict) -> TranscribePlan:
     """Before any model loads: find the inputs (every path must exist, and some audio must be found), check the
     output directory can be written and claim the outputs there (`_claim_outputs`), and set aside the files whose
     outputs already exist (the plan's `jobs`, `todo`)."""
@@ -117,16 +116,16 @@ def plan_outputs(args: argparse.Namespace) -> TranscribePlan:
         raise InputError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.files))}")
     formats = FORMATS if args.format == "all" else (args.format,)
     if not args.output_dir:
-        return freeze(TranscribePlan, args, formats=formats, jobs=jobs, todo=jobs, record={})
+        return freeze(TranscribePlan, args, **resolved, formats=formats, jobs=jobs, todo=jobs, record={})
     check_names(jobs)
     writable_directory(args.output_dir)
-    outputs = {job: [_output(args, job, f) for f in formats] for job in jobs}
-    record = _claim_outputs(args, jobs, [p for paths in outputs.values() for p in paths])
+    outputs = {job: [_output(args.output_dir, job, f) for f in formats] for job in jobs}
+    record = _claim_outputs(args, resolved, jobs, [p for paths in outputs.values() for p in paths])
     todo = [j for j in jobs if args.overwrite or not all(p.exists() for p in outputs[j])]
-    return freeze(TranscribePlan, args, formats=formats, jobs=jobs, todo=todo, record=record)
+    return freeze(TranscribePlan, args, **resolved, formats=formats, jobs=jobs, todo=todo, record=record)
 
 
-def _claim_outputs(args: argparse.Namespace, jobs: list[Job], outputs: list[Path]) -> dict:
+def _claim_outputs(args: argparse.Namespace, resolved: dict, jobs: list[Job], outputs: list[Path]) -> dict:
     """Refuse an output that is an input (an audio file, the model's files) under any name, one that exists but no
     run wrote, and, where earlier outputs exist, other settings (`--overwrite` lifts the last two); then record the
     settings and claim every output in summary.json (the record returned) before any is written, so even a killed
@@ -138,9 +137,9 @@ def _claim_outputs(args: argparse.Namespace, jobs: list[Job], outputs: list[Path
     refuse_many_inputs([record_file, *outputs], [*(job.path for job in jobs), *model_files])
     names = [str(p.relative_to(directory)) for p in outputs]
     record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
-    settings = {"task": args.task, "language": args.language, "target_language": args.target_language,
-                "itn": args.itn, "timestamps": args.timestamps, "max_new_tokens": args.max_new_tokens,
-                "model": str(args.model), **key, "dtype": _dtype(args), "quantization": _quantization(args)}
+    settings = {"task": args.task, "language": resolved["language"], "target_language": resolved["target_language"],
+                "itn": args.itn, "timestamps": resolved["timestamps"], "max_new_tokens": args.max_new_tokens,
+                "model": str(args.model), **key, "dtype": loaded_dtype(args), "quantization": quantization(args)}
     if ours:
         check_settings(record, settings, directory, overwrite=args.overwrite)
     claimed = sorted({*(record["outputs"] if record else []), *names})
@@ -150,22 +149,22 @@ def _claim_outputs(args: argparse.Namespace, jobs: list[Job], outputs: list[Path
     return claim
 
 
-def transcribe_files(model: QwenAudio, args: TranscribePlan) -> int:
+def run(model: QwenAudio, plan: TranscribePlan) -> int:
     """Inputs are batched by length and shared between processes (`qwenaudio.runner`); a file that cannot be read,
     recognised or written is reported and the others go on. Outputs are written under temporary names and renamed,
     so an output that exists is complete; stdout gets the files in input order. summary.json (rank 0) lists the
     files done, skipped and failed, also after Ctrl-C."""
-    processes, jobs, todo = args.processes, args.jobs, args.todo
-    printing = processes.world == 1 and args.format != "all"
+    processes, jobs, todo = plan.processes, plan.jobs, plan.todo
+    printing = processes.world == 1 and plan.format != "all"
     shown = InputOrder(todo if printing else [])
     documents: dict[Path, str] = {}
     progress = processes.progress("files")
 
     def write(job: Job, result: tuple[str, list[Word], list[Segment]]) -> None:
-        for fmt in args.formats:
-            document = render(fmt, job.path, *result, args.task)
-            if args.output_dir:
-                target = _output(args, job, fmt)
+        for fmt in plan.formats:
+            document = render(fmt, job.path, *result, plan.task)
+            if plan.output_dir:
+                target = _output(plan.output_dir, job, fmt)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_text(target, document)
             if printing:
@@ -175,23 +174,23 @@ def transcribe_files(model: QwenAudio, args: TranscribePlan) -> int:
         if interrupted:  # what has finished is printed, in order, though earlier files have not
             shown.flush()
         planned = set(todo)
-        summary = {**args.record, "files": len(jobs),
+        summary = {**plan.record, "files": len(jobs),
                    "done": [path for report in reports for path in report.done],
                    "skipped": [str(j.path) for j in jobs if j not in planned],
                    "failed": [line for report in reports for line in report.failed],
                    "processes": processes.world, "interrupted": interrupted, "finished": not interrupted}
-        if args.output_dir:
+        if plan.output_dir:
             try:
-                write_text(args.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+                write_text(plan.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             except OSError as e:
-                print(f"error: could not write {args.output_dir / 'summary.json'}: {e}", file=sys.stderr)
+                print(f"error: could not write {plan.output_dir / 'summary.json'}: {e}", file=sys.stderr)
         print(f"{len(summary['done'])} done, {len(summary['skipped'])} skipped (outputs exist), "
               f"{len(summary['failed'])} failed, of {len(jobs)} files" + (" (interrupted)" if interrupted else ""),
               file=sys.stderr)
 
     _, reports = processes.run(
-        todo, lambda batch, clips: run_task(model, batch, clips, args), write, summarize,
-        batch_size=args.batch_size,
+        todo, lambda batch, clips: run_task(model, batch, clips, plan), write, summarize,
+        batch_size=plan.batch_size,
         progress=lambda k, n, batch: progress.count(k, n, " ".join(str(j.path) for j in batch)),
         finished=lambda job, _: shown.finish(job, documents.pop(job.path, None)),
         different="the processes found different files to do; is the output directory shared and stable?")
@@ -222,24 +221,24 @@ class InputOrder:
             print(document, end="", flush=True)
 
 
-def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], args: TranscribePlan
+def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], plan: TranscribePlan
              ) -> list[tuple[str, list[Word], list[Segment]]]:
     """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks): a long
     file reports its windows as they are done."""
-    generation = {"max_new_tokens": args.max_new_tokens}  # None keeps the task's own budget
-    if args.task == "transcribe":
-        task = tasks.asr_task(args.language, itn=args.itn, timestamps=args.timestamps)
-    elif args.task == "translate":
-        task = tasks.translate_task(args.language, args.target_language)
+    generation = {"max_new_tokens": plan.max_new_tokens}  # None keeps the task's own budget
+    if plan.task == "transcribe":
+        task = tasks.asr_task(plan.language, itn=plan.itn, timestamps=plan.timestamps)
+    elif plan.task == "translate":
+        task = tasks.translate_task(plan.language, plan.target_language)
     else:
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
-                for text, c in zip(tasks.analyse(model, clips, args.task, **generation), clips)]
-    who = args.processes.who
+                for text, c in zip(tasks.analyse(model, clips, plan.task, **generation), clips)]
+    who = plan.processes.who
 
     def windows(i: int, finished: int, total: int) -> None:
         print(f"{who}{jobs[i].path}: {finished}/{total} windows", file=sys.stderr, flush=True)
 
-    out = tasks.segments(model, clips, task, timed=args.timestamps, progress=windows, **generation)
+    out = tasks.segments(model, clips, task, timed=plan.timestamps, progress=windows, **generation)
     return [(text_of(parts), words_of(parts), parts) for parts in out]
 
 
@@ -265,5 +264,5 @@ def _for_stdout(job: Job, fmt: str, document: str, single: bool) -> str:
     return f"==> {job.path} <==\n{document}"
 
 
-def _output(args: argparse.Namespace, job: Job, fmt: str) -> Path:
-    return args.output_dir / job.name.with_name(f"{job.name.name}.{fmt}")
+def _output(directory: Path, job: Job, fmt: str) -> Path:
+    return directory / job.name.with_name(f"{job.name.name}.{fmt}")

@@ -10,7 +10,7 @@ from .. import trace
 from ..core.errors import InputError
 from ..core.model import QwenAudio
 from .options import Plan, UsageError, add_model_options, freeze
-from .trace import _check_trace_out, _model_files, _readable_clips
+from .trace import check_trace_out, model_files, readable_clips
 
 PARSER = dict(help="compare two traces layer by layer",
               description="Compare our trace with a reference trace (from tools/record_official.py); "
@@ -49,20 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, None)
 
 
-def plan(args: argparse.Namespace) -> VerifyPlan:
-    if len(args.traces) != (1 if args.model else 2):
-        raise UsageError("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
-    if args.out and not args.model:
-        raise UsageError("--out saves the trace recorded with --model; OURS is already a file")
-    args = argparse.Namespace(**vars(args))  # `plan_verify` fills in the traces and the dtype; the plan holds them
-    plan_verify(args)
-    return freeze(VerifyPlan, args)
-
-
-def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
-    return verify_traces(model, plan)
-
-
 def _tolerance(text: str) -> float:
     """verify's --rtol, --atol, --isolated-rtol: a finite number >= 0 (nan would fail every tensor silently)."""
     try:
@@ -73,45 +59,48 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def plan_verify(args: argparse.Namespace) -> None:
+def plan(args: argparse.Namespace) -> VerifyPlan:
     """Before the model loads: both traces (or the reference and the clips of its prompt, which ours is recorded
     from), --out, and the dtype to record in (the reference's, to compare like with like)."""
-    args.reference = trace.Trace.load(args.traces[-1])
+    if len(args.traces) != (1 if args.model else 2):
+        raise UsageError("give OURS and REFERENCE traces, or one REFERENCE trace and --model")
+    if args.out and not args.model:
+        raise UsageError("--out saves the trace recorded with --model; OURS is already a file")
+    reference = trace.Trace.load(args.traces[-1])
     if not args.model:
-        args.ours = trace.Trace.load(args.traces[0])
-        return
-    manifest = args.reference.manifest
+        return freeze(VerifyPlan, args, reference=reference, ours=trace.Trace.load(args.traces[0]))
+    manifest = reference.manifest
     try:
-        clips = _readable_clips(trace.prompt_clips(manifest.get("prompt")))
+        clips = readable_clips(trace.prompt_clips(manifest.get("prompt")))
     except InputError as e:
         raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
     if args.out:
-        _check_trace_out(args.out, [*args.traces, *clips, *_model_files(args.model)])
+        check_trace_out(args.out, [*args.traces, *clips, *model_files(args.model)])
     dtype = manifest.get("model", {}).get("dtype")
     if not args.dtype and dtype not in trace.RTOL:
         raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
-    args.dtype = args.dtype or dtype
+    return freeze(VerifyPlan, args, reference=reference, dtype=args.dtype or dtype)
 
 
-def verify_traces(model: QwenAudio | None, args: VerifyPlan) -> int:
+def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
     """Print the per-tensor table of the stages both traces hold and what each lacks; the first tensor out of
     tolerance is where the implementations part. With the model at hand, also each layer on the reference's own
     input (`trace.isolate`), which needs a full-size reference holding every stage; else say what it lacks."""
-    reference, isolated, blocker = args.reference, None, None
+    reference, isolated, blocker = plan.reference, None, None
     if model is None:
-        ours = args.ours
+        ours = plan.ours
     else:
         m = reference.manifest
         ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
-        if args.out:
-            ours.save(args.out)
+        if plan.out:
+            ours.save(plan.out)
         blocker = trace.isolation_blocker(model, reference)
-        isolated = None if blocker else trace.isolate(model, reference, rtol=args.isolated_rtol)
-    rows = trace.compare(ours, reference, rtol=args.rtol, atol=args.atol)
+        isolated = None if blocker else trace.isolate(model, reference, rtol=plan.isolated_rtol)
+    rows = trace.compare(ours, reference, rtol=plan.rtol, atol=plan.atol)
     lacking, ours_lacking = trace.unmatched(ours, reference)
     print(trace.format_table(rows, isolated))
     failed = [r for r in rows if not r.ok]
-    rtol = trace.default_rtol(ours, reference) if args.rtol is None else args.rtol
+    rtol = trace.default_rtol(ours, reference) if plan.rtol is None else plan.rtol
     looser = "".join(f", {r.name} {r.rtol:g}" for r in rows if r.rtol != rtol)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} tensors within rtol {rtol:g}{looser}" +
           (f"; first divergence: {failed[0].name}" if failed else ""))
