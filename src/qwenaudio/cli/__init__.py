@@ -32,7 +32,7 @@ from ..core.errors import InputError, OutputError, QwenAudioError
 from ..hub import load
 from ..runner import Processes, leave_process_group
 from . import chat, evaluate, finetune, merge, quantize, trace, transcribe, verify
-from .options import Terminated, UsageError, quantization
+from .options import Terminated, UsageError
 
 __all__ = ["COMMANDS", "Terminated", "main", "parse"]
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if plan.processes.world > 1 and device == "cuda":  # torchrun's process on its own GPU
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
-        model = plan.model and load(plan.model, device=device, dtype=plan.dtype, quantize=quantization(plan),
+        model = plan.model and load(plan.model, device=device, dtype=plan.dtype, quantize=plan.quantize,
                                     adapter=plan.adapter, progress=plan.processes.rank == 0)
     except QwenAudioError as e:  # a missing checkpoint's message says how to get one
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import evaluation, prompts
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
-from .options import Plan, add_model_options, freeze, loaded_dtype, positive, quantization
+from .options import Plan, add_model_options, freeze, loaded_dtype, positive
 
 SHARES_WORK = True  # under torchrun, the processes share the examples
 PARSER = dict(help="run one of the paper's benchmarks as the official script does",
@@ -63,9 +63,9 @@ def plan(args: argparse.Namespace) -> EvaluatePlan:
     benchmark = evaluation.plan(
         args.task, args.data, args.output_dir, audio_root=args.audio_root, language=args.language,
         caption_style=args.caption_style, limit=args.limit, max_new_tokens=args.max_new_tokens,
-        model_name=args.model + (" (int8)" if args.int8 else "") + (" (int4)" if args.int4 else "") +
+        model_name=args.model + (f" ({args.quantize})" if args.quantize else "") +
         (f" + adapter {args.adapter.resolve()}" if args.adapter else ""), checkpoint=args.model,
-        adapter=args.adapter, dtype=loaded_dtype(args), quantization=quantization(args), overwrite=args.overwrite)
+        adapter=args.adapter, dtype=loaded_dtype(args), quantization=args.quantize, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # every line that cannot run, before the model loads
         for problem in benchmark.problems:
             print(f"error: {problem}", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from ..core.files import fingerprint, refuse_inputs, writable_directory
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
 from ..hub import looks_like_path, resolve
-from .options import Plan, add_model_options, freeze, positive, quantization
+from .options import Plan, add_model_options, freeze, positive
 
 SHARES_WORK = True  # under torchrun, the processes share each step
 PARSER = dict(help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
@@ -119,9 +119,9 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
     if args.adapter:
         raise InputError("--adapter: an adapter's training continues with --resume in its run's --output-dir")
     try:  # the library's rule (train refuses the same), named by the option that asked for the weights
-        finetune.check_quantization(config, quantization(args))
+        finetune.check_quantization(config, args.quantize)
     except InputError as e:
-        raise InputError(f"--{quantization(args)}: {e}") from None
+        raise InputError(f"--{args.quantize}: {e}") from None
     examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language)
     eval_examples = _eval_examples(args)
     if bad and not args.skip_bad:

@@ -34,8 +34,7 @@ class Plan:
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
-    int8: bool = False
-    int4: bool = False
+    quantize: str | None = None  # --int8 / --int4: the library's `quantize=`
     adapter: Path | None = None
     processes: Processes = Processes()
 
@@ -55,11 +54,11 @@ def add_model_options(parser: argparse.ArgumentParser, repo: str | None) -> None
                         help="default: bfloat16 where the hardware runs it fast (GPUs, AVX-512 CPUs), else float32 "
                              "(float16 on older GPUs); verify: the reference trace's dtype")
     quantized = parser.add_mutually_exclusive_group()
-    quantized.add_argument("--int8", action="store_true",
+    quantized.add_argument("--int8", action="store_const", dest="quantize", const="int8",
                            help="quantize the decoder's linears to int8 while loading (peak memory 10.7 GiB instead "
                                 "of 15.5; on CPUs with AVX-512 also faster decoding); int8 checkpoints load in int8 "
                                 "without it")
-    quantized.add_argument("--int4", action="store_true",
+    quantized.add_argument("--int4", action="store_const", dest="quantize", const="int4",
                            help="quantize the decoder's linears to int4 (groups of 64, or 32 where 64 does not divide "
                                 "a layer's inputs) while loading (peak memory 7.95 GiB instead of int8's 10.8), "
                                 "inference only; int4 checkpoints (quantize --bits 4) load in int4 without it")
@@ -78,8 +77,3 @@ def positive(text: str) -> int:
 def loaded_dtype(args: argparse.Namespace) -> str:
     """The dtype the model will be loaded in (--dtype, else the device's default), as outputs are keyed on it."""
     return str(as_dtype(args.dtype) or default_dtype(as_device(args.device))).removeprefix("torch.")
-
-
-def quantization(args: argparse.Namespace) -> str | None:
-    """--int8 / --int4 as the library's `quantize=`."""
-    return "int8" if args.int8 else "int4" if args.int4 else None

@@ -22,7 +22,7 @@ from ..core.tokenizer import LANGUAGES
 from ..longform import Segment, text_of, words_of
 from ..runner import Report
 from ..subtitles import Word, cues, to_json, to_srt, to_vtt
-from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive, quantization
+from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive
 
 TASK_CHOICES = ("transcribe", "translate", *tasks.ANALYSES)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
@@ -139,7 +139,7 @@ def _claim_outputs(args: argparse.Namespace, resolved: dict, jobs: list[Job], ou
     record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
     settings = {"task": args.task, "language": resolved["language"], "target_language": resolved["target_language"],
                 "itn": args.itn, "timestamps": resolved["timestamps"], "max_new_tokens": args.max_new_tokens,
-                "model": str(args.model), **key, "dtype": loaded_dtype(args), "quantization": quantization(args)}
+                "model": str(args.model), **key, "dtype": loaded_dtype(args), "quantization": args.quantize}
     if ours:
         check_settings(record, settings, directory, overwrite=args.overwrite)
     claimed = sorted({*(record["outputs"] if record else []), *names})
