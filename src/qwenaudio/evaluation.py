@@ -102,10 +102,8 @@ def st_languages(source: str) -> tuple[str, str]:
     third- and second-last "_"-separated parts."""
     parts = source.split("_")
     try:
-        if len(parts) < 3:
-            raise InputError(source)
         return prompts.check_language(parts[-3]), prompts.check_language(parts[-2])
-    except InputError:
+    except (IndexError, InputError):  # fewer than three parts, or one that names no language
         raise InputError(f"source {source!r} does not name a language pair the way CoVoST2 sources do "
                          f"(NAME_FROM_TO_SPLIT, with FROM and TO among {' '.join(LANGUAGES)})") from None
 

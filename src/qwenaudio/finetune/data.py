@@ -8,7 +8,7 @@ Three forms are read, one example a line, audio paths relative to the file:
   learns the response and the `<|endoftext|>` after it;
 - chat form, for Qwen-Audio-Chat: `{"messages": [{"role": "user", "content": [{"audio": "a.wav"}, {"text": "…"}]},
   {"role": "assistant", "content": "…"}, …]}` (an optional first `system` message), rendered as the official
-  ChatML context (chat.py's pieces, `Audio 1:` labels per turn); the model learns each assistant reply and its
+  ChatML context (`prompts.render_chat`, `Audio 1:` labels per turn); the model learns each assistant reply and its
   `<|im_end|>`, nothing else. Text may also hold the official inline form that `tokenizer.from_list_format` writes,
   `"Audio 1:<audio>a.wav</audio>\nwhat is it?"`;
 - ms-swift's form: `{"messages": [{"role": "user", "content": "<audio>what is said?"}, …], "audios": ["a.wav"]}`,
