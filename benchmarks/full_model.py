@@ -58,8 +58,9 @@ def peak_rss_gib() -> float:
 def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     """One mode, in this process: load, then transcribe the clip step by step with timings."""
     import qwenaudio
-    from qwenaudio.core.audio import audio_span, load_audio
-    from qwenaudio.tasks import asr_task, prompt_texts
+    from qwenaudio.core.audio import load_audio
+    from qwenaudio.core.model import prompt_batch
+    from qwenaudio.prompts import asr
 
     dtype, quantized = MODES[mode]
     start = time.perf_counter()
@@ -69,7 +70,7 @@ def measure(weights: Path, mode: str, new_tokens: int) -> dict:
     rss_loaded = peak_rss_gib()
 
     clip = load_audio(CLIP)[: SECONDS * 16000] if CLIP.exists() else 0.1 * torch.randn(SECONDS * 16000)
-    batch = model.tokenizer.encode_batch(prompt_texts(asr_task("en"), ["clip"]), audio_spans=[[audio_span(len(clip))]])
+    batch = prompt_batch(model.tokenizer, [asr("en").text("clip")], [[clip]])
     config = model.generation_config.replace(do_sample=False, max_new_tokens=new_tokens)
     runs = [_transcribe(model, clip, batch, config) for _ in range(2)]
     return {"mode": mode, "prompt_tokens": batch.input_ids.shape[1], "load_s": loaded - start,

@@ -72,9 +72,9 @@ def test_old_build_context_warns_and_still_gives_the_official_raw_text_and_ids(t
 def test_old_content_ids_warns_and_still_works(tokenizer):
     from qwenaudio import chat as module
 
-    with pytest.warns(DeprecationWarning, match="chat.content_ids is deprecated; use prompts.content_ids"):
+    with pytest.warns(DeprecationWarning, match="chat.content_ids is deprecated; use prompts.render_chat"):
         old = module.content_ids
-    assert old(tokenizer, "Say <|im_start|>", span_of) == prompts.content_ids(tokenizer, "Say <|im_start|>", span_of)
+    assert old(tokenizer, "Say <|im_start|>", span_of) == prompts._content(tokenizer, "Say <|im_start|>", span_of)[0]
 
 
 def test_typed_markers_stay_text_but_tags_do_not(tokenizer):

@@ -166,7 +166,7 @@ def test_st_rows_need_a_language_pair_in_the_source(tmp_path, shared_audio):
 
 
 @pytest.mark.parametrize("old, new", [("TASKS", "BENCHMARKS"), ("Task", "Benchmark"),
-                                      ("read_examples", "read_benchmark")])
+                                      ("read_examples", "read_benchmark"), ("Example", "BenchmarkExample")])
 def test_old_names_warn_and_still_work(old, new):
     with pytest.warns(DeprecationWarning, match=f"evaluation.{old} is deprecated; use evaluation.{new}"):
         assert getattr(evaluation, old) is getattr(evaluation, new)

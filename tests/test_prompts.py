@@ -43,6 +43,12 @@ def test_caption_styles_and_languages_are_checked():
         prompts.translation("unknown", "en")
 
 
+def test_a_prompt_s_text_is_the_clip_then_the_tags():
+    """One rule for the whole base-model prompt: tasks, evaluation and fine-tuning all write it with `Prompt.text`."""
+    assert prompts.asr().text("a b.wav") == "<audio>a b.wav</audio>" + prompts.asr().tags
+    assert prompts.audio_prompt(Path("/x/c.flac"), "<|en|>") == "<audio>/x/c.flac</audio><|en|>"
+
+
 # eval_audio/evaluate_*.py at e81cc26: a representative row of each script's data and the prompt it writes after
 # </audio>, exactly as the script's f-string formats it, and the script's max_new_tokens.
 BENCHMARK_PROMPTS = {

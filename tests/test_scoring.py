@@ -275,3 +275,10 @@ def test_malformed_note_references_warn_and_keep_the_official_scores():
     assert scores["instrument"] == scores["velocity"] == scores["pitch"] == 1.0  # the official quirk, kept
     assert scoring.unreadable_notes([*refs, "<|pitch|><|midi_pitch_1|><|velocity|><|midi_velocity_2|>"
                                             "<|instrument|>bass"]) == [0, 1]
+
+
+def test_the_old_name_of_the_scored_languages_warns_and_still_works():
+    with pytest.warns(DeprecationWarning, match="scoring.LANGUAGES is deprecated; use scoring.SCORED_LANGUAGES"):
+        assert scoring.LANGUAGES is scoring.SCORED_LANGUAGES == ("en", "zh")
+    with pytest.raises(AttributeError, match="module 'qwenaudio.scoring' has no attribute 'LANGUAGE'"):
+        scoring.LANGUAGE

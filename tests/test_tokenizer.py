@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qwenaudio import Tokenizer, TokenizerError
-from qwenaudio.core.tokenizer import AUDIO_TAGS, SPECIAL_TOKENS
+from qwenaudio.core.errors import AudioTagError
+from qwenaudio.core.tokenizer import AUDIO_TAGS, SPECIAL_TOKENS, audio_regions
 
 from .conftest import GOLDEN, reference
 
@@ -139,6 +140,32 @@ def test_audio_paths(tokenizer):
     text = "Audio 1:<audio>/data/a b.wav</audio>\nAudio 2:<audio>音频/测试.mp3</audio>"
     assert tokenizer.audio_paths(text) == ["/data/a b.wav", "音频/测试.mp3"]
     assert tokenizer.audio_paths(text, allowed_special=set()) == []
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(st.lists(st.sampled_from(["<audio>", "</audio>", "a.wav", " ", "<|en|>", "e\u0301", "<audio", "io>", "\n"]),
+                max_size=8))
+def test_audio_regions_of_text_are_the_tokenizer_s(tokenizer, pieces):
+    """The text-level reading (trace and fine-tuning read prompts before a tokenizer loads) finds what the tokenizer
+    finds, and refuses what it refuses."""
+    text = unicodedata.normalize("NFC", "".join(pieces))
+    try:
+        theirs = tokenizer.audio_paths(text)
+    except TokenizerError:
+        with pytest.raises(AudioTagError):
+            audio_regions(text)
+    else:
+        assert audio_regions(text) == theirs
+
+
+@pytest.mark.parametrize("text, problem, before", [("<audio>a<audio>b</audio>", "nested", []),
+                                                    ("<audio>a</audio></audio>", "unopened", ["a"]),
+                                                    ("x</audio>", "unopened", []), ("<audio>a", "unclosed", [])])
+def test_audio_regions_say_the_first_problem(text, problem, before):
+    with pytest.raises(AudioTagError) as caught:
+        audio_regions(text)
+    assert (caught.value.problem, caught.value.regions) == (problem, before)
+    assert isinstance(caught.value, TokenizerError)
 
 
 @pytest.mark.parametrize("text, spans, message", [

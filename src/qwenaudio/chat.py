@@ -12,7 +12,6 @@ recomputed).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from . import prompts
 from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
-from .core.checks import expect, expect_model, shown
+from .core.checks import expect, expect_model, renamed, shown
 from .core.errors import InputError
 from .core.generate import Session
 from .core.model import QwenAudio
@@ -29,17 +28,6 @@ from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 
 History = list[tuple[str, str]]
-
-
-def __getattr__(name: str):
-    """The renderer's old names: they still work, with a warning (`prompts.render_chat` is the one renderer)."""
-    moved = {"build_context": ("prompts.render_chat", _build_context),
-             "content_ids": ("prompts.content_ids", prompts.content_ids)}
-    if name not in moved:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new, value = moved[name]
-    warnings.warn(f"chat.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
-    return value
 
 
 def _build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
@@ -52,6 +40,15 @@ def _build_context(tokenizer: Tokenizer, query: str, history: History, system: s
     raw = (f"<|im_start|>system\n{system}<|im_end|>{turns}"
            f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n")
     return raw, ids
+
+
+def _content_ids(tokenizer: Tokenizer, content: str, span_of) -> list[int]:
+    """A message's ids as ChatML holds them. Deprecated: `prompts.render_chat` encodes every message."""
+    return prompts._content(tokenizer, content, span_of)[0]
+
+
+__getattr__ = renamed(__name__, {  # the renderer's old names (`prompts.render_chat` is the one renderer)
+    "build_context": ("prompts.render_chat", _build_context), "content_ids": ("prompts.render_chat", _content_ids)})
 
 
 class Chat:

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from .batch import (check_outputs, check_settings, model_identity, refuse_many_i
                     write_record)
 from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
-from .core.checks import as_path, expect, expect_model
+from .core.checks import as_path, expect, expect_model, renamed
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.files import refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio
@@ -46,18 +45,6 @@ from .progress import Progress
 from .runner import Processes, Report
 
 T = TypeVar("T")
-
-
-def __getattr__(name: str):
-    """The names this module had before each meant one thing: they still work, with a warning."""
-    moved = {"TASKS": ("evaluation.BENCHMARKS", BENCHMARKS), "Task": ("evaluation.Benchmark", Benchmark),
-             "read_examples": ("evaluation.read_benchmark", read_benchmark),
-             "CAPTION_STYLES": ("prompts.CAPTION_STYLES", prompts.CAPTION_STYLES)}
-    if name not in moved:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new, value = moved[name]
-    warnings.warn(f"evaluation.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
-    return value
 
 
 @dataclass(frozen=True)
@@ -114,15 +101,16 @@ def st_languages(source: str) -> tuple[str, str]:
     """(spoken, written) language of a CoVoST2 source such as "covost2_en_de_test": the official script takes the
     third- and second-last "_"-separated parts."""
     parts = source.split("_")
-    if len(parts) < 3 or parts[-3] not in LANGUAGES or parts[-2] not in LANGUAGES:
+    try:
+        return prompts.check_language(parts[-3]), prompts.check_language(parts[-2])
+    except (IndexError, InputError):  # fewer than three parts, or one that names no language
         raise InputError(f"source {source!r} does not name a language pair the way CoVoST2 sources do "
-                         f"(NAME_FROM_TO_SPLIT, with FROM and TO among {' '.join(LANGUAGES)})")
-    return parts[-3], parts[-2]
+                         f"(NAME_FROM_TO_SPLIT, with FROM and TO among {' '.join(LANGUAGES)})") from None
 
 
 @dataclass(frozen=True)
-class Example:
-    """One data row, checked and ready to run."""
+class BenchmarkExample:
+    """One data row of a benchmark, checked and ready to run (fine-tuning's are `finetune.Example`s)."""
 
     line: int  # 1-based line of the data file
     path: Path  # the clip, resolved against the audio root
@@ -140,12 +128,12 @@ class Example:
     @property
     def text(self) -> str:
         """The whole prompt, as the official scripts' collate_fn writes it."""
-        return f"<audio>{self.audio}</audio>{self.prompt}"
+        return prompts.audio_prompt(self.audio, self.prompt)
 
 
 def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None = None,
                    language: str | None = None, caption_style: str = "clotho", limit: int | None = None,
-                   check_audio: bool = True) -> tuple[list[Example], list[str]]:
+                   check_audio: bool = True) -> tuple[list[BenchmarkExample], list[str]]:
     """The examples of an official-format JSON Lines file, and a message per line that cannot run (not JSON, a
     field missing or of the wrong type, a clip the model cannot hear: `check_clips`), each naming the file and
     line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
@@ -167,7 +155,7 @@ def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None
     return examples, by_line(data, [*problems, *bad])
 
 
-def check_clips(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
+def check_clips(examples: Sequence[BenchmarkExample]) -> tuple[list[BenchmarkExample], list[str]]:
     """The examples whose clip the model can hear, and a message per other one naming its file:line: each clip is
     read and checked as `as_waveform` checks it when its batch runs (no such file, a directory, not audio, empty,
     NaN or infinite samples, shorter than one audio token), so a bad clip is reported before any model loads. This
@@ -224,7 +212,7 @@ def read_lines(path: Path, parse: Callable[[Any, int, str], T], limit: int | Non
 
 
 def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None, language: str | None,
-             caption_style: str) -> Example:
+             caption_style: str) -> BenchmarkExample:
     spec = BENCHMARKS[task]
     if not isinstance(row, dict):
         raise InputError(f"expected a JSON object, got {type(row).__name__}")
@@ -249,7 +237,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
         language = None
     path = Path(row["audio"])
     resolved = path if path.is_absolute() or audio_root is None else audio_root / path
-    return Example(line, resolved, row["audio"], reference, row["source"],
+    return BenchmarkExample(line, resolved, row["audio"], reference, row["source"],
                    prompt(task, row, language, caption_style), language, where)
 
 
@@ -269,12 +257,12 @@ def spoken_language(row: dict[str, Any], default: str | None) -> str:
 
 def scored_language(task: str, language: str) -> str:
     """`language` once `task`'s score is defined in it (the ASR and SRWT error rates: en or zh), else InputError."""
-    if language not in scoring.LANGUAGES:
-        raise InputError(f"{task} is scored in {' or '.join(scoring.LANGUAGES)} only, not {language!r}")
+    if language not in scoring.SCORED_LANGUAGES:
+        raise InputError(f"{task} is scored in {' or '.join(scoring.SCORED_LANGUAGES)} only, not {language!r}")
     return language
 
 
-def example_scores(task: str, example: Example, reply: str) -> dict[str, Any]:
+def example_scores(task: str, example: BenchmarkExample, reply: str) -> dict[str, Any]:
     """Per-example score fields: an error count and reference length for ASR and SRWT (the WER of a source is their
     sums' ratio), correctness for the exact-match tasks and the note fields; nothing for the corpus scores (BLEU,
     CIDEr)."""
@@ -380,9 +368,9 @@ class Run:
     task: str
     output_dir: Path
     settings: dict[str, Any]
-    examples: list[Example]
+    examples: list[BenchmarkExample]
     problems: list[str]
-    todo: list[Example]
+    todo: list[BenchmarkExample]
 
 
 OUTPUTS = ("replies", "examples.jsonl", "summary.json", "summary.md")  # what a run writes besides run.json
@@ -450,7 +438,7 @@ def _claim_output_directory(output_dir: Path, settings: dict[str, Any], overwrit
         raise OutputError(f"--output-dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
-def _read_replies(output_dir: Path, examples: dict[int, Example]) -> dict[int, dict[str, Any]]:
+def _read_replies(output_dir: Path, examples: dict[int, BenchmarkExample]) -> dict[int, dict[str, Any]]:
     """Every complete record in replies/*.jsonl; a torn last line (a run killed while writing it) is not a reply.
     A record whose line holds another clip in today's data file means the directory is another run's."""
     replies: dict[int, dict[str, Any]] = {}
@@ -490,8 +478,8 @@ class Replies:
 
 def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],
                      max_new_tokens: int, decoding: Callable[[int, int], None] | None = None) -> list[str]:
-    """The official scripts' decoding for one batch of prompts (`Example.text`, or any `<audio>PATH</audio>…` text
-    with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
+    """The official scripts' decoding for one batch of prompts (`BenchmarkExample.text`, or any
+    `<audio>PATH</audio>…` text with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
     with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
     `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
     expect_model(model)
@@ -582,10 +570,10 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Proce
     replies, started = Replies(run.output_dir, processes.rank), time.monotonic()
     max_new_tokens = run.settings["max_new_tokens"]
 
-    def reply(batch: list[Example], clips: list[torch.Tensor]) -> list[str]:
+    def reply(batch: list[BenchmarkExample], clips: list[torch.Tensor]) -> list[str]:
         return generate_replies(model, [e.text for e in batch], [[c] for c in clips], max_new_tokens, decoding)
 
-    def write(example: Example, reply: str) -> None:
+    def write(example: BenchmarkExample, reply: str) -> None:
         replies.append({"line": example.line, "audio": example.audio, "source": example.source,
                         "reference": example.reference, "reply": reply, "language": example.language,
                         **example_scores(run.task, example, reply)})
@@ -604,3 +592,10 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Proce
 def report_progress(done: int, total: int, seconds: float, rank: int = 0, world: int = 1) -> None:
     """`40/100 examples, 2.3/s, ETA 0:26` on stderr after each batch; on a terminal, a bar in front of it."""
     Progress("examples", rank, world).rate(done, total, seconds)
+
+
+__getattr__ = renamed(__name__, {  # the names this module had before each meant one thing
+    "TASKS": ("evaluation.BENCHMARKS", BENCHMARKS), "Task": ("evaluation.Benchmark", Benchmark),
+    "Example": ("evaluation.BenchmarkExample", BenchmarkExample),
+    "read_examples": ("evaluation.read_benchmark", read_benchmark),
+    "CAPTION_STYLES": ("prompts.CAPTION_STYLES", prompts.CAPTION_STYLES)})

@@ -32,6 +32,16 @@ class Prompt:
     tags: str  # what follows `</audio>`
     max_new_tokens: int  # the official evaluation's budget
 
+    def text(self, audio: str | Path) -> str:
+        """The whole prompt for the clip `audio` (`audio_prompt`)."""
+        return audio_prompt(audio, self.tags)
+
+
+def audio_prompt(audio: str | Path, tags: str) -> str:
+    """A base-model prompt: `<audio>PATH</audio>` then the tags, as the official evaluation's collate_fn writes it
+    (the path's tokens are replaced by the clip's audio pads)."""
+    return f"<audio>{audio}</audio>{tags}"
+
 
 def tags(*names: str) -> str:
     """A custom tag sequence: tags("startofanalysis", "en", "keyword") -> "<|startofanalysis|><|en|><|keyword|>"."""
@@ -122,14 +132,10 @@ def query_text(parts: str | Sequence[Part]) -> str:
     return out
 
 
-def content_ids(tokenizer: Tokenizer, content: str, span_of: Callable[[str], int]) -> list[int]:
-    """A message's text as ChatML holds it: only Qwen-Audio's audio tags are special (a typed "<|im_start|>" stays
-    text), each `<audio>path</audio>` region given its clip's span by `span_of(path)`."""
-    return _content(tokenizer, content, span_of)[0]
-
-
 def _content(tokenizer: Tokenizer, content: str, span_of: Callable[[str], int]) -> tuple[list[int], list[str]]:
-    """(`content_ids`, the path of each audio region in it)."""
+    """A message's text as ChatML holds it, and the path of each audio region in it: only Qwen-Audio's audio tags
+    are special (a typed "<|im_start|>" stays text), each `<audio>path</audio>` region given its clip's span by
+    `span_of(path)`."""
     paths = tokenizer.audio_paths(content, allowed_special=AUDIO_SPECIAL_TOKENS)
     spans = [span_of(p) for p in paths]
     return tokenizer.encode(content, allowed_special=AUDIO_SPECIAL_TOKENS, audio_spans=spans or None), paths
@@ -147,7 +153,7 @@ def render_chat(tokenizer: Tokenizer, system: str, turns: Sequence[tuple[str, st
                 span_of: Callable[[str], int], max_window_size: int | None = None) -> Rendered:
     """ChatML of a system message and (user, assistant) `turns`, then, when there is a `query`, that query and
     `<|im_start|>assistant\\n` for the reply to follow: the official `make_context`. Each message is encoded on its
-    own (`content_ids`). With `max_window_size`, turns are kept newest first while the system message, the turn and
+    own (`_content`). With `max_window_size`, turns are kept newest first while the system message, the turn and
     those kept so far stay under it; the first that does not fit drops it and all older ones (the query and the
     assistant prefix are not counted). Without a query (training) every turn is kept and its replies are learned."""
     nl = tokenizer.encode("\n")

@@ -33,9 +33,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from .core.checks import renamed
 from .core.errors import InputError, MetricUnavailableError
 
-LANGUAGES = ("en", "zh")  # the ASR benchmarks' languages: English is scored by words, Chinese by characters
+SCORED_LANGUAGES = ("en", "zh")  # the ASR benchmarks' languages: English is scored by words, Chinese by characters
 PUNCTUATION = "!,.?;:"  # marks that `remove_sp` pulls onto the word before them
 YES_NO = ("yes", "no")
 # The NSynth note qualities the note-analysis scoring knows; any other label in a reply or reference is ignored.
@@ -72,8 +73,8 @@ def _texts(value: Any, name: str) -> Sequence[str]:
 
 
 def _check_language(language: str) -> None:
-    if not isinstance(language, str) or language not in LANGUAGES:
-        raise InputError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if not isinstance(language, str) or language not in SCORED_LANGUAGES:
+        raise InputError(f"language must be one of {SCORED_LANGUAGES}, got {language!r}")
 
 
 def _check_pairs(refs: Sequence[Any], hyps: Sequence[Any]) -> None:
@@ -584,3 +585,6 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+__getattr__ = renamed(__name__, {"LANGUAGES": ("scoring.SCORED_LANGUAGES", SCORED_LANGUAGES)})  # one name, one meaning

@@ -1,7 +1,8 @@
 """The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (docs/MODEL.md#tasks).
 
-The tags and their official budgets are `qwenaudio.prompts`' (`asr_task`, `translate_task` and `question_task` are
-its `asr`, `translation` and `question`; `ANALYSES` its analyses; `prompts.tags` builds a sequence of one's own).
+The tags and their official budgets are `qwenaudio.prompts`': `asr_task`, `translate_task` and `question_task` are
+second names for its `asr`, `translation` and `question` (kept because README shows them), `ANALYSES` is its
+analyses, and `prompts.tags` builds a sequence of one's own.
 Every function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes
 greedily by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
 `GenerationConfig` field to change that.
@@ -9,7 +10,6 @@ greedily by default, as the official evaluations do; pass `do_sample=True`, `max
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -18,7 +18,7 @@ import torch
 from . import longform
 from . import prompts as _prompts
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
-from .core.checks import expect, expect_model, shown
+from .core.checks import expect, expect_model, renamed, shown
 from .core.errors import InputError
 from .core.generate import cut_at_stop
 from .core.model import QwenAudio
@@ -31,20 +31,9 @@ from .prompts import translation as translate_task
 from .subtitles import Word, in_order
 
 
-def __getattr__(name: str):
-    """The names this module had before `prompts` held every prompt: they still work, with a warning."""
-    moved = {"Task": ("tasks.Prompt", Prompt), "TASKS": ("tasks.ANALYSES", ANALYSES),
-             "tags": ("prompts.tags", _prompts.tags)}
-    if name not in moved:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new, value = moved[name]
-    warnings.warn(f"tasks.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
-    return value
-
-
 def prompt_texts(task: Prompt, names: Sequence[str]) -> list[str]:
-    """`<audio>name</audio>` + the task's tags per clip (the name's tokens are replaced by audio pads)."""
-    return [f"<audio>{name}</audio>{task.tags}" for name in names]
+    """`task.text(name)` per clip (the name's tokens are replaced by audio pads)."""
+    return [task.text(name) for name in names]
 
 
 def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt, **generation) -> list[list[int]]:
@@ -180,3 +169,7 @@ def parse_words(tokenizer: Tokenizer, reply: Sequence[int], duration: float = CH
             run_ids.append(token)
     close(start)
     return in_order(words, 0.0, duration)
+
+
+__getattr__ = renamed(__name__, {  # the names this module had before `prompts` held every prompt
+    "Task": ("tasks.Prompt", Prompt), "TASKS": ("tasks.ANALYSES", ANALYSES), "tags": ("prompts.tags", _prompts.tags)})

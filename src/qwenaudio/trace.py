@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,9 +34,10 @@ from torch import Tensor, nn
 
 from .core.audio import audio_span, load_audio, log_mel_spectrogram
 from .core.checks import expect, expect_model
-from .core.errors import InputError, OutputError
+from .core.errors import AudioTagError, InputError, OutputError
 from .core.files import writing
 from .core.model import QwenAudio
+from .core.tokenizer import audio_regions
 
 FORMAT = "qwenaudio-trace/1"
 PROJECTION_SEED = 20231115
@@ -105,34 +105,29 @@ def is_trace(path: str | Path) -> bool:
         return False
 
 
-_AUDIO_TAG = re.compile("(</?audio>)")
+_TAG_PROBLEMS = {
+    "nested": "the prompt opens an <audio> region inside another: close it with </audio> first",
+    "unopened": "the prompt has a </audio> without its <audio>",
+    "unclosed": "the prompt has an unclosed <audio> tag: end the clip's path with </audio>",
+}
 
 
 def prompt_clips(prompt: str) -> list[str]:
-    """The clips a prompt names, read from its text alone, so a command can check them before the model loads.
-    `<audio>` and `</audio>` are special tokens that the tokenizer matches literally, so this finds the regions it
-    finds; a prompt that is empty or only whitespace, a malformed tag or a region without a path is refused."""
+    """The clips a prompt names, read from its text alone (`tokenizer.audio_regions`), so a command can check them
+    before the model loads; a prompt that is empty or only whitespace, a malformed tag or a region without a path is
+    refused, whichever comes first."""
     expect(prompt, str, "prompt", "text with <audio>PATH</audio> regions")
     if not prompt.strip():
         raise InputError(f"the prompt is {'empty' if not prompt else 'only whitespace'}: give text, "
                          "<audio>PATH</audio> regions and task tags to trace")
-    paths, inside = [], None
-    for piece in _AUDIO_TAG.split(unicodedata.normalize("NFC", prompt)):
-        if piece == "<audio>":
-            if inside is not None:
-                raise InputError("the prompt opens an <audio> region inside another: close it with </audio> first")
-            inside = ""
-        elif piece == "</audio>":
-            if inside is None:
-                raise InputError("the prompt has a </audio> without its <audio>")
-            if not inside.strip():
-                raise InputError("the prompt has an <audio></audio> region without a path: <audio>PATH</audio>")
-            paths.append(inside)
-            inside = None
-        elif inside is not None:
-            inside = piece
-    if inside is not None:
-        raise InputError("the prompt has an unclosed <audio> tag: end the clip's path with </audio>")
+    try:
+        paths, problem = audio_regions(unicodedata.normalize("NFC", prompt)), None
+    except AudioTagError as e:
+        paths, problem = e.regions, e.problem
+    if any(not path.strip() for path in paths):
+        raise InputError("the prompt has an <audio></audio> region without a path: <audio>PATH</audio>")
+    if problem is not None:
+        raise InputError(_TAG_PROBLEMS[problem])
     return paths
 
 

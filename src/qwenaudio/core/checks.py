@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,22 @@ def as_path(value: Any, name: str) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise InputError(f"{name} must be a path (a str or Path), got {shown(value)}")
     return Path(value)
+
+
+def renamed(module: str, moved: dict[str, tuple[str, Any]]) -> Callable[[str], Any]:
+    """The `__getattr__` of module `module` (its `__name__`) that keeps its old names working for one release:
+    `moved[old]` is (the new name, as the warning shows it, and its value); an old name gives the value with a
+    DeprecationWarning ("tasks.Task is deprecated; use tasks.Prompt"), any other is an AttributeError."""
+    short = module.removeprefix("qwenaudio.")
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        new, value = moved[name]
+        warnings.warn(f"{short}.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return value
+
+    return __getattr__
 
 
 def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -22,6 +22,16 @@ class TokenizerError(QwenAudioError, ValueError):
     """The vocabulary file is missing or corrupt, or text / ids cannot be tokenized as asked."""
 
 
+class AudioTagError(TokenizerError):
+    """Text whose `<audio>` regions are malformed. `problem` says how: "nested" (an `<audio>` inside a region),
+    "unopened" (a `</audio>` outside one) or "unclosed"; `regions` are the regions found before it, so that a caller
+    with its own messages reports the first problem in the text."""
+
+    def __init__(self, problem: str, message: str, regions: list[str]):
+        super().__init__(message)
+        self.problem, self.regions = problem, regions
+
+
 class AudioError(QwenAudioError, ValueError):
     """Audio that cannot be turned into model input: unreadable, empty, non-finite, or too short."""
 

@@ -14,6 +14,7 @@ import base64
 import binascii
 import math
 import numbers
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 
 from .audio import N_SAMPLES, audio_span
 from .checks import expect, shown
-from .errors import TokenizerError
+from .errors import AudioTagError, TokenizerError
 
 VOCAB_FILE = "qwen.tiktoken"
 NUM_BPE_RANKS = 151_643
@@ -78,6 +79,30 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 AUDIO_SPECIAL_TOKENS = frozenset(SPECIAL_TOKENS[SPECIAL_TOKENS.index(AUDIO_PAD):])
 
 AllowedSpecial = AbstractSet[str] | Literal["all"]
+_AUDIO_TAG = re.compile(f"({AUDIO_START}|{AUDIO_END})")
+
+
+def audio_regions(text: str) -> list[str]:
+    """The text inside each `<audio>…</audio>` region of `text`, in order, read from the text alone (before any
+    tokenizer loads) as the tokenizer reads it: the tags are special tokens matched literally, and a region holds no
+    other region. Malformed tags are an AudioTagError that says which problem came first."""
+    regions: list[str] = []
+    inside: str | None = None
+    for piece in _AUDIO_TAG.split(text):
+        if piece == AUDIO_START:
+            if inside is not None:
+                raise AudioTagError("nested", "an <audio> region opens inside another", regions)
+            inside = ""
+        elif piece == AUDIO_END:
+            if inside is None:
+                raise AudioTagError("unopened", "a </audio> has no matching <audio>", regions)
+            regions.append(inside)
+            inside = None
+        elif inside is not None:
+            inside = piece
+    if inside is not None:
+        raise AudioTagError("unclosed", "an <audio> tag has no </audio>", regions)
+    return regions
 
 
 @dataclass

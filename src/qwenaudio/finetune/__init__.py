@@ -8,12 +8,12 @@ official layout). Every public name is here: `finetune.train`, `finetune.read_ex
 from .checkpoints import INPUT_NAMES, check_resume, output_errors, run_inputs, save_model
 from .config import (MAX_BATCH, MAX_STEPS, PARTS, PRECISIONS, RESUMABLE_CHANGES, SEED_LIMIT, TrainConfig,
                      check_quantization, schedule, trainable, weights_dtype)
-from .data import AUDIO_REGION, Example, Turn, collate, encode, plan_order, read_examples
+from .data import Example, Turn, collate, encode, plan_order, read_examples
 from .loop import train
 from .validation import reply_languages
 
 __all__ = [
-    "AUDIO_REGION", "INPUT_NAMES", "MAX_BATCH", "MAX_STEPS", "PARTS", "PRECISIONS", "RESUMABLE_CHANGES", "SEED_LIMIT",
+    "INPUT_NAMES", "MAX_BATCH", "MAX_STEPS", "PARTS", "PRECISIONS", "RESUMABLE_CHANGES", "SEED_LIMIT",
     "Example", "TrainConfig", "Turn", "check_quantization", "check_resume", "collate", "encode", "output_errors",
     "plan_order", "read_examples", "reply_languages", "run_inputs", "save_model", "schedule", "train",
     "trainable", "weights_dtype",

@@ -8,7 +8,7 @@ Three forms are read, one example a line, audio paths relative to the file:
   learns the response and the `<|endoftext|>` after it;
 - chat form, for Qwen-Audio-Chat: `{"messages": [{"role": "user", "content": [{"audio": "a.wav"}, {"text": "…"}]},
   {"role": "assistant", "content": "…"}, …]}` (an optional first `system` message), rendered as the official
-  ChatML context (chat.py's pieces, `Audio 1:` labels per turn); the model learns each assistant reply and its
+  ChatML context (`prompts.render_chat`, `Audio 1:` labels per turn); the model learns each assistant reply and its
   `<|im_end|>`, nothing else. Text may also hold the official inline form that `tokenizer.from_list_format` writes,
   `"Audio 1:<audio>a.wav</audio>\nwhat is it?"`;
 - ms-swift's form: `{"messages": [{"role": "user", "content": "<audio>what is said?"}, …], "audios": ["a.wav"]}`,
@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,12 @@ from torch import Tensor
 
 from .. import evaluation
 from ..batch import seconds
-from ..prompts import DEFAULT_SYSTEM, query_text, render_chat
+from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
 from ..core.checks import expect
-from ..core.errors import AudioError, InputError
+from ..core.errors import AudioError, AudioTagError, InputError
 from ..core.model import IGNORE_INDEX, QwenAudio
-from ..core.tokenizer import Tokenizer
+from ..core.tokenizer import Tokenizer, audio_regions
 from .config import TrainConfig
 
 
@@ -116,7 +115,7 @@ def _task(row: dict, where: str, root: Path, task: str | None, language: str | N
         prompt = evaluation.prompt(name, row, speech, "clotho")
     response = _text(row, "response" if "response" in row or "gt" not in row else "gt")
     clip = _resolve(root, audio)
-    return Example(where, (clip,), prompt=f"<audio>{clip}</audio>{prompt}", response=response)
+    return Example(where, (clip,), prompt=audio_prompt(clip, prompt), response=response)
 
 
 def _chat(row: dict, where: str, root: Path) -> Example:
@@ -146,11 +145,8 @@ def _chat(row: dict, where: str, root: Path) -> Example:
         raise InputError("the conversation must end with an assistant message (its reply is what is learned)")
     if pending:
         raise InputError(f"'audios' has {len(pending)} more path(s) than the messages have <audio> placeholders")
-    clips = AUDIO_REGION.findall(system + "".join(user for user, _ in turns))  # in the order the model reads them
+    clips = _regions(system + "".join(user for user, _ in turns))  # in the order the model reads them
     return Example(where, tuple(map(Path, clips)), system=system, turns=tuple(turns))
-
-
-AUDIO_REGION = re.compile(r"<audio>(.*?)</audio>", re.DOTALL)
 
 
 def _user_parts(content: Any, root: Path, k: int) -> list:
@@ -177,10 +173,18 @@ def _user_parts(content: Any, root: Path, k: int) -> list:
 def _inline_audio(text: str, root: Path) -> str:
     """Text in the official inline form (`from_list_format` writes `Audio 1:<audio>a.wav</audio>\n…`) with each
     region's path resolved as a clip part's is; an unclosed region is refused here, not at the step that reads it."""
-    regions = AUDIO_REGION.findall(text)
-    if text.count("<audio>") != len(regions) or text.count("</audio>") != len(regions):
-        raise InputError("an <audio> tag is not closed by </audio> (the inline form is <audio>PATH</audio>)")
-    return AUDIO_REGION.sub(lambda m: f"<audio>{_resolve(root, m.group(1))}</audio>", text)
+    _regions(text)
+    head, *regions = text.split("<audio>")  # each region: "PATH</audio>what follows"
+    return head + "".join(f"<audio>{_resolve(root, path)}</audio>{after}"
+                          for path, after in (region.split("</audio>") for region in regions))
+
+
+def _regions(text: str) -> list[str]:
+    """The paths of the `<audio>` regions of `text` (`audio_regions`), malformed tags refused as the data's error."""
+    try:
+        return audio_regions(text)
+    except AudioTagError:
+        raise InputError("an <audio> tag is not closed by </audio> (the inline form is <audio>PATH</audio>)") from None
 
 
 def _swift_parts(content: Any, pending: list, k: int) -> list:
