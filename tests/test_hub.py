@@ -180,7 +180,7 @@ def test_quantize_replaces_the_old_booleans_which_warn(tiny_weights, method):
 
 
 def test_core_load_is_renamed_load_model_and_the_old_name_warns(tiny_weights):
-    with pytest.warns(DeprecationWarning, match="renamed load_model"):
+    with pytest.warns(DeprecationWarning, match="use core.model.load_model"):
         old = core_model.load
     assert old is core_model.load_model
     assert quantization_of(old(tiny_weights, "cpu", torch.float32)) is None

@@ -20,10 +20,10 @@ import torch
 from . import prompts
 from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
-from .core.checks import expect, expect_model, renamed, shown
+from .core.checks import expect, renamed, shown
 from .core.errors import InputError
 from .core.generate import Session
-from .core.model import QwenAudio
+from .core.model import QwenAudio, expect_model
 from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 

@@ -36,10 +36,10 @@ from .batch import (check_outputs, check_settings, model_identity, refuse_many_i
                     write_record)
 from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
-from .core.checks import as_path, expect, expect_model, renamed
+from .core.checks import as_path, expect, renamed
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.files import refuse_inputs, writable_directory, write_text
-from .core.model import QwenAudio
+from .core.model import QwenAudio, expect_model
 from .core.tokenizer import LANGUAGES
 from .progress import Progress
 from .runner import Processes, Report

@@ -27,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .core.checkpoint import PREFIXES, load_checkpoint, official_name, write_shards, writing_checkpoint
-from .core.checks import expect_model, finite, whole
+from .core.checks import finite, whole
 from .core.config import QwenAudioConfig
 from .core.decoder import Decoder
 from .core.encoder import AudioEncoder
 from .core.errors import CheckpointError, InputError, QwenAudioError
 from .core.files import building, write_text, writing
 from .core.int4 import Int4Linear
-from .core.model import QwenAudio, as_dtype
+from .core.model import QwenAudio, as_dtype, expect_model
 
 DECODER_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # the attention and MLP linears of every decoder block
 ENCODER_TARGETS = ("query", "key", "value", "out", "mlp.0", "mlp.2")  # Whisper's block linears

@@ -18,10 +18,10 @@ import torch
 from . import longform
 from . import prompts as _prompts
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
-from .core.checks import expect, expect_model, renamed, shown
+from .core.checks import expect, renamed, shown
 from .core.errors import InputError
 from .core.generate import cut_at_stop
-from .core.model import QwenAudio
+from .core.model import QwenAudio, expect_model
 from .core.tokenizer import MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 from .longform import Segment
 from .prompts import ANALYSES, Prompt

@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .core.audio import audio_span, load_audio, log_mel_spectrogram
-from .core.checks import expect, expect_model
+from .core.checks import expect
 from .core.errors import AudioTagError, InputError, OutputError
 from .core.files import writing
-from .core.model import QwenAudio
+from .core.model import QwenAudio, expect_model
 from .core.tokenizer import audio_regions
 
 FORMAT = "qwenaudio-trace/1"

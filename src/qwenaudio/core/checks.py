@@ -22,15 +22,6 @@ def expect(value: Any, types: type | tuple[type, ...], name: str, what: str,
         raise error(f"{name} must be {what}, got {shown(value)}")
 
 
-def expect_model(model: Any, name: str = "model") -> None:
-    """A loaded `QwenAudio`, as `qwenaudio.load` returns: a path or repo id is not loaded here."""
-    from .model import QwenAudio  # the model imports the modules that use these checks
-
-    if not isinstance(model, QwenAudio):
-        hint = f" (load it first: qwenaudio.load({model!r}))" if isinstance(model, str) else ""
-        raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
-
-
 def whole(x: Any, low: int, high: int | None = None) -> bool:
     """An int in [low, high] (no upper bound when `high` is None); a bool is never taken for a count."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x <= high)

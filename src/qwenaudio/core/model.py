@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .audio import AudioSource, as_waveform, audio_span, log_mel_spectrogram, source_name
 from .checkpoint import (PREFIXES, QUANTIZATIONS, int4_group_size, load_checkpoint, quantize_layout, quantizer,
                          split_state)
-from .checks import expect
+from .checks import expect, renamed, shown
 from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
@@ -145,6 +145,13 @@ class QwenAudio(nn.Module):
         return Output(logits, tuple(hidden)) if hidden is not None else logits
 
 
+def expect_model(model: object, name: str = "model") -> None:
+    """A loaded `QwenAudio`, as `qwenaudio.load` returns: a path or repo id is not loaded here."""
+    if not isinstance(model, QwenAudio):
+        hint = f" (load it first: qwenaudio.load({model!r}))" if isinstance(model, str) else ""
+        raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
+
+
 def prompt_batch(tokenizer: Tokenizer, prompts: Sequence[str], clips: Sequence[Sequence[Tensor]]) -> Batch:
     """The left-padded ids of a batch of prompts, as the official evaluation's collate_fn makes them: each
     `<audio>PATH</audio>` region's path tokens replaced by one pad per encoder frame of its clip (`clips[i]`: prompt
@@ -226,13 +233,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     return model.eval()
 
 
-def __getattr__(name: str):
-    """`load`, the old name of `load_model`, still works for one release, with a DeprecationWarning."""
-    if name == "load":
-        warnings.warn("qwenaudio.core.model.load is renamed load_model (qwenaudio.load is unchanged)",
-                      DeprecationWarning, stacklevel=2)
-        return load_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(__name__, {"load": ("core.model.load_model", load_model)})
 
 
 def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
