@@ -162,6 +162,23 @@ def four_examples(tmp_path: Path, shared_audio: Path) -> list[finetune.Example]:
     return examples
 
 
+def test_a_run_s_steps_done_and_its_export_as_a_model_or_an_adapter(tiny_ckpt, tmp_path, shared_audio):
+    from qwenaudio.finetune.checkpoints import checkpoint_dir, export, steps_done
+
+    examples = four_examples(tmp_path, shared_audio)
+    assert steps_done(tmp_path / "full") == 0 and checkpoint_dir(tmp_path / "full") == tmp_path / "full" / "checkpoint"
+    for name, config in (("full", finetune.TrainConfig(steps=2, batch_size=2, part="projection")),
+                         ("lora", finetune.TrainConfig(steps=1, batch_size=2, lora=LoraConfig(rank=2)))):
+        model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
+        finetune.train(model, examples, tmp_path / name, config)
+        assert steps_done(tmp_path / name) == config.steps
+        target = export(model, config, tiny_ckpt, tmp_path / name / "out", base_model="tiny")
+        assert target == tmp_path / name / "out"
+    assert qwenaudio.load(tmp_path / "full" / "out", dtype=torch.float32, device="cpu", progress=False)
+    adapter = json.loads((tmp_path / "lora" / "out" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny" and not (tmp_path / "lora" / "out" / "config.json").exists()
+
+
 @pytest.mark.slow
 def test_a_tiny_model_learns_four_transcripts_and_then_says_them(tiny_ckpt, tmp_path, shared_audio):
     model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)

@@ -184,3 +184,11 @@ def test_core_load_is_renamed_load_model_and_the_old_name_warns(tiny_weights):
         old = core_model.load
     assert old is core_model.load_model
     assert quantization_of(old(tiny_weights, "cpu", torch.float32)) is None
+
+
+def test_hub_report_progress_is_renamed_progress_loading_and_the_old_name_warns(capsys):
+    from qwenaudio import hub
+
+    with pytest.warns(DeprecationWarning, match="use progress.loading"):
+        hub.report_progress(2, 2)
+    assert capsys.readouterr().err == "loaded 2 weight tensors\n"

@@ -1,9 +1,11 @@
 """The batch-job protocol in one process: every job runs once, process 0 summarizes the reports, and an interrupt
-is summarized as such and raised again (the torchrun cases are in test_batch.py and test_evaluation.py)."""
+is summarized as such and raised again (the torchrun cases are in test_batch.py, test_evaluation.py and
+test_finetune.py); a process's share, sums and progress lines."""
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from qwenaudio import progress
 from qwenaudio.batch import find_inputs
@@ -48,3 +50,19 @@ def test_progress_lines(capsys):
     Processes().progress("examples").rate(40, 100, 20.0)
     assert capsys.readouterr().err.splitlines() == ["rank 1: [1/3] a.wav", "40/100 examples, 2.00/s, ETA 0:30"]
     assert (Processes(1, 2).who, Processes().who, progress.bar(1, 2)) == ("rank 1: ", "", "")
+
+
+def test_one_process_is_the_whole_world():
+    assert Processes.current() == Processes()  # no process group joined
+    assert Processes(1, 3).share(list(range(8))) == [1, 4, 7] and Processes().share([5, 6]) == [5, 6]
+    values = torch.tensor([1.5, 2.0])
+    assert Processes().sum(values) is values
+
+
+def test_eta_and_rank_prefixed_lines(capsys):
+    assert (progress.eta(0), progress.eta(26.9), progress.eta(3725)) == ("0:00", "0:26", "62:05")
+    Processes(1, 2).progress("examples").line("decoding a batch: 3/10 new tokens")
+    Processes().progress("files").line("a.wav: 1/4 windows")
+    progress.loading(3, 3)
+    assert capsys.readouterr().err.splitlines() == ["rank 1: decoding a batch: 3/10 new tokens",
+                                                    "a.wav: 1/4 windows", "loaded 3 weight tensors"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from .core.checkpoint import INDEX_FILE, shard_files
 from .core.checks import expect
 from .core.errors import CheckpointError, DownloadError, InputError
 from .lora import load_adapter, read_adapter
-from .progress import bar, say
+from .progress import loading
 
 OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
 FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
@@ -140,19 +140,17 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: str 
     by `qwenaudio quantize` loads as it was quantized without asking (`int8=True` / `int4=True`: deprecated
     spellings). `adapter` applies a LoRA adapter directory (ours or peft's
     format, `qwenaudio.lora`) unmerged; it is read and checked before the model loads.
-    `progress` draws a bar on a terminal (`report_progress`). The core's `qwenaudio.core.model.load_model` does the same
-    from a directory, with a progress callback of your own."""
+    `progress` draws a bar on a terminal (`progress.loading`). The core's `qwenaudio.core.model.load_model` does the
+    same from a directory, with a progress callback of your own."""
     device, dtype = model.as_device(device), model.as_dtype(dtype)  # bad arguments fail before any download
     quantize = model.quantize_option(quantize, int8, int4)
     lora = None if adapter is None else read_adapter(adapter)  # a truncated adapter fails before a 16 GB load
     loaded = model.load_model(resolve(name), device, dtype, quantize=quantize, true_positions=true_positions,
-                        progress=report_progress if progress else None)
+                        progress=loading if progress else None)
     return loaded if lora is None else load_adapter(loaded, lora)
 
 
 def report_progress(done: int, total: int) -> None:
-    """A one-line bar on a terminal; elsewhere (logs, CI) only the final count."""
-    if sys.stderr.isatty():
-        say(f"\rloading weights {bar(done, total, 30)}{done}/{total}", end="\n" if done == total else "")
-    elif done == total:
-        say(f"loaded {total} weight tensors")
+    """The old name of `progress.loading` (evaluation has its own `report_progress`), for one release."""
+    warnings.warn("hub.report_progress is deprecated; use progress.loading", DeprecationWarning, stacklevel=2)
+    loading(done, total)

@@ -76,8 +76,28 @@ class Processes:
         """Join torchrun's process group where started under torchrun (`process_group`); else one process."""
         return cls(*process_group(device))
 
+    @classmethod
+    def current(cls) -> Processes:
+        """This process's place in the process group already joined (by `join`, or by a library caller's own
+        `init_process_group`); one process when none is."""
+        return cls(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else cls()
+
     def gather(self, obj: object) -> list[object]:
         return gather(obj, self.world)
+
+    def share(self, items: Sequence[J]) -> Sequence[J]:
+        """This process's share of `items`, which every process holds in the same order: every world-th from its
+        rank, so each item is taken by exactly one process."""
+        return items[self.rank :: self.world]
+
+    def sum(self, values: Tensor) -> Tensor:
+        """`values` summed over the processes (unchanged in a single process); nccl sums only on the GPU."""
+        if self.world > 1:
+            nccl = dist.get_backend() == "nccl"
+            on = values.to(torch.device("cuda", torch.cuda.current_device()) if nccl else values.device)
+            dist.all_reduce(on)
+            values = on.to(values.device)
+        return values
 
     @property
     def who(self) -> str:

@@ -4,6 +4,7 @@ Every file qwenaudio writes for a user (transcripts, subtitles, summaries, trace
 a temporary name in the same directory, flushed to disk, and renamed into place; a failure (a full disk, a read-only
 directory, Ctrl-C) removes the temporary file and leaves whatever was at the final name untouched. A resumed run can
 therefore trust that an output which exists is complete. Directories (a whole checkpoint) are built the same way.
+Append-only logs (metrics.jsonl, an evaluation's replies) grow a synced line at a time instead (`append_line`).
 
 Two more rules live here because every command needs them: `refuse_inputs` (an output never replaces one of the
 command's inputs, whatever names the user gave them) and `fingerprint` (a cheap key of a checkpoint's content, so
@@ -13,12 +14,14 @@ a resumed run notices other weights under the same path).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 from .errors import InputError, OutputError
 
@@ -53,6 +56,15 @@ def write_text(path: str | Path, text: str) -> None:
     """`Path.write_text(text)` in UTF-8, atomically (see `writing`)."""
     with writing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def append_line(file: TextIO, record: dict[str, Any]) -> None:
+    """Append `record` to a JSON Lines `file` (opened by the caller with "a") as one line, synced before returning:
+    a run killed at any moment loses at most the line it was writing (a torn last line, which its reader drops on
+    resume)."""
+    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    file.flush()
+    os.fsync(file.fileno())
 
 
 @contextmanager

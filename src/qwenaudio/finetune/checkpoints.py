@@ -1,6 +1,6 @@
 """A run's checkpoint (the trained parameters, the optimizer, the schedule, torch's random state, the losses and
-what the run depends on), saved aside and swapped in whole, checked and restored on resume; and the fine-tuned
-model written as a checkpoint in the official layout."""
+what the run depends on) in `output_dir/checkpoint`, saved aside and swapped in whole, checked and restored on
+resume; and what the run exports at the end: the fine-tuned model in the official layout, or its LoRA adapter."""
 
 from __future__ import annotations
 
@@ -14,20 +14,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .. import parallel
+from .. import lora, parallel
 from ..core.checkpoint import official_name, save_checkpoint, writing_checkpoint
 from ..core.checks import expect
 from ..core.errors import InputError, OutputError, TrainingError
 from ..core.int8 import Int8Linear
 from ..core.files import building, write_text, writing
 from ..core.model import QwenAudio
+from ..runner import Processes
 from .config import RESUMABLE_CHANGES, TrainConfig, schedule
 from .data import Example, as_examples
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where a run in `output_dir` keeps its checkpoint (beside metrics.jsonl and tensorboard/)."""
+    return Path(output_dir) / "checkpoint"
+
+
+def steps_done(output_dir: str | Path) -> int:
+    """The steps the checkpoint of the run in `output_dir` holds (`check_resume` reads it whole), 0 when it has
+    none: where a resumed run starts."""
+    try:
+        saved = (checkpoint_dir(output_dir) / "progress.json").read_text()
+    except FileNotFoundError:
+        return 0
+    return len(json.loads(saved)["losses"])
 
 
 def run_inputs(examples: Sequence[Example], eval_examples: Sequence[Example] = (), **more: str) -> dict[str, str]:
@@ -179,8 +194,23 @@ def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path
     state = {official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
              for name, tensor in getattr(model, owner).state_dict().items()}
     _finite(state, f"the model {target}")
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if Processes.current().rank != 0:
         return target
     with output_errors(target), writing_checkpoint(target, source) as partial:
         save_checkpoint(state, partial)
     return target
+
+
+def export(model: QwenAudio, config: TrainConfig, source: str | Path, target: str | Path, *,
+           base_model: str = "") -> Path:
+    """What a run trained with `config`, at `target`: the whole model in the official layout (`save_model`, from
+    the base checkpoint `source`) or, with `config.lora`, the adapter alone in peft's format
+    (`lora.save_adapter`, naming `base_model`). Under torchrun every process calls it (a sharded model is gathered)
+    and process 0 writes. A failed write is OutputError; weights that are not finite are never written."""
+    expect(config, TrainConfig, "config", "a finetune.TrainConfig")
+    if not config.lora:
+        return save_model(model, source, target)
+    if Processes.current().rank == 0:
+        with output_errors(Path(target)):
+            return lora.save_adapter(model, target, base_model=base_model)
+    return Path(target)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..core.files import write_text
+from ..core.files import append_line, write_text
 from .checkpoints import output_errors
 
 
@@ -31,7 +31,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with output_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            append_line(f, record)
         if self.board:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):

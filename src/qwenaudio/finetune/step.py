@@ -1,5 +1,5 @@
-"""One optimizer step's gradients over this process's batches, the sums over processes that keep every process in
-step, and the signals that wait for an update to be whole."""
+"""One optimizer step's gradients over this process's batches (summed over the processes, `Processes.sum`, so every
+process stays in step), and the signals that wait for an update to be whole."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from .. import parallel
 from ..core.errors import TrainingError
 from ..core.model import QwenAudio
+from ..runner import Processes
+from .checkpoints import checkpoint_dir
 from .config import TrainConfig
 from .data import Example, batch_inputs, label_count
 
@@ -60,16 +61,16 @@ def autocast(model: QwenAudio, config: TrainConfig) -> torch.autocast:
 
 def compute_gradients(engine: nn.Module, model: QwenAudio, batches: list[list[Example]],
                       params: dict[str, nn.Parameter], optimizer, config: TrainConfig, step: int, output_dir: Path,
-                      world: int) -> tuple[float, int]:
-    """The gradients of one optimizer step over this process's `batches` (of the step's `accumulate` × `world`),
+                      processes: Processes) -> tuple[float, int]:
+    """The gradients of one optimizer step over this process's `batches` (of the step's `accumulate` × world),
     clipped, for `train` to apply; returns the step's loss, token-weighted over every process's batches, and their
     label tokens. Each batch's loss is weighted by its
-    share of all the step's label tokens (times `world`, as the engine averages over the processes), so every
+    share of all the step's label tokens (times world, as the engine averages over the processes), so every
     process takes the step one process would take on all the batches."""
     optimizer.zero_grad(set_to_none=True)
     prepared = [batch_inputs(model, batch) for batch in batches]
     counts = [label_count(labels) for _, labels, _, _ in prepared]
-    total = int(everywhere(torch.tensor([float(sum(counts))]), world))
+    total = int(processes.sum(torch.tensor([float(sum(counts))])))
     value, bad = 0.0, []
     for k, (batch, inputs, count) in enumerate(zip(batches, prepared, counts)):
         with parallel.syncing(engine, k == len(prepared) - 1):
@@ -78,16 +79,16 @@ def compute_gradients(engine: nn.Module, model: QwenAudio, batches: list[list[Ex
             if not torch.isfinite(loss):
                 bad.append(f"{', '.join(e.where for e in batch)}: loss {loss.item()}")
             # backward even so: every process must take part in each gradient exchange; nothing is applied below
-            (loss * (count * world / total)).backward()
+            (loss * (count * processes.world / total)).backward()
         value += loss.item() * count / total
-    value, failures = everywhere(torch.tensor([value, float(len(bad))], dtype=torch.float64), world).tolist()
+    value, failures = processes.sum(torch.tensor([value, float(len(bad))], dtype=torch.float64)).tolist()
     if failures:
         where = "; ".join(bad) or "in another process"
         raise TrainingError(f"step {step + 1}: the loss is not finite (batch {where}); {_kept(output_dir)}")
     # the norm is needed even unclipped (max_norm inf scales by exactly 1): an overflowed norm made clipping scale
     # every gradient by 0, a step that silently changed nothing
     norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
-    if everywhere(torch.tensor([float(not torch.isfinite(norm))]), world).item():
+    if processes.sum(torch.tensor([float(not torch.isfinite(norm))])).item():
         raise TrainingError(f"step {step + 1}: the gradients are not finite (norm {norm.item()}; a learning rate or "
                             f"LoRA alpha too large?); {_kept(output_dir)}")
     return value, total
@@ -95,16 +96,7 @@ def compute_gradients(engine: nn.Module, model: QwenAudio, batches: list[list[Ex
 
 def _kept(output_dir: Path) -> str:
     """What a step stopped before its update leaves: the last checkpoint, if one was saved."""
-    checkpoint = output_dir / "checkpoint"
+    checkpoint = checkpoint_dir(output_dir)
     kept = f"the last checkpoint in {checkpoint} is kept" if checkpoint.is_dir() else "no checkpoint was saved yet"
     return f"nothing was updated and {kept}"
 
-
-def everywhere(values: Tensor, world: int) -> Tensor:
-    """`values` summed over the processes (unchanged in a single process); nccl sums only on the GPU."""
-    if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-        on = values.to(device)
-        dist.all_reduce(on)
-        values = on.to(values.device)
-    return values

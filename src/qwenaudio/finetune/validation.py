@@ -14,25 +14,25 @@ from .. import evaluation
 from ..core.errors import InputError
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
-from ..runner import gather
+from ..runner import Processes
 from .config import TrainConfig
 from .data import Example, as_examples, batch_inputs, label_count, length_keys, load_clip
-from .step import autocast, everywhere
+from .step import autocast
 
 
-def validate(engine: nn.Module, model: QwenAudio, examples: Sequence[Example], config: TrainConfig, rank: int,
-              world: int) -> dict[str, Any]:
+def validate(engine: nn.Module, model: QwenAudio, examples: Sequence[Example], config: TrainConfig,
+             processes: Processes) -> dict[str, Any]:
     """`eval_loss`, the official loss over all of `examples` (token-weighted, as a training step's), and with
     `eval_task` each score of the greedy replies, `eval_<score>`. In eval mode: no dropout, and the model as
-    inference runs it. Each process takes every world-th batch."""
+    inference runs it. Each process takes its share of the batches (`Processes.share`)."""
     lengths = length_keys(examples)
     ordered = sorted(range(len(examples)), key=lengths.__getitem__)
     batches = [[examples[i] for i in ordered[k : k + config.batch_size]]
                for k in range(0, len(ordered), config.batch_size)]
-    mine = batches[rank::world]
+    mine = processes.share(batches)
     # Sharded, every process gathers each block's weights together: all take as many passes, weightless if need be.
-    sharded = config.shard and world > 1
-    passes = mine + batches[: -(-len(batches) // world) - len(mine)] if sharded else mine
+    sharded = config.shard and processes.world > 1
+    passes = mine + batches[: -(-len(batches) // processes.world) - len(mine)] if sharded else mine
     loss_of = engine if sharded else model.loss  # DDP's forward belongs to training
     model.eval()
     try:
@@ -44,10 +44,10 @@ def validate(engine: nn.Module, model: QwenAudio, examples: Sequence[Example], c
                 with autocast(model, config):
                     total += loss_of(ids, labels, mask, clips).item() * count
                 tokens += count
-        total, tokens = everywhere(torch.tensor([total, float(tokens)], dtype=torch.float64), world).tolist()
+        total, tokens = processes.sum(torch.tensor([total, float(tokens)], dtype=torch.float64)).tolist()
         result: dict[str, Any] = {"eval_loss": total / tokens, "eval_tokens": int(tokens)}
         if config.eval_task:
-            result |= _reply_scores(model, mine, config.eval_task, world)
+            result |= _reply_scores(model, mine, config.eval_task, processes)
         return result
     finally:
         model.train()
@@ -79,7 +79,7 @@ def reply_languages(examples: Sequence[Example], task: str) -> list[str | None]:
     return languages
 
 
-def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, world: int) -> dict[str, Any]:
+def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, processes: Processes) -> dict[str, Any]:
     """Greedy replies to this process's `batches` with the official evaluation's decoding, scored over every
     process's replies as `evaluation.source_scores` scores one source."""
     records = []
@@ -90,6 +90,6 @@ def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, wor
         for e, reply, language in zip(batch, replies, reply_languages(batch, task)):
             source = Path(e.where.rsplit(":", 1)[0]).stem  # the data file's name, as a source's in evaluation
             records.append({"reference": e.response, "reply": reply, "language": language, "source": source})
-    everyone = [record for part in gather(records, world) for record in part]
+    everyone = [record for part in processes.gather(records) for record in part]
     scores, notes = evaluation.source_scores(task, everyone)
     return {**{f"eval_{name}": value for name, value in scores.items()}, **({"eval_notes": notes} if notes else {})}
