@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +37,7 @@ from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, renamed
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
-from .core.files import refuse_inputs, writable_directory, write_text
+from .core.files import append_line, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import LANGUAGES
 from .progress import Progress
@@ -471,9 +470,7 @@ class Replies:
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            append_line(f, record)
 
 
 def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],

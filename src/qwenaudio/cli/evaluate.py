@@ -90,7 +90,7 @@ def run(model: QwenAudio, plan: EvaluatePlan) -> int:
 
     def decoding(steps: int, budget: int) -> None:  # a batch with a large budget takes minutes: show it moves
         if time.monotonic() - shown[0] >= DECODING_EVERY_S:
-            print(f"{processes.who}decoding a batch: {steps}/{budget} new tokens", file=sys.stderr, flush=True)
+            examples.line(f"decoding a batch: {steps}/{budget} new tokens")
             shown[0] = time.monotonic()
 
     shown = [time.monotonic()]

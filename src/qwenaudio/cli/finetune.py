@@ -4,7 +4,6 @@ between torchrun's processes)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from ..core.files import fingerprint, refuse_inputs, writable_directory
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
 from ..hub import looks_like_path, resolve
+from ..progress import eta, say
 from .options import Plan, add_model_options, freeze, positive
 
 SHARES_WORK = True  # under torchrun, the processes share each step
@@ -166,7 +166,7 @@ def _check_outputs(args: argparse.Namespace, config: finetune.TrainConfig, resul
     directory that holds no run's files, and --resume continues the run the checkpoint records (its settings, data,
     held-out data and model files)."""
     out = args.output_dir
-    writes = [out / "checkpoint", out / "metrics.jsonl", out / "tensorboard", result]
+    writes = [finetune.checkpoint_dir(out), out / "metrics.jsonl", out / "tensorboard", result]
     model = _local_model(args.model, resolving=args.resume)
     clips = {path.parent for e in (*examples, *eval_examples) for path in e.audio}
     refuse_inputs(writes, [args.data, *filter(None, [args.eval_data, model]), *clips])
@@ -178,7 +178,8 @@ def _check_outputs(args: argparse.Namespace, config: finetune.TrainConfig, resul
                          f"{', '.join(found)})")
     if args.resume:
         inputs = {"model": fingerprint(model)} if model is not None else {}
-        finetune.check_resume(out / "checkpoint", config, finetune.run_inputs(examples, eval_examples, **inputs))
+        finetune.check_resume(finetune.checkpoint_dir(out), config,
+                              finetune.run_inputs(examples, eval_examples, **inputs))
     if result.exists():
         raise InputError(f"{result} exists: this run is finished; choose another --output-dir")
     writable_directory(out)
@@ -197,32 +198,27 @@ def run(model: QwenAudio, plan: FinetunePlan) -> int:
     """Train, printing a line per step and one per checkpoint; write the fine-tuned checkpoint to OUTPUT_DIR/model
     (or the adapter to OUTPUT_DIR/adapter)."""
     total, started = plan.config.steps, time.monotonic()
+    last, first = [0.0], finetune.steps_done(plan.output_dir) if plan.resume else 0
 
     def progress(record: dict) -> None:
         done = record["step"]
-        eta = (time.monotonic() - started) / max(done - first, 1) * (total - done)
+        left = (time.monotonic() - started) / max(done - first, 1) * (total - done)
         evaluated = "".join(f" {key} {value:.4f}" for key, value in record.items()
                             if key.startswith("eval_") and key != "eval_tokens" and isinstance(value, float))
-        print(f"step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-              f"{record['tokens'] / max(record['seconds'] - last[0], 1e-9):.0f} label tokens/s "
-              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}{evaluated}", file=sys.stderr, flush=True)
+        say(f"step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['tokens'] / max(record['seconds'] - last[0], 1e-9):.0f} label tokens/s "
+            f"ETA {eta(left)}{evaluated}")
         last[0] = record["seconds"]
 
     def saved(step: int) -> None:
-        print(f"checkpoint saved at step {step}/{total}: {plan.output_dir / 'checkpoint'}", file=sys.stderr, flush=True)
+        say(f"checkpoint saved at step {step}/{total}: {finetune.checkpoint_dir(plan.output_dir)}")
 
-    last, first = [0.0], 0
-    if plan.resume:
-        first = len(json.loads((plan.output_dir / "checkpoint" / "progress.json").read_text())["losses"])
     try:
         finetune.train(model, plan.examples, plan.output_dir, plan.config, eval_examples=plan.eval_examples,
                        resume=plan.resume, progress=progress, saved=saved,
                        inputs={"model": fingerprint(resolve(plan.model))})
-        if not plan.config.lora:  # every process takes part (a sharded model is gathered); process 0 writes
-            target = finetune.save_model(model, resolve(plan.model), plan.result)
-        elif plan.processes.rank == 0:
-            with finetune.output_errors(plan.result):
-                target = lora.save_adapter(model, plan.result, base_model=str(plan.model))
+        # every process takes part (a sharded model is gathered); process 0 writes
+        target = finetune.export(model, plan.config, resolve(plan.model), plan.result, base_model=str(plan.model))
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import int4
-from ..hub import report_progress
+from ..progress import loading
 from ..quantize import save_quantized
 from .options import OVERWRITE_HELP, TARGET_HELP, WRITE_EPILOG, Plan, UsageError, freeze
 
@@ -48,6 +48,6 @@ def plan(args: argparse.Namespace) -> QuantizePlan:
 
 def run(_: None, plan: QuantizePlan) -> int:
     save_quantized(plan.source, plan.target, bits=plan.bits, group_size=plan.group_size, overwrite=plan.overwrite,
-                   progress=report_progress)
+                   progress=loading)
     print(f"wrote {plan.target}", file=sys.stderr)
     return 0

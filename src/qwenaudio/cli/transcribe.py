@@ -233,10 +233,10 @@ def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], plan:
     else:
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
                 for text, c in zip(tasks.analyse(model, clips, plan.task, **generation), clips)]
-    who = plan.processes.who
+    files = plan.processes.progress("files")
 
     def windows(i: int, finished: int, total: int) -> None:
-        print(f"{who}{jobs[i].path}: {finished}/{total} windows", file=sys.stderr, flush=True)
+        files.line(f"{jobs[i].path}: {finished}/{total} windows")
 
     out = tasks.segments(model, clips, task, timed=plan.timestamps, progress=windows, **generation)
     return [(text_of(parts), words_of(parts), parts) for parts in out]
