@@ -476,8 +476,8 @@ class Replies:
 def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]],
                      max_new_tokens: int, decoding: Callable[[int, int], None] | None = None) -> list[str]:
     """The official scripts' decoding for one batch of prompts (`BenchmarkExample.text`, or any
-    `<audio>PATH</audio>…` text with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut at `<|endoftext|>`, decoded
-    with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
+    `<audio>PATH</audio>…` text with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut
+    at `<|endoftext|>`, decoded with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
     `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
     expect_model(model)
     _optional(max_new_tokens, int, "max_new_tokens")
