@@ -273,6 +273,23 @@ def check_outputs(record_file: Path, command: str, names: Iterable[str], *, over
     return record, {name for name in existing if name in claimed}
 
 
+def claim_outputs(record_file: Path, command: str, names: Sequence[str], settings: Mapping[str, Any], *,
+                  overwrite: bool, resumes: Callable[[set[str]], bool] = bool, **fields: Any) -> dict[str, Any]:
+    """How a resumable command claims its output directory, the one rule for transcribe (summary.json) and evaluate
+    (run.json): a file of an output's name that no run of `command` wrote is refused (`check_outputs`); where
+    `resumes(the claimed outputs that exist)` says this run adds to earlier work, other settings are refused
+    (`check_settings`); both unless `overwrite`. Then the settings and every output (earlier claims kept) are recorded
+    in `record_file`, with `fields`, before any output is written, so a run killed at any point knows its own files
+    on the rerun. Returns the claim: {"command", "settings", "outputs"}."""
+    record, ours = check_outputs(record_file, command, names, overwrite=overwrite)
+    if resumes(ours):
+        check_settings(record, settings, record_file.parent, overwrite=overwrite)
+    claim = {"command": command, "settings": dict(settings),
+             "outputs": sorted({*(record["outputs"] if record else []), *names})}
+    write_record(record_file, {**claim, **fields})
+    return claim
+
+
 def write_record(path: Path, record: Mapping[str, Any]) -> None:
     """Write a command's record (see `read_record`) atomically, before the outputs it claims are written, so a run
     killed at any point knows its own files on the rerun."""

@@ -31,8 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import prompts, scoring
-from .batch import (check_outputs, check_settings, model_identity, refuse_many_inputs, refuse_model_directory,
-                    write_record)
+from .batch import claim_outputs, model_identity, refuse_many_inputs, refuse_model_directory
 from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, renamed
@@ -424,11 +423,12 @@ def _claim_output_directory(output_dir: Path, settings: dict[str, Any], overwrit
     replies exist, other settings; then record the settings and the outputs in run.json, and make replies/."""
     writable_directory(output_dir)
     run_file = output_dir / "run.json"
-    record, ours = check_outputs(run_file, "evaluate", OUTPUTS, overwrite=overwrite)
-    if "replies" in ours and any(p.stat().st_size for p in (output_dir / "replies").glob("rank-*.jsonl")):
-        check_settings(record, settings, output_dir, overwrite=overwrite)
+
+    def resumes(ours: set[str]) -> bool:  # replies of an earlier run are there to be added to
+        return "replies" in ours and any(p.stat().st_size for p in (output_dir / "replies").glob("rank-*.jsonl"))
+
+    claim_outputs(run_file, "evaluate", OUTPUTS, settings, overwrite=overwrite, resumes=resumes)
     try:
-        write_record(run_file, {"command": "evaluate", "settings": settings, "outputs": list(OUTPUTS)})
         (output_dir / "replies").mkdir(exist_ok=True)
         if overwrite:
             for part in (output_dir / "replies").glob("rank-*.jsonl"):

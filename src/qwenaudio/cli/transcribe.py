@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .. import tasks
-from ..batch import (AUDIO_SUFFIXES, Job, check_names, check_outputs, check_settings, find_inputs, model_identity,
-                     refuse_many_inputs, refuse_model_directory, write_record)
+from ..batch import (AUDIO_SUFFIXES, Job, check_names, claim_outputs, find_inputs, model_identity,
+                     refuse_many_inputs, refuse_model_directory)
 from ..core.audio import SAMPLE_RATE
 from ..core.errors import InputError
 from ..core.files import refuse_inputs, writable_directory, write_text
@@ -126,27 +126,19 @@ def _plan_outputs(args: argparse.Namespace, resolved: dict) -> TranscribePlan:
 
 
 def _claim_outputs(args: argparse.Namespace, resolved: dict, jobs: list[Job], outputs: list[Path]) -> dict:
-    """Refuse an output that is an input (an audio file, the model's files) under any name, one that exists but no
-    run wrote, and, where earlier outputs exist, other settings (`--overwrite` lifts the last two); then record the
-    settings and claim every output in summary.json (the record returned) before any is written, so even a killed
-    run knows its own files."""
+    """Refuse an output that is an input (an audio file, the model's files) under any name, then claim the outputs
+    in summary.json (`batch.claim_outputs`: where earlier outputs exist, the settings must be theirs)."""
     directory, record_file = args.output_dir, args.output_dir / "summary.json"
     model_files, key = model_identity(args.model, args.adapter)
     refuse_model_directory(directory, model_files)
     refuse_inputs([record_file], [*args.files, *model_files])
     refuse_many_inputs([record_file, *outputs], [*(job.path for job in jobs), *model_files])
-    names = [str(p.relative_to(directory)) for p in outputs]
-    record, ours = check_outputs(record_file, "transcribe", names, overwrite=args.overwrite)
     settings = {"task": args.task, "language": resolved["language"], "target_language": resolved["target_language"],
                 "itn": args.itn, "timestamps": resolved["timestamps"], "max_new_tokens": args.max_new_tokens,
                 "model": str(args.model), **key, "dtype": loaded_dtype(args), "quantization": args.quantize}
-    if ours:
-        check_settings(record, settings, directory, overwrite=args.overwrite)
-    claimed = sorted({*(record["outputs"] if record else []), *names})
-    claim = {"command": "transcribe", "settings": settings, "outputs": claimed}
-    write_record(record_file, {**claim, "files": len(jobs), "done": [], "skipped": [], "failed": [],
-                               "interrupted": False, "finished": False})
-    return claim
+    return claim_outputs(record_file, "transcribe", [str(p.relative_to(directory)) for p in outputs], settings,
+                         overwrite=args.overwrite, files=len(jobs), done=[], skipped=[], failed=[],
+                         interrupted=False, finished=False)
 
 
 def run(model: QwenAudio, plan: TranscribePlan) -> int:
