@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
 from .core import model
 from .core.checkpoint import INDEX_FILE, shard_files
-from .core.checks import expect
+from .core.checks import expect, renamed
 from .core.errors import CheckpointError, DownloadError, InputError
 from .lora import load_adapter, read_adapter
 from .progress import loading
@@ -146,11 +145,8 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: str 
     quantize = model.quantize_option(quantize, int8, int4)
     lora = None if adapter is None else read_adapter(adapter)  # a truncated adapter fails before a 16 GB load
     loaded = model.load_model(resolve(name), device, dtype, quantize=quantize, true_positions=true_positions,
-                        progress=loading if progress else None)
+                              progress=loading if progress else None)
     return loaded if lora is None else load_adapter(loaded, lora)
 
 
-def report_progress(done: int, total: int) -> None:
-    """The old name of `progress.loading` (evaluation has its own `report_progress`), for one release."""
-    warnings.warn("hub.report_progress is deprecated; use progress.loading", DeprecationWarning, stacklevel=2)
-    loading(done, total)
+__getattr__ = renamed(__name__, {"report_progress": ("progress.loading", loading)})  # evaluation has its own

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .batch import run_files
 from .core.errors import InputError
-from .progress import Progress, who
+from .progress import Progress
 
 J = TypeVar("J")  # a batch.Job, or anything with its `path` and `label` (an evaluation Example)
 R = TypeVar("R")  # what recognize returns for one job
@@ -98,11 +98,6 @@ class Processes:
             dist.all_reduce(on)
             values = on.to(values.device)
         return values
-
-    @property
-    def who(self) -> str:
-        """`rank K: ` in front of each line this process prints when several run; "" alone."""
-        return who(self.rank, self.world)
 
     def progress(self, unit: str) -> Progress:
         return Progress(unit, self.rank, self.world)
