@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Plan (everything that can be checked before the model loads), join torchrun's processes, load the model,
-    run; every error becomes its exit code here (`_exit_code`)."""
+    run; every error becomes its exit code here (`_failed`)."""
     command = COMMANDS[args.command]
     reads_checkpoint = getattr(command, "READS_CHECKPOINT", False)
     try:
