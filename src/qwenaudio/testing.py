@@ -13,6 +13,7 @@ import base64
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from .core.audio import mel_filters
 from .core.checkpoint import tensor_shapes, write_shards
 from .core.config import AudioConfig, QwenAudioConfig
+from .core.qwen2_audio import Qwen2AudioConfig, Qwen2AudioEncoderConfig
 from .core.errors import ConfigError, InputError, TokenizerError
 from .core.files import building
 from .core.tokenizer import NUM_BPE_RANKS, VOCAB_FILE
@@ -116,6 +118,101 @@ def make_tiny_checkpoint(
     config = QwenAudioConfig.from_dict(raw, source="make_tiny_checkpoint")
     if vocab_file is not None and not Path(vocab_file).is_file():
         raise TokenizerError(f"make_tiny_checkpoint: vocabulary file not found: {vocab_file}")
+
+    def files(partial: Path) -> None:
+        _write_json(partial / "config.json", raw)
+        _write_json(partial / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])
+        _write_json(partial / "tokenizer_config.json", TOKENIZER_CONFIG)
+        np.savez(partial / "mel_filters.npz", mel_80=mel_filters(80))
+        if vocab_file is not None:
+            shutil.copyfile(vocab_file, partial / VOCAB_FILE)
+        else:
+            _write_byte_vocab(partial / VOCAB_FILE)
+
+    return _write_checkpoint(path, config, seed, draw_on, max_shard_bytes, files)
+
+
+# config.json of Qwen/Qwen2-Audio-7B on Hugging Face (full size; the Instruct checkpoint's is the same): transformers'
+# layout, where every field left out takes transformers' default.
+OFFICIAL_QWEN2_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2AudioForConditionalGeneration"],
+    "audio_config": {"model_type": "qwen2_audio_encoder"},
+    "audio_token_index": 151646, "ignore_index": -100, "model_type": "qwen2_audio",
+    "text_config": {
+        "bos_token_id": 151643, "eos_token_id": 151645, "intermediate_size": 11008, "max_position_embeddings": 8192,
+        "model_type": "qwen2", "rms_norm_eps": 1e-05, "torch_dtype": "bfloat16", "use_mrope": False,
+        "vocab_size": 156032,
+    },
+    "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0",
+}
+
+# Qwen2-Audio's tiny dims, by the field names of its two sub-configs.
+QWEN2_TINY_DIMS: dict[str, dict[str, Any]] = {
+    "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2,
+                    "intermediate_size": 128},
+    "audio_config": {"d_model": 64, "encoder_attention_heads": 4, "encoder_layers": 2, "encoder_ffn_dim": 256},
+}
+
+QWEN2_GENERATION_CONFIGS: dict[str, dict[str, Any]] = {
+    "base": {"bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "top_k": 0,
+             "top_p": 0.5, "transformers_version": "4.45.0.dev0"},
+    "instruct": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                 "do_sample": True, "top_k": 0, "top_p": 0.5, "transformers_version": "4.45.0.dev0"},
+}
+
+# preprocessor_config.json: transformers' WhisperFeatureExtractor with Whisper-large-v3's 128 mel bins.
+QWEN2_PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "chunk_length": 30, "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "hop_length": 160,
+    "n_fft": 400, "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
+    "processor_class": "Qwen2AudioProcessor", "return_attention_mask": True, "sampling_rate": 16000,
+}
+
+
+def tiny_qwen2_config(**dims: Any) -> dict[str, Any]:
+    """Qwen2-Audio's config.json with `QWEN2_TINY_DIMS` and then `dims` applied; `dims` keys are the sub-configs'
+    field names (`hidden_size`, `d_model`, …; the encoder's are routed into `audio_config`)."""
+    raw = json.loads(json.dumps(OFFICIAL_QWEN2_CONFIG))
+    for part, values in QWEN2_TINY_DIMS.items():
+        raw[part].update(values)
+    audio_keys = {f for f in Qwen2AudioEncoderConfig.__dataclass_fields__ if f != "extra"}
+    text_keys = {f for f in Qwen2AudioConfig.__dataclass_fields__ if f not in ("audio", "extra", "text_extra")}
+    for key, value in dims.items():
+        if key in audio_keys:
+            raw["audio_config"][key] = value
+        elif key == "audio_token_index":
+            raw[key] = value
+        elif key in text_keys:
+            raw["text_config"][key] = value
+        else:
+            raise ConfigError(f"make_tiny_qwen2_checkpoint: unknown dimension {key!r}")
+    return raw
+
+
+def make_tiny_qwen2_checkpoint(path: str | Path, seed: int = 0, *, vocab_file: str | Path | None = None,
+                               instruct: bool = False, max_shard_bytes: int = 8 * 1024**2,
+                               draw_on: str | None = None, **dims: Any) -> Path:
+    """A random Qwen2-Audio checkpoint directory in the published layout (config.json, generation and preprocessor
+    configs, vocab.json + merges.txt + tokenizer_config.json, safetensors shards with their index), as
+    `make_tiny_checkpoint` writes Qwen-Audio's: `vocab_file` is qwen.tiktoken, whose tokens Qwen2's vocabulary
+    holds, converted (`write_qwen2_vocab`); `instruct` selects the Instruct checkpoint's generation config and chat
+    template; `dims` override config fields (`tiny_qwen2_config`); `seed` and `draw_on` as there."""
+    path = Path(path)
+    raw = tiny_qwen2_config(**dims)
+    config = Qwen2AudioConfig.from_dict(raw, source="make_tiny_qwen2_checkpoint")
+
+    def files(partial: Path) -> None:
+        _write_json(partial / "config.json", raw)
+        _write_json(partial / "generation_config.json", QWEN2_GENERATION_CONFIGS["instruct" if instruct else "base"])
+        _write_json(partial / "preprocessor_config.json", QWEN2_PREPROCESSOR_CONFIG)
+        write_qwen2_vocab(partial, vocab_file, instruct=instruct)
+
+    return _write_checkpoint(path, config, seed, draw_on, max_shard_bytes, files)
+
+
+def _write_checkpoint(path: Path, config: Any, seed: int, draw_on: str | None, max_shard_bytes: int,
+                      files: Callable[[Path], None]) -> Path:
+    """Random bf16 tensors for every tensor `config`'s modules hold, in checkpoint order, one shard at a time, and
+    `files(directory)` for the rest, built beside `path` and renamed into place once complete."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InputError(f"make_tiny_checkpoint: {path} exists and is not an empty directory")
     rng = np.random.Generator(np.random.PCG64(seed)) if draw_on is None else \
@@ -125,21 +222,14 @@ def make_tiny_checkpoint(
     with building(path) as partial:
         write_shards(layout, lambda name: _random_tensor(name, shapes[name], rng), partial,
                      max_shard_bytes=max_shard_bytes)
-        _write_json(partial / "config.json", raw)
-        _write_json(partial / "generation_config.json", GENERATION_CONFIGS["chat" if chat else "base"])
-        _write_json(partial / "tokenizer_config.json", TOKENIZER_CONFIG)
-        np.savez(partial / "mel_filters.npz", mel_80=mel_filters(80))
-        if vocab_file is not None:
-            shutil.copyfile(vocab_file, partial / VOCAB_FILE)
-        else:
-            _write_byte_vocab(partial / VOCAB_FILE)
+        files(partial)
     return path
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator | torch.Generator) -> torch.Tensor:
     """Values of the right scale for each kind of tensor, so activations neither vanish nor explode. The scaling is
     done in place, in float32 (numpy's or torch's), so no second copy of a large tensor is made."""
-    if name.endswith("positional_embedding"):
+    if name.endswith(("positional_embedding", "embed_positions.weight")):
         return torch.from_numpy(_sinusoids(*shape)).to(torch.bfloat16)
     if isinstance(rng, torch.Generator):
         values = torch.randn(shape, generator=rng, device=rng.device)
@@ -150,7 +240,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator |
     elif len(shape) == 1:  # norm gains
         values *= 0.1
         values += 1.0
-    elif not name.endswith(("wte.weight", "audio_bos_eos_token.weight")):  # embeddings keep unit scale;
+    elif not name.endswith(("wte.weight", "embed_tokens.weight", "audio_bos_eos_token.weight")):  # embeddings: unit;
         values /= math.sqrt(math.prod(shape[1:]))  # projections: variance-preserving
     return torch.as_tensor(values).to("cpu", torch.bfloat16)
 
@@ -174,3 +264,8 @@ def _write_byte_vocab(path: Path) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+
+
+def write_qwen2_vocab(directory: Path, vocab_file: str | Path | None, *, instruct: bool = False) -> None:
+    """Placeholder until the tokenizer branch lands."""
+    raise NotImplementedError

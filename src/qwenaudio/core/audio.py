@@ -62,9 +62,28 @@ def audio_span(num_samples: int) -> int:
     return audio_tokens(num_samples) + 2
 
 
-def _too_short(what: str) -> str:
-    return (f"{what} is too short: one audio token needs at least {MIN_SAMPLES} samples (3 mel frames, "
-            f"{1000 * MIN_SAMPLES // SAMPLE_RATE} ms) at {SAMPLE_RATE} Hz")
+def feature_frames(num_samples: int) -> int:
+    """Mel frames Qwen2-Audio's front end marks as real (transformers' WhisperFeatureExtractor attention mask: the
+    sample mask taken every 160th sample), ceil(L / 160) with L capped at 30 s: one more than `mel_length` when L is
+    not a multiple of the hop."""
+    return -(-min(num_samples, N_SAMPLES) // HOP_LENGTH)
+
+
+def qwen2_audio_tokens(num_samples: int) -> int:
+    """Decoder positions a clip fills in Qwen2-Audio: the `<|AUDIO|>` tokens its processor writes, from the masked
+    frames through the conv stem and the stride-2 pool (30 s -> 750)."""
+    frames = feature_frames(num_samples)
+    if num_samples < 1 or frames_after_conv(frames) < 2:
+        raise AudioError(_too_short(f"a clip of {num_samples} samples", QWEN2_MIN_SAMPLES))
+    return (frames_after_conv(frames) - 2) // 2 + 1
+
+
+QWEN2_MIN_SAMPLES = 2 * HOP_LENGTH + 1  # 3 marked frames -> 2 conv frames -> 1 position
+
+
+def _too_short(what: str, shortest: int = MIN_SAMPLES) -> str:
+    return (f"{what} is too short: one audio token needs at least {shortest} samples (3 mel frames, "
+            f"{1000 * shortest // SAMPLE_RATE} ms) at {SAMPLE_RATE} Hz")
 
 
 def as_waveform(source: AudioSource, name: str) -> torch.Tensor:

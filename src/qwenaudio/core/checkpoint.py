@@ -1,11 +1,14 @@
 """Official-layout safetensors checkpoints: which tensors exist, and reading / writing them
 (docs/MODEL.md#checkpoint).
 
-This is the one place that maps official tensor names to our modules. Our attribute paths are the official names
-with one prefix dropped (`official_name`, `split_state`): the encoder's `blocks.0.attn.query.weight` is stored as
+This is the one place that maps official tensor names to our modules, with each family's table of prefixes
+(`families.Family.names`). Our attribute paths are the official names with one prefix dropped (`official_name`,
+`split_state`): in Qwen-Audio the encoder's `blocks.0.attn.query.weight` is stored as
 `transformer.audio.blocks.0.attn.query.weight`, the decoder's `h.0.attn.c_attn.weight` as
-`transformer.h.0.attn.c_attn.weight`, and its `lm_head.weight` as itself. `tensor_shapes`, the table every
-checkpoint is checked against, is read off the modules, so the two cannot disagree.
+`transformer.h.0.attn.c_attn.weight`, and its `lm_head.weight` as itself; in Qwen2-Audio the encoder's
+`audio_tower.*` and `multi_modal_projector.*` as themselves and the decoder's `model.layers.0.self_attn.q_proj.weight`
+as `language_model.model.layers.0.self_attn.q_proj.weight`. `tensor_shapes`, the table every checkpoint is checked
+against, is read off the modules, so the two cannot disagree.
 
 Reading goes one tensor at a time through safetensors' memory map, converting each to the requested dtype and
 device before the next is touched: the peak is the finished state dict plus one tensor, never two copies of the
@@ -32,8 +35,8 @@ from torch import nn
 from . import int4, int8
 from .checks import as_path, expect, shown, whole
 from .config import QwenAudioConfig
-from .decoder import Decoder
-from .encoder import AudioEncoder
+from .families import QWEN_AUDIO, Config, Family, family_of, read_config
+from .qwen2_audio import Qwen2AudioConfig
 from .errors import CheckpointError, InputError, OutputError, QwenAudioError
 from .files import building, refuse_inputs, write_text, writing
 
@@ -41,41 +44,34 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 Shape = tuple[int, ...]
 
-# Where each of our modules sits in the official model, whose tree is `transformer.{wte, h, ln_f, audio}` then
-# `lm_head`: our attribute paths are the official names with this prefix dropped. The decoder's `lm_head` sits
-# beside `transformer`, so it keeps its name.
+# Where each of our modules sits in an official Qwen-Audio checkpoint (`families.QWEN_AUDIO.names` in full): the
+# official tree is `transformer.{wte, h, ln_f, audio}` then `lm_head`, and our attribute paths are the official names
+# with this prefix dropped. The decoder's `lm_head` sits beside `transformer`, so it keeps its name.
 PREFIXES = {"encoder": "transformer.audio.", "decoder": "transformer."}
-UNPREFIXED = "lm_head."
 V = TypeVar("V")
 
 
-def official_name(owner: str, path: str) -> str:
+def official_name(owner: str, path: str, family: Family = QWEN_AUDIO) -> str:
     """The checkpoint's name for the tensor at attribute `path` of our `owner` ("encoder" or "decoder")."""
-    return path if owner == "decoder" and path.startswith(UNPREFIXED) else PREFIXES[owner] + path
+    return family.official_name(owner, path)
 
 
-def module_path(name: str) -> tuple[str, str]:
+def module_path(name: str, family: Family = QWEN_AUDIO) -> tuple[str, str]:
     """(owner, attribute path) of an official tensor name: the inverse of `official_name`."""
-    if name.startswith(PREFIXES["encoder"]):
-        return "encoder", name.removeprefix(PREFIXES["encoder"])
-    if name.startswith(UNPREFIXED):
-        return "decoder", name
-    if name.startswith(PREFIXES["decoder"]):
-        return "decoder", name.removeprefix(PREFIXES["decoder"])
-    raise CheckpointError(f"{name!r} is not an official tensor name (they start with transformer. or lm_head.)")
+    return family.module_path(name)
 
 
-def split_state(state: dict[str, V]) -> dict[str, dict[str, V]]:
+def split_state(state: dict[str, V], family: Family = QWEN_AUDIO) -> dict[str, dict[str, V]]:
     """A checkpoint's tensors (or anything keyed by official name) as each module's own, under its attribute paths:
     {"encoder": {"conv1.weight": …}, "decoder": {"wte.weight": …, "lm_head.weight": …}}."""
-    parts: dict[str, dict[str, V]] = {owner: {} for owner in PREFIXES}
+    parts: dict[str, dict[str, V]] = {"encoder": {}, "decoder": {}}
     for name, value in state.items():
-        owner, path = module_path(name)
+        owner, path = family.module_path(name)
         parts[owner][path] = value
     return parts
 
 
-def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
+def tensor_shapes(config: Config) -> dict[str, Shape]:
     """Every tensor an official checkpoint stores, with its shape, in checkpoint order.
 
     Read off our own modules, built on the meta device (no memory): their state (parameters and persistent
@@ -85,20 +81,20 @@ def tensor_shapes(config: QwenAudioConfig) -> dict[str, Shape]:
     `*.weight_zero`, after them, in the decoder's order. tests/golden/official_tensors.py holds the table written
     by hand from the official checkpoint's index.
     """
-    expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
+    family = family_of(config)
     with torch.device("meta"):
-        encoder, decoder = AudioEncoder(config.audio), Decoder(config)
-    shapes = _state_shapes("decoder", decoder) | _state_shapes("encoder", encoder)
-    shapes = dict(sorted(shapes.items(), key=lambda item: item[0].startswith(UNPREFIXED)))  # stable: lm_head.* last
+        encoder, decoder = family.encoder(config), family.decoder(config)
+    shapes = _state_shapes(family, "decoder", decoder) | _state_shapes(family, "encoder", encoder)
+    shapes = dict(sorted(shapes.items(), key=lambda item: item[0].startswith("lm_head.")))  # Qwen-Audio's: last
     if config.quantization:  # quantized weights keep their names and places; the new scales (and zeros) go last
-        shapes |= _state_shapes("decoder", quantize_layout(decoder, config.quantization,
-                                                           config.quantization_group_size))
+        shapes |= _state_shapes(family, "decoder", quantize_layout(decoder, config.quantization,
+                                                                   config.quantization_group_size))
     return shapes
 
 
-def _state_shapes(owner: str, module: nn.Module) -> dict[str, Shape]:
+def _state_shapes(family: Family, owner: str, module: nn.Module) -> dict[str, Shape]:
     """Shapes of a module's state dict (its parameters and persistent buffers), by official name."""
-    return {official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
+    return {family.official_name(owner, path): tuple(t.shape) for path, t in module.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -137,30 +133,31 @@ def quantize_layout(decoder: nn.Module, method: str, group_size: int | None) -> 
     return _method(method).swap(decoder, group_size)
 
 
-def quantizer(method: str, config: QwenAudioConfig, dtype: torch.dtype | None, group_size: int | None
+def quantizer(method: str, config: Config, dtype: torch.dtype | None, group_size: int | None
               ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`load_checkpoint`'s `convert` hook quantizing the decoder's linears in `method` as they are read."""
     return _method(method).quantizer(quantized_names(config), dtype, group_size)
 
 
-def quantized_names(config: QwenAudioConfig) -> list[str]:
+def quantized_names(config: Config) -> list[str]:
     """Official names of the weights that int8 quantization replaces: those of every `nn.Linear` of the decoder,
     the layers `quantize_int8` swaps."""
     return list(_linear_widths(config))
 
 
-def int4_group_size(config: QwenAudioConfig, requested: int | None = None) -> int:
+def int4_group_size(config: Config, requested: int | None = None) -> int:
     """The int4 group size for this model's linears: `requested`, or by default 64 or the largest allowed size
     below it that divides every layer's inputs (`int4.fitting_group_size`)."""
     return int4.fitting_group_size(_linear_widths(config), requested)
 
 
-def _linear_widths(config: QwenAudioConfig) -> dict[str, int]:
+def _linear_widths(config: Config) -> dict[str, int]:
     """The inputs of every `nn.Linear` of the decoder, by its weight's official name, in module order."""
+    family = family_of(config)
     with torch.device("meta"):
-        decoder = Decoder(config)
-    return {official_name("decoder", f"{path}.weight"): module.in_features for path, module in decoder.named_modules()
-            if isinstance(module, nn.Linear)}
+        decoder = family.decoder(config)
+    return {family.official_name("decoder", f"{path}.weight"): module.in_features
+            for path, module in decoder.named_modules() if isinstance(module, nn.Linear)}
 
 
 def shard_files(path: str | Path) -> dict[str, Path]:
@@ -221,11 +218,11 @@ def read_header(file: Path) -> dict[str, tuple[torch.dtype, Shape]]:
 
 def load_checkpoint(
     path: str | Path,
-    config: QwenAudioConfig | None = None,
+    config: Config | None = None,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    prefix: str = "",
+    prefix: str | tuple[str, ...] = "",
     progress: Callable[[int, int], None] | None = None,
     convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -240,10 +237,11 @@ def load_checkpoint(
     (int8 weights) keep their dtype.
     """
     path = as_path(path, "path")
-    expect(config, (QwenAudioConfig, type(None)), "config", "a QwenAudioConfig or None (the directory's config.json)")
+    expect(config, (QwenAudioConfig, Qwen2AudioConfig, type(None)), "config",
+           "a QwenAudioConfig, a Qwen2AudioConfig or None (the directory's config.json)")
     files = shard_files(path)
     if config is None:
-        config = QwenAudioConfig.from_json(path if path.is_dir() else path.parent)
+        config = read_config(path if path.is_dir() else path.parent)
     headers: dict[str, tuple[torch.dtype, Shape]] = {}
     for file in sorted(set(files.values())):
         header = read_header(file)

@@ -86,6 +86,11 @@ class QwenAudioConfig:
         return int(self.extra.get("max_position_embeddings", 8192))
 
     @property
+    def audio_token_id(self) -> int:
+        """The id the decoder finds a clip's span by: `<audio>`, which opens each audio region."""
+        return self.audio.audio_start_id
+
+    @property
     def mlp_width(self) -> int:
         """Width of w1/w2: the official code builds its MLP with `intermediate_size // 2` (11008)."""
         return self.intermediate_size // 2
@@ -95,12 +100,12 @@ class QwenAudioConfig:
         """Build and validate a config; `source` names the file in error messages."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        values = _read_fields(cls, raw, source, prefix="", skip={"audio"})
+        values = read_fields(cls, raw, source, prefix="", skip={"audio"})
         if "audio" not in raw:
             raise ConfigError(f"{source}: required field 'audio' is missing")
         if not isinstance(raw["audio"], dict):
             raise ConfigError(f"{source}: field 'audio' must be an object, got {raw['audio']!r}")
-        audio = AudioConfig(**_read_fields(AudioConfig, raw["audio"], source, prefix="audio."))
+        audio = AudioConfig(**read_fields(AudioConfig, raw["audio"], source, prefix="audio."))
         config = cls(**values, audio=audio)
         _check_supported(config, source)
         return config
@@ -112,7 +117,7 @@ class QwenAudioConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The official `config.json` layout, with every field that was read (known or not) written back."""
@@ -166,13 +171,14 @@ class GenerationConfig:
         path = path / "generation_config.json" if path.is_dir() else path
         if not path.exists():
             return cls()
-        raw = _read_json(path)
+        raw = read_json(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         words, listed = raw.get("stop_words_ids", []), raw.get("stop_token_ids", [])
         if not (isinstance(words, list) and all(isinstance(w, list) for w in words) and isinstance(listed, list)):
             raise ConfigError(f"{path}: 'stop_words_ids' must be a list of id lists and 'stop_token_ids' a list of ids")
-        stops = [w[0] for w in words if len(w) == 1] + [raw.get("eos_token_id", 151643)] + listed
+        eos = raw.get("eos_token_id", 151643)  # one id, or (transformers' newer files) a list of them
+        stops = [w[0] for w in words if len(w) == 1] + (eos if isinstance(eos, list) else [eos]) + listed
         if raw.get("chat_format") == "chatml":
             stops += [151645, 151644]  # <|im_end|>, <|im_start|>: the official chat stops on both
         wrong = [s for s in stops if not isinstance(s, int) or isinstance(s, bool)]
@@ -220,7 +226,7 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
     ]
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """The parsed contents of a JSON file; every way reading it can fail is a ConfigError naming the file."""
     if path.exists() and not (path.is_file() or path.is_dir()):  # reading a pipe or device waits for a writer
         raise ConfigError(f"{path}: not a regular file (a pipe, socket or device): give the checkpoint directory")
@@ -242,7 +248,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 _KINDS = {"int": int, "float": float, "bool": bool}
 
 
-def _read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip: set[str] = frozenset()) -> dict:
+def read_fields(cls: type, raw: dict[str, Any], source: str, prefix: str, skip: set[str] = frozenset()) -> dict:
     """Take the dataclass's fields out of `raw` with type checks; the rest goes to `extra`."""
     names = [f for f in _json_fields(cls) if f.name not in skip]
     values: dict[str, Any] = {}

@@ -72,7 +72,7 @@ class KVCache:
     and keeps what the prompt fixed (the ids fed, the clips, each row's rotary base) beside them in a `Session`.
     """
 
-    def __init__(self, config: QwenAudioConfig, batch: int, capacity: int, dtype: torch.dtype,
+    def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         shape = (batch, config.num_attention_heads, capacity, config.kv_channels)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -124,12 +124,18 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).view(b, s, 3, self.n_head, d // self.n_head).unbind(2)  # each [B, S, H, Dh]
         q = apply_rotary(q, cos, sin) * logn.type_as(q)  # logn after rotary, queries only
         k = apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, Dh]
-        if cache is not None:
-            cache[0][:, :, slots], cache[1][:, :, slots] = k, v
-            k, v = cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, cache, slots)
         return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache: tuple[Tensor, Tensor] | None = None,
+           slots: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention of q, k, v [B, H, S, Dh] under `mask`. With `cache` (one block's key and value
+    buffers), k and v are first written at `slots` and the queries attend over all of the buffers' slots."""
+    if cache is not None:
+        cache[0][:, :, slots], cache[1][:, :, slots] = k, v
+        k, v = cache
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Block(nn.Module):
@@ -209,6 +215,15 @@ class Decoder(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The token embedding, whatever a family names it (`wte` here): its dtype is the activations'."""
+        return self.wte
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor, base: Tensor, cache: KVCache | None = None,
                 slots: Tensor | None = None, *, last_only: bool = False, select: Tensor | None = None,

@@ -77,6 +77,14 @@ class AudioEncoder(nn.Module):
         self.audio_bos_eos_token = nn.Embedding(2, config.output_dim)  # row 0 BOS, row 1 EOS
         self.activation_checkpointing = False  # training: recompute block activations in backward (see Decoder)
 
+    @property
+    def n_mels(self) -> int:
+        return self.conv1.in_channels
+
+    def span_length(self, num_samples: int) -> int:
+        """Prompt tokens a clip of `num_samples` (16 kHz) fills: its audio tokens plus the BOS and EOS rows."""
+        return audio_span(num_samples)
+
     def forward(self, mel: Tensor, frames: Tensor) -> Tensor:
         """Encode a batch: mel [B, n_mels, ≥ 2·max(frames)], frames [B] = each clip's length after the conv stem.
 
@@ -84,6 +92,9 @@ class AudioEncoder(nn.Module):
         from attention as keys, as the official code does (their queries still run, and the conv stem sees the
         neighbouring padding, which is why a clip encoded in a mixed-length batch differs slightly from alone).
         """
+        if mel.ndim != 3 or mel.shape[1] != self.n_mels:
+            raise InputError(f"mel must be [clips, {self.n_mels}, frames] log-mel spectrograms (this model's front end "
+                             f"has {self.n_mels} mel bins), got shape {tuple(mel.shape)}")
         t = int(frames.max())
         x = mel[:, :, : 2 * t].to(self.conv1.weight.dtype)
         x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)  # [B, T, C]

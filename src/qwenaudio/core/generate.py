@@ -155,7 +155,7 @@ def fit(decoder: Decoder, session: Session | None, batch: int, need: int) -> Ses
     """A session whose cache has `batch` rows and at least `need` slots: `session` itself when it has them; its
     cache grown to twice its size (or `need`), keeping its contents, when too small; a new one when it has another
     batch size."""
-    weight = decoder.wte.weight
+    weight = decoder.embedding.weight
     if session is None or session.cache.valid.shape[0] != batch:
         return Session(KVCache(decoder.config, batch, need, weight.dtype, weight.device))
     if session.cache.capacity < need:

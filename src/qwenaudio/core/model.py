@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import AudioSource, as_waveform, audio_span, log_mel_spectrogram, source_name
-from .checkpoint import (PREFIXES, QUANTIZATIONS, int4_group_size, load_checkpoint, quantize_layout, quantizer,
-                         split_state)
+from .checkpoint import QUANTIZATIONS, int4_group_size, load_checkpoint, quantize_layout, quantizer, split_state
 from .checks import expect, renamed, shown
 from .config import GenerationConfig, QwenAudioConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
+from .families import Config, family_of, read_config
 from .generate import Session, Step, compile_decoding, decode_one_token, generate, stream_text
+from .qwen2_audio import Qwen2AudioEncoder, Qwen2Decoder
 from .tokenizer import Batch, Tokenizer
 
 
@@ -48,19 +49,20 @@ class Output:
 
 
 class QwenAudio(nn.Module):
-    """The whole model: `encoder` turns clips into spans, `decoder` reads prompts with the spans spliced in."""
+    """The whole model, of either family (`family`): `encoder` turns clips into spans, `decoder` reads prompts with
+    the spans written over their audio tokens."""
 
-    def __init__(self, config: QwenAudioConfig, tokenizer: Tokenizer, generation_config: GenerationConfig):
+    def __init__(self, config: Config, tokenizer: Tokenizer, generation_config: GenerationConfig):
         super().__init__()
-        expect(config, QwenAudioConfig, "config", "a QwenAudioConfig")
-        expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer")
+        self.family = family = family_of(config)
+        expect(tokenizer, family.tokenizer, "tokenizer", f"a {family.name} tokenizer ({family.tokenizer.__name__})")
         expect(generation_config, GenerationConfig, "generation_config", "a GenerationConfig")
-        if tokenizer.audio_start_id != config.audio.audio_start_id:
-            raise ConfigError(f"config.json: audio.audio_start_id is {config.audio.audio_start_id} but the "
-                              f"vocabulary's <audio> is {tokenizer.audio_start_id}")
+        if tokenizer.audio_token_id != config.audio_token_id:
+            raise ConfigError(f"config.json: the audio token is {config.audio_token_id} but the vocabulary's is "
+                              f"{tokenizer.audio_token_id}")
         self.config, self.tokenizer, self.generation_config = config, tokenizer, generation_config
-        self.encoder = AudioEncoder(config.audio)
-        self.decoder = Decoder(config)
+        self.encoder = family.encoder(config)
+        self.decoder = family.decoder(config)
         self.decode_step: Step = decode_one_token  # what `generate` and `stream` feed each token with
 
     def compile_decoding(self, **options) -> None:
@@ -80,7 +82,7 @@ class QwenAudio(nn.Module):
         clips = [[] for _ in prompts] if clips is None else clips
         numbered = iter(range(sum(len(own) for own in clips)))
         waves = [[as_waveform(c, source_name(c, next(numbered))) for c in own] for own in clips]
-        batch = prompt_batch(self.tokenizer, prompts, waves)
+        batch = prompt_batch(self.tokenizer, prompts, waves, self.encoder.span_length)
         config = self.generation_config.replace(**settings)
         return generate(self.decoder, self.tokenizer, batch.input_ids.to(self.device),
                         attention_mask=batch.attention_mask.to(self.device),
@@ -113,7 +115,7 @@ class QwenAudio(nn.Module):
         clips = [as_waveform(c, source_name(c, i)) for i, c in enumerate(clips)]
         if not clips:
             return []
-        mel = torch.stack([log_mel_spectrogram(c.to(self.device)) for c in clips])
+        mel = torch.stack([log_mel_spectrogram(c.to(self.device), self.encoder.n_mels) for c in clips])
         return self.encoder.encode(mel, [len(c) for c in clips])
 
     def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
@@ -152,11 +154,13 @@ def expect_model(model: object, name: str = "model") -> None:
         raise InputError(f"{name} must be a QwenAudio model, got {shown(model)}{hint}")
 
 
-def prompt_batch(tokenizer: Tokenizer, prompts: Sequence[str], clips: Sequence[Sequence[Tensor]]) -> Batch:
-    """The left-padded ids of a batch of prompts, as the official evaluation's collate_fn makes them: each
-    `<audio>PATH</audio>` region's path tokens replaced by one pad per encoder frame of its clip (`clips[i]`: prompt
-    i's 16 kHz waveforms, in region order; past 30 s a clip takes a 30 s span, all the model hears)."""
-    return tokenizer.encode_batch(prompts, audio_spans=[[audio_span(len(c)) for c in own] for own in clips])
+def prompt_batch(tokenizer: Tokenizer, prompts: Sequence[str], clips: Sequence[Sequence[Tensor]],
+                 span_length: Callable[[int], int] = audio_span) -> Batch:
+    """The left-padded ids of a batch of prompts, as the official evaluation's collate_fn makes them: each audio
+    region (Qwen-Audio's `<audio>PATH</audio>`, Qwen2-Audio's `<|AUDIO|>`) sized to its clip (`clips[i]`: prompt i's
+    16 kHz waveforms, in region order; past 30 s a clip takes a 30 s span, all the model hears) by `span_length`
+    (the encoder's: tokens per clip of n samples)."""
+    return tokenizer.encode_batch(prompts, audio_spans=[[span_length(len(c)) for c in own] for own in clips])
 
 
 IGNORE_INDEX = -100  # a label that adds nothing to the loss: prompt, padding, anything not to be learned
@@ -207,19 +211,23 @@ def as_device(device: str | torch.device | None) -> torch.device:
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
                quantize: str | None = None, true_positions: bool = False,
                progress: Callable[[int, int], None] | None = None, int8: bool = False, int4: bool = False) -> QwenAudio:
-    """Load the checkpoint directory `path` onto `device` (default: CUDA if available) in `dtype` (a torch dtype or
-    a name like "bf16"; default: `default_dtype`). `progress(done, total)` is called after each tensor read.
+    """Load the checkpoint directory `path`, of either family (config.json's `model_type` says which), onto `device`
+    (default: CUDA if available) in `dtype` (a torch dtype or a name like "bf16"; default: `default_dtype`).
+    `progress(done, total)` is called after each tensor read.
 
     `quantize="int8"` quantizes the decoder's linears as they are read (`int8.py`): the full model then needs about
     10.7 GiB at its peak instead of 15.5 in bf16 (BENCHMARKS.md); `quantize="int4"` (`int4.py`, inference only) to
     int4 in groups of 64 (or of 32 where 64 does not divide a layer's inputs: a warning says so). A checkpoint written
     by `qwenaudio quantize` loads as it was quantized without asking. `int8=True` / `int4=True` are the deprecated
-    spellings of `quantize`. (`qwenaudio.load` is this plus repo ids and a progress bar.)"""
+    spellings of `quantize`. `true_positions` is Qwen-Audio's choice (see `Decoder`); Qwen2-Audio always numbers a
+    row's positions by its real tokens, as transformers does. (`qwenaudio.load` is this plus repo ids and a progress
+    bar.)"""
     device = as_device(device)
     dtype = as_dtype(dtype) or default_dtype(device)
     path = Path(path)
-    config = replace(QwenAudioConfig.from_json(path), true_positions=true_positions)
-    tokenizer = Tokenizer.from_pretrained(path)
+    config = _configured(read_config(path), true_positions)
+    family = family_of(config)
+    tokenizer = family.tokenizer.from_pretrained(path)
     method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, dtype, device, method, group_size, progress=progress)
     generation_config = GenerationConfig.from_json(path)
@@ -227,7 +235,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         model = QwenAudio(config, tokenizer, generation_config)
         if method:
             quantize_layout(model.decoder, method, group_size)  # the layout (on meta: no work), filled below
-    owned = split_state(state)
+    owned = split_state(state, family)
     model.encoder.load_state_dict(owned["encoder"], assign=True)
     model.decoder.load_state_dict(owned["decoder"], assign=True)
     return model.eval()
@@ -237,30 +245,38 @@ __getattr__ = renamed(__name__, {"load": ("core.model.load_model", load_model)})
 
 
 def load_encoder(path: str | Path, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> AudioEncoder:
+                 device: str | torch.device = "cpu") -> AudioEncoder | Qwen2AudioEncoder:
     """The audio encoder of a checkpoint, in eval mode, reading only its own tensors (0.6 B of the 8.4 B)."""
-    config = QwenAudioConfig.from_json(path)
-    state = load_checkpoint(path, config, dtype=as_dtype(dtype), device=as_device(device), prefix=PREFIXES["encoder"])
+    config = read_config(path)
+    family = family_of(config)
+    state = load_checkpoint(path, config, dtype=as_dtype(dtype), device=as_device(device),
+                            prefix=family.prefixes("encoder"))
     with torch.device("meta"):
-        encoder = AudioEncoder(config.audio)
-    encoder.load_state_dict(split_state(state)["encoder"], assign=True)
+        encoder = family.encoder(config)
+    encoder.load_state_dict(split_state(state, family)["encoder"], assign=True)
     return encoder.eval()
 
 
 def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                  quantize: str | None = None, true_positions: bool = False, int8: bool = False,
-                 int4: bool = False) -> Decoder:
-    """The language model of a checkpoint, in eval mode (`true_positions` sets the config's, see `Decoder`;
+                 int4: bool = False) -> Decoder | Qwen2Decoder:
+    """The language model of a checkpoint, in eval mode (`true_positions` sets Qwen-Audio's, see `Decoder`;
     `load_model` for `quantize`)."""
-    config = replace(QwenAudioConfig.from_json(path), true_positions=true_positions)
+    config = _configured(read_config(path), true_positions)
+    family = family_of(config)
     method, group_size = _quantization(config, quantize_option(quantize, int8, int4))
     state = _read(path, config, as_dtype(dtype), as_device(device), method, group_size)
     with torch.device("meta"):
-        decoder = Decoder(config)
+        decoder = family.decoder(config)
         if method:
             quantize_layout(decoder, method, group_size)
-    decoder.load_state_dict(split_state(state)["decoder"], assign=True)
+    decoder.load_state_dict(split_state(state, family)["decoder"], assign=True)
     return decoder.eval()
+
+
+def _configured(config: Config, true_positions: bool) -> Config:
+    """`config` with Qwen-Audio's `true_positions` choice applied (Qwen2-Audio's positions are always true)."""
+    return replace(config, true_positions=true_positions) if isinstance(config, QwenAudioConfig) else config
 
 
 def quantize_option(quantize: str | None, int8: bool = False, int4: bool = False) -> str | None:
@@ -277,7 +293,7 @@ def quantize_option(quantize: str | None, int8: bool = False, int4: bool = False
     return quantize
 
 
-def _quantization(config: QwenAudioConfig, quantize: str | None) -> tuple[str | None, int | None]:
+def _quantization(config: Config, quantize: str | None) -> tuple[str | None, int | None]:
     """(method, int4 group size) the decoder's linears load in: the checkpoint's own, or the one asked for."""
     asked = QUANTIZATIONS[quantize].method if quantize else None
     if config.quantization:
@@ -290,7 +306,7 @@ def _quantization(config: QwenAudioConfig, quantize: str | None) -> tuple[str | 
     return asked, int4_group_size(config) if quantize == "int4" else None
 
 
-def _read(path: Path, config: QwenAudioConfig, dtype: torch.dtype | None, device: torch.device, method: str | None,
+def _read(path: Path, config: Config, dtype: torch.dtype | None, device: torch.device, method: str | None,
           group_size: int | None, progress=None) -> dict[str, Tensor]:
     """The checkpoint's tensors, the decoder's linears quantized on arrival when `method` asks for it and the
     checkpoint is not quantized already."""

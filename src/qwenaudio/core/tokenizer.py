@@ -146,6 +146,11 @@ class Tokenizer:
         return cls(path / VOCAB_FILE if path.is_dir() else path)
 
     @property
+    def audio_token_id(self) -> int:
+        """`<audio>`: the token the decoder finds each clip's span by."""
+        return self.audio_start_id
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce (155,165); the model's embedding has more rows."""
         return self._encoding.n_vocab
