@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from qwenaudio import AudioError
@@ -180,6 +182,13 @@ def test_frames_equal_extractors_mask_on_many_lengths():
         counts = masks.sum(-1)
         assert (masks == (np.arange(3000) < counts[:, None])).all(), "the mask is a prefix of real frames"
         assert counts.tolist() == [feature_frames(n) for n in chunk]
+
+
+@settings(max_examples=25, derandomize=True, database=None, deadline=None)
+@given(lengths=st.lists(st.integers(0, 2 * N_SAMPLES), min_size=1, max_size=8))
+def test_frames_equal_extractors_mask_on_any_lengths(lengths):
+    counts = extract([torch.zeros(n) for n in lengths], mask_only(extractor()))["attention_mask"].sum(-1)
+    assert counts.tolist() == [feature_frames(n) for n in lengths]
 
 
 def tiny_processor(fe):
