@@ -87,7 +87,7 @@ QWEN2_MIN_SAMPLES = 2 * HOP_LENGTH + 1  # 321 samples -> 3 frames -> 2 conv fram
 def qwen2_audio_tokens(num_samples: int) -> int:
     """`<|AUDIO|>` positions a clip takes in a Qwen2-Audio prompt (1 s -> 25, 30 s -> 750).
 
-    transformers' Qwen2AudioProcessor repeats `<|AUDIO|>` once per encoder output of the clip: the masked frames
+    transformers' Qwen2AudioProcessor repeats `<|AUDIO|>` once per encoder output of the clip: its real frames
     (`feature_frames`) through the stride-2 conv and the stride-2 average pool; the model takes as many outputs per
     clip from the same mask, and refuses a prompt whose count differs. Clips under `QWEN2_MIN_SAMPLES` give none,
     so they raise `AudioError`, as `audio_span` does for Qwen-Audio.
