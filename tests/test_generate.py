@@ -160,7 +160,7 @@ class ScriptedDecoder:
     def __init__(self, scripts, vocab=155947):
         self.scripts, self.vocab, self.turn, self.calls = scripts, vocab, 0, []
         self.config = QwenAudioConfig.from_dict(tiny_config(num_hidden_layers=1))  # for the KV cache's shapes
-        self.wte = SimpleNamespace(weight=torch.zeros(1))
+        self.embedding = SimpleNamespace(weight=torch.zeros(1))
 
     def embed(self, ids, audio=()):
         return ids

@@ -4,6 +4,10 @@ Qwen-Audio hears audio the way Whisper does: 16 kHz mono, at most 30 s, as an 80
 10 ms hop. The official code decodes with the ffmpeg CLI; here soundfile decodes (wav, flac, ogg, mp3) and a
 windowed-sinc resampler in torch converts the rate, so no external program is needed. The clip lengths below decide
 how many `<audio>` pad tokens a clip occupies in the prompt.
+
+Qwen2-Audio hears the same front end with 128 mel bins (Whisper-large-v3's): `log_mel_spectrogram(audio, 128)`
+equals transformers' WhisperFeatureExtractor(feature_size=128). Only its count of real frames differs (ceiling, not
+floor), which `feature_frames` and `qwen2_audio_tokens` give.
 """
 
 from __future__ import annotations
@@ -62,28 +66,35 @@ def audio_span(num_samples: int) -> int:
     return audio_tokens(num_samples) + 2
 
 
+def _too_short(what: str, min_samples: int = MIN_SAMPLES) -> str:
+    return (f"{what} is too short: one audio token needs at least {min_samples} samples (3 mel frames, "
+            f"{1000 * min_samples // SAMPLE_RATE} ms) at {SAMPLE_RATE} Hz")
+
+
 def feature_frames(num_samples: int) -> int:
-    """Mel frames Qwen2-Audio's front end marks as real (transformers' WhisperFeatureExtractor attention mask: the
-    sample mask taken every 160th sample), ceil(L / 160) with L capped at 30 s: one more than `mel_length` when L is
-    not a multiple of the hop."""
+    """Mel frames Qwen2-Audio counts as real for a clip: ceil(L / 160) with L capped at 30 s (161 samples -> 2).
+
+    Qwen2-Audio's processor pads every clip to 30 s and marks the real samples; transformers' WhisperFeatureExtractor
+    then keeps every 160th entry of that sample mask, so frame k is real when its first sample (160·k) is in the clip.
+    That is a ceiling, where Qwen-Audio's `mel_length` is a floor: the two agree on whole hops only.
+    """
     return -(-min(num_samples, N_SAMPLES) // HOP_LENGTH)
 
 
+QWEN2_MIN_SAMPLES = 2 * HOP_LENGTH + 1  # 321 samples -> 3 frames -> 2 conv frames -> 1 audio position
+
+
 def qwen2_audio_tokens(num_samples: int) -> int:
-    """Decoder positions a clip fills in Qwen2-Audio: the `<|AUDIO|>` tokens its processor writes, from the masked
-    frames through the conv stem and the stride-2 pool (30 s -> 750)."""
-    frames = feature_frames(num_samples)
-    if num_samples < 1 or frames_after_conv(frames) < 2:
+    """`<|AUDIO|>` positions a clip takes in a Qwen2-Audio prompt (1 s -> 25, 30 s -> 750).
+
+    transformers' Qwen2AudioProcessor repeats `<|AUDIO|>` once per encoder output of the clip: its real frames
+    (`feature_frames`) through the stride-2 conv and the stride-2 average pool; the model takes as many outputs per
+    clip from the same mask, and refuses a prompt whose count differs. Clips under `QWEN2_MIN_SAMPLES` give none,
+    so they raise `AudioError`, as `audio_span` does for Qwen-Audio.
+    """
+    if num_samples < QWEN2_MIN_SAMPLES:
         raise AudioError(_too_short(f"a clip of {num_samples} samples", QWEN2_MIN_SAMPLES))
-    return (frames_after_conv(frames) - 2) // 2 + 1
-
-
-QWEN2_MIN_SAMPLES = 2 * HOP_LENGTH + 1  # 3 marked frames -> 2 conv frames -> 1 position
-
-
-def _too_short(what: str, shortest: int = MIN_SAMPLES) -> str:
-    return (f"{what} is too short: one audio token needs at least {shortest} samples (3 mel frames, "
-            f"{1000 * shortest // SAMPLE_RATE} ms) at {SAMPLE_RATE} Hz")
+    return (frames_after_conv(feature_frames(num_samples)) - 2) // 2 + 1
 
 
 def as_waveform(source: AudioSource, name: str) -> torch.Tensor:

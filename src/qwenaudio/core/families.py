@@ -51,7 +51,7 @@ class Family:
             if name.startswith(stored):
                 return owner, attribute + name.removeprefix(stored)
         starts = ", ".join(dict.fromkeys(s for s, _, _ in self.names))
-        raise CheckpointError(f"{name!r} is not a {self.name} tensor name (they start with {starts})")
+        raise CheckpointError(f"{name!r} is not an official tensor name of {self.name} (they start with {starts})")
 
     def prefixes(self, owner: str) -> tuple[str, ...]:
         """The checkpoint prefixes of `owner`'s tensors (what reading only the encoder reads)."""
