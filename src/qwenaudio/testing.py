@@ -204,7 +204,7 @@ def make_tiny_qwen2_checkpoint(path: str | Path, seed: int = 0, *, vocab_file: s
         _write_json(partial / "config.json", raw)
         _write_json(partial / "generation_config.json", QWEN2_GENERATION_CONFIGS["instruct" if instruct else "base"])
         _write_json(partial / "preprocessor_config.json", QWEN2_PREPROCESSOR_CONFIG)
-        write_qwen2_vocab(partial, vocab_file, instruct=instruct)
+        write_qwen2_vocab(partial, vocab_file)
 
     return _write_checkpoint(path, config, seed, draw_on, max_shard_bytes, files)
 
@@ -266,6 +266,64 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 
-def write_qwen2_vocab(directory: Path, vocab_file: str | Path | None, *, instruct: bool = False) -> None:
-    """Placeholder until the tokenizer branch lands."""
-    raise NotImplementedError
+# ------------------------------------------------------------------------------ Qwen2-Audio: the tokenizer's files
+
+QWEN2_TOKENIZER_CONFIG: dict[str, Any] = {  # the published tokenizer_config.json's fields that shape tokenization
+    "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "errors": "replace",
+    "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None,
+    "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+}
+
+
+def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = None) -> Path:
+    """Write Qwen2-Audio's `vocab.json`, `merges.txt` and `tokenizer_config.json` into `directory`; return it.
+
+    The regular tokens come from `tiktoken_file` (the real qwen.tiktoken: the `dashscope` wheel ships it), or,
+    without one, from a byte-level stand-in of the same size (see `_write_byte_vocab`). Each multi-byte token gets
+    one merge: the last pair tiktoken joins when it encodes the token's own bytes, listed in rank order, so that
+    transformers' BPE (first merge in the file wins) picks what tiktoken's (lowest rank wins) picks.
+    """
+    import tempfile  # this section's imports stay in it, beside the other family's
+
+    from .core.qwen2_tokenizer import MERGES_TXT, SPECIAL_TOKENS, TOKENIZER_CONFIG, VOCAB_JSON, bytes_to_unicode
+    from .core.tokenizer import _load_ranks
+
+    if tiktoken_file is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            _write_byte_vocab(Path(scratch) / VOCAB_FILE)
+            ranks = _load_ranks(Path(scratch) / VOCAB_FILE)
+    else:
+        ranks = _load_ranks(Path(tiktoken_file))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = bytes_to_unicode()
+
+    def spelled(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    tokens = sorted(ranks, key=ranks.__getitem__)
+    merges = [f"{spelled(left)} {spelled(right)}" for left, right in
+              filter(None, (_last_merge(t, ranks) for t in tokens if len(t) > 1))]
+    _write_json(directory / VOCAB_JSON, {spelled(t): ranks[t] for t in tokens})
+    (directory / MERGES_TXT).write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {str(NUM_BPE_RANKS + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
+    _write_json(directory / TOKENIZER_CONFIG, {"added_tokens_decoder": added,
+                                               "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+                                               **QWEN2_TOKENIZER_CONFIG})
+    return directory
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
+    """The pair tiktoken joins last when it encodes `token`'s bytes alone, or None when it cannot join them into
+    one token (the stand-in's fillers: qwen.tiktoken has none). Inside any longer text, a token is only ever made by this same pair: the merges
+    within its bytes happen in the same order as they do alone."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        joins = [(ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+        if not joins:
+            return None
+        _, i = min(joins)
+        pair = parts[i], parts[i + 1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return pair

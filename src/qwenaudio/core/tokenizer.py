@@ -16,7 +16,7 @@ import math
 import numbers
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -213,22 +213,8 @@ class Tokenizer:
         (`GenerationConfig.full_vocab`, as the official generate does): each is shown as `<|id_N|>`, where the
         official tokenizer fails. No tag has that form, so it cannot be mistaken for one.
         """
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
-            raise TokenizerError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
-        ids = list(ids)
-        for i in ids:
-            if not isinstance(i, numbers.Integral) or isinstance(i, bool):  # a bool is an int, but never an id
-                raise TokenizerError(f"token id {i!r} is not an int")
-            if not 0 <= i < EMBEDDING_ROWS:
-                raise TokenizerError(f"token id {i!r} is outside the model's range 0..{EMBEDDING_ROWS - 1}")
-        ids = [int(i) for i in ids]
-        if skip_special_tokens:
-            ids = [i for i in ids if i < self.eod_id]
-        runs = groupby(ids, key=lambda i: i < self.vocab_size)
-        return "".join(self._encoding.decode(list(run), errors=self.errors) if has_text
-                       else "".join(f"<|id_{i}|>" for i in run) for has_text, run in runs)
+        return _decode(self._encoding, ids, skip_special_tokens=skip_special_tokens, first_special=self.eod_id,
+                       embedding_rows=EMBEDDING_ROWS, errors=self.errors)
 
     def encode_batch(
         self,
@@ -242,38 +228,13 @@ class Tokenizer:
 
         Left padding is what generation needs (every row's last token is real); `audio_spans[i]` serves `texts[i]`.
         """
-        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a str would be split into characters
-            raise TokenizerError(f"texts must be a list of str, got {type(texts).__name__}")
-        texts = list(texts)
-        if padding_side not in ("left", "right"):
-            raise TokenizerError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if audio_spans is not None and not isinstance(audio_spans, Sequence):
-            raise TokenizerError(f"audio_spans must be a list (one entry per text), got {audio_spans!r}")
-        if audio_spans is not None and len(audio_spans) != len(texts):
-            raise TokenizerError(f"audio_spans has {len(audio_spans)} entries for {len(texts)} texts")
-        rows = [
-            self.encode(t, allowed_special=allowed_special, audio_spans=None if audio_spans is None else audio_spans[i])
-            for i, t in enumerate(texts)
-        ]
-        width = max((len(r) for r in rows), default=0)
-        input_ids = torch.full((len(rows), width), self.eod_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-            input_ids[i, cols] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, cols] = 1
-        return Batch(input_ids, attention_mask)
+        return _encode_batch(self.encode, texts, audio_spans=audio_spans, padding_side=padding_side,
+                             allowed_special=allowed_special, pad_id=self.eod_id)
 
     def _encode_plain(self, text: str, allowed_special: AllowedSpecial) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a str, got {type(text).__name__}")
-        if allowed_special != "all":
-            if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
-                raise TokenizerError(f"allowed_special must be 'all' or a set of special tokens, "
-                                     f"got {allowed_special!r}")
-            unknown = set(allowed_special) - self.special_ids.keys()
-            if unknown:
-                raise TokenizerError(f"allowed_special names unknown special tokens: {sorted(unknown)}")
+        _check_allowed_special(allowed_special, self.special_ids)
         text = unicodedata.normalize("NFC", text)
         return self._encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
 
@@ -294,6 +255,66 @@ class Tokenizer:
         if start is not None:
             raise TokenizerError(f"unclosed <audio> tag: the region opened at token {start} has no </audio>")
         return regions
+
+
+def _check_allowed_special(allowed_special: AllowedSpecial, special_ids: dict[str, int]) -> None:
+    """`allowed_special` is "all" or a set of names from `special_ids`; anything else is a TokenizerError."""
+    if allowed_special != "all":
+        if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
+            raise TokenizerError(f"allowed_special must be 'all' or a set of special tokens, "
+                                 f"got {allowed_special!r}")
+        unknown = set(allowed_special) - special_ids.keys()
+        if unknown:
+            raise TokenizerError(f"allowed_special names unknown special tokens: {sorted(unknown)}")
+
+
+def _decode(encoding: tiktoken.Encoding, ids: Iterable[int] | torch.Tensor, *, skip_special_tokens: bool,
+            first_special: int, embedding_rows: int, errors: str) -> str:
+    """`Tokenizer.decode` for any vocabulary whose special ids start at `first_special` and whose model has
+    `embedding_rows` rows: the rows past the tokenizer's ids show as `<|id_N|>`."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+        raise TokenizerError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):  # a bool is an int, but never an id
+            raise TokenizerError(f"token id {i!r} is not an int")
+        if not 0 <= i < embedding_rows:
+            raise TokenizerError(f"token id {i!r} is outside the model's range 0..{embedding_rows - 1}")
+    ids = [int(i) for i in ids]
+    if skip_special_tokens:
+        ids = [i for i in ids if i < first_special]
+    runs = groupby(ids, key=lambda i: i < encoding.n_vocab)
+    return "".join(encoding.decode(list(run), errors=errors) if has_text
+                   else "".join(f"<|id_{i}|>" for i in run) for has_text, run in runs)
+
+
+def _encode_batch(encode: Callable[..., list[int]], texts: Sequence[str], *,
+                  audio_spans: Sequence[Sequence[int] | None] | None, padding_side: Literal["left", "right"],
+                  allowed_special: AllowedSpecial, pad_id: int) -> Batch:
+    """`Tokenizer.encode_batch` for any tokenizer's `encode`, padding with `pad_id`."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a str would be split into characters
+        raise TokenizerError(f"texts must be a list of str, got {type(texts).__name__}")
+    texts = list(texts)
+    if padding_side not in ("left", "right"):
+        raise TokenizerError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if audio_spans is not None and not isinstance(audio_spans, Sequence):
+        raise TokenizerError(f"audio_spans must be a list (one entry per text), got {audio_spans!r}")
+    if audio_spans is not None and len(audio_spans) != len(texts):
+        raise TokenizerError(f"audio_spans has {len(audio_spans)} entries for {len(texts)} texts")
+    rows = [
+        encode(t, allowed_special=allowed_special, audio_spans=None if audio_spans is None else audio_spans[i])
+        for i, t in enumerate(texts)
+    ]
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, cols] = 1
+    return Batch(input_ids, attention_mask)
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
