@@ -79,6 +79,11 @@ class Qwen2Tokenizer:
         return cls(path)
 
     @property
+    def audio_token_id(self) -> int:
+        """`<|AUDIO|>`: the token each clip's span replaces a run of."""
+        return self.audio_id
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce (151,649); the model's embedding has more rows."""
         return self._encoding.n_vocab
