@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from qwenaudio import Tokenizer, load_audio
-from qwenaudio.testing import make_tiny_checkpoint
+from qwenaudio.testing import make_tiny_checkpoint, make_tiny_qwen2_checkpoint
 
 VOCAB_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"  # qwen.tiktoken of every checkpoint (docs/MODEL.md#bpe)
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,21 @@ def tiny_weights(tmp_path_factory) -> Path:
     """tiny_ckpt's weights (they depend on the seed alone) with the byte-level stand-in vocabulary, for tests that
     feed token ids, mels or waveforms and never text, so they run without dashscope. Read-only, like tiny_ckpt."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-weights") / "Qwen-Audio-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_ckpt(tmp_path_factory, vocab_file) -> Path:
+    """A tiny random Qwen2-Audio (base) checkpoint in the published layout, with Qwen's real vocabulary converted to
+    vocab.json + merges.txt. Read-only: tests that change files copy it first."""
+    return make_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("tiny-qwen2") / "Qwen2-Audio-tiny", seed=0,
+                                      vocab_file=vocab_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_instruct_ckpt(tmp_path_factory, vocab_file) -> Path:
+    """The same, with the Instruct checkpoint's generation config (stops on <|im_end|>). Read-only."""
+    return make_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-instruct") / "Qwen2-Audio-Instruct-tiny",
+                                      seed=1, vocab_file=vocab_file, instruct=True)
 
 
 @pytest.fixture(scope="session")
