@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .checks import expect
 from .config import QwenAudioConfig
+
+if TYPE_CHECKING:
+    from .qwen2_audio import Qwen2AudioConfig
 from .errors import InputError
 
 
@@ -72,7 +76,7 @@ class KVCache:
     and keeps what the prompt fixed (the ids fed, the clips, each row's rotary base) beside them in a `Session`.
     """
 
-    def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype,
+    def __init__(self, config: QwenAudioConfig | Qwen2AudioConfig, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         shape = (batch, config.num_attention_heads, capacity, config.kv_channels)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
