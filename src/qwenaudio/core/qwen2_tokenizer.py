@@ -190,7 +190,10 @@ def _load_vocab(path: Path) -> dict[bytes, int]:
 
 def _check_merges(path: Path, ranks: dict[bytes, int]) -> None:
     """Check `merges.txt` against the ranks tiktoken uses: each line joins two tokens into a third, and the lines
-    come in the rank order of the tokens they make, so "first merge in the file" and "lowest rank" pick alike."""
+    come in the rank order of the tokens they make, so "first merge in the file" and "lowest rank" pick alike.
+    Which pair makes a token is not re-derived here (a second per load): it must be the last pair tiktoken joins
+    in the token's own bytes, as `testing.write_qwen2_vocab` writes it; another split of the same token (e.g. the
+    one whose parts have the lowest ranks) makes transformers' BPE differ from tiktoken's on common text."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
