@@ -195,7 +195,7 @@ def test_batch_pads_with_endoftext(qwen2, side):
         qwen2.encode_batch(texts, audio_spans=[None])
 
 
-def test_stand_in_vocabulary(tmp_path, theirs):
+def test_stand_in_vocabulary(tmp_path):
     """Without qwen.tiktoken the files still load, here and in transformers, with the real special ids."""
     stand_in = Qwen2Tokenizer.from_pretrained(write_qwen2_vocab(tmp_path))
     text = "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>héllo<|im_end|>"
@@ -208,6 +208,19 @@ def test_stand_in_vocabulary(tmp_path, theirs):
 
 
 # ------------------------------------------------------------------------------------------------ bad files
+
+def test_specials_without_a_tokenizer_config(tmp_path, qwen2_dir, qwen2):
+    """A checkpoint without tokenizer_config.json, or one that does not list its added tokens, gets the six."""
+    copy(qwen2_dir, tmp_path, tokenizer_config_json='{"model_max_length": 32768}')
+    assert Qwen2Tokenizer.from_pretrained(tmp_path).special_ids == qwen2.special_ids
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert Qwen2Tokenizer.from_pretrained(tmp_path).special_ids == qwen2.special_ids
+
+
+def test_surrogates_read_as_utf16(qwen2):
+    assert qwen2.encode("a\ud83c\udf89b") == qwen2.encode("a🎉b")
+    assert qwen2.encode("a\ud83cb<|im_end|>") == qwen2.encode("a\ufffdb<|im_end|>")
+
 
 def test_missing_files(tmp_path, qwen2_dir):
     with pytest.raises(TokenizerError, match=f"vocabulary file not found: {tmp_path}/vocab.json"):
