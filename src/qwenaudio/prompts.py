@@ -21,6 +21,7 @@ from typing import NamedTuple
 from .core.checks import expect, shown
 from .core.errors import InputError
 from .core.model import IGNORE_INDEX
+from .core.qwen2_tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
 
 
@@ -185,3 +186,94 @@ def render_chat(tokenizer: Tokenizer, system: str, turns: Sequence[tuple[str, st
     if query is None:
         return join(start, kept)
     return join(start, kept, nl, message("user", query), nl, head("assistant"))
+
+# ------------------------------------------------------------------------------------ Qwen2-Audio-Instruct's ChatML
+
+QWEN2_ROLES = ("system", "user", "assistant")
+Qwen2Turn = tuple[str, str | Sequence[Part]]  # (role, content): content is text, or parts as in `query_text`
+
+
+def render_qwen2_chat(turns: Sequence[Qwen2Turn], *, system: str = DEFAULT_SYSTEM,
+                      add_generation_prompt: bool = True) -> str:
+    """The text Qwen2-Audio-Instruct's chat template renders for `turns` (ChatML).
+
+    A system turn with `system` comes first unless the first turn is one. A content given as text is written as is;
+    given as parts, each clip becomes `Audio n: <|audio_bos|><|AUDIO|><|audio_eos|>\\n` (n counts the clips of the
+    whole conversation from 1) and text parts are appended as they are. `add_generation_prompt` ends with
+    `<|im_start|>assistant\\n` for the reply to follow. The tokenizer then repeats each `<|AUDIO|>` once per audio
+    position of its clip (`Qwen2Tokenizer.encode`'s `audio_spans`, in the order of `qwen2_chat_clips`).
+    """
+    return "".join(_qwen2_messages(turns, system, add_generation_prompt)[1])
+
+
+def render_qwen2_chat_ids(tokenizer: Qwen2Tokenizer, turns: Sequence[Qwen2Turn], *, audio_spans: Sequence[int] = (),
+                          system: str = DEFAULT_SYSTEM, add_generation_prompt: bool = False) -> Rendered:
+    """`render_qwen2_chat`'s text as the model reads it: the ids of the whole text with each `<|AUDIO|>` repeated
+    `audio_spans[i]` times (what transformers' processor gives), and for training the labels: each reply of the
+    assistant and its `<|im_end|>` are learned. A reply's first token is not learned when it also holds the
+    newline after `assistant` (a reply starting with a newline or spaces: the text tokenizes as one piece there)."""
+    roles, messages = _qwen2_messages(turns, system, add_generation_prompt)
+    ids = tokenizer.encode("".join(messages), audio_spans=list(audio_spans) or None)
+    labels: list[int] = []
+    spans = list(audio_spans)
+    for role, text in zip(roles, messages):  # messages meet at special tokens: each encodes as it does in the whole
+        n = text.count(AUDIO)
+        said = tokenizer.encode(text, audio_spans=spans[:n] or None)
+        spans = spans[n:]
+        start = _reply_start(tokenizer, said) if role == "assistant" and text.endswith("<|im_end|>\n") else None
+        labels += [IGNORE_INDEX] * len(said) if start is None else \
+            [IGNORE_INDEX] * start + said[start:-1] + [IGNORE_INDEX]  # the reply and <|im_end|>, not the newline
+    return Rendered(ids, labels, qwen2_chat_clips(turns))
+
+
+def qwen2_chat_clips(turns: Sequence[Qwen2Turn]) -> list[str | Path]:
+    """The audio path of each clip in `turns`, in the order `render_qwen2_chat` numbers them."""
+    return [part["audio"] for _, content in _qwen2_turns(turns) if not isinstance(content, str)
+            for part in content if isinstance(part, dict) and "audio" in part]
+
+
+def _reply_start(tokenizer: Qwen2Tokenizer, said: list[int]) -> int:
+    """Where the reply's tokens start in an assistant message's ids: after `<|im_start|>assistant\\n`, or one
+    further when the newline and the reply's start are one token."""
+    head = tokenizer.encode("<|im_start|>assistant\n")
+    same = next((n for n, (a, b) in enumerate(zip(head, said)) if a != b), len(head))
+    return same + (same < len(head))
+
+
+def _qwen2_messages(turns: Sequence[Qwen2Turn], system: str,
+                    add_generation_prompt: bool) -> tuple[list[str], list[str]]:
+    """The role and the ChatML text of each message the template writes, the generation prompt last (role
+    "assistant", open); joined, they are `render_qwen2_chat`'s text."""
+    expect(system, str, "system", "a str")
+    expect(add_generation_prompt, bool, "add_generation_prompt", "True or False")
+    turns = _qwen2_turns(turns)
+    if not turns or turns[0][0] != "system":
+        turns = [("system", system), *turns]
+    roles, messages, clips = [], [], 0
+    for role, content in turns:
+        body = ""
+        for part in [content] if isinstance(content, str) else content:
+            if isinstance(part, dict) and "audio" in part:
+                clips += 1
+                body += f"Audio {clips}: {AUDIO_BOS}{AUDIO}{AUDIO_EOS}\n"
+            else:
+                body += part if isinstance(part, str) else part["text"]
+        roles.append(role)
+        messages.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        roles.append("assistant")
+        messages.append("<|im_start|>assistant\n")
+    return roles, messages
+
+
+def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
+    """`turns` checked: (role, content) pairs with a known role and content as `query_text` reads it."""
+    if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        raise InputError(f"turns must be a list of (role, content) pairs, got {shown(turns)}")
+    for n, turn in enumerate(turns):
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and turn[0] in QWEN2_ROLES):
+            raise InputError(f"turn {n} must be a (role, content) pair with role one of {', '.join(QWEN2_ROLES)}, "
+                             f"got {shown(turn)}")
+        if not isinstance(turn[1], str):
+            query_text(turn[1])  # the same parts, the same errors
+    return list(turns)

@@ -265,10 +265,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-
 # ------------------------------------------------------------------------------ Qwen2-Audio: the tokenizer's files
 
-QWEN2_TOKENIZER_CONFIG: dict[str, Any] = {  # the published tokenizer_config.json's fields that shape tokenization
+# The tokenizer_config.json fields that shape tokenization, with the values Qwen2 checkpoints publish (no copy of
+# Qwen2-Audio's own file was at hand to compare; its special tokens' ids are confirmed, see qwen2_tokenizer.py).
+QWEN2_TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "errors": "replace",
     "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None,
     "clean_up_tokenization_spaces": False, "split_special_tokens": False,
@@ -305,7 +306,7 @@ def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = 
     merges = [f"{spelled(left)} {spelled(right)}" for left, right in
               filter(None, (_last_merge(t, ranks) for t in tokens if len(t) > 1))]
     _write_json(directory / VOCAB_JSON, {spelled(t): ranks[t] for t in tokens})
-    (directory / MERGES_TXT).write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (directory / MERGES_TXT).write_text("".join(f"{line}\n" for line in ["#version: 0.2", *merges]), encoding="utf-8")
     added = {str(NUM_BPE_RANKS + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                                       "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
     _write_json(directory / TOKENIZER_CONFIG, {"added_tokens_decoder": added,
