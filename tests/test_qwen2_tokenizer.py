@@ -264,11 +264,34 @@ def test_corrupt_merges_line(tmp_path, qwen2_dir, line, message):
         Qwen2Tokenizer.from_pretrained(copy(qwen2_dir, tmp_path, merges_txt="\n".join(lines)))
 
 
-def test_added_tokens_must_be_qwen2_audio_s(tmp_path, qwen2_dir):
+def test_added_tokens_must_keep_qwen2_audio_s_six(tmp_path, qwen2_dir):
     config = json.loads((qwen2_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["added_tokens_decoder"]["151647"]["content"] = "<|object_ref_end|>"
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: added_tokens_decoder lists .*object_ref_end"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: added_tokens_decoder puts .*audio_bos"):
         Qwen2Tokenizer.from_pretrained(copy(qwen2_dir, tmp_path, tokenizer_config_json=json.dumps(config)))
+    config = json.loads((qwen2_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"]["151700"] = {"content": "<|en|>", "special": True}  # a gap after 151648
+    with pytest.raises(TokenizerError, match="ids must run from 151643 without a gap"):
+        (tmp_path / "gap").mkdir()
+        Qwen2Tokenizer.from_pretrained(copy(qwen2_dir, tmp_path / "gap", tokenizer_config_json=json.dumps(config)))
+
+
+def test_more_added_tokens_are_read_as_transformers_reads_them(tmp_path, qwen2_dir):
+    """The published tokenizer_config.json holds thousands of added tokens past the six (language tags and the like):
+    each is one token, typed in text or decoded, as transformers' tokenizer has it."""
+    config = json.loads((qwen2_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    extra = ["<|en|>", "<|startoftranscript|>", "<|0.00|>"]
+    for i, token in enumerate(extra):
+        config["added_tokens_decoder"][str(151649 + i)] = {"content": token, "lstrip": False, "normalized": False,
+                                                           "rstrip": False, "single_word": False, "special": True}
+    directory = copy(qwen2_dir, tmp_path, tokenizer_config_json=json.dumps(config))
+    ours = Qwen2Tokenizer.from_pretrained(directory)
+    text = "Detect the language and recognize the speech: <|en|> <|0.00|>x"
+    assert len(ours) == 151652
+    assert ours.encode(text)[-4:] == [151649, 220, 151651, 87]
+    assert ours.decode(ours.encode(text)) == text
+    theirs = reference("transformers").AutoTokenizer.from_pretrained(directory)
+    assert ours.encode(text) == theirs(text)["input_ids"]
 
 
 # ------------------------------------------------------------------------------- the Instruct chat template

@@ -228,11 +228,30 @@ def _check_merges(path: Path, ranks: dict[bytes, int]) -> None:
 
 
 def _load_special_ids(path: Path) -> dict[str, int]:
-    """The six special tokens and their ids 151643–151648; where the checkpoint's tokenizer_config.json lists its
-    added tokens (`added_tokens_decoder`), they must be exactly these."""
+    """The added tokens of the checkpoint's tokenizer_config.json (`added_tokens_decoder`), or without one the six
+    Qwen2-Audio needs. The published file lists some 4,400 added tokens in the rows past the BPE ranks (its 638 kB
+    say so; their text is not public here), so any set is read, as transformers reads it, provided the six sit at
+    their ids 151643–151648 (the model's prompts and stops are built on them) and the ids run on without a gap."""
     expected = {token: NUM_BPE_RANKS + i for i, token in enumerate(SPECIAL_TOKENS)}
     if not path.is_file():
         return expected
+    added = _read_json(path, "tokenizer config")
+    added = added.get("added_tokens_decoder") if isinstance(added, dict) else None
+    if added is None:
+        return expected
+    try:
+        found = {entry["content"]: int(i) for i, entry in added.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise TokenizerError(f"{path}: added_tokens_decoder must map each id to {{'content': token, …}}") from None
+    wrong = {token: found.get(token) for token, i in expected.items() if found.get(token) != i}
+    if wrong:
+        raise TokenizerError(f"{path}: added_tokens_decoder puts {wrong} where Qwen2-Audio's tokenizer has "
+                             f"{ {token: expected[token] for token in wrong} }")
+    ids = sorted(found.values())
+    if ids != list(range(NUM_BPE_RANKS, NUM_BPE_RANKS + len(ids))) or ids[-1] >= EMBEDDING_ROWS:
+        raise TokenizerError(f"{path}: added_tokens_decoder's ids must run from {NUM_BPE_RANKS} without a gap or a "
+                             f"repeat, inside the model's {EMBEDDING_ROWS} rows")
+    return found
     added = _read_json(path, "tokenizer config")
     added = added.get("added_tokens_decoder") if isinstance(added, dict) else None
     if added is None:
