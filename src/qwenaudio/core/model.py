@@ -55,7 +55,7 @@ class QwenAudio(nn.Module):
     def __init__(self, config: Config, tokenizer: Tokenizer, generation_config: GenerationConfig):
         super().__init__()
         self.family = family = family_of(config)
-        expect(tokenizer, family.tokenizer, "tokenizer", f"a {family.name} tokenizer ({family.tokenizer.__name__})")
+        expect(tokenizer, family.tokenizer, "tokenizer", f"a qwenaudio {family.tokenizer.__name__} ({family.name}'s)")
         expect(generation_config, GenerationConfig, "generation_config", "a GenerationConfig")
         if tokenizer.audio_token_id != config.audio_token_id:
             raise ConfigError(f"config.json: the audio token is {config.audio_token_id} but the vocabulary's is "
