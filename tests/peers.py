@@ -45,3 +45,14 @@ def qwen2_decoder_weights(decoder: dict[str, torch.Tensor]) -> dict[str, torch.T
         else:
             out[f"{prefix}{renames[module]}.{param}"] = tensor
     return out
+
+
+QWEN2_AUDIO_RENAMES = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                       "audio_tower.": "model.audio_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+
+
+def qwen2_audio_parameter_name(name: str) -> str:
+    """transformers' `Qwen2AudioForConditionalGeneration` parameter name of a Qwen2-Audio checkpoint tensor (the
+    published names, which are ours: transformers renames them as it loads)."""
+    prefix = next(p for p in QWEN2_AUDIO_RENAMES if name.startswith(p))
+    return QWEN2_AUDIO_RENAMES[prefix] + name.removeprefix(prefix)
