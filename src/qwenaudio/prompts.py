@@ -185,3 +185,55 @@ def render_chat(tokenizer: Tokenizer, system: str, turns: Sequence[tuple[str, st
     if query is None:
         return join(start, kept)
     return join(start, kept, nl, message("user", query), nl, head("assistant"))
+
+# ------------------------------------------------------------------------------------ Qwen2-Audio-Instruct's ChatML
+
+QWEN2_ROLES = ("system", "user", "assistant")
+Qwen2Turn = tuple[str, str | Sequence[Part]]  # (role, content): content is text, or parts as in `query_text`
+
+
+def render_qwen2_chat(turns: Sequence[Qwen2Turn], *, system: str = DEFAULT_SYSTEM,
+                      add_generation_prompt: bool = True) -> str:
+    """The text Qwen2-Audio-Instruct's chat template renders for `turns` (ChatML).
+
+    A system turn with `system` comes first unless the first turn is one. A content given as text is written as is;
+    given as parts, each clip becomes `Audio n: <|audio_bos|><|AUDIO|><|audio_eos|>\\n` (n counts the clips of the
+    whole conversation from 1) and text parts are appended as they are. `add_generation_prompt` ends with
+    `<|im_start|>assistant\\n` for the reply to follow. The tokenizer then repeats each `<|AUDIO|>` once per audio
+    position of its clip (`Qwen2Tokenizer.encode`'s `audio_spans`, in the order of `qwen2_chat_clips`).
+    """
+    expect(system, str, "system", "a str")
+    expect(add_generation_prompt, bool, "add_generation_prompt", "True or False")
+    turns = _qwen2_turns(turns)
+    if not turns or turns[0][0] != "system":
+        turns = [("system", system), *turns]
+    out, clips = "", 0
+    for role, content in turns:
+        out += f"<|im_start|>{role}\n"
+        for part in [content] if isinstance(content, str) else content:
+            if isinstance(part, dict) and "audio" in part:
+                clips += 1
+                out += f"Audio {clips}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+            else:
+                out += part if isinstance(part, str) else part["text"]
+        out += "<|im_end|>\n"
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def qwen2_chat_clips(turns: Sequence[Qwen2Turn]) -> list[str | Path]:
+    """The audio path of each clip in `turns`, in the order `render_qwen2_chat` numbers them."""
+    return [part["audio"] for _, content in _qwen2_turns(turns) if not isinstance(content, str)
+            for part in content if isinstance(part, dict) and "audio" in part]
+
+
+def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
+    """`turns` checked: (role, content) pairs with a known role and content as `query_text` reads it."""
+    if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        raise InputError(f"turns must be a list of (role, content) pairs, got {shown(turns)}")
+    for n, turn in enumerate(turns):
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and turn[0] in QWEN2_ROLES):
+            raise InputError(f"turn {n} must be a (role, content) pair with role one of {', '.join(QWEN2_ROLES)}, "
+                             f"got {shown(turn)}")
+        if not isinstance(turn[1], str):
+            query_text(turn[1])  # the same parts, the same errors
+    return list(turns)

@@ -305,7 +305,7 @@ def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = 
     merges = [f"{spelled(left)} {spelled(right)}" for left, right in
               filter(None, (_last_merge(t, ranks) for t in tokens if len(t) > 1))]
     _write_json(directory / VOCAB_JSON, {spelled(t): ranks[t] for t in tokens})
-    (directory / MERGES_TXT).write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (directory / MERGES_TXT).write_text("".join(f"{line}\n" for line in ["#version: 0.2", *merges]), encoding="utf-8")
     added = {str(NUM_BPE_RANKS + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                                       "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
     _write_json(directory / TOKENIZER_CONFIG, {"added_tokens_decoder": added,

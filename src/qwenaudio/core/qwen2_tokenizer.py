@@ -3,8 +3,9 @@
 The 151,643 regular tokens are qwen.tiktoken's, with the same ids (`vocab.json` spells each token's bytes in
 GPT-2's byte-to-unicode alphabet), and the pre-tokenizer splits text with the same pattern (`PAT_STR`). So tiktoken
 runs it, with the ids as ranks: tiktoken merges the adjacent pair whose join has the lowest rank, transformers the
-pair that comes first in `merges.txt`, and the two agree when the merges are listed in the rank order of the tokens
-they make (checked on load). Special tokens are split off before the text is NFC-normalised, as transformers does.
+pair that comes first in `merges.txt`, and the two agree when each merge is the pair tiktoken would join last in
+that token's bytes and the merges are listed in the rank order of the tokens they make (`_check_merges`). Special
+tokens are split off before the text is NFC-normalised, as transformers does (Qwen-Audio normalises first).
 
 Audio enters the prompt as `<|audio_bos|><|AUDIO|><|audio_eos|>`: `encode` repeats each `<|AUDIO|>` once per audio
 position of its clip (the processor's expansion), and the model later overwrites those rows with the encoded clip.
@@ -195,7 +196,10 @@ def _load_vocab(path: Path) -> dict[bytes, int]:
 
 def _check_merges(path: Path, ranks: dict[bytes, int]) -> None:
     """Check `merges.txt` against the ranks tiktoken uses: each line joins two tokens into a third, and the lines
-    come in the rank order of the tokens they make, so "first merge in the file" and "lowest rank" pick alike."""
+    come in the rank order of the tokens they make, so "first merge in the file" and "lowest rank" pick alike.
+    Which pair makes a token is not re-derived here (a second per load): it must be the last pair tiktoken joins
+    in the token's own bytes, as `testing.write_qwen2_vocab` writes it; another split of the same token (e.g. the
+    one whose parts have the lowest ranks) makes transformers' BPE differ from tiktoken's on common text."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
