@@ -122,7 +122,7 @@ def test_decode_random_ids_equals_transformers(qwen2, theirs, ids):
 
 def audio_tokens(frames):
     """Audio positions of a clip with `frames` valid mel frames: the encoder's stride-2 convolution, then the
-    stride-2 pooling (SPEC §15; the processor's num_audio_tokens)."""
+    stride-2 pooling (transformers' Qwen2AudioProcessor computes the same, as num_audio_tokens)."""
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
