@@ -21,6 +21,7 @@ from typing import NamedTuple
 from .core.checks import expect, shown
 from .core.errors import InputError
 from .core.model import IGNORE_INDEX
+from .core.qwen2_tokenizer import Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
 
 
@@ -237,3 +238,41 @@ def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
         if not isinstance(turn[1], str):
             query_text(turn[1])  # the same parts, the same errors
     return list(turns)
+
+
+class Qwen2Rendered(NamedTuple):
+    """A Qwen2-Audio-Instruct conversation as the model reads it."""
+
+    ids: list[int]  # the template's text, each `<|AUDIO|>` repeated once per audio position of its clip
+    clips: list[str]  # the path of each clip, in the order the ids hold them
+
+
+def render_qwen2_chat_ids(tokenizer: Qwen2Tokenizer, system: str, turns: Sequence[tuple[str | Sequence[Part], str]],
+                          query: str | Sequence[Part], *, span_of: Callable[[str], int],
+                          max_window_size: int | None = None) -> Qwen2Rendered:
+    """The ids transformers' processor makes from the chat template: `render_qwen2_chat` of the system message,
+    the (user, assistant) `turns` and the `query`, then the generation prompt, tokenized as transformers does
+    (special-token strings in the text are read as those tokens), each clip's `<|AUDIO|>` sized by
+    `span_of(path)`.
+
+    Qwen2-Audio publishes no history window (transformers renders whatever it is given, and the model reads 8,192
+    positions); `max_window_size` applies Qwen-Audio-Chat's rule instead (`render_chat`): the newest turns are kept
+    while the system message and the kept turns, rendered alone, stay under it (the query and the reply are not
+    counted), and the first that does not fit drops it and all older ones. Clips are numbered from "Audio 1" in
+    what is kept, as the template numbers any conversation it is given.
+    """
+
+    def flat(pairs: Sequence[tuple[str | Sequence[Part], str]]) -> list[Qwen2Turn]:
+        return [turn for user, reply in pairs for turn in (("user", user), ("assistant", reply))]
+
+    def ids(conversation: list[Qwen2Turn], generation_prompt: bool) -> list[int]:
+        text = render_qwen2_chat(conversation, system=system, add_generation_prompt=generation_prompt)
+        spans = [span_of(str(path)) for path in qwen2_chat_clips(conversation)]
+        return tokenizer.encode(text, audio_spans=spans or None)
+
+    kept = 0
+    while kept < len(turns) and (max_window_size is None or
+                                 len(ids(flat(turns[len(turns) - kept - 1:]), False)) < max_window_size):
+        kept += 1
+    conversation = [*flat(turns[len(turns) - kept:]), ("user", query)]
+    return Qwen2Rendered(ids(conversation, True), [str(path) for path in qwen2_chat_clips(conversation)])
