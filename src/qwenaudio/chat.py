@@ -14,8 +14,9 @@ Qwen2-Audio-Instruct reads its own ChatML, transformers' chat template (`prompts
 query's clips are numbered `Audio n:` across the conversation, the history keeps each query's parts (the template
 renders clips from them), and a reply ends at `<|im_end|>`. Special-token strings typed in the text are read as
 those tokens, as transformers' tokenizer reads the template's text (a typed `<|AUDIO|>`, a clip with no audio, is
-refused). No history window is published for it; Qwen-Audio-Chat's rule (`max_window_size`) is applied. Its encoder reads each clip alone (padded frames are
-masked), so earlier clips encode the same beside new ones and the cache is reused whenever the ids extend it.
+refused). No history window is published for it; Qwen-Audio-Chat's rule (`max_window_size`) is applied. Its
+encoder reads each clip alone (padded frames are masked), so earlier clips encode the same beside new ones and the
+cache is reused whenever the ids extend it.
 `_DIALECTS` is the one place the two families' chats differ.
 """
 
