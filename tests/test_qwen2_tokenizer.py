@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from qwenaudio.core.errors import InputError, TokenizerError
 from qwenaudio.core.qwen2_tokenizer import MAX_AUDIO_TOKENS, SPECIAL_TOKENS, Qwen2Tokenizer
-from qwenaudio.prompts import qwen2_chat_clips, render_qwen2_chat
+from qwenaudio.core.model import IGNORE_INDEX
+from qwenaudio.prompts import qwen2_chat_clips, render_qwen2_chat, render_qwen2_chat_ids
 from qwenaudio.testing import write_qwen2_vocab
 
 from .conftest import GOLDEN, reference
@@ -154,9 +155,9 @@ def test_thirty_seconds_is_the_most(qwen2):
 
 
 @pytest.mark.parametrize("text, spans, message", [
-    ("<|AUDIO|>", None, "1 <|AUDIO|> token.* but no audio_spans"),
-    ("<|AUDIO|><|AUDIO|>", [3], "2 <|AUDIO|> token.* but 1 audio_spans"),
-    ("no audio here", [3], "audio_spans has 1 entries but the text has no <|AUDIO|> token"),
+    ("<|AUDIO|>", None, r"1 <\|AUDIO\|> token.* but no audio_spans"),
+    ("<|AUDIO|><|AUDIO|>", [3], r"2 <\|AUDIO\|> token.* but 1 audio_spans"),
+    ("no audio here", [3], r"audio_spans has 1 entries but the text has no <\|AUDIO\|> token"),
     ("<|AUDIO|>", [0], "audio span 0 must be an int from 1 to 750"),
     ("<|AUDIO|>", [751], "audio span 751 must be an int from 1 to 750"),
     ("<|AUDIO|>", [2.0], "audio span 2.0 must be an int"),
@@ -194,7 +195,7 @@ def test_batch_pads_with_endoftext(qwen2, side):
         qwen2.encode_batch(texts, audio_spans=[None])
 
 
-def test_stand_in_vocabulary(tmp_path, theirs):
+def test_stand_in_vocabulary(tmp_path):
     """Without qwen.tiktoken the files still load, here and in transformers, with the real special ids."""
     stand_in = Qwen2Tokenizer.from_pretrained(write_qwen2_vocab(tmp_path))
     text = "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>héllo<|im_end|>"
@@ -207,6 +208,19 @@ def test_stand_in_vocabulary(tmp_path, theirs):
 
 
 # ------------------------------------------------------------------------------------------------ bad files
+
+def test_specials_without_a_tokenizer_config(tmp_path, qwen2_dir, qwen2):
+    """A checkpoint without tokenizer_config.json, or one that does not list its added tokens, gets the six."""
+    copy(qwen2_dir, tmp_path, tokenizer_config_json='{"model_max_length": 32768}')
+    assert Qwen2Tokenizer.from_pretrained(tmp_path).special_ids == qwen2.special_ids
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert Qwen2Tokenizer.from_pretrained(tmp_path).special_ids == qwen2.special_ids
+
+
+def test_surrogates_read_as_utf16(qwen2):
+    assert qwen2.encode("a\ud83c\udf89b") == qwen2.encode("a🎉b")
+    assert qwen2.encode("a\ud83cb<|im_end|>") == qwen2.encode("a\ufffdb<|im_end|>")
+
 
 def test_missing_files(tmp_path, qwen2_dir):
     with pytest.raises(TokenizerError, match=f"vocabulary file not found: {tmp_path}/vocab.json"):
@@ -292,6 +306,54 @@ def test_chat_equals_apply_chat_template_live(qwen2, theirs, name):
     text = render(case)
     assert text == expected
     assert qwen2.encode(text, audio_spans=one_each(text)) == theirs(expected)["input_ids"]
+
+
+def audio_tokens_of(samples):
+    return [audio_tokens(min(-(-n // 160), 3000)) for n in samples]
+
+
+@pytest.mark.parametrize("name", CHATS)
+def test_chat_ids_and_labels_equal_recorded(qwen2, name):
+    """The ids are the processor's (each clip's `<|AUDIO|>` expanded); the labels keep the ids that transformers'
+    offset mapping places inside an assistant reply or on the `<|im_end|>` closing it."""
+    case = CHATS[name]
+    turns = [tuple(turn) for turn in case["turns"]]
+    system = {} if case["system"] is None else {"system": case["system"]}
+    expanded = render_qwen2_chat_ids(qwen2, turns, audio_spans=audio_tokens_of(case["samples"]),
+                                     add_generation_prompt=case["add_generation_prompt"], **system)
+    assert expanded.ids == case["processor_ids"]
+    assert expanded.clips == qwen2_chat_clips(turns)  # a typed <|AUDIO|> (string_with_tokens) has a span, no clip
+    single = render_qwen2_chat_ids(qwen2, turns, audio_spans=[1] * len(case["samples"]),
+                                   add_generation_prompt=case["add_generation_prompt"], **system)
+    assert single.ids == case["ids"]
+    assert single.labels == [i if learned else IGNORE_INDEX for i, learned in zip(case["ids"], case["learned"])]
+    audio = [n for n, i in enumerate(expanded.ids) if i == AUDIO_ID]
+    assert all(expanded.labels[n] == IGNORE_INDEX for n in audio)
+    assert [i for i in expanded.labels if i != IGNORE_INDEX] == [i for i in single.labels if i != IGNORE_INDEX]
+
+
+def test_chat_labels_hold_each_reply(qwen2):
+    """Independently of the recording: each run of learned ids decodes to a reply and its <|im_end|>; the reply
+    that starts with a newline shares that token with the head's newline, so it is learned from "Hello" on."""
+    turns = [tuple(turn) for turn in CHATS["replies_with_edges"]["turns"]]
+    rendered = render_qwen2_chat_ids(qwen2, turns, audio_spans=[7])
+    runs, run = [], []
+    for label in rendered.labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            run.append(label)
+        elif run:
+            runs.append(qwen2.decode(run))
+            run = []
+    assert runs == ["Hello\n\n<|im_end|>", "  two spaces<|im_end|>", "<|im_end|>", "Done. 好的！<|im_end|>"]
+    assert len(rendered.labels) == len(rendered.ids) and rendered.ids.count(AUDIO_ID) == 7
+
+
+def test_chat_ids_need_one_span_per_clip(qwen2):
+    turns = [("user", [{"audio": "a.wav"}, {"audio": "b.wav"}, "Compare."])]
+    with pytest.raises(TokenizerError, match=r"2 <\|AUDIO\|> token.* but 1 audio_spans"):
+        render_qwen2_chat_ids(qwen2, turns, audio_spans=[5])
+    with pytest.raises(TokenizerError, match=r"2 <\|AUDIO\|> token.* but no audio_spans"):
+        render_qwen2_chat_ids(qwen2, turns)
 
 
 def test_chat_clips_in_order():

@@ -10,14 +10,13 @@ logits: the new context starts with the cached ids, and the earlier clips encode
 short clip batched with a longer one comes out slightly different, docs/MODEL.md#batching, and then everything is
 recomputed).
 
-Qwen2-Audio-Instruct reads its own ChatML, transformers' chat template (`prompts.render_qwen2_chat_ids`): a
-query's clips are numbered `Audio n:` across the conversation, the history keeps each query's parts (the template
-renders clips from them), and a reply ends at `<|im_end|>`. Special-token strings typed in the text are read as
-those tokens, as transformers' tokenizer reads the template's text (a typed `<|AUDIO|>`, a clip with no audio, is
-refused). No history window is published for it; Qwen-Audio-Chat's rule (`max_window_size`) is applied. Its
-encoder reads each clip alone (padded frames are masked), so earlier clips encode the same beside new ones and the
-cache is reused whenever the ids extend it.
-`_DIALECTS` is the one place the two families' chats differ.
+Qwen2-Audio-Instruct reads its own ChatML, transformers' chat template (`prompts.render_qwen2_chat_context`):
+a query's clips are numbered `Audio n:` across the conversation, the history keeps each query's parts (the
+template renders clips from them), and a reply ends at `<|im_end|>`. Special-token strings typed in the text are
+read as those tokens, as transformers' tokenizer reads the template's text (a typed `<|AUDIO|>`, a clip with no
+audio, is refused). No history window is published for it; Qwen-Audio-Chat's rule (`max_window_size`) is applied.
+Its encoder reads each clip alone (padded frames are masked), so earlier clips encode the same beside new ones and
+the cache is reused whenever the ids extend it. `_DIALECTS` is the one place the two families' chats differ.
 """
 
 from __future__ import annotations
@@ -87,9 +86,8 @@ class Chat:
         """Forget the conversation (the clips already read stay cached by path)."""
         self.history, self._session = [], self._new_session()
 
-    def context(self, query: str | Sequence[Part]) -> prompts.Rendered | prompts.Qwen2Rendered:
-        """What the model would read for `query` after the current history: the ids (and, for Qwen-Audio, the
-        labels) and the clips."""
+    def context(self, query: str | Sequence[Part]) -> prompts.Rendered:
+        """What the model would read for `query` after the current history: the ids (and labels) and the clips."""
         return self._dialect.context(self, self._dialect.query(query))
 
     def stream(self, query: str | Sequence[Part], **generation) -> Iterator[str]:
@@ -138,7 +136,7 @@ class _Dialect:
     query: Callable[[str | Sequence[Part]], Query]
     history_query: Callable[[object], bool]
     history_form: str
-    context: Callable[[Chat, Query], prompts.Rendered | prompts.Qwen2Rendered]
+    context: Callable[[Chat, Query], prompts.Rendered]
     stop_token_ids: Callable[[QwenAudio], tuple[int, ...] | None]
     check: Callable[[QwenAudio], None]
 
@@ -167,9 +165,10 @@ def _qwen2_history_query(query: object) -> bool:
     return True
 
 
-def _qwen2_context(chat: Chat, query: Query) -> prompts.Qwen2Rendered:
-    return prompts.render_qwen2_chat_ids(chat.model.tokenizer, chat.system, chat.history, query, span_of=chat._span,
-                                         max_window_size=chat.model.generation_config.max_window_size)
+def _qwen2_context(chat: Chat, query: Query) -> prompts.Rendered:
+    window = chat.model.generation_config.max_window_size
+    return prompts.render_qwen2_chat_context(chat.model.tokenizer, chat.system, chat.history, query,
+                                             span_of=chat._span, max_window_size=window)
 
 
 def _qwen2_stops(model: QwenAudio) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from .core.checks import expect, shown
 from .core.errors import InputError
 from .core.model import IGNORE_INDEX
-from .core.qwen2_tokenizer import Qwen2Tokenizer
+from .core.qwen2_tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
 
 
@@ -203,28 +203,67 @@ def render_qwen2_chat(turns: Sequence[Qwen2Turn], *, system: str = DEFAULT_SYSTE
     `<|im_start|>assistant\\n` for the reply to follow. The tokenizer then repeats each `<|AUDIO|>` once per audio
     position of its clip (`Qwen2Tokenizer.encode`'s `audio_spans`, in the order of `qwen2_chat_clips`).
     """
-    expect(system, str, "system", "a str")
-    expect(add_generation_prompt, bool, "add_generation_prompt", "True or False")
-    turns = _qwen2_turns(turns)
-    if not turns or turns[0][0] != "system":
-        turns = [("system", system), *turns]
-    out, clips = "", 0
-    for role, content in turns:
-        out += f"<|im_start|>{role}\n"
-        for part in [content] if isinstance(content, str) else content:
-            if isinstance(part, dict) and "audio" in part:
-                clips += 1
-                out += f"Audio {clips}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
-            else:
-                out += part if isinstance(part, str) else part["text"]
-        out += "<|im_end|>\n"
-    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    return "".join(_qwen2_messages(turns, system, add_generation_prompt)[1])
+
+
+def render_qwen2_chat_ids(tokenizer: Qwen2Tokenizer, turns: Sequence[Qwen2Turn], *, audio_spans: Sequence[int] = (),
+                          system: str = DEFAULT_SYSTEM, add_generation_prompt: bool = False) -> Rendered:
+    """`render_qwen2_chat`'s text as the model reads it: the ids of the whole text with each `<|AUDIO|>` repeated
+    `audio_spans[i]` times (what transformers' processor gives), and for training the labels: each reply of the
+    assistant and its `<|im_end|>` are learned. A reply's first token is not learned when it also holds the
+    newline after `assistant` (a reply starting with a newline or spaces: the text tokenizes as one piece there)."""
+    roles, messages = _qwen2_messages(turns, system, add_generation_prompt)
+    ids = tokenizer.encode("".join(messages), audio_spans=list(audio_spans) or None)
+    labels: list[int] = []
+    spans = list(audio_spans)
+    for role, text in zip(roles, messages):  # messages meet at special tokens: each encodes as it does in the whole
+        n = text.count(AUDIO)
+        said = tokenizer.encode(text, audio_spans=spans[:n] or None)
+        spans = spans[n:]
+        start = _reply_start(tokenizer, said) if role == "assistant" and text.endswith("<|im_end|>\n") else None
+        labels += [IGNORE_INDEX] * len(said) if start is None else \
+            [IGNORE_INDEX] * start + said[start:-1] + [IGNORE_INDEX]  # the reply and <|im_end|>, not the newline
+    return Rendered(ids, labels, qwen2_chat_clips(turns))
 
 
 def qwen2_chat_clips(turns: Sequence[Qwen2Turn]) -> list[str | Path]:
     """The audio path of each clip in `turns`, in the order `render_qwen2_chat` numbers them."""
     return [part["audio"] for _, content in _qwen2_turns(turns) if not isinstance(content, str)
             for part in content if isinstance(part, dict) and "audio" in part]
+
+
+def _reply_start(tokenizer: Qwen2Tokenizer, said: list[int]) -> int:
+    """Where the reply's tokens start in an assistant message's ids: after `<|im_start|>assistant\\n`, or one
+    further when the newline and the reply's start are one token."""
+    head = tokenizer.encode("<|im_start|>assistant\n")
+    same = next((n for n, (a, b) in enumerate(zip(head, said)) if a != b), len(head))
+    return same + (same < len(head))
+
+
+def _qwen2_messages(turns: Sequence[Qwen2Turn], system: str,
+                    add_generation_prompt: bool) -> tuple[list[str], list[str]]:
+    """The role and the ChatML text of each message the template writes, the generation prompt last (role
+    "assistant", open); joined, they are `render_qwen2_chat`'s text."""
+    expect(system, str, "system", "a str")
+    expect(add_generation_prompt, bool, "add_generation_prompt", "True or False")
+    turns = _qwen2_turns(turns)
+    if not turns or turns[0][0] != "system":
+        turns = [("system", system), *turns]
+    roles, messages, clips = [], [], 0
+    for role, content in turns:
+        body = ""
+        for part in [content] if isinstance(content, str) else content:
+            if isinstance(part, dict) and "audio" in part:
+                clips += 1
+                body += f"Audio {clips}: {AUDIO_BOS}{AUDIO}{AUDIO_EOS}\n"
+            else:
+                body += part if isinstance(part, str) else part["text"]
+        roles.append(role)
+        messages.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        roles.append("assistant")
+        messages.append("<|im_start|>assistant\n")
+    return roles, messages
 
 
 def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
@@ -240,20 +279,12 @@ def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
     return list(turns)
 
 
-class Qwen2Rendered(NamedTuple):
-    """A Qwen2-Audio-Instruct conversation as the model reads it."""
 
-    ids: list[int]  # the template's text, each `<|AUDIO|>` repeated once per audio position of its clip
-    clips: list[str]  # the path of each clip, in the order the ids hold them
-
-
-def render_qwen2_chat_ids(tokenizer: Qwen2Tokenizer, system: str, turns: Sequence[tuple[str | Sequence[Part], str]],
-                          query: str | Sequence[Part], *, span_of: Callable[[str], int],
-                          max_window_size: int | None = None) -> Qwen2Rendered:
-    """The ids transformers' processor makes from the chat template: `render_qwen2_chat` of the system message,
-    the (user, assistant) `turns` and the `query`, then the generation prompt, tokenized as transformers does
-    (special-token strings in the text are read as those tokens), each clip's `<|AUDIO|>` sized by
-    `span_of(path)`.
+def render_qwen2_chat_context(tokenizer: Qwen2Tokenizer, system: str,
+                              turns: Sequence[tuple[str | Sequence[Part], str]], query: str | Sequence[Part], *,
+                              span_of: Callable[[str], int], max_window_size: int | None = None) -> Rendered:
+    """A Qwen2-Audio-Instruct chat's next prompt (`render_qwen2_chat_ids`): the system message, the (user,
+    assistant) `turns`, the `query` and the generation prompt, each clip's `<|AUDIO|>` sized by `span_of(path)`.
 
     Qwen2-Audio publishes no history window (transformers renders whatever it is given, and the model reads 8,192
     positions); `max_window_size` applies Qwen-Audio-Chat's rule instead (`render_chat`): the newest turns are kept
@@ -265,14 +296,13 @@ def render_qwen2_chat_ids(tokenizer: Qwen2Tokenizer, system: str, turns: Sequenc
     def flat(pairs: Sequence[tuple[str | Sequence[Part], str]]) -> list[Qwen2Turn]:
         return [turn for user, reply in pairs for turn in (("user", user), ("assistant", reply))]
 
-    def ids(conversation: list[Qwen2Turn], generation_prompt: bool) -> list[int]:
-        text = render_qwen2_chat(conversation, system=system, add_generation_prompt=generation_prompt)
+    def rendered(conversation: list[Qwen2Turn], generation_prompt: bool) -> Rendered:
         spans = [span_of(str(path)) for path in qwen2_chat_clips(conversation)]
-        return tokenizer.encode(text, audio_spans=spans or None)
+        return render_qwen2_chat_ids(tokenizer, conversation, audio_spans=spans, system=system,
+                                     add_generation_prompt=generation_prompt)
 
     kept = 0
     while kept < len(turns) and (max_window_size is None or
-                                 len(ids(flat(turns[len(turns) - kept - 1:]), False)) < max_window_size):
+                                 len(rendered(flat(turns[len(turns) - kept - 1:]), False).ids) < max_window_size):
         kept += 1
-    conversation = [*flat(turns[len(turns) - kept:]), ("user", query)]
-    return Qwen2Rendered(ids(conversation, True), [str(path) for path in qwen2_chat_clips(conversation)])
+    return rendered([*flat(turns[len(turns) - kept:]), ("user", query)], True)

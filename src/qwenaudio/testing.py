@@ -265,10 +265,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-
 # ------------------------------------------------------------------------------ Qwen2-Audio: the tokenizer's files
 
-QWEN2_TOKENIZER_CONFIG: dict[str, Any] = {  # the published tokenizer_config.json's fields that shape tokenization
+# The tokenizer_config.json fields that shape tokenization, with the values Qwen2 checkpoints publish (no copy of
+# Qwen2-Audio's own file was at hand to compare; its special tokens' ids are confirmed, see qwen2_tokenizer.py).
+QWEN2_TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "errors": "replace",
     "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None,
     "clean_up_tokenization_spaces": False, "split_special_tokens": False,

@@ -10,8 +10,10 @@ What it records, all from transformers (test-only reference), on the tokenizer f
   `<|AUDIO|>` and silent clips of given sample counts: the feature attention mask's sum per clip (f) and the
   expanded `input_ids`;
 - `chats`: conversations (in `render_qwen2_chat`'s form, converted to transformers' messages) rendered by
-  `apply_chat_template` with the Instruct template (`Qwen2AudioProcessor.default_chat_template`): the text and its
-  ids (one `<|AUDIO|>` per clip, before the processor's expansion).
+  `apply_chat_template` with the Instruct template (`Qwen2AudioProcessor.default_chat_template`): the text, its
+  ids (one `<|AUDIO|>` per clip, before the processor's expansion), which of those ids lie inside an assistant
+  reply or are the `<|im_end|>` closing it (from the tokenizer's offset mapping: the training labels), and the
+  processor's ids for the text with silent clips of 1 s, 1.5 s, 2 s, … (`samples`).
 
 Run (from the repository root, in the venv that has transformers 5.25.0, tokenizers 0.23.3 and dashscope):
 
@@ -96,6 +98,9 @@ CHATS = [
     ("text_between_clips", [["user", ["First ", {"audio": "a.wav"}, "then ", {"audio": "b.wav"}, "end"]],
                             ["assistant", "ok"], ["user", [{"audio": "c.wav"}]]], None, True),
     ("string_with_tokens", [["user", "<|audio_bos|><|AUDIO|><|audio_eos|>typed"]], None, True),
+    ("replies_with_edges", [["user", [{"audio": "a.wav"}, "Say it."]], ["assistant", "\nHello\n\n"],
+                            ["user", "Again"], ["assistant", "  two spaces"], ["user", "Once more"],
+                            ["assistant", ""], ["user", "Last"], ["assistant", "Done. 好的！"]], None, False),
 ]
 
 
@@ -109,6 +114,18 @@ def messages(turns, system):
                        else {"type": "text", "text": p if isinstance(p, str) else p["text"]} for p in content]
         out.append({"role": role, "content": content})
     return out
+
+
+def learned(tok, text, turns):
+    """For each token of `text`: whether it lies inside an assistant reply or is the `<|im_end|>` that closes one,
+    read from transformers' offset mapping (characters of `text`)."""
+    spans, at = [], 0
+    for role, content in turns:
+        if role == "assistant":
+            at = text.index(f"<|im_start|>assistant\n{content}<|im_end|>", at) + len("<|im_start|>assistant\n")
+            spans.append((at, at + len(content) + len("<|im_end|>")))
+    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    return [any(a <= start and end <= b for a, b in spans) for start, end in offsets]
 
 
 def main():
@@ -142,8 +159,12 @@ def main():
         for name, turns, system, prompt in CHATS:
             text = tok.apply_chat_template(messages(turns, system), chat_template=template, tokenize=False,
                                            add_generation_prompt=prompt)
+            samples = [16000 + 8000 * i for i in range(text.count("<|AUDIO|>"))]
+            expanded_ids = processor(text=[text], audio=[np.zeros(n, np.float32) for n in samples] or None,
+                                     sampling_rate=16000, return_tensors="np")["input_ids"][0].tolist()
             chats.append({"name": name, "turns": turns, "system": system, "add_generation_prompt": prompt,
-                          "text": text, "ids": tok(text)["input_ids"]})
+                          "text": text, "ids": tok(text)["input_ids"], "learned": learned(tok, text, turns),
+                          "samples": samples, "processor_ids": expanded_ids})
         special = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
     golden = {
         "reference": {"transformers": transformers.__version__, "tokenizers": version("tokenizers"),

@@ -33,7 +33,8 @@ from .tokenizer import (
 VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG = "vocab.json", "merges.txt", "tokenizer_config.json"
 EMBEDDING_ROWS = 156_032  # rows of the checkpoint's embedding; the ids past the tokenizer's 151,649 have no text
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
-# In id order from 151643: the published tokenizer_config.json's added_tokens_decoder (all `special`).
+# In id order from 151643, all `special` (dropped by skip_special_tokens). The audio ids are the Instruct
+# checkpoint's: transformers' integration test of it expects "Audio 1: " then 151647, 151646 × 101, 151648.
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS)
 MAX_AUDIO_TOKENS = 750  # audio positions of a 30 s clip (3,000 mel frames), the longest the encoder hears
 
