@@ -1,4 +1,5 @@
-"""Qwen-Audio-Chat: multi-turn ChatML conversations about one or more clips (docs/MODEL.md#chat).
+"""Qwen-Audio-Chat and Qwen2-Audio-Instruct: multi-turn ChatML conversations about one or more clips
+(docs/MODEL.md#chat).
 
 The context is built exactly as the official `make_context` (`prompts.render_chat`): a system piece, as many past
 turns as fit in `max_window_size` tokens (newest first), then the new query and `<|im_start|>assistant\\n`. Every
@@ -8,11 +9,21 @@ encoding all its clips as one batch; here the KV cache of the previous turn is r
 logits: the new context starts with the cached ids, and the earlier clips encode the same alongside the new ones (a
 short clip batched with a longer one comes out slightly different, docs/MODEL.md#batching, and then everything is
 recomputed).
+
+Qwen2-Audio-Instruct reads its own ChatML, transformers' chat template (`prompts.render_qwen2_chat_context`):
+a query's clips are numbered `Audio n:` across the conversation, the history keeps each query's parts (the
+template renders clips from them), and a reply ends at `<|im_end|>`. Special-token strings typed in the text are
+read as those tokens, as transformers' tokenizer reads the template's text (a typed `<|AUDIO|>`, a clip with no
+audio, is refused). No history window is published for it; Qwen-Audio-Chat's rule (`max_window_size`) is applied.
+Its encoder reads each clip alone (padded frames are masked), so earlier clips encode the same beside new ones and
+the cache is reused whenever the ids extend it. `_DIALECTS` is the one place the two families' chats differ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,12 +33,15 @@ from .core.audio import as_waveform, audio_span
 from .core.decoder import KVCache
 from .core.checks import expect, renamed, shown
 from .core.errors import InputError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.generate import Session
 from .core.model import QwenAudio, expect_model
+from .core.qwen2_tokenizer import AUDIO
 from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 
-History = list[tuple[str, str]]
+Query = str | list[Part]  # what a history keeps of a query: Qwen-Audio its text, Qwen2-Audio its text or parts
+History = list[tuple[Query, str]]
 
 
 def _build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
@@ -52,7 +66,8 @@ __getattr__ = renamed(__name__, {  # the renderer's old names (`prompts.render_c
 
 
 class Chat:
-    """A conversation with Qwen-Audio-Chat. `history` holds (query text, reply) pairs, oldest first.
+    """A conversation with Qwen-Audio-Chat or Qwen2-Audio-Instruct. `history` holds (query, reply) pairs, oldest
+    first: the query as Qwen-Audio's text (`query_text`), or for Qwen2-Audio as given (text, or parts).
 
     Each conversation keeps its own KV cache (about 0.5 MB a token for the full model in bf16), so that the next
     turn prefills only what is new."""
@@ -61,7 +76,9 @@ class Chat:
         expect_model(model)
         expect(system, str, "system", "a str (the system message)")
         self.model, self.system = model, system
-        self.history: History = _checked_history(history)
+        self._dialect = _DIALECTS[model.family]
+        self._dialect.check(model)
+        self.history: History = _checked_history(history, self._dialect)
         self._clips: dict[str, torch.Tensor] = {}
         self._session = self._new_session()  # the conversation so far, as the decoder has read it
 
@@ -71,20 +88,19 @@ class Chat:
 
     def context(self, query: str | Sequence[Part]) -> prompts.Rendered:
         """What the model would read for `query` after the current history: the ids (and labels) and the clips."""
-        return prompts.render_chat(self.model.tokenizer, self.system, self.history, query_text(query),
-                                   span_of=lambda path: audio_span(len(self.clip(path))),
-                                   max_window_size=self.model.generation_config.max_window_size)
+        return self._dialect.context(self, self._dialect.query(query))
 
     def stream(self, query: str | Sequence[Part], **generation) -> Iterator[str]:
         """Yield the reply in text pieces; the turn joins the history once the reply is complete."""
-        text = query_text(query)
-        ids, _, paths = self.context(text)
+        query = self._dialect.query(query)
+        context = self._dialect.context(self, query)
+        stops = self._dialect.stop_token_ids(self.model)
         pieces: list[str] = []
-        for piece in self.model.stream(torch.tensor([ids]), [self.clip(p) for p in paths], session=self._session,
-                                       **generation):
+        for piece in self.model.stream(torch.tensor([context.ids]), [self.clip(p) for p in context.clips],
+                                       session=self._session, **{"stop_token_ids": stops, **generation}):
             pieces.append(piece)
             yield piece
-        self.history.append((text, "".join(pieces)))
+        self.history.append((query, "".join(pieces)))
 
     def ask(self, query: str | Sequence[Part], **generation) -> str:
         """The whole reply to `query` (see `stream`)."""
@@ -92,7 +108,7 @@ class Chat:
 
     def _new_session(self) -> Session:
         """An empty session of one row; generation grows its cache as the conversation does."""
-        weight = self.model.decoder.wte.weight
+        weight = self.model.decoder.embedding.weight
         return Session(KVCache(self.model.config, 1, 0, weight.dtype, weight.device))
 
     def clip(self, path: str) -> torch.Tensor:
@@ -104,21 +120,97 @@ class Chat:
             self._clips[path] = as_waveform(Path(path), path)
         return self._clips[path]
 
+    def _span(self, path: str) -> int:
+        """Prompt positions the clip at `path` fills (its encoder's `span_length`)."""
+        return self.model.encoder.span_length(len(self.clip(path)))
 
-def _checked_history(history: History | None) -> History:
-    """A copy of `history` once it is known to be (query, reply) pairs of text, as `chat` returns it."""
+
+# ------------------------------------------------------------------------------ what differs between the families
+
+@dataclass(frozen=True)
+class _Dialect:
+    """How one family's chat works: what the history keeps of a query (`query` also checks it), how a history's
+    query is checked (and what it is, for the error), how the conversation is rendered, which ids end a reply
+    (None: the checkpoint's), and what is said about a checkpoint not made for chat."""
+
+    query: Callable[[str | Sequence[Part]], Query]
+    history_query: Callable[[object], bool]
+    history_form: str
+    context: Callable[[Chat, Query], prompts.Rendered]
+    stop_token_ids: Callable[[QwenAudio], tuple[int, ...] | None]
+    check: Callable[[QwenAudio], None]
+
+
+def _qwen_audio_context(chat: Chat, query: str) -> prompts.Rendered:
+    return prompts.render_chat(chat.model.tokenizer, chat.system, chat.history, query,
+                               span_of=lambda path: audio_span(len(chat.clip(path))),
+                               max_window_size=chat.model.generation_config.max_window_size)
+
+
+def _qwen2_query(query: str | Sequence[Part]) -> Query:
+    """A Qwen2-Audio query as the history keeps it: the text, or a copy of the parts, once `query_text` reads
+    them. A typed `<|AUDIO|>` is refused: the template's tokenizer reads it as a clip's place, with no clip."""
+    text = query_text(query)  # the same parts, the same errors
+    if AUDIO in text:
+        raise InputError(f"the query's text holds {AUDIO}, which stands for a clip's audio: attach clips as "
+                         "{'audio': path} parts")
+    return query if isinstance(query, str) else [dict(p) if isinstance(p, dict) else p for p in query]
+
+
+def _qwen2_history_query(query: object) -> bool:
+    try:
+        _qwen2_query(query)
+    except InputError:
+        return False
+    return True
+
+
+def _qwen2_context(chat: Chat, query: Query) -> prompts.Rendered:
+    window = chat.model.generation_config.max_window_size
+    return prompts.render_qwen2_chat_context(chat.model.tokenizer, chat.system, chat.history, query,
+                                             span_of=chat._span, max_window_size=window)
+
+
+def _qwen2_stops(model: QwenAudio) -> tuple[int, ...]:
+    """The checkpoint's stop ids and `<|im_end|>`, which closes every turn of the template."""
+    return tuple(dict.fromkeys((*model.generation_config.stop_token_ids, model.tokenizer.im_end_id)))
+
+
+def _qwen2_check(model: QwenAudio) -> None:
+    """Warn where the checkpoint's generation config does not stop on `<|im_end|>`: the Instruct model's does, the
+    base model's (Qwen2-Audio-7B) does not, and the base model was not trained to chat. It still runs: a warning,
+    not an error, since only the generation config tells the two apart (their config.json files are the same)."""
+    if model.tokenizer.im_end_id not in model.generation_config.stop_token_ids:
+        warnings.warn("this checkpoint's generation config does not stop on <|im_end|>, as the base model "
+                      "Qwen2-Audio-7B's does not: the base model was not trained to chat and may not answer; chat "
+                      "with Qwen2-Audio-7B-Instruct", stacklevel=3)
+
+
+_DIALECTS: dict[Family, _Dialect] = {
+    QWEN_AUDIO: _Dialect(query_text, lambda q: isinstance(q, str), "str", _qwen_audio_context,
+                         stop_token_ids=lambda model: None, check=lambda model: None),
+    QWEN2_AUDIO: _Dialect(_qwen2_query, _qwen2_history_query, "a query (str or parts) and a reply (str)",
+                          _qwen2_context, stop_token_ids=_qwen2_stops, check=_qwen2_check),
+}
+
+
+def _checked_history(history: History | None, dialect: _Dialect) -> History:
+    """A copy of `history` once it is known to be (query, reply) pairs as `chat` returns them: the query as the
+    family's chat keeps it (`dialect.history_query`), the reply a str."""
     pairs = list(history) if isinstance(history, (list, tuple)) else None
     if history is not None and (pairs is None or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)):
-        raise InputError(f"history must be a list of (query, reply) pairs of str, as chat() returns it, got "
-                         f"{shown(history)}")
+            isinstance(p, (list, tuple)) and len(p) == 2 and dialect.history_query(p[0]) and isinstance(p[1], str)
+            for p in pairs)):
+        raise InputError(f"history must be a list of (query, reply) pairs of {dialect.history_form}, as chat() "
+                         f"returns it, got {shown(history)}")
     return [tuple(p) for p in pairs or []]
 
 
 def chat(model: QwenAudio, query: str | Sequence[Part], history: History | None = None, *,
          system: str = DEFAULT_SYSTEM, **generation) -> tuple[str, History]:
-    """One turn the official way, `model.chat(tokenizer, query, history)`: returns (reply, new history).
-    Keep a `Chat` instead to reuse the KV cache between turns."""
+    """One turn the official way, `model.chat(tokenizer, query, history)` (for Qwen2-Audio: the template's
+    conversation, generated): returns (reply, new history). Keep a `Chat` instead to reuse the KV cache between
+    turns."""
     conversation = Chat(model, system, history)
     reply = conversation.ask(query, **generation)
     return reply, conversation.history

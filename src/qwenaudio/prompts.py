@@ -277,3 +277,32 @@ def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
         if not isinstance(turn[1], str):
             query_text(turn[1])  # the same parts, the same errors
     return list(turns)
+
+
+
+def render_qwen2_chat_context(tokenizer: Qwen2Tokenizer, system: str,
+                              turns: Sequence[tuple[str | Sequence[Part], str]], query: str | Sequence[Part], *,
+                              span_of: Callable[[str], int], max_window_size: int | None = None) -> Rendered:
+    """A Qwen2-Audio-Instruct chat's next prompt (`render_qwen2_chat_ids`): the system message, the (user,
+    assistant) `turns`, the `query` and the generation prompt, each clip's `<|AUDIO|>` sized by `span_of(path)`.
+
+    Qwen2-Audio publishes no history window (transformers renders whatever it is given, and the model reads 8,192
+    positions); `max_window_size` applies Qwen-Audio-Chat's rule instead (`render_chat`): the newest turns are kept
+    while the system message and the kept turns, rendered alone, stay under it (the query and the reply are not
+    counted), and the first that does not fit drops it and all older ones. Clips are numbered from "Audio 1" in
+    what is kept, as the template numbers any conversation it is given.
+    """
+
+    def flat(pairs: Sequence[tuple[str | Sequence[Part], str]]) -> list[Qwen2Turn]:
+        return [turn for user, reply in pairs for turn in (("user", user), ("assistant", reply))]
+
+    def rendered(conversation: list[Qwen2Turn], generation_prompt: bool) -> Rendered:
+        spans = [span_of(str(path)) for path in qwen2_chat_clips(conversation)]
+        return render_qwen2_chat_ids(tokenizer, conversation, audio_spans=spans, system=system,
+                                     add_generation_prompt=generation_prompt)
+
+    kept = 0
+    while kept < len(turns) and (max_window_size is None or
+                                 len(rendered(flat(turns[len(turns) - kept - 1:]), False).ids) < max_window_size):
+        kept += 1
+    return rendered([*flat(turns[len(turns) - kept:]), ("user", query)], True)
