@@ -362,8 +362,6 @@ def test_clip_too_short_for_one_audio_position_is_an_audio_error(base):
         base.generate([ASR], [[CLIPS["speech"][:320]]], max_new_tokens=1)
 
 
-@pytest.mark.xfail(strict=True, reason="as_waveform refuses clips under Qwen-Audio's 480 samples in either family; "
-                                       "Qwen2-Audio hears 321 (core.audio.QWEN2_MIN_SAMPLES)")
 def test_clip_of_400_samples_gets_its_one_audio_position(base):
     """transformers' processor gives a clip of 321 to 479 samples one `<|AUDIO|>` (tests/test_audio_qwen2.py
     compares the count at 321 samples with it), so the model must take such a clip."""

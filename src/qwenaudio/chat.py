@@ -117,7 +117,7 @@ class Chat:
         expect(path, (str, Path), "path", "a str or Path")
         path = str(path)
         if path not in self._clips:
-            self._clips[path] = as_waveform(Path(path), path)
+            self._clips[path] = as_waveform(Path(path), path, self.model.encoder.min_samples)
         return self._clips[path]
 
     def _span(self, path: str) -> int:

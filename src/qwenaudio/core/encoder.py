@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .audio import audio_span, frames_after_conv, mel_length
+from .audio import MIN_SAMPLES, audio_span, frames_after_conv, mel_length
 from .checks import expect, shown, whole
 from .config import AudioConfig
 from .errors import InputError
@@ -76,6 +76,8 @@ class AudioEncoder(nn.Module):
         self.proj = nn.Linear(config.n_state, config.output_dim)
         self.audio_bos_eos_token = nn.Embedding(2, config.output_dim)  # row 0 BOS, row 1 EOS
         self.activation_checkpointing = False  # training: recompute block activations in backward (see Decoder)
+
+    min_samples = MIN_SAMPLES  # the shortest clip (16 kHz) that gives one audio token
 
     @property
     def n_mels(self) -> int:

@@ -81,7 +81,8 @@ class QwenAudio(nn.Module):
         expect(prompts, (list, tuple), "prompts", "a list of str (texts with <audio>PATH</audio> regions)")
         clips = [[] for _ in prompts] if clips is None else clips
         numbered = iter(range(sum(len(own) for own in clips)))
-        waves = [[as_waveform(c, source_name(c, next(numbered))) for c in own] for own in clips]
+        waves = [[as_waveform(c, source_name(c, next(numbered)), self.encoder.min_samples) for c in own]
+                 for own in clips]
         batch = prompt_batch(self.tokenizer, prompts, waves, self.encoder.span_length)
         config = self.generation_config.replace(**settings)
         return generate(self.decoder, self.tokenizer, batch.input_ids.to(self.device),
@@ -112,7 +113,7 @@ class QwenAudio(nn.Module):
 
     def _encode(self, clips: Sequence[Tensor | AudioSource]) -> list[Tensor]:
         expect(clips, (list, tuple), "clips", "a list of clips (16 kHz waveforms or audio files)")
-        clips = [as_waveform(c, source_name(c, i)) for i, c in enumerate(clips)]
+        clips = [as_waveform(c, source_name(c, i), self.encoder.min_samples) for i, c in enumerate(clips)]
         if not clips:
             return []
         mel = torch.stack([log_mel_spectrogram(c.to(self.device), self.encoder.n_mels) for c in clips])

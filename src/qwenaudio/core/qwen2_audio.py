@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .audio import N_FRAMES, feature_frames, frames_after_conv, qwen2_audio_tokens
+from .audio import N_FRAMES, QWEN2_MIN_SAMPLES, feature_frames, frames_after_conv, qwen2_audio_tokens
 from .checks import expect, shown, whole
 from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS, read_fields, read_json
 from .decoder import RMSNorm, apply_rotary, attend, positions_and_mask, rotary
@@ -260,6 +260,8 @@ class Qwen2AudioEncoder(nn.Module):
         self.audio_tower = AudioTower(config.audio)
         self.multi_modal_projector = MultiModalProjector(config.audio.d_model, config.hidden_size)
         self.activation_checkpointing = False  # training: recompute block activations in backward
+
+    min_samples = QWEN2_MIN_SAMPLES  # the shortest clip (16 kHz) that gives one audio position
 
     @property
     def n_mels(self) -> int:
