@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -284,9 +285,28 @@ def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = 
     one merge: the last pair tiktoken joins when it encodes the token's own bytes, listed in rank order, so that
     transformers' BPE (first merge in the file wins) picks what tiktoken's (lowest rank wins) picks.
     """
+    from .core.qwen2_tokenizer import MERGES_TXT, SPECIAL_TOKENS, TOKENIZER_CONFIG, VOCAB_JSON
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_json, merges_txt = _qwen2_bpe_files(None if tiktoken_file is None else str(Path(tiktoken_file).resolve()))
+    (directory / VOCAB_JSON).write_text(vocab_json, encoding="utf-8")
+    (directory / MERGES_TXT).write_text(merges_txt, encoding="utf-8")
+    added = {str(NUM_BPE_RANKS + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
+    _write_json(directory / TOKENIZER_CONFIG, {"added_tokens_decoder": added,
+                                               "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+                                               **QWEN2_TOKENIZER_CONFIG})
+    return directory
+
+
+@lru_cache(maxsize=2)
+def _qwen2_bpe_files(tiktoken_file: str | None) -> tuple[str, str]:
+    """The texts of vocab.json and merges.txt converted from `tiktoken_file` (or the stand-in), made once per
+    process: the conversion walks 151k tokens in Python (seconds), and a test session writes several checkpoints."""
     import tempfile  # this section's imports stay in it, beside the other family's
 
-    from .core.qwen2_tokenizer import MERGES_TXT, SPECIAL_TOKENS, TOKENIZER_CONFIG, VOCAB_JSON, bytes_to_unicode
+    from .core.qwen2_tokenizer import bytes_to_unicode
     from .core.tokenizer import _load_ranks
 
     if tiktoken_file is None:
@@ -295,8 +315,6 @@ def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = 
             ranks = _load_ranks(Path(scratch) / VOCAB_FILE)
     else:
         ranks = _load_ranks(Path(tiktoken_file))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     alphabet = bytes_to_unicode()
 
     def spelled(token: bytes) -> str:
@@ -305,14 +323,8 @@ def write_qwen2_vocab(directory: str | Path, tiktoken_file: str | Path | None = 
     tokens = sorted(ranks, key=ranks.__getitem__)
     merges = [f"{spelled(left)} {spelled(right)}" for left, right in
               filter(None, (_last_merge(t, ranks) for t in tokens if len(t) > 1))]
-    _write_json(directory / VOCAB_JSON, {spelled(t): ranks[t] for t in tokens})
-    (directory / MERGES_TXT).write_text("".join(f"{line}\n" for line in ["#version: 0.2", *merges]), encoding="utf-8")
-    added = {str(NUM_BPE_RANKS + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
-    _write_json(directory / TOKENIZER_CONFIG, {"added_tokens_decoder": added,
-                                               "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
-                                               **QWEN2_TOKENIZER_CONFIG})
-    return directory
+    vocab = json.dumps({spelled(t): ranks[t] for t in tokens}, indent=2, ensure_ascii=False) + "\n"
+    return vocab, "".join(f"{line}\n" for line in ["#version: 0.2", *merges])
 
 
 def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
