@@ -626,6 +626,14 @@ def _check_qwen2_language(language: str) -> None:
         raise InputError(f"language must be one of {QWEN2_ASR_LANGUAGES}, got {language!r}")
 
 
+def qwen2_remove_sp(text: str, language: str) -> str:
+    """Qwen2-Audio's `remove_sp`, the same function as Qwen-Audio's (`remove_sp`) over its four languages: only
+    Chinese ("zh", not "yue") loses all whitespace."""
+    _text(text, "text")
+    _check_qwen2_language(language)
+    return _remove_sp(text, language)
+
+
 def qwen2_normalize(text: str, language: str) -> str:
     """`text` (after `remove_sp`) as the official `compute_wer` normalises it, in its order: Cantonese converted to
     simplified Chinese (zhconv), English through Whisper's English normalizer, then Chinese through speechio's
@@ -650,8 +658,7 @@ def qwen2_asr_items(text: str, language: str) -> list[str]:
     """The units the official Qwen2-Audio WER counts in a raw reference or reply: `remove_sp`, `qwen2_normalize`,
     `EvaluationTokenizer(tokenizer_type="none", lowercase=True, punctuation_removal=True)`, split on whitespace;
     for Chinese and Cantonese, the characters of the words joined."""
-    _check_qwen2_language(language)
-    words = remove_punctuation(qwen2_normalize(_remove_sp(_text(text, "text"), language), language)).lower().split()
+    words = remove_punctuation(qwen2_normalize(qwen2_remove_sp(text, language), language)).lower().split()
     return list("".join(words)) if language in CHARACTER_LANGUAGES else words
 
 
