@@ -18,6 +18,7 @@ from qwenaudio.core.errors import InputError
 from qwenaudio.core.families import QWEN2_AUDIO
 
 from .test_evaluation import interrupt_at_batch, write_rows
+from .conftest import reference
 from .test_scoring_qwen2 import needs
 
 SPEECH, OTHER = "1272-128104-0000.flac", "1089_134686_000007_000004.wav"
@@ -211,3 +212,34 @@ def test_the_command_runs_resumes_and_refuses_the_other_family(tiny_qwen2_ckpt, 
     assert cli.main(command("asr", data, tmp_path / "other", tiny_qwen2_ckpt)) == 2
     assert "'asr' is a Qwen-Audio benchmark; a Qwen2-Audio model runs librispeech" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()  # refused before anything is written or loaded
+
+
+@pytest.mark.parametrize("name, instruct", [("librispeech", False), ("airbench_level3", True)])
+def test_replies_equal_transformers_on_the_official_recipe(name, instruct, tiny_qwen2_ckpt, tiny_qwen2_instruct_ckpt,
+                                                          tmp_path, shared_audio):
+    """The scripts' recipe run live on the same tiny checkpoint: `AutoProcessor` with left padding over the rows'
+    texts and clips, `generate(max_new_tokens, min_new_tokens=1, do_sample=False)`, the prompt sliced off,
+    `batch_decode(skip_special_tokens=True, clean_up_tokenization_spaces=False)`: the same replies, except where
+    transformers picks one of the embedding's rows past the tokenizer's (a random model does; ours, like Qwen-Audio's
+    evaluation, chooses among the tokenizer's): up to there they agree."""
+    transformers = reference("transformers")
+    checkpoint = tiny_qwen2_instruct_ckpt if instruct else tiny_qwen2_ckpt
+    data = data_file(name, tmp_path, shared_audio, n=2)
+    mine = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
+    evaluation.evaluate(mine, name, data, tmp_path / "out", batch_size=2, max_new_tokens=8)
+    ours = [json.loads(line)["reply"] for line in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    processor.tokenizer.padding_side = "left"
+    examples, _ = evaluation.read_benchmark(name, data)
+    inputs = processor(text=[e.text for e in examples], audio=[load_audio(e.path).numpy() for e in examples],
+                       sampling_rate=16000, return_tensors="pt", padding=True)
+    model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = model.generate(**inputs, max_new_tokens=8, min_new_tokens=1, do_sample=False)[:, inputs.input_ids.size(1):]
+    theirs = processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    rows = len(mine.tokenizer)
+    unused = [next((i for i, t in enumerate(row) if t >= rows), None) for row in ids.tolist()]
+    assert unused == ([None, None] if name == "librispeech" else [2, None])  # as the fixed checkpoints have it
+    for reply, official, row, cut in zip(ours, theirs, ids, unused):
+        assert reply == official if cut is None else reply.startswith(
+            processor.decode(row[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False))
