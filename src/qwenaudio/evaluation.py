@@ -9,6 +9,14 @@ one's own machine needs: each reply is appended to a JSON Lines file as soon as 
 stopped resumes where it stopped; examples run in batches of similar length; processes under torchrun share the
 batches; a bad line or a missing clip fails alone, named by file and line.
 
+Qwen2-Audio's evaluation (eval_audio/ at QwenLM/Qwen2-Audio) names its benchmarks by dataset (`QWEN2_BENCHMARKS`:
+librispeech, aishell2, cv15_en/zh/yue/fr, fleurs_zh, covost2, meld, vocalsound, airbench_level3). Its rows carry
+their prompt, put after `<|audio_bos|><|AUDIO|><|audio_eos|>` (AIR-Bench's query goes into the Instruct model's
+chat turn); every script decodes greedily 1 to 256 new tokens from left-padded batches and keeps the reply as
+decoded without its special tokens. The model's family picks its table (`PROTOCOLS`, `benchmark`): a benchmark of
+the other family is refused before the model loads. AIR-Bench's replies are written for its GPT-4 judge, not
+scored here, as the official script leaves them.
+
 Layout of the output directory: `run.json` (the settings the replies were made with, the model's content
 fingerprint among them, and the files this command writes there, claimed before they are written; a rerun with
 other settings is refused, and so is a file of those names that an earlier run did not write),

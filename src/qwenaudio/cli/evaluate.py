@@ -1,5 +1,6 @@
-"""`qwenaudio evaluate`: one of the paper's benchmarks, with the official prompt, decoding and scoring (resumable;
-shared between torchrun's processes)."""
+"""`qwenaudio evaluate`: one of the paper's benchmarks (Qwen-Audio's tasks, or Qwen2-Audio's datasets for a
+Qwen2-Audio model), with the official prompt, decoding and scoring (resumable; shared between torchrun's
+processes)."""
 
 from __future__ import annotations
 
