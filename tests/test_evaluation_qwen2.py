@@ -6,6 +6,9 @@ checkpoint whose replies are random tokens: the run directory, resuming, the com
 benchmark of the other family."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,3 +246,35 @@ def test_replies_equal_transformers_on_the_official_recipe(name, instruct, tiny_
     for reply, official, row, cut in zip(ours, theirs, ids, unused):
         assert reply == official if cut is None else reply.startswith(
             processor.decode(row[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+DRIVER = """
+import sys, torch, qwenaudio
+import qwenaudio.runner
+from qwenaudio import evaluation
+checkpoint, data, out = sys.argv[1:]
+model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
+for name in ("cv15_zh", "meld"):
+    evaluation.evaluate(model, name, f"{data}/{name}.jsonl", f"{out}/{name}", batch_size=1, max_new_tokens=3)
+qwenaudio.runner.leave_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_give_one_process_s_summary(model, tiny_qwen2_ckpt, tmp_path, shared_audio,
+                                                                 scorers):
+    for name in ("cv15_zh", "meld"):
+        evaluation.evaluate(model, name, data_file(name, tmp_path, shared_audio, n=4), tmp_path / "one" / name,
+                            batch_size=1, max_new_tokens=3)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(driver), str(tiny_qwen2_ckpt), str(tmp_path), str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("cv15_zh", "meld"):
+        one, two = (json.loads((tmp_path / d / name / "summary.json").read_text()) for d in ("one", "two"))
+        assert (two["processes"], two["sources"], two["failed"]) == (2, one["sources"], one["failed"]), name
+        parts = sorted((tmp_path / "two" / name / "replies").iterdir())
+        assert [len(p.read_text().splitlines()) for p in parts] == [2, 2], name  # each process did half, once
