@@ -235,13 +235,17 @@ def test_replies_equal_transformers_on_the_official_recipe(name, instruct, tiny_
     processor = transformers.AutoProcessor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"
     examples, _ = evaluation.read_benchmark(name, data)
+    for example, row in zip(examples, rows(name, shared_audio, 2) if instruct else ()):  # the Instruct template
+        conversation = [{"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": row["query"]}]
+        assert example.text == processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[e.text for e in examples], audio=[load_audio(e.path).numpy() for e in examples],
                        sampling_rate=16000, return_tensors="pt", padding=True)
     model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = model.generate(**inputs, max_new_tokens=8, min_new_tokens=1, do_sample=False)[:, inputs.input_ids.size(1):]
     theirs = processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    rows = len(mine.tokenizer)
-    unused = [next((i for i, t in enumerate(row) if t >= rows), None) for row in ids.tolist()]
+    known = len(mine.tokenizer)
+    unused = [next((i for i, t in enumerate(row) if t >= known), None) for row in ids.tolist()]
     assert unused == ([None, None] if name == "librispeech" else [2, None])  # as the fixed checkpoints have it
     for reply, official, row, cut in zip(ours, theirs, ids, unused):
         assert reply == official if cut is None else reply.startswith(

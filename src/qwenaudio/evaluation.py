@@ -107,8 +107,10 @@ QWEN2_BENCHMARKS: dict[str, Qwen2Benchmark] = {b.name: b for b in (
     Qwen2Benchmark("airbench_level3", "evaluate_chat.py", "chat"),
 )}
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # what every Qwen2-Audio script puts before a row's prompt
+# evaluate_chat.py's conversation (the default system turn, the query as the user's text) through the Instruct chat
+# template, as transformers' Qwen2AudioProcessor renders it (tests/test_evaluation_qwen2.py compares them).
 CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
-               "<|im_start|>assistant\n")  # evaluate_chat.py's conversation through the Instruct chat template
+               "<|im_start|>assistant\n")
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,8 @@ def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None
     field missing or of the wrong type, a clip the model cannot hear: `check_clips`), each naming the file and
     line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
     `audio_root`, else to the current directory, as the official scripts open them. `check_audio=False` leaves the
-    clips unread (`plan` checks only the clips still to be replied to)."""
+    clips unread (`plan` checks only the clips still to be replied to). `task` may be a Qwen-Audio task
+    (`BENCHMARKS`) or a Qwen2-Audio dataset (`QWEN2_BENCHMARKS`, whose rows bring their prompt; no `language`)."""
     data = as_path(data, "data")
     audio_root = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(limit, int, "limit")
