@@ -9,6 +9,14 @@ one's own machine needs: each reply is appended to a JSON Lines file as soon as 
 stopped resumes where it stopped; examples run in batches of similar length; processes under torchrun share the
 batches; a bad line or a missing clip fails alone, named by file and line.
 
+Qwen2-Audio's evaluation (eval_audio/ at QwenLM/Qwen2-Audio) names its benchmarks by dataset (`QWEN2_BENCHMARKS`:
+librispeech, aishell2, cv15_en/zh/yue/fr, fleurs_zh, covost2, meld, vocalsound, airbench_level3). Its rows carry
+their prompt, put after `<|audio_bos|><|AUDIO|><|audio_eos|>` (AIR-Bench's query goes into the Instruct model's
+chat turn); every script decodes greedily 1 to 256 new tokens from left-padded batches and keeps the reply as
+decoded without its special tokens. The model's family picks its table (`PROTOCOLS`, `benchmark`): a benchmark of
+the other family is refused before the model loads. AIR-Bench's replies are written for its GPT-4 judge, not
+scored here, as the official script leaves them.
+
 Layout of the output directory: `run.json` (the settings the replies were made with, the model's content
 fingerprint among them, and the files this command writes there, claimed before they are written; a rerun with
 other settings is refused, and so is a file of those names that an earlier run did not write),
@@ -36,6 +44,7 @@ from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, renamed
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family, family_of, read_config
 from .core.files import append_line, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import LANGUAGES
@@ -69,6 +78,73 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 )}
 # The official ASR and SRWT scripts take the language from the dataset's name; a row's own field comes first here.
 DATASET_LANGUAGES = {"librispeech": "en", "aishell": "zh", "industrial": "zh"}
+
+
+@dataclass(frozen=True)
+class Qwen2Benchmark:
+    """One dataset of Qwen2-Audio's evaluation (QwenLM/Qwen2-Audio eval_audio/): an official script's `--dataset`.
+    Its rows carry their own prompt; every script decodes at most 256 new tokens."""
+
+    name: str  # the script's ds_collections key
+    script: str  # the official script, in eval_audio/
+    task: str  # how replies are scored: asr, st, emotion, vocal_sound; chat is scored outside (GPT-4, AIR-Bench)
+    language: str | None = None  # asr: the dataset's language, the one it is scored in
+    max_new_tokens: int = 256
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The row fields the script reads."""
+        return ("audio", "id", "query") if self.task == "chat" else ("audio", "source", "prompt", "gt")
+
+
+QWEN2_BENCHMARKS: dict[str, Qwen2Benchmark] = {b.name: b for b in (
+    *(Qwen2Benchmark(name, "evaluate_asr.py", "asr", language) for name, language in (
+        ("librispeech", "en"), ("aishell2", "zh"), ("cv15_en", "en"), ("cv15_zh", "zh"), ("cv15_yue", "yue"),
+        ("cv15_fr", "fr"), ("fleurs_zh", "zh"))),  # the script spells the last key "fluers_zh"
+    Qwen2Benchmark("covost2", "evaluate_st.py", "st"),
+    Qwen2Benchmark("meld", "evaluate_emotion.py", "emotion"),
+    Qwen2Benchmark("vocalsound", "evaluate_vocal_sound.py", "vocal_sound"),
+    Qwen2Benchmark("airbench_level3", "evaluate_chat.py", "chat"),
+)}
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # what every Qwen2-Audio script puts before a row's prompt
+# evaluate_chat.py's conversation (the default system turn, the query as the user's text) through the Instruct chat
+# template, as transformers' Qwen2AudioProcessor renders it (tests/test_evaluation_qwen2.py compares them).
+CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
+               "<|im_start|>assistant\n")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What differs between the two families' official evaluations, looked up by the model's family (`PROTOCOLS`)."""
+
+    benchmarks: dict[str, Any]  # name -> Benchmark or Qwen2Benchmark
+    repository: str  # the official scripts, at the commit followed
+    reply: Callable[[Any, list[int]], str]  # (tokenizer, new ids) -> the reply as the scripts decode it
+
+
+PROTOCOLS = {
+    # Qwen-Audio keeps the reply's tags and strips it; Qwen2-Audio drops special tokens and keeps the whitespace.
+    QWEN_AUDIO.name: Protocol(BENCHMARKS, "QwenLM/Qwen-Audio e81cc26",
+                              lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=False).strip()),
+    QWEN2_AUDIO.name: Protocol(QWEN2_BENCHMARKS, "QwenLM/Qwen2-Audio 595360e",
+                               lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)),
+}
+
+
+def benchmark(task: str, family: Family = QWEN_AUDIO) -> Benchmark | Qwen2Benchmark:
+    """`task`'s protocol for a model of `family`; a benchmark of the other family, or none, is an InputError
+    listing what this family runs."""
+    table = PROTOCOLS[family.name].benchmarks
+    if isinstance(task, str) and task in table:
+        return table[task]
+    owner = next((name for name, p in PROTOCOLS.items() if isinstance(task, str) and task in p.benchmarks), None)
+    what = f"{task!r} is a {owner} benchmark" if owner else f"unknown benchmark {task!r}"
+    raise InputError(f"{what}; a {family.name} model runs {', '.join(table)}")
+
+
+def _protocol(task: str) -> Protocol:
+    """The protocol whose table names `task` (the two families' names differ)."""
+    return next(p for p in PROTOCOLS.values() if task in p.benchmarks)
 
 
 def _optional(value: Any, kind: type, name: str) -> None:
@@ -136,19 +212,32 @@ def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None
     field missing or of the wrong type, a clip the model cannot hear: `check_clips`), each naming the file and
     line; blank lines are not examples. `limit` keeps the first that many examples. Clip paths are relative to
     `audio_root`, else to the current directory, as the official scripts open them. `check_audio=False` leaves the
-    clips unread (`plan` checks only the clips still to be replied to)."""
+    clips unread (`plan` checks only the clips still to be replied to). `task` may be a Qwen-Audio task
+    (`BENCHMARKS`) or a Qwen2-Audio dataset (`QWEN2_BENCHMARKS`, whose rows bring their prompt; no `language`)."""
     data = as_path(data, "data")
     audio_root = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(limit, int, "limit")
+    if isinstance(task, str) and task in QWEN2_BENCHMARKS:
+        spec = QWEN2_BENCHMARKS[task]
+        if language is not None:
+            raise InputError(f"language: {task} rows are scored in {spec.language or 'the language they hold'}, as "
+                             f"the official {spec.script} scores them; give no language")
+        examples, problems = read_lines(data, lambda row, number, where: _qwen2_example(
+            spec, row, number, where, audio_root), limit)
+        return (examples, problems) if not check_audio else _checked(data, examples, problems)
     if not isinstance(task, str) or task not in BENCHMARKS:
-        raise InputError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)}")
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)} (Qwen-Audio), "
+                         f"{', '.join(QWEN2_BENCHMARKS)} (Qwen2-Audio)")
     prompts.caption(caption_style)  # the style's check
     if language is not None:
         prompts.check_language(language)
     examples, problems = read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root,
                                                                             language, caption_style), limit)
-    if not check_audio:
-        return examples, problems
+    return (examples, problems) if not check_audio else _checked(data, examples, problems)
+
+
+def _checked(data: Path, examples: list[BenchmarkExample], problems: list[str]
+             ) -> tuple[list[BenchmarkExample], list[str]]:
     examples, bad = check_clips(examples)
     return examples, by_line(data, [*problems, *bad])
 
@@ -239,6 +328,42 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
                    prompt(task, row, language, caption_style), language, where)
 
 
+@dataclass(frozen=True)
+class Qwen2Example(BenchmarkExample):
+    """A Qwen2-Audio data row: `prompt` is the whole text the script builds (`AUDIO_PLACEHOLDER` + the row's prompt,
+    or the chat turn around the row's query); `row_id` is a chat row's `id`, kept with its reply for the judge."""
+
+    row_id: Any = None
+
+    @property
+    def text(self) -> str:
+        return self.prompt
+
+
+def _qwen2_example(spec: Qwen2Benchmark, row: Any, line: int, where: str, audio_root: Path | None) -> Qwen2Example:
+    if not isinstance(row, dict):
+        raise InputError(f"expected a JSON object, got {type(row).__name__}")
+    missing = [name for name in spec.fields if name not in row]
+    if missing:
+        raise InputError(f"no {', '.join(map(repr, missing))} field (a {spec.name} row needs "
+                         f"{', '.join(spec.fields)}; this one has {', '.join(sorted(row)) or 'none'})")
+    for name in (f for f in spec.fields if f != "id"):
+        if not isinstance(row[name], str):
+            raise InputError(f"{name!r} must be a string, got {type(row[name]).__name__}")
+    chat = spec.task == "chat"
+    text = CHAT_PROMPT.format(query=row["query"]) if chat else AUDIO_PLACEHOLDER + row["prompt"]
+    if text.count("<|AUDIO|>") != 1:  # the processor would refuse the row: one clip, one placeholder
+        raise InputError(f"{'query' if chat else 'prompt'} {row['query' if chat else 'prompt']!r:.80}: the prompt "
+                         f"must hold <|AUDIO|> exactly once (the row's one clip), it holds it "
+                         f"{text.count('<|AUDIO|>')} times")
+    language = spec.language if spec.task == "asr" else scoring.covost2_target(row["source"]) if spec.task == "st" \
+        else None
+    path = Path(row["audio"])
+    resolved = path if path.is_absolute() or audio_root is None else audio_root / path
+    return Qwen2Example(line, resolved, row["audio"], None if chat else row["gt"],
+                        spec.name if chat else row["source"], text, language, where, row["id"] if chat else None)
+
+
 def spoken_language(row: dict[str, Any], default: str | None) -> str:
     """The spoken language an ASR or SRWT prompt names: the row's `lang` (or `language`) field, else `default`
     (--language), else the dataset its `source` names, as the official scripts take it from the dataset."""
@@ -264,6 +389,8 @@ def example_scores(task: str, example: BenchmarkExample, reply: str) -> dict[str
     """Per-example score fields: an error count and reference length for ASR and SRWT (the WER of a source is their
     sums' ratio), correctness for the exact-match tasks and the note fields; nothing for the corpus scores (BLEU,
     CIDEr)."""
+    if task in QWEN2_BENCHMARKS:
+        return _qwen2_example_scores(QWEN2_BENCHMARKS[task], example, reply)
     if task in ("asr", "srwt"):
         ref = scoring.evaluation_tokens(scoring.remove_sp(example.reference, example.language), example.language)
         hyp = scoring.evaluation_tokens(scoring.remove_sp(reply, example.language), example.language)
@@ -275,6 +402,31 @@ def example_scores(task: str, example: BenchmarkExample, reply: str) -> dict[str
         return {f"{name}_correct": getattr(ours, name) == getattr(theirs, name)
                 for name in ("pitch", "velocity", "instrument")}
     return {}
+
+
+def _qwen2_example_scores(spec: Qwen2Benchmark, example: BenchmarkExample, reply: str) -> dict[str, Any]:
+    """A Qwen2-Audio example's fields: ASR's error count and reference length (none without the `eval` extra's
+    normalizers: the summary says so), the classifications' correctness, a chat row's id."""
+    if spec.task == "asr":
+        try:
+            errors, length = scoring.qwen2_asr_counts(example.reference, reply, spec.language)
+        except QwenAudioError:
+            return {}
+        return {"errors": errors, "reference_length": length}
+    if spec.task in ("emotion", "vocal_sound"):
+        return {"correct": reply.lstrip() == example.reference}
+    return {"id": example.row_id} if spec.task == "chat" else {}
+
+
+def _qwen2_source_scores(spec: Qwen2Benchmark, records: list[dict[str, Any]],
+                         attempt: Callable[[str, Callable[[], Any]], Any]) -> dict[str, float | None]:
+    """A Qwen2-Audio source's scores, as its script prints them: WER (a fraction), BLEU (points), accuracy."""
+    refs, hyps = [r["reference"] for r in records], [r["reply"] for r in records]
+    if spec.task == "asr":
+        return {"wer": attempt("wer", lambda: scoring.qwen2_error_rate(refs, hyps, spec.language))}
+    if spec.task == "st":
+        return {"bleu": attempt("bleu", lambda: scoring.bleu(refs, hyps, records[0]["language"]))}
+    return {"accuracy": scoring.accuracy(refs, [h.lstrip() for h in hyps])}
 
 
 def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, float | None], list[str]]:
@@ -293,6 +445,13 @@ def source_scores(task: str, records: list[dict[str, Any]]) -> tuple[dict[str, f
         except QwenAudioError as e:
             notes.append(f"{name}: not computed: {e}")
             return None
+
+    if task in QWEN2_BENCHMARKS:
+        spec = QWEN2_BENCHMARKS[task]
+        if spec.task == "chat":
+            return {}, ["scored outside: AIR-Bench's GPT-4 judge reads the replies in examples.jsonl (with each row's "
+                        "id), as the official evaluate_chat.py leaves them"]
+        return _qwen2_source_scores(spec, records, attempt), notes
 
     if task in ("asr", "srwt"):
         clean = [scoring.remove_sp(t, language) for t in refs], [scoring.remove_sp(t, language) for t in hyps]
@@ -349,10 +508,31 @@ PAPER: dict[str, list[tuple[str, str, dict[str, float]]]] = {
 }
 
 
+# Qwen2-Audio's figures from its README's second table (the model "after converting huggingface", which these
+# weights are), QwenLM/Qwen2-Audio @ 595360e, in the same units.
+QWEN2_PAPER: dict[str, list[tuple[str, str, dict[str, float]]]] = {
+    "librispeech": [(rf"{split}_?{kind}", f"Librispeech {split}-{kind}", {"wer": wer}) for (split, kind), wer in {
+        ("dev", "clean"): 0.017, ("dev", "other"): 0.036, ("test", "clean"): 0.017, ("test", "other"): 0.040}.items()],
+    "aishell2": [(device.lower(), f"Aishell2 {device}", {"wer": wer}) for device, wer in
+                 (("Mic", 0.032), ("iOS", 0.031), ("Android", 0.029))],
+    **{f"cv15_{lang}": [("", f"Common Voice 15 {lang}", {"wer": wer})] for lang, wer in
+       (("en", 0.087), ("zh", 0.065), ("yue", 0.059), ("fr", 0.096))},
+    "fleurs_zh": [("", "Fleurs zh", {"wer": 0.070})],
+    "covost2": [(rf"_{a}_{b}_", f"CoVoST2 {a}-{b}", {"bleu": score}) for (a, b), score in {
+        ("en", "de"): 29.6, ("de", "en"): 33.6, ("en", "zh"): 45.6, ("zh", "en"): 24.0, ("es", "en"): 38.7,
+        ("fr", "en"): 37.2, ("it", "en"): 35.2}.items()],
+    "meld": [("", "Meld", {"accuracy": 0.535})],
+    "vocalsound": [("", "VocalSound", {"accuracy": 0.9395})],
+    "airbench_level3": [],
+}
+
+
 def paper_row(task: str, source: str) -> tuple[str, dict[str, float]] | None:
-    """(row name, figures) of the official README's Qwen-Audio result for a source, or None."""
+    """(row name, figures) of the official README's result for a source (Qwen-Audio's, or Qwen2-Audio's for its
+    benchmarks), or None."""
     name = source.lower().replace("-", "_") + "_"
-    return next(((row, figures) for pattern, row, figures in PAPER[task] if re.search(pattern, name)), None)
+    rows = QWEN2_PAPER[task] if task in QWEN2_PAPER else PAPER[task]
+    return next(((row, figures) for pattern, row, figures in rows if re.search(pattern, name)), None)
 
 
 # ---------------------------------------------------------------------------------------------- running a benchmark
@@ -378,7 +558,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
          language: str | None = None, caption_style: str = "clotho", limit: int | None = None,
          max_new_tokens: int | None = None, model_name: str = "", checkpoint: str | Path | None = None,
          adapter: str | Path | None = None, dtype: str | None = None, quantization: str | None = None,
-         overwrite: bool = False) -> Run:
+         overwrite: bool = False, family: Family | None = None) -> Run:
     """Read the data, check every clip still to be replied to, check the output directory, and find the replies an
     earlier run with the same settings left there (`overwrite` discards them). Everything here is checked before any
     model loads.
@@ -388,7 +568,10 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     fingerprint of their files' content, `dtype` and `quantization` ("int8", "int4") as loaded. A rerun that
     differs in any of them is refused, naming the difference, rather than mixing two models' replies. No output
     may be one of the run's inputs (the data file, a clip, the model's files), whatever names they are given, and
-    a file of an output's name that no earlier run wrote is refused unless `overwrite`."""
+    a file of an output's name that no earlier run wrote is refused unless `overwrite`.
+
+    `task` must be a benchmark of the model's family (`family`, else the one `checkpoint`'s config.json names, else
+    Qwen-Audio): Qwen-Audio's are `BENCHMARKS`, Qwen2-Audio's `QWEN2_BENCHMARKS`."""
     data, output_dir = as_path(data, "data"), as_path(output_dir, "output_dir")
     audio = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(max_new_tokens, int, "max_new_tokens")
@@ -399,9 +582,10 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     examples, problems = read_benchmark(task, data, audio_root=audio, language=language,
                                         caption_style=caption_style, limit=limit, check_audio=False)
     model_files, key = model_identity(checkpoint, None if adapter is None else as_path(adapter, "adapter"))
+    spec = benchmark(task, family or checkpoint_family(checkpoint, task))
     settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "audio_root": None if audio is None else str(audio.resolve()), "language": language,
-                "caption_style": caption_style, "max_new_tokens": max_new_tokens or BENCHMARKS[task].max_new_tokens,
+                "caption_style": caption_style, "max_new_tokens": max_new_tokens or spec.max_new_tokens,
                 "model": model_name, **key, "dtype": dtype, "quantization": quantization}
     reads = [data, *([audio] if audio else []), *model_files]
     refuse_model_directory(output_dir, model_files)
@@ -416,6 +600,20 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
         runnable = {*replied, *(e.line for e in todo)}
         examples = [e for e in examples if e.line in runnable]
     return Run(task, output_dir, settings, examples, problems, todo)
+
+
+def checkpoint_family(checkpoint: str | Path | None, task: str) -> Family:
+    """The family of the model `checkpoint` names (its config.json's model_type); without a checkpoint, or with a
+    config the loader will refuse anyway (and say why), the family `task` belongs to."""
+    fallback = QWEN2_AUDIO if task in QWEN2_BENCHMARKS else QWEN_AUDIO
+    if checkpoint is None:
+        return fallback
+    from .hub import resolve  # found already by model_identity: this only reads its config
+
+    try:
+        return family_of(read_config(resolve(checkpoint)))
+    except QwenAudioError:
+        return fallback
 
 
 def _claim_output_directory(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -477,14 +675,16 @@ def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Seq
                      max_new_tokens: int, decoding: Callable[[int, int], None] | None = None) -> list[str]:
     """The official scripts' decoding for one batch of prompts (`BenchmarkExample.text`, or any
     `<audio>PATH</audio>…` text with its clips): greedy, at least one and at most `max_new_tokens` new tokens, cut
-    at `<|endoftext|>`, decoded with the tags kept and stripped. Clips past 30 s are cut to 30 s, as the official model hears them.
+    at the stop, decoded as the model's family's scripts decode (`PROTOCOLS`: Qwen-Audio's with the tags kept and
+    stripped, Qwen2-Audio's without special tokens). Clips past 30 s are cut to 30 s, as the official model hears them.
     `decoding(steps, budget)` is called every few decoding steps (`generate`'s progress)."""
     expect_model(model)
     _optional(max_new_tokens, int, "max_new_tokens")
     clips = [[c[:N_SAMPLES] for c in own] for own in clips]  # as heard anyway, without log_mel's warning per clip
     ids = model.generate(texts, clips, progress=decoding, do_sample=False, min_new_tokens=1,
                          max_new_tokens=max_new_tokens)
-    return [model.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
+    reply = PROTOCOLS[model.family.name].reply
+    return [reply(model.tokenizer, row) for row in ids]
 
 
 def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False, seconds: float | None = None,
@@ -503,7 +703,7 @@ def summarize(run: Run, failed: Iterable[str] = (), *, interrupted: bool = False
                         **({"unreadable_references": len(scoring.unreadable_notes([r["reference"] for r in group]))}
                            if run.task == "note_analysis" else {})})
     total = len(run.examples) + len(run.problems)
-    summary = {"task": run.task, "script": f"eval_audio/{BENCHMARKS[run.task].script}", **{
+    summary = {"task": run.task, "script": f"eval_audio/{_protocol(run.task).benchmarks[run.task].script}", **{
         k: run.settings[k] for k in ("data", "model", "max_new_tokens")},
         "examples": total, "replied": len(records), "failed": failures, "complete": len(records) == total,
         "interrupted": interrupted, "processes": processes, "seconds": seconds, "sources": sources}
@@ -519,7 +719,7 @@ def markdown(summary: dict[str, Any]) -> str:
     out = [f"# {summary['task']}: {summary['replied']} of {summary['examples']} examples replied"
            f"{'' if summary['complete'] else ' (incomplete)'}", "",
            f"Data {summary['data']}, model {summary['model'] or '(not named)'}, protocol of "
-           f"{summary['script']} at QwenLM/Qwen-Audio e81cc26.", "",
+           f"{summary['script']} at {_protocol(summary['task']).repository}.", "",
            "| source | examples | score | qwenaudio | paper | paper row |", "|---|---:|---|---:|---:|---|"]
     for s in summary["sources"]:
         paper = s["paper"] or {}
@@ -547,8 +747,9 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     `checkpoint` too, to key the run on the weights' content). Under torchrun every process calls this and takes its
     share."""
     expect_model(model)
-    options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
+    options.setdefault("dtype", str(model.decoder.embedding.weight.dtype).removeprefix("torch."))
     options.setdefault("quantization", quantization_of(model.decoder))
+    options.setdefault("family", model.family)
     return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size,
                    processes=Processes.join(str(model.device)), progress=progress)
 
@@ -564,6 +765,7 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Proce
     batch being decoded."""
     expect_model(model)
     expect(run, Run, "run", "a Run from evaluation.plan")
+    benchmark(run.task, model.family)  # a run planned for a model of the other family
     replies, started = Replies(run.output_dir, processes.rank), time.monotonic()
     max_new_tokens = run.settings["max_new_tokens"]
 

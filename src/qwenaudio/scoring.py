@@ -14,11 +14,18 @@ outputs on fixed inputs, recorded by tests/golden/record_scoring.py, record_note
 record_text_metrics.py. `qwenaudio.evaluation` (the `qwenaudio evaluate` command) runs the benchmarks and scores
 them with this module.
 
+Qwen2-Audio's scripts (eval_audio/ at QwenLM/Qwen2-Audio) score ASR, S2TT, SER and VSC the same way, with the
+reply decoded without its special tokens and not stripped, and the ASR texts normalised before counting: Whisper's
+English and basic normalizers (the `eval` extra's whisper-normalizer package), speechio's Chinese one (our
+`chinese_tn`) and zhconv for Cantonese (the `eval` extra); the `qwen2_*` functions below. tests/test_scoring_qwen2.py
+checks them against the official functions' outputs, recorded by tests/golden/record_qwen2_scoring.py.
+
 Where the official code crashes, these functions give a defined result instead; each docstring says where.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -26,13 +33,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, groupby, pairwise
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from . import chinese_tn
 from .core.checks import renamed
 from .core.errors import InputError, MetricUnavailableError
 
@@ -91,6 +100,10 @@ def remove_sp(text: str, language: str) -> str:
     is kept (English), as in the official function of the same name; scoring splits on whitespace, so it is harmless."""
     _text(text, "text")
     _check_language(language)
+    return _remove_sp(text, language)
+
+
+def _remove_sp(text: str, language: str) -> str:
     text = re.sub(r"\s+", " ", _TAG.sub(" ", text))
     text = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", text).lstrip(" ")
     return re.sub(r"\s+", "", text) if language == "zh" else text
@@ -585,6 +598,102 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+# -- Qwen2-Audio (QwenLM/Qwen2-Audio eval_audio/ at 595360e): ASR normalised before counting. Its other scores are
+# the functions above: `bleu` with the target language taken from the source name (`covost2_target`), `accuracy`
+# of the replies with leading whitespace removed (evaluate_emotion.py, evaluate_vocal_sound.py).
+
+QWEN2_ASR_LANGUAGES = ("en", "zh", "yue", "fr")  # evaluate_asr.py's datasets' languages
+CHARACTER_LANGUAGES = ("zh", "yue")  # scored by characters
+# What the `whisper-normalizer` package (a copy of openai/whisper's normalizers, which the official scripts also copy)
+# adds to Whisper's English contractions; removed here, so that the rest is the official table in its order.
+WHISPER_NORMALIZER_ADDITIONS = (r"\bkinda\b", r"\bsorta\b", r"\bdunno\b", r"\bcause\b")
+
+
+@functools.cache
+def whisper_normalizers() -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """Whisper's `EnglishTextNormalizer()` and `BasicTextNormalizer()`, the two the official ASR scoring builds,
+    from the `eval` extra's whisper-normalizer package (0.1.15: its number, spelling and basic normalizers are
+    Whisper's code; its English contraction table has four entries more, dropped here)."""
+    english = _package("whisper_normalizer.english").EnglishTextNormalizer()
+    english.replacers = {k: v for k, v in english.replacers.items() if k not in WHISPER_NORMALIZER_ADDITIONS}
+    return english, _package("whisper_normalizer.basic").BasicTextNormalizer()
+
+
+def _check_qwen2_language(language: str) -> None:
+    if not isinstance(language, str) or language not in QWEN2_ASR_LANGUAGES:
+        raise InputError(f"language must be one of {QWEN2_ASR_LANGUAGES}, got {language!r}")
+
+
+def qwen2_remove_sp(text: str, language: str) -> str:
+    """Qwen2-Audio's `remove_sp`, the same function as Qwen-Audio's (`remove_sp`) over its four languages: only
+    Chinese ("zh", not "yue") loses all whitespace."""
+    _text(text, "text")
+    _check_qwen2_language(language)
+    return _remove_sp(text, language)
+
+
+def qwen2_normalize(text: str, language: str) -> str:
+    """`text` (after `remove_sp`) as the official `compute_wer` normalises it, in its order: Cantonese converted to
+    simplified Chinese (zhconv), English through Whisper's English normalizer, then Chinese through speechio's
+    (`chinese_tn.normalize`) and every other language through Whisper's basic one: English goes through both
+    Whisper normalizers, as the official if / if-else chain does."""
+    _text(text, "text")
+    _check_qwen2_language(language)
+    if language == "yue":
+        text = _package("zhconv").convert(text, "zh-cn")
+    if language == "en":
+        text = whisper_normalizers()[0](text)
+    return chinese_tn.normalize(text) if language == "zh" else whisper_normalizers()[1](text)
+
+
+def remove_punctuation(text: str) -> str:
+    """The official `EvaluationTokenizer.remove_punctuation`: the text split at single spaces, each piece made only of
+    Unicode punctuation (P*) dropped, an empty piece included (so runs of spaces shrink), joined by single spaces."""
+    return " ".join(t for t in text.split(" ") if not all(unicodedata.category(c)[0] == "P" for c in t))
+
+
+def qwen2_asr_items(text: str, language: str) -> list[str]:
+    """The units the official Qwen2-Audio WER counts in a raw reference or reply: `remove_sp`, `qwen2_normalize`,
+    `EvaluationTokenizer(tokenizer_type="none", lowercase=True, punctuation_removal=True)`, split on whitespace;
+    for Chinese and Cantonese, the characters of the words joined."""
+    words = remove_punctuation(qwen2_normalize(qwen2_remove_sp(text, language), language)).lower().split()
+    return list("".join(words)) if language in CHARACTER_LANGUAGES else words
+
+
+def qwen2_asr_counts(ref: str, hyp: str, language: str) -> tuple[int, int]:
+    """(edit distance, reference length) of one raw reference and reply in `qwen2_asr_items`, the two numbers the
+    official `compute_wer` adds up over a source (it counts with `editdistance.eval`, the same Levenshtein
+    distance)."""
+    ref_items = qwen2_asr_items(ref, language)
+    return edit_distance(ref_items, qwen2_asr_items(hyp, language)), len(ref_items)
+
+
+def qwen2_error_rate(refs: Sequence[str], hyps: Sequence[str], language: str) -> float:
+    """Word (en, fr) or character (zh, yue) error rate of one source's raw references and replies, as Qwen2-Audio's
+    evaluate_asr.py scores it (`remove_sp` then `compute_wer`): the summed `qwen2_asr_counts`.
+
+    Where the official function crashes: a source whose first reference has no items (IndexError while printing a
+    debug line) counts it as zero length, as it counts any later one; references without a single item in total
+    (ZeroDivisionError) and lists of different lengths are InputError."""
+    _check_qwen2_language(language)
+    _check_pairs(_texts(refs, "refs"), _texts(hyps, "hyps"))
+    counts = [qwen2_asr_counts(ref, hyp, language) for ref, hyp in zip(refs, hyps)]
+    errors, length = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if length == 0:
+        unit = "characters" if language in CHARACTER_LANGUAGES else "words"
+        raise InputError(f"the {len(refs)} references hold no {unit}: an error rate over them is undefined")
+    return errors / length
+
+
+def covost2_target(source: str) -> str:
+    """The target language Qwen2-Audio's evaluate_st.py reads from a source name: its second-last "_"-separated
+    part, as written ("covost2_en_de_test" -> "de"); `bleu_tokenizer` maps it to sacreBLEU's tokenizer."""
+    parts = _text(source, "source").split("_")
+    if len(parts) < 2:
+        raise InputError(f"source {source!r} has no '_'-separated target language (as in covost2_en_de_test)")
+    return parts[-2]
 
 
 __getattr__ = renamed(__name__, {"LANGUAGES": ("scoring.SCORED_LANGUAGES", SCORED_LANGUAGES)})  # one name, one meaning

@@ -1,5 +1,6 @@
-"""`qwenaudio evaluate`: one of the paper's benchmarks, with the official prompt, decoding and scoring (resumable;
-shared between torchrun's processes)."""
+"""`qwenaudio evaluate`: one of the paper's benchmarks (Qwen-Audio's tasks, or Qwen2-Audio's datasets for a
+Qwen2-Audio model), with the official prompt, decoding and scoring (resumable; shared between torchrun's
+processes)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ class EvaluatePlan(Plan):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=evaluation.BENCHMARKS, metavar="TASK", help=", ".join(evaluation.BENCHMARKS))
+    parser.add_argument("task", choices=[*evaluation.BENCHMARKS, *evaluation.QWEN2_BENCHMARKS], metavar="TASK",
+                        help=f"Qwen-Audio: {', '.join(evaluation.BENCHMARKS)}; Qwen2-Audio (the official "
+                             f"datasets): {', '.join(evaluation.QWEN2_BENCHMARKS)}")
     parser.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl",
-                        help="one example per line: audio, gt, source (and question for aqa)")
+                        help="one example per line: audio, gt, source (and question for aqa); Qwen2-Audio: audio, "
+                             "source, prompt, gt (airbench_level3: audio, id, query)")
     parser.add_argument("--audio-root", type=Path, metavar="DIR",
                         help="where the rows' audio paths start; default: the current directory, as the official "
                              "scripts")
@@ -49,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per batch; default 8")
     parser.add_argument("--language", choices=LANGUAGES, metavar="LANG",
                         help="asr, srwt: the spoken language of rows without a 'lang' field; default: from the "
-                             "source's dataset (librispeech en, aishell zh)")
+                             "source's dataset (librispeech en, aishell zh); Qwen2-Audio's datasets fix their own")
     parser.add_argument("--caption-style", choices=prompts.CAPTION_STYLES, default="clotho",
                         help="caption: the output style tag; default clotho")
     parser.add_argument("--overwrite", action="store_true",
