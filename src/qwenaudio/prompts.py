@@ -190,6 +190,7 @@ class FamilyTasks:
     question: Callable[[str], Prompt] | None
     analyses: dict[str, Prompt | Instruction]
     languages: tuple[str, ...]
+    timestamps: bool  # whether `asr` can time every word
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -206,9 +207,9 @@ class FamilyTasks:
         return self.analyses[name]
 
 
-QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, LANGUAGES)
+QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, LANGUAGES, True)
 QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES,
-                          tuple(QWEN2_LANGUAGES))
+                          tuple(QWEN2_LANGUAGES), False)
 
 
 def family_tasks(family: Family) -> FamilyTasks:
