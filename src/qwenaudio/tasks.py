@@ -148,13 +148,13 @@ def answer(model: QwenAudio, audio, question: str, **generation):
 def analyse(model: QwenAudio, audio, task: str, **generation):
     """One of the family's analyses: Qwen-Audio's `ANALYSES` (caption, emotion, vocal_sound, scene, note_analysis),
     Qwen2-Audio's `prompts.QWEN2_ANALYSES` (caption, emotion, vocal_sound)."""
+    analyses = family_tasks(model.family).analyses if isinstance(model, QwenAudio) else ANALYSES
+    if not isinstance(task, str) or task not in {**ANALYSES, **analyses}:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(analyses)}")
     expect_model(model)
-    known = family_tasks(model.family)
-    if not isinstance(task, str) or (task not in ANALYSES and task not in known.analyses):
-        raise InputError(f"unknown task {task!r}; choose from {', '.join(known.analyses)}")
     if task == "note_analysis":  # its tags are the answer
         return note_analysis(model, audio, **generation)
-    return _texts(model, run(model, audio, known.analysis(task), **generation), _single(audio))
+    return _texts(model, run(model, audio, family_tasks(model.family).analysis(task), **generation), _single(audio))
 
 
 def caption(model: QwenAudio, audio, **generation):
