@@ -131,8 +131,8 @@ def detect_language(model: QwenAudio, audio, **generation):
     known = family_tasks(model.family)
     if known.family is not QWEN2_AUDIO:
         raise known.missing("language detection")
-    replies = _texts(model, run(model, audio, known.asr(None), **{"max_new_tokens": 8, **generation}), False)
-    codes = [split_language(r)[0] for r in replies]
+    replies = run(model, audio, known.asr(None), **{"max_new_tokens": 8, **generation})
+    codes = [split_language(model.tokenizer.decode(r))[0] for r in replies]  # a tag may be a special token
     return codes[0] if _single(audio) else codes
 
 
