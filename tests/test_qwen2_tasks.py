@@ -4,6 +4,8 @@ Qwen2AudioProcessor makes of them, the whole path gives transformers' greedy ids
 at most 30 s, and what Qwen2-Audio does not have (timestamps, ITN, question answering, scene, note analysis) is
 refused naming the family and the tasks it has. Also: finding the Qwen2-Audio checkpoints by repo id."""
 
+import json
+import shutil
 import sys
 
 import pytest
@@ -15,9 +17,9 @@ from qwenaudio.core.audio import N_SAMPLES, qwen2_audio_tokens
 from qwenaudio.core.families import QWEN2_AUDIO, QWEN_AUDIO
 from qwenaudio.hub import FILE_PATTERNS, REPO_FAMILIES, family_of_checkpoint
 from qwenaudio.longform import plan_windows, stitch_texts, text_of
-from qwenaudio.testing import make_tiny_qwen2_checkpoint
 
 from .conftest import ROOT, reference
+from .test_cli import FAST, qwenaudio_cli, torchrun_cli, write_wav
 from .test_hub import fake_hub
 
 CLIP = ROOT / "tests" / "golden" / "clip1.wav"  # 1.3 s
@@ -248,9 +250,8 @@ def test_a_directory_says_its_family(tiny_qwen2_ckpt, tiny_ckpt, tmp_path):
     assert family_of_checkpoint(tmp_path) is None  # loading it says why
 
 
-def test_load_the_instruct_repo_id(empty_cache, monkeypatch, tmp_path, vocab_file):
-    calls = fake_hub(monkeypatch, lambda d: make_tiny_qwen2_checkpoint(d, seed=1, vocab_file=vocab_file,
-                                                                       instruct=True))
+def test_load_the_instruct_repo_id(empty_cache, monkeypatch, tmp_path, tiny_qwen2_instruct_ckpt):
+    calls = fake_hub(monkeypatch, lambda d: shutil.copytree(tiny_qwen2_instruct_ckpt, d))
     model = qwenaudio.load("Qwen/Qwen2-Audio-7B-Instruct", dtype=torch.float32, progress=False)
     assert model.family is QWEN2_AUDIO and calls == [("Qwen/Qwen2-Audio-7B-Instruct", None, None, FILE_PATTERNS)]
     assert {"*.json", "merges.txt", "*.safetensors"} <= set(FILE_PATTERNS)  # vocab.json, merges.txt, the shards
@@ -264,3 +265,87 @@ def test_placing_qwen2_audio_by_hand_names_its_files(empty_cache, monkeypatch):
     with pytest.raises(qwenaudio.DownloadError, match="vocab.json, merges.txt, model.safetensors.index.json and "
                                                       "every model-0000N-of-00005.safetensors"):
         qwenaudio.load("Qwen/Qwen2-Audio-7B", progress=False)
+
+
+# --- the `qwenaudio transcribe` command ----------------------------------------------------------------------------
+
+F32 = ("--dtype", "float32")  # as the `model` fixture, whose replies the command's must equal
+
+
+@pytest.fixture(scope="module")
+def wavs(tmp_path_factory):
+    """A folder of two 2 s recordings."""
+    root = tmp_path_factory.mktemp("qwen2-audio-wavs")
+    write_wav(root / "a.wav", seed=0), write_wav(root / "b.wav", seed=1)
+    return root
+
+
+@pytest.mark.slow
+def test_the_command_transcribes_a_folder_and_resumes(tiny_qwen2_ckpt, model, wavs, tmp_path):
+    out = tmp_path / "out"
+    done = qwenaudio_cli("transcribe", wavs, "--model", tiny_qwen2_ckpt, "--format", "json", "--output-dir", out,
+                         *FAST, *F32, home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ("a", "b"):
+        record = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        assert record["text"] == tasks.transcribe(model, [wavs / f"{name}.wav"], max_new_tokens=8)[0] != ""
+        assert record["words"] == [] and record["task"] == "transcribe"
+    assert json.loads((out / "summary.json").read_text())["settings"]["language"] == "en"
+    again = qwenaudio_cli("transcribe", wavs, "--model", tiny_qwen2_ckpt, "--format", "json", "--output-dir", out,
+                          *FAST, *F32, home=tmp_path)
+    assert again.returncode == 0 and "0 done, 2 skipped (outputs exist)" in again.stderr, again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, options", [("translate", ["--language", "zh", "--target-language", "en"]),
+                                           ("caption", []), ("emotion", []), ("vocal_sound", [])])
+def test_the_command_runs_qwen2_audio_s_other_tasks(tiny_qwen2_ckpt, model, wavs, tmp_path, task, options):
+    done = qwenaudio_cli("transcribe", wavs / "a.wav", "--task", task, *options, "--model", tiny_qwen2_ckpt, *FAST,
+                         *F32, home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    call = {"translate": lambda: tasks.translate(model, [wavs / "a.wav"], source="zh", target="en", max_new_tokens=8)
+            }.get(task, lambda: tasks.analyse(model, [wavs / "a.wav"], task, max_new_tokens=8))
+    assert done.stdout == call()[0] + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, message", [
+    (["--timestamps"], "Qwen2-Audio has no timestamps: --timestamps and --format srt, vtt and all"),
+    (["--format", "srt"], "Qwen2-Audio has no timestamps"),
+    (["--format", "all", "--output-dir", "OUT"], "Qwen2-Audio has no timestamps"),
+    (["--itn"], "Qwen2-Audio has no itn; its base-model tasks are transcribe, translate, caption"),
+    (["--task", "scene"], "Qwen2-Audio has no task 'scene'"),
+    (["--task", "note_analysis"], "Qwen2-Audio has no task 'note_analysis'"),
+    (["--language", "ko"], "language 'ko' has no tag; Qwen2-Audio knows"),
+])
+def test_options_qwen2_audio_lacks_are_refused_before_it_loads(tiny_qwen2_ckpt, wavs, tmp_path, options, message):
+    options = [str(tmp_path / "out") if o == "OUT" else o for o in options]
+    done = qwenaudio_cli("transcribe", wavs / "a.wav", *options, "--model", tiny_qwen2_ckpt, *FAST, home=tmp_path)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "weight tensors" not in done.stderr and not (tmp_path / "out").exists()  # nothing loaded or written
+
+
+@pytest.mark.slow
+def test_qwen2_audio_s_languages_are_not_qwen_audio_s(tmp_path, wavs):
+    done = qwenaudio_cli("transcribe", wavs / "a.wav", "--language", "yue", home=tmp_path)  # default Qwen/Qwen-Audio
+    assert done.returncode == 2 and "language 'yue' has no tag; Qwen-Audio knows" in done.stderr
+
+
+def test_options_are_checked_after_loading_when_the_family_was_unknown(tiny_qwen2_ckpt, wavs, monkeypatch,
+                                                                      capsys):
+    """A repo id neither cached nor official is downloaded when the model loads: its options are checked then."""
+    from qwenaudio import cli
+    from qwenaudio.cli import transcribe
+
+    monkeypatch.setattr(transcribe, "family_of_checkpoint", lambda name: None)
+    code = cli.main(["transcribe", str(wavs / "a.wav"), "--model", str(tiny_qwen2_ckpt), "--format", "vtt", *FAST])
+    assert code == 2 and "error: Qwen2-Audio has no timestamps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_files(tiny_qwen2_ckpt, wavs, tmp_path):
+    done = torchrun_cli("transcribe", wavs, "--model", tiny_qwen2_ckpt, "--output-dir", tmp_path / "out", *FAST,
+                        home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt", "summary.json"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["processes"] == 2
