@@ -195,7 +195,7 @@ def test_a_long_recording_through_the_model(model, shared_audio):
     (lambda m: tasks.analyse(m, str(CLIP), "note_analysis"), "Qwen2-Audio has no task 'note_analysis'"),
     (lambda m: tasks.answer(m, str(CLIP), "why?"), "Qwen2-Audio has no question answering"),
     (lambda m: tasks.transcribe(m, str(CLIP), language="ko"),
-     "language 'ko' has no tag; Qwen2-Audio knows en, zh, yue, fr, de, es, it, ja"),
+     "language 'ko' has no tag; Qwen2-Audio knows en, zh, yue, fr, de, es, it$"),
     (lambda m: tasks.translate(m, str(CLIP), target="xx"), "language 'xx' has no tag; Qwen2-Audio knows"),
     (lambda m: tasks.run(m, str(CLIP), prompts.asr()), "Qwen2-Audio reads prompts.Instructions"),
     (lambda m: tasks.analyse(m, str(CLIP), "karaoke"), "unknown task 'karaoke'; choose from caption, emotion, "

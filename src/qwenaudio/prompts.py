@@ -115,9 +115,10 @@ ANALYSES: dict[str, Prompt] = {  # the analyses that need nothing but the clip
 # <|en|>`).
 
 AUDIO_REGION = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # one clip; the instruction follows with no space or newline
-QWEN2_LANGUAGES = {  # the language tags of Qwen2-Audio's ASR prompt, and the names its translation prompt writes
-    "en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German", "es": "Spanish",
-    "it": "Italian", "ja": "Japanese"}
+# The languages of the official evaluation (ASR: en zh yue fr; CoVoST2: en de zh es fr it): each one's tag in the
+# prompt, and the name the translation prompt writes.
+QWEN2_LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
+                   "es": "Spanish", "it": "Italian"}
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ _LANGUAGE_TAG = re.compile(r"\s*<\|([a-z]{2,3})\|>")
 
 
 def split_language(reply: str) -> tuple[str | None, str]:
-    """(the language tag a Qwen2-Audio reply starts with, or None; the rest). The tags are plain text to its
-    tokenizer, so decoding keeps them; the official ASR scoring removes them (`remove_sp`)."""
+    """(the language tag a Qwen2-Audio reply starts with, or None; the rest). A tag that is plain text to the
+    tokenizer survives `skip_special_tokens`; the official ASR scoring removes every `<|…|>` (`remove_sp`)."""
     tag = _LANGUAGE_TAG.match(reply)
     return (tag[1], reply[tag.end():]) if tag else (None, reply)
 
@@ -189,7 +190,6 @@ class FamilyTasks:
     translation: Callable[[str, str], Prompt | Instruction]
     question: Callable[[str], Prompt] | None
     analyses: dict[str, Prompt | Instruction]
-    languages: tuple[str, ...]
     timestamps: bool  # whether `asr` can time every word
 
     @property
@@ -207,15 +207,15 @@ class FamilyTasks:
         return self.analyses[name]
 
 
-QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, LANGUAGES, True)
-QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES,
-                          tuple(QWEN2_LANGUAGES), False)
+QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, True)
+QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES, False)
 
 
 def family_tasks(family: Family) -> FamilyTasks:
     """The one place that picks a family's base-model prompts (`model.family`)."""
     expect(family, Family, "family", "a core.families.Family (model.family)")
     return QWEN2_TASKS if family is QWEN2_AUDIO else QWEN_AUDIO_TASKS
+
 
 # ------------------------------------------------------------------------------------------ Qwen-Audio-Chat's ChatML
 
