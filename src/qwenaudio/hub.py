@@ -6,10 +6,13 @@ that looks like a path is always a path, so a mistyped directory is reported as 
 `huggingface-cli download`) keep it: the Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 `~/.cache/huggingface/hub`), and downloaded there when missing, as they do. `$QWENAUDIO_HOME` replaces the cache
 with a plain folder of checkpoint directories (`$QWENAUDIO_HOME/Qwen-Audio`), for those who place files by hand.
+Both families' official repos are known (`OFFICIAL_REPOS`: Qwen-Audio, Qwen-Audio-Chat, Qwen2-Audio-7B and
+Qwen2-Audio-7B-Instruct); config.json says which family a checkpoint is.
 
-Only the files qwenaudio reads are fetched: configs, vocabulary, mel filters and the bf16 safetensors shards
-(16.8 GB). The official remote code (`*.py`) is not needed and is skipped. Downloading needs `huggingface_hub`
-(`pip install huggingface_hub`, also the `hub` extra of qwenaudio); finding a cached checkpoint does not.
+Only the files qwenaudio reads are fetched: configs, vocabulary (qwen.tiktoken; Qwen2-Audio's vocab.json and
+merges.txt), mel filters and the bf16 safetensors shards (16.8 GB). The official remote code (`*.py`) is not needed
+and is skipped. Downloading needs `huggingface_hub` (`pip install huggingface_hub`, also the `hub` extra of
+qwenaudio); finding a cached checkpoint does not.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import torch
 from .core import model
 from .core.checkpoint import INDEX_FILE, shard_files
 from .core.checks import expect, renamed
-from .core.errors import CheckpointError, DownloadError, InputError
+from .core.errors import CheckpointError, DownloadError, InputError, QwenAudioError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family, family_of, read_config
 from .lora import load_adapter, read_adapter
 from .progress import loading
 
-OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat")
-FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz"]
+OFFICIAL_REPOS = ("Qwen/Qwen-Audio", "Qwen/Qwen-Audio-Chat", "Qwen/Qwen2-Audio-7B", "Qwen/Qwen2-Audio-7B-Instruct")
+REPO_FAMILIES = dict(zip(OFFICIAL_REPOS, (QWEN_AUDIO, QWEN_AUDIO, QWEN2_AUDIO, QWEN2_AUDIO)))
+FILE_PATTERNS = ["*.json", "*.safetensors", "qwen.tiktoken", "mel_filters.npz", "merges.txt"]
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repo ids
 
 
@@ -87,11 +92,14 @@ def download(repo_id: str, local_dir: str | Path | None = None, *, revision: str
 
 
 def _by_hand(repo_id: str) -> str:
+    if REPO_FAMILIES.get(repo_id) is QWEN2_AUDIO:
+        files, shards = "preprocessor_config.json, tokenizer_config.json, vocab.json, merges.txt", "00005"
+    else:
+        files, shards = "tokenizer_config.json, qwen.tiktoken, mel_filters.npz", "00009"
     return (
         f"To place the files by hand, copy from https://huggingface.co/{repo_id} into one directory: config.json, "
-        f"generation_config.json, tokenizer_config.json, qwen.tiktoken, mel_filters.npz, {INDEX_FILE} and every "
-        "model-0000N-of-00009.safetensors shard it names (weights/README.md in the qwenaudio repository lists them), "
-        "and pass that directory."
+        f"generation_config.json, {files}, {INDEX_FILE} and every model-0000N-of-{shards}.safetensors shard it "
+        "names (weights/README.md in the qwenaudio repository lists them), and pass that directory."
     )
 
 
@@ -127,12 +135,32 @@ def resolve(name: str | Path) -> Path:
         raise DownloadError(f"{name}: no such local directory, and as a repo id: {e}") from e
 
 
+def family_of_checkpoint(name: str | Path) -> Family | None:
+    """The family of the checkpoint `name` means, where that is known without downloading: from the config.json of
+    a directory, of a repo in $QWENAUDIO_HOME or the cache, else from an official repo id; None when unknown (or
+    unreadable: loading it says why). Commands check their options against it before the model loads."""
+    if not isinstance(name, (str, Path)) or not str(name):
+        return None
+    if looks_like_path(name):
+        place = Path(name).expanduser()
+    else:
+        home = weights_home()
+        place = home / name.split("/")[1] if home is not None else cached(name)
+    try:
+        if place is not None and (place / "config.json").is_file():
+            return family_of(read_config(place))
+    except QwenAudioError:
+        return None
+    return REPO_FAMILIES.get(str(name))
+
+
 def load(name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
          quantize: str | None = None, true_positions: bool = False, adapter: str | Path | None = None,
          progress: bool = True, int8: bool = False, int4: bool = False) -> model.QwenAudio:
-    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", found in $QWENAUDIO_HOME or the Hugging Face
-    cache and downloaded there when missing: `resolve`) onto `device` (default: CUDA if available) in `dtype` (a
-    torch dtype or a name like "bf16"; default: bf16 where the CPU or GPU runs it natively, else fp32 / fp16).
+    """Load a checkpoint directory or a repo id ("Qwen/Qwen-Audio", "Qwen/Qwen2-Audio-7B-Instruct", …, found in
+    $QWENAUDIO_HOME or the Hugging Face cache and downloaded there when missing: `resolve`) onto `device` (default:
+    CUDA if available) in `dtype` (a torch dtype or a name like "bf16"; default: bf16 where the CPU or GPU runs it
+    natively, else fp32 / fp16). The family (Qwen-Audio or Qwen2-Audio) is config.json's to say.
 
     `quantize="int8"` quantizes the decoder's linears as they are read: the full model then needs about 10.7 GiB at
     its peak instead of 15.5 in bf16 (BENCHMARKS.md); `quantize="int4"` to int4 (inference only). A checkpoint written

@@ -13,6 +13,7 @@ and sit beside these under their own names, leaving these untouched.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 from .core.checks import expect, shown
 from .core.errors import InputError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.model import IGNORE_INDEX
 from .core.qwen2_tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
@@ -102,6 +104,119 @@ ANALYSES: dict[str, Prompt] = {  # the analyses that need nothing but the clip
     "scene": _keyword("unknown", "scene", 10),
     "note_analysis": _keyword("unknown", "note_analysis", 30),
 }
+
+# ------------------------------------------------------------------------------ Qwen2-Audio's base-model instructions
+# Qwen2-Audio-7B reads a plain-English instruction after the clip instead of tags (arXiv 2407.10759 §2): its
+# official evaluation (QwenLM/Qwen2-Audio eval_audio/evaluate_*.py) writes `"<|audio_bos|><|AUDIO|><|audio_eos|>" +
+# data['prompt']` and decodes greedily with max_new_tokens=256, min_new_tokens=1. The caption instruction is the
+# model card's; the others are the evaluation's JSONL rows (not in the repository) as the toolkits that read them
+# write them: ASR `Detect the language and recognize the speech: <|en|>` (also the paper's Figure 2), emotion and
+# vocal sound verbatim. For translation no published copy of covost2_eval.jsonl was found; the form here is the one
+# the ASR prompt extends and several fine-tuning and evaluation scripts use (`… translate the speech into German:
+# <|en|>`).
+
+AUDIO_REGION = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # one clip; the instruction follows with no space or newline
+# The languages of the official evaluation (ASR: en zh yue fr; CoVoST2: en de zh es fr it): each one's tag in the
+# prompt, and the name the translation prompt writes.
+QWEN2_LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
+                   "es": "Spanish", "it": "Italian"}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A Qwen2-Audio base-model task: the instruction the model reads after the clip, and the official evaluation's
+    budget for the reply."""
+
+    instruction: str
+    max_new_tokens: int = 256
+    min_new_tokens: int = 1  # the evaluation forbids an empty reply
+
+    def text(self, audio: str | Path | None = None) -> str:
+        """The whole prompt. The clip is passed beside it (its `<|AUDIO|>` is sized to the clip), so `audio`, the
+        name `Prompt.text` writes, is not part of it."""
+        return AUDIO_REGION + self.instruction
+
+
+def check_qwen2_language(code: str) -> str:
+    """`code` once Qwen2-Audio has a tag for it, else InputError."""
+    if code not in QWEN2_LANGUAGES:
+        raise InputError(f"language {code!r} has no tag; Qwen2-Audio knows {', '.join(QWEN2_LANGUAGES)}")
+    return code
+
+
+def qwen2_asr(language: str | None = "en", *, itn: bool = False, timestamps: bool = False) -> Instruction:
+    """Speech recognition of speech in `language`; None lets the model say the language first (the paper's
+    pre-training form, whose reply starts with the tag: `<|zh|>你好。`). Qwen2-Audio has neither timestamps nor an
+    ITN switch: asking for them is an InputError, not a silent plain transcript."""
+    for wanted, name in ((timestamps, "timestamps"), (itn, "itn")):
+        expect(wanted, bool, name, "True or False")
+        if wanted:
+            raise QWEN2_TASKS.missing(name)
+    if language is None:
+        return Instruction("Detect the language and recognize the speech:")
+    return Instruction(f"Detect the language and recognize the speech: <|{check_qwen2_language(language)}|>")
+
+
+def qwen2_translation(source: str = "en", target: str = "zh") -> Instruction:
+    """Speech translation from `source` to `target` language (CoVoST2)."""
+    target = QWEN2_LANGUAGES[check_qwen2_language(target)]
+    return Instruction(f"Detect the language and translate the speech into {target}: "
+                       f"<|{check_qwen2_language(source)}|>")
+
+
+QWEN2_ANALYSES: dict[str, Instruction] = {
+    "caption": Instruction("Generate the caption in English:"),
+    "emotion": Instruction("Recognize the emotion with keywords in English:"),
+    "vocal_sound": Instruction("Classify the human vocal sound to VocalSound in English:"),
+}
+_LANGUAGE_TAG = re.compile(r"\s*<\|([a-z]{2,3})\|>")
+
+
+def split_language(reply: str) -> tuple[str | None, str]:
+    """(the language tag a Qwen2-Audio reply starts with, or None; the rest). A tag that is plain text to the
+    tokenizer survives `skip_special_tokens`; the official ASR scoring removes every `<|…|>` (`remove_sp`)."""
+    tag = _LANGUAGE_TAG.match(reply)
+    return (tag[1], reply[tag.end():]) if tag else (None, reply)
+
+
+@dataclass(frozen=True)
+class FamilyTasks:
+    """One family's base-model tasks, as `tasks` and `qwenaudio transcribe` run them: the prompt kind, the builders
+    (`asr(language, itn=, timestamps=)`, `translation(source, target)`, `question(text)` or None) and the analyses
+    that need nothing but the clip."""
+
+    family: Family
+    kind: type
+    asr: Callable[..., Prompt | Instruction]
+    translation: Callable[[str, str], Prompt | Instruction]
+    question: Callable[[str], Prompt] | None
+    analyses: dict[str, Prompt | Instruction]
+    timestamps: bool  # whether `asr` can time every word
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every task, as `qwenaudio transcribe --task` and the errors name them."""
+        return ("transcribe", "translate", *(("question",) if self.question else ()), *self.analyses)
+
+    def missing(self, what: str) -> InputError:
+        """The error for a task or option this family does not have."""
+        return InputError(f"{self.family.name} has no {what}; its base-model tasks are {', '.join(self.names)}")
+
+    def analysis(self, name: str) -> Prompt | Instruction:
+        if name not in self.analyses:
+            raise self.missing(f"task {name!r}")
+        return self.analyses[name]
+
+
+QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, True)
+QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES, False)
+
+
+def family_tasks(family: Family) -> FamilyTasks:
+    """The one place that picks a family's base-model prompts (`model.family`)."""
+    expect(family, Family, "family", "a core.families.Family (model.family)")
+    return QWEN2_TASKS if family is QWEN2_AUDIO else QWEN_AUDIO_TASKS
+
 
 # ------------------------------------------------------------------------------------------ Qwen-Audio-Chat's ChatML
 

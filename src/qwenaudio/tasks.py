@@ -2,7 +2,9 @@
 
 The tags and their official budgets are `qwenaudio.prompts`': `asr_task`, `translate_task` and `question_task` are
 second names for its `asr`, `translation` and `question` (kept because README shows them), `ANALYSES` is its
-analyses, and `prompts.tags` builds a sequence of one's own.
+analyses, and `prompts.tags` builds a sequence of one's own. Qwen2-Audio reads plain instructions instead
+(`prompts.Instruction`); the functions here pick the model's family's (`prompts.family_tasks`), so the same call
+runs either model, and a task or option the family does not have is an InputError that lists those it has.
 Every function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes
 greedily by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
 `GenerationConfig` field to change that.
@@ -20,32 +22,40 @@ from . import prompts as _prompts
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
 from .core.checks import expect, renamed, shown
 from .core.errors import InputError
+from .core.families import QWEN2_AUDIO
 from .core.generate import cut_at_stop
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
 from .longform import Segment
-from .prompts import ANALYSES, Prompt
-from .prompts import asr as asr_task
-from .prompts import question as question_task
-from .prompts import translation as translate_task
+from .prompts import ANALYSES, Instruction, Prompt, family_tasks, split_language
 from .subtitles import Word, in_order
 
+asr_task, translate_task, question_task = _prompts.asr, _prompts.translation, _prompts.question  # README's names
 
-def prompt_texts(task: Prompt, names: Sequence[str]) -> list[str]:
+
+def prompt_texts(task: Prompt | Instruction, names: Sequence[str]) -> list[str]:
     """`task.text(name)` per clip (the name's tokens are replaced by audio pads)."""
     return [task.text(name) for name in names]
 
 
-def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt, **generation) -> list[list[int]]:
+def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt | Instruction,
+        **generation) -> list[list[int]]:
     """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
     expect_model(model)
-    expect(task, Prompt, "task", "a prompts.Prompt (asr_task(), question_task(q), ANALYSES['caption'], …)")
+    expect(task, (Prompt, Instruction), "task", "a prompts.Prompt (asr_task(), question_task(q), ANALYSES['caption'], "
+           "…) or, for Qwen2-Audio, a prompts.Instruction")
+    kind = family_tasks(model.family).kind
+    if not isinstance(task, kind):
+        raise InputError(f"task is a prompts.{type(task).__name__}, but {model.family.name} reads "
+                         f"prompts.{kind.__name__}s: build it with prompts.family_tasks(model.family)")
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
     chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
-    return model.generate(prompt_texts(task, names), [[c] for c in clips],
-                          **{"do_sample": False, "max_new_tokens": task.max_new_tokens, **chosen})
+    budget = {"max_new_tokens": task.max_new_tokens}
+    if isinstance(task, Instruction):  # Qwen2-Audio's evaluation also sets a floor
+        budget["min_new_tokens"] = min(task.min_new_tokens, chosen.get("max_new_tokens", task.max_new_tokens))
+    return model.generate(prompt_texts(task, names), [[c] for c in clips], **{"do_sample": False, **budget, **chosen})
 
 
 def _texts(model: QwenAudio, replies: list[list[int]], single: bool, stop_strings: Sequence[str] = ()):
@@ -57,7 +67,7 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
-def segments(model: QwenAudio, audio, task: Prompt, *, timed: bool = False,
+def segments(model: QwenAudio, audio, task: Prompt | Instruction, *, timed: bool = False,
              progress: Callable[[int, int, int], None] | None = None, **generation) -> list[list[Segment]]:
     """Per clip, its transcript as `Segment`s in seconds from the clip's start: one for a clip of up to 30 s, one
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
@@ -73,7 +83,8 @@ def segments(model: QwenAudio, audio, task: Prompt, *, timed: bool = False,
     def replies(batch: list[torch.Tensor]) -> list:
         ids = run(model, batch, task, **generation)
         if not timed:
-            return _texts(model, ids, False, stops)
+            texts = _texts(model, ids, False, stops)
+            return [split_language(t)[1].strip() for t in texts] if isinstance(task, Instruction) else texts
         return [parse_words(model.tokenizer, r, len(clip) / SAMPLE_RATE) for r, clip in zip(ids, batch)]
 
     short = [i for i, c in enumerate(clips) if len(c) <= N_SAMPLES]
@@ -88,39 +99,62 @@ def segments(model: QwenAudio, audio, task: Prompt, *, timed: bool = False,
     return [results[i] for i in range(len(clips))]
 
 
-def recognize(model: QwenAudio, audio, task: Prompt, *, timed: bool = False, **generation) -> list:
+def recognize(model: QwenAudio, audio, task: Prompt | Instruction, *, timed: bool = False, **generation) -> list:
     """Per clip, the reply as text, or as `Word`s when `timed`; audio of any length (see `segments`)."""
     out = segments(model, audio, task, timed=timed, **generation)
     return [longform.words_of(parts) if timed else longform.text_of(parts) for parts in out]
 
 
-def transcribe(model: QwenAudio, audio, *, language: str = "en", itn: bool = False, timestamps: bool = False,
+def transcribe(model: QwenAudio, audio, *, language: str | None = "en", itn: bool = False, timestamps: bool = False,
                **generation) -> str | list[Word] | list:
     """Speech to text; with `timestamps`, a list of `Word(text, start, end)` per clip instead of text. Audio of any
-    length: past 30 s it is transcribed in windows and stitched, word times counted from the recording's start."""
-    results = recognize(model, audio, asr_task(language, itn=itn, timestamps=timestamps), timed=timestamps,
-                        **generation)
+    length: past 30 s it is transcribed in windows and stitched, word times counted from the recording's start.
+    Qwen2-Audio has no timestamps and no `itn`; `language=None` lets it detect the language."""
+    expect_model(model)
+    task = family_tasks(model.family).asr(language, itn=itn, timestamps=timestamps)
+    results = recognize(model, audio, task, timed=timestamps, **generation)
     return results[0] if _single(audio) else results
 
 
 def translate(model: QwenAudio, audio, *, source: str = "en", target: str = "zh", **generation):
     """Speech translation from `source` to `target` language (CoVoST2 style); any length, as `transcribe`."""
-    results = recognize(model, audio, translate_task(source, target), **generation)
+    expect_model(model)
+    results = recognize(model, audio, family_tasks(model.family).translation(source, target), **generation)
     return results[0] if _single(audio) else results
+
+
+def detect_language(model: QwenAudio, audio, **generation):
+    """The language tag Qwen2-Audio writes before a transcript when not told the language (the paper's
+    `Detect the language and recognize the speech:`), per clip; None where the reply starts with none. The first 30 s
+    of a clip are heard."""
+    expect_model(model)
+    known = family_tasks(model.family)
+    if known.family is not QWEN2_AUDIO:
+        raise known.missing("language detection")
+    replies = run(model, audio, known.asr(None), **{"max_new_tokens": 8, **generation})
+    codes = [split_language(model.tokenizer.decode(r))[0] for r in replies]  # a tag may be a special token
+    return codes[0] if _single(audio) else codes
 
 
 def answer(model: QwenAudio, audio, question: str, **generation):
     """Answer a question about the clip (ClothoAQA style: a few words)."""
-    return _texts(model, run(model, audio, question_task(question), **generation), _single(audio))
+    expect_model(model)
+    known = family_tasks(model.family)
+    if known.question is None:
+        raise known.missing("question answering")
+    return _texts(model, run(model, audio, known.question(question), **generation), _single(audio))
 
 
 def analyse(model: QwenAudio, audio, task: str, **generation):
-    """One of `ANALYSES`: caption, emotion, vocal_sound, scene, note_analysis."""
-    if not isinstance(task, str) or task not in ANALYSES:
-        raise InputError(f"unknown task {task!r}; choose from {', '.join(ANALYSES)}")
+    """One of the family's analyses: Qwen-Audio's `ANALYSES` (caption, emotion, vocal_sound, scene, note_analysis),
+    Qwen2-Audio's `prompts.QWEN2_ANALYSES` (caption, emotion, vocal_sound)."""
+    analyses = family_tasks(model.family).analyses if isinstance(model, QwenAudio) else ANALYSES
+    if not isinstance(task, str) or task not in {**ANALYSES, **analyses}:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(analyses)}")
+    expect_model(model)
     if task == "note_analysis":  # its tags are the answer
         return note_analysis(model, audio, **generation)
-    return _texts(model, run(model, audio, ANALYSES[task], **generation), _single(audio))
+    return _texts(model, run(model, audio, family_tasks(model.family).analysis(task), **generation), _single(audio))
 
 
 def caption(model: QwenAudio, audio, **generation):
@@ -142,7 +176,8 @@ def scene(model: QwenAudio, audio, **generation):
 def note_analysis(model: QwenAudio, audio, **generation):
     """Musical note: the reply holds `<|pitch|><|midi_pitch_N|>`, `<|velocity|>…`, `<|instrument|>…`, `<|sonic|>…`;
     decoded here with its tags kept."""
-    replies = run(model, audio, ANALYSES["note_analysis"], **generation)
+    expect_model(model)
+    replies = run(model, audio, family_tasks(model.family).analysis("note_analysis"), **generation)
     texts = [model.tokenizer.decode(r).strip() for r in replies]
     return texts[0] if _single(audio) else texts
 

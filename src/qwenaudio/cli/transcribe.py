@@ -1,5 +1,6 @@
 """`qwenaudio transcribe`: a task on audio files, a batch at a time, to stdout and, with --output-dir, a file per
-input (resumable; shared between torchrun's processes)."""
+input (resumable; shared between torchrun's processes). Either family: the task, language and timestamp options are
+checked against the model's (`prompts.family_tasks`), before it loads where config.json or the repo id tells."""
 
 from __future__ import annotations
 
@@ -16,20 +17,24 @@ from ..batch import (AUDIO_SUFFIXES, Job, check_names, claim_outputs, find_input
                      refuse_many_inputs, refuse_model_directory)
 from ..core.audio import SAMPLE_RATE
 from ..core.errors import InputError
+from ..core.families import Family
 from ..core.files import refuse_inputs, writable_directory, write_text
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
+from ..hub import family_of_checkpoint
 from ..longform import Segment, text_of, words_of
+from ..prompts import QWEN2_LANGUAGES, Instruction, Prompt, family_tasks
 from ..runner import Report
 from ..subtitles import Word, cues, to_json, to_srt, to_vtt
 from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive
 
 TASK_CHOICES = ("transcribe", "translate", *tasks.ANALYSES)
+LANGUAGE_CHOICES = tuple(dict.fromkeys((*LANGUAGES, *QWEN2_LANGUAGES)))  # each family takes its own (task_prompt)
 FORMATS = ("txt", "json", "srt", "vtt")  # --format all writes each
 TIMED_FORMATS = ("srt", "vtt")
 SHARES_WORK = True  # under torchrun, the processes share the files
 PARSER = dict(help="transcribe, translate, caption or classify audio files",
-              description="Run a Qwen-Audio task on audio files, a batch at a time.",
+              description="Run a Qwen-Audio or Qwen2-Audio task on audio files, a batch at a time.",
               epilog="exit status: 0 all files done, 1 some failed (see stderr), --output-dir cannot "
                      "be written, or an output would replace an input or a file the command did "
                      "not write, 2 bad arguments or "
@@ -64,12 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="audio files (wav, flac, ogg, mp3, any length), or directories searched for them")
     parser.add_argument("--task", choices=TASK_CHOICES, default="transcribe", metavar="TASK",
                         help=f"{', '.join(TASK_CHOICES)}; default transcribe")
-    parser.add_argument("--language", choices=LANGUAGES, metavar="LANG",
-                        help=f"transcribe, translate: the spoken language, one of {' '.join(LANGUAGES)}; default en")
-    parser.add_argument("--target-language", choices=LANGUAGES, metavar="LANG",
+    parser.add_argument("--language", choices=LANGUAGE_CHOICES, metavar="LANG",
+                        help=f"transcribe, translate: the spoken language, one of {' '.join(LANGUAGES)} (Qwen2-Audio: "
+                             f"{' '.join(QWEN2_LANGUAGES)}); default en")
+    parser.add_argument("--target-language", choices=LANGUAGE_CHOICES, metavar="LANG",
                         help="translate: the output language; default zh")
-    parser.add_argument("--itn", action="store_true", help="transcribe: write numbers and symbols as written ($5)")
-    parser.add_argument("--timestamps", action="store_true", help="transcribe: time every word (implied by srt, vtt)")
+    parser.add_argument("--itn", action="store_true",
+                        help="transcribe: write numbers and symbols as written ($5; Qwen-Audio only)")
+    parser.add_argument("--timestamps", action="store_true",
+                        help="transcribe: time every word (implied by srt, vtt; Qwen-Audio only)")
     parser.add_argument("--format", choices=(*FORMATS, "all"), default="txt",
                         help="what stdout and --output-dir get; all: every format, into --output-dir; default txt")
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
@@ -100,7 +108,26 @@ def plan(args: argparse.Namespace) -> TranscribePlan:
         raise UsageError(f"{' and '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with {what}")
     resolved = {"timestamps": timestamps, "language": args.language or "en",
                 "target_language": args.target_language or "zh"}
+    family = family_of_checkpoint(args.model)
+    if family is not None:
+        try:
+            task_prompt(family, args.task, args.itn, **resolved)
+        except InputError as e:
+            raise UsageError(str(e)) from None
     return _plan_outputs(args, resolved)
+
+
+def task_prompt(family: Family, task: str, itn: bool, *, language: str, target_language: str,
+                timestamps: bool) -> Prompt | Instruction:
+    """The prompt the options ask of `family`'s model (`prompts.family_tasks`): a task, language or option it does
+    not have is the InputError the library gives, said once for the whole run."""
+    known = family_tasks(family)
+    if timestamps and not known.timestamps:
+        raise InputError(f"{family.name} has no timestamps: --timestamps and --format srt, vtt and all (word times) "
+                         "need a Qwen-Audio model; use --format txt or json")
+    if task == "transcribe":
+        return known.asr(language, itn=itn, timestamps=timestamps)
+    return known.translation(language, target_language) if task == "translate" else known.analysis(task)
 
 
 def resume_hint(_: argparse.Namespace) -> str:
@@ -146,6 +173,8 @@ def run(model: QwenAudio, plan: TranscribePlan) -> int:
     recognised or written is reported and the others go on. Outputs are written under temporary names and renamed,
     so an output that exists is complete; stdout gets the files in input order. summary.json (rank 0) lists the
     files done, skipped and failed, also after Ctrl-C."""
+    task_prompt(model.family, plan.task, plan.itn, language=plan.language, target_language=plan.target_language,
+                timestamps=plan.timestamps)  # what planning could not check before the model loaded
     processes, jobs, todo = plan.processes, plan.jobs, plan.todo
     printing = processes.world == 1 and plan.format != "all"
     shown = InputOrder(todo if printing else [])
@@ -218,10 +247,9 @@ def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], plan:
     """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks): a long
     file reports its windows as they are done."""
     generation = {"max_new_tokens": plan.max_new_tokens}  # None keeps the task's own budget
-    if plan.task == "transcribe":
-        task = tasks.asr_task(plan.language, itn=plan.itn, timestamps=plan.timestamps)
-    elif plan.task == "translate":
-        task = tasks.translate_task(plan.language, plan.target_language)
+    if plan.task in ("transcribe", "translate"):
+        task = task_prompt(model.family, plan.task, plan.itn, language=plan.language,
+                           target_language=plan.target_language, timestamps=plan.timestamps)
     else:
         return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
                 for text, c in zip(tasks.analyse(model, clips, plan.task, **generation), clips)]
