@@ -547,7 +547,7 @@ def evaluate(model: QwenAudio, task: str, data: str | Path, output_dir: str | Pa
     `checkpoint` too, to key the run on the weights' content). Under torchrun every process calls this and takes its
     share."""
     expect_model(model)
-    options.setdefault("dtype", str(model.decoder.wte.weight.dtype).removeprefix("torch."))
+    options.setdefault("dtype", str(model.decoder.embedding.weight.dtype).removeprefix("torch."))
     options.setdefault("quantization", quantization_of(model.decoder))
     return execute(model, plan(task, data, output_dir, **options), batch_size=batch_size,
                    processes=Processes.join(str(model.device)), progress=progress)
