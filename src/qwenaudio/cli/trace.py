@@ -27,13 +27,17 @@ PARSER = dict(help="record every layer's activations for one prompt",
 @dataclass(frozen=True, kw_only=True)
 class TracePlan(Plan):
     prompt: str
+    audio: list[str]
     out: Path
     project: int | None
     logits: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
+    parser.add_argument("--prompt", required=True, help="the prompt; Qwen-Audio's names its clips in "
+                        "<audio>PATH</audio> regions, Qwen2-Audio's holds <|audio_bos|><|AUDIO|><|audio_eos|> per clip")
+    parser.add_argument("--audio", action="append", default=[], metavar="PATH",
+                        help="Qwen2-Audio: the clip of the prompt's next <|AUDIO|> (repeat it for each, in order)")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--project", type=positive, metavar="K",
                         help="project wide tensors onto K fixed random columns (keeps full-size traces small)")
@@ -43,12 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace) -> TracePlan:
     """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
-    check_trace_out(args.out, [*readable_clips(trace.prompt_clips(args.prompt)), *model_files(args.model)])
+    clips = readable_clips([*trace.prompt_clips(args.prompt), *args.audio])
+    check_trace_out(args.out, [*clips, *model_files(args.model)])
     return freeze(TracePlan, args)
 
 
 def run(model: QwenAudio, plan: TracePlan) -> int:
-    trace.record(model, plan.prompt, project=plan.project, logits=plan.logits).save(plan.out)
+    trace.record(model, plan.prompt, clips=plan.audio or None, project=plan.project,
+                 logits=plan.logits).save(plan.out)
     print(f"wrote {plan.out}", file=sys.stderr)
     return 0
 
