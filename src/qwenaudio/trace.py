@@ -74,8 +74,10 @@ def projection(width: int, k: int) -> Tensor:
 
 
 def reduce(x: Tensor, project: int | None) -> Tensor:
-    """fp32 copy on the CPU, its last dimension projected to `project` columns when it is wider."""
-    x = x.detach().float().cpu()
+    """fp32 copy on the CPU, its last dimension projected to `project` columns when it is wider. Always a copy: a
+    stage may be a view of another (Qwen2-Audio's spans are rows of the projector's output), which safetensors
+    refuses to save."""
+    x = x.detach().to("cpu", torch.float32, copy=True)
     if project is not None and x.shape[-1] > project:
         x = x @ projection(x.shape[-1], project)
     return x.contiguous()
