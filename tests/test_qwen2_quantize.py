@@ -114,6 +114,18 @@ def test_a_quantized_v2_checkpoint_is_refused_what_v1_refuses(tiny_qwen2_ckpt, t
     with pytest.raises(ConfigError, match="quantization_group_size 48 must be one of 32, 64, 128 for int4"):
         load(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
+    with pytest.raises(ConfigError, match="quantization 'int4' is not supported"):
+        Qwen2AudioConfig.from_dict({**raw, "quantization": "int4"})
+
+
+def test_ctrl_c_leaves_nothing_behind(tiny_qwen2_ckpt, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwenaudio.core.checkpoint, "save_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(tiny_qwen2_ckpt, tmp_path / "int8")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_target_rules_hold_for_v2(tiny_qwen2_ckpt, tmp_path, capsys):

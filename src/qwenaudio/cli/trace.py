@@ -18,7 +18,8 @@ from .options import Plan, add_model_options, freeze, positive
 
 PARSER = dict(help="record every layer's activations for one prompt",
               description="Run one prompt (a prefill, no generation) and write its activations "
-                          "in the format tools/record_official.py writes for the official code.",
+                          "in the format tools/record_official.py writes for the official code "
+                          "(tools/record_transformers.py for transformers' Qwen2-Audio).",
               epilog="exit status: 0 written, 1 --out cannot be written or would replace an input "
                      "(found before the model loads) or the disk is full, 2 a bad prompt or clip "
                      "(found before the model loads), 3 the model could not be loaded")

@@ -14,7 +14,8 @@ from .options import Plan, UsageError, add_model_options, freeze
 from .trace import check_trace_out, model_files, readable_clips
 
 PARSER = dict(help="compare two traces layer by layer",
-              description="Compare our trace with a reference trace (from tools/record_official.py); "
+              description="Compare our trace with a reference trace (from tools/record_official.py, or "
+                          "tools/record_transformers.py for Qwen2-Audio); "
                           "with one trace and --model, record ours from the reference's prompt and, "
                           "if the reference is not projected, also run each layer on the "
                           "reference's own input to it (the isolated column).",
