@@ -86,6 +86,15 @@ def test_a_trace_recorded_live_from_transformers_agrees(tiny_qwen2_ckpt, fp32, i
     assert live.tensors["logits"].shape == ((1, 156032) if logits == "last" else (len(manifest["input_ids"]), 16))
 
 
+@pytest.mark.parametrize("dtype, measured", [(torch.bfloat16, 9.1e-3), (torch.float16, 1.1e-3)])
+def test_reduced_precision_within_stated_tolerance(tiny_qwen2_ckpt, in_repo, dtype, measured):
+    mine = ours(qwenaudio.load(tiny_qwen2_ckpt, dtype=dtype, device="cpu", progress=False))
+    assert mine.manifest["model"]["dtype"] == str(dtype).removeprefix("torch.")
+    rows = compare(mine, GOLDEN_TRACE)  # default tolerance from the dtype
+    assert all(r.ok for r in rows) and max(r.rel for r in rows) < 2 * measured
+    assert not all(r.ok for r in compare(mine, GOLDEN_TRACE, rtol=1e-5))
+
+
 def perturbed(ckpt, tmp_path, name, factor=1.01):
     """A copy of the checkpoint with the tensor `name` scaled by `factor` (stored in bf16, as the original)."""
     broken = shutil.copytree(ckpt, tmp_path / "broken")
