@@ -57,7 +57,8 @@ STAGE_MODULES = {
     QWEN2_AUDIO: (("encoder.conv1", "encoder.audio_tower.conv1"), ("encoder.conv2", "encoder.audio_tower.conv2"),
                   ("encoder.pooled", "encoder.audio_tower.avg_pooler"),
                   ("encoder.layer_norm", "encoder.audio_tower.layer_norm"),
-                  ("encoder.projector", "encoder.multi_modal_projector.linear"), ("decoder.norm", "decoder.model.norm")),
+                  ("encoder.projector", "encoder.multi_modal_projector.linear"),
+                  ("decoder.norm", "decoder.model.norm")),
 }
 # The conv stem's outputs [B, C, T] are kept up to the positions that feed the blocks' T (the blocks' input length):
 # 2T of conv1, T of conv2. Qwen-Audio computes just those; Qwen2-Audio's stem here computes a frame or two more,
@@ -407,7 +408,7 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
 
     clips = range(sum(n.startswith("mel.") for n in ref))
     # The encoder (7 % of the weights) goes to fp32 whole, since it casts the mel to its dtype before conv1 runs.
-    norm = next(model.get_submodule(path) for stage, path in STAGE_MODULES[model.family] if stage.startswith("decoder."))
+    norm = next(model.get_submodule(p) for stage, p in STAGE_MODULES[model.family] if stage.startswith("decoder."))
     layers = [enc, dec.embedding, *dec.blocks, norm, dec.lm_head] if upcast else []
     with _in_float32(layers), _hooked(model, swap_input, swap_output):
         mel = torch.stack([ref[f"mel.{k}"] for k in clips]).to(device) if clips else None
@@ -490,8 +491,8 @@ def _residual_input(name: str) -> str | None:
 
 
 STAGES = ["waveform", "mel", "encoder.conv1", "encoder.conv2", "encoder.blocks_in", "encoder.block", "encoder.pooled",
-          "encoder.ln_post", "encoder.layer_norm", "encoder.proj", "encoder.projector", "encoder.span", "decoder.embeds",
-          "decoder.block", "decoder.ln_f", "decoder.norm", "logits"]  # each family's, in pipeline order
+          "encoder.ln_post", "encoder.layer_norm", "encoder.proj", "encoder.projector", "encoder.span",
+          "decoder.embeds", "decoder.block", "decoder.ln_f", "decoder.norm", "logits"]  # both families', in order
 
 
 def _stage_order(name: str) -> tuple[int, int]:
