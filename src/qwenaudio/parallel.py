@@ -46,7 +46,7 @@ def wrap(model: QwenAudio, world: int, shard: bool) -> nn.Module:
         return objective
     if shard:
         mesh = init_device_mesh(model.device.type, (world,))
-        for block in (*model.encoder.blocks, *model.decoder.h):
+        for block in (*model.encoder.blocks, *model.decoder.blocks):
             fully_shard(block, mesh=mesh)
         fully_shard(objective, mesh=mesh)
         return objective

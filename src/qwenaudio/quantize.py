@@ -1,10 +1,11 @@
-"""`qwenaudio quantize`: write an int8 or int4 copy of a checkpoint, in the official layout, that loads without
-quantizing.
+"""`qwenaudio quantize`: write an int8 or int4 copy of a checkpoint, in its family's published layout, that loads
+without quantizing.
 
-A quantized checkpoint is the official layout with each of the decoder's linear weights stored as int8 next to its
+A quantized checkpoint is the published layout with each of the decoder's linear weights stored as int8 next to its
 `*.weight_scale` and `"quantization": "int8-weight-only"` in config.json (the layer is `qwenaudio.core.int8`), or as
 int4 packed two a byte next to its `*.weight_scale` and `*.weight_zero`, with `"quantization": "int4-weight-only"`
-and `"quantization_group_size"` (`qwenaudio.core.int4`); `qwenaudio.load` reads it as it is.
+and `"quantization_group_size"` (`qwenaudio.core.int4`); `qwenaudio.load` reads it as it is. Qwen2-Audio's
+config.json stays transformers' (`text_config`, `audio_config`), these keys beside them at the top level.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from .core import int4, int8
 from .core.checkpoint import int4_group_size, load_checkpoint, quantizer, save_checkpoint, writing_checkpoint
-from .core.config import QwenAudioConfig
 from .core.errors import InputError
+from .core.families import read_config
 from .core.files import write_text
 
 
@@ -44,7 +45,7 @@ def save_quantized(source: str | Path, target: str | Path, *, bits: int = 8, gro
         raise InputError(f"group_size applies to bits=4 only (int8 has a scale per row), got {group_size!r}")
     source, target = Path(source), Path(target)
     with writing_checkpoint(target, source, overwrite=overwrite) as partial:
-        config = QwenAudioConfig.from_json(source)
+        config = read_config(source)
         if config.quantization:
             raise InputError(f"{source} is already quantized ({config.quantization}): quantize its float original")
         group_size = int4_group_size(config, group_size) if bits == 4 else None

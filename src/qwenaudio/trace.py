@@ -4,7 +4,11 @@ A trace is one safetensors file. Its tensors are named by stage (`mel.0`, `encod
 `encoder.span0`, `decoder.embeds`, `decoder.block31`, `decoder.ln_f`, `logits`), in fp32, and its metadata holds a
 JSON manifest: the names with shapes, what produced the trace (qwenaudio or the official code), the model, the
 prompt and the audio files. `tools/record_official.py` writes the same names from the official code, so
-`qwenaudio verify ours.safetensors official.safetensors` can say where the two first part. With the model at hand,
+`qwenaudio verify ours.safetensors official.safetensors` can say where the two first part. Qwen2-Audio's stages
+are named alike, block j being its layer j, with its own names where its modules differ (`encoder.layer_norm`,
+`encoder.projector`, `decoder.norm`; `STAGE_MODULES`); `tools/record_transformers.py` writes them from
+transformers' `Qwen2AudioForConditionalGeneration`, which runs every clip as 30 s: the conv stem's and blocks'
+positions are kept up to those the clips of the batch fill (`POSITIONS_PER_BLOCK_POSITION`). With the model at hand,
 `isolate` also runs each of our layers on the reference's own input to it, so that a layer's error shows there
 and does not compound, or hide under bf16 rounding of the whole stream.
 
@@ -32,15 +36,36 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .core.audio import audio_span, load_audio, log_mel_spectrogram
+from .core.audio import load_audio, log_mel_spectrogram
 from .core.checks import expect
 from .core.errors import AudioTagError, InputError, OutputError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO
 from .core.files import writing
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import audio_regions
 
 FORMAT = "qwenaudio-trace/1"
 PROJECTION_SEED = 20231115
+
+# Where each family's stages are traced, besides the blocks (`encoder.blocks`, `decoder.blocks`: the input of the
+# first is `encoder.blocks_in` / `decoder.embeds`, each one's output `encoder.block{j}` / `decoder.block{i}`):
+# (stage, module path in the model), the module's output being the stage.
+STAGE_MODULES = {
+    QWEN_AUDIO: (("encoder.conv1", "encoder.conv1"), ("encoder.conv2", "encoder.conv2"),
+                 ("encoder.pooled", "encoder.avg_pooler"), ("encoder.ln_post", "encoder.ln_post"),
+                 ("encoder.proj", "encoder.proj"), ("decoder.ln_f", "decoder.ln_f")),
+    QWEN2_AUDIO: (("encoder.conv1", "encoder.audio_tower.conv1"), ("encoder.conv2", "encoder.audio_tower.conv2"),
+                  ("encoder.pooled", "encoder.audio_tower.avg_pooler"),
+                  ("encoder.layer_norm", "encoder.audio_tower.layer_norm"),
+                  ("encoder.projector", "encoder.multi_modal_projector.linear"),
+                  ("decoder.norm", "decoder.model.norm")),
+}
+# The conv stem's outputs [B, C, T] are kept up to the positions that feed the blocks' T (the blocks' input length):
+# 2T of conv1, T of conv2. Qwen-Audio computes just those; Qwen2-Audio's stem here computes a frame or two more,
+# and transformers' all 3,000 and 1,500, whatever the clips' lengths.
+POSITIONS_PER_BLOCK_POSITION = {"encoder.conv1": 2, "encoder.conv2": 1}
+# What records each family's reference trace, writing every stage (see tools/README.md).
+RECORDERS = {QWEN_AUDIO: "tools/record_official.py", QWEN2_AUDIO: "tools/record_transformers.py"}
 
 
 def projection(width: int, k: int) -> Tensor:
@@ -50,8 +75,10 @@ def projection(width: int, k: int) -> Tensor:
 
 
 def reduce(x: Tensor, project: int | None) -> Tensor:
-    """fp32 copy on the CPU, its last dimension projected to `project` columns when it is wider."""
-    x = x.detach().float().cpu()
+    """fp32 copy on the CPU, its last dimension projected to `project` columns when it is wider. Always a copy: a
+    stage may be a view of another (Qwen2-Audio's spans are rows of the projector's output), which safetensors
+    refuses to save."""
+    x = x.detach().to("cpu", torch.float32, copy=True)
     if project is not None and x.shape[-1] > project:
         x = x @ projection(x.shape[-1], project)
     return x.contiguous()
@@ -85,7 +112,8 @@ class Trace:
             raise InputError(f"{path}: not a readable safetensors file ({e})") from None
         if metadata.get("format") != FORMAT or "manifest" not in metadata:
             raise InputError(f"{path}: not a qwenaudio trace (metadata format {metadata.get('format')!r}, "
-                             f"expected {FORMAT!r}); record one with `qwenaudio trace` or tools/record_official.py")
+                             f"expected {FORMAT!r}); record one with `qwenaudio trace`, tools/record_official.py or "
+                             "tools/record_transformers.py")
         manifest = json.loads(metadata["manifest"])
         listed = {n: tuple(s) for n, s in manifest.get("tensors", {}).items()}
         if listed != {n: tuple(t.shape) for n, t in tensors.items()}:
@@ -131,56 +159,87 @@ def prompt_clips(prompt: str) -> list[str]:
     return paths
 
 
-def record(model: QwenAudio, prompt: str, *, project: int | None = None, logits: str = "last") -> Trace:
-    """Run `prompt` once (a full-sequence prefill) and trace every stage. Its `<audio>PATH</audio>` regions name
-    the clips, read relative to the working directory, as the official tokenizer reads them.
+def record(model: QwenAudio, prompt: str, *, clips: Sequence[str] | None = None, project: int | None = None,
+           logits: str = "last") -> Trace:
+    """Run `prompt` once (a full-sequence prefill) and trace every stage. Clips are read relative to the working
+    directory: a Qwen-Audio prompt names them in its `<audio>PATH</audio>` regions, as the official tokenizer reads
+    them (`clips`, if given, must be those paths); a Qwen2-Audio prompt holds `<|audio_bos|><|AUDIO|><|audio_eos|>`
+    once per clip, and `clips` are their paths, in order, as transformers' processor takes them apart from the text.
 
     `logits` "last" keeps the last position's logits in full; "all" keeps every position (projected over the
     vocabulary when `project` is set).
     """
     expect_model(model)
-    prompt_clips(prompt)  # the clear errors for an empty prompt and malformed tags
+    named = prompt_clips(prompt)  # the clear errors for an empty prompt and malformed tags
     if project is not None and (not isinstance(project, int) or isinstance(project, bool) or project < 1):
         raise InputError(f"project must be a positive int (columns kept) or None, got {project!r}")
     if logits not in ("last", "all"):
         raise InputError(f"logits must be 'last' or 'all', got {logits!r}")
-    audio_files = model.tokenizer.audio_paths(prompt)
-    clips = [load_audio(p) for p in audio_files]
+    audio_files = _clip_files(model, prompt, named, clips)
+    waves = [load_audio(p) for p in audio_files]
     tensors: dict[str, Tensor] = {}
-    for k, clip in enumerate(clips):
+    for k, clip in enumerate(waves):
         tensors[f"waveform.{k}"] = clip
-        tensors[f"mel.{k}"] = log_mel_spectrogram(clip)
-    ids = model.tokenizer.encode(prompt, audio_spans=[audio_span(len(c)) for c in clips] or None)
+        tensors[f"mel.{k}"] = log_mel_spectrogram(clip, model.encoder.n_mels)
+    ids = model.tokenizer.encode(prompt, audio_spans=[model.encoder.span_length(len(c)) for c in waves] or None)
 
     def keep(name: str) -> Callable:
-        def hook(module, args, out=None):
-            tensors[name] = reduce(args[0] if out is None else out, project)
+        def hook(module, args, out=None):  # the conv stem's outputs whole: cut once the blocks' positions are known
+            value = args[0] if out is None else out
+            tensors[name] = reduce(value, None if name in POSITIONS_PER_BLOCK_POSITION else project)
         return hook
 
     with _hooked(model, keep, keep):
-        spans = model.encode_audio(clips)
+        spans = model.encode_audio(waves)
         out = model.decoder.logits(torch.tensor([ids], device=model.device), audio=spans)
+    for name, per_position in POSITIONS_PER_BLOCK_POSITION.items():
+        if name in tensors:
+            tensors[name] = reduce(tensors[name][..., : per_position * tensors["encoder.blocks_in"].shape[1]], project)
     tensors |= {f"encoder.span{k}": reduce(s, project) for k, s in enumerate(spans)}
     tensors["logits"] = reduce(out[0, -1:], None) if logits == "last" else reduce(out[0], project)
     tensors = {n: t.float().contiguous() for n, t in tensors.items()}
     manifest = {"producer": "qwenaudio", "prompt": prompt, "audio": audio_files,
                 "input_ids": ids, "project": project, "logits": logits,
-                "model": {"dtype": str(model.decoder.wte.weight.dtype).removeprefix("torch."),
+                "model": {"dtype": str(model.decoder.embedding.weight.dtype).removeprefix("torch."),
                           "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
     return Trace(tensors, manifest)
+
+
+def _clip_files(model: QwenAudio, prompt: str, named: list[str], clips: Sequence[str] | None) -> list[str]:
+    """The clips a prompt is run with, by its family's convention (`record`)."""
+    if clips is not None and (not isinstance(clips, (list, tuple)) or not all(isinstance(c, str) for c in clips)):
+        raise InputError(f"clips must be a list of audio file paths, got {clips!r}")
+    if model.family is QWEN_AUDIO:
+        paths = model.tokenizer.audio_paths(prompt)
+        if clips is not None and list(clips) != paths:
+            raise InputError(f"a Qwen-Audio prompt names its clips in <audio>PATH</audio> regions ({paths}); the "
+                             f"clips given apart ({list(clips)}) must be none or those")
+        return paths
+    if named:
+        raise InputError(f"the prompt names {named[0]} in an <audio> region, which Qwen2-Audio reads as text: write "
+                         "<|audio_bos|><|AUDIO|><|audio_eos|> for each clip and give the clips apart (--audio PATH)")
+    marked = prompt.count("<|AUDIO|>")
+    if marked != len(clips or ()):
+        raise InputError(f"the prompt holds {marked} <|AUDIO|> token(s) but {len(clips or ())} clip(s) were given: "
+                         "one clip (--audio PATH) for each <|audio_bos|><|AUDIO|><|audio_eos|>, in order")
+    return list(clips or ())
+
+
+def _stage_modules(model: QwenAudio) -> list[tuple[nn.Module, str, bool]]:
+    """(module, stage, whether the stage is its input) for every traced stage of `model`'s family."""
+    enc, dec = model.encoder, model.decoder
+    points = [(model.get_submodule(path), stage, False) for stage, path in STAGE_MODULES[model.family]]
+    points += [(enc.blocks[0], "encoder.blocks_in", True), (dec.blocks[0], "decoder.embeds", True)]
+    points += [(b, f"encoder.block{j}", False) for j, b in enumerate(enc.blocks)]
+    points += [(b, f"decoder.block{i}", False) for i, b in enumerate(dec.blocks)]
+    return points
 
 
 @contextmanager
 def _hooked(model: QwenAudio, pre: Callable[[str], Callable], post: Callable[[str], Callable]) -> Iterator[None]:
     """Run under no_grad with a hook on every traced stage: `pre(name)` on the modules whose input is the stage
     (the blocks' input), `post(name)` on those whose output is."""
-    enc, dec = model.encoder, model.decoder
-    points = [(enc.conv1, "encoder.conv1", False), (enc.conv2, "encoder.conv2", False),
-              (enc.blocks[0], "encoder.blocks_in", True), (enc.avg_pooler, "encoder.pooled", False),
-              (enc.ln_post, "encoder.ln_post", False), (enc.proj, "encoder.proj", False),
-              (dec.h[0], "decoder.embeds", True), (dec.ln_f, "decoder.ln_f", False)]
-    points += [(b, f"encoder.block{j}", False) for j, b in enumerate(enc.blocks)]
-    points += [(b, f"decoder.block{i}", False) for i, b in enumerate(dec.h)]
+    points = _stage_modules(model)
     hooks = [m.register_forward_pre_hook(pre(n)) if is_pre else m.register_forward_hook(post(n))
              for m, n, is_pre in points]
     try:
@@ -322,15 +381,18 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
         raise InputError(reason)
     m, ref = reference.manifest, reference.tensors
     enc, dec, device = model.encoder, model.decoder, model.device
-    compute = torch.float32 if upcast else dec.wte.weight.dtype
+    compute = torch.float32 if upcast else dec.embedding.weight.dtype
     ours: dict[str, Tensor] = {}
 
     def given(name: str, like: Tensor) -> Tensor:
-        """The reference's `name`, in place of our `like`."""
-        if name not in ref or ref[name].shape != like.shape:
+        """The reference's `name`, in place of our `like`: for the conv stem, in place of the positions it keeps
+        (ours may compute a few more, which no block reads)."""
+        kept = like[..., : ref[name].shape[-1]] if name in POSITIONS_PER_BLOCK_POSITION and name in ref else like
+        if name not in ref or ref[name].shape != kept.shape:
             got = tuple(ref[name].shape) if name in ref else "missing"
-            raise InputError(f"{name}: ours has shape {tuple(like.shape)}, the reference {got}")
-        return ref[name].to(device, compute)
+            raise InputError(f"{name}: ours has shape {tuple(kept.shape)}, the reference {got}")
+        value = ref[name].to(device, compute)
+        return torch.cat([value, like[..., value.shape[-1] :].to(compute)], dim=-1) if kept is not like else value
 
     def swap_input(name: str) -> Callable:
         def hook(module, args):
@@ -340,13 +402,14 @@ def isolate(model: QwenAudio, reference: Trace, *, rtol: float | None = None, up
 
     def swap_output(name: str) -> Callable:
         def hook(module, args, out):
-            ours[name] = reduce(out, None)
+            ours[name] = reduce(out[..., : ref[name].shape[-1]] if name in POSITIONS_PER_BLOCK_POSITION else out, None)
             return given(name, out)
         return hook
 
     clips = range(sum(n.startswith("mel.") for n in ref))
     # The encoder (7 % of the weights) goes to fp32 whole, since it casts the mel to its dtype before conv1 runs.
-    layers = [enc, dec.wte, *dec.h, dec.ln_f, dec.lm_head] if upcast else []
+    norm = next(model.get_submodule(p) for stage, p in STAGE_MODULES[model.family] if stage.startswith("decoder."))
+    layers = [enc, dec.embedding, *dec.blocks, norm, dec.lm_head] if upcast else []
     with _in_float32(layers), _hooked(model, swap_input, swap_output):
         mel = torch.stack([ref[f"mel.{k}"] for k in clips]).to(device) if clips else None
         spans = enc.encode(mel, [len(ref[f"waveform.{k}"]) for k in clips]) if clips else []
@@ -363,7 +426,7 @@ def isolation_blocker(model: QwenAudio, reference: Trace) -> str | None:
     """Why `isolate` cannot run on `reference`, or None. It feeds each layer the reference's input to it, so it needs
     a reference of this model, not projected, holding every stage this model traces for the prompt (the waveform
     for each clip's length, every block's raw output): a reference from the official `output_hidden_states` lacks
-    some, tools/record_official.py writes them all."""
+    some, tools/record_official.py (Qwen2-Audio: tools/record_transformers.py) writes them all."""
     m = reference.manifest
     if m.get("project") is not None:
         return (f"the reference is projected (--project {m['project']}), so its tensors cannot be fed into our "
@@ -371,23 +434,26 @@ def isolation_blocker(model: QwenAudio, reference: Trace) -> str | None:
     dims = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}
     if any(m.get("model", {}).get(k, v) != v for k, v in dims.items()):
         return f"the reference trace comes from another model ({m.get('model')}; this one has {dims})"
-    clips = list(m.get("input_ids") or []).count(model.tokenizer.audio_start_id)
+    ids, audio = list(m.get("input_ids") or []), model.tokenizer.audio_token_id
+    clips = sum(t == audio and (i == 0 or ids[i - 1] != audio) for i, t in enumerate(ids))  # each clip: one run
     lacking = [n for n in stages(model, clips) if n not in reference.tensors]
     if lacking:
         return (f"the reference lacks {name_list(lacking)}, which the isolated comparison needs (each layer is fed "
                 "the reference's input to it, and each clip's length comes from its waveform): record the reference "
-                "with tools/record_official.py, without --project, which writes every stage")
+                f"with {RECORDERS[model.family]}, without --project, which writes every stage")
     return None
 
 
 def stages(model: QwenAudio, clips: int) -> list[str]:
     """Every tensor `record` writes for `model` and a prompt of `clips` clips, in pipeline order."""
+    named = [stage for stage, _ in STAGE_MODULES[model.family]]
     encoder = [f"{stage}.{k}" for stage in ("waveform", "mel") for k in range(clips)]
     if clips:
         blocks = [f"encoder.block{j}" for j in range(len(model.encoder.blocks))]
-        encoder += ["encoder.conv1", "encoder.conv2", "encoder.blocks_in", *blocks, "encoder.pooled",
-                    "encoder.ln_post", "encoder.proj", *(f"encoder.span{k}" for k in range(clips))]
-    decoder = ["decoder.embeds", *(f"decoder.block{i}" for i in range(len(model.decoder.h))), "decoder.ln_f", "logits"]
+        encoder += [*(n for n in named if n.startswith("encoder.")), "encoder.blocks_in", *blocks,
+                    *(f"encoder.span{k}" for k in range(clips))]
+    decoder = ["decoder.embeds", *(f"decoder.block{i}" for i in range(len(model.decoder.blocks))),
+               *(n for n in named if n.startswith("decoder.")), "logits"]
     return sorted(encoder + decoder, key=_stage_order)
 
 
@@ -425,7 +491,8 @@ def _residual_input(name: str) -> str | None:
 
 
 STAGES = ["waveform", "mel", "encoder.conv1", "encoder.conv2", "encoder.blocks_in", "encoder.block", "encoder.pooled",
-          "encoder.ln_post", "encoder.proj", "encoder.span", "decoder.embeds", "decoder.block", "decoder.ln_f", "logits"]
+          "encoder.ln_post", "encoder.layer_norm", "encoder.proj", "encoder.projector", "encoder.span",
+          "decoder.embeds", "decoder.block", "decoder.ln_f", "decoder.norm", "logits"]  # both families', in order
 
 
 def _stage_order(name: str) -> tuple[int, int]:

@@ -18,7 +18,8 @@ from .options import Plan, add_model_options, freeze, positive
 
 PARSER = dict(help="record every layer's activations for one prompt",
               description="Run one prompt (a prefill, no generation) and write its activations "
-                          "in the format tools/record_official.py writes for the official code.",
+                          "in the format tools/record_official.py writes for the official code "
+                          "(tools/record_transformers.py for transformers' Qwen2-Audio).",
               epilog="exit status: 0 written, 1 --out cannot be written or would replace an input "
                      "(found before the model loads) or the disk is full, 2 a bad prompt or clip "
                      "(found before the model loads), 3 the model could not be loaded")
@@ -27,13 +28,17 @@ PARSER = dict(help="record every layer's activations for one prompt",
 @dataclass(frozen=True, kw_only=True)
 class TracePlan(Plan):
     prompt: str
+    audio: list[str]
     out: Path
     project: int | None
     logits: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="the prompt; <audio>PATH</audio> regions name the clips")
+    parser.add_argument("--prompt", required=True, help="the prompt; Qwen-Audio's names its clips in "
+                        "<audio>PATH</audio> regions, Qwen2-Audio's holds <|audio_bos|><|AUDIO|><|audio_eos|> per clip")
+    parser.add_argument("--audio", action="append", default=[], metavar="PATH",
+                        help="Qwen2-Audio: the clip of the prompt's next <|AUDIO|> (repeat it for each, in order)")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--project", type=positive, metavar="K",
                         help="project wide tensors onto K fixed random columns (keeps full-size traces small)")
@@ -43,12 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace) -> TracePlan:
     """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
-    check_trace_out(args.out, [*readable_clips(trace.prompt_clips(args.prompt)), *model_files(args.model)])
+    clips = readable_clips([*trace.prompt_clips(args.prompt), *args.audio])
+    check_trace_out(args.out, [*clips, *model_files(args.model)])
     return freeze(TracePlan, args)
 
 
 def run(model: QwenAudio, plan: TracePlan) -> int:
-    trace.record(model, plan.prompt, project=plan.project, logits=plan.logits).save(plan.out)
+    trace.record(model, plan.prompt, clips=plan.audio or None, project=plan.project,
+                 logits=plan.logits).save(plan.out)
     print(f"wrote {plan.out}", file=sys.stderr)
     return 0
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from .. import trace
 from ..core.errors import InputError
+from ..core.families import QWEN2_AUDIO
 from ..core.model import QwenAudio
 from .options import Plan, UsageError, add_model_options, freeze
 from .trace import check_trace_out, model_files, readable_clips
 
 PARSER = dict(help="compare two traces layer by layer",
-              description="Compare our trace with a reference trace (from tools/record_official.py); "
+              description="Compare our trace with a reference trace (from tools/record_official.py, or "
+                          "tools/record_transformers.py for Qwen2-Audio); "
                           "with one trace and --model, record ours from the reference's prompt and, "
                           "if the reference is not projected, also run each layer on the "
                           "reference's own input to it (the isolated column).",
@@ -71,7 +73,8 @@ def plan(args: argparse.Namespace) -> VerifyPlan:
         return freeze(VerifyPlan, args, reference=reference, ours=trace.Trace.load(args.traces[0]))
     manifest = reference.manifest
     try:
-        clips = readable_clips(trace.prompt_clips(manifest.get("prompt")))
+        clips = readable_clips(list(dict.fromkeys([*trace.prompt_clips(manifest.get("prompt")),
+                                                   *_manifest_clips(manifest)])))
     except InputError as e:
         raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
     if args.out:
@@ -80,6 +83,14 @@ def plan(args: argparse.Namespace) -> VerifyPlan:
     if not args.dtype and dtype not in trace.RTOL:
         raise InputError(f"{args.traces[-1]}: the reference's dtype {dtype!r} is not one we load: give --dtype")
     return freeze(VerifyPlan, args, reference=reference, dtype=args.dtype or dtype)
+
+
+def _manifest_clips(manifest: dict) -> list[str]:
+    """The clips a reference ran with, as its manifest lists them (a Qwen2-Audio prompt does not name them)."""
+    clips = manifest.get("audio") or []
+    if not isinstance(clips, list) or not all(isinstance(c, str) for c in clips):
+        raise InputError(f"its manifest's audio must be a list of file paths, got {clips!r}")
+    return clips
 
 
 def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
@@ -91,7 +102,8 @@ def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
         ours = plan.ours
     else:
         m = reference.manifest
-        ours = trace.record(model, m["prompt"], project=m.get("project"), logits=m.get("logits", "last"))
+        ours = trace.record(model, m["prompt"], clips=_manifest_clips(m) if model.family is QWEN2_AUDIO else None,
+                            project=m.get("project"), logits=m.get("logits", "last"))
         if plan.out:
             ours.save(plan.out)
         blocker = trace.isolation_blocker(model, reference)
