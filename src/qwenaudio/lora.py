@@ -72,8 +72,8 @@ class Naming:
 NAMING = {
     QWEN_AUDIO: Naming(DECODER_TARGETS, ENCODER_TARGETS, ("blocks.", "h.")),
     QWEN2_AUDIO: Naming(QWEN2_DECODER_TARGETS, QWEN2_ENCODER_TARGETS, ("audio_tower.layers.", "model.layers."),
-                        renamed=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                                 ("audio_tower.", "model.audio_tower."),
+                        renamed=(("language_model.model.", "model.language_model."),
+                                 ("language_model.lm_head.", "lm_head."), ("audio_tower.", "model.audio_tower."),
                                  ("multi_modal_projector.", "model.multi_modal_projector.")),
                         by_tensors=True),
 }
