@@ -182,3 +182,13 @@ def test_an_adapter_naming_a_module_this_model_lacks_is_refused(tiny_qwen2_ckpt,
     save_file({k: v[:1] if "lora_A" in k else v for k, v in tensors.items()}, str(tmp_path / "a" / lora.WEIGHTS_FILE))
     with pytest.raises(qwenaudio.CheckpointError, match="has shape"):
         ours(tiny_qwen2_ckpt, adapter=tmp_path / "a")
+
+
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"rank_pattern": {"q_proj": 4}}, {"alpha_pattern": {"q_proj": 2}}])
+def test_peft_variants_that_compute_otherwise_are_refused(tiny_qwen2_ckpt, tmp_path, extra):
+    """DoRA and per-layer ranks or alphas change what a layer computes: read as plain LoRA they would give other
+    logits than peft's, silently."""
+    peft_adapter(tiny_qwen2_ckpt, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"], **extra)
+    with pytest.raises(qwenaudio.CheckpointError, match=f"{tmp_path / 'a'}.*only plain LoRA is supported .*, got "
+                                                        f"{next(iter(extra))}"):
+        lora.read_adapter(tmp_path / "a")

@@ -321,6 +321,10 @@ def _read_config(file: Path) -> LoraConfig:
         raise CheckpointError(f"{file}: only LoRA adapters without bias or extra saved modules are supported, got "
                               f"peft_type {raw.get('peft_type')!r}, bias {raw.get('bias')!r}, "
                               f"modules_to_save {raw.get('modules_to_save')!r}")
+    extras = [key for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if raw.get(key)]
+    if extras:  # each changes what a layer computes: read as plain LoRA, the logits would be silently wrong
+        raise CheckpointError(f"{file}: only plain LoRA is supported (one rank and alpha for every layer), got "
+                              + ", ".join(f"{key} {raw[key]!r}" for key in extras))
     targets = raw.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
