@@ -184,7 +184,8 @@ def test_an_adapter_naming_a_module_this_model_lacks_is_refused(tiny_qwen2_ckpt,
         ours(tiny_qwen2_ckpt, adapter=tmp_path / "a")
 
 
-@pytest.mark.parametrize("extra", [{"use_dora": True}, {"rank_pattern": {"q_proj": 4}}, {"alpha_pattern": {"q_proj": 2}}])
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"rank_pattern": {"q_proj": 4}},
+                                   {"alpha_pattern": {"q_proj": 2}}])
 def test_peft_variants_that_compute_otherwise_are_refused(tiny_qwen2_ckpt, tmp_path, extra):
     """DoRA and per-layer ranks or alphas change what a layer computes: read as plain LoRA they would give other
     logits than peft's, silently."""

@@ -63,15 +63,15 @@ class Naming:
 
     decoder: tuple[str, ...]  # the default targets: each decoder block's linears
     encoder: tuple[str, ...]  # what `encoder=True` adds: each audio encoder block's linears
-    blocks: tuple[str, str]  # the attribute prefix of the encoder's and the decoder's blocks
+    blocks: tuple[str, str]  # the attribute prefix of the decoder's and the encoder's blocks
     # (checkpoint prefix, transformers' module prefix) where the names peft sees are not the checkpoint's
     renamed: tuple[tuple[str, str], ...] = ()
     by_tensors: bool = False  # an adapter adapts the modules its tensors name (else: those its targets name)
 
 
 NAMING = {
-    QWEN_AUDIO: Naming(DECODER_TARGETS, ENCODER_TARGETS, ("blocks.", "h.")),
-    QWEN2_AUDIO: Naming(QWEN2_DECODER_TARGETS, QWEN2_ENCODER_TARGETS, ("audio_tower.layers.", "model.layers."),
+    QWEN_AUDIO: Naming(DECODER_TARGETS, ENCODER_TARGETS, ("h.", "blocks.")),
+    QWEN2_AUDIO: Naming(QWEN2_DECODER_TARGETS, QWEN2_ENCODER_TARGETS, ("model.layers.", "audio_tower.layers."),
                         renamed=(("language_model.model.", "model.language_model."),
                                  ("language_model.lm_head.", "lm_head."), ("audio_tower.", "model.audio_tower."),
                                  ("multi_modal_projector.", "model.multi_modal_projector.")),
@@ -124,7 +124,8 @@ def _rules(c: LoraConfig) -> list[tuple[bool, str]]:
         (finite(c.dropout) and 0 <= c.dropout < 1, f"LoRA dropout must be in [0, 1), got {c.dropout!r}"),
         (isinstance(c.rslora, bool), f"rslora must be True or False, got {c.rslora!r}"),
         (isinstance(c.encoder, bool), f"encoder must be True or False, got {c.encoder!r}"),
-        (c.targets is None or isinstance(c.targets, tuple) and all(isinstance(t, str) and t.strip() for t in c.targets),
+        (c.targets is None or isinstance(c.targets, tuple) and all(
+            isinstance(t, str) and t.strip() for t in c.targets),
          f"LoRA targets must be module names (non-empty strings), got {c.targets!r}"),
     ]
 
@@ -153,11 +154,11 @@ class LoraLinear(nn.Module):
 
 
 def _targets(family: Family, owners: dict[str, nn.Module], config: LoraConfig) -> list[tuple[str, str]]:
-    """(owner, module path) of every linear the config adapts in the "encoder" and "decoder" of `owners`, in module
-    order."""
+    """(owner, module path) of every linear the config adapts in the "decoder" and "encoder" of `owners`, in module
+    order, the decoder's first (the order their A matrices draw from torch's generator)."""
     naming = NAMING[family]
     wanted = {"decoder": config.targets or naming.decoder, "encoder": naming.encoder if config.encoder else ()}
-    return [(owner, name) for owner, blocks in zip(("encoder", "decoder"), naming.blocks)
+    return [(owner, name) for owner, blocks in zip(("decoder", "encoder"), naming.blocks)
             for name, module in owners[owner].named_modules()
             if name.startswith(blocks) and isinstance(module, LINEARS)
             and any(name == t or name.endswith(f".{t}") for t in wanted[owner])]
