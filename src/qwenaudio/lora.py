@@ -10,6 +10,15 @@ Adapters are saved as peft saves them for the official model: `adapter_model.saf
 `adapter_config.json` with peft's fields, so an adapter trained here loads with peft on the official model, and
 one trained with peft loads here (`load_adapter`, or `qwenaudio.load(..., adapter=DIR)`).
 
+Each family's names are one `Naming` record (`NAMING`). Qwen2-Audio's peft names are transformers 5's module names,
+`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight` (its checkpoint's
+`language_model.model.` is transformers' `model.language_model.`, `audio_tower.` is `model.audio_tower.`), which is
+what peft 0.21 writes over transformers 5; adapters written over transformers 4, keyed by the checkpoint's names
+(`base_model.model.language_model.model.layers.0…`), are read too. Its target names are ambiguous (`q_proj` is
+also each audio tower layer's, and peft adapts both towers for `target_modules=["q_proj"]`), so a Qwen2-Audio
+adapter adapts exactly the modules its tensors name, and ours says which in `target_modules` as a regular
+expression over transformers' names.
+
 Merging folds each update into its base weight, W + B A · scale computed in fp32 and rounded once to the dtype
 stored (`merge_lora` in memory, `merge_checkpoint` from files to files, as `qwenaudio merge` does). An adapter
 directory that cannot be read or does not fit the model is a CheckpointError naming the file, like a checkpoint's.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,21 +36,47 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core.checkpoint import PREFIXES, load_checkpoint, official_name, write_shards, writing_checkpoint
+from .core.checkpoint import load_checkpoint, write_shards, writing_checkpoint
 from .core.checks import finite, whole
-from .core.config import QwenAudioConfig
-from .core.decoder import Decoder
-from .core.encoder import AudioEncoder
 from .core.errors import CheckpointError, InputError, QwenAudioError
+from .core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO, Family, family_of, read_config
 from .core.files import building, write_text, writing
 from .core.int4 import Int4Linear
+from .core.int8 import Int8Linear
 from .core.model import QwenAudio, as_dtype, expect_model
 
 DECODER_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # the attention and MLP linears of every decoder block
 ENCODER_TARGETS = ("query", "key", "value", "out", "mlp.0", "mlp.2")  # Whisper's block linears
+# Qwen2-Audio's: every linear of each language-model layer (what LLaMA-Factory's `all` and ms-swift's `all-linear`
+# adapt with the audio tower frozen), and each audio tower layer's
+QWEN2_DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QWEN2_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PEFT_PREFIX = "base_model.model."  # peft's name for the wrapped (official) model
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 Shape = tuple[int, ...]
+LINEARS = (nn.Linear, Int8Linear, Int4Linear)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Where one family's LoRA goes and what peft calls it."""
+
+    decoder: tuple[str, ...]  # the default targets: each decoder block's linears
+    encoder: tuple[str, ...]  # what `encoder=True` adds: each audio encoder block's linears
+    blocks: tuple[str, str]  # the attribute prefix of the decoder's and the encoder's blocks
+    # (checkpoint prefix, transformers' module prefix) where the names peft sees are not the checkpoint's
+    renamed: tuple[tuple[str, str], ...] = ()
+    by_tensors: bool = False  # an adapter adapts the modules its tensors name (else: those its targets name)
+
+
+NAMING = {
+    QWEN_AUDIO: Naming(DECODER_TARGETS, ENCODER_TARGETS, ("h.", "blocks.")),
+    QWEN2_AUDIO: Naming(QWEN2_DECODER_TARGETS, QWEN2_ENCODER_TARGETS, ("model.layers.", "audio_tower.layers."),
+                        renamed=(("language_model.model.", "model.language_model."),
+                                 ("language_model.lm_head.", "lm_head."), ("audio_tower.", "model.audio_tower."),
+                                 ("multi_modal_projector.", "model.multi_modal_projector.")),
+                        by_tensors=True),
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +85,10 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank (rank-stabilized LoRA)
-    targets: tuple[str, ...] = DECODER_TARGETS  # module names (last parts of the path), as peft's target_modules
-    encoder: bool = False  # also the audio encoder's linears (ENCODER_TARGETS)
+    # decoder module names (last parts of the path), as peft's target_modules; None: every linear of each decoder
+    # block (the family's `Naming.decoder`: DECODER_TARGETS, QWEN2_DECODER_TARGETS)
+    targets: tuple[str, ...] | None = None
+    encoder: bool = False  # also the audio encoder's block linears (`Naming.encoder`)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):  # a list is welcome; one bare string is not a list of names
@@ -86,7 +124,8 @@ def _rules(c: LoraConfig) -> list[tuple[bool, str]]:
         (finite(c.dropout) and 0 <= c.dropout < 1, f"LoRA dropout must be in [0, 1), got {c.dropout!r}"),
         (isinstance(c.rslora, bool), f"rslora must be True or False, got {c.rslora!r}"),
         (isinstance(c.encoder, bool), f"encoder must be True or False, got {c.encoder!r}"),
-        (isinstance(c.targets, tuple) and all(isinstance(t, str) and t.strip() for t in c.targets),
+        (c.targets is None or isinstance(c.targets, tuple) and all(
+            isinstance(t, str) and t.strip() for t in c.targets),
          f"LoRA targets must be module names (non-empty strings), got {c.targets!r}"),
     ]
 
@@ -114,24 +153,37 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
 
-def _targets(owners: dict[str, nn.Module], config: LoraConfig) -> list[tuple[str, str]]:
-    """(owner, module path) of every linear the config adapts in the "encoder" and "decoder" of `owners`, in module
-    order."""
-    chosen = [("decoder", name) for name, _ in owners["decoder"].named_modules()
-              if name.startswith("h.") and any(name == t or name.endswith(f".{t}") for t in config.targets)]
-    if config.encoder:
-        chosen += [("encoder", name) for name, _ in owners["encoder"].named_modules()
-                   if name.startswith("blocks.") and any(name.endswith(f".{t}") for t in ENCODER_TARGETS)]
-    return chosen
+def _targets(family: Family, owners: dict[str, nn.Module], config: LoraConfig) -> list[tuple[str, str]]:
+    """(owner, module path) of every linear the config adapts in the "decoder" and "encoder" of `owners`, in module
+    order, the decoder's first (the order their A matrices draw from torch's generator)."""
+    naming = NAMING[family]
+    wanted = {"decoder": config.targets or naming.decoder, "encoder": naming.encoder if config.encoder else ()}
+    return [(owner, name) for owner, blocks in zip(("decoder", "encoder"), naming.blocks)
+            for name, module in owners[owner].named_modules()
+            if name.startswith(blocks) and isinstance(module, LINEARS)
+            and any(name == t or name.endswith(f".{t}") for t in wanted[owner])]
 
 
-def _expected(owners: dict[str, nn.Module], config: LoraConfig) -> dict[str, Shape]:
-    """The shape of every LoRA tensor `config` gives these modules, by peft name: what an adapter must hold."""
+def peft_name(family: Family, owner: str, path: str) -> str:
+    """peft's name for the module at `path` of our `owner`: the one transformers' model (or the official code's)
+    gives it, under `base_model.model.`."""
+    return PEFT_PREFIX + _renamed(family.official_name(owner, path), NAMING[family].renamed)
+
+
+def _renamed(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """`name` with the first of `pairs`' (old prefix, new prefix) that it starts with replaced."""
+    return next((new + name.removeprefix(old) for old, new in pairs if name.startswith(old)), name)
+
+
+def _expected(family: Family, owners: dict[str, nn.Module], found: list[tuple[str, str]], rank: int
+              ) -> dict[str, Shape]:
+    """The shape of every LoRA tensor of rank `rank` on the modules `found`, by peft name: what an adapter must
+    hold."""
     shapes = {}
-    for owner, path in _targets(owners, config):
-        layer, name = owners[owner].get_submodule(path), f"{PEFT_PREFIX}{official_name(owner, path)}"
-        shapes[f"{name}.lora_A.weight"] = (config.rank, layer.in_features)
-        shapes[f"{name}.lora_B.weight"] = (layer.out_features, config.rank)
+    for owner, path in found:
+        layer, name = owners[owner].get_submodule(path), peft_name(family, owner, path)
+        shapes[f"{name}.lora_A.weight"] = (rank, layer.in_features)
+        shapes[f"{name}.lora_B.weight"] = (layer.out_features, rank)
     return shapes
 
 
@@ -140,15 +192,9 @@ def _owners(model: QwenAudio) -> dict[str, nn.Module]:
     return {"encoder": model.encoder, "decoder": model.decoder}
 
 
-def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
-    """Wrap the targeted linears of `model` in LoraLinear (in place), freeze everything else, and return the LoRA
-    parameters by their peft names (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`, …)."""
+def _wrap(model: QwenAudio, found: list[tuple[str, str]], config: LoraConfig) -> dict[str, nn.Parameter]:
+    """Wrap the linears `found` in LoraLinear (in place), freeze everything else, and return the LoRA parameters."""
     owners = _owners(model)
-    if not isinstance(config, LoraConfig):
-        raise InputError(f"apply_lora needs a lora.LoraConfig, got {type(config).__name__}")
-    found = _targets(owners, config)
-    if not found:
-        raise InputError(f"no linear matches the LoRA targets {config.targets}")
     for param in model.parameters():
         param.requires_grad_(False)
     for owner, path in found:
@@ -159,6 +205,19 @@ def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
     return lora_parameters(model)
 
 
+def apply_lora(model: QwenAudio, config: LoraConfig) -> dict[str, nn.Parameter]:
+    """Wrap the targeted linears of `model` in LoraLinear (in place), freeze everything else, and return the LoRA
+    parameters by their peft names (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`, …)."""
+    owners = _owners(model)
+    if not isinstance(config, LoraConfig):
+        raise InputError(f"apply_lora needs a lora.LoraConfig, got {type(config).__name__}")
+    found = _targets(model.family, owners, config)
+    if not found:
+        raise InputError(f"no linear of {model.family.name} matches the LoRA targets "
+                         f"{config.targets or NAMING[model.family].decoder}")
+    return _wrap(model, found, config)
+
+
 def lora_parameters(model: QwenAudio) -> dict[str, nn.Parameter]:
     """The LoRA parameters of a model `apply_lora` changed, by peft name."""
     params = {}
@@ -166,7 +225,7 @@ def lora_parameters(model: QwenAudio) -> dict[str, nn.Parameter]:
         for path, module in root.named_modules():
             if isinstance(module, LoraLinear):
                 for part in ("lora_A", "lora_B"):
-                    params[f"{PEFT_PREFIX}{PREFIXES[owner]}{path}.{part}.weight"] = getattr(module, part).weight
+                    params[f"{peft_name(model.family, owner, path)}.{part}.weight"] = getattr(module, part).weight
     return params
 
 
@@ -184,7 +243,7 @@ def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") 
     bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
     if bad:
         raise InputError(f"{bad} holds values that are not finite: refusing to write an adapter that outputs NaN")
-    targets = list(config.targets) + (list(ENCODER_TARGETS) if config.encoder else [])
+    targets = _target_modules(model, config)
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                    "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
                    "use_rslora": config.rslora, "target_modules": targets, "bias": "none",
@@ -195,6 +254,18 @@ def save_adapter(model: QwenAudio, directory: str | Path, base_model: str = "") 
             save_file(tensors, str(path), metadata={"format": "pt"})
         write_text(partial / CONFIG_FILE, json.dumps(peft_config, indent=2) + "\n")
     return Path(directory)
+
+
+def _target_modules(model: QwenAudio, config: LoraConfig) -> list[str] | str:
+    """adapter_config.json's `target_modules`: the target names, which peft matches as the last parts of module
+    names; where a family's names are ambiguous (`Naming.by_tensors`), a regular expression peft matches against
+    whole module names, naming exactly the kinds of module adapted here (transformers' names, any layer)."""
+    naming = NAMING[model.family]
+    if not naming.by_tensors:
+        return list(config.targets or naming.decoder) + (list(naming.encoder) if config.encoder else [])
+    modules = {re.sub(r"\.\d+\.", ".N.", name.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0])
+               for name in lora_parameters(model)}
+    return "|".join(re.escape(m).replace(r"\.N\.", r"\.\d+\.") for m in sorted(modules))
 
 
 def read_adapter(directory: str | Path) -> Adapter:
@@ -220,11 +291,22 @@ def read_adapter(directory: str | Path) -> Adapter:
     except Exception as e:  # safetensors raises its own SafetensorError, plus OSError for unreadable files
         raise CheckpointError(f"{file}: cannot read the adapter's weights ({e}); the file is truncated or "
                               "corrupt") from e
-    names = {name.replace(".default", ""): t for name, t in tensors.items()}  # peft may keep the adapter name
+    # peft may keep the adapter name; transformers 4's names are read as transformers 5's (`Naming.renamed`)
+    names = {_current(name.replace(".default", "")): t for name, t in tensors.items()}
     for name, tensor in names.items():
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise CheckpointError(f"{file}: {name} holds values that are not finite floats ({tensor.dtype})")
     return Adapter(directory, config, {name: t.float() for name, t in names.items()})
+
+
+def _current(name: str) -> str:
+    """An adapter tensor's peft name as peft writes it now: one keyed by a checkpoint's names (peft over
+    transformers 4) gets transformers 5's module names. No family's checkpoint prefix is another's module prefix, so
+    every family's renaming can be tried."""
+    module = name.removeprefix(PEFT_PREFIX)
+    for naming in NAMING.values():
+        module = _renamed(module, naming.renamed)
+    return PEFT_PREFIX + module if name.startswith(PEFT_PREFIX) else name
 
 
 def _read_config(file: Path) -> LoraConfig:
@@ -240,6 +322,10 @@ def _read_config(file: Path) -> LoraConfig:
         raise CheckpointError(f"{file}: only LoRA adapters without bias or extra saved modules are supported, got "
                               f"peft_type {raw.get('peft_type')!r}, bias {raw.get('bias')!r}, "
                               f"modules_to_save {raw.get('modules_to_save')!r}")
+    extras = [key for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if raw.get(key)]
+    if extras:  # each changes what a layer computes: read as plain LoRA, the logits would be silently wrong
+        raise CheckpointError(f"{file}: only plain LoRA is supported (one rank and alpha for every layer), got "
+                              + ", ".join(f"{key} {raw[key]!r}" for key in extras))
     targets = raw.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
@@ -256,6 +342,47 @@ def _read_config(file: Path) -> LoraConfig:
                           encoder=any(t in ENCODER_TARGETS for t in targets))
     except (QwenAudioError, TypeError) as e:  # a field LoraConfig refuses
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def _fit(family: Family, owners: dict[str, nn.Module], adapter: Adapter) -> list[tuple[str, str]]:
+    """(owner, module path) of each linear `adapter` adapts in `owners` (the modules of a `family` model): those
+    its targets name, or, for a family whose target names are ambiguous, those its tensors name. Every tensor must
+    find its place, with its shape, and every place its tensor."""
+    _check_family(family, adapter)
+    if NAMING[family].by_tensors:
+        wanted = {name.rsplit(".lora_", 1)[0] for name in adapter.tensors}
+        found = [(owner, path) for owner, root in owners.items() for path, module in root.named_modules()
+                 if isinstance(module, LINEARS) and peft_name(family, owner, path) in wanted]
+    else:
+        found = _targets(family, owners, adapter.config)
+    _check_fit(adapter, _expected(family, owners, found, adapter.config.rank))
+    if not found:
+        raise CheckpointError(f"{adapter.directory}: the adapter adapts no linear of this {family.name} model")
+    return found
+
+
+def _check_family(family: Family, adapter: Adapter) -> None:
+    """One error naming both families when the adapter's tensors name another family's modules."""
+    if all(_names_module_of(family, name) for name in adapter.tensors):
+        return
+    other = next((f for f in FAMILIES if f is not family and adapter.tensors and all(
+        _names_module_of(f, name) for name in adapter.tensors)), None)
+    if other is not None:
+        raise CheckpointError(f"{adapter.directory}: this is a {other.name} adapter (its tensors name "
+                              f"{next(iter(adapter.tensors))}, …); the model is {family.name}: an adapter applies "
+                              "only to the family it was trained on")
+
+
+def _names_module_of(family: Family, name: str) -> bool:
+    """Whether the peft tensor `name` names a module of `family`'s checkpoint."""
+    if not name.startswith(PEFT_PREFIX):
+        return False
+    module = _renamed(name.removeprefix(PEFT_PREFIX), tuple((new, old) for old, new in NAMING[family].renamed))
+    try:
+        family.module_path(module)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _check_fit(adapter: Adapter, expected: dict[str, Shape]) -> None:
@@ -276,8 +403,7 @@ def load_adapter(model: QwenAudio, directory: str | Path | Adapter) -> QwenAudio
     every tensor must find its place (checked before the model is changed)."""
     owners = _owners(model)
     adapter = read_adapter(directory)
-    _check_fit(adapter, _expected(owners, adapter.config))
-    params = apply_lora(model, adapter.config)
+    params = _wrap(model, _fit(model.family, owners, adapter), adapter.config)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(adapter.tensors[name])
@@ -326,18 +452,19 @@ def merge_checkpoint(source: str | Path, adapter: str | Path | Adapter, target: 
     source, target = Path(source), Path(target)
     adapter = read_adapter(adapter)
     with writing_checkpoint(target, source, reads=[adapter.directory], overwrite=overwrite) as partial:
-        config = QwenAudioConfig.from_json(source)
+        config = read_config(source)
+        family = family_of(config)
         if config.quantization:
             raise InputError(f"{source} is quantized ({config.quantization}): its weights would round the update "
                              "away; merge into its float original, then quantize the merged checkpoint (qwenaudio "
                              "quantize)")
         with torch.device("meta"):
-            owners = {"encoder": AudioEncoder(config.audio), "decoder": Decoder(config)}
-        _check_fit(adapter, _expected(owners, adapter.config))
+            owners = {"encoder": family.encoder(config), "decoder": family.decoder(config)}
+        found = _fit(family, owners, adapter)
         state = load_checkpoint(source, config)
         layout = {n: (tuple(t.shape), dtype or t.dtype) for n, t in state.items()}
-        updates = {official_name(owner, f"{path}.weight"): f"{PEFT_PREFIX}{official_name(owner, path)}"
-                   for owner, path in _targets(owners, adapter.config)}  # weight -> its LoRA tensors' prefix
+        updates = {family.official_name(owner, f"{path}.weight"): peft_name(family, owner, path)
+                   for owner, path in found}  # weight -> its LoRA tensors' prefix
 
         def make(name: str) -> Tensor:
             tensor = state[name]

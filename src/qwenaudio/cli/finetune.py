@@ -87,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (> 0); default 2 × rank")
     parser.add_argument("--lora-dropout", type=float, metavar="P", help="dropout before A, in [0, 1); default 0")
     parser.add_argument("--lora-targets", nargs="+", metavar="NAME",
-                        help=f"decoder linears to adapt; default {' '.join(lora.DECODER_TARGETS)}")
+                        help=f"decoder linears to adapt; default every linear of each decoder block "
+                             f"(Qwen-Audio: {' '.join(lora.DECODER_TARGETS)}; Qwen2-Audio: "
+                             f"{' '.join(lora.QWEN2_DECODER_TARGETS)})")
     parser.add_argument("--lora-encoder", action="store_true", help="also adapt the audio encoder's linears")
     parser.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilized LoRA)")
     add_model_options(parser, "Qwen/Qwen-Audio")
@@ -109,7 +111,7 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
     adapter = args.lora_rank and lora.LoraConfig(  # only an absent alpha defaults: 0 or -4 are refused
         rank=args.lora_rank, alpha=2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
         dropout=args.lora_dropout or 0.0, rslora=args.rslora, encoder=args.lora_encoder,
-        targets=tuple(args.lora_targets or lora.DECODER_TARGETS))
+        targets=tuple(args.lora_targets) if args.lora_targets else None)
     config = finetune.TrainConfig(
         lora=adapter or None, steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import lora, parallel
-from ..core.checkpoint import official_name, save_checkpoint, writing_checkpoint
+from ..core.checkpoint import save_checkpoint, writing_checkpoint
 from ..core.checks import expect
 from ..core.errors import InputError, OutputError, TrainingError
 from ..core.int8 import Int8Linear
@@ -191,7 +191,7 @@ def save_model(model: QwenAudio, source: str | Path, target: str | Path) -> Path
     expect(source, (str, Path), "source", "the base checkpoint's directory")
     expect(target, (str, Path), "target", "a directory path")
     source, target = Path(source), Path(target)
-    state = {official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
+    state = {model.family.official_name(owner, name): parallel.full(tensor) for owner in ("encoder", "decoder")
              for name, tensor in getattr(model, owner).state_dict().items()}
     _finite(state, f"the model {target}")
     if Processes.current().rank != 0:

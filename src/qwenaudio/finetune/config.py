@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .. import evaluation
-from ..core.checkpoint import QUANTIZATIONS, official_name
+from ..core.checkpoint import QUANTIZATIONS
 from ..core.checks import expect, finite, whole
 from ..core.errors import InputError
+from ..core.families import QWEN2_AUDIO, QWEN_AUDIO
 from ..core.model import QwenAudio
 from ..lora import LoraConfig
 
@@ -105,10 +106,15 @@ def _train_rules(c: TrainConfig) -> list[tuple[bool, str]]:
 RESUMABLE_CHANGES = ("steps", "save_every", "save_minutes", "shard", "eval_every", "eval_task")
 
 
+# The encoder's output side, which maps Whisper's features into the decoder's space (`part="projection"`), by
+# attribute path: Qwen-Audio's ln_post, proj and BOS/EOS rows; Qwen2-Audio's final layer norm and projector.
+PROJECTION = {QWEN_AUDIO: ("ln_post.", "proj.", "audio_bos_eos_token."),
+              QWEN2_AUDIO: ("audio_tower.layer_norm.", "multi_modal_projector.")}
+
+
 def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
     """The parameters `part` trains, by official tensor name; every other parameter is frozen. `projection` is the
-    audio encoder's output side (ln_post, proj and the BOS/EOS rows), which maps Whisper's features into the
-    decoder's space."""
+    audio encoder's output side (`PROJECTION`)."""
     expect(model, QwenAudio, "model", "a QwenAudio model (qwenaudio.load)")
     if part not in PARTS:
         raise InputError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
@@ -116,10 +122,10 @@ def trainable(model: QwenAudio, part: str) -> dict[str, nn.Parameter]:
     for owner in ("encoder", "decoder"):
         for path, param in getattr(model, owner).named_parameters():
             train = part in ("all", owner) or (part == "projection" and owner == "encoder" and path.startswith(
-                ("ln_post.", "proj.", "audio_bos_eos_token.")))
+                PROJECTION[model.family]))
             param.requires_grad_(train)
             if train:
-                chosen[official_name(owner, path)] = param
+                chosen[model.family.official_name(owner, path)] = param
     return chosen
 
 

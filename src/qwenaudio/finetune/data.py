@@ -14,6 +14,12 @@ Three forms are read, one example a line, audio paths relative to the file:
 - ms-swift's form: `{"messages": [{"role": "user", "content": "<audio>what is said?"}, …], "audios": ["a.wav"]}`,
   each `<audio>` placeholder taking the next path of `audios`; read as the chat form.
 
+Each family reads the examples its own way (`ENCODERS`): Qwen-Audio as above; Qwen2-Audio's base model reads
+`<|audio_bos|><|AUDIO|><|audio_eos|>` + the prompt (a plain instruction: its task prompts are not Qwen-Audio's tags)
+and learns the response and `<|endoftext|>`, and Qwen2-Audio-Instruct reads its chat template's ChatML, each clip
+`Audio n: <|audio_bos|><|AUDIO|><|audio_eos|>\n` (n counted over the conversation), learning each reply and its
+`<|im_end|>`.
+
 Every line is checked when the file is read (JSON, fields, turns in order, clips that load as the model takes them
 (`audio.as_waveform`: readable, finite, long enough for one audio token) and last at most 30 s, non-empty replies),
 so a bad line is named by file and line before any training starts. Token ids
@@ -25,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +43,12 @@ from torch import Tensor
 from .. import evaluation
 from ..batch import seconds
 from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat
-from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform, audio_span
+from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
+from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO
 from ..core.model import IGNORE_INDEX, QwenAudio
+from ..core.qwen2_tokenizer import Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
 from .config import TrainConfig
 
@@ -236,19 +245,71 @@ def as_examples(examples: Any, name: str, *, empty: bool = False) -> list[Exampl
     return list(examples)
 
 
-def encode(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one example; labels are IGNORE_INDEX wherever nothing is to be learned. `span_of(path)`
-    gives each clip's audio span (`audio_span` of its length)."""
-    expect(tokenizer, Tokenizer, "tokenizer", "a qwenaudio Tokenizer (model.tokenizer)")
+def encode(tokenizer: Tokenizer | Qwen2Tokenizer, example: Example, span_of: Callable[[str], int]
+           ) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one example, as the family of `tokenizer` reads it (`ENCODERS`); labels are
+    IGNORE_INDEX wherever nothing is to be learned. `span_of(path)` gives each clip's audio span (the encoder's
+    `span_length` of its length)."""
+    expect(tokenizer, (Tokenizer, Qwen2Tokenizer), "tokenizer", "a qwenaudio tokenizer (model.tokenizer)")
     expect(example, Example, "example", "a finetune.Example (from read_examples)")
     if not callable(span_of):
         raise InputError(f"span_of must be a function of a clip's path, got {span_of!r:.80}")
+    family = next(f for f in FAMILIES if isinstance(tokenizer, f.tokenizer))
+    return ENCODERS[family](tokenizer, example, span_of)
+
+
+def _encode_qwen(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
+    """Qwen-Audio's: `<audio>PATH</audio>` + tags and the response, or Qwen-Audio-Chat's ChatML (`render_chat`)."""
     if example.turns:
         ids, labels, _ = render_chat(tokenizer, example.system, example.turns, span_of=span_of)
         return ids, labels
     prompt = tokenizer.encode(example.prompt, audio_spans=[span_of(p) for p in tokenizer.audio_paths(example.prompt)])
     response = tokenizer.encode(example.response) + [tokenizer.eod_id]
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+
+QWEN2_AUDIO_TAGS = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # a clip, as Qwen2-Audio's prompts hold it
+_REGION = re.compile(r"(?:Audio \d+:)?<audio>(.*?)</audio>\n?", re.DOTALL)  # a clip as `query_text` writes it
+_TASK_TAGS = ("<|startoftranscript|>", "<|startofanalysis|>")  # Qwen-Audio's task prompts start with one
+
+
+def _encode_qwen2(tokenizer: Qwen2Tokenizer, example: Example, span_of: Callable[[str], int]
+                  ) -> tuple[list[int], list[int]]:
+    """Qwen2-Audio's: the base model's `<|audio_bos|><|AUDIO|><|audio_eos|>` + prompt and the response then
+    `<|endoftext|>`, or the Instruct chat template's ChatML (each clip `Audio n: …\n`, n counted over the
+    conversation) learning each reply and its `<|im_end|>`. Special-token strings in the text are those tokens, as
+    transformers' processor reads them."""
+    spans = [span_of(str(path)) for path in example.audio]
+    if not example.turns:
+        if example.prompt.split("</audio>", 1)[-1].startswith(_TASK_TAGS):
+            raise InputError(f"{example.where}: a Qwen-Audio task prompt (its tags) for a Qwen2-Audio model, whose "
+                             "base model reads plain instructions: give the row a 'prompt' (e.g. \"Detect the "
+                             "language and recognize the speech: <|en|>\")")
+        prompt = tokenizer.encode(_REGION.sub(QWEN2_AUDIO_TAGS, example.prompt), audio_spans=spans or None)
+        response = tokenizer.encode(example.response) + [tokenizer.eod_id]
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    clips = itertools.count(1)
+
+    def text(content: str) -> str:
+        return _REGION.sub(lambda _: f"Audio {next(clips)}: {QWEN2_AUDIO_TAGS}\n", content)
+
+    end = [tokenizer.im_end_id] + tokenizer.encode("\n")
+    ids, labels = [], []
+    for role, content, reply in [("system", text(example.system), None)] + [
+            turn for user, reply in example.turns for turn in (("user", text(user), None), ("assistant", "", reply))]:
+        audio = [spans.pop(0) for _ in range(content.count("<|AUDIO|>"))]
+        head = tokenizer.encode(f"<|im_start|>{role}\n{content}", audio_spans=audio or None)
+        if reply is None:
+            ids, labels = ids + head + end, labels + [IGNORE_INDEX] * (len(head) + len(end))
+            continue
+        said = tokenizer.encode(f"<|im_start|>{role}\n{reply}")  # one stretch of text: encoded whole, as transformers
+        shared = next((i for i, (a, b) in enumerate(zip(head, said)) if a != b), len(head))
+        ids += said + end
+        labels += [IGNORE_INDEX] * shared + said[shared:] + end[:1] + [IGNORE_INDEX] * (len(end) - 1)
+    return ids, labels
+
+
+ENCODERS = {QWEN_AUDIO: _encode_qwen, QWEN2_AUDIO: _encode_qwen2}  # how each family reads an example
 
 
 def collate(tokenizer: Tokenizer, examples: Sequence[Example], clips: Sequence[Sequence[Tensor]],
@@ -304,7 +365,7 @@ def batch_inputs(model: QwenAudio, batch: Sequence[Example]) -> tuple[Tensor, Te
     """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded (a clip changed since it was checked
     is named)."""
     clips = [[load_clip(p) for p in e.audio] for e in batch]
-    ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: audio_span(len(c)))
+    ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: model.encoder.span_length(len(c)))
     return ids, labels, mask, [c for row in clips for c in row]
 
 
