@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .. import evaluation
 from ..batch import seconds
-from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat
+from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat, render_qwen2_chat_ids
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
@@ -276,9 +276,9 @@ _TASK_TAGS = ("<|startoftranscript|>", "<|startofanalysis|>")  # Qwen-Audio's ta
 def _encode_qwen2(tokenizer: Qwen2Tokenizer, example: Example, span_of: Callable[[str], int]
                   ) -> tuple[list[int], list[int]]:
     """Qwen2-Audio's: the base model's `<|audio_bos|><|AUDIO|><|audio_eos|>` + prompt and the response then
-    `<|endoftext|>`, or the Instruct chat template's ChatML (each clip `Audio n: …\n`, n counted over the
-    conversation) learning each reply and its `<|im_end|>`. Special-token strings in the text are those tokens, as
-    transformers' processor reads them."""
+    `<|endoftext|>`, or the Instruct chat template's ChatML learning each reply and its `<|im_end|>`
+    (`prompts.render_qwen2_chat_ids`, the one rendering chat and training share). Special-token strings in the text
+    are those tokens, as transformers' processor reads them."""
     spans = [span_of(str(path)) for path in example.audio]
     if not example.turns:
         if example.prompt.split("</audio>", 1)[-1].startswith(_TASK_TAGS):
@@ -288,25 +288,20 @@ def _encode_qwen2(tokenizer: Qwen2Tokenizer, example: Example, span_of: Callable
         prompt = tokenizer.encode(_REGION.sub(QWEN2_AUDIO_TAGS, example.prompt), audio_spans=spans or None)
         response = tokenizer.encode(example.response) + [tokenizer.eod_id]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
-    clips = itertools.count(1)
+    turns = [turn for user, reply in example.turns for turn in (("user", _parts(user)), ("assistant", reply))]
+    rendered = render_qwen2_chat_ids(tokenizer, turns, audio_spans=spans, system=example.system)
+    return rendered.ids, rendered.labels
 
-    def text(content: str) -> str:
-        return _REGION.sub(lambda _: f"Audio {next(clips)}: {QWEN2_AUDIO_TAGS}\n", content)
 
-    end = [tokenizer.im_end_id] + tokenizer.encode("\n")
-    ids, labels = [], []
-    for role, content, reply in [("system", text(example.system), None)] + [
-            turn for user, reply in example.turns for turn in (("user", text(user), None), ("assistant", "", reply))]:
-        audio = [spans.pop(0) for _ in range(content.count("<|AUDIO|>"))]
-        head = tokenizer.encode(f"<|im_start|>{role}\n{content}", audio_spans=audio or None)
-        if reply is None:
-            ids, labels = ids + head + end, labels + [IGNORE_INDEX] * (len(head) + len(end))
-            continue
-        said = tokenizer.encode(f"<|im_start|>{role}\n{reply}")  # one stretch of text: encoded whole, as transformers
-        shared = next((i for i, (a, b) in enumerate(zip(head, said)) if a != b), len(head))
-        ids += said + end
-        labels += [IGNORE_INDEX] * shared + said[shared:] + end[:1] + [IGNORE_INDEX] * (len(end) - 1)
-    return ids, labels
+def _parts(content: str) -> list[str | dict[str, str]]:
+    """A user turn's text, with its clips as `query_text` writes them, back in parts: text and {"audio": path}."""
+    parts: list[str | dict[str, str]] = []
+    end = 0
+    for region in _REGION.finditer(content):
+        parts += [content[end : region.start()]] if region.start() > end else []
+        parts.append({"audio": region.group(1)})
+        end = region.end()
+    return parts + ([content[end:]] if end < len(content) else [])
 
 
 ENCODERS = {QWEN_AUDIO: _encode_qwen, QWEN2_AUDIO: _encode_qwen2}  # how each family reads an example
