@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import stat
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from qwenaudio import cli, finetune
 from qwenaudio.core.checkpoint import quantization_of
 from qwenaudio.core import files
 from qwenaudio.core.errors import TrainingError
-from qwenaudio.lora import LoraConfig
+from qwenaudio.lora import DECODER_TARGETS, LoraConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP0, CLIP1 = REPO_ROOT / "tests" / "golden" / "clip0.wav", REPO_ROOT / "tests" / "golden" / "clip1.wav"
@@ -581,3 +582,19 @@ def test_a_signal_to_the_command_saves_and_the_resumed_adapter_is_the_uninterrup
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_run_saved_when_every_model_s_default_targets_were_qwen_audio_s_resumes(tmp_path):
+    """LoRA's default targets became the model family's (None in the config); a run checkpointed before, which
+    recorded Qwen-Audio's list as the default, still resumes, and a run that chose other targets still does not."""
+    config = finetune.TrainConfig(lora=LoraConfig())
+    saved = json.loads(json.dumps(asdict(config)))
+    (tmp_path / "checkpoint").mkdir()
+    for targets, resumes in ((list(DECODER_TARGETS), True), (["c_attn"], False)):
+        saved["lora"]["targets"] = targets
+        (tmp_path / "checkpoint" / "progress.json").write_text(json.dumps({"config": saved, "losses": []}))
+        if resumes:
+            assert finetune.check_resume(tmp_path / "checkpoint", config, {})["config"]["lora"]["targets"] == targets
+        else:
+            with pytest.raises(qwenaudio.InputError, match=r"other settings \(lora\)"):
+                finetune.check_resume(tmp_path / "checkpoint", config, {})

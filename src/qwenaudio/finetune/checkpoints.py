@@ -81,6 +81,9 @@ def check_resume(directory: str | Path, config: TrainConfig, inputs: Mapping[str
             saved.get("losses"), list):
         raise InputError(f"{directory}/progress.json is not a checkpoint's progress record: the checkpoint is damaged")
     now = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
+    if isinstance(now.get("lora"), dict) and now["lora"].get("targets") is None and isinstance(
+            saved["config"].get("lora"), dict) and saved["config"]["lora"].get("targets") == list(lora.DECODER_TARGETS):
+        now["lora"]["targets"] = list(lora.DECODER_TARGETS)  # a run saved when that was the default for every model
     changed = [k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
     if changed:
         raise InputError(f"{directory} was trained with other settings ({', '.join(changed)}); resume with the "
