@@ -88,6 +88,10 @@ def test_a_task_row_is_the_base_model_s_prompt_then_the_response(tiny_qwen2_ckpt
         {"audio": str(CLIP1), "task": "asr", "language": "en", "response": "hello world"}]))
     with pytest.raises(qwenaudio.InputError, match="v1.jsonl:1: a Qwen-Audio task prompt .* give the row a 'prompt'"):
         finetune.encode(model.tokenizer, tagged[0], spans(model))
+    with pytest.raises(qwenaudio.InputError, match="eval_task .* Qwen-Audio's benchmarks, and the model is Qwen2-Audio"):
+        finetune.train(model, examples, tmp_path / "out", finetune.TrainConfig(steps=1, eval_task="asr"),
+                       eval_examples=examples)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_the_loss_and_its_gradients_equal_transformers(tiny_qwen2_instruct_ckpt, tmp_path):

@@ -16,6 +16,7 @@ from .. import parallel
 from ..core.checkpoint import quantization_of
 from ..core.checks import expect
 from ..core.errors import InputError, OutputError
+from ..core.families import QWEN_AUDIO
 from ..core.model import QwenAudio
 from ..lora import apply_lora, lora_parameters
 from ..runner import Processes
@@ -128,6 +129,9 @@ def _checked(model: QwenAudio, examples: Sequence[Example], output_dir: str | Pa
             raise InputError(f"{name} must be a function or None, got {function!r:.80}")
     expect(inputs, (Mapping, type(None)), "inputs", "a mapping of input names to digests, or None")
     inputs = {**run_inputs(examples, eval_examples, weights=weights_of(model)), **dict(inputs or {})}
+    if config.eval_task and model.family is not QWEN_AUDIO:
+        raise InputError(f"eval_task (--eval-task) scores replies by Qwen-Audio's benchmarks, and the model is "
+                         f"{model.family.name}: export the fine-tuned model and run `qwenaudio evaluate` on it")
     if config.eval_task:
         reply_languages(eval_examples, config.eval_task)  # refuse what cannot be scored before training
     return examples, eval_examples, inputs
