@@ -252,14 +252,3 @@ def _load_special_ids(path: Path) -> dict[str, int]:
         raise TokenizerError(f"{path}: added_tokens_decoder's ids must run from {NUM_BPE_RANKS} without a gap or a "
                              f"repeat, inside the model's {EMBEDDING_ROWS} rows")
     return found
-    added = _read_json(path, "tokenizer config")
-    added = added.get("added_tokens_decoder") if isinstance(added, dict) else None
-    if added is None:
-        return expected
-    try:
-        found = {entry["content"]: int(i) for i, entry in added.items()}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise TokenizerError(f"{path}: added_tokens_decoder must map each id to {{'content': token, …}}") from None
-    if found != expected:
-        raise TokenizerError(f"{path}: added_tokens_decoder lists {found}; Qwen2-Audio's tokenizer has {expected}")
-    return expected
