@@ -132,7 +132,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser, and each command's, from COMMANDS."""
-    parser = argparse.ArgumentParser(prog="qwenaudio", description="Qwen-Audio and Qwen-Audio-Chat in pure PyTorch.")
+    parser = argparse.ArgumentParser(prog="qwenaudio", description="Qwen-Audio, Qwen-Audio-Chat, Qwen2-Audio and Qwen2-Audio-Instruct in pure PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}
     for name, command in COMMANDS.items():

@@ -1,4 +1,4 @@
-"""`qwenaudio chat`: talk with Qwen-Audio-Chat about clips on a terminal, a line at a time."""
+"""`qwenaudio chat`: talk with Qwen-Audio-Chat or Qwen2-Audio-Instruct about clips on a terminal, a line at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..core.errors import QwenAudioError
 from ..core.model import QwenAudio
 from .options import Plan, Terminated, add_model_options, freeze
 
-PARSER = dict(help="talk with Qwen-Audio-Chat about clips",
+PARSER = dict(help="talk with Qwen-Audio-Chat or Qwen2-Audio-Instruct about clips",
               description="Chat on stdin: '/audio PATH' attaches a clip to the next question, "
                           "'/reset' forgets the conversation, '/help' lists the commands, '/quit' "
                           "or end of input leaves; any other /word is refused, not sent (start a "

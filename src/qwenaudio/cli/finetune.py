@@ -19,7 +19,7 @@ from ..progress import eta, say
 from .options import Plan, add_model_options, freeze, positive
 
 SHARES_WORK = True  # under torchrun, the processes share each step
-PARSER = dict(help="fine-tune Qwen-Audio or Qwen-Audio-Chat on your own examples",
+PARSER = dict(help="fine-tune Qwen-Audio(-Chat) or Qwen2-Audio(-Instruct) on your own examples",
               description="Full fine-tuning with the official loss on a JSON Lines file (task form, "
                           "chat form or ms-swift form; see README), checkpoints as it goes, the "
                           "fine-tuned model in the official layout at the end.",

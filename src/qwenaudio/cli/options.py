@@ -63,7 +63,7 @@ def add_model_options(parser: argparse.ArgumentParser, repo: str | None) -> None
                                 "a layer's inputs) while loading (peak memory 7.95 GiB instead of int8's 10.8), "
                                 "inference only; int4 checkpoints (quantize --bits 4) load in int4 without it")
     parser.add_argument("--adapter", type=Path, metavar="DIR",
-                        help="a LoRA adapter (qwenaudio finetune's, or peft's for Qwen-Audio) applied on load")
+                        help="a LoRA adapter (qwenaudio finetune's, or peft's for either family) applied on load")
     parser.add_argument("--max-new-tokens", type=positive, metavar="N", help="default: the task's own budget")
 
 
