@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from qwenaudio import ConfigError, QwenAudioConfig
+from qwenaudio import ConfigError, GenerationConfig, QwenAudioConfig
 from qwenaudio.testing import OFFICIAL_CONFIG
 
 REQUIRED = ["vocab_size", "hidden_size", "num_attention_heads", "kv_channels", "num_hidden_layers",
@@ -143,3 +143,19 @@ def test_a_pipe_given_as_a_checkpoint_is_refused_not_waited_on(tmp_path):
         reader.join()
         pytest.fail("QwenAudioConfig.from_json waited on a pipe")
     assert "not a regular file" in str(result[0])
+
+
+def test_generation_config_takes_a_list_of_eos_ids(tmp_path):
+    """transformers' newer generation_config.json files (Qwen2-Audio-Instruct's) give eos_token_id as a list: each
+    one stops generation."""
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [151645, 151643], "pad_token_id": 151643}')
+    assert GenerationConfig.from_json(tmp_path).stop_token_ids == (151645, 151643)
+
+
+def test_dimensions_too_large_to_exist_are_a_config_error():
+    from qwenaudio.core.checkpoint import tensor_shapes
+    from qwenaudio.testing import tiny_config
+
+    config = QwenAudioConfig.from_dict(tiny_config(n_state=3232196608 // 4 * 4, n_head=4))
+    with pytest.raises(ConfigError, match="too large to exist"):
+        tensor_shapes(config)

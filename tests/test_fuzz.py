@@ -422,7 +422,7 @@ def test_config_numbers_must_be_finite(field, text, shown):
     ("[]", "expected a JSON object, got list"),
     ('{"stop_words_ids": 3}', "'stop_words_ids' must be a list of id lists"),
     ('{"stop_words_ids": [3]}', "'stop_words_ids' must be a list of id lists"),
-    ('{"eos_token_id": [1]}', r"stop token ids must be ints, got \[1\]"),
+    ('{"eos_token_id": [[1]]}', r"stop token ids must be ints, got \[1\]"),  # a list of ids is fine (transformers')
     ('{"stop_words_ids": [[true]]}', "stop token ids must be ints, got True"),
 ])
 def test_generation_config_shapes(tmp_path, text, match):

@@ -37,7 +37,7 @@ from .checks import as_path, expect, shown, whole
 from .config import QwenAudioConfig
 from .families import QWEN_AUDIO, Config, Family, family_of, read_config
 from .qwen2_audio import Qwen2AudioConfig
-from .errors import CheckpointError, InputError, OutputError, QwenAudioError
+from .errors import CheckpointError, ConfigError, InputError, OutputError, QwenAudioError
 from .files import building, refuse_inputs, write_text, writing
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,8 +82,11 @@ def tensor_shapes(config: Config) -> dict[str, Shape]:
     by hand from the official checkpoint's index.
     """
     family = family_of(config)
-    with torch.device("meta"):
-        encoder, decoder = family.encoder(config), family.decoder(config)
+    try:
+        with torch.device("meta"):
+            encoder, decoder = family.encoder(config), family.decoder(config)
+    except (RuntimeError, OverflowError) as e:  # a corrupt width: more elements than an index can count
+        raise ConfigError(f"the config's dimensions describe tensors too large to exist ({e})") from None
     shapes = _state_shapes(family, "decoder", decoder) | _state_shapes(family, "encoder", encoder)
     shapes = dict(sorted(shapes.items(), key=lambda item: item[0].startswith("lm_head.")))  # Qwen-Audio's: last
     if config.quantization:  # quantized weights keep their names and places; the new scales (and zeros) go last
