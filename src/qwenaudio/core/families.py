@@ -82,9 +82,13 @@ def read_config(path: str | Path) -> Config:
     path = Path(path)
     path = path / "config.json" if path.is_dir() else path
     raw = read_json(path)
+    known = " or ".join(f"{f.model_type!r} ({f.name})" for f in FAMILIES)
+    if isinstance(raw, dict) and "model_type" not in raw and ("text_config" in raw or "audio_config" in raw):
+        # Qwen-Audio's files may lack model_type and are read as its; transformers' layout always has one
+        raise ConfigError(f"{path}: model_type is missing (text_config/audio_config are transformers' layout): "
+                          f"expected {known}")
     kind = raw.get("model_type", QWEN_AUDIO.model_type) if isinstance(raw, dict) else QWEN_AUDIO.model_type
     family = next((f for f in FAMILIES if f.model_type == kind), None)
     if family is None:
-        known = " or ".join(f"{f.model_type!r} ({f.name})" for f in FAMILIES)
         raise ConfigError(f"{path}: model_type {kind!r} is not a family this library runs: expected {known}")
     return family.config.from_dict(raw, source=str(path))
