@@ -64,6 +64,7 @@ class Example:
     audio: tuple[Path, ...]  # the clips, in the order of their <audio> regions
     prompt: str = ""  # task form: what the model reads, <audio>PATH</audio> and the tags
     response: str = ""  # task form: what it learns (then <|endoftext|>)
+    task: str | None = None  # task form: the benchmark whose Qwen-Audio tag prompt was built (no "prompt" given)
     system: str = DEFAULT_SYSTEM  # chat form
     turns: tuple[Turn, ...] = ()  # chat form
 
@@ -124,7 +125,8 @@ def _task(row: dict, where: str, root: Path, task: str | None, language: str | N
         prompt = evaluation.prompt(name, row, speech, "clotho")
     response = _text(row, "response" if "response" in row or "gt" not in row else "gt")
     clip = _resolve(root, audio)
-    return Example(where, (clip,), prompt=audio_prompt(clip, prompt), response=response)
+    return Example(where, (clip,), prompt=audio_prompt(clip, prompt), response=response,
+                   task=None if "prompt" in row else name)
 
 
 def _chat(row: dict, where: str, root: Path) -> Example:
