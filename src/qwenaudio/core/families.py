@@ -70,10 +70,12 @@ QWEN2_AUDIO = Family(
 FAMILIES = (QWEN_AUDIO, QWEN2_AUDIO)
 
 
-def family_of(config: Config) -> Family:
-    """The family a config (or a model's, or a decoder's) belongs to."""
-    expect(config, (QwenAudioConfig, Qwen2AudioConfig), "config", "a QwenAudioConfig or Qwen2AudioConfig")
-    return next(f for f in FAMILIES if isinstance(config, f.config))
+def family_of(config: Config | Tokenizer | Qwen2Tokenizer) -> Family:
+    """The family a config (or a model's, or a decoder's) or a tokenizer belongs to: the one place that tells them
+    apart by class."""
+    expect(config, (QwenAudioConfig, Qwen2AudioConfig, Tokenizer, Qwen2Tokenizer), "config",
+           "a QwenAudioConfig or Qwen2AudioConfig (or a model's tokenizer)")
+    return next(f for f in FAMILIES if isinstance(config, (f.config, f.tokenizer)))
 
 
 def read_config(path: str | Path) -> Config:

@@ -46,7 +46,7 @@ from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat, ren
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
-from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO
+from ..core.families import QWEN2_AUDIO, QWEN_AUDIO, family_of
 from ..core.model import IGNORE_INDEX, QwenAudio
 from ..core.qwen2_tokenizer import Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
@@ -256,8 +256,7 @@ def encode(tokenizer: Tokenizer | Qwen2Tokenizer, example: Example, span_of: Cal
     expect(example, Example, "example", "a finetune.Example (from read_examples)")
     if not callable(span_of):
         raise InputError(f"span_of must be a function of a clip's path, got {span_of!r:.80}")
-    family = next(f for f in FAMILIES if isinstance(tokenizer, f.tokenizer))
-    return ENCODERS[family](tokenizer, example, span_of)
+    return ENCODERS[family_of(tokenizer)](tokenizer, example, span_of)
 
 
 def _encode_qwen(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
