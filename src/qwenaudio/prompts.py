@@ -210,12 +210,13 @@ class FamilyTasks:
 
 QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, True)
 QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES, False)
+FAMILY_TASKS = {tasks.family: tasks for tasks in (QWEN_AUDIO_TASKS, QWEN2_TASKS)}
 
 
 def family_tasks(family: Family) -> FamilyTasks:
     """The one place that picks a family's base-model prompts (`model.family`)."""
     expect(family, Family, "family", "a core.families.Family (model.family)")
-    return QWEN2_TASKS if family is QWEN2_AUDIO else QWEN_AUDIO_TASKS
+    return FAMILY_TASKS[family]
 
 
 # ------------------------------------------------------------------------------------------ Qwen-Audio-Chat's ChatML
