@@ -1,4 +1,5 @@
-"""Qwen-Audio assembled: configuration, tokenizer, audio encoder and decoder, loaded from one checkpoint.
+"""A model of either family assembled: configuration, tokenizer, audio encoder and decoder, built as its `Family`
+record says (`model.family`: Qwen-Audio or Qwen2-Audio, from config.json) and loaded from one checkpoint.
 
 Modules are created on the meta device (no memory, no random init) and then take the checkpoint's tensors
 directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
