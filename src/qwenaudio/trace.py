@@ -292,8 +292,8 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
     """One row per tensor both traces hold, in pipeline order (`unmatched` lists the others: a reference from the
     official model's `output_hidden_states` lacks the waveform and the last block's raw output); a tensor passes
     when rel ≤ rtol or max_abs ≤ atol. `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32), and to at
-    least `MEL_RTOL` for the mel. Traces of different families, prompts or projections, with no tensor in common, or whose
-    common tensors differ in shape cannot be compared (InputError)."""
+    least `MEL_RTOL` for the mel. Traces of different families (`check_family`), prompts or projections, with no
+    tensor in common, or whose common tensors differ in shape cannot be compared (InputError)."""
     for which, t in (("ours", ours), ("reference", reference)):
         expect(t, Trace, which, "a Trace (Trace.load(path) or record(...))")
     check_tolerance(rtol, "rtol")
