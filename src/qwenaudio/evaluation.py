@@ -126,9 +126,9 @@ class Protocol:
 PROTOCOLS = {
     # Qwen-Audio keeps the reply's tags and strips it; Qwen2-Audio drops special tokens and keeps the whitespace.
     QWEN_AUDIO: Protocol(BENCHMARKS, "QwenLM/Qwen-Audio e81cc26",
-                              lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=False).strip()),
+                         lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=False).strip()),
     QWEN2_AUDIO: Protocol(QWEN2_BENCHMARKS, "QwenLM/Qwen2-Audio 595360e",
-                               lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)),
+                          lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)),
 }
 
 
