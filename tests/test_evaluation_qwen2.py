@@ -18,7 +18,6 @@ import qwenaudio
 from qwenaudio import cli, evaluation
 from qwenaudio.core.audio import load_audio
 from qwenaudio.core.errors import InputError
-from qwenaudio.core.families import QWEN2_AUDIO
 
 from .test_evaluation import interrupt_at_batch, write_rows
 from .conftest import reference
@@ -184,7 +183,8 @@ def test_a_benchmark_of_the_other_family_is_one_clear_error(model, tiny_ckpt, ti
         evaluation.evaluate(model, "emotion", v1_row, tmp_path / "a")
     with pytest.raises(InputError, match="'meld' is a Qwen2-Audio benchmark; a Qwen-Audio model runs asr, st"):
         evaluation.plan("meld", data_file("meld", tmp_path, shared_audio), tmp_path / "b", checkpoint=tiny_ckpt)
-    assert evaluation.checkpoint_family(tiny_qwen2_ckpt, "asr") is QWEN2_AUDIO
+    with pytest.raises(InputError, match="'emotion' is a Qwen-Audio benchmark; a Qwen2-Audio model runs"):
+        evaluation.plan("emotion", v1_row, tmp_path / "d", checkpoint=tiny_qwen2_ckpt)  # its config.json says
     run = evaluation.plan("emotion", v1_row, tmp_path / "c")  # no checkpoint: Qwen-Audio, the task's family
     with pytest.raises(InputError, match="'emotion' is a Qwen-Audio benchmark"):
         evaluation.execute(model, run)

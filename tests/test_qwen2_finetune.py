@@ -193,3 +193,27 @@ def test_the_finetune_and_merge_commands_on_qwen2_audio(tiny_qwen2_instruct_ckpt
 
 def model_ids(ckpt: Path) -> list[int]:
     return load(ckpt).tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_task_rows_on_qwen2_audio_are_refused_before_the_model_loads(tiny_qwen2_ckpt, tiny_ckpt, tmp_path, capsys,
+                                                                    monkeypatch):
+    from qwenaudio import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cli, "load", never)
+    row = {"audio": str(CLIP1), "language": "en", "response": "hello world"}
+    tagged = write_rows(tmp_path / "tagged.jsonl", [{**row, "task": "asr"}, {**row, "task": "asr"}])
+    plain = write_rows(tmp_path / "plain.jsonl", [row])
+    for data, extra, which in ((tagged, [], "tagged.jsonl:1: \"task\" (and 1 more lines)"),
+                               (plain, ["--task", "asr"], "--task")):
+        code = cli.main(["finetune", "--model", str(tiny_qwen2_ckpt), "--data", str(data), "--output-dir",
+                         str(tmp_path / "out"), "--steps", "1", "--device", "cpu", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{which}: task rows build Qwen-Audio's tag prompts" in err, err
+        assert "is a Qwen2-Audio model, whose rows need a \"prompt\"" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="the model loaded"):  # Qwen-Audio's task rows pass the plan
+        cli.main(["finetune", "--model", str(tiny_ckpt), "--data", str(tagged), "--output-dir",
+                  str(tmp_path / "v1"), "--steps", "1", "--device", "cpu"])

@@ -25,7 +25,7 @@ from safetensors import safe_open
 import qwenaudio
 from qwenaudio import AudioError, ConfigError, InputError, TokenizerError
 from qwenaudio.core.checkpoint import module_path, official_name
-from qwenaudio.core.families import QWEN2_AUDIO, read_config
+from qwenaudio.core.families import QWEN2_AUDIO, QWEN_AUDIO, family_of, read_config
 from qwenaudio.core.model import IGNORE_INDEX, prompt_batch
 
 from .conftest import GOLDEN, reference
@@ -339,6 +339,21 @@ def test_unknown_model_type_is_a_config_error_naming_it_and_the_known_two(tiny_q
         read_config(ckpt)
     with pytest.raises(ConfigError, match=message):
         load(ckpt)
+
+
+def test_transformers_layout_without_model_type_is_a_config_error_saying_so(tiny_qwen2_ckpt, tiny_ckpt, tmp_path):
+    ckpt = shutil.copytree(tiny_qwen2_ckpt, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["model_type"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    message = r"config.json: model_type is missing.*'qwen' \(Qwen-Audio\) or 'qwen2_audio' \(Qwen2-Audio\)"
+    with pytest.raises(ConfigError, match=message):
+        read_config(ckpt)
+    v1 = shutil.copytree(tiny_ckpt, tmp_path / "v1")  # Qwen-Audio's files may lack it: read as Qwen-Audio's
+    config = json.loads((v1 / "config.json").read_text())
+    config.pop("model_type", None)
+    (v1 / "config.json").write_text(json.dumps(config))
+    assert family_of(read_config(v1)) is QWEN_AUDIO
 
 
 def test_more_audio_placeholders_than_clips_is_a_tokenizer_error(base):

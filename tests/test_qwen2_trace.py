@@ -161,3 +161,33 @@ def test_verify_with_the_model_passes_and_names_the_first_divergence(tiny_qwen2_
     bad = run_cli("verify", golden, "--model", broken, "--device", "cpu")
     assert bad.returncode == 1 and "first divergence: decoder.block1" in bad.stdout, bad.stdout + bad.stderr
     assert "first isolated failure: decoder.block1" in bad.stdout
+
+
+def test_a_trace_names_its_family_and_verify_refuses_another_familys(tiny_qwen2_ckpt, tiny_ckpt, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A Qwen2-Audio reference against a Qwen-Audio model (or trace) is refused as that, not as a different prompt;
+    the golden references, recorded before traces named their family, still verify (above)."""
+    monkeypatch.chdir(ROOT)
+    from qwenaudio import cli
+    from qwenaudio.cli import verify
+
+    m = GOLDEN_TRACE.manifest
+    assert "model_type" not in m["model"]
+    v2 = tmp_path / "v2.safetensors"
+    Trace(GOLDEN_TRACE.tensors, {**m, "model": {**m["model"], "model_type": "qwen2_audio"}}).save(v2)
+    v1_trace = tmp_path / "v1.safetensors"
+    code, err = run(capsys, "trace", "--prompt", "<audio>tests/golden/clip0.wav</audio>hi", "--out", v1_trace,
+                    "--model", tiny_ckpt, "--dtype", "float32", "--device", "cpu")
+    assert code == 0 and Trace.load(v1_trace).manifest["model"]["model_type"] == "qwen"
+    against_model = r"a Qwen2-Audio reference trace against a Qwen-Audio model: traces compare only within one family"
+    for known in (True, False):  # from config.json before loading, else from the loaded model
+        if not known:
+            monkeypatch.setattr(verify, "family_of_checkpoint", lambda name: None)
+        code = cli.main(["verify", str(v2), "--model", str(tiny_ckpt), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and against_model.replace("\\", "") in err and "different prompts" not in err, err
+    code = cli.main(["verify", str(v1_trace), str(v2)])
+    err = capsys.readouterr().err
+    assert code == 2 and "a Qwen2-Audio reference trace against our Qwen-Audio trace" in err, err
+    with pytest.raises(InputError, match=against_model):
+        trace.check_family(Trace.load(v2), qwenaudio.core.families.QWEN_AUDIO)

@@ -161,7 +161,8 @@ def main():
     manifest = {"producer": "official", "code": code_note(args.model), "prompt": args.prompt,
                 "audio": list(audio_info["audio_urls"]) if audio_info else [],
                 "input_ids": inputs["input_ids"][0].tolist(), "project": args.project, "logits": args.logits,
-                "model": {"dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+                "model": {"model_type": model.config.model_type,
+                          "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
                           "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
     save_trace(tensors, manifest, args.out)
     print(f"wrote {len(tensors)} tensors ({len(manifest['input_ids'])} tokens) to {args.out}")

@@ -102,7 +102,8 @@ def record(model_dir, prompt, audio, project=None, logits="last", dtype="float32
            f"torch {torch.__version__.split('+')[0]}"
     manifest = {"producer": "transformers", "code": code, "prompt": prompt, "audio": list(audio),
                 "input_ids": inputs["input_ids"][0].tolist(), "project": project, "logits": logits,
-                "model": {"dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+                "model": {"model_type": model.config.model_type,
+                          "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
                           "hidden_size": model.config.text_config.hidden_size,
                           "layers": model.config.text_config.num_hidden_layers}}
     return tensors, manifest

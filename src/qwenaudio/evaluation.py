@@ -44,10 +44,11 @@ from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, renamed
 from .core.errors import AudioError, InputError, OutputError, QwenAudioError
-from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family, family_of, read_config
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.files import append_line, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import LANGUAGES
+from .hub import family_of_checkpoint
 from .progress import Progress
 from .runner import Processes, Report
 
@@ -124,20 +125,20 @@ class Protocol:
 
 PROTOCOLS = {
     # Qwen-Audio keeps the reply's tags and strips it; Qwen2-Audio drops special tokens and keeps the whitespace.
-    QWEN_AUDIO.name: Protocol(BENCHMARKS, "QwenLM/Qwen-Audio e81cc26",
-                              lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=False).strip()),
-    QWEN2_AUDIO.name: Protocol(QWEN2_BENCHMARKS, "QwenLM/Qwen2-Audio 595360e",
-                               lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)),
+    QWEN_AUDIO: Protocol(BENCHMARKS, "QwenLM/Qwen-Audio e81cc26",
+                         lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=False).strip()),
+    QWEN2_AUDIO: Protocol(QWEN2_BENCHMARKS, "QwenLM/Qwen2-Audio 595360e",
+                          lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)),
 }
 
 
 def benchmark(task: str, family: Family = QWEN_AUDIO) -> Benchmark | Qwen2Benchmark:
     """`task`'s protocol for a model of `family`; a benchmark of the other family, or none, is an InputError
     listing what this family runs."""
-    table = PROTOCOLS[family.name].benchmarks
+    table = PROTOCOLS[family].benchmarks
     if isinstance(task, str) and task in table:
         return table[task]
-    owner = next((name for name, p in PROTOCOLS.items() if isinstance(task, str) and task in p.benchmarks), None)
+    owner = next((f.name for f, p in PROTOCOLS.items() if isinstance(task, str) and task in p.benchmarks), None)
     what = f"{task!r} is a {owner} benchmark" if owner else f"unknown benchmark {task!r}"
     raise InputError(f"{what}; a {family.name} model runs {', '.join(table)}")
 
@@ -571,7 +572,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     a file of an output's name that no earlier run wrote is refused unless `overwrite`.
 
     `task` must be a benchmark of the model's family (`family`, else the one `checkpoint`'s config.json names, else
-    Qwen-Audio): Qwen-Audio's are `BENCHMARKS`, Qwen2-Audio's `QWEN2_BENCHMARKS`."""
+    `task_family`): Qwen-Audio's are `BENCHMARKS`, Qwen2-Audio's `QWEN2_BENCHMARKS`."""
     data, output_dir = as_path(data, "data"), as_path(output_dir, "output_dir")
     audio = None if audio_root is None else as_path(audio_root, "audio_root")
     _optional(max_new_tokens, int, "max_new_tokens")
@@ -582,7 +583,7 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     examples, problems = read_benchmark(task, data, audio_root=audio, language=language,
                                         caption_style=caption_style, limit=limit, check_audio=False)
     model_files, key = model_identity(checkpoint, None if adapter is None else as_path(adapter, "adapter"))
-    spec = benchmark(task, family or checkpoint_family(checkpoint, task))
+    spec = benchmark(task, family or family_of_checkpoint(checkpoint) or task_family(task))
     settings = {"task": task, "data": str(data.resolve()), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                 "audio_root": None if audio is None else str(audio.resolve()), "language": language,
                 "caption_style": caption_style, "max_new_tokens": max_new_tokens or spec.max_new_tokens,
@@ -602,18 +603,10 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
     return Run(task, output_dir, settings, examples, problems, todo)
 
 
-def checkpoint_family(checkpoint: str | Path | None, task: str) -> Family:
-    """The family of the model `checkpoint` names (its config.json's model_type); without a checkpoint, or with a
-    config the loader will refuse anyway (and say why), the family `task` belongs to."""
-    fallback = QWEN2_AUDIO if task in QWEN2_BENCHMARKS else QWEN_AUDIO
-    if checkpoint is None:
-        return fallback
-    from .hub import resolve  # found already by model_identity: this only reads its config
-
-    try:
-        return family_of(read_config(resolve(checkpoint)))
-    except QwenAudioError:
-        return fallback
+def task_family(task: str) -> Family:
+    """The family whose benchmarks name `task`: what a run is planned for when its checkpoint's family is unknown
+    (`hub.family_of_checkpoint`: no checkpoint, or a config the loader will refuse anyway, and say why)."""
+    return QWEN2_AUDIO if task in QWEN2_BENCHMARKS else QWEN_AUDIO
 
 
 def _claim_output_directory(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -683,7 +676,7 @@ def generate_replies(model: QwenAudio, texts: Sequence[str], clips: Sequence[Seq
     clips = [[c[:N_SAMPLES] for c in own] for own in clips]  # as heard anyway, without log_mel's warning per clip
     ids = model.generate(texts, clips, progress=decoding, do_sample=False, min_new_tokens=1,
                          max_new_tokens=max_new_tokens)
-    reply = PROTOCOLS[model.family.name].reply
+    reply = PROTOCOLS[model.family].reply
     return [reply(model.tokenizer, row) for row in ids]
 
 

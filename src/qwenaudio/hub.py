@@ -43,6 +43,13 @@ def weights_home() -> Path | None:
     return Path(home).expanduser() if home else None
 
 
+def home_dir(repo_id: str) -> Path | None:
+    """Where `$QWENAUDIO_HOME` holds `repo_id` (and downloads it to): the folder of the repo's name; None when
+    unset."""
+    home = weights_home()
+    return home / repo_id.split("/")[1] if home is not None else None
+
+
 def hf_cache() -> Path:
     """The Hugging Face hub cache, found as huggingface_hub finds it."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -125,8 +132,7 @@ def resolve(name: str | Path) -> Path:
                 f"python -c \"import qwenaudio; print(qwenaudio.download('{repo}'))\" (needs pip install "
                 f"huggingface_hub), and pass the directory it prints.\n{_by_hand(repo)}")
         return path
-    home = weights_home()
-    local = home / name.split("/")[1] if home is not None else None
+    local = home_dir(name)
     if local is not None and (local / "config.json").exists():
         return local
     try:
@@ -144,8 +150,7 @@ def family_of_checkpoint(name: str | Path) -> Family | None:
     if looks_like_path(name):
         place = Path(name).expanduser()
     else:
-        home = weights_home()
-        place = home / name.split("/")[1] if home is not None else cached(name)
+        place = home_dir(name) or cached(name)
     try:
         if place is not None and (place / "config.json").is_file():
             return family_of(read_config(place))

@@ -1,4 +1,4 @@
-"""Qwen-Audio's official prompts, once: the task tags and budgets of the base model, and Qwen-Audio-Chat's ChatML.
+"""Both families' official prompts, once: Qwen-Audio's task tags and ChatML, Qwen2-Audio's instructions and chat.
 
 The base model is steered by hierarchical tags after the clip (docs/MODEL.md#tasks): what kind of output
 (`<|startoftranscript|>` or `<|startofanalysis|>`), the audio's language, the task, the output language,
@@ -7,8 +7,9 @@ timestamps or not, and a style. Each builder here returns the tags and the offic
 reads the same. Qwen-Audio-Chat reads ChatML instead (docs/MODEL.md#chat): `render_chat` is the one renderer, for
 inference (the official `make_context`) and for training (which ids are learned) alike.
 
-Every name here is Qwen-Audio's. Another family's prompts (Qwen2-Audio: plain instructions in ChatML) are its own
-and sit beside these under their own names, leaving these untouched.
+Qwen2-Audio's base model reads a plain instruction after the clip (`Instruction`, `qwen2_asr`, `QWEN2_ANALYSES`)
+and its Instruct model the chat template (`render_qwen2_chat`, `render_qwen2_chat_ids`): its names say so, the
+others are Qwen-Audio's. `family_tasks` picks a model's family's base-model prompts.
 """
 
 from __future__ import annotations
@@ -210,12 +211,13 @@ class FamilyTasks:
 
 QWEN_AUDIO_TASKS = FamilyTasks(QWEN_AUDIO, Prompt, asr, translation, question, ANALYSES, True)
 QWEN2_TASKS = FamilyTasks(QWEN2_AUDIO, Instruction, qwen2_asr, qwen2_translation, None, QWEN2_ANALYSES, False)
+FAMILY_TASKS = {tasks.family: tasks for tasks in (QWEN_AUDIO_TASKS, QWEN2_TASKS)}
 
 
 def family_tasks(family: Family) -> FamilyTasks:
     """The one place that picks a family's base-model prompts (`model.family`)."""
     expect(family, Family, "family", "a core.families.Family (model.family)")
-    return QWEN2_TASKS if family is QWEN2_AUDIO else QWEN_AUDIO_TASKS
+    return FAMILY_TASKS[family]
 
 
 # ------------------------------------------------------------------------------------------ Qwen-Audio-Chat's ChatML

@@ -1,4 +1,4 @@
-"""The evaluation benchmarks' scoring, computed as the official Qwen-Audio scripts compute it.
+"""The evaluation benchmarks' scoring, computed as each family's official scripts (Qwen-Audio's, Qwen2-Audio's) do.
 
 The official repository scores each benchmark in its own script (eval_audio/evaluate_*.py at QwenLM/Qwen-Audio):
 word or character error rate for ASR, an average timestamp shift for speech recognition with word timestamps (SRWT),

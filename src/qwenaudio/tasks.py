@@ -1,4 +1,5 @@
-"""The official tasks of Qwen-Audio: a clip followed by a fixed sequence of task tags (docs/MODEL.md#tasks).
+"""The official tasks of both families' base models: a clip followed by Qwen-Audio's task tags (docs/MODEL.md#tasks)
+or by Qwen2-Audio's plain instruction.
 
 The tags and their official budgets are `qwenaudio.prompts`': `asr_task`, `translate_task` and `question_task` are
 second names for its `asr`, `translation` and `question` (kept because README shows them), `ANALYSES` is its

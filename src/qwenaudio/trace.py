@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .core.audio import load_audio, log_mel_spectrogram
 from .core.checks import expect
 from .core.errors import AudioTagError, InputError, OutputError
-from .core.families import QWEN2_AUDIO, QWEN_AUDIO
+from .core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.files import writing
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import audio_regions
@@ -200,7 +200,8 @@ def record(model: QwenAudio, prompt: str, *, clips: Sequence[str] | None = None,
     tensors = {n: t.float().contiguous() for n, t in tensors.items()}
     manifest = {"producer": "qwenaudio", "prompt": prompt, "audio": audio_files,
                 "input_ids": ids, "project": project, "logits": logits,
-                "model": {"dtype": str(model.decoder.embedding.weight.dtype).removeprefix("torch."),
+                "model": {"model_type": model.family.model_type,
+                          "dtype": str(model.decoder.embedding.weight.dtype).removeprefix("torch."),
                           "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers}}
     return Trace(tensors, manifest)
 
@@ -291,14 +292,15 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
     """One row per tensor both traces hold, in pipeline order (`unmatched` lists the others: a reference from the
     official model's `output_hidden_states` lacks the waveform and the last block's raw output); a tensor passes
     when rel ≤ rtol or max_abs ≤ atol. `rtol` defaults to `default_rtol` (1e-5 when both traces are fp32), and to at
-    least `MEL_RTOL` for the mel. Traces of different prompts or projections, with no tensor in common, or whose
-    common tensors differ in shape cannot be compared (InputError)."""
+    least `MEL_RTOL` for the mel. Traces of different families (`check_family`), prompts or projections, with no
+    tensor in common, or whose common tensors differ in shape cannot be compared (InputError)."""
     for which, t in (("ours", ours), ("reference", reference)):
         expect(t, Trace, which, "a Trace (Trace.load(path) or record(...))")
     check_tolerance(rtol, "rtol")
     check_tolerance(atol, "atol")
     given = rtol
     rtol = default_rtol(ours, reference) if rtol is None else rtol
+    check_family(reference, ours)
     if ours.manifest.get("input_ids") != reference.manifest.get("input_ids"):
         raise InputError("the two traces ran different prompts (their input_ids differ)")
     if ours.manifest.get("project") != reference.manifest.get("project"):
@@ -318,6 +320,26 @@ def compare(ours: Trace, reference: Trace, *, rtol: float | None = None, atol: f
         tol = max(rtol, MEL_RTOL) if given is None and name.startswith("mel.") else rtol
         rows.append(_row(name, ours.tensors[name], ref, tol, atol))
     return rows
+
+
+def trace_family(t: Trace) -> Family | None:
+    """The family a trace was recorded from (its manifest's model.model_type); None for traces that do not say
+    (recorded before the field, or by hand)."""
+    kind = (t.manifest.get("model") or {}).get("model_type")
+    return next((f for f in FAMILIES if f.model_type == kind), None)
+
+
+def check_family(reference: Trace, ours: Trace | Family | None) -> None:
+    """InputError when the reference comes from another family than ours (a trace, or the model to record it
+    with): its prompt and stages mean other things there, so the first difference would wrongly blame the prompt.
+    A trace that does not name its family passes."""
+    theirs, mine = trace_family(reference), trace_family(ours) if isinstance(ours, Trace) else ours
+    if theirs is None or mine is None or theirs is mine:
+        return
+    against = f"our {mine.name} trace" if isinstance(ours, Trace) else f"a {mine.name} model"
+    raise InputError(f"a {theirs.name} reference trace against {against}: traces compare only "
+                     f"within one family (record the reference with {RECORDERS[mine]}, or verify it with a "
+                     f"{theirs.name} model)")
 
 
 def unmatched(ours: Trace, reference: Trace) -> tuple[list[str], list[str]]:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .. import evaluation, finetune, lora
 from ..core.errors import InputError, OutputError, QwenAudioError, TrainingError
+from ..core.families import QWEN2_AUDIO
 from ..core.files import fingerprint, refuse_inputs, writable_directory
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
-from ..hub import looks_like_path, resolve
+from ..hub import family_of_checkpoint, looks_like_path, resolve
 from ..progress import eta, say
 from .options import Plan, add_model_options, freeze, positive
 
@@ -126,6 +127,7 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
         raise InputError(f"--{args.quantize}: {e}") from None
     examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language)
     eval_examples = _eval_examples(args)
+    _refuse_tag_prompts(args, [*examples, *eval_examples])
     if bad and not args.skip_bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise InputError(f"{len(bad)} of {len(bad) + len(examples)} lines cannot be trained on "
@@ -136,6 +138,18 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
     _check_outputs(args, config, result, examples, eval_examples)
     return freeze(FinetunePlan, args, config=config, examples=examples, bad=bad, eval_examples=eval_examples,
                   result=result, dtype=finetune.weights_dtype(config, args.dtype))
+
+
+def _refuse_tag_prompts(args: argparse.Namespace, examples: list) -> None:
+    """--task and rows with "task" build Qwen-Audio's tag prompts: on a Qwen2-Audio model (known from config.json or
+    the repo id) they are refused here, before it loads (training would refuse each such row, after)."""
+    tagged = [e.where for e in examples if e.task]
+    if (args.task or tagged) and family_of_checkpoint(args.model) is QWEN2_AUDIO:
+        more = f" (and {len(tagged) - 1} more lines)" if len(tagged) > 1 else ""
+        which = "--task" if args.task else f"{tagged[0]}: \"task\"{more}"
+        raise InputError(f"{which}: task rows build Qwen-Audio's tag prompts, and {args.model} is a Qwen2-Audio "
+                         "model, whose rows need a \"prompt\" (a plain instruction, e.g. \"Detect the language and "
+                         "recognize the speech: <|en|>\")")
 
 
 def resume_hint(args: argparse.Namespace) -> str:

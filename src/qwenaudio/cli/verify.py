@@ -10,6 +10,7 @@ from .. import trace
 from ..core.errors import InputError
 from ..core.families import QWEN2_AUDIO
 from ..core.model import QwenAudio
+from ..hub import family_of_checkpoint
 from .options import Plan, UsageError, add_model_options, freeze
 from .trace import check_trace_out, model_files, readable_clips
 
@@ -71,6 +72,10 @@ def plan(args: argparse.Namespace) -> VerifyPlan:
     reference = trace.Trace.load(args.traces[-1])
     if not args.model:
         return freeze(VerifyPlan, args, reference=reference, ours=trace.Trace.load(args.traces[0]))
+    try:  # before loading, where config.json or the repo id says the model's family
+        trace.check_family(reference, family_of_checkpoint(args.model))
+    except InputError as e:
+        raise InputError(f"{args.traces[-1]}: {e}") from None
     manifest = reference.manifest
     try:
         clips = readable_clips(list(dict.fromkeys([*trace.prompt_clips(manifest.get("prompt")),
@@ -102,6 +107,7 @@ def run(model: QwenAudio | None, plan: VerifyPlan) -> int:
         ours = plan.ours
     else:
         m = reference.manifest
+        trace.check_family(reference, model.family)
         ours = trace.record(model, m["prompt"], clips=_manifest_clips(m) if model.family is QWEN2_AUDIO else None,
                             project=m.get("project"), logits=m.get("logits", "last"))
         if plan.out:

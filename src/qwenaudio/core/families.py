@@ -70,10 +70,12 @@ QWEN2_AUDIO = Family(
 FAMILIES = (QWEN_AUDIO, QWEN2_AUDIO)
 
 
-def family_of(config: Config) -> Family:
-    """The family a config (or a model's, or a decoder's) belongs to."""
-    expect(config, (QwenAudioConfig, Qwen2AudioConfig), "config", "a QwenAudioConfig or Qwen2AudioConfig")
-    return next(f for f in FAMILIES if isinstance(config, f.config))
+def family_of(config: Config | Tokenizer | Qwen2Tokenizer) -> Family:
+    """The family a config (or a model's, or a decoder's) or a tokenizer belongs to: the one place that tells them
+    apart by class."""
+    expect(config, (QwenAudioConfig, Qwen2AudioConfig, Tokenizer, Qwen2Tokenizer), "config",
+           "a QwenAudioConfig or Qwen2AudioConfig (or a model's tokenizer)")
+    return next(f for f in FAMILIES if isinstance(config, (f.config, f.tokenizer)))
 
 
 def read_config(path: str | Path) -> Config:
@@ -82,9 +84,13 @@ def read_config(path: str | Path) -> Config:
     path = Path(path)
     path = path / "config.json" if path.is_dir() else path
     raw = read_json(path)
+    known = " or ".join(f"{f.model_type!r} ({f.name})" for f in FAMILIES)
+    if isinstance(raw, dict) and "model_type" not in raw and ("text_config" in raw or "audio_config" in raw):
+        # Qwen-Audio's files may lack model_type and are read as its; transformers' layout always has one
+        raise ConfigError(f"{path}: model_type is missing (text_config/audio_config are transformers' layout): "
+                          f"expected {known}")
     kind = raw.get("model_type", QWEN_AUDIO.model_type) if isinstance(raw, dict) else QWEN_AUDIO.model_type
     family = next((f for f in FAMILIES if f.model_type == kind), None)
     if family is None:
-        known = " or ".join(f"{f.model_type!r} ({f.name})" for f in FAMILIES)
         raise ConfigError(f"{path}: model_type {kind!r} is not a family this library runs: expected {known}")
     return family.config.from_dict(raw, source=str(path))

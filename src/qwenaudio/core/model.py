@@ -1,4 +1,5 @@
-"""Qwen-Audio assembled: configuration, tokenizer, audio encoder and decoder, loaded from one checkpoint.
+"""A model of either family assembled: configuration, tokenizer, audio encoder and decoder, built as its `Family`
+record says (`model.family`: Qwen-Audio or Qwen2-Audio, from config.json) and loaded from one checkpoint.
 
 Modules are created on the meta device (no memory, no random init) and then take the checkpoint's tensors
 directly with `load_state_dict(assign=True)`: each weight is read once, converted to the requested dtype, and never
@@ -24,11 +25,11 @@ from torch import Tensor, nn
 from .audio import AudioSource, as_waveform, audio_span, log_mel_spectrogram, source_name
 from .checkpoint import QUANTIZATIONS, int4_group_size, load_checkpoint, quantize_layout, quantizer, split_state
 from .checks import expect, renamed, shown
-from .config import GenerationConfig, QwenAudioConfig
+from .config import GenerationConfig
 from .decoder import Decoder
 from .encoder import AudioEncoder
 from .errors import ConfigError, InputError
-from .families import Config, family_of, read_config
+from .families import QWEN_AUDIO, Config, family_of, read_config
 from .generate import Session, Step, compile_decoding, decode_one_token, generate, stream_text
 from .qwen2_audio import Qwen2AudioEncoder, Qwen2Decoder
 from .tokenizer import Batch, Tokenizer
@@ -277,7 +278,7 @@ def load_decoder(path: str | Path, *, dtype: str | torch.dtype | None = None, de
 
 def _configured(config: Config, true_positions: bool) -> Config:
     """`config` with Qwen-Audio's `true_positions` choice applied (Qwen2-Audio's positions are always true)."""
-    return replace(config, true_positions=true_positions) if isinstance(config, QwenAudioConfig) else config
+    return replace(config, true_positions=true_positions) if family_of(config) is QWEN_AUDIO else config
 
 
 def quantize_option(quantize: str | None, int8: bool = False, int4: bool = False) -> str | None:

@@ -1,8 +1,9 @@
-"""Fine-tuning Qwen-Audio, as torchtune and litgpt split it: `data` (the three JSON Lines forms, checked line by
-line, turned into token ids and labels, batched by length), `config` (`TrainConfig` and the policy on what may be
-trained over which weights), `loop` (`train`, a step at a time: its gradients in `step`, held-out scores in
-`validation`, records in `log`) and `checkpoints` (a run's checkpoint, resuming it, and `export`: the fine-tuned
-model in the official layout, or its adapter). Every public name is here: `finetune.train`, `finetune.export`, …
+"""Fine-tuning either family, as torchtune and litgpt split it: `data` (the three JSON Lines forms, checked line by
+line, turned into token ids and labels as the model's family reads them, batched by length), `config`
+(`TrainConfig` and the policy on what may be trained over which weights), `loop` (`train`, a step at a time: its
+gradients in `step`, held-out scores in `validation`, records in `log`) and `checkpoints` (a run's checkpoint,
+resuming it, and `export`: the fine-tuned model in the official layout, or its adapter). Every public name is
+here: `finetune.train`, `finetune.export`, …
 """
 
 from .checkpoints import (INPUT_NAMES, check_resume, checkpoint_dir, export, output_errors, run_inputs, save_model,

@@ -46,7 +46,7 @@ from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat, ren
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
-from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO
+from ..core.families import QWEN2_AUDIO, QWEN_AUDIO, family_of
 from ..core.model import IGNORE_INDEX, QwenAudio
 from ..core.qwen2_tokenizer import Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
@@ -64,6 +64,7 @@ class Example:
     audio: tuple[Path, ...]  # the clips, in the order of their <audio> regions
     prompt: str = ""  # task form: what the model reads, <audio>PATH</audio> and the tags
     response: str = ""  # task form: what it learns (then <|endoftext|>)
+    task: str | None = None  # task form: the benchmark whose Qwen-Audio tag prompt was built (no "prompt" given)
     system: str = DEFAULT_SYSTEM  # chat form
     turns: tuple[Turn, ...] = ()  # chat form
 
@@ -124,7 +125,8 @@ def _task(row: dict, where: str, root: Path, task: str | None, language: str | N
         prompt = evaluation.prompt(name, row, speech, "clotho")
     response = _text(row, "response" if "response" in row or "gt" not in row else "gt")
     clip = _resolve(root, audio)
-    return Example(where, (clip,), prompt=audio_prompt(clip, prompt), response=response)
+    return Example(where, (clip,), prompt=audio_prompt(clip, prompt), response=response,
+                   task=None if "prompt" in row else name)
 
 
 def _chat(row: dict, where: str, root: Path) -> Example:
@@ -254,8 +256,7 @@ def encode(tokenizer: Tokenizer | Qwen2Tokenizer, example: Example, span_of: Cal
     expect(example, Example, "example", "a finetune.Example (from read_examples)")
     if not callable(span_of):
         raise InputError(f"span_of must be a function of a clip's path, got {span_of!r:.80}")
-    family = next(f for f in FAMILIES if isinstance(tokenizer, f.tokenizer))
-    return ENCODERS[family](tokenizer, example, span_of)
+    return ENCODERS[family_of(tokenizer)](tokenizer, example, span_of)
 
 
 def _encode_qwen(tokenizer: Tokenizer, example: Example, span_of: Callable[[str], int]) -> tuple[list[int], list[int]]:
