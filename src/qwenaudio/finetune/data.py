@@ -41,12 +41,12 @@ import torch
 from torch import Tensor
 
 from .. import evaluation
-from ..batch import seconds
+from ..batch import seconds, shortest_clip
 from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat, render_qwen2_chat_ids
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
-from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO
+from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO, Family
 from ..core.model import IGNORE_INDEX, QwenAudio
 from ..core.qwen2_tokenizer import Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
@@ -68,11 +68,12 @@ class Example:
     turns: tuple[Turn, ...] = ()  # chat form
 
 
-def read_examples(path: str | Path, *, task: str | None = None, language: str | None = None
-                  ) -> tuple[list[Example], list[str]]:
+def read_examples(path: str | Path, *, task: str | None = None, language: str | None = None,
+                  family: Family | None = None) -> tuple[list[Example], list[str]]:
     """The examples of a JSON Lines file and one message per line that cannot be trained on, naming the file and
     line (blank lines are not examples). `task` reads rows without a prompt (the official evaluation files) as that
-    task of `evaluation.BENCHMARKS`; `language` is the spoken language such rows need when they do not say it."""
+    task of `evaluation.BENCHMARKS`; `language` is the spoken language such rows need when they do not say it.
+    `family` (the model's, where known) sets the shortest clip; None takes the shorter of the two families'."""
     expect(path, (str, Path), "path", "a JSON Lines file")
     expect(task, (str, type(None)), "task", "a task name or None")
     expect(language, (str, type(None)), "language", "a language tag or None")
@@ -88,7 +89,7 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
                                                                                  language)
         for clip in example.audio:
             if clip not in checked:
-                checked[clip] = _clip_problem(clip)
+                checked[clip] = _clip_problem(clip, shortest_clip(family))
             if checked[clip]:
                 raise InputError(checked[clip])
         return example
@@ -220,12 +221,12 @@ def _resolve(root: Path, audio: Any) -> Path:
     return Path(os.path.abspath(root / Path(audio)))
 
 
-def _clip_problem(clip: Path) -> str | None:
+def _clip_problem(clip: Path, min_samples: int) -> str | None:
     """Why a clip cannot be trained on, or None: it must load as the model takes it (`as_waveform`'s rules: a
     readable audio file, finite samples, long enough for one audio token), and last at most 30 s, since the model
     hears no more and a longer clip's reply would describe what it never hears."""
     try:
-        wave = as_waveform(clip, str(clip))
+        wave = as_waveform(clip, str(clip), min_samples)
     except AudioError as e:
         return f"audio {e}"
     if len(wave) > N_SAMPLES:
@@ -359,14 +360,14 @@ def length_keys(examples: Sequence[Example]) -> list[float]:
 def batch_inputs(model: QwenAudio, batch: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded (a clip changed since it was checked
     is named)."""
-    clips = [[load_clip(p) for p in e.audio] for e in batch]
+    clips = [[load_clip(p, model.encoder.min_samples) for p in e.audio] for e in batch]
     ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: model.encoder.span_length(len(c)))
     return ids, labels, mask, [c for row in clips for c in row]
 
 
-def load_clip(clip: Path) -> Tensor:
+def load_clip(clip: Path, min_samples: int) -> Tensor:
     try:
-        return as_waveform(clip, str(clip))
+        return as_waveform(clip, str(clip), min_samples)
     except AudioError as e:
         raise InputError(f"audio {e} (it was readable when the data was checked)") from None
 
