@@ -47,6 +47,7 @@ from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family, family_of, read_config
 from .core.files import append_line, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, expect_model
+from .core.qwen2_tokenizer import AUDIO_REGION
 from .core.tokenizer import LANGUAGES
 from .progress import Progress
 from .runner import Processes, Report
@@ -106,7 +107,6 @@ QWEN2_BENCHMARKS: dict[str, Qwen2Benchmark] = {b.name: b for b in (
     Qwen2Benchmark("vocalsound", "evaluate_vocal_sound.py", "vocal_sound"),
     Qwen2Benchmark("airbench_level3", "evaluate_chat.py", "chat"),
 )}
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # what every Qwen2-Audio script puts before a row's prompt
 # evaluate_chat.py's conversation (the default system turn, the query as the user's text) through the Instruct chat
 # template, as transformers' Qwen2AudioProcessor renders it (tests/test_evaluation_qwen2.py compares them).
 CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
@@ -331,7 +331,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
 
 @dataclass(frozen=True)
 class Qwen2Example(BenchmarkExample):
-    """A Qwen2-Audio data row: `prompt` is the whole text the script builds (`AUDIO_PLACEHOLDER` + the row's prompt,
+    """A Qwen2-Audio data row: `prompt` is the whole text the script builds (`AUDIO_REGION` + the row's prompt,
     or the chat turn around the row's query); `row_id` is a chat row's `id`, kept with its reply for the judge."""
 
     row_id: Any = None
@@ -352,7 +352,7 @@ def _qwen2_example(spec: Qwen2Benchmark, row: Any, line: int, where: str, audio_
         if not isinstance(row[name], str):
             raise InputError(f"{name!r} must be a string, got {type(row[name]).__name__}")
     chat = spec.task == "chat"
-    text = CHAT_PROMPT.format(query=row["query"]) if chat else AUDIO_PLACEHOLDER + row["prompt"]
+    text = CHAT_PROMPT.format(query=row["query"]) if chat else AUDIO_REGION + row["prompt"]
     if text.count("<|AUDIO|>") != 1:  # the processor would refuse the row: one clip, one placeholder
         raise InputError(f"{'query' if chat else 'prompt'} {row['query' if chat else 'prompt']!r:.80}: the prompt "
                          f"must hold <|AUDIO|> exactly once (the row's one clip), it holds it "

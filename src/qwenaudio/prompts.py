@@ -23,7 +23,7 @@ from .core.checks import expect, shown
 from .core.errors import InputError
 from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.model import IGNORE_INDEX
-from .core.qwen2_tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Qwen2Tokenizer
+from .core.qwen2_tokenizer import AUDIO, AUDIO_REGION, Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
 
 
@@ -115,7 +115,6 @@ ANALYSES: dict[str, Prompt] = {  # the analyses that need nothing but the clip
 # the ASR prompt extends and several fine-tuning and evaluation scripts use (`… translate the speech into German:
 # <|en|>`).
 
-AUDIO_REGION = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # one clip; the instruction follows with no space or newline
 # The languages of the official evaluation (ASR: en zh yue fr; CoVoST2: en de zh es fr it): each one's tag in the
 # prompt, and the name the translation prompt writes.
 QWEN2_LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
@@ -134,7 +133,7 @@ class Instruction:
     def text(self, audio: str | Path | None = None) -> str:
         """The whole prompt. The clip is passed beside it (its `<|AUDIO|>` is sized to the clip), so `audio`, the
         name `Prompt.text` writes, is not part of it."""
-        return AUDIO_REGION + self.instruction
+        return AUDIO_REGION + self.instruction  # no space or newline between
 
 
 def check_qwen2_language(code: str) -> str:
@@ -370,7 +369,7 @@ def _qwen2_messages(turns: Sequence[Qwen2Turn], system: str,
         for part in [content] if isinstance(content, str) else content:
             if isinstance(part, dict) and "audio" in part:
                 clips += 1
-                body += f"Audio {clips}: {AUDIO_BOS}{AUDIO}{AUDIO_EOS}\n"
+                body += f"Audio {clips}: {AUDIO_REGION}\n"
             else:
                 body += part if isinstance(part, str) else part["text"]
         roles.append(role)

@@ -16,6 +16,7 @@ from ..core.errors import AudioError, InputError, OutputError
 from ..core.families import Family
 from ..core.files import refuse_inputs
 from ..core.model import QwenAudio
+from ..core.qwen2_tokenizer import AUDIO_REGION
 from ..hub import family_of_checkpoint
 from .options import Plan, add_model_options, freeze, positive
 
@@ -39,7 +40,7 @@ class TracePlan(Plan):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt; Qwen-Audio's names its clips in "
-                        "<audio>PATH</audio> regions, Qwen2-Audio's holds <|audio_bos|><|AUDIO|><|audio_eos|> per clip")
+                        f"<audio>PATH</audio> regions, Qwen2-Audio's holds {AUDIO_REGION} per clip")
     parser.add_argument("--audio", action="append", default=[], metavar="PATH",
                         help="Qwen2-Audio: the clip of the prompt's next <|AUDIO|> (repeat it for each, in order)")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")

@@ -48,7 +48,7 @@ from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
 from ..core.families import FAMILIES, QWEN2_AUDIO, QWEN_AUDIO, Family
 from ..core.model import IGNORE_INDEX, QwenAudio
-from ..core.qwen2_tokenizer import Qwen2Tokenizer
+from ..core.qwen2_tokenizer import AUDIO_REGION, Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
 from .config import TrainConfig
 
@@ -269,7 +269,6 @@ def _encode_qwen(tokenizer: Tokenizer, example: Example, span_of: Callable[[str]
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
 
-QWEN2_AUDIO_TAGS = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # a clip, as Qwen2-Audio's prompts hold it
 _REGION = re.compile(r"(?:Audio \d+:)?<audio>(.*?)</audio>\n?", re.DOTALL)  # a clip as `query_text` writes it
 _TASK_TAGS = ("<|startoftranscript|>", "<|startofanalysis|>")  # Qwen-Audio's task prompts start with one
 
@@ -286,7 +285,7 @@ def _encode_qwen2(tokenizer: Qwen2Tokenizer, example: Example, span_of: Callable
             raise InputError(f"{example.where}: a Qwen-Audio task prompt (its tags) for a Qwen2-Audio model, whose "
                              "base model reads plain instructions: give the row a 'prompt' (e.g. \"Detect the "
                              "language and recognize the speech: <|en|>\")")
-        prompt = tokenizer.encode(_REGION.sub(QWEN2_AUDIO_TAGS, example.prompt), audio_spans=spans or None)
+        prompt = tokenizer.encode(_REGION.sub(AUDIO_REGION, example.prompt), audio_spans=spans or None)
         response = tokenizer.encode(example.response) + [tokenizer.eod_id]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
     turns = [turn for user, reply in example.turns for turn in (("user", _parts(user)), ("assistant", reply))]
