@@ -247,6 +247,22 @@ def query_text(parts: str | Sequence[Part]) -> str:
     return out
 
 
+CLIPS_AS_PARTS = "attach clips as {'audio': path} parts"  # how a library caller gives Qwen2-Audio a clip
+_QWEN_AUDIO_REGION = re.compile(r"<audio>.*?</audio>", re.DOTALL)
+
+
+def check_qwen2_text(text: str, clips: str = CLIPS_AS_PARTS) -> str:
+    """`text`, the typed text of a Qwen2-Audio query, once it marks no clip's place itself: a typed `<|AUDIO|>` is
+    read as a clip's place with no clip, and Qwen-Audio's `<audio>PATH</audio>` is plain text to Qwen2-Audio's
+    tokenizer, so its clip would never be heard. `clips` says how the caller's user gives a clip instead."""
+    if AUDIO in text:
+        raise InputError(f"the query's text holds {AUDIO}, which stands for a clip's audio: {clips}")
+    if _QWEN_AUDIO_REGION.search(text):
+        raise InputError("the query's text holds Qwen-Audio's <audio>…</audio>, which Qwen2-Audio reads as plain text "
+                         f"(the clip would not be heard): {clips}")
+    return text
+
+
 def _content(tokenizer: Tokenizer, content: str, span_of: Callable[[str], int]) -> tuple[list[int], list[str]]:
     """A message's text as ChatML holds it, and the path of each audio region in it: only Qwen-Audio's audio tags
     are special (a typed "<|im_start|>" stays text), each `<audio>path</audio>` region given its clip's span by
