@@ -14,6 +14,7 @@ import torch
 import qwenaudio
 from qwenaudio import load_audio, tasks
 from qwenaudio.batch import Job, check_names, find_inputs, plan_batches, run_files, seconds
+from qwenaudio.core.audio import MIN_SAMPLES
 from qwenaudio.core.errors import InputError
 from qwenaudio.longform import plan_windows
 
@@ -162,7 +163,7 @@ def test_a_failing_batch_is_retried_file_by_file(tmp_path):
 
     written = {}
     outcomes = list(run_files(find_inputs(paths), recognize, lambda job, text: written.update({job.path: text}),
-                              batch_size=4))
+                              min_samples=MIN_SAMPLES, batch_size=4))
     assert calls == [["a", "b", "poison"], ["a"], ["b"], ["poison"]]
     assert written == {paths[0]: "text of a", paths[1]: "text of b"}
     assert [(job.path, error) for job, error in outcomes] == [
@@ -172,9 +173,9 @@ def test_a_failing_batch_is_retried_file_by_file(tmp_path):
 @pytest.mark.parametrize("call, message", [
     (lambda: find_inputs([123]), "find_inputs takes paths"),
     (lambda: find_inputs(None), "find_inputs takes paths"),
-    (lambda: run_files([], "recognize", print), "must be functions"),
-    (lambda: run_files([], print, print, batch_size=0), "batch_size must be an int >= 1"),
-    (lambda: run_files([], print, print, world="2"), "world must be an int >= 1"),
+    (lambda: run_files([], "recognize", print, min_samples=MIN_SAMPLES), "must be functions"),
+    (lambda: run_files([], print, print, min_samples=MIN_SAMPLES, batch_size=0), "batch_size must be an int >= 1"),
+    (lambda: run_files([], print, print, min_samples=MIN_SAMPLES, world="2"), "world must be an int >= 1"),
     (lambda: plan_batches([Job(Path("a.wav"), Path("a"))], 0), "batch_size must be an int >= 1"),
     (lambda: plan_batches(["a.wav"], 2), "takes jobs with a path"),
     (lambda: check_names(["a.wav"]), "takes the Jobs find_inputs returns"),

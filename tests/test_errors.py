@@ -12,7 +12,7 @@ import qwenaudio
 from qwenaudio import (AudioError, GenerationConfig, InputError, QwenAudioConfig, QwenAudioError, Tokenizer, load_audio,
                        tasks, trace)
 from qwenaudio.chat import Chat, chat, query_text
-from qwenaudio.core.audio import as_waveform, log_mel_spectrogram
+from qwenaudio.core.audio import MIN_SAMPLES, as_waveform, log_mel_spectrogram
 from qwenaudio.longform import plan_windows
 from qwenaudio.testing import make_tiny_checkpoint
 
@@ -89,7 +89,7 @@ CASES = {
     "load_audio None": (lambda m, c, tok: load_audio(None), r"audio source must be a path"),
     "load_audio list": (lambda m, c, tok: load_audio([0.0] * 800), r"audio source must be a path"),
     "load_audio rate": (lambda m, c, tok: load_audio(np.zeros(800), source_sr="16000"), r"sample rate"),
-    "as_waveform": (lambda m, c, tok: as_waveform(1.5, "clip 0"), r"audio source must be a path"),
+    "as_waveform": (lambda m, c, tok: as_waveform(1.5, "clip 0", MIN_SAMPLES), r"audio source must be a path"),
     "log_mel_spectrogram": (lambda m, c, tok: log_mel_spectrogram(CLIP), r"audio must be a torch.Tensor"),
     "plan_windows": (lambda m, c, tok: plan_windows(CLIP), r"audio must be a 1-D torch.Tensor"),
     "GenerationConfig": (lambda m, c, tok: GenerationConfig(top_k="5"), r"top_k must be an int"),
@@ -141,7 +141,7 @@ def test_an_integer_source_is_never_read_as_a_file_descriptor():
             load_audio(fd)
     finally:
         os.close(fd)
-    assert torch.equal(as_waveform(WAVE, "clip 0"), WAVE)  # a waveform still passes
+    assert torch.equal(as_waveform(WAVE, "clip 0", MIN_SAMPLES), WAVE)  # a waveform still passes
 
 
 def test_the_readme_examples_are_input_errors(models):

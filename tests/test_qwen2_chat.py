@@ -348,3 +348,26 @@ def test_cli_chat_subprocess_equals_the_library(tiny_qwen2_instruct_ckpt, tmp_pa
     second = conversation.ask("and now?", max_new_tokens=4)
     assert done.stdout == f"{first}\n{second}\n" and "Traceback" not in done.stderr
 
+
+
+def test_a_typed_qwen_audio_region_is_refused_saying_how_clips_are_given(instruct, monkeypatch):
+    """Qwen2-Audio's tokenizer reads `<audio>PATH</audio>` as plain text: the clip would never be heard."""
+    monkeypatch.setattr(generate, "choose", lambda logits, config, generator: torch.tensor([IM_END]))
+    conversation = Chat(instruct)
+    conversation.ask([{"audio": CLIP0}, "what is it?"])  # an audio part is a clip, whatever its path
+    for query in (f"what is <audio>{CLIP0}</audio>?", [{"audio": CLIP0}, {"text": f"and <audio>{CLIP1}</audio>"}]):
+        with pytest.raises(qwenaudio.InputError, match=r"Qwen-Audio's <audio>…</audio>, which Qwen2-Audio reads as "
+                                                       r"plain text .*: attach clips as \{'audio': path\} parts"):
+            conversation.ask(query)
+    assert conversation.history == [([{"audio": CLIP0}, "what is it?"], "")]
+
+
+def test_cli_a_typed_clip_is_refused_in_the_command_s_words(instruct, monkeypatch, capsys):
+    sent = []
+    monkeypatch.setattr(Chat, "stream", lambda self, query, **g: sent.append(query) or iter(["ok"]))
+    code, out, err = chat_command(monkeypatch, capsys, instruct, [
+        f"/audio {CLIP0}", f"hear <audio>{CLIP1}</audio>", "say <|AUDIO|>", "hello"])
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 0 and out == "ok\n" and sent == [["hello"]]
+    assert len(errors) == 2 and all(e.endswith(": attach a clip with /audio PATH, then ask") for e in errors), errors
+    assert "Qwen-Audio's <audio>…</audio>" in errors[0] and "<|AUDIO|>" in errors[1]

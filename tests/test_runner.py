@@ -9,6 +9,7 @@ import torch
 
 from qwenaudio import progress
 from qwenaudio.batch import find_inputs
+from qwenaudio.core.audio import MIN_SAMPLES
 from qwenaudio.runner import Processes, Report
 
 
@@ -23,7 +24,7 @@ def test_each_job_runs_once_and_process_0_summarizes(tmp_path):
     todo, finished, written = jobs(tmp_path, 3), [], []
     summary, reports = Processes().run(
         todo, lambda batch, clips: [len(c) for c in clips], lambda job, n: written.append(job.label),
-        lambda reports, interrupted: (reports, interrupted), batch_size=2,
+        lambda reports, interrupted: (reports, interrupted), min_samples=MIN_SAMPLES, batch_size=2,
         finished=lambda job, error: finished.append((job.label, error)))
     assert summary == (reports, False) and reports == [Report(done=written, failed=[])]
     assert sorted(written) == sorted(j.label for j in todo) and [e for _, e in finished] == [None] * 3
@@ -41,7 +42,8 @@ def test_an_interrupt_is_summarized_and_raised_again(tmp_path):
     summaries = []
     with pytest.raises(KeyboardInterrupt):
         Processes().run(jobs(tmp_path, 2), recognize, lambda job, _: None,
-                        lambda reports, interrupted: summaries.append((reports, interrupted)), batch_size=1)
+                        lambda reports, interrupted: summaries.append((reports, interrupted)), min_samples=MIN_SAMPLES,
+                        batch_size=1)
     assert summaries == [([Report(done=[seen[0][0].label])], True)]
 
 

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import soundfile as sf
 from torch import Tensor
 
-from .core.audio import as_waveform
+from .core.audio import MIN_SAMPLES, QWEN2_MIN_SAMPLES, as_waveform
 from .core.checks import whole
 from .core.errors import CheckpointError, InputError, OutputError, QwenAudioError
+from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.files import fingerprint, refuse_inputs, write_text
 
 R = TypeVar("R")
@@ -92,8 +93,14 @@ def plan_batches(jobs: Sequence[J], batch_size: int) -> list[list[J]]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def shortest_clip(family: Family | None) -> int:
+    """The fewest samples a clip may have for a model of `family` (its encoder's `min_samples`), for checks made
+    before the model loads; for an unknown family the smaller minimum, so the model's own check still holds."""
+    return {QWEN_AUDIO: MIN_SAMPLES, QWEN2_AUDIO: QWEN2_MIN_SAMPLES}.get(family, min(MIN_SAMPLES, QWEN2_MIN_SAMPLES))
+
+
 def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], list[R]],
-              write: Callable[[J, R], None], *, batch_size: int = 8, rank: int = 0, world: int = 1,
+              write: Callable[[J, R], None], *, min_samples: int, batch_size: int = 8, rank: int = 0, world: int = 1,
               progress: Callable[[int, int, list[J]], None] | None = None) -> Iterator[tuple[J, str | None]]:
     """Recognise `jobs` (`Job`s, or anything with the audio's `path` and a `label` for messages) a batch at a time
     (this process's share of `plan_batches`) and `write` each result, yielding (job, None) for each file done and
@@ -102,7 +109,7 @@ def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], li
     Each file is read and checked before its batch runs, so a file that cannot be read or is too short fails alone.
     When a batch fails as a whole, its files are tried one at a time, so only a bad one fails, under its own name.
     A result that cannot be written (a full disk) fails its file; the others go on. `progress(finished, total,
-    batch)` is called after each batch. Failures are also logged on stderr as `error: label: message`."""
+    batch)` is called after each batch; `min_samples` is the model's `encoder.min_samples`. Failures are also logged on stderr as `error: label: message`."""
     if not callable(recognize) or not callable(write) or not (progress is None or callable(progress)):
         raise InputError("run_files: recognize and write must be functions (and progress a function or None)")
     for name, value, least in (("batch_size", batch_size, 1), ("rank", rank, 0), ("world", world, 1)):
@@ -113,7 +120,7 @@ def run_files(jobs: Sequence[J], recognize: Callable[[list[J], list[Tensor]], li
         loaded: list[tuple[Job, Tensor]] = []
         for job in batch:
             try:
-                loaded.append((job, as_waveform(job.path, str(job.path))))
+                loaded.append((job, as_waveform(job.path, str(job.path), min_samples)))
             except QwenAudioError as e:
                 yield job, _report(job, e)
         for job, outcome in _recognize(loaded, recognize):

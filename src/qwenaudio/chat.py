@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 
 from . import prompts
-from .core.audio import as_waveform, audio_span
+from .core.audio import as_waveform
 from .core.decoder import KVCache
 from .core.checks import expect, renamed, shown
 from .core.errors import InputError
 from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.generate import Session
 from .core.model import QwenAudio, expect_model
-from .core.qwen2_tokenizer import AUDIO
 from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 
@@ -143,17 +142,17 @@ class _Dialect:
 
 def _qwen_audio_context(chat: Chat, query: str) -> prompts.Rendered:
     return prompts.render_chat(chat.model.tokenizer, chat.system, chat.history, query,
-                               span_of=lambda path: audio_span(len(chat.clip(path))),
+                               span_of=chat._span,
                                max_window_size=chat.model.generation_config.max_window_size)
 
 
 def _qwen2_query(query: str | Sequence[Part]) -> Query:
     """A Qwen2-Audio query as the history keeps it: the text, or a copy of the parts, once `query_text` reads
-    them. A typed `<|AUDIO|>` is refused: the template's tokenizer reads it as a clip's place, with no clip."""
-    text = query_text(query)  # the same parts, the same errors
-    if AUDIO in text:
-        raise InputError(f"the query's text holds {AUDIO}, which stands for a clip's audio: attach clips as "
-                         "{'audio': path} parts")
+    them. Typed text that marks a clip's place itself is refused (`prompts.check_qwen2_text`)."""
+    query_text(query)  # the same parts, the same errors
+    typed = [query] if isinstance(query, str) else [p if isinstance(p, str) else p["text"] for p in query
+                                                     if isinstance(p, str) or "audio" not in p]
+    prompts.check_qwen2_text("".join(typed))
     return query if isinstance(query, str) else [dict(p) if isinstance(p, dict) else p for p in query]
 
 

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import prompts, scoring
-from .batch import claim_outputs, model_identity, refuse_many_inputs, refuse_model_directory
+from .batch import claim_outputs, model_identity, refuse_many_inputs, refuse_model_directory, shortest_clip
 from .core.audio import N_SAMPLES, as_waveform
 from .core.checkpoint import quantization_of
 from .core.checks import as_path, expect, renamed
@@ -47,6 +47,7 @@ from .core.errors import AudioError, InputError, OutputError, QwenAudioError
 from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.files import append_line, refuse_inputs, writable_directory, write_text
 from .core.model import QwenAudio, expect_model
+from .core.qwen2_tokenizer import AUDIO_REGION
 from .core.tokenizer import LANGUAGES
 from .hub import family_of_checkpoint
 from .progress import Progress
@@ -107,7 +108,6 @@ QWEN2_BENCHMARKS: dict[str, Qwen2Benchmark] = {b.name: b for b in (
     Qwen2Benchmark("vocalsound", "evaluate_vocal_sound.py", "vocal_sound"),
     Qwen2Benchmark("airbench_level3", "evaluate_chat.py", "chat"),
 )}
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # what every Qwen2-Audio script puts before a row's prompt
 # evaluate_chat.py's conversation (the default system turn, the query as the user's text) through the Instruct chat
 # template, as transformers' Qwen2AudioProcessor renders it (tests/test_evaluation_qwen2.py compares them).
 CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
@@ -225,7 +225,7 @@ def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None
                              f"the official {spec.script} scores them; give no language")
         examples, problems = read_lines(data, lambda row, number, where: _qwen2_example(
             spec, row, number, where, audio_root), limit)
-        return (examples, problems) if not check_audio else _checked(data, examples, problems)
+        return (examples, problems) if not check_audio else _checked(data, examples, problems, QWEN2_AUDIO)
     if not isinstance(task, str) or task not in BENCHMARKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)} (Qwen-Audio), "
                          f"{', '.join(QWEN2_BENCHMARKS)} (Qwen2-Audio)")
@@ -234,25 +234,26 @@ def read_benchmark(task: str, data: str | Path, *, audio_root: str | Path | None
         prompts.check_language(language)
     examples, problems = read_lines(data, lambda row, number, where: _example(task, row, number, where, audio_root,
                                                                             language, caption_style), limit)
-    return (examples, problems) if not check_audio else _checked(data, examples, problems)
+    return (examples, problems) if not check_audio else _checked(data, examples, problems, QWEN_AUDIO)
 
 
-def _checked(data: Path, examples: list[BenchmarkExample], problems: list[str]
+def _checked(data: Path, examples: list[BenchmarkExample], problems: list[str], family: Family
              ) -> tuple[list[BenchmarkExample], list[str]]:
-    examples, bad = check_clips(examples)
+    examples, bad = check_clips(examples, shortest_clip(family))
     return examples, by_line(data, [*problems, *bad])
 
 
-def check_clips(examples: Sequence[BenchmarkExample]) -> tuple[list[BenchmarkExample], list[str]]:
+def check_clips(examples: Sequence[BenchmarkExample], min_samples: int
+                ) -> tuple[list[BenchmarkExample], list[str]]:
     """The examples whose clip the model can hear, and a message per other one naming its file:line: each clip is
     read and checked as `as_waveform` checks it when its batch runs (no such file, a directory, not audio, empty,
-    NaN or infinite samples, shorter than one audio token), so a bad clip is reported before any model loads. This
+    NaN or infinite samples, shorter than one audio token: `min_samples`), so a bad clip is reported before any model loads. This
     decodes every clip once more: measured on a 2-core CPU, 16 kHz FLAC or WAV at 2,000-10,000x real time, 48 kHz
     MP3 (resampled) at 350-700x, so about 1 to 10 s per hour of audio (LibriSpeech test-clean, 5.4 h, in seconds)."""
     good, bad = [], []
     for example in examples:
         try:
-            as_waveform(example.path, str(example.path))
+            as_waveform(example.path, str(example.path), min_samples)
         except AudioError as e:
             looked = "" if str(example.path) == example.audio else f" (looked for {example.path})"
             bad.append(f"{example.where}: audio {example.audio!r}: {str(e).removeprefix(f'{example.path}: ')}{looked}")
@@ -331,7 +332,7 @@ def _example(task: str, row: Any, line: int, where: str, audio_root: Path | None
 
 @dataclass(frozen=True)
 class Qwen2Example(BenchmarkExample):
-    """A Qwen2-Audio data row: `prompt` is the whole text the script builds (`AUDIO_PLACEHOLDER` + the row's prompt,
+    """A Qwen2-Audio data row: `prompt` is the whole text the script builds (`AUDIO_REGION` + the row's prompt,
     or the chat turn around the row's query); `row_id` is a chat row's `id`, kept with its reply for the judge."""
 
     row_id: Any = None
@@ -352,7 +353,7 @@ def _qwen2_example(spec: Qwen2Benchmark, row: Any, line: int, where: str, audio_
         if not isinstance(row[name], str):
             raise InputError(f"{name!r} must be a string, got {type(row[name]).__name__}")
     chat = spec.task == "chat"
-    text = CHAT_PROMPT.format(query=row["query"]) if chat else AUDIO_PLACEHOLDER + row["prompt"]
+    text = CHAT_PROMPT.format(query=row["query"]) if chat else AUDIO_REGION + row["prompt"]
     if text.count("<|AUDIO|>") != 1:  # the processor would refuse the row: one clip, one placeholder
         raise InputError(f"{'query' if chat else 'prompt'} {row['query' if chat else 'prompt']!r:.80}: the prompt "
                          f"must hold <|AUDIO|> exactly once (the row's one clip), it holds it "
@@ -595,7 +596,8 @@ def plan(task: str, data: str | Path, output_dir: str | Path, *, audio_root: str
                        [e.path for e in examples])
     _claim_output_directory(output_dir, settings, overwrite)
     replied = _read_replies(output_dir, {e.line: e for e in examples})
-    todo, bad = check_clips([e for e in examples if e.line not in replied])
+    todo, bad = check_clips([e for e in examples if e.line not in replied],
+                            shortest_clip(QWEN2_AUDIO if task in QWEN2_BENCHMARKS else QWEN_AUDIO))
     if bad:
         problems = by_line(data, [*problems, *bad])
         runnable = {*replied, *(e.line for e in todo)}
@@ -775,7 +777,7 @@ def execute(model: QwenAudio, run: Run, *, batch_size: int = 8, processes: Proce
                          seconds=time.monotonic() - started, processes=processes.world)
 
     written, _ = processes.run(
-        run.todo, reply, write, summary, batch_size=batch_size,
+        run.todo, reply, write, summary, min_samples=model.encoder.min_samples, batch_size=batch_size,
         progress=progress and (lambda k, n, _: progress(k, n, time.monotonic() - started)),
         different="the processes found different examples to do; is the output directory shared?")
     return written or {}

@@ -24,7 +24,7 @@ from .core.checks import expect, shown
 from .core.errors import InputError
 from .core.families import QWEN2_AUDIO, QWEN_AUDIO, Family
 from .core.model import IGNORE_INDEX
-from .core.qwen2_tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Qwen2Tokenizer
+from .core.qwen2_tokenizer import AUDIO, AUDIO_REGION, Qwen2Tokenizer
 from .core.tokenizer import AUDIO_SPECIAL_TOKENS, LANGUAGES, SPECIAL_TOKENS, Tokenizer
 
 
@@ -116,7 +116,6 @@ ANALYSES: dict[str, Prompt] = {  # the analyses that need nothing but the clip
 # the ASR prompt extends and several fine-tuning and evaluation scripts use (`… translate the speech into German:
 # <|en|>`).
 
-AUDIO_REGION = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # one clip; the instruction follows with no space or newline
 # The languages of the official evaluation (ASR: en zh yue fr; CoVoST2: en de zh es fr it): each one's tag in the
 # prompt, and the name the translation prompt writes.
 QWEN2_LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
@@ -135,7 +134,7 @@ class Instruction:
     def text(self, audio: str | Path | None = None) -> str:
         """The whole prompt. The clip is passed beside it (its `<|AUDIO|>` is sized to the clip), so `audio`, the
         name `Prompt.text` writes, is not part of it."""
-        return AUDIO_REGION + self.instruction
+        return AUDIO_REGION + self.instruction  # no space or newline between
 
 
 def check_qwen2_language(code: str) -> str:
@@ -248,6 +247,22 @@ def query_text(parts: str | Sequence[Part]) -> str:
         else:
             raise InputError(f"a query part must be a str, {{'text': …}} or {{'audio': path}}, got {part!r}")
     return out
+
+
+CLIPS_AS_PARTS = "attach clips as {'audio': path} parts"  # how a library caller gives Qwen2-Audio a clip
+_QWEN_AUDIO_REGION = re.compile(r"<audio>.*?</audio>", re.DOTALL)
+
+
+def check_qwen2_text(text: str, clips: str = CLIPS_AS_PARTS) -> str:
+    """`text`, the typed text of a Qwen2-Audio query, once it marks no clip's place itself: a typed `<|AUDIO|>` is
+    read as a clip's place with no clip, and Qwen-Audio's `<audio>PATH</audio>` is plain text to Qwen2-Audio's
+    tokenizer, so its clip would never be heard. `clips` says how the caller's user gives a clip instead."""
+    if AUDIO in text:
+        raise InputError(f"the query's text holds {AUDIO}, which stands for a clip's audio: {clips}")
+    if _QWEN_AUDIO_REGION.search(text):
+        raise InputError("the query's text holds Qwen-Audio's <audio>…</audio>, which Qwen2-Audio reads as plain text "
+                         f"(the clip would not be heard): {clips}")
+    return text
 
 
 def _content(tokenizer: Tokenizer, content: str, span_of: Callable[[str], int]) -> tuple[list[int], list[str]]:
@@ -372,7 +387,7 @@ def _qwen2_messages(turns: Sequence[Qwen2Turn], system: str,
         for part in [content] if isinstance(content, str) else content:
             if isinstance(part, dict) and "audio" in part:
                 clips += 1
-                body += f"Audio {clips}: {AUDIO_BOS}{AUDIO}{AUDIO_EOS}\n"
+                body += f"Audio {clips}: {AUDIO_REGION}\n"
             else:
                 body += part if isinstance(part, str) else part["text"]
         roles.append(role)

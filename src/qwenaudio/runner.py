@@ -103,8 +103,8 @@ class Processes:
         return Progress(unit, self.rank, self.world)
 
     def run(self, todo: Sequence[J], recognize: Callable[[list[J], list[Tensor]], list[R]],
-            write: Callable[[J, R], None], summarize: Callable[[list[Report], bool], S], *, batch_size: int = 8,
-            progress: Callable[[int, int, list[J]], None] | None = None,
+            write: Callable[[J, R], None], summarize: Callable[[list[Report], bool], S], *, min_samples: int,
+            batch_size: int = 8, progress: Callable[[int, int, list[J]], None] | None = None,
             finished: Callable[[J, str | None], None] | None = None,
             different: str = "the processes found different jobs to do") -> tuple[S | None, list[Report]]:
         """Run this process's share of `todo` (`batch.run_files` with `recognize`, `write` and `progress`),
@@ -117,8 +117,8 @@ class Processes:
             raise InputError(different)
         report, interrupted = Report(), None
         try:
-            for job, error in run_files(todo, recognize, write, batch_size=batch_size, rank=self.rank,
-                                        world=self.world, progress=progress):
+            for job, error in run_files(todo, recognize, write, min_samples=min_samples, batch_size=batch_size,
+                                        rank=self.rank, world=self.world, progress=progress):
                 (report.failed.append(error) if error else report.done.append(job.label))
                 if finished:
                     finished(job, error)

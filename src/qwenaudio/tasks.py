@@ -50,7 +50,7 @@ def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prom
         raise InputError(f"task is a prompts.{type(task).__name__}, but {model.family.name} reads "
                          f"prompts.{kind.__name__}s: build it with prompts.family_tasks(model.family)")
     sources = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
+    clips = [as_waveform(s, source_name(s, i), model.encoder.min_samples) for i, s in enumerate(sources)]
     names = [str(s) if isinstance(s, str) else f"clip{i}" for i, s in enumerate(sources)]
     chosen = {k: v for k, v in generation.items() if v is not None}  # None: the task's default
     budget = {"max_new_tokens": task.max_new_tokens}
@@ -78,7 +78,7 @@ def segments(model: QwenAudio, audio, task: Prompt | Instruction, *, timed: bool
     if progress is not None and not callable(progress):
         raise InputError(f"progress must be a function (clip, done, total) or None, got {shown(progress)}")
     sources = list(audio) if not _single(audio) else [audio]
-    clips = [as_waveform(s, source_name(s, i)) for i, s in enumerate(sources)]
+    clips = [as_waveform(s, source_name(s, i), model.encoder.min_samples) for i, s in enumerate(sources)]
     stops = generation.get("stop_strings", ())
 
     def replies(batch: list[torch.Tensor]) -> list:

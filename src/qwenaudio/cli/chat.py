@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from ..chat import DEFAULT_SYSTEM, Chat
 from ..core.audio import SAMPLE_RATE
 from ..core.errors import QwenAudioError
+from ..core.families import QWEN2_AUDIO
 from ..core.model import QwenAudio
+from ..prompts import check_qwen2_text
 from .options import Plan, Terminated, add_model_options, freeze
 
 PARSER = dict(help="talk with Qwen-Audio-Chat or Qwen2-Audio-Instruct about clips",
@@ -95,8 +97,11 @@ def _chat_command(chat: Chat, clips: list[dict], name: str, argument: str | None
 
 def _reply(chat: Chat, query: list, generation: dict) -> None:
     """Stream the reply to `query`; a bad clip or setting spoils only this question, and Ctrl-C drops this reply
-    (the conversation goes on without it; SIGTERM still ends the command)."""
+    (the conversation goes on without it; SIGTERM still ends the command). Qwen2-Audio's typed text is checked
+    here first, so a clip typed into it is refused in the command's words."""
     try:
+        if chat.model.family is QWEN2_AUDIO:
+            check_qwen2_text(query[-1], "attach a clip with /audio PATH, then ask")
         for piece in chat.stream(query, **generation):
             print(piece, end="", flush=True)
         print()

@@ -125,8 +125,9 @@ def plan(args: argparse.Namespace) -> FinetunePlan:
         finetune.check_quantization(config, args.quantize)
     except InputError as e:
         raise InputError(f"--{args.quantize}: {e}") from None
-    examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language)
-    eval_examples = _eval_examples(args)
+    family = family_of_checkpoint(args.model)  # None where only loading can tell (a repo id not in the cache)
+    examples, bad = finetune.read_examples(args.data, task=args.task, language=args.language, family=family)
+    eval_examples = _eval_examples(args, family)
     _refuse_tag_prompts(args, [*examples, *eval_examples])
     if bad and not args.skip_bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else "")
@@ -158,14 +159,14 @@ def resume_hint(args: argparse.Namespace) -> str:
     return "rerun with --resume to continue from the last checkpoint"
 
 
-def _eval_examples(args: argparse.Namespace) -> list:
+def _eval_examples(args: argparse.Namespace, family) -> list:
     """--eval-data's examples, every line good (a skipped line would change what eval_loss means); none without it,
     and then no --eval-task or --eval-every."""
     if not args.eval_data:
         if args.eval_task or args.eval_every:
             raise InputError("--eval-task and --eval-every need --eval-data")
         return []
-    examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language)
+    examples, bad = finetune.read_examples(args.eval_data, task=args.task, language=args.language, family=family)
     if bad:
         raise InputError(f"{len(bad)} line(s) of --eval-data cannot be evaluated:\n  " + "\n  ".join(bad[:20]))
     if not examples:

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import trace
+from ..batch import shortest_clip
 from ..core.audio import as_waveform
 from ..core.errors import AudioError, InputError, OutputError
+from ..core.families import Family
 from ..core.files import refuse_inputs
 from ..core.model import QwenAudio
+from ..core.qwen2_tokenizer import AUDIO_REGION
+from ..hub import family_of_checkpoint
 from .options import Plan, add_model_options, freeze, positive
 
 PARSER = dict(help="record every layer's activations for one prompt",
@@ -36,7 +40,7 @@ class TracePlan(Plan):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt; Qwen-Audio's names its clips in "
-                        "<audio>PATH</audio> regions, Qwen2-Audio's holds <|audio_bos|><|AUDIO|><|audio_eos|> per clip")
+                        f"<audio>PATH</audio> regions, Qwen2-Audio's holds {AUDIO_REGION} per clip")
     parser.add_argument("--audio", action="append", default=[], metavar="PATH",
                         help="Qwen2-Audio: the clip of the prompt's next <|AUDIO|> (repeat it for each, in order)")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
@@ -48,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace) -> TracePlan:
     """Before the model loads: the prompt (not empty, its tags closed), its clips readable, and --out."""
-    clips = readable_clips([*trace.prompt_clips(args.prompt), *args.audio])
+    clips = readable_clips([*trace.prompt_clips(args.prompt), *args.audio], family_of_checkpoint(args.model))
     check_trace_out(args.out, [*clips, *model_files(args.model)])
     return freeze(TracePlan, args)
 
@@ -60,11 +64,11 @@ def run(model: QwenAudio, plan: TracePlan) -> int:
     return 0
 
 
-def readable_clips(paths: list[str]) -> list[str]:
-    """`paths` (a prompt's clips), each checked as the model would read it."""
+def readable_clips(paths: list[str], family: Family | None = None) -> list[str]:
+    """`paths` (a prompt's clips), each checked as a model of `family` (None: not known yet) would read it."""
     for path in paths:
         try:
-            as_waveform(Path(path), path)
+            as_waveform(Path(path), path, shortest_clip(family))
         except AudioError as e:
             raise InputError(f"the prompt's clip {e}") from None
     return paths

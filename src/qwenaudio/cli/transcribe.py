@@ -211,7 +211,7 @@ def run(model: QwenAudio, plan: TranscribePlan) -> int:
 
     _, reports = processes.run(
         todo, lambda batch, clips: run_task(model, batch, clips, plan), write, summarize,
-        batch_size=plan.batch_size,
+        min_samples=model.encoder.min_samples, batch_size=plan.batch_size,
         progress=lambda k, n, batch: progress.count(k, n, " ".join(str(j.path) for j in batch)),
         finished=lambda job, _: shown.finish(job, documents.pop(job.path, None)),
         different="the processes found different files to do; is the output directory shared and stable?")

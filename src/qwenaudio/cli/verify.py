@@ -72,14 +72,15 @@ def plan(args: argparse.Namespace) -> VerifyPlan:
     reference = trace.Trace.load(args.traces[-1])
     if not args.model:
         return freeze(VerifyPlan, args, reference=reference, ours=trace.Trace.load(args.traces[0]))
+    family = family_of_checkpoint(args.model)
     try:  # before loading, where config.json or the repo id says the model's family
-        trace.check_family(reference, family_of_checkpoint(args.model))
+        trace.check_family(reference, family)
     except InputError as e:
         raise InputError(f"{args.traces[-1]}: {e}") from None
     manifest = reference.manifest
     try:
         clips = readable_clips(list(dict.fromkeys([*trace.prompt_clips(manifest.get("prompt")),
-                                                   *_manifest_clips(manifest)])))
+                                                   *_manifest_clips(manifest)])), family)
     except InputError as e:
         raise InputError(f"{args.traces[-1]}: its prompt cannot be recorded: {e}") from None
     if args.out:

@@ -97,10 +97,10 @@ def qwen2_audio_tokens(num_samples: int) -> int:
     return (frames_after_conv(feature_frames(num_samples)) - 2) // 2 + 1
 
 
-def as_waveform(source: AudioSource, name: str, min_samples: int = MIN_SAMPLES) -> torch.Tensor:
+def as_waveform(source: AudioSource, name: str, min_samples: int) -> torch.Tensor:
     """A clip as the model takes it: a 1-D float tensor is a 16 kHz waveform already, anything else goes through
     `load_audio`. Either way it must be finite and long enough for one audio token (`min_samples`: the model's
-    encoder says how many, `encoder.min_samples`; Qwen-Audio's by default); `name` (a path, "clip 2") starts every
+    encoder says how many, `encoder.min_samples`; required, as the families differ); `name` (a path, "clip 2") starts every
     error, so a bad clip in a batch is named, not blamed on the batch."""
     _check_source(source, f"{name}: ")
     if isinstance(source, torch.Tensor):

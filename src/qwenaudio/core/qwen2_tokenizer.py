@@ -33,6 +33,7 @@ from .tokenizer import (
 VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG = "vocab.json", "merges.txt", "tokenizer_config.json"
 EMBEDDING_ROWS = 156_032  # rows of the checkpoint's embedding; the ids past the tokenizer's 151,649 have no text
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
+AUDIO_REGION = AUDIO_BOS + AUDIO + AUDIO_EOS  # one clip's place in a prompt, as every Qwen2-Audio prompt writes it
 # In id order from 151643, all `special` (dropped by skip_special_tokens). The audio ids are the Instruct
 # checkpoint's: transformers' integration test of it expects "Audio 1: " then 151647, 151646 × 101, 151648.
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS)

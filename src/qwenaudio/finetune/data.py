@@ -41,14 +41,14 @@ import torch
 from torch import Tensor
 
 from .. import evaluation
-from ..batch import seconds
+from ..batch import seconds, shortest_clip
 from ..prompts import DEFAULT_SYSTEM, audio_prompt, query_text, render_chat, render_qwen2_chat_ids
 from ..core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, as_waveform
 from ..core.checks import expect
 from ..core.errors import AudioError, AudioTagError, InputError
-from ..core.families import QWEN2_AUDIO, QWEN_AUDIO, family_of
+from ..core.families import QWEN2_AUDIO, QWEN_AUDIO, Family, family_of
 from ..core.model import IGNORE_INDEX, QwenAudio
-from ..core.qwen2_tokenizer import Qwen2Tokenizer
+from ..core.qwen2_tokenizer import AUDIO_REGION, Qwen2Tokenizer
 from ..core.tokenizer import Tokenizer, audio_regions
 from .config import TrainConfig
 
@@ -69,11 +69,12 @@ class Example:
     turns: tuple[Turn, ...] = ()  # chat form
 
 
-def read_examples(path: str | Path, *, task: str | None = None, language: str | None = None
-                  ) -> tuple[list[Example], list[str]]:
+def read_examples(path: str | Path, *, task: str | None = None, language: str | None = None,
+                  family: Family | None = None) -> tuple[list[Example], list[str]]:
     """The examples of a JSON Lines file and one message per line that cannot be trained on, naming the file and
     line (blank lines are not examples). `task` reads rows without a prompt (the official evaluation files) as that
-    task of `evaluation.BENCHMARKS`; `language` is the spoken language such rows need when they do not say it."""
+    task of `evaluation.BENCHMARKS`; `language` is the spoken language such rows need when they do not say it.
+    `family` (the model's, where known) sets the shortest clip; None takes the shorter of the two families'."""
     expect(path, (str, Path), "path", "a JSON Lines file")
     expect(task, (str, type(None)), "task", "a task name or None")
     expect(language, (str, type(None)), "language", "a language tag or None")
@@ -89,7 +90,7 @@ def read_examples(path: str | Path, *, task: str | None = None, language: str | 
                                                                                  language)
         for clip in example.audio:
             if clip not in checked:
-                checked[clip] = _clip_problem(clip)
+                checked[clip] = _clip_problem(clip, shortest_clip(family))
             if checked[clip]:
                 raise InputError(checked[clip])
         return example
@@ -222,12 +223,12 @@ def _resolve(root: Path, audio: Any) -> Path:
     return Path(os.path.abspath(root / Path(audio)))
 
 
-def _clip_problem(clip: Path) -> str | None:
+def _clip_problem(clip: Path, min_samples: int) -> str | None:
     """Why a clip cannot be trained on, or None: it must load as the model takes it (`as_waveform`'s rules: a
     readable audio file, finite samples, long enough for one audio token), and last at most 30 s, since the model
     hears no more and a longer clip's reply would describe what it never hears."""
     try:
-        wave = as_waveform(clip, str(clip))
+        wave = as_waveform(clip, str(clip), min_samples)
     except AudioError as e:
         return f"audio {e}"
     if len(wave) > N_SAMPLES:
@@ -269,7 +270,6 @@ def _encode_qwen(tokenizer: Tokenizer, example: Example, span_of: Callable[[str]
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
 
-QWEN2_AUDIO_TAGS = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # a clip, as Qwen2-Audio's prompts hold it
 _REGION = re.compile(r"(?:Audio \d+:)?<audio>(.*?)</audio>\n?", re.DOTALL)  # a clip as `query_text` writes it
 _TASK_TAGS = ("<|startoftranscript|>", "<|startofanalysis|>")  # Qwen-Audio's task prompts start with one
 
@@ -286,7 +286,7 @@ def _encode_qwen2(tokenizer: Qwen2Tokenizer, example: Example, span_of: Callable
             raise InputError(f"{example.where}: a Qwen-Audio task prompt (its tags) for a Qwen2-Audio model, whose "
                              "base model reads plain instructions: give the row a 'prompt' (e.g. \"Detect the "
                              "language and recognize the speech: <|en|>\")")
-        prompt = tokenizer.encode(_REGION.sub(QWEN2_AUDIO_TAGS, example.prompt), audio_spans=spans or None)
+        prompt = tokenizer.encode(_REGION.sub(AUDIO_REGION, example.prompt), audio_spans=spans or None)
         response = tokenizer.encode(example.response) + [tokenizer.eod_id]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
     turns = [turn for user, reply in example.turns for turn in (("user", _parts(user)), ("assistant", reply))]
@@ -360,14 +360,14 @@ def length_keys(examples: Sequence[Example]) -> list[float]:
 def batch_inputs(model: QwenAudio, batch: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """(input_ids, labels, attention_mask, clips) of a batch, its clips loaded (a clip changed since it was checked
     is named)."""
-    clips = [[load_clip(p) for p in e.audio] for e in batch]
+    clips = [[load_clip(p, model.encoder.min_samples) for p in e.audio] for e in batch]
     ids, labels, mask = collate(model.tokenizer, batch, clips, lambda c: model.encoder.span_length(len(c)))
     return ids, labels, mask, [c for row in clips for c in row]
 
 
-def load_clip(clip: Path) -> Tensor:
+def load_clip(clip: Path, min_samples: int) -> Tensor:
     try:
-        return as_waveform(clip, str(clip))
+        return as_waveform(clip, str(clip), min_samples)
     except AudioError as e:
         raise InputError(f"audio {e} (it was readable when the data was checked)") from None
 

@@ -84,7 +84,7 @@ def _reply_scores(model: QwenAudio, batches: list[list[Example]], task: str, pro
     process's replies as `evaluation.source_scores` scores one source."""
     records = []
     for batch in batches:
-        clips = [[load_clip(p) for p in e.audio] for e in batch]
+        clips = [[load_clip(p, model.encoder.min_samples) for p in e.audio] for e in batch]
         replies = evaluation.generate_replies(model, [e.prompt for e in batch], clips,
                                               evaluation.BENCHMARKS[task].max_new_tokens)
         for e, reply, language in zip(batch, replies, reply_languages(batch, task)):
