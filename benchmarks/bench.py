@@ -1,19 +1,30 @@
 """Speed of qwenaudio against its closest maintained peer, on the same weights in the same process.
 
-    python benchmarks/bench.py [--dtypes float32 bfloat16] [--decoder-layers 2] [--encoder-layers 2] [--device cuda]
-                               [--compiled-batches 1 8] [--json out.json]
+    python benchmarks/bench.py [--family qwen2-audio] [--dtypes float32 bfloat16] [--decoder-layers 2]
+                               [--encoder-layers 2] [--device cuda] [--compiled-batches 1 8] [--json out.json]
 
-The peer is transformers' Qwen2-Audio encoder and Qwen2 decoder (`Qwen2AudioEncoder`, `Qwen2ForCausalLM`) with
-our tensors loaded into them (q/k/v split out of c_attn; up = w1, gate = w2, down = c_proj); below seq_length
-their math is Qwen-Audio's (tests/test_encoder.py and test_decoder.py check it). Both sides share the embedding
-and lm_head tensors, so the full-width model fits in memory twice.
+For Qwen-Audio (`--family qwen-audio`, the default) the peer is transformers' Qwen2-Audio encoder and Qwen2 decoder
+(`Qwen2AudioEncoder`, `Qwen2ForCausalLM`) with our tensors loaded into them (q/k/v split out of c_attn; up = w1,
+gate = w2, down = c_proj); below seq_length their math is Qwen-Audio's (tests/test_encoder.py and test_decoder.py
+check it). Both sides share the embedding and lm_head tensors, so the full-width model fits in memory twice.
 
-Dimensions are full size (hidden 4096, encoder 1280, vocabulary 155,947) with random weights and fewer layers,
-so a CPU finishes in minutes; the layer counts are printed with the results. Each figure is the median of
-`--repeats` timed runs after one warm-up. For each dtype in `--dtypes`, both sides in that dtype:
+For Qwen2-Audio (`--family qwen2-audio`) the peer is the model itself, transformers'
+`Qwen2AudioForConditionalGeneration`. The weights are random ones in the published layout
+(`make_tiny_qwen2_checkpoint` at the published widths, drawn on the device) in a temporary folder: ours loads them
+as a user's load (`load_encoder`, `load_decoder`), and the peer takes the same tensors (nothing is copied). The rows
+are the same, with v2's 30 s prompt: `<|audio_bos|>`, 750 audio positions, `<|audio_eos|>` and the ASR instruction
+(`Detect the language and recognize the speech: <|en|>`, 12 tokens), 764 tokens. The peer runs as HF generate runs
+it, which differs from ours in two places: its forward has no `logits_to_keep`, so its prefill computes the lm_head
+for every prompt position (ours for the last only), and its encoder runs all 3,000 frames of a clip with the padded
+ones masked (ours only the clip's own).
+
+Dimensions are full size (hidden 4096, encoder 1280, vocabulary 155,947; Qwen2-Audio's 156,032) with random weights
+and fewer layers, so a CPU finishes in minutes; the layer counts are printed with the results. Each figure is the
+median of `--repeats` timed runs after one warm-up. For each dtype in `--dtypes`, both sides in that dtype:
 - encoder: log-mel to projected features, for 5 s and 30 s of audio;
-- prefill: the prompt of a 30 s ASR request (752 audio positions + 6 tags = 758 tokens), tokens per second, as
-  generation runs it on both sides (KV cache filled, logits of the last position only);
+- prefill: the prompt of a 30 s ASR request (752 audio positions + 6 tags = 758 tokens; Qwen2-Audio's 764), tokens
+  per second, as generation runs it on both sides (KV cache filled; logits of the last position only, but see
+  Qwen2-Audio's peer above);
 - decode: one token per step after that prompt, batch 1 and 8, tokens per second: ours is `decode_one_token` on
   the static KV cache (what generation runs), eager and then compiled (`compile_decoding`, torch.compile fullgraph;
   the first compiled run, which compiles, is timed on its own row); the peer is a forward with its DynamicCache, as
@@ -23,41 +34,49 @@ Then, when bfloat16 is among the dtypes, ours with the decoder's linears in int8
 against the peer in bf16, and against the peer's fp32 figures when float32 ran too. Decoding one token reads every
 decoder weight once, so each decode batch-1 row also reports that traffic in GB/s and as a share of the device's
 stream bandwidth, measured in the same run (a copy of 1 GiB), beside the same figure for one-row products through
-one layer alone (w1, over 1 GiB of copies of it): how far the kernel that the step spends its time in gets. Last,
-the peak memory: the process's resident set on a CPU, the GPU's allocated memory on CUDA (where decoding is
-compiled with CUDA graphs, mode="reduce-overhead").
+one layer alone (the first MLP projection, w1 / gate_proj, over 1 GiB of copies of it): how far the kernel that the
+step spends its time in gets. Last, the peak memory: the process's resident set on a CPU, the GPU's allocated memory
+on CUDA (where decoding is compiled with CUDA graphs, mode="reduce-overhead").
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
+import itertools
 import json
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Qwen2AudioEncoderConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration, Qwen2Config,
+                          Qwen2ForCausalLM)
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from qwenaudio import QwenAudioConfig
-from qwenaudio.core.audio import log_mel_spectrogram
+from qwenaudio.core.audio import feature_frames, log_mel_spectrogram
 from qwenaudio.core.decoder import Decoder, KVCache
 from qwenaudio.core.encoder import AudioEncoder
 from qwenaudio.core.generate import Session, compile_decoding, decode_one_token, prefill
 from qwenaudio.core.int4 import quantize_int4
 from qwenaudio.core.int8 import quantize_int8
-from qwenaudio.testing import tiny_config
+from qwenaudio.core.model import load_decoder, load_encoder
+from qwenaudio.core.qwen2_audio import Qwen2AudioConfig
+from qwenaudio.testing import OFFICIAL_QWEN2_CONFIG, make_tiny_qwen2_checkpoint, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests' name mapping
 from tests.peers import qwen2_audio_encoder_weights, qwen2_decoder_weights  # noqa: E402
 
-PROMPT_TOKENS = 758  # a 30 s clip (span 752) + the 6 ASR tags
 CUDA_GRAPHS: dict = {}  # compile_decoding's options: mode="reduce-overhead" on CUDA
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -98,7 +117,17 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 def weight_bytes(decoder: Decoder) -> int:
     """Bytes a decoding step reads: the decoder's but the embedding table's (one row a token); the KV cache is no
     module buffer."""
-    return tensor_bytes(decoder) - tensor_bytes(decoder.wte)
+    return tensor_bytes(decoder) - tensor_bytes(decoder.embedding)
+
+
+@dataclass(frozen=True)
+class Sides:
+    """One dtype's models, ours and the peer on the same tensors, with the peer's calls that the rows time."""
+
+    encoder: torch.nn.Module
+    decoder: Decoder
+    peer_encode: Callable[[torch.Tensor, int], torch.Tensor]  # log-mel [1, n_mels, 3000], the clip's samples
+    peer_step: Callable[[torch.Tensor, object], object]  # ids [B, S], its cache (None: a prompt) -> the cache after
 
 
 FULL_WIDTH = {"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "intermediate_size": 22016,
@@ -137,6 +166,93 @@ def build(dtype: torch.dtype, decoder_layers: int, encoder_layers: int, full_wid
     return encoder, decoder, peer_encoder, peer
 
 
+def qwen_audio(dtype: torch.dtype, args, weights: Path | None) -> Sides:
+    """Qwen-Audio's sides (`build`): the peer's encoder needs 30 s, and its decoder keeps the last logits only."""
+    encoder, decoder, peer_encoder, peer = build(dtype, args.decoder_layers, args.encoder_layers, not args.tiny)
+    return Sides(encoder, decoder, lambda mel, samples: encoder.proj(peer_encoder(mel).last_hidden_state),
+                 lambda ids, past: peer(ids, past_key_values=past, use_cache=True, logits_to_keep=1).past_key_values)
+
+
+QWEN2_WIDTHS = {"text": ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"),
+                "audio": ("d_model", "encoder_attention_heads", "encoder_ffn_dim")}
+
+
+def qwen2_checkpoint(folder: Path, args) -> Path:
+    """Random Qwen2-Audio weights in the published layout, at the published widths (or the tiny test model's) with
+    the layers asked for, drawn on the device (a GPU draws a full-size model in seconds)."""
+    official = Qwen2AudioConfig.from_dict(OFFICIAL_QWEN2_CONFIG)  # transformers' defaults fill in the widths
+    widths = {} if args.tiny else {**{k: getattr(official, k) for k in QWEN2_WIDTHS["text"]},
+                                   **{k: getattr(official.audio, k) for k in QWEN2_WIDTHS["audio"]}}
+    start = time.perf_counter()
+    path = make_tiny_qwen2_checkpoint(folder / "weights", draw_on=DEVICE.type, max_shard_bytes=2 * 1000**3,
+                                      num_hidden_layers=args.decoder_layers, encoder_layers=args.encoder_layers,
+                                      **widths)
+    print(f"# wrote random Qwen2-Audio weights in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
+def qwen2_audio(dtype: torch.dtype, args, weights: Path) -> Sides:
+    """Ours loaded from `weights`, and transformers' `Qwen2AudioForConditionalGeneration` on the same tensors,
+    called as its generate calls it."""
+    encoder = load_encoder(weights, dtype=dtype, device=DEVICE)
+    decoder = load_decoder(weights, dtype=dtype, device=DEVICE)
+    if DEVICE.type == "cpu":  # bf16 loads as views of the files' memory map: copied out, as Qwen-Audio's are made
+        for p in itertools.chain(encoder.parameters(), decoder.parameters()):
+            p.data = p.data.clone()
+    peer = qwen2_peer(weights, encoder, decoder)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tower, projector = peer.model.audio_tower, peer.model.multi_modal_projector
+    cache = "cache" if "cache" in inspect.signature(peer.forward).parameters else "past_key_values"  # older name
+
+    def encode(mel: torch.Tensor, samples: int) -> torch.Tensor:
+        """The audio half of its forward: all 1,500 positions, those past the clip hidden as keys."""
+        frames, tokens = tower._get_feat_extract_output_lengths(torch.tensor([feature_frames(samples)], device=DEVICE))
+        keys = torch.arange(tower.config.max_source_positions, device=DEVICE)[None] < frames[:, None]
+        mask = create_bidirectional_mask(config=tower.config, inputs_embeds=mel.new_zeros(1, keys.shape[1], 1),
+                                         attention_mask=keys.long())
+        return projector(tower(mel, attention_mask=mask).last_hidden_state)[:, : int(tokens[0])]
+
+    def step(ids: torch.Tensor, past) -> object:
+        out = peer(input_ids=ids, use_cache=True, **{cache: past})
+        return out.cache if hasattr(out, "cache") else out.past_key_values
+
+    return Sides(encoder, decoder, encode, step)
+
+
+def qwen2_peer(weights: Path, encoder: torch.nn.Module, decoder: Decoder) -> Qwen2AudioForConditionalGeneration:
+    """transformers' model of `weights`' config holding our modules' tensors: built on the meta device (no memory,
+    no initialisation), then given the tensors; the rotary frequencies, a buffer no checkpoint holds, made anew."""
+    config = AutoConfig.from_pretrained(weights, attn_implementation="sdpa")
+    with torch.device("meta"):
+        peer = Qwen2AudioForConditionalGeneration(config)
+    ours = {f"model.{name}": t for name, t in encoder.state_dict().items()}
+    ours |= {name if name == "lm_head.weight" else f"model.language_model.{name.removeprefix('model.')}": t
+             for name, t in decoder.state_dict().items()}
+    peer.load_state_dict(ours, strict=True, assign=True)
+    text = peer.model.language_model
+    with torch.device(DEVICE):
+        text.rotary_emb = type(text.rotary_emb)(config=config.text_config)
+    missing = [n for n, t in itertools.chain(peer.named_parameters(), peer.named_buffers()) if t.is_meta]
+    if missing:
+        raise RuntimeError(f"the peer's {missing} took no tensor")
+    return peer.eval()
+
+
+@dataclass(frozen=True)
+class Family:
+    prompt_tokens: int  # the 30 s ASR prompt
+    widest: str  # a block's first MLP projection, the widest product
+    build: Callable[[torch.dtype, argparse.Namespace, Path | None], Sides]
+
+
+FAMILIES = {
+    "qwen-audio": Family(758, "mlp.w1", qwen_audio),  # a 30 s clip (span 752) + the 6 ASR tags
+    # <|audio_bos|>, the clip's 750 positions, <|audio_eos|>, "Detect the language and recognize the speech: <|en|>"
+    "qwen2-audio": Family(764, "mlp.gate_proj", qwen2_audio),
+}
+
+
 class Table:
     """Rows printed as they come and kept for JSON."""
 
@@ -166,9 +282,9 @@ class Table:
               flush=True)
 
 
-def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
+def peer_decode(peer_step, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
     """A function running `steps` peer decoding steps from a copy of the prompt's DynamicCache."""
-    cache = peer(prompt, use_cache=True, logits_to_keep=1).past_key_values
+    cache = peer_step(prompt, None)
     layers = [(c.keys, c.values) for c in cache.layers] if hasattr(cache, "layers") else \
         list(zip(cache.key_cache, cache.value_cache))
 
@@ -177,7 +293,7 @@ def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
         for layer, (k, v) in enumerate(layers):
             past.update(k.clone(), v.clone(), layer)
         for _ in range(steps):
-            past = peer(next_ids, past_key_values=past, use_cache=True).past_key_values
+            past = peer_step(next_ids, past)
 
     return run
 
@@ -185,10 +301,11 @@ def peer_decode(peer, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int):
 def our_decode(decoder: Decoder, prompt: torch.Tensor, next_ids: torch.Tensor, steps: int, step=decode_one_token):
     """A function running `steps` of our decoding steps (`step`: decode_one_token, or it compiled) after
     prefilling `prompt`."""
-    session = Session(KVCache(decoder.config, prompt.shape[0], PROMPT_TOKENS + steps + 1, decoder.wte.weight.dtype,
+    length = prompt.shape[1]
+    session = Session(KVCache(decoder.config, prompt.shape[0], length + steps + 1, decoder.embedding.weight.dtype,
                               DEVICE))
     prefill(decoder, session, prompt)
-    slots = [torch.tensor([PROMPT_TOKENS + t], device=DEVICE) for t in range(steps)]
+    slots = [torch.tensor([length + t], device=DEVICE) for t in range(steps)]
 
     def run():
         for slot in slots:
@@ -218,9 +335,9 @@ def decode_seconds(table: Table, dtype: str, decoder: Decoder, ids: torch.Tensor
 
 def kernel_alone(layer: torch.nn.Module, dtype: torch.dtype, args) -> float:
     """Bytes per second one-row products through `layer` alone read: the kernel a decoding step spends its time in
-    (w1, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB for --tiny) that the
-    weights come from memory, as in a decoding step, not from a cache. Its share of the stream bandwidth is as far
-    as the decoding step can get with this kernel."""
+    (a block's first MLP projection, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB
+    for --tiny) that the weights come from memory, as in a decoding step, not from a cache. Its share of the stream
+    bandwidth is as far as the decoding step can get with this kernel."""
     x = torch.randn(1, layer.in_features, device=DEVICE, dtype=dtype)
     layer(x)  # an int4 layer packs its weight at its first product
     total = 2**26 if args.tiny else 2**30
@@ -228,14 +345,15 @@ def kernel_alone(layer: torch.nn.Module, dtype: torch.dtype, args) -> float:
     return len(layers) * tensor_bytes(layer) / timed(lambda: [c(x) for c in layers], args.repeats)
 
 
-def traffic_rows(table: Table, dtype: str, decoder: Decoder, steps: dict[tuple[int, bool], float], args) -> None:
-    """Each batch-1 decoding step's weight traffic, and its kernel's alone."""
+def traffic_rows(table: Table, dtype: str, decoder: Decoder, steps: dict[tuple[int, bool], float], args,
+                 widest: str) -> None:
+    """Each batch-1 decoding step's weight traffic, and its kernel's alone (through the block's `widest` layer)."""
     for compiled in (False, True):
         if (1, compiled) in steps:
             table.traffic(decode_label(1, compiled).replace("decode ", "weights read, "), dtype,
                           weight_bytes(decoder) / steps[1, compiled])
     table.traffic("weights read, one layer alone", dtype,
-                  kernel_alone(decoder.h[0].mlp.w1, decoder.wte.weight.dtype, args))
+                  kernel_alone(decoder.blocks[0].get_submodule(widest), decoder.embedding.weight.dtype, args))
 
 
 def decode_label(batch: int, compiled: bool) -> str:
@@ -243,41 +361,42 @@ def decode_label(batch: int, compiled: bool) -> str:
 
 
 @torch.no_grad()
-def measure_dtype(table: Table, name: str, args, peer_figures: dict) -> tuple[Decoder, object]:
-    """Every row for one dtype; returns our decoder and the peer (for the int8 rows)."""
-    dtype, short = getattr(torch, name), SHORT[name]
-    encoder, decoder, peer_encoder, peer = build(dtype, args.decoder_layers, args.encoder_layers,
-                                                 full_width=not args.tiny)
+def measure_dtype(table: Table, name: str, args, peer_figures: dict, weights: Path | None) -> tuple[Decoder, object]:
+    """Every row for one dtype; returns our decoder and the peer's sides (kept alive for the int8 rows)."""
+    dtype, short, family = getattr(torch, name), SHORT[name], FAMILIES[args.family]
+    sides = family.build(dtype, args, weights)
+    encoder, decoder = sides.encoder, sides.decoder
     for seconds in (5, 30):
         samples = seconds * 16000
-        mel = log_mel_spectrogram(torch.randn(samples) * 0.1)[None].to(DEVICE, dtype)
+        mel = log_mel_spectrogram(torch.randn(samples) * 0.1, encoder.n_mels)[None].to(DEVICE, dtype)
         ours = timed(lambda: encoder.encode(mel, [samples]), args.repeats)
-        theirs = timed(lambda: encoder.proj(peer_encoder(mel).last_hidden_state), args.repeats)  # it needs 30 s
+        theirs = timed(lambda: sides.peer_encode(mel, samples), args.repeats)
         table.add(f"encoder {seconds} s", short, "s", ours, theirs, higher_is_better=False)
     encoder_ours, encoder_peer = ours, theirs  # 30 s
 
-    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
-    session = Session(KVCache(decoder.config, 1, PROMPT_TOKENS, dtype, DEVICE))
+    tokens = family.prompt_tokens
+    ids = torch.randint(0, 151643, (1, tokens), device=DEVICE)
+    session = Session(KVCache(decoder.config, 1, tokens, dtype, DEVICE))
     prefill_ours = timed(lambda: prefill(decoder, session, ids), args.repeats)
-    prefill_peer = timed(lambda: peer(ids, use_cache=True, logits_to_keep=1), args.repeats)
-    table.add("prefill 30 s prompt", short, "tok/s", PROMPT_TOKENS / prefill_ours, PROMPT_TOKENS / prefill_peer, True)
-    peer_figures[name] = {"prefill": PROMPT_TOKENS / prefill_peer}
+    prefill_peer = timed(lambda: sides.peer_step(ids, None), args.repeats)
+    table.add("prefill 30 s prompt", short, "tok/s", tokens / prefill_ours, tokens / prefill_peer, True)
+    peer_figures[name] = {"prefill": tokens / prefill_peer}
 
     for batch in (1, 8):
         prompt, next_ids = ids.expand(batch, -1), torch.randint(0, 151643, (batch, 1), device=DEVICE)
-        theirs = timed(peer_decode(peer, prompt, next_ids, args.decode_steps), args.repeats)
+        theirs = timed(peer_decode(sides.peer_step, prompt, next_ids, args.decode_steps), args.repeats)
         peer_figures[name][f"decode {batch}"] = batch * args.decode_steps / theirs
     steps = decode_seconds(table, short, decoder, ids, args)
     for (batch, compiled), seconds in steps.items():
         table.add(decode_label(batch, compiled), short, "tok/s", batch / seconds,
                   peer_figures[name][f"decode {batch}"], True)
-    traffic_rows(table, short, decoder, steps, args)
+    traffic_rows(table, short, decoder, steps, args, family.widest)
     step_peer = 1 / peer_figures[name]["decode 1"]
     ttft_ours, ttft_peer = encoder_ours + prefill_ours, encoder_peer + prefill_peer
     table.add("time to first token (30 s)", short, "s", ttft_ours, ttft_peer, higher_is_better=False)
     table.add("real-time factor (32 tok)", short, "x", (ttft_ours + 32 * steps.get((1, True), steps[1, False])) / 30,
               (ttft_peer + 32 * step_peer) / 30, higher_is_better=False)
-    return decoder, peer
+    return decoder, sides
 
 
 @torch.no_grad()
@@ -285,20 +404,37 @@ def measure_quantized(table: Table, decoder: Decoder, method: str, args, peer_fi
     """Ours with int8 or int4 linears (bf16 activations) against the peer's bf16 and, when measured, fp32 figures.
     `decoder` is quantized in place."""
     (quantize_int8 if method == "int8" else quantize_int4)(decoder)  # the peer keeps the bf16 tensors
-    ids = torch.randint(0, 151643, (1, PROMPT_TOKENS), device=DEVICE)
-    session = Session(KVCache(decoder.config, 1, PROMPT_TOKENS, decoder.wte.weight.dtype, DEVICE))
-    prefill_rate = PROMPT_TOKENS / timed(lambda: prefill(decoder, session, ids), args.repeats)
+    tokens = FAMILIES[args.family].prompt_tokens
+    ids = torch.randint(0, 151643, (1, tokens), device=DEVICE)
+    session = Session(KVCache(decoder.config, 1, tokens, decoder.embedding.weight.dtype, DEVICE))
+    prefill_rate = tokens / timed(lambda: prefill(decoder, session, ids), args.repeats)
     steps = decode_seconds(table, method, decoder, ids, args)
     for peer_dtype, figures in peer_figures.items():
         short = f"{method}/{SHORT[peer_dtype]}"
         table.add("prefill 30 s prompt", short, "tok/s", prefill_rate, figures["prefill"], True)
         for (batch, compiled), seconds in steps.items():
             table.add(decode_label(batch, compiled), short, "tok/s", batch / seconds, figures[f"decode {batch}"], True)
-    traffic_rows(table, method, decoder, steps, args)
+    traffic_rows(table, method, decoder, steps, args, FAMILIES[args.family].widest)
+
+
+def measure(args, table: Table, weights: Path | None) -> Table:
+    """Every dtype's rows, then the quantized ones."""
+    peer_figures, modules = {}, None
+    for name in sorted(args.dtypes, key=lambda n: n == "bfloat16"):  # bf16 last: the quantized rows reuse it
+        modules = None  # free the previous dtype's first
+        modules = measure_dtype(table, name, args, peer_figures, weights)
+    if "bfloat16" in args.dtypes:
+        decoder, _ = modules
+        bf16 = copy.deepcopy(decoder)  # int8 quantizes `decoder` in place; int4 starts from bf16 again
+        figures = {k: peer_figures[k] for k in ("bfloat16", "float32") if k in peer_figures}
+        measure_quantized(table, decoder, "int8", args, figures)
+        measure_quantized(table, bf16, "int4", args, figures)
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, default="qwen-audio")
     parser.add_argument("--dtypes", nargs="+", choices=SHORT, default=["float32", "bfloat16"])
     parser.add_argument("--decoder-layers", type=int, default=2, help="of 32 in the real model")
     parser.add_argument("--encoder-layers", type=int, default=2, help="of 32 in the real model")
@@ -314,22 +450,15 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda":
         CUDA_GRAPHS["mode"] = "reduce-overhead"
-    setup = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-             "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+    setup = {"family": args.family, "machine": platform.machine(), "processor": platform.processor(),
+             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
              "decoder_layers": args.decoder_layers, "encoder_layers": args.encoder_layers,
              "dims": "tiny" if args.tiny else "full width, random weights", "stream_gb_s": stream_bandwidth()}
     print(f"# {setup}")
-    table, peer_figures, modules = Table(setup["stream_gb_s"]), {}, None
-    for name in sorted(args.dtypes, key=lambda n: n == "bfloat16"):  # bf16 last: the quantized rows reuse it
-        modules = None  # free the previous dtype's first
-        modules = measure_dtype(table, name, args, peer_figures)
-    if "bfloat16" in args.dtypes:
-        decoder, _ = modules
-        bf16 = copy.deepcopy(decoder)  # int8 quantizes `decoder` in place; int4 starts from bf16 again
-        figures = {k: peer_figures[k] for k in ("bfloat16", "float32") if k in peer_figures}
-        measure_quantized(table, decoder, "int8", args, figures)
-        measure_quantized(table, bf16, "int4", args, figures)
+    with tempfile.TemporaryDirectory() as folder:  # Qwen2-Audio's weights, while the run lasts
+        weights = qwen2_checkpoint(Path(folder), args) if args.family == "qwen2-audio" else None
+        table = measure(args, Table(setup["stream_gb_s"]), weights)
     if DEVICE.type == "cuda":
         name, peak = "peak memory (GPU, allocated)", torch.cuda.max_memory_allocated() / 1024**3
     else:

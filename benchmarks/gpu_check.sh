@@ -8,11 +8,14 @@
 #      (CUDA graphs; the first compiled run, which compiles, on a row of its own), each batch-1 decode's weight
 #      traffic against the GPU's measured copy bandwidth, peak GPU memory, and transformers' Qwen2 / Qwen2-Audio
 #      modules on the same weights as the peer;
-#   3. where an eager decoding step spends its time (benchmarks/profile_decode.py, bf16, 4 layers at full width);
-#   4. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
+#   3. the same for Qwen2-Audio (bench.py --family qwen2-audio: random full-size weights in the published layout,
+#      drawn on the GPU into a temporary folder, against transformers' Qwen2AudioForConditionalGeneration);
+#   4. where an eager decoding step spends its time (benchmarks/profile_decode.py, bf16, 4 layers at full width);
+#   5. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
 #      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s.
 # Every step runs even when an earlier one failed; the failures are listed at the end, and the exit status is 1.
-# Writes DATE-gpu-check.json and DATE-gpu-finetune.json into $GPU_CHECK_RESULTS (default benchmarks/results).
+# Writes DATE-gpu-check.json, DATE-gpu-check-qwen2-audio.json and DATE-gpu-finetune.json into $GPU_CHECK_RESULTS
+# (default benchmarks/results).
 #
 #   bash benchmarks/gpu_check.sh            on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU: the same steps with the tiny model's widths and
@@ -20,7 +23,8 @@
 #
 # Needs the runtime packages and transformers and pytest; PYTHON picks the interpreter (default python3). Images
 # without soundfile need its wheel installed first (the device tool's README says how to carry wheels). The weights
-# go to a new folder under $TMPDIR (17 GB at full size: /dev/shm is the fast choice where it has the room).
+# go to a new folder under $TMPDIR (17 GB at full size, each family in turn: /dev/shm is the fast choice where it has
+# the room).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -57,6 +61,8 @@ trap 'rm -rf "$folder"' EXIT
 step "CUDA tests" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step "bench.py" "$PYTHON" benchmarks/bench.py --device $device --dtypes bfloat16 "${size[@]}" \
   --compiled-batches 1 --json "$results/$day-gpu-check.json"
+step "bench.py, Qwen2-Audio" "$PYTHON" benchmarks/bench.py --family qwen2-audio --device $device --dtypes bfloat16 \
+  "${size[@]}" --compiled-batches 1 --json "$results/$day-gpu-check-qwen2-audio.json"
 step "profile" "$PYTHON" benchmarks/profile_decode.py --device $device "${profile[@]}"
 step "weights" "$PYTHON" -c "import sys; $weights" "$folder/weights"
 step "LoRA step" "$PYTHON" benchmarks/finetune_step.py --weights "$folder/weights" --device $device --bf16-base \

@@ -1,6 +1,9 @@
 """The GPU check script runs end to end in its CPU smoke mode (tiny widths, one layer), so the first GPU machine
-finds it working: every benchmark row it promises is written."""
+finds it working: every benchmark row it promises is written, for both families. bench.py's Qwen2-Audio peer
+computes what our model computes, so its rows compare equal work."""
 
+import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -8,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from qwenaudio.core.generate import Session, decode_one_token, prefill
+from qwenaudio.core.decoder import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +27,15 @@ def test_the_gpu_check_runs_in_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all steps passed" in done.stdout
     [check], [finetune] = tmp_path.glob("*-gpu-check.json"), tmp_path.glob("*-gpu-finetune.json")
-    rows = json.loads(check.read_text())["rows"]
+    [check_qwen2] = tmp_path.glob("*-gpu-check-qwen2-audio.json")
+    for path, family in ((check, "qwen-audio"), (check_qwen2, "qwen2-audio")):
+        assert json.loads(path.read_text())["setup"]["family"] == family
+        assert_gpu_check_rows(json.loads(path.read_text())["rows"])
+    finetune = json.loads(finetune.read_text())
+    assert finetune["examples_per_s"] > 0 and finetune["base"] == "bf16"
+
+
+def assert_gpu_check_rows(rows: list[dict]) -> None:
     names = {(r["benchmark"], r.get("dtype")) for r in rows}
     for dtype in ("bf16", "int8/bf16", "int4/bf16"):
         for row in ("prefill 30 s prompt", "decode batch 1", "decode batch 8", "decode batch 1, compiled"):
@@ -31,8 +46,7 @@ def test_the_gpu_check_runs_in_smoke_mode(tmp_path):
     assert ("time to first token (30 s)", "bf16") in names
     traffic = [r for r in rows if r["benchmark"].startswith("weights read, batch 1")]
     assert {r["dtype"] for r in traffic} == {"bf16", "int8", "int4"} and all(r["stream_share"] > 0 for r in traffic)
-    finetune = json.loads(finetune.read_text())
-    assert finetune["examples_per_s"] > 0 and finetune["base"] == "bf16"
+    assert all(r["speedup"] > 0 for r in rows if "speedup" in r)
 
 
 def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
@@ -42,7 +56,7 @@ def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 1
-    for name in ("CUDA tests", "bench.py", "profile", "weights", "LoRA step"):
+    for name in ("CUDA tests", "bench.py", "bench.py, Qwen2-Audio", "profile", "weights", "LoRA step"):
         assert f"== {name}:" in done.stdout and f"FAILED: {name} (exit 127)" in done.stdout
 
 
@@ -55,3 +69,29 @@ def test_the_decoding_profile_runs_and_splits_the_step_into_products_attention_a
     assert summary.startswith("int4, 1 layers + lm_head,") and "products" in summary and "attention" in summary
     shares = [float(part.split()[-1].rstrip("%")) for part in summary.split(": ")[1].split(", ")]
     assert abs(sum(shares) - 100) < 0.5 and shares[0] > 0  # the int4 kernel's time is counted as products
+
+
+def test_the_qwen2_audio_peer_holds_our_tensors_and_computes_our_logits(tmp_path, monkeypatch):
+    """bench.py's transformers Qwen2AudioForConditionalGeneration takes our modules' tensors by name (no copies) and
+    gives our encoder output and logits (prefill and a decoding step through its cache), so the rows time equal
+    work on equal weights."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("bench")
+    args = argparse.Namespace(tiny=True, decoder_layers=2, encoder_layers=2)
+    sides = bench.qwen2_audio(torch.float32, args, bench.qwen2_checkpoint(tmp_path, args))
+    peer = bench.qwen2_peer(tmp_path / "weights", sides.encoder, sides.decoder)
+    assert peer.lm_head.weight.data_ptr() == sides.decoder.lm_head.weight.data_ptr()
+    for seconds in (5, 30):
+        samples = seconds * 16000
+        mel = bench.log_mel_spectrogram(torch.randn(samples, generator=torch.Generator().manual_seed(0)) * 0.1,
+                                        128)[None]
+        [ours] = sides.encoder.encode(mel, [samples])
+        torch.testing.assert_close(sides.peer_encode(mel, samples)[0], ours, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 151643, (1, 24), generator=torch.Generator().manual_seed(0))
+    session = Session(KVCache(sides.decoder.config, 1, 25, torch.float32))
+    ours = prefill(sides.decoder, session, ids)
+    theirs = peer(input_ids=ids, use_cache=True)
+    torch.testing.assert_close(theirs.logits[:, -1], ours, rtol=1e-5, atol=1e-5)
+    step = decode_one_token(sides.decoder, session.cache, ids[:, :1], torch.tensor([24]), session.rope_base)
+    torch.testing.assert_close(peer(input_ids=ids[:, :1], cache=theirs.cache, use_cache=True).logits[:, -1], step,
+                               rtol=1e-5, atol=1e-5)
