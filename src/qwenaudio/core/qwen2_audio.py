@@ -142,7 +142,6 @@ class Qwen2AudioConfig:
         """transformers' config.json layout, with every field that was read (known or not) written back."""
         text = {**self.text_extra, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                                       if f.name not in ("audio", "audio_token_index", "extra", "text_extra")}}
-        text.pop("rope_parameters", None) if "rope_theta" in self.text_extra else None
         audio = {**self.audio.extra, **{f.name: getattr(self.audio, f.name) for f in dataclasses.fields(self.audio)
                                         if f.name != "extra"}}
         return {**self.extra, "audio_config": audio, "text_config": text, "audio_token_index": self.audio_token_index}
