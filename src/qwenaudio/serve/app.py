@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import tasks
 from ..chat import DEFAULT_SYSTEM, Chat
 from ..core.audio import N_SAMPLES, SAMPLE_RATE, as_waveform
-from ..core.errors import InputError, QwenAudioError
+from ..core.errors import AudioError, InputError, QwenAudioError
 from ..core.generate import cut_at_stop
 from ..core.model import prompt_batch
 from . import protocol
@@ -461,8 +461,11 @@ def _submit_and_wait(rows: _Rows, ids: list[int], clips: list[torch.Tensor], con
 
 
 def _decode(data: bytes, name: str, min_samples: int) -> torch.Tensor:
-    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload."""
-    return as_waveform(data, name, min_samples)
+    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload (the loader calls bytes <bytes>)."""
+    try:
+        return as_waveform(data, name, min_samples)
+    except AudioError as e:
+        raise AudioError(str(e).replace("<bytes>", name, 1)) from None
 
 
 async def _disconnected(request: Request) -> None:

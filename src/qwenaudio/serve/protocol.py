@@ -342,7 +342,7 @@ def _messages(messages: Any, family: Family) -> tuple[str | None, list[tuple[lis
             continue
         expected = "user" if len(turns) == 0 or turns[-1][1] is not None else "assistant"
         if role != expected:
-            raise invalid(f"{where}: expected a {expected} message (after the system message, user and assistant "
+            raise invalid(f"{where}: expected role {expected!r} (after the system message, user and assistant "
                           "messages alternate, and the last is the user's)", where)
         if role == "user":
             turns.append((_user_parts(content, where, family, clips), None))
