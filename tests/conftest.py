@@ -36,7 +36,7 @@ REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scip
               "dashscope": "dashscope", "huggingface_hub": "huggingface_hub", "sacrebleu": "sacrebleu",
               "MeCab": "mecab-python3", "ipadic": "ipadic", "pycocoevalcap": "pycocoevalcap",
               "peft": "peft", "openai": "openai", "fastapi": "fastapi", "uvicorn": "uvicorn",
-              "multipart": "python-multipart", "prometheus_client": "prometheus-client"}
+              "python_multipart": "python-multipart", "prometheus_client": "prometheus-client"}
 
 
 def in_ci() -> bool:

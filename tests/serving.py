@@ -29,12 +29,13 @@ ROWS = 4
 
 @dataclass
 class Served:
-    """A live app: its URL, the model and engine behind it, and the name it serves the model as."""
+    """A live app: its URL, the model and engine behind it, the name it serves the model as and its checkpoint."""
 
     url: str
     model: QwenAudio
     engine: Any
     name: str
+    path: Path
 
     def client(self, **options):
         """The official openai client, pointed at this server."""
@@ -54,7 +55,7 @@ class Served:
 
 def http_stack() -> None:
     """Skip (fail under CI) where the serve extra is not installed."""
-    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client"):
+    for module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client"):
         reference(module)
 
 
@@ -92,7 +93,7 @@ def serve_checkpoint(path: Path, **options) -> Iterator[Served]:
     app = create_app(engine, served_model_name=path.name, max_new_tokens=MAX_NEW_TOKENS, **options)
     try:
         with live(app) as url:
-            yield Served(url, model, engine, path.name)
+            yield Served(url, model, engine, path.name, path)
     finally:
         engine.close(drain=False)
 

@@ -159,7 +159,8 @@ def test_a_chat_in_the_libraries_terms():
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [audio_part(), {"type": "text", "text": "what is it?"}]},
                 {"role": "assistant", "content": "a bell"},
-                {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{WAV}"}},
+                {"role": "user", "content": [{"type": "audio_url",
+                                              "audio_url": {"url": f"data:audio/wav;base64,{WAV}"}},
                                              {"type": "text", "text": "and this?"}]}]
     asked = chat({"messages": messages, "model": SERVED, "temperature": 0, "max_tokens": 5, "stop": "\n",
                   "seed": 3, "top_p": 0.5})
@@ -174,7 +175,8 @@ def test_a_chat_in_the_libraries_terms():
     assert qwen2.history == [([{"audio": "audio1"}, {"text": "what is it?"}], "a bell")]
     assert qwen2.query == [{"audio": "audio2"}, {"text": "and this?"}]
     assert qwen2.generation() == {"top_p": None, "stop_strings": (), "seed": None}  # the checkpoint's sampling
-    assert chat({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.8}).generation()["temperature"] == 0.8
+    sampled = chat({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.8})
+    assert sampled.generation()["temperature"] == 0.8 and sampled.generation()["do_sample"]
     streamed = chat({"messages": [{"role": "user", "content": "hi"}], "stream": True,
                      "stream_options": {"include_usage": True}, "max_completion_tokens": 7})
     assert streamed.stream and streamed.include_usage and streamed.max_tokens == 7

@@ -19,7 +19,7 @@ from ..core.model import QwenAudio
 from .options import Plan, UsageError, add_model_options, freeze, positive
 
 API_KEY_VARIABLE = "QWENAUDIO_API_KEY"
-PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")  # the `serve` extra, by import name
+PACKAGES = ("fastapi", "uvicorn", "python_multipart", "prometheus_client")  # the `serve` extra, by import name
 PARSER = dict(help="serve a model over an OpenAI-compatible HTTP API",
               description="Serve /v1/audio/transcriptions, /v1/audio/translations, /v1/chat/completions, /v1/models, "
                           "/health and /metrics, with continuous batching over one model.",

@@ -253,7 +253,7 @@ class _Server:
             if asked.stream:
                 events = self.transcript_events(request, asked, wave, rows, release)
                 release = None  # the stream counts itself out when it ends
-                return EventSourceResponse(_frames(events))
+                return _stream(events)
             result = await self.until_done(request, rows, partial(self.perform, asked, wave, rows))
             body, media = protocol.audio_response(asked, result, len(wave) / SAMPLE_RATE,
                                                   protocol.token_usage(*rows.usage()))
@@ -329,7 +329,7 @@ class _Server:
                 reply = rows.submit(ids, clips, config, on_update)  # refused here: a status, not an event
                 events = self.chat_events(request, asked, config, rows, reply, updates, id_, release)
                 release = None  # the stream counts itself out when it ends
-                return EventSourceResponse(_frames(events))
+                return _stream(events)
             reply = await self.until_done(request, rows, partial(_submit_and_wait, rows, ids, clips, config))
             text = cut_at_stop(self.model.tokenizer.decode(reply.tokens, skip_special_tokens=True),
                                config.stop_strings)
@@ -480,10 +480,15 @@ def _retrieved(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def _frames(events: AsyncIterator[dict | str]) -> AsyncIterator[bytes]:
-    """Server-sent events: each dict as one JSON `data:` event, a str ([DONE]) as it is (fastapi.sse's framing)."""
-    async for event in events:
-        yield format_sse_event(data_str=event if isinstance(event, str) else json.dumps(event, ensure_ascii=False))
+def _stream(events: AsyncIterator[dict | str]) -> EventSourceResponse:
+    """Server-sent events, unbuffered by proxies: each dict as one JSON `data:` event, a str ([DONE]) as it is
+    (fastapi.sse's framing). A route that may also answer in JSON cannot be a generator route, so the events are
+    framed here rather than by FastAPI's routing."""
+    async def frames() -> AsyncIterator[bytes]:
+        async for event in events:
+            text = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+            yield format_sse_event(data_str=text)
+    return EventSourceResponse(frames(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class _EngineCollector:
