@@ -242,12 +242,18 @@ class _Server:
     async def audio(self, request: Request, *, translation: bool) -> Response:
         release = self.admit()
         try:
+            kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if kind != "multipart/form-data":
+                raise ApiError(400, "this endpoint reads a multipart/form-data body (curl -F file=@clip.wav), got "
+                                    f"{kind or 'none'}")
             form = await request.form(**FORM_LIMITS)
             fields = {name: form.getlist(name) for name in form.keys()}
             asked = protocol.parse_audio_request(fields, family=self.model.family, served=self.name,
                                                  translation=translation)
             upload = fields["file"][0]
             data = await upload.read()
+            if not data:
+                raise ApiError(400, f"the uploaded file {upload.filename!r} is empty", param="file")
             wave = await self.work(partial(_decode, data, upload.filename or "file", self.model.encoder.min_samples))
             rows = _Rows(self.engine)
             if asked.stream:
@@ -532,6 +538,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
                 405: f"{request.url.path} does not take {request.method}",
                 413: "the request body is larger than the server's upload limit (--max-upload-mb)"}
     message = messages.get(error.status_code, str(error.detail))
+    if error.status_code == 400:  # the only ones: the form parser's (python-multipart's words)
+        message = f"the request body could not be read: {error.detail}"
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     return _respond(ApiError(error.status_code, message, code=codes.get(error.status_code),
                              headers=getattr(error, "headers", None)))
