@@ -351,7 +351,8 @@ class _Server:
         `chat.Chat` renders it, the budget the room in a row allows."""
         waves = {clip.name: _decode(self.clip_bytes(clip), clip.where, self.model.encoder.min_samples)
                  for clip in asked.clips}
-        conversation = Chat(self.model, asked.system or DEFAULT_SYSTEM, asked.history, clips=waves)
+        system = DEFAULT_SYSTEM if asked.system is None else asked.system
+        conversation = Chat(self.model, system, asked.history, clips=waves)
         rendered = conversation.context(asked.query)
         room = self.engine.context - len(rendered.ids)
         if asked.max_tokens is not None and asked.max_tokens > room:
@@ -571,7 +572,7 @@ class _Outermost:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status, replaced = time.monotonic(), 500, False
+        start, status, replaced = time.monotonic(), None, False
         scope.setdefault("state", {})["start"] = start
 
         async def sending(message: Message) -> None:
@@ -586,12 +587,17 @@ class _Outermost:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception:
+            if status != 500:
+                raise
+            # Starlette re-raises what its ServerErrorMiddleware answered with a 500, for the server to log:
+            # `_unexpected` has logged it with its traceback, once is enough
         finally:
             seconds = time.monotonic() - start
             path = scope["path"] if scope.get("route") is not None else "other"
             self.server.latency.labels(path).observe(seconds)
             access_log.info(json.dumps({
-                "method": scope["method"], "path": scope["path"], "status": status, "seconds": round(seconds, 4),
+                "method": scope["method"], "path": scope["path"], "status": status or 500, "seconds": round(seconds, 4),
                 "tokens": scope["state"].get("tokens"), "client": (scope.get("client") or ("", 0))[0]}))
 
 
