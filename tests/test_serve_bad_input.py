@@ -179,13 +179,17 @@ def test_a_body_cut_short_by_its_client_leaves_the_server_well(served_v1, good):
 
 @pytest.fixture
 def remote_audio(speech):
-    """An HTTP server on 127.0.0.1 with one audio file, /clip.wav, and nothing else."""
+    """An HTTP server on 127.0.0.1 with one audio file, /clip.wav, a redirect to it (/moved.wav) and one to ftp
+    (/elsewhere.wav)."""
     data = wav_bytes(speech)
 
     class Files(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             found = self.path == "/clip.wav"
-            self.send_response(200 if found else 404)
+            moved = {"/moved.wav": "/clip.wav", "/elsewhere.wav": "ftp://127.0.0.1/clip.wav"}.get(self.path)
+            self.send_response(200 if found else 302 if moved else 404)
+            if moved:
+                self.send_header("Location", moved)
             self.end_headers()
             self.wfile.write(data if found else b"")
 
@@ -215,6 +219,12 @@ def test_remote_audio_where_the_operator_allows_it(served_v1, remote_audio, spee
         expected = Chat(served_v1.model, clips={"c": speech}).ask([{"audio": "c"}, {"text": "What is it?"}],
                                                                  max_new_tokens=4, do_sample=False)
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == expected
+        moved = ask(url, f"{remote_audio}/moved.wav")
+        assert moved.json()["choices"][0]["message"]["content"] == expected
+        elsewhere = ask(url, f"{remote_audio}/elsewhere.wav")
+        assert elsewhere.status_code == 400 and elsewhere.json()["error"]["message"] == (
+            f"messages[0].content[0]: could not fetch {remote_audio}/elsewhere.wav: HTTP Error 302: a redirect to "
+            "ftp://127.0.0.1/clip.wav is not followed")
         missing = ask(url, f"{remote_audio}/nothing.wav")
         assert missing.status_code == 400
         assert missing.json()["error"]["message"].startswith(f"messages[0].content[0]: could not fetch "

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
@@ -85,7 +85,6 @@ def create_app(engine: Engine, *, served_model_name: str, api_key: str | None = 
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(QwenAudioError, _library_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics)
@@ -379,7 +378,7 @@ class _Server:
                                 "them with --allow-remote-audio): send the clip inline, as input_audio or a data: URL",
                            param=clip.where)
         try:
-            with urllib.request.urlopen(clip.url, timeout=REMOTE_TIMEOUT) as remote:
+            with _FETCH.open(clip.url, timeout=REMOTE_TIMEOUT) as remote:
                 data = remote.read(self.max_upload_bytes + 1)
         except OSError as e:
             raise ApiError(400, f"{clip.where}: could not fetch {clip.url}: {e}", param=clip.where) from None
@@ -459,6 +458,18 @@ class _Server:
         request.state.tokens = sum(rows.usage())
         if rows.first_token is not None:
             self.first_token.labels(request.url.path).observe(rows.first_token - request.state.start)
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow a remote audio URL's redirects to http(s) only (urllib's own would also follow one to ftp)."""
+
+    def redirect_request(self, request, fp, code, message, headers, new_url):
+        if not new_url.startswith(("http://", "https://")):
+            raise urllib.error.HTTPError(new_url, code, f"a redirect to {new_url[:60]} is not followed", headers, fp)
+        return super().redirect_request(request, fp, code, message, headers, new_url)
+
+
+_FETCH = urllib.request.build_opener(_HttpRedirectsOnly)
 
 
 def _submit_and_wait(rows: _Rows, ids: list[int], clips: list[torch.Tensor], config) -> Reply:
@@ -544,12 +555,6 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     return _respond(ApiError(error.status_code, message, code=codes.get(error.status_code),
                              headers=getattr(error, "headers", None)))
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0] if error.errors() else {}
-    where = ".".join(str(x) for x in first.get("loc", ()))
-    return _respond(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None))
 
 
 async def _library_error(request: Request, error: QwenAudioError) -> JSONResponse:
