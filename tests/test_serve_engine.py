@@ -125,6 +125,16 @@ def test_greedy_ids_equal_model_generate_alone_and_beside_others(model, family, 
         assert by_itself.generate([text], [own], do_sample=False, max_new_tokens=budget) == [want]
 
 
+def test_rows_that_cross_the_attention_window_keep_their_ids(v1, engine):
+    """Attention reads the slots up to the longest busy row's, rounded up to 256: a row that crosses 256 widens it
+    for every row beside it, and neither row's ids change."""
+    long, short = "the sea " * 123, "a short one"
+    assert len(ids_of(v1, long, [])) == 247
+    settings = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    expected = [alone(v1, long, [], **settings), alone(v1, short, [], **settings)]
+    assert engine(v1, rows=2, context=512).generate([long, short], **settings) == expected
+
+
 def test_generate_answers_a_batch_as_the_model_does(model, family, clips, engine):
     """`Engine.generate` takes `QwenAudio.generate`'s arguments (a batch of prompts and their clips) and gives its
     result, each prompt a row of its own."""

@@ -33,6 +33,8 @@ from ..core.model import QwenAudio, expect_model, prompt_batch
 
 log = logging.getLogger(__name__)
 
+WINDOW = 256  # attention reads the slots up to the longest busy row's, rounded up to this (few distinct shapes)
+
 
 class EngineClosed(QwenAudioError):
     """A prompt was submitted after `Engine.close`."""
@@ -253,8 +255,8 @@ class Engine:
         """Encode the prompt's clips and prefill it alone into `row` (cleared first); a failure fails this reply
         only."""
         try:
-            session = Session(self._cache.rows(slice(row, row + 1)))
-            session.cache.valid.zero_()  # what an earlier prompt left there is not this one's
+            self._cache.valid[row] = False  # what an earlier prompt left there is not this one's
+            session = Session(self._window(slice(row, row + 1), job.ids.shape[1]))
             job.logits = prefill(self.model.decoder, session, job.ids, audio=self.model.encode_audio(job.clips))
         except Exception as error:
             self._active[row] = None
@@ -279,8 +281,8 @@ class Engine:
             slots = torch.zeros((hi, 1), dtype=torch.long, device=self.model.device)
             for row, job in live:
                 ids[row, 0], slots[row, 0] = job.seen[0, -1], job.slot
-            logits = self.model.decode_step(self.model.decoder, self._cache.rows(slice(0, hi)), ids, slots,
-                                            self._bases[:hi])
+            cache = self._window(slice(0, hi), max(job.slot for _, job in live) + 1)
+            logits = self.model.decode_step(self.model.decoder, cache, ids, slots, self._bases[:hi])
             self._steps += 1
             for row, job in live:
                 job.logits, job.slot = logits[row : row + 1], job.slot + 1
@@ -312,6 +314,11 @@ class Engine:
         self._active[row] = None
         self._finish(job, reason)
         return False
+
+    def _window(self, rows: slice, used: int) -> KVCache:
+        """The cache's `rows` over their first `used` slots, rounded up to WINDOW: attention reads every slot it is
+        given, and over the whole context it would cost a batch of eight about as much as the weights."""
+        return self._cache.rows(rows, min(self.context, -(-used // WINDOW) * WINDOW))
 
     def _finish(self, job: _Job, reason: str, error: BaseException | None = None) -> None:
         job.reply.finish_reason, job.reply.error = reason, error
