@@ -277,12 +277,13 @@ class Engine:
             if not live:
                 return
             hi = live[-1][0] + 1
-            ids = torch.full((hi, 1), self.model.generation_config.pad_token_id, device=self.model.device)
-            slots = torch.zeros((hi, 1), dtype=torch.long, device=self.model.device)
+            ids, slots = [self.model.generation_config.pad_token_id] * hi, [0] * hi  # free rows: padding at 0
             for row, job in live:
-                ids[row, 0], slots[row, 0] = job.seen[0, -1], job.slot
-            cache = self._window(slice(0, hi), max(job.slot for _, job in live) + 1)
-            logits = self.model.decode_step(self.model.decoder, cache, ids, slots, self._bases[:hi])
+                ids[row], slots[row] = job.reply.tokens[-1], job.slot
+            cache = self._window(slice(0, hi), max(slots) + 1)
+            device = self.model.device
+            logits = self.model.decode_step(self.model.decoder, cache, torch.tensor(ids, device=device)[:, None],
+                                            torch.tensor(slots, device=device)[:, None], self._bases[:hi])
             self._steps += 1
             for row, job in live:
                 job.logits, job.slot = logits[row : row + 1], job.slot + 1
