@@ -212,8 +212,12 @@ def test_bad_prompts_are_refused_and_the_next_one_is_answered(v1, clips, engine)
     config = v1.generation_config.replace(max_new_tokens=8)
     with pytest.raises(InputError, match="input_ids is empty"):
         one.submit([], config=config)
-    with pytest.raises(InputError, match=r"token id 155947 is outside the vocabulary \(0..155946\)"):
+    with pytest.raises(InputError, match="input_ids holds 155947: a token id is an int from 0 to 155946"):
         one.submit([1, 155947], config=config)
+    with pytest.raises(InputError, match="input_ids holds 2.0: a token id is an int from 0 to 155946"):
+        one.submit([1, 2.0], config=config)
+    with pytest.raises(InputError, match="input_ids must be a list of token ids, got str 'hello'"):
+        one.submit("hello", config=config)
     with pytest.raises(InputError, match="the prompt's 60 tokens and max_new_tokens=8 do not fit the engine's "
                                          "context of 64 slots per row"):
         one.submit([1] * 60, config=config)
@@ -224,6 +228,8 @@ def test_bad_prompts_are_refused_and_the_next_one_is_answered(v1, clips, engine)
     with pytest.warns(UserWarning, match="max_new_tokens=1000 is cut to 63: the prompt's 1 tokens and the new ones "
                                          "must fit the engine's context of 64 slots per row"):
         assert len(one.generate(["hello"], max_new_tokens=1000, min_new_tokens=70)[0]) == 63
+    with pytest.raises(InputError, match="the prompt's 81 tokens fill the engine's context of 64 slots per row"):
+        one.generate(["the sea " * 40])
     text, own = prompts("qwen-audio", clips)[2]
     assert one.generate([text], [own], do_sample=False, max_new_tokens=5) == \
         [alone(v1, text, own, do_sample=False, max_new_tokens=5)]
