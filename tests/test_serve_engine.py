@@ -34,20 +34,24 @@ def clips(shared_audio):
     return {"a": speech[:32_000], "b": reading[16_000:64_000], "c": reading[:24_000]}
 
 
-@pytest.fixture(scope="module", params=["qwen-audio", "qwen2-audio"])
+@pytest.fixture(scope="module")
+def v1(tiny_ckpt):
+    return load_model(tiny_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def v2(tiny_qwen2_instruct_ckpt):
+    return load_model(tiny_qwen2_instruct_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(params=["qwen-audio", "qwen2-audio"])
 def family(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(family, request):
-    ckpt = request.getfixturevalue("tiny_ckpt" if family == "qwen-audio" else "tiny_qwen2_instruct_ckpt")
-    return load_model(ckpt, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def v1(tiny_ckpt):
-    return load_model(tiny_ckpt, device="cpu", dtype="float32")
+    return request.getfixturevalue("v1" if family == "qwen-audio" else "v2")
 
 
 @pytest.fixture
