@@ -410,12 +410,20 @@ def test_rows_prefilled_alone_decode_together_at_their_own_slots(short_ckpt, tok
     assert [len(set(b.tolist())) for b in bases] == [1, 1, 1] and len(set(torch.cat(bases).tolist())) == 3
 
 
-def test_a_cache_view_refuses_rows_that_would_copy(decoder):
+def test_a_cache_view_writes_into_its_parent(decoder):
+    """`KVCache.rows`: some rows, and optionally only the first slots, as views; an index that would copy is refused."""
     cache = KVCache(decoder.config, 3, 8, torch.float32)
     view = cache.rows(slice(1, 3))
     view.k[0].fill_(1.0)
     view.valid[:, 2] = True
     assert cache.k[0][1:].eq(1).all() and cache.k[0][0].eq(0).all() and cache.valid[1:, 2].all()
+    window = cache.rows(slice(0, 2), 4)
+    assert window.capacity == 4 and window.v[1].shape == (2, cache.v[1].shape[1], 4, cache.v[1].shape[3])
+    window.v[1].fill_(2.0)
+    window.valid.fill_(True)
+    assert cache.v[1][:2, :, :4].eq(2).all() and cache.v[1][:, :, 4:].eq(0).all() and cache.v[1][2].eq(0).all()
+    assert cache.valid[:2, :4].all() and not cache.valid[:2, 4:].any()
+    assert cache.valid[2].tolist() == [False, False, True] + [False] * 5
     with pytest.raises(InputError, match=r"KVCache.rows takes a slice of consecutive rows .*got \[0, 2\]"):
         cache.rows([0, 2])
 

@@ -34,20 +34,24 @@ def clips(shared_audio):
     return {"a": speech[:32_000], "b": reading[16_000:64_000], "c": reading[:24_000]}
 
 
-@pytest.fixture(scope="module", params=["qwen-audio", "qwen2-audio"])
+@pytest.fixture(scope="module")
+def v1(tiny_ckpt):
+    return load_model(tiny_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def v2(tiny_qwen2_instruct_ckpt):
+    return load_model(tiny_qwen2_instruct_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(params=["qwen-audio", "qwen2-audio"])
 def family(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(family, request):
-    ckpt = request.getfixturevalue("tiny_ckpt" if family == "qwen-audio" else "tiny_qwen2_instruct_ckpt")
-    return load_model(ckpt, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def v1(tiny_ckpt):
-    return load_model(tiny_ckpt, device="cpu", dtype="float32")
+    return request.getfixturevalue("v1" if family == "qwen-audio" else "v2")
 
 
 @pytest.fixture
@@ -123,6 +127,16 @@ def test_greedy_ids_equal_model_generate_alone_and_beside_others(model, family, 
     by_itself = engine(model, rows=3)
     for (text, own), budget, want in zip(prompts(family, clips), budgets, expected):
         assert by_itself.generate([text], [own], do_sample=False, max_new_tokens=budget) == [want]
+
+
+def test_rows_that_cross_the_attention_window_keep_their_ids(v1, engine):
+    """Attention reads the slots up to the longest busy row's, rounded up to 256: a row that crosses 256 widens it
+    for every row beside it, and neither row's ids change."""
+    long, short = "the sea " * 123, "a short one"
+    assert len(ids_of(v1, long, [])) == 247
+    settings = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    expected = [alone(v1, long, [], **settings), alone(v1, short, [], **settings)]
+    assert engine(v1, rows=2, context=512).generate([long, short], **settings) == expected
 
 
 def test_generate_answers_a_batch_as_the_model_does(model, family, clips, engine):
@@ -202,8 +216,12 @@ def test_bad_prompts_are_refused_and_the_next_one_is_answered(v1, clips, engine)
     config = v1.generation_config.replace(max_new_tokens=8)
     with pytest.raises(InputError, match="input_ids is empty"):
         one.submit([], config=config)
-    with pytest.raises(InputError, match=r"token id 155947 is outside the vocabulary \(0..155946\)"):
+    with pytest.raises(InputError, match="input_ids holds 155947: a token id is an int from 0 to 155946"):
         one.submit([1, 155947], config=config)
+    with pytest.raises(InputError, match="input_ids holds 2.0: a token id is an int from 0 to 155946"):
+        one.submit([1, 2.0], config=config)
+    with pytest.raises(InputError, match="input_ids must be a list of token ids, got str 'hello'"):
+        one.submit("hello", config=config)
     with pytest.raises(InputError, match="the prompt's 60 tokens and max_new_tokens=8 do not fit the engine's "
                                          "context of 64 slots per row"):
         one.submit([1] * 60, config=config)
@@ -214,6 +232,8 @@ def test_bad_prompts_are_refused_and_the_next_one_is_answered(v1, clips, engine)
     with pytest.warns(UserWarning, match="max_new_tokens=1000 is cut to 63: the prompt's 1 tokens and the new ones "
                                          "must fit the engine's context of 64 slots per row"):
         assert len(one.generate(["hello"], max_new_tokens=1000, min_new_tokens=70)[0]) == 63
+    with pytest.raises(InputError, match="the prompt's 81 tokens fill the engine's context of 64 slots per row"):
+        one.generate(["the sea " * 40])
     text, own = prompts("qwen-audio", clips)[2]
     assert one.generate([text], [own], do_sample=False, max_new_tokens=5) == \
         [alone(v1, text, own, do_sample=False, max_new_tokens=5)]

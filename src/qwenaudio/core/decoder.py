@@ -98,16 +98,17 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
-    def rows(self, index: slice) -> KVCache:
-        """A KVCache over some rows of this one, its buffers views of these (what is written there lands here): the
-        serving engine prefills one row of its batch on its own, and decodes only the rows below the highest busy
-        one. Not to be grown (a view cannot grow its parent)."""
+    def rows(self, index: slice, capacity: int | None = None) -> KVCache:
+        """A KVCache over some rows of this one, and only its first `capacity` slots (None: all), its buffers views
+        of these (what is written there lands here): the serving engine prefills one row of its batch on its own,
+        and decodes only the rows below the highest busy one over the slots they use (attention reads every slot
+        it is given). Not to be grown (a view cannot grow its parent)."""
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise InputError(f"KVCache.rows takes a slice of consecutive rows (so the buffers stay views), got "
                              f"{index!r}")
         view = copy.copy(self)
-        view.k, view.v = [t[index] for t in self.k], [t[index] for t in self.v]
-        view.valid = self.valid[index]
+        view.k, view.v = [t[index, :, :capacity] for t in self.k], [t[index, :, :capacity] for t in self.v]
+        view.valid = self.valid[index, :capacity]
         return view
 
     def grow(self, capacity: int) -> None:

@@ -5,7 +5,8 @@ little more than a step over one: serving many clients at once is about keeping 
 model and one thread that does all its work. Prompts queue; at each step boundary the queued ones take the lowest
 free rows of one static KV cache (rows x context slots, allocated once), each encoded and prefilled alone, a batch
 of one, so its numbers are `model.generate`'s for that prompt; then one `decode_one_token` feeds every busy row its
-next id, each at its own slot with its own rotary base, over rows[:hi] only (hi: one past the highest busy row). A
+next id, each at its own slot with its own rotary base, over rows[:hi] only (hi: one past the highest busy row)
+and the slots up to the longest busy row's (rounded up to WINDOW), since attention reads every slot it is given. A
 row that stops (stop id, stop string, budget) or is cancelled is freed before the next step, and the next queued
 prompt can take it. Free rows below hi are fed padding and never read. Each row keeps its own settings: sampling
 (with its own seeded generator), stops, budgets.
@@ -32,6 +33,8 @@ from ..core.generate import Session, choose, prefill, process_logits, stop_strin
 from ..core.model import QwenAudio, expect_model, prompt_batch
 
 log = logging.getLogger(__name__)
+
+WINDOW = 256  # attention reads the slots up to the longest busy row's, rounded up to this (few distinct shapes)
 
 
 class EngineClosed(QwenAudioError):
@@ -138,18 +141,19 @@ class Engine:
         engine thread after each step that added a token to it and when it finishes: it must return quickly."""
         config = self.model.generation_config if config is None else config
         expect(config, GenerationConfig, "config", "a GenerationConfig or None")
-        ids = [int(i) for i in input_ids]
+        ids = input_ids.flatten().tolist() if isinstance(input_ids, Tensor) else input_ids
+        expect(ids, (list, tuple), "input_ids", "a list of token ids")
         vocab = self.model.config.vocab_size
         if not ids:
             raise InputError("input_ids is empty: a prompt needs at least one token")
-        if not all(0 <= i < vocab for i in ids):
-            raise InputError(f"token id {next(i for i in ids if not 0 <= i < vocab)} is outside the vocabulary "
-                             f"(0..{vocab - 1})")
+        wrong = [i for i in ids if not whole(i, 0, vocab - 1)]
+        if wrong:
+            raise InputError(f"input_ids holds {wrong[0]!r}: a token id is an int from 0 to {vocab - 1}")
         if len(ids) + config.max_new_tokens > self.context:
             raise InputError(f"the prompt's {len(ids)} tokens and max_new_tokens={config.max_new_tokens} do not fit "
                              f"the engine's context of {self.context} slots per row")
         waves = [as_waveform(c, source_name(c, i), self.model.encoder.min_samples) for i, c in enumerate(clips)]
-        job = _Job(Reply(len(ids), self._wake), torch.tensor([ids], device=self.model.device), waves, config,
+        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)], device=self.model.device), waves, config,
                    on_update)
         with self._lock:
             if self._closed:
@@ -253,8 +257,8 @@ class Engine:
         """Encode the prompt's clips and prefill it alone into `row` (cleared first); a failure fails this reply
         only."""
         try:
-            session = Session(self._cache.rows(slice(row, row + 1)))
-            session.cache.valid.zero_()  # what an earlier prompt left there is not this one's
+            self._cache.valid[row] = False  # what an earlier prompt left there is not this one's
+            session = Session(self._window(slice(row, row + 1), job.ids.shape[1]))
             job.logits = prefill(self.model.decoder, session, job.ids, audio=self.model.encode_audio(job.clips))
         except Exception as error:
             self._active[row] = None
@@ -275,12 +279,13 @@ class Engine:
             if not live:
                 return
             hi = live[-1][0] + 1
-            ids = torch.full((hi, 1), self.model.generation_config.pad_token_id, device=self.model.device)
-            slots = torch.zeros((hi, 1), dtype=torch.long, device=self.model.device)
+            ids, slots = [self.model.generation_config.pad_token_id] * hi, [0] * hi  # free rows: padding at 0
             for row, job in live:
-                ids[row, 0], slots[row, 0] = job.seen[0, -1], job.slot
-            logits = self.model.decode_step(self.model.decoder, self._cache.rows(slice(0, hi)), ids, slots,
-                                            self._bases[:hi])
+                ids[row], slots[row] = job.reply.tokens[-1], job.slot
+            cache = self._window(slice(0, hi), max(slots) + 1)
+            device = self.model.device
+            logits = self.model.decode_step(self.model.decoder, cache, torch.tensor(ids, device=device)[:, None],
+                                            torch.tensor(slots, device=device)[:, None], self._bases[:hi])
             self._steps += 1
             for row, job in live:
                 job.logits, job.slot = logits[row : row + 1], job.slot + 1
@@ -312,6 +317,11 @@ class Engine:
         self._active[row] = None
         self._finish(job, reason)
         return False
+
+    def _window(self, rows: slice, used: int) -> KVCache:
+        """The cache's `rows` over their first `used` slots, rounded up to WINDOW: attention reads every slot it is
+        given, and over the whole context it would cost a batch of eight about as much as the weights."""
+        return self._cache.rows(rows, min(self.context, -(-used // WINDOW) * WINDOW))
 
     def _finish(self, job: _Job, reason: str, error: BaseException | None = None) -> None:
         job.reply.finish_reason, job.reply.error = reason, error
