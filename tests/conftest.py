@@ -4,10 +4,11 @@ The tests need only the core dependencies (torch, numpy, safetensors, tiktoken, 
 hypothesis: the encoder and decoder recordings in tests/golden/ are compared with those alone. Live comparisons need
 the reference packages of the `test` extra (openai-whisper, transformers, scipy, dashscope, huggingface_hub) and the
 ffmpeg program, the translation and caption scores need the `eval` extra's packages (sacreBLEU with MeCab for
-Japanese, pycocoevalcap) and the java program, and every test that tokenizes text needs Qwen's vocabulary, which
-comes with dashscope. A test asks for one with `reference(...)` or `reference_program(...)`, never at import time, so
-a missing one affects only the tests that use it: they are skipped, with the package named, or, under CI=true, fail,
-so CI cannot pass by skipping. ./scripts/test installs them all.
+Japanese, pycocoevalcap) and the java program, the live-server tests the `serve` extra's packages and the official
+`openai` client, and every test that tokenizes text needs Qwen's vocabulary, which comes with dashscope. A test
+asks for one with `reference(...)` or `reference_program(...)`, never at import time, so a missing one affects only
+the tests that use it: they are skipped, with the package named, or, under CI=true, fail, so CI cannot pass by
+skipping. ./scripts/test installs them all.
 """
 
 import hashlib
@@ -34,7 +35,8 @@ SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scipy": "scipy",
               "dashscope": "dashscope", "huggingface_hub": "huggingface_hub", "sacrebleu": "sacrebleu",
               "MeCab": "mecab-python3", "ipadic": "ipadic", "pycocoevalcap": "pycocoevalcap",
-              "peft": "peft"}
+              "peft": "peft", "openai": "openai", "fastapi": "fastapi", "uvicorn": "uvicorn",
+              "python_multipart": "python-multipart", "prometheus_client": "prometheus-client"}
 
 
 def in_ci() -> bool:
@@ -120,6 +122,24 @@ def tiny_qwen2_instruct_ckpt(tmp_path_factory, vocab_file) -> Path:
     """The same, with the Instruct checkpoint's generation config (stops on <|im_end|>). Read-only."""
     return make_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-instruct") / "Qwen2-Audio-Instruct-tiny",
                                       seed=1, vocab_file=vocab_file, instruct=True)
+
+
+@pytest.fixture(scope="session")
+def served_v1(tmp_path_factory, vocab_file):
+    """A live server (tests/serving.py) on a tiny Qwen-Audio-Chat checkpoint, shared by the session."""
+    from .serving import serve_checkpoint
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("served") / "Qwen-Audio-Chat-tiny", vocab_file=vocab_file,
+                                chat=True)
+    with serve_checkpoint(path) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def served_qwen2(tiny_qwen2_instruct_ckpt):
+    """A live server on the tiny Qwen2-Audio-Instruct checkpoint, shared by the session."""
+    from .serving import serve_checkpoint
+    with serve_checkpoint(tiny_qwen2_instruct_ckpt) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

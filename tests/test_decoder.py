@@ -21,7 +21,7 @@ from qwenaudio import InputError, QwenAudioConfig, load_checkpoint, load_decoder
 from qwenaudio.core import generate
 from qwenaudio.core.audio import log_mel_spectrogram
 from qwenaudio.core.checkpoint import split_state
-from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha
+from qwenaudio.core.decoder import Decoder, KVCache, ntk_alpha, positions_and_mask
 from qwenaudio.core.generate import Session, decode_one_token, extends, prefill
 from qwenaudio.testing import make_tiny_checkpoint
 
@@ -360,6 +360,64 @@ def test_decoding_on_a_reused_cache_equals_the_full_forward(short_ckpt, tokenize
         ours = decode_incrementally(decoder, ids[:, :44], mask[:, :44], 40, session=session)
         reference = decoder.logits(ids[:, :44], mask[:, :44])[:, 39:]
     assert masked_relative_error(ours, reference, mask[:, 39:44]) < 1e-6
+
+
+def test_per_row_slots_equal_shared_ones_when_the_rows_agree(decoder, tokenizer):
+    """Slots [B, S] (each row its own) give what slots [S] give when every row has the same ones: the mask, the
+    positions and a decoding step's logits and cache writes."""
+    ids, mask = left_pad([text_ids(tokenizer, 12, seed=1), text_ids(tokenizer, 7, seed=2)])
+    valid = torch.cat([mask.bool(), torch.zeros(2, 4, dtype=torch.bool)], 1)
+    for true_positions in (False, True):
+        shared = positions_and_mask(valid, torch.tensor([10, 11]), true_positions)
+        per_row = positions_and_mask(valid, torch.tensor([[10, 11], [10, 11]]), true_positions)
+        assert all(torch.equal(a, b) for a, b in zip(shared, per_row))
+    caches = [Session(KVCache(decoder.config, 2, 16, torch.float32)) for _ in range(2)]
+    with torch.no_grad():
+        for session in caches:
+            prefill(decoder, session, ids, mask)
+        one = decode_one_token(decoder, caches[0].cache, ids[:, :1], torch.tensor([12]), caches[0].rope_base)
+        two = decode_one_token(decoder, caches[1].cache, ids[:, :1], torch.tensor([[12], [12]]), caches[1].rope_base)
+    assert torch.equal(one, two) and torch.equal(caches[0].cache.valid, caches[1].cache.valid)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].cache.k + caches[0].cache.v,
+                                                 caches[1].cache.k + caches[1].cache.v))
+
+
+@pytest.mark.parametrize("true_positions", [False, True])
+def test_rows_prefilled_alone_decode_together_at_their_own_slots(short_ckpt, tokenizer, true_positions):
+    """A serving batch: prompts of 46, 26 and 9 tokens prefilled one at a time into the rows of one cache
+    (`KVCache.rows`: views, so the writes land in the batch's cache) over slots an earlier, longer occupant left
+    filled, then decoded together, each row at its own slot (`slot` [B, 1]) with its own NTK base (alpha 7, 3, 1)
+    and logn past seq_length: each row's logits are its prompt's full forward alone."""
+    decoder = load_decoder(short_ckpt, dtype=torch.float32, true_positions=true_positions)
+    prompts = [torch.tensor([text_ids(tokenizer, n, seed=n)]) for n in (46, 26, 9)]
+    cache = KVCache(decoder.config, 3, 50, torch.float32)
+    steps, logits, bases = 4, [], []
+    with torch.no_grad():
+        prefill(decoder, Session(cache), torch.tensor([text_ids(tokenizer, 48, seed=0)] * 3))  # the earlier occupant
+        for r, ids in enumerate(prompts):
+            session = Session(cache.rows(slice(r, r + 1)))
+            session.cache.valid.zero_()  # as the engine frees a row
+            logits.append([prefill(decoder, session, ids[:, :-steps])[0]])
+            bases.append(session.rope_base)
+        for t in range(steps):
+            slots = torch.tensor([[ids.shape[1] - steps + t] for ids in prompts])
+            fed = torch.stack([ids[0, slots[r, 0]] for r, ids in enumerate(prompts)])[:, None]
+            for r, row in enumerate(decode_one_token(decoder, cache, fed, slots, torch.cat(bases))):
+                logits[r].append(row)
+        for ids, ours in zip(prompts, logits):
+            reference = decoder.logits(ids)[0, -steps - 1 :]
+            assert relative_error(torch.stack(ours), reference) < 1e-5
+    assert [len(set(b.tolist())) for b in bases] == [1, 1, 1] and len(set(torch.cat(bases).tolist())) == 3
+
+
+def test_a_cache_view_refuses_rows_that_would_copy(decoder):
+    cache = KVCache(decoder.config, 3, 8, torch.float32)
+    view = cache.rows(slice(1, 3))
+    view.k[0].fill_(1.0)
+    view.valid[:, 2] = True
+    assert cache.k[0][1:].eq(1).all() and cache.k[0][0].eq(0).all() and cache.valid[1:, 2].all()
+    with pytest.raises(InputError, match=r"KVCache.rows takes a slice of consecutive rows .*got \[0, 2\]"):
+        cache.rows([0, 2])
 
 
 @pytest.mark.slow

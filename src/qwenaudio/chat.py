@@ -22,7 +22,7 @@ the cache is reused whenever the ids extend it. `_DIALECTS` is the one place the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,16 +69,24 @@ class Chat:
     first: the query as Qwen-Audio's text (`query_text`), or for Qwen2-Audio as given (text, or parts).
 
     Each conversation keeps its own KV cache (about 0.5 MB a token for the full model in bf16), so that the next
-    turn prefills only what is new."""
+    turn prefills only what is new.
 
-    def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None):
+    `clips` are clips already in memory (16 kHz waveforms), each heard where a part `{"audio": name}` names it (a
+    server names the clips its requests upload); any other name is read as a file path, as usual."""
+
+    def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None,
+                 clips: Mapping[str, torch.Tensor] | None = None):
         expect_model(model)
         expect(system, str, "system", "a str (the system message)")
+        expect(clips, (Mapping, type(None)), "clips", "a mapping of names to 16 kHz waveforms, or None")
         self.model, self.system = model, system
         self._dialect = _DIALECTS[model.family]
         self._dialect.check(model)
         self.history: History = _checked_history(history, self._dialect)
         self._clips: dict[str, torch.Tensor] = {}
+        for name, wave in (clips or {}).items():
+            expect(name, str, "a clip's name", "a str")
+            self._clips[name] = as_waveform(wave, name, model.encoder.min_samples)
         self._session = self._new_session()  # the conversation so far, as the decoder has read it
 
     def reset(self) -> None:
@@ -93,10 +101,9 @@ class Chat:
         """Yield the reply in text pieces; the turn joins the history once the reply is complete."""
         query = self._dialect.query(query)
         context = self._dialect.context(self, query)
-        stops = self._dialect.stop_token_ids(self.model)
         pieces: list[str] = []
         for piece in self.model.stream(torch.tensor([context.ids]), [self.clip(p) for p in context.clips],
-                                       session=self._session, **{"stop_token_ids": stops, **generation}):
+                                       session=self._session, **{"stop_token_ids": self.stop_token_ids, **generation}):
             pieces.append(piece)
             yield piece
         self.history.append((query, "".join(pieces)))
@@ -104,6 +111,11 @@ class Chat:
     def ask(self, query: str | Sequence[Part], **generation) -> str:
         """The whole reply to `query` (see `stream`)."""
         return "".join(self.stream(query, **generation))
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a reply: the family's chat's (Qwen2-Audio: also `<|im_end|>`), else the checkpoint's."""
+        return self._dialect.stop_token_ids(self.model) or self.model.generation_config.stop_token_ids
 
     def _new_session(self) -> Session:
         """An empty session of one row; generation grows its cache as the conversation does."""

@@ -8,13 +8,18 @@ analyses, and `prompts.tags` builds a sequence of one's own. Qwen2-Audio reads p
 runs either model, and a task or option the family does not have is an InputError that lists those it has.
 Every function takes one clip or a list of clips (a batch, left-padded like the official evaluation) and decodes
 greedily by default, as the official evaluations do; pass `do_sample=True`, `max_new_tokens=…` or any other
-`GenerationConfig` field to change that.
+`GenerationConfig` field to change that. `generate=` says who answers the prompts: `model.generate` by default; a
+server passes its engine's `generate` (the same arguments and result), so requests share the model's batch.
+`perform` runs a task by name, as `qwenaudio transcribe` and `qwenaudio serve` do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
+
+import re
 
 import torch
 
@@ -23,15 +28,16 @@ from . import prompts as _prompts
 from .core.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioSource, as_waveform, source_name
 from .core.checks import expect, renamed, shown
 from .core.errors import InputError
-from .core.families import QWEN2_AUDIO
+from .core.families import QWEN2_AUDIO, Family
 from .core.generate import cut_at_stop
 from .core.model import QwenAudio, expect_model
 from .core.tokenizer import MAX_TIMESTAMP_CS, NUM_BPE_RANKS, SPECIAL_TOKENS, Tokenizer
-from .longform import Segment
+from .longform import Segment, text_of, words_of
 from .prompts import ANALYSES, Instruction, Prompt, family_tasks, split_language
-from .subtitles import Word, in_order
+from .subtitles import Word, cues, in_order
 
 asr_task, translate_task, question_task = _prompts.asr, _prompts.translation, _prompts.question  # README's names
+Generate = Callable[..., list[list[int]]]  # `QwenAudio.generate`'s arguments and result: who answers the prompts
 
 
 def prompt_texts(task: Prompt | Instruction, names: Sequence[str]) -> list[str]:
@@ -39,9 +45,10 @@ def prompt_texts(task: Prompt | Instruction, names: Sequence[str]) -> list[str]:
     return [task.text(name) for name in names]
 
 
-def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt | Instruction,
-        **generation) -> list[list[int]]:
-    """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded."""
+def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prompt | Instruction, *,
+        generate: Generate | None = None, **generation) -> list[list[int]]:
+    """Run `task` on one clip or a batch (left-padded); the reply ids of each clip, stop token excluded. `generate`
+    answers the prompts (default `model.generate`; an engine's `generate` takes the same arguments)."""
     expect_model(model)
     expect(task, (Prompt, Instruction), "task", "a prompts.Prompt (asr_task(), question_task(q), ANALYSES['caption'], "
            "…) or, for Qwen2-Audio, a prompts.Instruction")
@@ -56,7 +63,8 @@ def run(model: QwenAudio, audio: AudioSource | Sequence[AudioSource], task: Prom
     budget = {"max_new_tokens": task.max_new_tokens}
     if isinstance(task, Instruction):  # Qwen2-Audio's evaluation also sets a floor
         budget["min_new_tokens"] = min(task.min_new_tokens, chosen.get("max_new_tokens", task.max_new_tokens))
-    return model.generate(prompt_texts(task, names), [[c] for c in clips], **{"do_sample": False, **budget, **chosen})
+    answer = model.generate if generate is None else generate
+    return answer(prompt_texts(task, names), [[c] for c in clips], **{"do_sample": False, **budget, **chosen})
 
 
 def _texts(model: QwenAudio, replies: list[list[int]], single: bool, stop_strings: Sequence[str] = ()):
@@ -68,12 +76,29 @@ def _single(audio) -> bool:
     return not isinstance(audio, (list, tuple))
 
 
+def reply_text(model: QwenAudio, task: Prompt | Instruction, reply: Sequence[int], stop_strings: Sequence[str] = (),
+               *, partial: bool = False) -> str:
+    """A transcript's or translation's text from its reply ids: special tokens dropped, cut at a stop string,
+    stripped; a Qwen2-Audio reply loses the language tag it starts with. `partial` reads a reply still being made (a
+    stream): a language tag not yet complete reads as nothing so far, so the text only ever grows."""
+    text = cut_at_stop(model.tokenizer.decode(reply, skip_special_tokens=True), stop_strings).strip()
+    if not isinstance(task, Instruction):
+        return text
+    if partial and _OPEN_TAG.fullmatch(text):
+        return ""
+    return split_language(text)[1].strip()
+
+
+_OPEN_TAG = re.compile(r"<(\|([a-z]{1,3}\|?)?)?")  # the start of a language tag `<|en|>`, unfinished
+
+
 def segments(model: QwenAudio, audio, task: Prompt | Instruction, *, timed: bool = False,
-             progress: Callable[[int, int, int], None] | None = None, **generation) -> list[list[Segment]]:
+             progress: Callable[[int, int, int], None] | None = None, generate: Generate | None = None,
+             **generation) -> list[list[Segment]]:
     """Per clip, its transcript as `Segment`s in seconds from the clip's start: one for a clip of up to 30 s, one
     per window for a longer one (cut, recognised a batch of windows at a time and stitched: `qwenaudio.longform`).
     `timed` says the task ends in timestamp tags, so segments carry their `Word`s. `progress(clip, done, total)`
-    follows the windows of each long clip."""
+    follows the windows of each long clip; `generate` is `run`'s."""
     expect_model(model)
     if progress is not None and not callable(progress):
         raise InputError(f"progress must be a function (clip, done, total) or None, got {shown(progress)}")
@@ -82,10 +107,9 @@ def segments(model: QwenAudio, audio, task: Prompt | Instruction, *, timed: bool
     stops = generation.get("stop_strings", ())
 
     def replies(batch: list[torch.Tensor]) -> list:
-        ids = run(model, batch, task, **generation)
+        ids = run(model, batch, task, generate=generate, **generation)
         if not timed:
-            texts = _texts(model, ids, False, stops)
-            return [split_language(t)[1].strip() for t in texts] if isinstance(task, Instruction) else texts
+            return [reply_text(model, task, r, stops) for r in ids]
         return [parse_words(model.tokenizer, r, len(clip) / SAMPLE_RATE) for r, clip in zip(ids, batch)]
 
     short = [i for i, c in enumerate(clips) if len(c) <= N_SAMPLES]
@@ -181,6 +205,52 @@ def note_analysis(model: QwenAudio, audio, **generation):
     replies = run(model, audio, family_tasks(model.family).analysis("note_analysis"), **generation)
     texts = [model.tokenizer.decode(r).strip() for r in replies]
     return texts[0] if _single(audio) else texts
+
+
+def task_prompt(family: Family, task: str, *, language: str | None = "en", target_language: str = "zh",
+                itn: bool = False, timestamps: bool = False) -> Prompt | Instruction:
+    """The prompt of the task named `task` (`FamilyTasks.names`: transcribe, translate or an analysis) for `family`'s
+    base model; a task, language or option the family does not have is its InputError."""
+    known = family_tasks(family)
+    if timestamps and not known.timestamps:
+        raise known.missing("timestamps")
+    if task == "transcribe":
+        return known.asr(language, itn=itn, timestamps=timestamps)
+    return known.translation(language, target_language) if task == "translate" else known.analysis(task)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One clip's result of `perform`: the text, its timed words (timed transcription only) and the segments it was
+    stitched from (one per window; one for a clip of up to 30 s or an analysis)."""
+
+    text: str
+    words: list[Word] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+
+
+def perform(model: QwenAudio, clips: Sequence[AudioSource], task: str, *, language: str | None = "en",
+            target_language: str = "zh", itn: bool = False, timestamps: bool = False,
+            generate: Generate | None = None, progress: Callable[[int, int, int], None] | None = None,
+            **generation) -> list[Result]:
+    """The task named `task` on each clip, as `qwenaudio transcribe` and `qwenaudio serve` run it: transcribe and
+    translate take audio of any length (`segments`; `progress(clip, done, total)` follows a long clip's windows),
+    an analysis hears a clip's first 30 s (`analyse`). `timestamps` times a transcript's words (Qwen-Audio)."""
+    expect_model(model)
+    prompt = task_prompt(model.family, task, language=language, target_language=target_language, itn=itn,
+                         timestamps=timestamps)
+    waves = [as_waveform(s, source_name(s, i), model.encoder.min_samples) for i, s in enumerate(clips)]
+    if task not in ("transcribe", "translate"):
+        return [Result(text, [], [Segment(text, 0.0, len(w) / SAMPLE_RATE)])
+                for text, w in zip(analyse(model, waves, task, generate=generate, **generation), waves)]
+    out = segments(model, waves, prompt, timed=timestamps, progress=progress, generate=generate, **generation)
+    return [Result(text_of(parts), words_of(parts), parts) for parts in out]
+
+
+def subtitle_cues(parts: Sequence[Segment]) -> list[Word]:
+    """The cues SRT and WebVTT show of a result's segments: its timed words, or, for a segment without timestamps,
+    one cue of its text over its window (`subtitles.cues`)."""
+    return [cue for s in parts for cue in cues(s.words, s.text, s.start, s.end)]
 
 
 def parse_words(tokenizer: Tokenizer, reply: Sequence[int], duration: float = CHUNK_LENGTH) -> list[Word]:

@@ -1,5 +1,5 @@
-"""The `qwenaudio` command: run a task on audio files in batches, chat about clips on a terminal, or record and
-compare activation traces against the official model.
+"""The `qwenaudio` command: run a task on audio files in batches, chat about clips on a terminal, serve a model over
+an OpenAI-compatible HTTP API, or record and compare activation traces against the official model.
 
 Results go to stdout (and, with --output-dir, one file per input); progress and errors go to stderr, so
 `qwenaudio transcribe talk.wav --format srt > talk.srt` works. A file that cannot be read is reported and the others
@@ -31,13 +31,13 @@ import torch
 from ..core.errors import InputError, OutputError, QwenAudioError
 from ..hub import load
 from ..runner import Processes, leave_process_group
-from . import chat, evaluate, finetune, merge, quantize, trace, transcribe, verify
+from . import chat, evaluate, finetune, merge, quantize, serve, trace, transcribe, verify
 from .options import Terminated, UsageError
 
 __all__ = ["COMMANDS", "Terminated", "main", "parse"]
 
 COMMANDS: dict[str, ModuleType] = {module.__name__.rsplit(".", 1)[1]: module for module in (
-    transcribe, chat, evaluate, finetune, trace, verify, quantize, merge)}
+    transcribe, chat, serve, evaluate, finetune, trace, verify, quantize, merge)}
 
 
 def _terminate(signum: int, _frame) -> None:

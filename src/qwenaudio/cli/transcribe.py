@@ -15,17 +15,16 @@ import torch
 from .. import tasks
 from ..batch import (AUDIO_SUFFIXES, Job, check_names, claim_outputs, find_inputs, model_identity,
                      refuse_many_inputs, refuse_model_directory)
-from ..core.audio import SAMPLE_RATE
 from ..core.errors import InputError
 from ..core.families import Family
 from ..core.files import refuse_inputs, writable_directory, write_text
 from ..core.model import QwenAudio
 from ..core.tokenizer import LANGUAGES
 from ..hub import family_of_checkpoint
-from ..longform import Segment, text_of, words_of
+from ..longform import Segment
 from ..prompts import QWEN2_LANGUAGES, Instruction, Prompt, family_tasks
 from ..runner import Report
-from ..subtitles import Word, cues, to_json, to_srt, to_vtt
+from ..subtitles import Word, to_json, to_srt, to_vtt
 from .options import Plan, UsageError, add_model_options, freeze, loaded_dtype, positive
 
 TASK_CHOICES = ("transcribe", "translate", *tasks.ANALYSES)
@@ -119,15 +118,13 @@ def plan(args: argparse.Namespace) -> TranscribePlan:
 
 def task_prompt(family: Family, task: str, itn: bool, *, language: str, target_language: str,
                 timestamps: bool) -> Prompt | Instruction:
-    """The prompt the options ask of `family`'s model (`prompts.family_tasks`): a task, language or option it does
-    not have is the InputError the library gives, said once for the whole run."""
-    known = family_tasks(family)
-    if timestamps and not known.timestamps:
+    """The prompt the options ask of `family`'s model (`tasks.task_prompt`): a task, language or option it does
+    not have is the InputError the library gives, said once for the whole run (timestamps in the options' words)."""
+    if timestamps and not family_tasks(family).timestamps:
         raise InputError(f"{family.name} has no timestamps: --timestamps and --format srt, vtt and all (word times) "
                          "need a Qwen-Audio model; use --format txt or json")
-    if task == "transcribe":
-        return known.asr(language, itn=itn, timestamps=timestamps)
-    return known.translation(language, target_language) if task == "translate" else known.analysis(task)
+    return tasks.task_prompt(family, task, language=language, target_language=target_language, itn=itn,
+                             timestamps=timestamps)
 
 
 def resume_hint(_: argparse.Namespace) -> str:
@@ -244,22 +241,17 @@ class InputOrder:
 
 def run_task(model: QwenAudio, jobs: list[Job], clips: list[torch.Tensor], plan: TranscribePlan
              ) -> list[tuple[str, list[Word], list[Segment]]]:
-    """(text, words, segments) per clip; words come only from timed transcription. Any length (see tasks): a long
-    file reports its windows as they are done."""
-    generation = {"max_new_tokens": plan.max_new_tokens}  # None keeps the task's own budget
-    if plan.task in ("transcribe", "translate"):
-        task = task_prompt(model.family, plan.task, plan.itn, language=plan.language,
-                           target_language=plan.target_language, timestamps=plan.timestamps)
-    else:
-        return [(text, [], [Segment(text, 0.0, len(c) / SAMPLE_RATE)])
-                for text, c in zip(tasks.analyse(model, clips, plan.task, **generation), clips)]
+    """(text, words, segments) per clip (`tasks.perform`); words come only from timed transcription. Any length: a
+    long file reports its windows as they are done."""
     files = plan.processes.progress("files")
 
     def windows(i: int, finished: int, total: int) -> None:
         files.line(f"{jobs[i].path}: {finished}/{total} windows")
 
-    out = tasks.segments(model, clips, task, timed=plan.timestamps, progress=windows, **generation)
-    return [(text_of(parts), words_of(parts), parts) for parts in out]
+    results = tasks.perform(model, clips, plan.task, language=plan.language, target_language=plan.target_language,
+                            itn=plan.itn, timestamps=plan.timestamps, progress=windows,
+                            max_new_tokens=plan.max_new_tokens)  # None keeps the task's own budget
+    return [(r.text, r.words, r.segments) for r in results]
 
 
 def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segment], task: str) -> str:
@@ -267,7 +259,7 @@ def render(fmt: str, path: Path, text: str, words: list[Word], parts: list[Segme
         segments = [{"text": s.text, "start": s.start, "end": s.end} for s in parts]
         return to_json(text, words, segments=segments, file=str(path), task=task)
     if fmt in TIMED_FORMATS:  # a reply without timestamps is one cue over its window, not an empty one
-        shown = [cue for s in parts for cue in cues(s.words, s.text, s.start, s.end)]
+        shown = tasks.subtitle_cues(parts)
         return to_srt(shown) if fmt == "srt" else to_vtt(shown)
     return text + "\n"
 

@@ -24,6 +24,7 @@ it. Module names follow the checkpoint (`h.0.attn.c_attn`, `ln_f`, …) once its
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -97,6 +98,18 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    def rows(self, index: slice) -> KVCache:
+        """A KVCache over some rows of this one, its buffers views of these (what is written there lands here): the
+        serving engine prefills one row of its batch on its own, and decodes only the rows below the highest busy
+        one. Not to be grown (a view cannot grow its parent)."""
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise InputError(f"KVCache.rows takes a slice of consecutive rows (so the buffers stay views), got "
+                             f"{index!r}")
+        view = copy.copy(self)
+        view.k, view.v = [t[index] for t in self.k], [t[index] for t in self.v]
+        view.valid = self.valid[index]
+        return view
+
     def grow(self, capacity: int) -> None:
         """Room for `capacity` slots, keeping what the cache holds (so a conversation's prefix stays usable)."""
         for kv in (self.k, self.v):
@@ -135,9 +148,11 @@ class Attention(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache: tuple[Tensor, Tensor] | None = None,
            slots: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention of q, k, v [B, H, S, Dh] under `mask`. With `cache` (one block's key and value
-    buffers), k and v are first written at `slots` and the queries attend over all of the buffers' slots."""
+    buffers), k and v are first written at `slots` ([S], shared by the rows, or [B, S], each row its own) and the
+    queries attend over all of the buffers' slots."""
     if cache is not None:
-        cache[0][:, :, slots], cache[1][:, :, slots] = k, v
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # broadcasts with [S] and [B, S] alike
+        cache[0][rows, :, slots], cache[1][rows, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
         k, v = cache
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -190,17 +205,19 @@ def logn_scale(positions: Tensor, seq_length: int) -> Tensor:
 
 
 def positions_and_mask(valid: Tensor, slots: Tensor, true_positions: bool = False) -> tuple[Tensor, Tensor]:
-    """Positions [B, S] and attention mask [B, 1, S, K] for queries at `slots` [S] over K keys, `valid` [B, K]
-    marking the real ones. A query sees the real keys at or before its slot, and always itself (so a padding slot
-    stays finite; it is never read). Positions are the slots (official), or with `true_positions` the count of
-    real tokens before the slot (padding then changes nothing)."""
+    """Positions [B, S] and attention mask [B, 1, S, K] for queries at `slots` over K keys, `valid` [B, K]
+    marking the real ones. `slots` is [S], the same for every row (a batch prefilled or decoded together), or
+    [B, S], each row at its own (rows that joined a batch at different times). A query sees the real keys at or
+    before its slot, and always itself (so a padding slot stays finite; it is never read). Positions are the slots
+    (official), or with `true_positions` the count of real tokens before the slot (padding then changes nothing)."""
     keys = torch.arange(valid.shape[1], device=valid.device)
-    seen = (keys[None, :] <= slots[:, None])[None] & valid[:, None, :]  # [B, S, K]
-    mask = seen | (keys[None, :] == slots[:, None])[None]
+    at = slots[..., None]  # [S, 1] or [B, S, 1]: either broadcasts against the keys to [B, S, K]
+    seen = (keys <= at) & valid[:, None, :]
+    mask = seen | (keys == at)
     if true_positions:
         positions = (seen.sum(-1) - 1).clamp(min=0)
     else:
-        positions = slots[None, :].expand(valid.shape[0], -1)
+        positions = slots.expand(valid.shape[0], -1)
     return positions, mask[:, None]
 
 
@@ -235,12 +252,13 @@ class Decoder(nn.Module):
         """Logits [B, S, vocab_size] for `x`: ids [B, S], or their embeddings [B, S, hidden_size] (`embed`).
 
         `positions` [B, S] and `mask` [B, 1, S, K] come from `positions_and_mask`, `base` [B] from `rope_base`.
-        With a `cache`, the keys and values are written at `slots` [S] and K is the cache's capacity; without, K
-        is S. Logn scaling is on in eval mode only, as in the official model. `last_only` gives [B, 1, vocab_size]
-        for the last slot (what generation needs: at 155,947 outputs per position, lm_head is a large part of a
-        prefill); `select` [B, S] (bool) gives [N, vocab_size] for the N positions it marks (what a loss over a
-        few label tokens needs). A `hidden_states` list receives what the official `output_hidden_states` gives: the
-        embeddings, each block's output but the last, and ln_f of the last block's output.
+        With a `cache`, the keys and values are written at `slots` ([S], or [B, S] with each row at its own: see
+        `positions_and_mask`) and K is the cache's capacity; without, K is S. Logn scaling is on in eval mode only,
+        as in the official model. `last_only` gives [B, 1, vocab_size] for the last slot (what generation needs: at
+        155,947 outputs per position, lm_head is a large part of a prefill); `select` [B, S] (bool) gives
+        [N, vocab_size] for the N positions it marks (what a loss over a few label tokens needs). A `hidden_states`
+        list receives what the official `output_hidden_states` gives: the embeddings, each block's output but the
+        last, and ln_f of the last block's output.
         """
         if not x.is_floating_point():
             x = self.wte(x)

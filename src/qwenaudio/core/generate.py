@@ -118,10 +118,11 @@ def prefill(decoder: Decoder, session: Session, input_ids: Tensor, attention_mas
 
 @torch.no_grad()
 def decode_one_token(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor, base: Tensor) -> Tensor:
-    """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` [1] with each row's rotary `base` [B] (the prefill's,
+    """Logits [B, vocab] after feeding `ids` [B, 1] at `slot` ([1], shared by the rows, or [B, 1], each row's own:
+    a serving batch whose rows joined at different steps) with each row's rotary `base` [B] (the prefill's,
     `Session.rope_base`): plain tensors, fixed shapes and no host synchronisation, the graph `compile_decoding`
-    captures. The ids must be valid and the slot inside the cache; generation sees to it."""
-    cache.valid[:, slot] = True
+    captures. The ids must be valid and the slots inside the cache; generation sees to it."""
+    cache.valid[torch.arange(ids.shape[0], device=ids.device)[:, None], slot] = True
     positions, mask = positions_and_mask(cache.valid, slot, decoder.config.true_positions)
     return decoder(ids, positions, mask, base, cache, slot, last_only=True)[:, -1]
 
@@ -191,7 +192,7 @@ def generate_steps(
         if config.stop_strings:
             for row in (~decoding.done & ~finished).nonzero().flatten().tolist():
                 replies[row].append(int(ids[row]))
-                finished[row] = _stop_string_ends(tokenizer, replies[row], config.stop_strings)
+                finished[row] = stop_string_ends(tokenizer, replies[row], config.stop_strings)
         if t == config.max_new_tokens - 1:
             finished |= ~decoding.done
         yield ids, finished
@@ -237,7 +238,7 @@ class _Decoding:
                                        session.rope_base)
 
 
-def _stop_string_ends(tokenizer: Tokenizer, reply: list[int], stop_strings: Sequence[str]) -> bool:
+def stop_string_ends(tokenizer: Tokenizer, reply: list[int], stop_strings: Sequence[str]) -> bool:
     """Whether the reply so far ends in (holds) a stop string: its last 64 tokens decoded."""
     text = tokenizer.decode(reply[-64:])
     return any(stop in text for stop in stop_strings)
@@ -303,8 +304,8 @@ def generate(
                     ended[row] = stop
                     if not stop:
                         rows[row].append(token)
-                        ended[row] = bool(config.stop_strings) and _stop_string_ends(tokenizer, rows[row],
-                                                                                   config.stop_strings)
+                        ended[row] = bool(config.stop_strings) and stop_string_ends(tokenizer, rows[row],
+                                                                                  config.stop_strings)
                 if ended[row]:
                     decoding.done[row] = True  # padding from now on, as generate_steps would feed it
             looked = t + 1

@@ -1,0 +1,297 @@
+"""Bad requests against a live server: each one refused with its status and its own message in OpenAI's error body,
+and the next good request still answered as the library answers it. Then a bounded fuzz run: a few hundred random
+bad requests, none of them a 5xx, and a good one after."""
+
+import base64
+import http.server
+import json
+import random
+import socket
+import threading
+
+import httpx
+import pytest
+import torch
+
+import qwenaudio
+from qwenaudio import tasks
+
+from .serving import MAX_NEW_TOKENS, live, wav_bytes
+
+TRANSCRIPTIONS, CHAT = "/v1/audio/transcriptions", "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def speech(shared_audio):
+    return qwenaudio.load_audio(shared_audio / "1272-128104-0000.flac")[: 3 * 16_000]
+
+
+@pytest.fixture(scope="module")
+def good(served_v1, speech):
+    """Send the good request and check its answer is the library's."""
+    expected = tasks.transcribe(served_v1.model, speech, max_new_tokens=MAX_NEW_TOKENS)
+    upload = wav_bytes(speech)
+
+    def check(url: str = served_v1.url) -> None:
+        answer = httpx.post(f"{url}{TRANSCRIPTIONS}", files={"file": ("speech.wav", upload)}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["text"] == expected
+        assert served_v1.idle()
+    return check
+
+
+def user(*parts) -> dict:
+    return {"messages": [{"role": "user", "content": list(parts) or "Hi"}]}
+
+
+def clip(data: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+
+
+def multipart(body: bytes, boundary: str | None = "zz") -> dict:
+    kind = "multipart/form-data" + (f"; boundary={boundary}" if boundary else "")
+    return {"content": body, "headers": {"content-type": kind}}
+
+
+def part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    file = f'; filename="{filename}"' if filename else ""
+    return f'--zz\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode() + value + b"\r\n"
+
+
+def audio_file(name: str, data: bytes, **fields) -> dict:
+    return {"files": {"file": (name, data)}, "data": fields}
+
+
+def truncated_flac(shared_audio) -> bytes:  # its second half missing
+    data = (shared_audio / "1272-128104-0000.flac").read_bytes()
+    return data[: len(data) // 2]
+
+
+def ten_samples(_) -> bytes:
+    return wav_bytes(torch.zeros(10))
+
+
+CASES = {  # name: (path, request (httpx keywords; from the shared audio folder and the engine's context), status,
+    # message ({context} and {room}: the engine's context, and ten less)
+    "multipart without a boundary": (TRANSCRIPTIONS, lambda a, c: multipart(b"xx", None), 400,
+                                     "the request body could not be read: Missing boundary in multipart."),
+    "multipart that is not multipart": (TRANSCRIPTIONS, lambda a, c: multipart(b"garbage"), 400,
+                                        "the request body could not be read: Invalid multipart data."),
+    "a part without a name": (TRANSCRIPTIONS, lambda a, c: multipart(b"--zz\r\nContent-Type: text/plain\r\n\r\nabc\r\n"
+                                                                 b"--zz--\r\n"), 400,
+                              'the request body could not be read: The Content-Disposition header field "name" '
+                              'must be provided.'),
+    "two files": (TRANSCRIPTIONS, lambda a, c: multipart(part("file", b"a", "a.wav") + part("file", b"b", "b.wav") +
+                                                      b"--zz--\r\n"), 400,
+                  "the request body could not be read: Too many files. Maximum number of files is 1."),
+    "JSON to the upload endpoint": (TRANSCRIPTIONS, lambda a, c: {"json": {"file": "a.wav"}}, 400,
+                                    "this endpoint reads a multipart/form-data body (curl -F file=@clip.wav), got "
+                                    "application/json"),
+    "missing file": (TRANSCRIPTIONS, lambda a, c: {"files": {"model": (None, "Qwen-Audio-Chat-tiny")}}, 400,
+                     "the audio file is missing: send it as the multipart field 'file' (curl -F file=@clip.wav)"),
+    "file as a text field": (TRANSCRIPTIONS, lambda a, c: {"files": {"file": (None, "clip.wav")}}, 400,
+                             "'file' must be one uploaded file, sent with a filename (curl -F file=@clip.wav)"),
+    "not audio": (TRANSCRIPTIONS, lambda a, c: audio_file("notes.txt", b"just some text, not a sound" * 20), 400,
+                  "notes.txt: not a readable audio file"),
+    "an empty upload": (TRANSCRIPTIONS, lambda a, c: audio_file("empty.wav", b""), 400,
+                        "the uploaded file 'empty.wav' is empty"),
+    "a clip without samples": (TRANSCRIPTIONS, lambda a, c: audio_file("silent.wav", wav_bytes([])), 400,
+                               "silent.wav: the audio is empty"),
+    "a 10-sample clip": (TRANSCRIPTIONS, lambda a, c: audio_file("tick.wav", ten_samples(a)), 400,
+                         "tick.wav: 10 samples (0.001 s) is too short: one audio token needs at least"),
+    "a truncated upload": (TRANSCRIPTIONS, lambda a, c: audio_file("cut.flac", truncated_flac(a)), 400,
+                           "cut.flac: not a readable audio file"),
+    "unknown response_format": (TRANSCRIPTIONS, lambda a, c: audio_file("a.wav", b"x", response_format="docx"), 400,
+                                "response_format must be one of json, text, srt, verbose_json, vtt, got 'docx'"),
+    "transcription temperature out of range": (TRANSCRIPTIONS, lambda a, c: audio_file("a.wav", b"x", temperature="5"),
+                                               400, "temperature must be from 0 to 2 (0: greedy), got 5"),
+    "unknown model (transcription)": (TRANSCRIPTIONS, lambda a, c: audio_file("a.wav", b"x", model="whisper-1"), 404,
+                                      "the model 'whisper-1' does not exist: this server serves Qwen-Audio-Chat-tiny, "
+                                      "Qwen-Audio-Chat-tiny:caption"),
+    "invalid JSON": (CHAT, lambda a, c: {"content": b'{"messages": [', "headers": {"content-type": "application/json"}},
+                     400, "the body is not valid JSON: Expecting value: line 1 column 15 (char 14)"),
+    "JSON that is not an object": (CHAT, lambda a, c: {"json": ["hi"]}, 400,
+                                   "the body must be a JSON object, got an array"),
+    "negative max_tokens": (CHAT, lambda a, c: {"json": {**user(), "max_tokens": -1}}, 400,
+                            "max_tokens must be at least 1, got -1"),
+    "huge max_tokens": (CHAT, lambda a, c: {"json": {**user(), "max_tokens": 10**9}}, 400,
+                        "max_tokens is 1000000000, but a request's prompt and reply share {context} tokens on this "
+                        "server"),
+    "max_tokens past the room the prompt leaves": (CHAT, lambda a, c: {"json": {**user(), "max_tokens": c - 10}}, 400,
+                                                   "tokens and max_tokens {room} exceed the server's context of "
+                                                   "{context} tokens"),
+    "temperature out of range": (CHAT, lambda a, c: {"json": {**user(), "temperature": 2.5}}, 400,
+                                 "temperature must be a number in [0, 2], got 2.5"),
+    "unknown model (chat)": (CHAT, lambda a, c: {"json": {**user(), "model": "gpt-4o"}}, 404,
+                             "the model 'gpt-4o' does not exist: this server serves Qwen-Audio-Chat-tiny"),
+    "a remote URL while disabled": (CHAT, lambda a, c: {"json": user({"type": "audio_url", "audio_url": {
+        "url": "https://example.com/a.wav"}})}, 400, "messages[0].content[0]: remote audio URLs are disabled on this "
+                                                     "server (the operator enables them with --allow-remote-audio)"),
+    "a file: URL": (CHAT, lambda a, c: {"json": user({"type": "audio_url",
+                                                      "audio_url": {"url": "file:///etc/passwd"}})}, 400,
+                    "audio_url.url must be a data: URL (or, where the server allows, http(s))"),
+    "a typed audio tag": (CHAT, lambda a, c: {"json": user({"type": "text", "text": "<audio>/etc/hosts</audio>"})}, 400,
+                          "messages[0].content[0].text holds '</audio>', which Qwen-Audio reads as a clip's place"),
+    "chat clip not audio": (CHAT, lambda a, c: {"json": user(clip(b"not audio at all"))}, 400,
+                            "messages[0].content[0]: not a readable audio file"),
+    "chat clip too short": (CHAT, lambda a, c: {"json": user(clip(ten_samples(a)))}, 400,
+                            "messages[0].content[0]: 10 samples (0.001 s) is too short"),
+    "invalid base64": (CHAT, lambda a, c: {"json": user({"type": "input_audio", "input_audio": {"data": "@@@"}})}, 400,
+                       "messages[0].content[0].input_audio.data is not valid base64"),
+    "n above 1": (CHAT, lambda a, c: {"json": {**user(), "n": 3}}, 400, "n must be 1 (one reply per request), got 3"),
+    "an unknown route": ("/v1/embeddings", lambda a, c: {"json": {}}, 404, "no route POST /v1/embeddings"),
+    "a wrong method": (CHAT, lambda a, c: {"method": "GET"}, 405, "/v1/chat/completions does not take GET"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_request_is_refused_and_the_next_is_answered(served_v1, shared_audio, good, case):
+    path, make, status, message = CASES[case]
+    context = served_v1.engine.context
+    options = make(shared_audio, context)
+    message = message.replace("{context}", str(context)).replace("{room}", str(context - 10))
+    method = options.pop("method", "POST")
+    response = httpx.request(method, f"{served_v1.url}{path}", timeout=60, **options)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"], error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    good()
+
+
+def test_word_timestamps_on_qwen2_audio_are_refused(served_qwen2, served_v1, speech, good):
+    response = httpx.post(f"{served_qwen2.url}{TRANSCRIPTIONS}", files={"file": ("a.wav", wav_bytes(speech))},
+                          data={"response_format": "verbose_json", "timestamp_granularities[]": "word"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == ("Qwen2-Audio has no word timestamps: leave out "
+                                                   "timestamp_granularities[]=word (segments come with verbose_json)")
+    good()
+
+
+def test_a_body_cut_short_by_its_client_leaves_the_server_well(served_v1, good):
+    """The client promises 200 KB, sends 1 KB and hangs up: nobody to answer, nothing left running."""
+    host, port = served_v1.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST {TRANSCRIPTIONS} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+                  f"boundary=zz\r\nContent-Length: 200000\r\n\r\n".encode() + part("file", b"R" * 1000, "a.wav"))
+    good()
+
+
+@pytest.fixture
+def remote_audio(speech):
+    """An HTTP server on 127.0.0.1 with one audio file, /clip.wav, and nothing else."""
+    data = wav_bytes(speech)
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            found = self.path == "/clip.wav"
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(data if found else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_audio_where_the_operator_allows_it(served_v1, remote_audio, speech, good):
+    from qwenaudio.chat import Chat
+    from qwenaudio.serve import create_app
+
+    def ask(url, address):
+        return httpx.post(f"{url}{CHAT}", timeout=60, json={**user({"type": "audio_url", "audio_url": {
+            "url": address}}, {"type": "text", "text": "What is it?"}), "max_tokens": 4, "temperature": 0})
+
+    with live(create_app(served_v1.engine, served_model_name=served_v1.name, allow_remote_audio=True,
+                         max_new_tokens=MAX_NEW_TOKENS)) as url:
+        answer = ask(url, f"{remote_audio}/clip.wav")
+        expected = Chat(served_v1.model, clips={"c": speech}).ask([{"audio": "c"}, {"text": "What is it?"}],
+                                                                 max_new_tokens=4, do_sample=False)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == expected
+        missing = ask(url, f"{remote_audio}/nothing.wav")
+        assert missing.status_code == 400
+        assert missing.json()["error"]["message"].startswith(f"messages[0].content[0]: could not fetch "
+                                                             f"{remote_audio}/nothing.wav: HTTP Error 404")
+        good(url)
+
+
+# ------------------------------------------------------------------------------------------------------- fuzzing
+
+FIELDS = ["file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
+          "stream", "task", "messages", "max_tokens", "top_p", "stop", "seed", "n"]
+
+
+def noise(rng: random.Random, depth: int = 0):
+    """A random JSON value: huge and odd numbers, strings with tags and control characters, nesting."""
+    pick = rng.randrange(9 if depth < 3 else 6)
+    if pick == 0:
+        return rng.choice([0, -1, 1, 2**63, -2**63, 10**30, 1e308, -1e-308, 0.5, 3])
+    if pick == 1:
+        return rng.choice(["", "Qwen-Audio-Chat-tiny", "true", "<audio>x</audio>", "data:audio/wav;base64,AAAA",
+                           "\x00\u202e\ufffd", "x" * 5000, "json", "srt", "word", "en", "caption", "https://a.b/c"])
+    if pick == 2:
+        return rng.choice([None, True, False])
+    if pick == 3:
+        return "".join(chr(rng.randrange(1, 0x3000)) for _ in range(rng.randrange(20)))
+    if pick in (4, 5):
+        return rng.random() * 10 ** rng.randrange(-5, 20) * rng.choice([1, -1])
+    if pick == 6:
+        return [noise(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = rng.sample(["role", "content", "type", "text", "input_audio", "audio_url", "data", "url", "format",
+                       *FIELDS], rng.randrange(1, 5))
+    return {k: noise(rng, depth + 1) for k in keys}
+
+
+def fuzz_request(rng: random.Random, clip_bytes: bytes) -> dict:
+    """One random request: random bytes, broken or random multipart, random or almost-right JSON."""
+    kind = rng.randrange(6)
+    path = rng.choice([TRANSCRIPTIONS, "/v1/audio/translations", CHAT, CHAT])
+    if kind == 0:
+        kind_header = rng.choice(["application/json", "multipart/form-data; boundary=zz", "text/plain", "audio/wav"])
+        return {"url": path, "content": rng.randbytes(rng.randrange(2000)), "headers": {"content-type": kind_header}}
+    if kind == 1:  # multipart with random fields, a random or real file, maybe cut anywhere
+        body = b"".join(part(rng.choice(FIELDS), str(noise(rng)).encode("utf-8", "replace"),
+                             rng.choice([None, "a.wav"])) for _ in range(rng.randrange(1, 6)))
+        if rng.random() < 0.5:
+            body += part("file", rng.choice([clip_bytes, clip_bytes[: rng.randrange(len(clip_bytes))],
+                                             rng.randbytes(300)]), "clip.wav")
+        body += b"--zz--\r\n"
+        body = body[: rng.randrange(len(body) + 1)] if rng.random() < 0.3 else body
+        return {"url": path, "content": body, "headers": {"content-type": "multipart/form-data; boundary=zz"}}
+    if kind == 2:
+        text = json.dumps(noise(rng))
+        return {"url": path, "content": text[: rng.randrange(len(text) + 1)].encode(),
+                "headers": {"content-type": "application/json"}}
+    if kind == 3:  # a chat request with one field made random
+        body = {**user({"type": "text", "text": "hi"}), "max_tokens": 2}
+        body[rng.choice(FIELDS + ["messages", "messages"])] = noise(rng)
+        return {"url": CHAT, "json": body}
+    if kind == 4:  # a message part made random
+        return {"url": CHAT, "json": {"messages": [{"role": rng.choice(["user", "system", "tool", None]),
+                                                    "content": [noise(rng), {"type": "text", "text": "x"}]}],
+                                      "max_tokens": 2}}
+    fields = {rng.choice(FIELDS): str(noise(rng))[:200] for _ in range(rng.randrange(1, 4))}
+    return {"url": rng.choice([TRANSCRIPTIONS, "/v1/audio/translations"]), "data": fields,
+            "files": {"file": ("clip.wav", rng.choice([clip_bytes, rng.randbytes(100)]))}}
+
+
+def test_random_bad_requests_never_break_the_server(served_v1, speech, good):
+    rng, clip_bytes = random.Random(26), wav_bytes(speech[:8000])
+    statuses = []
+    with httpx.Client(base_url=served_v1.url, timeout=60) as client:
+        for _ in range(300):
+            request = fuzz_request(rng, clip_bytes)
+            response = client.post(request.pop("url"), **request)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (request, response.text)
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert isinstance(error["message"], str) and error["message"], response.text
+    assert sum(400 <= s < 500 for s in statuses) > 250  # almost all of it was refused, not answered
+    good()

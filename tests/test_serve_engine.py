@@ -1,0 +1,282 @@
+"""The continuous-batching engine (qwenaudio.serve.engine) on tiny checkpoints of both families, with real clips.
+
+The reference for every reply is `model.generate` on that prompt alone with the same settings: the engine must
+give the same ids whether a prompt runs alone or beside others that join and leave at other steps. Joins happen
+at known step boundaries, whatever the timing: prompts are submitted from an `on_update`, which the engine thread
+calls between steps.
+"""
+
+import threading
+
+import pytest
+
+from qwenaudio import GenerationConfig, InputError, load_audio
+from qwenaudio.core.model import load_model, prompt_batch
+from qwenaudio.serve import Engine, EngineClosed, EngineStats
+
+PROMPTS = {  # (text, which clips)
+    "qwen-audio": [("<audio>a.flac</audio>what do you hear?", "a"), ("<audio>b.wav</audio>", "b"),
+                   ("tell me about the sea", ""), ("<audio>c.wav</audio>first<audio>a.flac</audio>then: compare", "ca"),
+                   ("<audio>b.wav</audio>caption it in English please", "b"), ("hi", "")],
+    "qwen2-audio": [("<|audio_bos|><|AUDIO|><|audio_eos|>What do you hear?", "a"),
+                    ("<|audio_bos|><|AUDIO|><|audio_eos|>", "b"), ("Tell me about the sea.", ""),
+                    ("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 2: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+                     "Compare them.", "ca"),
+                    ("<|audio_bos|><|AUDIO|><|audio_eos|>Caption it in English, please.", "b"), ("Hi", "")],
+}
+
+
+@pytest.fixture(scope="module")
+def clips(shared_audio):
+    """Three real clips, 1.5 to 3 s (short, so prefill stays quick)."""
+    speech, reading = load_audio(shared_audio / "1272-128104-0000.flac"), load_audio(shared_audio /
+                                                                                      "1089_134686_000007_000004.wav")
+    return {"a": speech[:32_000], "b": reading[16_000:64_000], "c": reading[:24_000]}
+
+
+@pytest.fixture(scope="module", params=["qwen-audio", "qwen2-audio"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family, request):
+    ckpt = request.getfixturevalue("tiny_ckpt" if family == "qwen-audio" else "tiny_qwen2_instruct_ckpt")
+    return load_model(ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def v1(tiny_ckpt):
+    return load_model(tiny_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def engine(request):
+    """An engine factory; every engine made is closed (cancelling what is left) when the test ends."""
+    made = []
+
+    def make(model, **options):
+        made.append(Engine(model, **options))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close(drain=False, timeout=10)
+
+
+def prompts(family, clips):
+    return [(text, [clips[k] for k in keys]) for text, keys in PROMPTS[family]]
+
+
+def ids_of(model, text, own):
+    return prompt_batch(model.tokenizer, [text], [own], model.encoder.span_length).input_ids[0].tolist()
+
+
+def alone(model, text, own, **settings):
+    """The reference: `model.generate` on the prompt by itself."""
+    return model.generate([text], [own], **settings)[0]
+
+
+def submit_over_time(engine, work, joins):
+    """Submit work[0] (ids, clips, config), start, and submit work[i] once joins[i] steps have run; the replies once
+    all are done, and the longest queue seen. Every join must come before work[0] ends (its on_update submits
+    them)."""
+    replies, queued = [None] * len(work), [0]
+
+    def on_update(reply):
+        queued.append(engine.stats().queued)
+        for i, at in enumerate(joins):
+            if replies[i] is None and at <= engine.stats().steps:
+                replies[i] = engine.submit(*work[i], on_update=on_update)
+
+    replies[0] = engine.submit(*work[0], on_update=on_update)
+    engine.start()
+    replies[0].wait(timeout=60)
+    assert None not in replies, "a join came after the first prompt ended"
+    for reply in replies:
+        reply.wait(timeout=60)
+    return replies, max(queued)
+
+
+# --- the same ids alone and together --------------------------------------------------------------------------------
+
+def test_greedy_ids_equal_model_generate_alone_and_beside_others(model, family, clips, engine):
+    """Six prompts of different lengths and budgets, three rows: they join at steps 0 to 9, two at once while the
+    rows are full (so one queues), rows free and are taken again mid-flight; each reply equals `model.generate`
+    on its prompt alone, and the same prompt through an engine by itself."""
+    work, expected = [], []
+    budgets = [24, 5, 8, 3, 6, 4]
+    for (text, own), budget in zip(prompts(family, clips), budgets):
+        config = model.generation_config.replace(do_sample=False, max_new_tokens=budget)
+        work.append((ids_of(model, text, own), own, config))
+        expected.append(alone(model, text, own, do_sample=False, max_new_tokens=budget))
+    assert len({len(ids) for ids, _, _ in work}) == 6 and len({tuple(e) for e in expected}) == 6
+
+    batched = engine(model, rows=3)
+    replies, queued = submit_over_time(batched, work, joins=[0, 1, 2, 2, 5, 9])
+    assert [r.tokens for r in replies] == expected and queued >= 1  # some waited for a row
+    assert [r.finish_reason for r in replies] == ["stop" if len(e) < b else "length" for e, b in zip(expected, budgets)]
+    stats = batched.stats()
+    assert (stats.prompts, stats.tokens, stats.queued, stats.active) == (6, sum(map(len, expected)), 0, 0)
+    assert stats.steps < sum(map(len, expected)) - 6  # rows shared steps
+
+    by_itself = engine(model, rows=3)
+    for (text, own), budget, want in zip(prompts(family, clips), budgets, expected):
+        assert by_itself.generate([text], [own], do_sample=False, max_new_tokens=budget) == [want]
+
+
+def test_generate_answers_a_batch_as_the_model_does(model, family, clips, engine):
+    """`Engine.generate` takes `QwenAudio.generate`'s arguments (a batch of prompts and their clips) and gives its
+    result, each prompt a row of its own."""
+    texts = [text for text, _ in prompts(family, clips)[:4]]
+    own = [c for _, c in prompts(family, clips)[:4]]
+    assert engine(model, rows=2).generate(texts, own, do_sample=False, max_new_tokens=6) == \
+        [alone(model, t, c, do_sample=False, max_new_tokens=6) for t, c in zip(texts, own)]
+
+
+def test_each_row_keeps_its_own_settings(model, family, clips, engine):
+    """Side by side in three rows: a seeded sampled prompt, greedy ones, a stop id, a stop string, min_new_tokens
+    and full_vocab; each reply equals `model.generate` alone with its settings, and a stop ends only its row."""
+    work = prompts(family, clips)
+    greedy = [alone(model, text, own, do_sample=False, max_new_tokens=12) for text, own in work[:4]]
+    stop_id, stop_text = greedy[1][3], model.tokenizer.decode(greedy[2][2:4])
+    settings = [dict(do_sample=True, seed=7, temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=10),
+                dict(do_sample=False, max_new_tokens=12, stop_token_ids=(stop_id,)),
+                dict(do_sample=False, max_new_tokens=12, stop_strings=(stop_text,)),
+                dict(do_sample=False, max_new_tokens=8, stop_token_ids=(greedy[3][0],), min_new_tokens=4),
+                dict(do_sample=False, max_new_tokens=9, full_vocab=True, repetition_penalty=1.3),
+                dict(do_sample=False, max_new_tokens=7)]
+    expected = [alone(model, text, own, **s) for (text, own), s in zip(work, settings)]
+    assert expected[1] == greedy[1][: greedy[1].index(stop_id)] and len(expected[2]) <= 4 and len(expected[3]) >= 4
+    items = [(ids_of(model, text, own), own, model.generation_config.replace(**s)) for (text, own), s in
+             zip(work, settings)]
+    replies, _ = submit_over_time(engine(model, rows=3), items, joins=[0, 0, 1, 1, 3, 4])
+    assert [r.tokens for r in replies] == expected
+    assert [r.finish_reason for r in replies][1:3] == ["stop", "stop"]
+
+
+# --- cancelling, callbacks, failures, closing -----------------------------------------------------------------------
+
+def test_cancelled_prompts_free_their_rows(v1, clips, engine):
+    """One row: a queued prompt cancelled never starts; a running one cancelled after 3 tokens stops there and its
+    row takes the next prompt, whose reply is right."""
+    (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
+    config = v1.generation_config.replace(do_sample=False, max_new_tokens=30)
+    one = engine(v1, rows=1)
+
+    def cancel_at_three(reply):
+        if len(reply.tokens) == 3:
+            reply.cancel()
+
+    running = one.submit(ids_of(v1, text, own), own, config, on_update=cancel_at_three)
+    queued = one.submit(ids_of(v1, text2, own2), own2, config)
+    queued.cancel()
+    one.start()
+    assert running.wait(timeout=60) == alone(v1, text, own, do_sample=False, max_new_tokens=3)
+    assert (running.finish_reason, queued.wait(timeout=60), queued.finish_reason) == ("cancelled", [], "cancelled")
+    assert one.generate([text2], [own2], do_sample=False, max_new_tokens=5) == \
+        [alone(v1, text2, own2, do_sample=False, max_new_tokens=5)]
+    assert one.stats().active == 0
+
+
+def test_on_update_sees_each_token_in_order_then_the_end(v1, clips, engine):
+    text, own = prompts("qwen-audio", clips)[0]
+    seen = []
+    one = engine(v1, rows=2)
+    one.start()
+
+    def record(reply):
+        seen.append((list(reply.tokens), reply.done))
+        raise RuntimeError("a broken callback")  # logged and ignored: the reply goes on
+
+    reply = one.submit(ids_of(v1, text, own), own, v1.generation_config.replace(max_new_tokens=6, min_new_tokens=6),
+                        on_update=record)
+    tokens = reply.wait(timeout=60)
+    assert len(tokens) == 6 and reply.finish_reason == "length"
+    assert seen == [(tokens[: i + 1], i == 5) for i in range(6)]
+
+
+def test_bad_prompts_are_refused_and_the_next_one_is_answered(v1, clips, engine):
+    one = engine(v1, rows=2, context=64)
+    one.start()
+    config = v1.generation_config.replace(max_new_tokens=8)
+    with pytest.raises(InputError, match="input_ids is empty"):
+        one.submit([], config=config)
+    with pytest.raises(InputError, match=r"token id 155947 is outside the vocabulary \(0..155946\)"):
+        one.submit([1, 155947], config=config)
+    with pytest.raises(InputError, match="the prompt's 60 tokens and max_new_tokens=8 do not fit the engine's "
+                                         "context of 64 slots per row"):
+        one.submit([1] * 60, config=config)
+    with pytest.raises(InputError, match="context must be an int from 2 to the model's context length"):
+        Engine(v1, context=10**6)
+    with pytest.raises(InputError, match="rows must be an int >= 1, got 0"):
+        Engine(v1, rows=0)
+    with pytest.warns(UserWarning, match="max_new_tokens=1000 is cut to 63: the prompt's 1 tokens and the new ones "
+                                         "must fit the engine's context of 64 slots per row"):
+        assert len(one.generate(["hello"], max_new_tokens=1000, min_new_tokens=70)[0]) == 63
+    text, own = prompts("qwen-audio", clips)[2]
+    assert one.generate([text], [own], do_sample=False, max_new_tokens=5) == \
+        [alone(v1, text, own, do_sample=False, max_new_tokens=5)]
+
+
+def test_a_failing_prefill_or_step_fails_only_its_replies(v1, clips, engine, monkeypatch):
+    """A prompt whose audio region has no clip fails at its prefill, beside a prompt that is answered; a decoding
+    step that raises fails the rows in it; the engine goes on to answer the next prompt."""
+    (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
+    one = engine(v1, rows=2)
+    config = v1.generation_config.replace(do_sample=False, max_new_tokens=5)
+    broken = one.submit(ids_of(v1, text, own), [], config)  # the region's clip is missing
+    fine = one.submit(ids_of(v1, text2, own2), own2, config)
+    one.start()
+    with pytest.raises(InputError, match=r"the ids hold 1 <audio>…</audio> region\(s\) but 0 encoded clip\(s\)"):
+        broken.wait(timeout=60)
+    assert broken.finish_reason == "error" and isinstance(broken.error, InputError)
+    assert fine.wait(timeout=60) == alone(v1, text2, own2, do_sample=False, max_new_tokens=5)
+
+    def out_of_memory(*args):
+        raise MemoryError("no room for the step")
+
+    monkeypatch.setattr(v1, "decode_step", out_of_memory)
+    failed = [one.submit(ids_of(v1, t, c), c, config) for t, c in prompts("qwen-audio", clips)[:2]]
+    for reply in failed:
+        with pytest.raises(MemoryError, match="no room for the step"):
+            reply.wait(timeout=60)
+        assert len(reply.tokens) == 1  # chosen from the prefill's logits before the step failed
+    monkeypatch.undo()
+    assert one.generate([text], [own], do_sample=False, max_new_tokens=5) == \
+        [alone(v1, text, own, do_sample=False, max_new_tokens=5)]
+
+
+def test_close_drains_or_cancels(v1, clips, engine):
+    (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
+    config = v1.generation_config.replace(do_sample=False, max_new_tokens=6)
+    draining = engine(v1, rows=1)
+    draining.start()
+    replies = [draining.submit(ids_of(v1, t, c), c, config) for t, c in ((text, own), (text2, own2))]
+    draining.close(drain=True, timeout=60)
+    assert [r.tokens for r in replies] == [alone(v1, t, c, do_sample=False, max_new_tokens=6)
+                                           for t, c in ((text, own), (text2, own2))]
+    with pytest.raises(EngineClosed, match="the engine is closed: it takes no new prompts"):
+        draining.submit([1, 2, 3])
+    assert not draining._thread.is_alive()
+
+    cancelling = engine(v1, rows=1)
+    started = threading.Event()
+    long = v1.generation_config.replace(max_new_tokens=200)
+    running = cancelling.submit(ids_of(v1, text, own), own, long, on_update=lambda r: started.set())
+    queued = cancelling.submit(ids_of(v1, text2, own2), own2, long)
+    cancelling.start()
+    assert started.wait(timeout=60)
+    cancelling.close(drain=False, timeout=60)
+    assert (running.finish_reason, queued.finish_reason, queued.tokens) == ("cancelled", "cancelled", [])
+    assert 0 < len(running.tokens) < 200 and not cancelling._thread.is_alive()
+
+
+def test_stats_and_a_never_started_engine(v1):
+    idle = Engine(v1, rows=4)
+    reply = idle.submit([1, 2, 3], config=GenerationConfig(max_new_tokens=2))
+    assert idle.stats() == EngineStats(queued=1, active=0, rows=4, tokens=0, prompts=0, steps=0)
+    idle.close()  # nothing ever ran: the queue is cancelled
+    assert (reply.done, reply.finish_reason, idle.stats().prompts) == (True, "cancelled", 1)
+    with pytest.raises(TimeoutError, match="the reply is not done after 0.01 s"):
+        Engine(v1).submit([1, 2, 3]).wait(timeout=0.01)
