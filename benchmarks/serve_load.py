@@ -1,6 +1,6 @@
 """Load on `qwenaudio serve`: K concurrent clients against one live server, and the same requests one at a time.
 
-    python benchmarks/serve_load.py [--family qwen-audio] [--clients 1 4 8 16 64] [--max-tokens 64]
+    python benchmarks/serve_load.py [--family qwen-audio] [--clients 1 4 8 16 64] [--max-tokens 64] [--weights DIR]
                                     [--decoder-layers 2] [--encoder-layers 2] [--rows 8] [--rounds 2]
                                     [--json out.json] [--tiny]
 
@@ -60,7 +60,7 @@ def write_weights(folder: Path, args) -> Path:
     dashscope = importlib.util.find_spec("dashscope")
     vocabulary = Path(dashscope.origin).parent / "resources" / "qwen.tiktoken" if dashscope else None
     vocabulary = vocabulary if vocabulary and vocabulary.is_file() else None
-    path, shards = folder / "weights", 2 * 1000**3
+    path, shards, device = folder / "weights", 2 * 1000**3, "cuda" if torch.cuda.is_available() else "cpu"
     if args.family == "qwen2-audio":
         official = Qwen2AudioConfig.from_dict(OFFICIAL_QWEN2_CONFIG)
         widths = {} if args.tiny else {
@@ -68,12 +68,12 @@ def write_weights(folder: Path, args) -> Path:
                                                  "intermediate_size")},
             **{k: getattr(official.audio, k) for k in ("d_model", "encoder_attention_heads", "encoder_ffn_dim")}}
         return make_tiny_qwen2_checkpoint(path, vocab_file=vocabulary, instruct=True, max_shard_bytes=shards,
-                                          draw_on="cpu", num_hidden_layers=args.decoder_layers,
+                                          draw_on=device, num_hidden_layers=args.decoder_layers,
                                           encoder_layers=args.encoder_layers, **widths)
     widths = {} if args.tiny else {
         **{k: OFFICIAL_CONFIG[k] for k in ("hidden_size", "num_attention_heads", "kv_channels", "intermediate_size")},
         **{k: OFFICIAL_CONFIG["audio"][k] for k in ("n_state", "n_head")}}
-    return make_tiny_checkpoint(path, vocab_file=vocabulary, chat=True, max_shard_bytes=shards, draw_on="cpu",
+    return make_tiny_checkpoint(path, vocab_file=vocabulary, chat=True, max_shard_bytes=shards, draw_on=device,
                                 num_hidden_layers=args.decoder_layers, n_layer=args.encoder_layers, **widths)
 
 
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="the server's --rows (decoding batch)")
     parser.add_argument("--rounds", type=int, default=2, help="extra rounds at the largest K (memory growth)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model's widths (a smoke run)")
+    parser.add_argument("--weights", type=Path, help="serve this checkpoint instead of writing random weights")
     parser.add_argument("--json", help="also write the rows and the setup here")
     args = parser.parse_args()
     if 1 not in args.clients:
@@ -200,13 +201,14 @@ def main() -> None:
     setup = {"family": args.family, "machine": platform.machine(), "processor": platform.processor(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
              "decoder_layers": args.decoder_layers, "encoder_layers": args.encoder_layers, "rows": args.rows,
-             "max_tokens": args.max_tokens, "dims": "tiny" if args.tiny else "full width, random weights",
+             "max_tokens": args.max_tokens, "weights": str(args.weights) if args.weights else
+             "tiny" if args.tiny else "full width, random weights",
              "clip": CLIP.name}
     print(f"# {setup}", flush=True)
     body = request_body(args.max_tokens)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        server = Server(write_weights(Path(folder), args), args)
+        server = Server(args.weights or write_weights(Path(folder), args), args)
         try:
             asyncio.run(round_of(server, 1, 1, body))  # warm-up: first-call costs stay out of the table
             print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'req/s':>9} {'tok/s':>9} {'ratio':>7} "
