@@ -87,11 +87,13 @@ class Server:
                    "--rows", str(args.rows), "--max-pending", str(4 * max(args.clients)),
                    "--served-model-name", "bench"]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a pipe nobody reads fills and stalls the server
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"the server exited: {self.log.read().decode()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
