@@ -12,9 +12,12 @@
 #      drawn on the GPU into a temporary folder, against transformers' Qwen2AudioForConditionalGeneration);
 #   4. where an eager decoding step spends its time (benchmarks/profile_decode.py, bf16, 4 layers at full width);
 #   5. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
-#      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s.
+#      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s;
+#   6. `qwenaudio serve` on those weights under load (benchmarks/serve_load.py: 1, 8 and 64 concurrent streamed chat
+#      clients against the same requests one at a time; requests/s, tokens/s, time to first token, latency).
 # Every step runs even when an earlier one failed; the failures are listed at the end, and the exit status is 1.
-# Writes DATE-gpu-check.json, DATE-gpu-check-qwen2-audio.json and DATE-gpu-finetune.json into $GPU_CHECK_RESULTS
+# Writes DATE-gpu-check.json, DATE-gpu-check-qwen2-audio.json, DATE-gpu-finetune.json and DATE-gpu-serve.json into
+# $GPU_CHECK_RESULTS
 # (default benchmarks/results).
 #
 #   bash benchmarks/gpu_check.sh            on the GPU machine
@@ -47,12 +50,14 @@ if [[ ${1:-} == --smoke ]]; then
   profile=(--tiny --layers 1 --steps 2)
   weights="from qwenaudio.testing import make_tiny_checkpoint as write; write(sys.argv[1])"
   training=(--batch-size 2 --steps 2 --new-tokens 8)
+  load=(--tiny --clients 1 2 --max-tokens 2 --rounds 0)
 else
   device=cuda
   size=(--decoder-layers 32 --encoder-layers 32 --decode-steps 32 --repeats 3)
   profile=(--layers 4 --steps 12)
   weights="sys.path.insert(0, 'benchmarks'); import full_model; full_model.write_weights(sys.argv[1], 'cuda')"
   training=(--batch-size 8 --steps 3)
+  load=(--clients 1 8 64 --max-tokens 32 --rounds 1)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 fi
 folder=$(mktemp -d)
@@ -67,6 +72,8 @@ step "profile" "$PYTHON" benchmarks/profile_decode.py --device $device "${profil
 step "weights" "$PYTHON" -c "import sys; $weights" "$folder/weights"
 step "LoRA step" "$PYTHON" benchmarks/finetune_step.py --weights "$folder/weights" --device $device --bf16-base \
   "${training[@]}" --json "$results/$day-gpu-finetune.json"
+step "serve load" "$PYTHON" benchmarks/serve_load.py --weights "$folder/weights" "${load[@]}" \
+  --json "$results/$day-gpu-serve.json"
 
 if ((${#failed[@]})); then
   printf 'FAILED: %s\n' "${failed[@]}"

@@ -33,6 +33,9 @@ def test_the_gpu_check_runs_in_smoke_mode(tmp_path):
         assert_gpu_check_rows(json.loads(path.read_text())["rows"])
     finetune = json.loads(finetune.read_text())
     assert finetune["examples_per_s"] > 0 and finetune["base"] == "bf16"
+    [serve] = tmp_path.glob("*-gpu-serve.json")
+    rows = json.loads(serve.read_text())["rows"]
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["failed"] == 0 and r["tokens_per_s"] > 0 for r in rows)
 
 
 def assert_gpu_check_rows(rows: list[dict]) -> None:
@@ -56,7 +59,7 @@ def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 1
-    for name in ("CUDA tests", "bench.py", "bench.py, Qwen2-Audio", "profile", "weights", "LoRA step"):
+    for name in ("CUDA tests", "bench.py", "bench.py, Qwen2-Audio", "profile", "weights", "LoRA step", "serve load"):
         assert f"== {name}:" in done.stdout and f"FAILED: {name} (exit 127)" in done.stdout
 
 
