@@ -135,6 +135,13 @@ def test_vtt():
                              "00:01:01.005 --> 01:02:03.500\nwörld\n")
 
 
+def test_a_cue_never_holds_a_blank_line_which_would_end_it():
+    said = [Word("one\n\n two", 0.0, 1.0), Word("\nthree\n", 1.0, 2.0)]
+    assert to_srt(said) == "1\n00:00:00,000 --> 00:00:01,000\none\ntwo\n\n2\n00:00:01,000 --> 00:00:02,000\nthree\n"
+    assert to_vtt(said) == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\none\ntwo\n\n"
+                            "00:00:01.000 --> 00:00:02.000\nthree\n")
+
+
 def test_json():
     data = json.loads(to_json("hello wörld", WORDS, file="a.wav"))
     assert data == {"text": "hello wörld", "file": "a.wav",

@@ -81,17 +81,25 @@ def _clock(seconds: float, decimal: str) -> str:
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{decimal}{ms % 1000:03d}"
 
 
+def _cue_text(text: str) -> str:
+    """A cue's text without blank lines: in both formats a blank line ends the cue, so a reply holding one would
+    turn the rest of its text into a broken cue."""
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def to_srt(items: Sequence[Timed]) -> str:
     """SubRip: numbered cues, `HH:MM:SS,mmm --> HH:MM:SS,mmm`."""
     _check_timed(items, "items")
-    cues = (f"{i}\n{_clock(x.start, ',')} --> {_clock(x.end, ',')}\n{x.text}\n" for i, x in enumerate(items, 1))
+    cues = (f"{i}\n{_clock(x.start, ',')} --> {_clock(x.end, ',')}\n{_cue_text(x.text)}\n"
+            for i, x in enumerate(items, 1))
     return "\n".join(cues)
 
 
 def to_vtt(items: Sequence[Timed]) -> str:
     """WebVTT: a header, then `HH:MM:SS.mmm --> HH:MM:SS.mmm` cues."""
     _check_timed(items, "items")
-    return "WEBVTT\n\n" + "\n".join(f"{_clock(x.start, '.')} --> {_clock(x.end, '.')}\n{x.text}\n" for x in items)
+    return "WEBVTT\n\n" + "\n".join(f"{_clock(x.start, '.')} --> {_clock(x.end, '.')}\n{_cue_text(x.text)}\n"
+                                     for x in items)
 
 
 def to_json(text: str, items: Sequence[Timed] = (), **extra) -> str:
