@@ -187,6 +187,9 @@ def test_a_chat_in_the_libraries_terms():
 
 
 USER = {"role": "user", "content": "hi"}
+NESTED = []  # too deep for Python to write back (repr, json.dumps)
+for _ in range(100_000):
+    NESTED = [NESTED]
 
 
 @pytest.mark.parametrize("body, message, param", [
@@ -203,7 +206,7 @@ USER = {"role": "user", "content": "hi"}
     ({"messages": [{"role": "user", "content": []}]}, "messages[0].content must be a string or a non-empty array",
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0] must be a part of type text, input_audio or audio_url, got 'image_url'",
+     "messages[0].content[0] must be a part of type text, input_audio or audio_url, got \"image_url\"",
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [audio_part("not base64!")]}]},
      "messages[0].content[0].input_audio.data is not valid base64", "messages[0].content[0].input_audio.data"),
@@ -237,9 +240,9 @@ USER = {"role": "user", "content": "hi"}
      "share 2048 tokens on this server", "max_tokens"),
     ({"messages": [USER], "max_completion_tokens": 2.5}, "max_completion_tokens must be a whole number, got 2.5",
      "max_completion_tokens"),
-    ({"messages": [USER], "max_tokens": True}, "max_tokens must be a whole number, got True", "max_tokens"),
+    ({"messages": [USER], "max_tokens": True}, "max_tokens must be a whole number, got true", "max_tokens"),
     ({"messages": [USER], "temperature": 3}, "temperature must be a number in [0, 2], got 3", "temperature"),
-    ({"messages": [USER], "temperature": "hot"}, "temperature must be a number in [0, 2], got 'hot'", "temperature"),
+    ({"messages": [USER], "temperature": "hot"}, "temperature must be a number in [0, 2], got \"hot\"", "temperature"),
     ({"messages": [USER], "temperature": 1e-40}, "temperature must be 0 (greedy decoding) or from 1e-05 to 2, got "
      "1e-40", "temperature"),
     ({"messages": [USER], "top_p": 0}, "top_p must be a number in (0, 1], got 0", "top_p"),
@@ -248,7 +251,7 @@ USER = {"role": "user", "content": "hi"}
     ({"messages": [USER], "stop": [""]}, "stop must be a non-empty string", "stop"),
     ({"messages": [USER], "seed": -1}, "seed must be a whole number from 0 to 2**63 - 1, got -1", "seed"),
     ({"messages": [USER], "n": 2}, "n must be 1 (one reply per request), got 2", "n"),
-    ({"messages": [USER], "stream": "yes"}, "stream must be true or false, got 'yes'", "stream"),
+    ({"messages": [USER], "stream": "yes"}, "stream must be true or false, got \"yes\"", "stream"),
     ({"messages": [USER], "stream_options": {"include_usage": True}}, "stream_options must be", "stream_options"),
     ({"messages": [USER], "best_of": 2}, "unsupported field 'best_of'; this server reads model, messages", "best_of"),
     ({"messages": [USER], "best_of": None}, "unsupported field 'best_of'", "best_of"),
@@ -274,6 +277,10 @@ USER = {"role": "user", "content": "hi"}
     ({"messages": [USER], "user": 5}, "user must be a string, got 5", "user"),
     ({"messages": [USER], "metadata": "x"}, "metadata must be an object, got \"x\"", "metadata"),
     ({"messages": [USER], "tools": ["x" * 100]}, "got [\"" + "x" * 58 + "…", "tools"),
+    ({"messages": [USER], "temperature": NESTED}, "temperature must be a number in [0, 2], got an array",
+     "temperature"),
+    ({"messages": [{"role": "user", "content": [{"type": NESTED}]}]}, "messages[0].content[0] must be a part of type "
+     "text, input_audio or audio_url, got an array", "messages[0].content[0]"),
 ])
 def test_bad_chat_requests(body, message, param):
     error = refused(chat, body)

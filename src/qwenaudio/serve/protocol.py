@@ -214,13 +214,13 @@ def _temperature(value: str | None) -> float:
         raise invalid(f"temperature must be a number from 0 to 2, got {value!r}", "temperature") from None
     if not math.isfinite(t) or not 0 <= t <= 2:
         raise invalid(f"temperature must be from 0 to 2 (0: greedy), got {value}", "temperature")
-    return _sampling_temperature(t, value)
+    return _sampling_temperature(t)
 
 
-def _sampling_temperature(t: float, value: Any) -> float:
+def _sampling_temperature(t: float) -> float:
     """`t` once it is 0 (greedy) or a temperature the sampler can run (`GenerationConfig`'s floor)."""
     if 0 < t < MIN_TEMPERATURE:
-        raise invalid(f"temperature must be 0 (greedy decoding) or from {MIN_TEMPERATURE} to 2, got {value}: a "
+        raise invalid(f"temperature must be 0 (greedy decoding) or from {MIN_TEMPERATURE} to 2, got {t}: a "
                       "smaller one is greedy in effect and overflows the sampler", "temperature")
     return t
 
@@ -333,10 +333,10 @@ def parse_chat(body: Any, *, family: Family, served: str, context: int) -> ChatR
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise invalid("stream_options must be {\"include_usage\": true|false}, with stream true", "stream_options")
     if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
-        raise invalid(f"n must be 1 (one reply per request), got {body.get('n')!r}", "n")
+        raise invalid(f"n must be 1 (one reply per request), got {_brief(body['n'])}", "n")
     temperature = _number(body, "temperature", 0, 2, low_open=False)
     return ChatRequest(system, history, queries[-1], clips, _max_tokens(body, context),
-                       temperature if temperature is None else _sampling_temperature(temperature, body["temperature"]),
+                       temperature if temperature is None else _sampling_temperature(temperature),
                        _number(body, "top_p", 0, 1, low_open=True),
                        _stops(body.get("stop")), _seed(body.get("seed")), stream,
                        bool(options and _bool(options, "include_usage", "stream_options.include_usage")))
@@ -360,7 +360,12 @@ def _same(value: Any, neutral: Any) -> bool:
 
 
 def _brief(value: Any) -> str:
-    text = json.dumps(value)
+    """A value from a JSON body as an error message shows it: as JSON, cut at 60 characters; one nested too deeply
+    to write (Python's recursion limit, lower here than where the body was read) by its kind alone."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, TypeError, ValueError):
+        return _json_type(value)
     return text if len(text) <= 60 else text[:60] + "…"
 
 
@@ -454,7 +459,7 @@ def _user_parts(content: Any, where: str, family: Family, clips: list[Clip]) -> 
             parts.append({"audio": clips[-1].name})
         else:
             raise invalid(f"{at} must be a part of type text, input_audio or audio_url, got "
-                          f"{kind if kind else _json_type(part)!r}", at)
+                          f"{_brief(kind) if kind else repr(_json_type(part))}", at)
     _typed("".join(p["text"] for p in parts if "text" in p), f"{where}.content", family)  # as in _text_only
     return parts
 
@@ -520,7 +525,7 @@ def _bool(body: dict, name: str, param: str | None = None) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise invalid(f"{param or name} must be true or false, got {value!r}", param or name)
+        raise invalid(f"{param or name} must be true or false, got {_brief(value)}", param or name)
     return value
 
 
@@ -531,7 +536,7 @@ def _max_tokens(body: dict, context: int) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"{name} must be a whole number, got {value!r}", name)
+        raise invalid(f"{name} must be a whole number, got {_brief(value)}", name)
     if value < 1:
         raise invalid(f"{name} must be at least 1, got {value}", name)
     if value >= context:
@@ -547,7 +552,7 @@ def _number(body: dict, name: str, low: float, high: float, *, low_open: bool) -
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not (low < value if low_open else low <= value) or value > high:
         span = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise invalid(f"{name} must be a number in {span}, got {value!r}", name)
+        raise invalid(f"{name} must be a number in {span}, got {_brief(value)}", name)
     return float(value)
 
 
@@ -562,7 +567,7 @@ def _stops(stop: Any) -> tuple[str, ...]:
 
 def _seed(seed: Any) -> int | None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        raise invalid(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}", "seed")
+        raise invalid(f"seed must be a whole number from 0 to 2**63 - 1, got {_brief(seed)}", "seed")
     return seed
 
 
