@@ -333,11 +333,18 @@ def test_a_qwen2_conversation_may_open_with_the_assistant():
     assert asked.history == [(None, "Send me a clip.\nAny clip.")] and asked.query == "hi"
 
 
-def test_typed_audio_tags_are_qwen_audios_alone():
-    """Qwen2-Audio's tokenizer reads `<audio>` as text: nothing to refuse there (its `<|AUDIO|>` the library
-    refuses)."""
+def test_typed_audio_tags_are_each_familys():
+    """Qwen2-Audio's tokenizer reads `<audio>` as text (a query holding one the library refuses itself), and its
+    `<|AUDIO|>` as a clip's place in any message."""
     asked = chat({"messages": [{"role": "user", "content": "<audio>x</audio>"}]}, QWEN2_AUDIO)
     assert asked.query == "<audio>x</audio>"
+    for messages, at in [([{"role": "system", "content": "<|AUDIO|>"}, USER], "messages[0].content"),
+                         ([{"role": "user", "content": [{"type": "text", "text": "<|AU"}, {"type": "text",
+                                                                                           "text": "DIO|>"}]}],
+                          "messages[0].content")]:
+        error = refused(chat, {"messages": messages}, QWEN2_AUDIO)
+        assert error.message == (f"{at} holds '<|AUDIO|>', which Qwen2-Audio reads as a clip's place: send clips "
+                                 "as input_audio or audio_url parts") and error.param == at
 
 
 def test_remote_urls_are_kept_for_the_app_to_allow_or_refuse():

@@ -23,6 +23,7 @@ from typing import Any
 from ..core.config import MIN_TEMPERATURE
 from ..core.errors import QwenAudioError
 from ..core.families import QWEN_AUDIO, Family
+from ..core.qwen2_tokenizer import AUDIO
 from ..core.tokenizer import AUDIO_SPECIAL_TOKENS
 from ..prompts import family_tasks, query_text
 from ..subtitles import to_srt, to_vtt
@@ -471,13 +472,14 @@ def _text_part(part: dict, at: str, family: Family) -> str:
 
 
 def _typed(text: str, at: str, family: Family) -> str:
-    """Typed text, once it marks no clip's place: Qwen-Audio reads `<audio>PATH</audio>` as a clip to open, and a
-    server must not read files its clients name (Qwen2-Audio's typed `<|AUDIO|>` the library refuses itself)."""
-    if family is QWEN_AUDIO:  # its tokenizer reads audio tags in any message's text
-        marker = next((t for t in sorted(AUDIO_SPECIAL_TOKENS) if t in text), None)
-        if marker is not None:
-            raise invalid(f"{at} holds {marker!r}, which Qwen-Audio reads as a clip's place: send clips as "
-                          "input_audio or audio_url parts", at)
+    """Typed text, once it marks no clip's place: Qwen-Audio reads `<audio>PATH</audio>` as a clip to open (and a
+    server must not read files its clients name: `chat.Chat` given clips refuses them too), Qwen2-Audio reads
+    `<|AUDIO|>` in any message as a clip's audio. What else the library refuses in a query it says itself."""
+    markers = sorted(AUDIO_SPECIAL_TOKENS) if family is QWEN_AUDIO else [AUDIO]
+    marker = next((t for t in markers if t in text), None)
+    if marker is not None:
+        raise invalid(f"{at} holds {marker!r}, which {family.name} reads as a clip's place: send clips as "
+                      "input_audio or audio_url parts", at)
     return text
 
 
