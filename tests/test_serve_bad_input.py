@@ -357,13 +357,16 @@ FIELDS = ["file", "model", "language", "prompt", "response_format", "temperature
 
 
 def noise(rng: random.Random, depth: int = 0):
-    """A random JSON value: huge and odd numbers, strings with tags and control characters, nesting."""
+    """A random JSON value: huge, tiny and non-finite numbers (json writes NaN and Infinity, and reads them back),
+    strings with tags, numbers and control characters, nesting."""
     pick = rng.randrange(9 if depth < 3 else 6)
     if pick == 0:
-        return rng.choice([0, -1, 1, 2**63, -2**63, 10**30, 1e308, -1e-308, 0.5, 3])
+        return rng.choice([0, -1, 1, 2**63, -2**63, 2**64, 10**30, 10**400, 1e308, -1e-308, 1e-300, 5e-324, 1e-40,
+                           float("nan"), float("inf"), -float("inf"), 0.5, 3])
     if pick == 1:
         return rng.choice(["", "Qwen-Audio-Chat-tiny", "true", "<audio>x</audio>", "data:audio/wav;base64,AAAA",
-                           "\x00\u202e\ufffd", "x" * 5000, "json", "srt", "word", "en", "caption", "https://a.b/c"])
+                           "\x00\u202e\ufffd", "x" * 5000, "json", "srt", "word", "en", "caption", "https://a.b/c",
+                           "NaN", "nan", "Infinity", "-inf", "1e-300", "5e-324", "1e-40", "1e999", "<|AUDIO|>"])
     if pick == 2:
         return rng.choice([None, True, False])
     if pick == 3:
@@ -379,8 +382,8 @@ def noise(rng: random.Random, depth: int = 0):
 
 def fuzz_request(rng: random.Random, clip_bytes: bytes) -> tuple[str, bytes, str]:
     """One random request (path, body, content type): random bytes, broken or random multipart, random or
-    almost-right JSON."""
-    kind = rng.randrange(6)
+    almost-right JSON, JSON nested past Python's recursion limit."""
+    kind = rng.randrange(7)
     path = rng.choice([TRANSCRIPTIONS, "/v1/audio/translations", CHAT, CHAT])
     form = "multipart/form-data; boundary=zz"
     if kind == 0:
@@ -405,6 +408,13 @@ def fuzz_request(rng: random.Random, clip_bytes: bytes) -> tuple[str, bytes, str
         body = {"messages": [{"role": rng.choice(["user", "system", "tool", None]),
                               "content": [noise(rng), {"type": "text", "text": "x"}]}], "max_tokens": 2}
         return CHAT, json.dumps(body).encode(), "application/json"
+    if kind == 5:  # deep: closed or not, as the body or in one of its fields
+        depth = rng.choice([500, 900, 990, 1000, 5000, 200_000])
+        opening, closing = rng.choice([("[", "]"), ('{"a": ', "}")])
+        nested = opening * depth + ("1" + closing * depth if rng.random() < 0.5 else "")
+        body = nested if rng.random() < 0.5 else f'{{"messages": [{{"role": "user", "content": "hi"}}], ' \
+                                                 f'"{rng.choice(FIELDS)}": {nested}}}'
+        return rng.choice([CHAT, TRANSCRIPTIONS]), body.encode(), "application/json"
     fields = b"".join(part(rng.choice(FIELDS), str(noise(rng))[:200].encode("utf-8", "replace"))
                       for _ in range(rng.randrange(1, 4)))
     file = part("file", rng.choice([clip_bytes, rng.randbytes(100)]), "clip.wav")
