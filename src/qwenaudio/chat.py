@@ -40,7 +40,7 @@ from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 
 Query = str | list[Part]  # what a history keeps of a query: Qwen-Audio its text, Qwen2-Audio its text or parts
-History = list[tuple[Query, str]]
+History = list[tuple[Query | None, str]]  # None: a Qwen2-Audio reply with no question before it
 
 
 def _build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
@@ -213,8 +213,7 @@ def _qwen2_check(model: QwenAudio) -> None:
 _DIALECTS: dict[Family, _Dialect] = {
     QWEN_AUDIO: _Dialect(query_text, lambda q: isinstance(q, str), "str", _qwen_audio_context,
                          stop_token_ids=lambda model: None, check=lambda model: None),
-    QWEN2_AUDIO: _Dialect(_qwen2_query, _qwen2_history_query,
-                          "a query (str, parts, or None: a reply alone) and a reply (str)",
+    QWEN2_AUDIO: _Dialect(_qwen2_query, _qwen2_history_query, "a query (str or parts) and a reply (str)",
                           _qwen2_context, stop_token_ids=_qwen2_stops, check=_qwen2_check),
 }
 
