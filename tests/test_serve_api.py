@@ -545,7 +545,8 @@ def _check_audio_answer(served, wave, command: str, out: str) -> None:
     task = "translate" if translation else fields.get("task", "transcribe")
     fmt = fields.get("response_format", "json")
     timed = task == "transcribe" and (fmt in ("srt", "vtt") or fields.get("timestamp_granularities[]") == "word")
-    expected, = tasks.perform(served.model, [wave], task, language=fields.get("language", "zh" if translation else "en"),
+    language = fields.get("language", "zh" if translation else "en")
+    expected, = tasks.perform(served.model, [wave], task, language=language,
                               target_language=fields.get("target_language", "en"), timestamps=timed, **FAST)
     assert expected.text
     if fields.get("stream") == "true":
