@@ -251,6 +251,52 @@ def test_streamed_chat(served, speech):
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
 
 
+def test_chat_as_many_tools_send_it(served, speech):
+    """Explicit nulls, OpenAI's fields at the values that ask for nothing, and the clip in one user message with the
+    question in the next: answered as the library answers the clip and the question as one turn."""
+    body = {"model": served.name, "messages": [{"role": "user", "content": [inline(speech)]},
+                                               {"role": "user", "content": "What do you hear?"}],
+            "temperature": 0, "max_tokens": 6, "stream": None, "n": None, "stop": None, "seed": None, "top_p": None,
+            "stream_options": None, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False,
+            "top_logprobs": None, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+            "parallel_tool_calls": True, "user": "someone", "metadata": {}, "store": False}
+    answer = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+    expected = Chat(served.model, clips={"c": qwenaudio.load_audio(speech)}).ask(
+        [{"audio": "c"}, {"text": "What do you hear?"}], max_new_tokens=6, do_sample=False)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_a_qwen2_conversation_that_opens_with_the_assistant(served_qwen2, speech):
+    """Its turn alone, as transformers' chat template renders it (test_serve_seams checks the ids)."""
+    greeting = "Hello! Send me a clip."
+    messages = [{"role": "assistant", "content": greeting},
+                {"role": "user", "content": [inline(speech), {"type": "text", "text": "What is it?"}]}]
+    answer = served_qwen2.client().chat.completions.create(model=served_qwen2.name, messages=messages, temperature=0,
+                                                           max_tokens=6)
+    conversation = Chat(served_qwen2.model, history=[(None, greeting)], clips={"c": qwenaudio.load_audio(speech)})
+    query = [{"audio": "c"}, {"text": "What is it?"}]
+    assert answer.usage.prompt_tokens == len(conversation.context(query).ids)
+    assert answer.choices[0].message.content == conversation.ask(query, max_new_tokens=6, do_sample=False)
+
+
+def test_a_top_p_that_rounds_to_0_beside_a_greedy_reply(served_v1):
+    """The review's pair: a long greedy reply, and beside it a sampled one whose top_p (1e-300) is 0 in float32.
+    Both are answered, each as the library answers it alone: the second keeps only its best token each step."""
+    story = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 200, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, f"{served_v1.url}/v1/chat/completions", json=story, timeout=60)
+        _until(lambda: served_v1.engine.stats().active == 1)
+        tiny = httpx.post(f"{served_v1.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 1, "top_p": 1e-300})
+        long = long.result()
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"]["content"] == Chat(served_v1.model).ask(
+        "Hi", max_new_tokens=3, do_sample=False)
+    assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 200  # still decoding beside it
+    assert long.json()["choices"][0]["message"]["content"] == Chat(served_v1.model).ask(
+        "Tell me a story.", max_new_tokens=200, do_sample=False)
+
+
 def test_greedy_replies_are_the_same_alone_and_among_others(served_v1, speech, reading):
     """Six requests at once (more than the engine's four rows: some queue, rows are reused mid-flight), chat and
     transcription, different lengths: each gives what it gives alone."""
@@ -267,9 +313,16 @@ def test_greedy_replies_are_the_same_alone_and_among_others(served_v1, speech, r
 
     requests = [(chat, 0), (transcribe, 1), (chat, 1), (chat, 2), (transcribe, 2), (chat, 3)]
     alone = [call(n) for call, n in requests]
+    assert served_v1.idle()
+    before = served_v1.engine.stats()
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: r[0](r[1]), requests))
     assert together == alone
+    after = served_v1.engine.stats()
+    tokens, steps, prompts = (getattr(after, k) - getattr(before, k) for k in ("tokens", "steps", "prompts"))
+    # One row at a time, every token but each prompt's last is followed by a step of its own: steps >= tokens -
+    # prompts. Fewer steps than that: some step decoded several rows, so the requests ran side by side.
+    assert prompts == len(requests) and steps < tokens - prompts
 
 
 # --------------------------------------------------------------------------------------------- the other endpoints
@@ -452,17 +505,72 @@ def readme_curl_commands() -> list[str]:
 
 
 def test_the_readmes_curl_examples_run(served_v1, reading, tmp_path):
+    """Each example answers 200 with what its request asks for: the library's transcript, translation or analysis
+    in the format asked for (SRT cues, verbose JSON and its words, server-sent events that add up to the
+    transcript), a chat completion of the prompt the library renders, the model list."""
     curl = reference_program("curl")
     commands = readme_curl_commands()
     assert len(commands) >= 5 and all(c.startswith("curl ") for c in commands), commands
     (tmp_path / "clip.wav").write_bytes(reading.read_bytes())
+    wave = qwenaudio.load_audio(reading)
     for command in commands:
-        shown = command.replace("http://localhost:8000", served_v1.url).replace("curl ", f"{curl} -sS ", 1)
+        shown = command.replace("http://localhost:8000", served_v1.url).replace(
+            "curl ", f"{curl} -sS -w '\\n%{{http_code}}' ", 1)
         done = subprocess.run(["bash", "-c", shown], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and done.stdout and '"error"' not in done.stdout, (command, done.stdout,
-                                                                                      done.stderr)
-        if "stream=true" in command:
-            assert '"type": "transcript.text.done"' in done.stdout
+        out, _, status = done.stdout.rpartition("\n")
+        assert done.returncode == 0 and status == "200", (command, done.stdout, done.stderr)
+        _check_curl_answer(served_v1, wave, command, out)
+
+
+def _check_curl_answer(served, wave, command: str, out: str) -> None:
+    if "/v1/models" in command:
+        body = json.loads(out)
+        assert body["object"] == "list" and [m["id"] for m in body["data"]] == [served.name]
+    elif "/v1/chat/completions" in command:
+        body = json.loads(out)
+        choice, usage = body["choices"][0], body["usage"]
+        assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+        assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+        question = re.search(r'"type": "text", "text": "([^"]*)"', command)[1]
+        prompt = Chat(served.model, clips={"clip": wave}).context([{"audio": "clip"}, {"text": question}])
+        assert usage["prompt_tokens"] == len(prompt.ids)
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    else:
+        _check_audio_answer(served, wave, command, out)
+
+
+def _check_audio_answer(served, wave, command: str, out: str) -> None:
+    fields = dict(re.findall(r'-F "?([\w\[\]]+)=([^"\s@]+)"?', command))
+    translation = "/v1/audio/translations" in command
+    task = "translate" if translation else fields.get("task", "transcribe")
+    fmt = fields.get("response_format", "json")
+    timed = task == "transcribe" and (fmt in ("srt", "vtt") or fields.get("timestamp_granularities[]") == "word")
+    language = fields.get("language", "zh" if translation else "en")
+    expected, = tasks.perform(served.model, [wave], task, language=language,
+                              target_language=fields.get("target_language", "en"), timestamps=timed, **FAST)
+    assert expected.text
+    if fields.get("stream") == "true":
+        events = [json.loads(line[len("data: "):]) for line in out.splitlines() if line.startswith("data: ")]
+        assert {e["type"] for e in events[:-1]} == {"transcript.text.delta"}
+        assert events[-1]["type"] == "transcript.text.done"
+        assert "".join(e["delta"] for e in events[:-1]) == events[-1]["text"] == expected.text
+    elif fmt == "json":
+        assert json.loads(out)["text"] == expected.text
+    elif fmt == "srt":
+        head, *cues = re.split(r"(?m)^(\d+)\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\n", out)
+        numbers, texts = cues[::2], cues[1::2]
+        assert head == "" and numbers == [str(n) for n in range(1, len(numbers) + 1)] and numbers
+        assert " ".join(texts).split() == expected.text.split()
+    elif fmt == "verbose_json":
+        body = json.loads(out)
+        assert (body["task"], body["text"], body["duration"]) == (task, expected.text, len(wave) / SAMPLE_RATE)
+        assert [(s["start"], s["end"], s["text"]) for s in body["segments"]] == [
+            (s.start, s.end, s.text) for s in expected.segments]
+        if timed:
+            assert [(w["word"], w["start"], w["end"]) for w in body["words"]] == [
+                (w.text, w.start, w.end) for w in expected.words]
+    else:
+        raise AssertionError(f"no check for the README's example {command!r}: add one")
 
 
 # ----------------------------------------------------------------------------------------------- the command line

@@ -2,17 +2,22 @@
 a reply is still being made, `Chat(clips=...)` and `Chat.stop_token_ids`. The server's answers are compared with
 these functions, so they are pinned here against the functions users already call."""
 
+import io
+import re
+
 import pytest
 import torch
 
 import qwenaudio
-from qwenaudio import AudioError, InputError, tasks
+from qwenaudio import AudioError, ConfigError, InputError, tasks
 from qwenaudio.chat import Chat
-from qwenaudio.core.audio import SAMPLE_RATE
-from qwenaudio.prompts import QWEN2_TASKS, QWEN_AUDIO_TASKS
+from qwenaudio.core.audio import SAMPLE_RATE, as_waveform
+from qwenaudio.core.config import MAX_SEED, GenerationConfig
+from qwenaudio.core.generate import choose, process_logits
+from qwenaudio.prompts import DEFAULT_SYSTEM, QWEN2_TASKS, QWEN_AUDIO_TASKS
 from qwenaudio.testing import make_tiny_checkpoint
 
-from .conftest import ROOT
+from .conftest import ROOT, reference
 
 CLIP = ROOT / "tests" / "golden" / "clip1.wav"
 FAST = {"max_new_tokens": 5}
@@ -145,7 +150,9 @@ def test_chat_hears_clips_given_in_memory_as_it_hears_files(chat_model, instruct
 
 
 def test_chat_stop_token_ids(chat_model, instruct):
-    assert Chat(chat_model).stop_token_ids == chat_model.generation_config.stop_token_ids
+    """Qwen-Audio-Chat stops where the official chat does: <|endoftext|>, <|im_end|> and <|im_start|>."""
+    tokenizer = chat_model.tokenizer
+    assert set(Chat(chat_model).stop_token_ids) == {tokenizer.eod_id, tokenizer.im_end_id, tokenizer.im_start_id}
     assert instruct.tokenizer.im_end_id in Chat(instruct).stop_token_ids
     assert set(instruct.generation_config.stop_token_ids) <= set(Chat(instruct).stop_token_ids)
 
@@ -157,3 +164,100 @@ def test_chat_refuses_clips_it_cannot_hear(chat_model, wave):
         Chat(chat_model, clips={1: wave})
     with pytest.raises(AudioError, match="upload-2: 10 samples"):
         Chat(chat_model, clips={"upload-2": torch.zeros(10)})
+
+
+# ------------------------------------------------------------------------------------- what a server's client writes
+
+@pytest.mark.parametrize("path", [str(CLIP), "/no/such/file.wav"])
+def test_a_chat_given_clips_opens_no_file(chat_model, wave, path):
+    """A region naming a file, in the query (its tag split across parts), in the history or as a Qwen-Audio
+    part, is refused before anything is read: no reply heard from the server's disk, and no "no such audio file"
+    that would tell a client which files exist."""
+    conversation = Chat(chat_model, clips={"upload-1": wave})
+    refused = f"the conversation names the clip {path!r}, which is not one of its clips ('upload-1'): a Chat given "
+    query = [{"text": "<aud"}, {"text": f"io>{path}</aud"}, {"text": "io>what is this?"}]  # parts: concatenated
+    for ask in (lambda: conversation.ask(query, max_new_tokens=3), lambda: conversation.context(query),
+                lambda: conversation.ask([{"audio": path}, {"text": "and this?"}], max_new_tokens=3),
+                lambda: Chat(chat_model, history=[(f"<audio>{path}</audio>hi", "hello")],
+                             clips={"upload-1": wave}).context("hi")):
+        with pytest.raises(InputError, match=re.escape(refused)):
+            ask()
+    assert conversation.history == []
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    assert conversation.ask([{"audio": "upload-1"}, {"text": "what is this?"}], **settings) == Chat(chat_model).ask(
+        [{"audio": str(CLIP)}, {"text": "what is this?"}], **settings)  # its own clips it hears as files
+
+
+def test_a_qwen2_chat_given_clips_opens_no_file(instruct, wave):
+    with pytest.raises(InputError, match=re.escape(f"names the clip {str(CLIP)!r}, which is not one of its clips "
+                                                   "('upload-1')")):
+        Chat(instruct, clips={"upload-1": wave}).context([{"audio": str(CLIP)}, {"text": "what is this?"}])
+    with pytest.raises(InputError, match=re.escape("which is not one of its clips (none)")):
+        Chat(instruct, history=[([{"audio": str(CLIP)}], "a tone")], clips={}).context("and now?")
+
+
+def test_a_qwen2_conversation_may_open_with_the_assistant(instruct, tiny_qwen2_instruct_ckpt, wave):
+    """A history pair (None, reply) is the assistant's turn alone, as transformers' chat template renders a
+    conversation that opens with the assistant."""
+    transformers = reference("transformers")
+    processor = transformers.Qwen2AudioProcessor(
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_qwen2_instruct_ckpt))
+    conversation = [{"role": "assistant", "content": "Hello! Send me a clip."},
+                    {"role": "user", "content": [{"type": "audio", "audio_url": "upload-1"},
+                                                 {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>assistant\nHello!")
+    theirs = processor(text=text, audio=[wave.numpy()], sampling_rate=16000, return_tensors="pt")["input_ids"]
+    ours = Chat(instruct, history=[(None, "Hello! Send me a clip.")], clips={"upload-1": wave}).context(
+        [{"audio": "upload-1"}, {"text": "What is it?"}])
+    assert ours.ids == theirs[0].tolist() and ours.clips == ["upload-1"]
+
+
+def test_a_qwen_audio_history_needs_a_question_before_each_reply(chat_model):
+    with pytest.raises(InputError, match="history must be a list of \\(query, reply\\) pairs of str"):
+        Chat(chat_model, history=[(None, "Hello!")])
+
+
+def test_an_upload_that_is_not_audio_is_named_without_its_address(model):
+    """soundfile names a file object by its repr ("<_io.BytesIO object at 0x…>"): the error names the upload."""
+    for source in (b"just text, not a sound" * 20, io.BytesIO(b"just text, not a sound" * 20)):
+        with pytest.raises(AudioError) as caught:
+            as_waveform(source, "notes.wav", model.encoder.min_samples)
+        assert str(caught.value) == "notes.wav: not a readable audio file (Format not recognised.)"
+
+
+# ------------------------------------------------------------------------------------------- sampling settings
+
+def test_a_top_p_that_rounds_to_0_keeps_the_best_token(model, wave):
+    """top_p 1e-300 is 0 in float32: the best token alone is kept, so sampling is greedy, not a draw from NaN."""
+    config = GenerationConfig(do_sample=True, top_p=1e-300)
+    kept = process_logits(torch.tensor([[0.5, 3.0, -1.0, 2.9]]), torch.zeros(1, 0, dtype=torch.long), 0, config)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, False]]
+    assert choose(kept, config, torch.Generator().manual_seed(0)).tolist() == [1]
+    prompt = QWEN_AUDIO_TASKS.asr("en")
+    assert tasks.run(model, wave, prompt, do_sample=True, top_p=1e-300, seed=3, **FAST) == tasks.run(
+        model, wave, prompt, do_sample=False, **FAST)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"do_sample": True, "temperature": 1e-40}, "temperature must be at least 1e-05, got 1e-40: below it sampling is "
+     "greedy in effect, and logits / temperature can overflow float32; for greedy decoding use do_sample=False"),
+    ({"temperature": 5e-324}, "temperature must be at least 1e-05, got 5e-324"),
+    ({"seed": MAX_SEED + 1}, "seed must be at most 2**64 - 1 (torch.Generator's largest), got 18446744073709551616"),
+])
+def test_settings_the_sampler_cannot_run_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerationConfig(**settings)
+
+
+def test_the_bounds_are_the_samplers(model, wave):
+    """The smallest temperature samples finite logits; the largest seed is torch's, and one more is not."""
+    config = GenerationConfig(do_sample=True, temperature=1e-5, seed=MAX_SEED)
+    logits = process_logits(torch.tensor([[30.0, -30.0, 29.9]]), torch.zeros(1, 0, dtype=torch.long), 0, config)
+    assert torch.isfinite(logits).all()
+    torch.Generator().manual_seed(config.seed)
+    with pytest.raises((RuntimeError, ValueError), match="Overflow"):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+    reply, = tasks.run(model, wave, QWEN_AUDIO_TASKS.asr("en"), do_sample=True, seed=MAX_SEED, **FAST)
+    assert len(reply) > 0

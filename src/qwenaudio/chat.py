@@ -40,7 +40,7 @@ from .core.tokenizer import Tokenizer
 from .prompts import DEFAULT_SYSTEM, Part, query_text
 
 Query = str | list[Part]  # what a history keeps of a query: Qwen-Audio its text, Qwen2-Audio its text or parts
-History = list[tuple[Query, str]]
+History = list[tuple[Query | None, str]]  # None: a Qwen2-Audio reply with no question before it
 
 
 def _build_context(tokenizer: Tokenizer, query: str, history: History, system: str, max_window_size: int,
@@ -66,13 +66,16 @@ __getattr__ = renamed(__name__, {  # the renderer's old names (`prompts.render_c
 
 class Chat:
     """A conversation with Qwen-Audio-Chat or Qwen2-Audio-Instruct. `history` holds (query, reply) pairs, oldest
-    first: the query as Qwen-Audio's text (`query_text`), or for Qwen2-Audio as given (text, or parts).
+    first: the query as Qwen-Audio's text (`query_text`), or for Qwen2-Audio as given (text, or parts, or None for
+    a reply with no question before it, as the template renders a conversation that opens with the assistant).
 
     Each conversation keeps its own KV cache (about 0.5 MB a token for the full model in bf16), so that the next
     turn prefills only what is new.
 
-    `clips` are clips already in memory (16 kHz waveforms), each heard where a part `{"audio": name}` names it (a
-    server names the clips its requests upload); any other name is read as a file path, as usual."""
+    `clips` are clips already in memory (16 kHz waveforms), each heard where a part `{"audio": name}` (or
+    Qwen-Audio's `<audio>name</audio>`) names it. Given `clips`, a conversation hears only those: any other name is
+    an InputError, never a file opened, since a server's clients write the text (a server names the clips its
+    requests upload). Without `clips`, a name is a file path, read once and kept."""
 
     def __init__(self, model: QwenAudio, system: str = DEFAULT_SYSTEM, history: History | None = None,
                  clips: Mapping[str, torch.Tensor] | None = None):
@@ -84,6 +87,7 @@ class Chat:
         self._dialect.check(model)
         self.history: History = _checked_history(history, self._dialect)
         self._clips: dict[str, torch.Tensor] = {}
+        self._files = clips is None  # whether a name the conversation holds may be a file to open
         for name, wave in (clips or {}).items():
             expect(name, str, "a clip's name", "a str")
             self._clips[name] = as_waveform(wave, name, model.encoder.min_samples)
@@ -124,9 +128,14 @@ class Chat:
 
     def clip(self, path: str) -> torch.Tensor:
         """The clip at `path` as the conversation hears it, read once and kept by path; a missing or unreadable file
-        raises AudioError here, so a caller can check a clip when it is attached, before any question."""
+        raises AudioError here, so a caller can check a clip when it is attached, before any question. Given
+        `clips`, only their names: any other is an InputError, and nothing is read."""
         expect(path, (str, Path), "path", "a str or Path")
         path = str(path)
+        if path not in self._clips and not self._files:
+            known = ", ".join(map(repr, self._clips)) or "none"
+            raise InputError(f"the conversation names the clip {path!r}, which is not one of its clips ({known}): a "
+                             "Chat given clips= hears only those and opens no file")
         if path not in self._clips:
             self._clips[path] = as_waveform(Path(path), path, self.model.encoder.min_samples)
         return self._clips[path]
@@ -169,6 +178,10 @@ def _qwen2_query(query: str | Sequence[Part]) -> Query:
 
 
 def _qwen2_history_query(query: object) -> bool:
+    """Whether a history's query is one `_qwen2_query` takes, or None: a reply with no question before it (a
+    conversation that opens with the assistant's words), which the template renders as that turn alone."""
+    if query is None:
+        return True
     try:
         _qwen2_query(query)
     except InputError:

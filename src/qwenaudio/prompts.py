@@ -413,10 +413,11 @@ def _qwen2_turns(turns: Sequence[Qwen2Turn]) -> list[Qwen2Turn]:
 
 
 def render_qwen2_chat_context(tokenizer: Qwen2Tokenizer, system: str,
-                              turns: Sequence[tuple[str | Sequence[Part], str]], query: str | Sequence[Part], *,
+                              turns: Sequence[tuple[str | Sequence[Part] | None, str]], query: str | Sequence[Part], *,
                               span_of: Callable[[str], int], max_window_size: int | None = None) -> Rendered:
     """A Qwen2-Audio-Instruct chat's next prompt (`render_qwen2_chat_ids`): the system message, the (user,
-    assistant) `turns`, the `query` and the generation prompt, each clip's `<|AUDIO|>` sized by `span_of(path)`.
+    assistant) `turns` (a user None: the assistant's turn alone), the `query` and the generation prompt, each clip's
+    `<|AUDIO|>` sized by `span_of(path)`.
 
     Qwen2-Audio publishes no history window (transformers renders whatever it is given, and the model reads 8,192
     positions); `max_window_size` applies Qwen-Audio-Chat's rule instead (`render_chat`): the newest turns are kept
@@ -425,8 +426,8 @@ def render_qwen2_chat_context(tokenizer: Qwen2Tokenizer, system: str,
     what is kept, as the template numbers any conversation it is given.
     """
 
-    def flat(pairs: Sequence[tuple[str | Sequence[Part], str]]) -> list[Qwen2Turn]:
-        return [turn for user, reply in pairs for turn in (("user", user), ("assistant", reply))]
+    def flat(pairs: Sequence[tuple[str | Sequence[Part] | None, str]]) -> list[Qwen2Turn]:
+        return [turn for user, reply in pairs for turn in (("user", user), ("assistant", reply)) if turn[1] is not None]
 
     def rendered(conversation: list[Qwen2Turn], generation_prompt: bool) -> Rendered:
         spans = [span_of(str(path)) for path in qwen2_chat_clips(conversation)]

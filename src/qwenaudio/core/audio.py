@@ -116,7 +116,7 @@ def as_waveform(source: AudioSource, name: str, min_samples: int) -> torch.Tenso
             raise AudioError(f"{name}: the waveform contains NaN or infinite samples")
         wave = source
     else:
-        wave = load_audio(source)
+        wave = load_audio(source, name=name)
     if len(wave) < min_samples:
         raise AudioError(_too_short(f"{name}: {len(wave)} samples ({len(wave) / SAMPLE_RATE:.3f} s)", min_samples))
     return wave
@@ -167,14 +167,16 @@ def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_
     return weights.astype(np.float32)
 
 
-def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | None = None) -> torch.Tensor:
+def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | None = None,
+               name: str | None = None) -> torch.Tensor:
     """Decode `source` to a mono float32 waveform at `sr` Hz, shape [samples], as the official loader hears it.
 
     `source` is a file path, the bytes of a file, a binary file object, or an array / tensor of samples, which
     needs `source_sr` (its sample rate). Arrays are [samples] or [channels, samples]. Channels are averaged (as
     ffmpeg's `-ac 1` does) and the rate converted; then samples are rounded to the 16-bit grid, because the
     official loader has ffmpeg emit 16-bit PCM and divides by 32768. A 16-bit file at 16 kHz therefore loads
-    bit-identically to the official path.
+    bit-identically to the official path. Errors start with `name` (default: the path, `<bytes>`, `array`): the
+    bytes of an upload have no name of their own.
     """
     if not isinstance(sr, int) or isinstance(sr, bool) or sr <= 0:
         raise AudioError(f"sr must be a positive int, got {sr!r}")
@@ -182,9 +184,9 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, *, source_sr: int | N
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if source_sr is None:
             raise AudioError("an array of samples needs its sample rate: load_audio(array, source_sr=...)")
-        name, samples, rate = "array", _array_to_float(source), source_sr
+        name, samples, rate = name or "array", _array_to_float(source), source_sr
     else:
-        name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+        name = name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
         samples, rate = _decode(source, name)
     if samples.size == 0:
         raise AudioError(f"{name}: the audio is empty")
@@ -211,7 +213,9 @@ def _decode(source: str | Path | bytes | bytearray | BinaryIO, name: str) -> tup
         data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
                              dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{name}: not a readable audio file ({e})") from None
+        # soundfile's message names a file object by its repr (an address); its reason alone says what went wrong
+        reason = e if isinstance(source, (str, Path)) else getattr(e, "error_string", e)
+        raise AudioError(f"{name}: not a readable audio file ({reason})") from None
     return data.T, rate
 
 

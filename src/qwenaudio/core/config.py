@@ -131,6 +131,12 @@ class QwenAudioConfig:
         return out
 
 
+# The smallest temperature (vLLM's floor too): below it sampling is greedy in effect (a logit gap of 0.001 already
+# gives odds of e**100), and far below it logits / temperature overflows float32 and the sampler draws from NaN.
+MIN_TEMPERATURE = 1e-5
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes no more
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings; `from_json` reads a checkpoint's generation_config.json (docs/MODEL.md#generation).
@@ -211,6 +217,9 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
         (isinstance(c.full_vocab, bool), f"full_vocab must be True or False, got {c.full_vocab!r}"),
         (finite(c.temperature) and c.temperature > 0,
          f"temperature must be > 0, got {c.temperature!r}; for greedy decoding use do_sample=False"),
+        (not finite(c.temperature) or not c.temperature > 0 or c.temperature >= MIN_TEMPERATURE,
+         f"temperature must be at least {MIN_TEMPERATURE}, got {c.temperature!r}: below it sampling is greedy in "
+         "effect, and logits / temperature can overflow float32; for greedy decoding use do_sample=False"),
         (whole(c.top_k, 0), f"top_k must be an int >= 0 (0: off), got {c.top_k!r}"),
         (finite(c.top_p) and 0 < c.top_p <= 1, f"top_p must be in (0, 1] (1: off), got {c.top_p!r}"),
         (finite(c.repetition_penalty) and c.repetition_penalty > 0,
@@ -221,6 +230,8 @@ def _generation_rules(c: GenerationConfig) -> list[tuple[bool, str]]:
          f"stop_strings must hold non-empty strings, got {c.stop_strings!r}"),
         (whole(c.pad_token_id, 0), f"pad_token_id must be an int >= 0, got {c.pad_token_id!r}"),
         (c.seed is None or whole(c.seed, 0), f"seed must be an int >= 0 or None, got {c.seed!r}"),
+        (not whole(c.seed, 0) or c.seed <= MAX_SEED,
+         f"seed must be at most 2**64 - 1 (torch.Generator's largest), got {c.seed!r}"),
         (c.chat_format in ("raw", "chatml"), f"chat_format must be 'raw' or 'chatml', got {c.chat_format!r}"),
         (whole(c.max_window_size, 1), f"max_window_size must be an int >= 1, got {c.max_window_size!r}"),
     ]

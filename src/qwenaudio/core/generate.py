@@ -51,7 +51,8 @@ def process_logits(logits: Tensor, seen: Tensor, step: int, config: GenerationCo
         ordered, order = logits.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the better-ranked tokens
-        drop = before >= config.top_p  # keep the smallest prefix reaching top_p (always the best token)
+        drop = before >= config.top_p  # keep the smallest prefix reaching top_p...
+        drop[:, 0] = False  # ...and always the best token, even where top_p rounds to 0 in float32
         logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
     return logits
 

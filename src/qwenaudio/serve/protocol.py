@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 import time
@@ -19,8 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.config import MIN_TEMPERATURE
 from ..core.errors import QwenAudioError
 from ..core.families import QWEN_AUDIO, Family
+from ..core.qwen2_tokenizer import AUDIO
 from ..core.tokenizer import AUDIO_SPECIAL_TOKENS
 from ..prompts import family_tasks, query_text
 from ..subtitles import to_srt, to_vtt
@@ -212,6 +215,14 @@ def _temperature(value: str | None) -> float:
         raise invalid(f"temperature must be a number from 0 to 2, got {value!r}", "temperature") from None
     if not math.isfinite(t) or not 0 <= t <= 2:
         raise invalid(f"temperature must be from 0 to 2 (0: greedy), got {value}", "temperature")
+    return _sampling_temperature(t)
+
+
+def _sampling_temperature(t: float) -> float:
+    """`t` once it is 0 (greedy) or a temperature the sampler can run (`GenerationConfig`'s floor)."""
+    if 0 < t < MIN_TEMPERATURE:
+        raise invalid(f"temperature must be 0 (greedy decoding) or from {MIN_TEMPERATURE} to 2, got {t}: a "
+                      "smaller one is greedy in effect and overflows the sampler", "temperature")
     return t
 
 
@@ -254,7 +265,16 @@ def transcript_done(text: str, usage: dict) -> dict:
 # ------------------------------------------------------------------------------------------------- chat completions
 
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-               "n", "stream", "stream_options", "user")
+               "n", "stream", "stream_options")
+# OpenAI's other fields, which many clients send whatever they ask: the values that ask for nothing (null, always)
+# are ignored, any other is refused as not supported. `user` and `metadata` only label a request: any of their kind.
+NEUTRAL_FIELDS: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "response_format": ({"type": "text"},), "modalities": (["text"],), "logit_bias": ({},), "store": (False,),
+    "service_tier": ("auto", "default"), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none",), "audio": (), "prediction": (), "reasoning_effort": (),
+    "web_search_options": ()}
+LABEL_FIELDS = {"user": str, "metadata": dict, "safety_identifier": str, "prompt_cache_key": str}
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_STOPS = 4
 DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
@@ -300,23 +320,54 @@ def parse_chat(body: Any, *, family: Family, served: str, context: int) -> ChatR
     """Check a /v1/chat/completions JSON body for a model of `family` whose engine holds `context` tokens a row."""
     if not isinstance(body, dict):
         raise invalid(f"the body must be a JSON object, got {_json_type(body)}")
-    unknown = [name for name in body if name not in CHAT_FIELDS]
+    unknown = [name for name in body if name not in (*CHAT_FIELDS, *NEUTRAL_FIELDS, *LABEL_FIELDS)]
     if unknown:
         raise invalid(f"unsupported field {unknown[0]!r}; this server reads {', '.join(CHAT_FIELDS)}", unknown[0])
+    body = {name: value for name, value in body.items() if value is not None}  # OpenAI's null: not given
+    _ignored(body)
     check_model(body.get("model"), served, family, aliases=False)
     system, turns, clips = _messages(body.get("messages"), family)
-    queries = [_query(parts, family) for parts, _ in turns]
+    queries = [None if parts is None else _query(parts, family) for parts, _ in turns]
     history = [(q, reply) for q, (_, reply) in zip(queries[:-1], turns[:-1])]
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise invalid("stream_options must be {\"include_usage\": true|false}, with stream true", "stream_options")
     if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
-        raise invalid(f"n must be 1 (one reply per request), got {body.get('n')!r}", "n")
+        raise invalid(f"n must be 1 (one reply per request), got {_brief(body['n'])}", "n")
+    temperature = _number(body, "temperature", 0, 2, low_open=False)
     return ChatRequest(system, history, queries[-1], clips, _max_tokens(body, context),
-                       _number(body, "temperature", 0, 2, low_open=False), _number(body, "top_p", 0, 1, low_open=True),
+                       temperature if temperature is None else _sampling_temperature(temperature),
+                       _number(body, "top_p", 0, 1, low_open=True),
                        _stops(body.get("stop")), _seed(body.get("seed")), stream,
                        bool(options and _bool(options, "include_usage", "stream_options.include_usage")))
+
+
+def _ignored(body: dict) -> None:
+    """Refuse the fields of `NEUTRAL_FIELDS` and `LABEL_FIELDS` whose value asks for something."""
+    for name, neutral in NEUTRAL_FIELDS.items():
+        if name in body and not any(_same(body[name], value) for value in neutral):
+            allowed = " or ".join(json.dumps(value) for value in neutral)
+            raise invalid(f"{name} is not supported by this server: leave it out"
+                          f"{f' or send {allowed}' if allowed else ''}, got {_brief(body[name])}", name)
+    for name, kind in LABEL_FIELDS.items():
+        if name in body and not isinstance(body[name], kind):
+            raise invalid(f"{name} must be {_json_type(kind())}, got {_brief(body[name])}", name)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality: false is not 0."""
+    return isinstance(value, bool) == isinstance(neutral, bool) and value == neutral
+
+
+def _brief(value: Any) -> str:
+    """A value from a JSON body as an error message shows it: as JSON, cut at 60 characters; one nested too deeply
+    to write (Python's recursion limit, lower here than where the body was read) by its kind alone."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, TypeError, ValueError):
+        return _json_type(value)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 def _json_type(value: Any) -> str:
@@ -324,12 +375,17 @@ def _json_type(value: Any) -> str:
         type(value), "a number")
 
 
-def _messages(messages: Any, family: Family) -> tuple[str | None, list[tuple[list, str]], list[Clip]]:
-    """(system text, [(user parts, assistant reply)] ending with the new query's parts and "", clips): messages are
-    an optional system message, then user and assistant in turn, ending with a user's."""
+def _messages(messages: Any, family: Family) -> tuple[str | None, list[tuple[Any, str]], list[Clip]]:
+    """(system text, [(user parts, assistant reply)] ending with the new query's parts and "", clips): an optional
+    system message, then user and assistant messages, the last a user's.
+
+    Messages of one role in a row are one message (`_joined`): a clip sent alone and the question after it are one
+    turn, as in one message. A conversation that opens with the assistant's message is a first pair (None, reply),
+    the reply's turn alone, as Qwen2-Audio's chat template renders it; Qwen-Audio's chat (the official
+    `make_context`) pairs every reply with the user's message before it and cannot render one, so it is refused."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
-    system, clips, turns = None, [], []
+    system, clips, runs = None, [], []  # runs: (role, what each message of the run says, the first one's index)
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -340,18 +396,41 @@ def _messages(messages: Any, family: Family) -> tuple[str | None, list[tuple[lis
                 raise invalid(f"{where}: a system message may only come first", where)
             system = _text_only(content, where, family)
             continue
-        expected = "user" if len(turns) == 0 or turns[-1][1] is not None else "assistant"
-        if role != expected:
-            raise invalid(f"{where}: expected role {expected!r} (after the system message, user and assistant "
-                          "messages alternate, and the last is the user's)", where)
-        if role == "user":
-            turns.append((_user_parts(content, where, family, clips), None))
+        said = _user_parts(content, where, family, clips) if role == "user" else _text_only(content, where, family)
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(said)
         else:
-            turns[-1] = (turns[-1][0], _text_only(content, where, family))
-    if not turns or turns[-1][1] is not None:
+            runs.append((role, [said], i))
+    if not runs or runs[-1][0] != "user":
         raise invalid(f"messages[{len(messages) - 1}]: the last message must be the user's, to be answered",
                       "messages")
-    return system, [(parts, reply or "") for parts, reply in turns], clips
+    if runs[0][0] == "assistant" and family is QWEN_AUDIO:
+        where = f"messages[{runs[0][2]}]"
+        raise invalid(f"{where}: a Qwen-Audio conversation cannot open with the assistant's message: its chat (the "
+                      "official make_context) pairs each reply with the user's message before it", where)
+    turns = [(None, _joined(runs.pop(0)[1]))] if runs[0][0] == "assistant" else []
+    for role, said, _ in runs:
+        if role == "user":
+            turns.append((_joined(said), ""))
+        else:
+            turns[-1] = (turns[-1][0], _joined(said))
+    return system, turns, clips
+
+
+def _joined(contents: list[str | list]) -> str | list:
+    """Messages of one role in a row as one: their parts in order (a str a text part), a newline between one
+    message's text and the next one's (a clip ends its own line in both families' prompts)."""
+    if len(contents) == 1:
+        return contents[0]
+    if all(isinstance(content, str) for content in contents):
+        return "\n".join(contents)
+    parts: list = []
+    for content in contents:
+        content = [{"text": content}] if isinstance(content, str) else content
+        if parts and "text" in parts[-1] and "text" in content[0]:
+            parts.append({"text": "\n"})
+        parts += content
+    return parts
 
 
 def _text_only(content: Any, where: str, family: Family) -> str:
@@ -359,7 +438,8 @@ def _text_only(content: Any, where: str, family: Family) -> str:
     if isinstance(content, str):
         return _typed(content, f"{where}.content", family)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(_text_part(p, f"{where}.content[{k}]", family) for k, p in enumerate(content))
+        text = "".join(_text_part(p, f"{where}.content[{k}]", family) for k, p in enumerate(content))
+        return _typed(text, f"{where}.content", family)  # a tag split across parts is whole once they are joined
     raise invalid(f"{where}.content must be a string or an array of text parts", f"{where}.content")
 
 
@@ -380,7 +460,8 @@ def _user_parts(content: Any, where: str, family: Family, clips: list[Clip]) -> 
             parts.append({"audio": clips[-1].name})
         else:
             raise invalid(f"{at} must be a part of type text, input_audio or audio_url, got "
-                          f"{kind if kind else _json_type(part)!r}", at)
+                          f"{_brief(kind) if kind else repr(_json_type(part))}", at)
+    _typed("".join(p["text"] for p in parts if "text" in p), f"{where}.content", family)  # as in _text_only
     return parts
 
 
@@ -391,13 +472,14 @@ def _text_part(part: dict, at: str, family: Family) -> str:
 
 
 def _typed(text: str, at: str, family: Family) -> str:
-    """Typed text, once it marks no clip's place: Qwen-Audio reads `<audio>PATH</audio>` as a clip to open, and a
-    server must not read files its clients name (Qwen2-Audio's typed `<|AUDIO|>` the library refuses itself)."""
-    if family is QWEN_AUDIO:  # its tokenizer reads audio tags in any message's text
-        marker = next((t for t in sorted(AUDIO_SPECIAL_TOKENS) if t in text), None)
-        if marker is not None:
-            raise invalid(f"{at} holds {marker!r}, which Qwen-Audio reads as a clip's place: send clips as "
-                          "input_audio or audio_url parts", at)
+    """Typed text, once it marks no clip's place: Qwen-Audio reads `<audio>PATH</audio>` as a clip to open (and a
+    server must not read files its clients name: `chat.Chat` given clips refuses them too), Qwen2-Audio reads
+    `<|AUDIO|>` in any message as a clip's audio. What else the library refuses in a query it says itself."""
+    markers = sorted(AUDIO_SPECIAL_TOKENS) if family is QWEN_AUDIO else [AUDIO]
+    marker = next((t for t in markers if t in text), None)
+    if marker is not None:
+        raise invalid(f"{at} holds {marker!r}, which {family.name} reads as a clip's place: send clips as "
+                      "input_audio or audio_url parts", at)
     return text
 
 
@@ -441,9 +523,11 @@ def _query(parts: list | str, family: Family) -> Any:
 
 
 def _bool(body: dict, name: str, param: str | None = None) -> bool:
-    value = body.get(name, False)
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
-        raise invalid(f"{param or name} must be true or false, got {value!r}", param or name)
+        raise invalid(f"{param or name} must be true or false, got {_brief(value)}", param or name)
     return value
 
 
@@ -454,7 +538,7 @@ def _max_tokens(body: dict, context: int) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"{name} must be a whole number, got {value!r}", name)
+        raise invalid(f"{name} must be a whole number, got {_brief(value)}", name)
     if value < 1:
         raise invalid(f"{name} must be at least 1, got {value}", name)
     if value >= context:
@@ -470,7 +554,7 @@ def _number(body: dict, name: str, low: float, high: float, *, low_open: bool) -
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not (low < value if low_open else low <= value) or value > high:
         span = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise invalid(f"{name} must be a number in {span}, got {value!r}", name)
+        raise invalid(f"{name} must be a number in {span}, got {_brief(value)}", name)
     return float(value)
 
 
@@ -485,7 +569,7 @@ def _stops(stop: Any) -> tuple[str, ...]:
 
 def _seed(seed: Any) -> int | None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        raise invalid(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}", "seed")
+        raise invalid(f"seed must be a whole number from 0 to 2**63 - 1, got {_brief(seed)}", "seed")
     return seed
 
 
