@@ -335,12 +335,13 @@ def decode_seconds(table: Table, dtype: str, decoder: Decoder, ids: torch.Tensor
 
 def kernel_alone(layer: torch.nn.Module, dtype: torch.dtype, args) -> float:
     """Bytes per second one-row products through `layer` alone read: the kernel a decoding step spends its time in
-    (a block's first MLP projection, the decoder's widest shape), run over enough copies of the layer (1 GiB; 64 MiB
-    for --tiny) that the weights come from memory, as in a decoding step, not from a cache. Its share of the stream
-    bandwidth is as far as the decoding step can get with this kernel."""
+    (a block's first MLP projection, the decoder's widest shape), run over enough copies of the layer (1 GiB) that
+    the weights come from memory, as in a decoding step, not from a cache. Its share of the stream bandwidth is as far
+    as the decoding step can get with this kernel. --tiny, a smoke run whose figures mean nothing, copies 1 MiB:
+    64 MiB were thousands of copies of a tiny layer, a third of the run."""
     x = torch.randn(1, layer.in_features, device=DEVICE, dtype=dtype)
     layer(x)  # an int4 layer packs its weight at its first product
-    total = 2**26 if args.tiny else 2**30
+    total = 2**20 if args.tiny else 2**30
     layers = [copy.deepcopy(layer) for _ in range(-(-total // tensor_bytes(layer)))]
     return len(layers) * tensor_bytes(layer) / timed(lambda: [c(x) for c in layers], args.repeats)
 

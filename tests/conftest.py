@@ -39,6 +39,19 @@ REFERENCES = {"whisper": "openai-whisper", "transformers": "transformers", "scip
               "python_multipart": "python-multipart", "prometheus_client": "prometheus-client"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker takes its share of the cores for torch's threads, and so do the processes it
+    starts (the command line, the examples, the scripts), unless OMP_NUM_THREADS says otherwise.
+
+    Each process would otherwise take every core: two workers on two cores run four OpenMP threads, whose barriers
+    wait on threads that are not running, and a training step took 7-10x as long as with one thread each."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, torch.get_num_threads() // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1")
 

@@ -182,14 +182,15 @@ def test_a_run_s_steps_done_and_its_export_as_a_model_or_an_adapter(tiny_ckpt, t
 @pytest.mark.slow
 def test_a_tiny_model_learns_four_transcripts_and_then_says_them(tiny_ckpt, tmp_path, shared_audio):
     model = qwenaudio.load(tiny_ckpt, dtype=torch.float32, device="cpu", progress=False)
-    config = finetune.TrainConfig(steps=50, batch_size=4, lr=5e-3, warmup_steps=5, part="all")
+    # The loss ends near 0.015 (0.006-0.007 from checkpoint seeds 1-3); 25 steps end near 0.07.
+    config = finetune.TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=5, part="all")
     losses = finetune.train(model, four_examples(tmp_path, shared_audio), tmp_path / "run", config)
     assert losses[-1] < 0.05, losses
     model.eval()
     clips = [str(shared_audio / clip) for clip in SHARED]
     assert tasks.transcribe(model, clips, language="en", max_new_tokens=12) == TARGETS
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 51)) and [m["loss"] for m in metrics] == losses
+    assert [m["step"] for m in metrics] == list(range(1, 31)) and [m["loss"] for m in metrics] == losses
     saved = finetune.save_model(model, tiny_ckpt, tmp_path / "tuned")  # the official layout, loadable again
     again = qwenaudio.load(saved, dtype=torch.float32, device="cpu", progress=False)
     assert tasks.transcribe(again, clips, language="en", max_new_tokens=12) == TARGETS
@@ -422,7 +423,8 @@ def test_a_tiny_chat_model_learns_four_answers_through_the_chat_form(tmp_path, s
     examples, problems = finetune.read_examples(write_rows(tmp_path / "chat.jsonl", rows))
     assert problems == []
     model = qwenaudio.load(checkpoint, dtype=torch.float32, device="cpu", progress=False)
-    config = finetune.TrainConfig(steps=50, batch_size=4, lr=5e-3, warmup_steps=5, part="all")
+    # The loss ends near 0.008 (0.004 from checkpoint seeds 1-2); 20 steps end near 0.07-0.14.
+    config = finetune.TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=5, part="all")
     losses = finetune.train(model, examples, tmp_path / "run", config)
     assert losses[-1] < 0.05, losses
     model.eval()

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+
+# FSDP's modules (torch.distributed.fsdp and .tensor, which bring sympy) are imported in the functions that use them:
+# at the top they cost every `qwenaudio` command 0.6-1.2 s at start, and only training reaches them.
 
 from .core.model import QwenAudio
 
@@ -45,6 +45,9 @@ def wrap(model: QwenAudio, world: int, shard: bool) -> nn.Module:
     if world == 1:
         return objective
     if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh(model.device.type, (world,))
         for block in (*model.encoder.blocks, *model.decoder.blocks):
             fully_shard(block, mesh=mesh)
@@ -62,6 +65,8 @@ def wrap(model: QwenAudio, world: int, shard: bool) -> nn.Module:
 def syncing(module: nn.Module, sync: bool) -> Iterator[None]:
     """Within the block, backward passes average the gradients over the processes only when `sync`: gradient
     accumulation syncs on a step's last pass alone."""
+    from torch.distributed.fsdp import FSDPModule
+
     if isinstance(module, DistributedDataParallel):
         with nullcontext() if sync else module.no_sync():
             yield
@@ -75,10 +80,14 @@ def syncing(module: nn.Module, sync: bool) -> Iterator[None]:
 def full(tensor: Tensor) -> Tensor:
     """The whole tensor of a sharded parameter or optimizer state (every process must call it together), else the
     tensor itself."""
+    from torch.distributed.tensor import DTensor
+
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def shard_like(like: Tensor, tensor: Tensor) -> Tensor:
     """A whole `tensor` (read from a checkpoint) cut as the sharded `like` is: this process's part of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements) if isinstance(
         like, DTensor) else tensor
