@@ -7,6 +7,7 @@ calls between steps.
 """
 
 import threading
+import warnings
 
 import pytest
 
@@ -167,6 +168,43 @@ def test_each_row_keeps_its_own_settings(model, family, clips, engine):
     replies, _ = submit_over_time(engine(model, rows=3), items, joins=[0, 0, 1, 1, 3, 4])
     assert [r.tokens for r in replies] == expected
     assert [r.finish_reason for r in replies][1:3] == ["stop", "stop"]
+
+
+def test_submit_prompts_queues_a_batch_and_hands_back_its_replies(v1, clips, engine):
+    """`submit_prompts` takes `generate`'s arguments and returns at once, a queued `Reply` per prompt (the engine is
+    not even started); on_update follows every row; a queued reply and a running one can be cancelled, the others
+    are `model.generate`'s ids. A batch with a prompt that fills a row queues nothing; `warn=False` cuts a budget
+    silently."""
+    work = prompts("qwen-audio", clips)[:4]
+    one = engine(v1, rows=2, context=128)
+    seen = {}
+
+    def follow(reply):
+        seen.setdefault(id(reply), []).append(len(reply.tokens))
+        if reply is replies[2] and len(reply.tokens) == 2:
+            reply.cancel()
+
+    replies = one.submit_prompts([t for t, _ in work], [c for _, c in work], on_update=follow, do_sample=False,
+                                 max_new_tokens=6, min_new_tokens=6)
+    assert [r.prompt_tokens for r in replies] == [len(ids_of(v1, t, c)) for t, c in work]
+    assert not any(r.done for r in replies) and one.stats().queued == 4
+    replies[1].cancel()
+    one.start()
+    ids = [r.wait(timeout=60) for r in replies]
+    settings = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert ids[0] == alone(v1, *work[0], **settings) and ids[3] == alone(v1, *work[3], **settings)
+    assert (ids[1], ids[2]) == ([], alone(v1, *work[2], **settings)[:2])
+    assert [r.finish_reason for r in replies] == ["length", "cancelled", "cancelled", "length"]
+    assert [seen.get(id(r)) for r in replies] == [[1, 2, 3, 4, 5, 6], [0], [1, 2, 2], [1, 2, 3, 4, 5, 6]]
+
+    with pytest.raises(InputError, match="the prompt's 161 tokens fill the engine's context of 128 slots per row: "
+                                         r"shorten it, or give the engine a longer context \(--context\)"):
+        one.submit_prompts(["hello", "the sea " * 80], max_new_tokens=8)
+    assert one.stats().queued == 0 and one.stats().prompts == 4  # the good prompt before it was not queued
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut, = one.submit_prompts(["hello"], warn=False, do_sample=False, max_new_tokens=1000, min_new_tokens=1000)
+        assert len(cut.wait(timeout=60)) == 127 and cut.finish_reason == "length"
 
 
 # --- cancelling, callbacks, failures, closing -----------------------------------------------------------------------

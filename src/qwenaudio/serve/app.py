@@ -42,9 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import tasks
 from ..chat import DEFAULT_SYSTEM, Chat
 from ..core.audio import N_SAMPLES, SAMPLE_RATE, as_waveform
-from ..core.errors import AudioError, InputError, QwenAudioError
+from ..core.errors import AudioError, QwenAudioError
 from ..core.generate import cut_at_stop
-from ..core.model import prompt_batch
 from . import protocol
 from .engine import Engine, EngineClosed, Reply
 from .protocol import ApiError
@@ -119,11 +118,7 @@ class _Rows:
                on_update: Callable[[Reply], None] | None = None) -> Reply:
         if self.cancelled:
             raise _Cancelled
-        reply = self.engine.submit(ids, clips, config, partial(self._update, on_update))
-        self.replies.append(reply)
-        if self.cancelled:  # cancelled while submitting (from the event loop)
-            reply.cancel()
-        return reply
+        return self._keep([self.engine.submit(ids, clips, config, partial(self._update, on_update))])[0]
 
     def _update(self, on_update: Callable[[Reply], None] | None, reply: Reply) -> None:
         if self.first_token is None and reply.tokens:
@@ -133,24 +128,24 @@ class _Rows:
 
     def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]], *,
                  on_update: Callable[[Reply], None] | None = None, **settings) -> list[list[int]]:
-        """`Engine.generate` (the `generate=` of `tasks.perform`), through `submit`: each prompt a row of its own,
-        its budget cut to the room it leaves in a row; `on_update` follows every row."""
-        model = self.engine.model
-        config = model.generation_config.replace(**settings)
-        batch = prompt_batch(model.tokenizer, list(prompts), clips, model.encoder.span_length)
-        replies = []
-        for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), clips):
-            room = self.engine.context - int(real.sum())
-            if room < 1:
-                raise InputError(f"the prompt's {int(real.sum())} tokens fill the server's context of "
-                                 f"{self.engine.context} tokens (--context)")
-            fitted = config.replace(max_new_tokens=min(config.max_new_tokens, room),
-                                    min_new_tokens=min(config.min_new_tokens, room))
-            replies.append(self.submit(ids[real].tolist(), own, fitted, on_update))
+        """`Engine.generate` (the `generate=` of `tasks.perform`) with its replies kept: `Engine.submit_prompts`,
+        then wait for them; `on_update` follows every row. A budget past a row's room is cut without a warning: it is
+        the task's or the operator's default, no client's choice, and a warning per request would only fill the log."""
+        if self.cancelled:
+            raise _Cancelled
+        replies = self._keep(self.engine.submit_prompts(prompts, clips, on_update=partial(self._update, on_update),
+                                                        warn=False, **settings))
         out = [reply.wait() for reply in replies]
         if self.cancelled:
             raise _Cancelled
         return out
+
+    def _keep(self, replies: list[Reply]) -> list[Reply]:
+        self.replies.extend(replies)
+        if self.cancelled:  # cancelled while submitting (from the event loop)
+            for reply in replies:
+                reply.cancel()
+        return replies
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -162,11 +162,14 @@ class Engine:
             self._lock.notify()
         return job.reply
 
-    def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
-                 **settings) -> list[list[int]]:
-        """`QwenAudio.generate` through the engine (its arguments, checks and result; it starts the engine): each
-        prompt is a row of its own, so the windows of a long recording decode beside other clients' prompts. A
-        max_new_tokens past the room a prompt leaves in a row is cut to it, with a warning."""
+    def submit_prompts(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
+                       *, on_update: Callable[[Reply], None] | None = None, warn: bool = True,
+                       **settings) -> list[Reply]:
+        """Queue a batch of `QwenAudio.generate`'s prompts (its arguments and checks) without waiting: each prompt a
+        row of its own, so the windows of a long recording decode beside other clients' prompts; a `Reply` each.
+        A max_new_tokens past the room a prompt leaves in a row is cut to it (with a warning where `warn`: a server,
+        whose budgets are defaults no client chose, passes False). Every prompt is checked before any is queued;
+        a submission that fails part-way cancels what it queued. They run once the engine is started."""
         expect(prompts, (list, tuple), "prompts", "a list of str (texts with <audio>PATH</audio> regions)")
         clips = [[] for _ in prompts] if clips is None else clips
         numbered = iter(range(sum(len(own) for own in clips)))
@@ -174,11 +177,26 @@ class Engine:
         waves = [[as_waveform(c, source_name(c, next(numbered)), min_samples) for c in own] for own in clips]
         batch = prompt_batch(self.model.tokenizer, prompts, waves, self.model.encoder.span_length)
         config = self.model.generation_config.replace(**settings)
-        self.start()
+        rows = []  # a loop, not a comprehension: the warning's stacklevel counts frames
+        for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), waves):
+            rows.append((ids[real].tolist(), own, self._fit(config, int(real.sum()), warn)))
         replies = []
         try:
-            for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), waves):
-                replies.append(self.submit(ids[real].tolist(), own, self._fit(config, int(real.sum()))))
+            for ids, own, fitted in rows:
+                replies.append(self.submit(ids, own, fitted, on_update))
+        except BaseException:  # closed, or interrupted, part-way: nothing queued for nobody
+            for reply in replies:
+                reply.cancel()
+            raise
+        return replies
+
+    def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
+                 **settings) -> list[list[int]]:
+        """`QwenAudio.generate` through the engine (its arguments, checks and result; it starts the engine):
+        `submit_prompts`, then wait for every reply."""
+        self.start()
+        replies = self.submit_prompts(prompts, clips, **settings)
+        try:
             return [reply.wait() for reply in replies]
         finally:  # a failed or interrupted call leaves no rows decoding for nobody
             for reply in replies:
@@ -208,16 +226,18 @@ class Engine:
         with self._lock:
             self._lock.notify()
 
-    def _fit(self, config: GenerationConfig, prompt: int) -> GenerationConfig:
-        """`config` with max_new_tokens cut (with a warning) to the room a `prompt`-token prompt leaves in a row."""
+    def _fit(self, config: GenerationConfig, prompt: int, warn: bool) -> GenerationConfig:
+        """`config` with max_new_tokens cut (with a warning where `warn`) to the room a `prompt`-token prompt leaves in
+        a row: the one rule for every batch of prompts, the library's and the server's."""
         room = self.context - prompt
         if room < 1:
             raise InputError(f"the prompt's {prompt} tokens fill the engine's context of {self.context} slots per row: "
-                             "shorten it")
+                             "shorten it, or give the engine a longer context (--context)")
         if config.max_new_tokens <= room:
             return config
-        warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and the "
-                      f"new ones must fit the engine's context of {self.context} slots per row", stacklevel=3)
+        if warn:
+            warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and "
+                          f"the new ones must fit the engine's context of {self.context} slots per row", stacklevel=3)
         return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
     # --- the engine thread ---------------------------------------------------------------------------------------
