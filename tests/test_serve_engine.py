@@ -6,14 +6,18 @@ at known step boundaries, whatever the timing: prompts are submitted from an `on
 calls between steps.
 """
 
+import logging
+import re
 import threading
 import warnings
 
 import pytest
+import torch
 
-from qwenaudio import GenerationConfig, InputError, load_audio
+from qwenaudio import GenerationConfig, InputError, cli, load_audio
 from qwenaudio.core.model import load_model, prompt_batch
 from qwenaudio.serve import Engine, EngineClosed, EngineStats
+from qwenaudio.serve import engine as engine_module
 
 PROMPTS = {  # (text, which clips)
     "qwen-audio": [("<audio>a.flac</audio>what do you hear?", "a"), ("<audio>b.wav</audio>", "b"),
@@ -338,3 +342,61 @@ def test_stats_and_a_never_started_engine(v1):
     assert (reply.done, reply.finish_reason, idle.stats().prompts) == (True, "cancelled", 1)
     with pytest.raises(TimeoutError, match="the reply is not done after 0.01 s"):
         Engine(v1).submit([1, 2, 3]).wait(timeout=0.01)
+
+
+# --- the KV cache's memory ------------------------------------------------------------------------------------------
+
+def test_start_logs_the_cache_size_and_says_one_that_does_not_fit(v1, engine, monkeypatch, caplog):
+    """start() logs the size of what it allocated; an allocation that fails (CUDA's OutOfMemoryError, the CPU
+    allocator's RuntimeError) is an InputError naming the size and the options, and the engine can start later.
+    Another RuntimeError is not dressed as memory."""
+    fits = engine(v1, rows=2, context=64)
+    with caplog.at_level(logging.INFO, logger="qwenaudio.serve"):
+        fits.start()
+    cache = fits._cache
+    allocated = sum(t.nelement() * t.element_size() for t in [*cache.k, *cache.v])
+    assert [r.getMessage() for r in caplog.records] == [f"KV cache: 2 rows x 64 slots, {allocated / 2**30:.3g} GiB "
+                                                        "(float32 on cpu)"]
+    big = f"{allocated * 8 / 2**30:.3g} GiB"  # 8 rows x 128 slots: 8 times 2 x 64
+
+    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 40000000000000 bytes. Error code 12")]
+    for failure in failures:
+        def fail(*args, failure=failure):
+            raise failure
+
+        monkeypatch.setattr(engine_module, "KVCache", fail)
+        refused = engine(v1, rows=8, context=128)
+        with pytest.raises(InputError, match=re.escape(f"the KV cache of 8 rows x 128 slots, {big} (float32 on cpu), "
+                                                       "does not fit in memory: give fewer rows (--rows) or a shorter "
+                                                       "context (--context)")):
+            refused.start()
+        assert refused._thread is None
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine_module, "KVCache", broken)
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access was encountered$"):
+        engine(v1, rows=2).start()
+    monkeypatch.undo()
+    assert refused.generate(["hi"], do_sample=False, max_new_tokens=3) == \
+        [alone(v1, "hi", [], do_sample=False, max_new_tokens=3)]
+
+
+def test_serve_says_a_cache_that_does_not_fit_before_it_listens(tiny_ckpt, monkeypatch, capsys):
+    """`qwenaudio serve` allocates the cache before uvicorn starts: one that does not fit is an `error:` line and
+    exit status 2, and nothing listens."""
+    uvicorn = pytest.importorskip("uvicorn")
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def listen(self):
+        raise AssertionError("the server started listening")
+
+    monkeypatch.setattr(engine_module, "KVCache", out_of_memory)
+    monkeypatch.setattr(uvicorn.Server, "run", listen)
+    assert cli.main(["serve", "--model", str(tiny_ckpt), "--port", "0", "--rows", "3", "--context", "32",
+                     "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "error: the KV cache of 3 rows x 32 slots, " in capsys.readouterr().err

@@ -119,6 +119,7 @@ def run(model: QwenAudio, plan: ServePlan) -> int:
         logging.getLogger("qwenaudio.serve").warning(
             "serving on %s without an API key: anyone who can reach the port can use the model", plan.host)
     engine = Engine(model, rows=plan.rows, context=plan.context)
+    engine.start()  # the KV cache now: one that does not fit is an `error:` line, before anything listens
     app = create_app(engine, served_model_name=plan.served_model_name, api_key=plan.api_key,
                      max_upload_bytes=int(plan.max_upload_mb * 1024 * 1024), max_pending=plan.max_pending,
                      request_timeout=plan.request_timeout, allow_remote_audio=plan.allow_remote_audio,

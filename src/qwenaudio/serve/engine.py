@@ -124,12 +124,13 @@ class Engine:
     # --- any thread --------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Allocate the cache and start the engine thread (a daemon); a second call does nothing."""
+        """Allocate the cache and start the engine thread (a daemon); a second call does nothing. A cache the memory
+        cannot hold is an InputError naming its size, before anything runs."""
         with self._lock:
             if self._thread is not None or self._closed:
                 return
             decoder, device = self.model.decoder, self.model.device
-            self._cache = KVCache(decoder.config, self.rows, self.context, decoder.embedding.weight.dtype, device)
+            self._cache = self._allocate(decoder.embedding.weight.dtype, device)
             self._bases = decoder.rope_base(torch.ones(self.rows, 1, dtype=torch.bool, device=device))
             self._thread = threading.Thread(target=self._run, name="qwenaudio-engine", daemon=True)
             self._thread.start()
@@ -221,6 +222,26 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(queued=len(self._queue), active=sum(job is not None for job in self._active),
                            rows=self.rows, tokens=self._tokens, prompts=self._prompts, steps=self._steps)
+
+    def _allocate(self, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """The rows x context cache, its size logged; one that does not fit is said in the options that size it. The
+        InputError is raised outside the `except`, so that the allocator's error, and through its traceback what was
+        allocated before it, is freed first (a caller may retry with fewer rows)."""
+        config = self.model.decoder.config
+        per_slot = 2 * config.num_hidden_layers * config.num_attention_heads * config.kv_channels * dtype.itemsize
+        gib = self.rows * self.context * per_slot / 2**30
+        size = f"{gib:.3g} GiB ({str(dtype).removeprefix('torch.')} on {device})"
+        try:
+            cache = KVCache(config, self.rows, self.context, dtype, device)
+        except RuntimeError as error:  # torch.OutOfMemoryError on CUDA; the CPU allocator's is a plain RuntimeError
+            if not (isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error)):
+                raise
+            cache = None
+        if cache is None:
+            raise InputError(f"the KV cache of {self.rows} rows x {self.context} slots, {size}, does not fit in "
+                             "memory: give fewer rows (--rows) or a shorter context (--context)")
+        log.info("KV cache: %d rows x %d slots, %s", self.rows, self.context, size)
+        return cache
 
     def _wake(self) -> None:
         with self._lock:
