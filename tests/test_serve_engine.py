@@ -309,6 +309,59 @@ def test_a_failing_prefill_or_step_fails_only_its_replies(v1, clips, engine, mon
         [alone(v1, text, own, do_sample=False, max_new_tokens=5)]
 
 
+def test_a_row_whose_choice_fails_fails_alone(v1, clips, engine, monkeypatch):
+    """Choosing is per row: one row's settings that make `choose` raise (a top_p or temperature so small the
+    probabilities are NaN) fail that reply only; the row beside it gets `model.generate`'s ids."""
+    real = engine_module.choose
+
+    def choose(scores, config, generator=None):
+        if config.seed == 13:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(scores, config, generator)
+
+    monkeypatch.setattr(engine_module, "choose", choose)
+    (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
+    greedy = v1.generation_config.replace(do_sample=False, max_new_tokens=8)
+    one = engine(v1, rows=2)
+    victim = one.submit(ids_of(v1, text, own), own, greedy)
+    broken = one.submit(ids_of(v1, text2, own2), own2, greedy.replace(do_sample=True, seed=13))
+    one.start()
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        broken.wait(timeout=60)
+    assert broken.finish_reason == "error" and broken.tokens == []
+    assert victim.wait(timeout=60) == alone(v1, text, own, do_sample=False, max_new_tokens=8)
+
+
+def test_an_error_the_engine_did_not_expect_fails_its_replies_never_hangs_them(v1, engine):
+    """A seed torch refuses fails its own reply, and the engine goes on. An error outside any reply's work ends
+    the engine thread: every reply queued or running fails with it, new prompts are refused, and `running` says
+    so (the server's /health turns 503); no waiter is left hanging."""
+    one = engine(v1, rows=2)
+    one.start()
+    config = v1.generation_config.replace(max_new_tokens=3, min_new_tokens=3)
+    huge = one.submit([1, 2, 3], config=config.replace(do_sample=True, seed=2**64))
+    with pytest.raises(ValueError, match="Overflow"):
+        huge.wait(timeout=60)
+    assert one.submit(ids_of(v1, "hi", []), config=config.replace(do_sample=False)).wait(timeout=60) == \
+        alone(v1, "hi", [], do_sample=False, max_new_tokens=3, min_new_tokens=3) and one.running
+
+    def bug(*args):
+        raise KeyError("a bug in the engine")
+
+    failing = engine(v1, rows=2)
+    failing._admit = bug
+    replies = [failing.submit([1, 2, 3], config=config) for _ in range(3)]  # two rows and one queued
+    failing.start()
+    for reply in replies:
+        with pytest.raises(KeyError, match="a bug in the engine"):
+            reply.wait(timeout=60)
+        assert reply.finish_reason == "error"
+    failing._thread.join(timeout=60)
+    assert not failing.running and failing.stats().queued == 0
+    with pytest.raises(EngineClosed, match="the engine is closed"):
+        failing.submit([1, 2, 3])
+
+
 def test_close_drains_or_cancels(v1, clips, engine):
     (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
     config = v1.generation_config.replace(do_sample=False, max_new_tokens=6)

@@ -219,6 +219,11 @@ class Engine:
         elif thread is not threading.current_thread():  # an on_update may close it; the thread ends after the step
             thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive: started, and not ended by `close` or by an error."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         return EngineStats(queued=len(self._queue), active=sum(job is not None for job in self._active),
                            rows=self.rows, tokens=self._tokens, prompts=self._prompts, steps=self._steps)
@@ -265,14 +270,31 @@ class Engine:
 
     def _run(self) -> None:
         """Until closed with nothing left: at each step boundary free the cancelled rows and fill the free ones from
-        the queue, then run one step over the busy rows. Sleeps (no CPU) while there is no work."""
-        with torch.no_grad():
-            while (admitted := self._boundary()) is not None:
-                for row, job in admitted:
-                    self._admit(row, job)
-                if any(self._active):
-                    self._step()
-        self._cache = None  # the memory goes back once the engine is done
+        the queue, then run one step over the busy rows. Sleeps (no CPU) while there is no work. The work of each
+        reply fails that reply alone; an error outside it (a bug) closes the engine and fails every reply left,
+        since a thread that died quietly would leave their waiters hanging."""
+        try:
+            with torch.no_grad():
+                while (admitted := self._boundary()) is not None:
+                    for row, job in admitted:
+                        self._admit(row, job)
+                    if any(self._active):
+                        self._step()
+        except BaseException as error:
+            log.error("the engine failed and is closed: every reply left fails with this error", exc_info=error)
+            self._abandon(error)
+        finally:
+            self._cache = None  # the memory goes back once the engine is done
+
+    def _abandon(self, error: BaseException) -> None:
+        """Close the engine and fail every queued and running reply with `error`."""
+        with self._lock:
+            self._closed = True
+            left = [*self._queue, *(job for job in self._active if job is not None)]
+            self._queue, self._active = deque(), [None] * self.rows
+        for job in left:
+            if not job.reply.done:
+                self._finish(job, "error", error)
 
     def _boundary(self) -> list[tuple[int, _Job]] | None:
         """Wait for work; then drop the cancelled prompts and give queued ones the lowest free rows, (row, job) each.
@@ -301,14 +323,14 @@ class Engine:
             self._cache.valid[row] = False  # what an earlier prompt left there is not this one's
             session = Session(self._window(slice(row, row + 1), job.ids.shape[1]))
             job.logits = prefill(self.model.decoder, session, job.ids, audio=self.model.encode_audio(job.clips))
+            if job.config.seed is not None:  # torch may refuse a seed the config takes (2**64)
+                job.generator = torch.Generator(self.model.device).manual_seed(job.config.seed)
         except Exception as error:
             self._active[row] = None
             self._finish(job, "error", error)
             return
         self._bases[row] = session.rope_base[0]
         job.slot, job.seen = job.ids.shape[1], job.ids
-        if job.config.seed is not None:
-            job.generator = torch.Generator(self.model.device).manual_seed(job.config.seed)
 
     def _step(self) -> None:
         """Every busy row chooses its next id (and may finish, freeing its row), then one forward over rows[:hi]
@@ -338,20 +360,26 @@ class Engine:
 
     def _choose(self, row: int, job: _Job) -> bool:
         """Choose the row's next id from its logits as `core.generate.generate` does for a batch of one, and stop
-        the row on a stop id, a stop string or its budget. Whether it goes on."""
+        the row on a stop id, a stop string or its budget. Whether it goes on. A failure here comes from this row's
+        own settings (a top_p or temperature so small the probabilities are NaN): it fails this reply only."""
         config, reply = job.config, job.reply
-        candidates = job.logits if config.full_vocab else job.logits[:, : len(self.model.tokenizer)]
-        scores = process_logits(candidates.float(), job.seen, len(reply.tokens), config)
-        token = int(choose(scores, config, job.generator)[0])
-        if token in config.stop_token_ids:
-            reason = "stop"
-        else:
-            reply.tokens.append(token)
-            self._tokens += 1
-            job.seen = torch.cat([job.seen, job.seen.new_tensor([[token]])], dim=1)
-            stopped = bool(config.stop_strings) and stop_string_ends(self.model.tokenizer, reply.tokens,
-                                                                     config.stop_strings)
-            reason = "stop" if stopped else "length" if len(reply.tokens) == config.max_new_tokens else None
+        try:
+            candidates = job.logits if config.full_vocab else job.logits[:, : len(self.model.tokenizer)]
+            scores = process_logits(candidates.float(), job.seen, len(reply.tokens), config)
+            token = int(choose(scores, config, job.generator)[0])
+            if token in config.stop_token_ids:
+                reason = "stop"
+            else:
+                reply.tokens.append(token)
+                self._tokens += 1
+                job.seen = torch.cat([job.seen, job.seen.new_tensor([[token]])], dim=1)
+                stopped = bool(config.stop_strings) and stop_string_ends(self.model.tokenizer, reply.tokens,
+                                                                         config.stop_strings)
+                reason = "stop" if stopped else "length" if len(reply.tokens) == config.max_new_tokens else None
+        except Exception as error:
+            self._active[row] = None
+            self._finish(job, "error", error)
+            return False
         if reason is None:
             self._notify(job)
             return True
