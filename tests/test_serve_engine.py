@@ -362,6 +362,35 @@ def test_an_error_the_engine_did_not_expect_fails_its_replies_never_hangs_them(v
         failing.submit([1, 2, 3])
 
 
+def test_submit_does_no_device_work_and_a_row_keeps_no_clips(v1, clips, engine, monkeypatch):
+    """`submit` runs on the caller's thread (the server's event loop): its ids stay on the CPU until the engine
+    admits them, since a copy to a GPU would wait for the step running there. Once encoded, a row's clips are
+    dropped, not kept for the whole reply."""
+    text, own = prompts("qwen-audio", clips)[0]
+    one = engine(v1, rows=1)
+    held = []
+    with monkeypatch.context() as patched:
+        patched.setattr(type(v1), "device", property(lambda model: torch.device("meta")))
+        reply = one.submit(ids_of(v1, text, own), own, v1.generation_config.replace(do_sample=False, max_new_tokens=4),
+                           on_update=lambda r: held.append(len(one._active[0].clips) if one._active[0] else None))
+        assert one._queue[0].ids.device.type == "cpu"
+    one.start()
+    assert reply.wait(timeout=60) == alone(v1, text, own, do_sample=False, max_new_tokens=4)
+    assert held == [0, 0, 0, None]  # the last call comes once the row is freed
+
+
+def test_fit_is_the_rule_for_a_budget(v1):
+    """`fit` cuts a budget (and its floor) to the room a prompt leaves in a row, keeps one that fits, and refuses a
+    prompt that fills the row; `submit_prompts` follows it."""
+    eight = Engine(v1, rows=1, context=64)
+    config = v1.generation_config.replace(max_new_tokens=100, min_new_tokens=80)
+    assert (eight.fit(config, 60).max_new_tokens, eight.fit(config, 60).min_new_tokens) == (4, 4)
+    small = config.replace(max_new_tokens=4, min_new_tokens=1)
+    assert eight.fit(small, 60) is small
+    with pytest.raises(InputError, match="the prompt's 64 tokens fill the engine's context of 64 slots per row"):
+        eight.fit(config, 64)
+
+
 def test_close_drains_or_cancels(v1, clips, engine):
     (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
     config = v1.generation_config.replace(do_sample=False, max_new_tokens=6)
@@ -450,6 +479,9 @@ def test_serve_says_a_cache_that_does_not_fit_before_it_listens(tiny_ckpt, monke
 
     monkeypatch.setattr(engine_module, "KVCache", out_of_memory)
     monkeypatch.setattr(uvicorn.Server, "run", listen)
+    server_log = logging.getLogger("qwenaudio.serve")  # the command adds a handler on stderr (captured here)
+    monkeypatch.setattr(server_log, "handlers", list(server_log.handlers))
+    monkeypatch.setattr(server_log, "level", server_log.level)
     assert cli.main(["serve", "--model", str(tiny_ckpt), "--port", "0", "--rows", "3", "--context", "32",
                      "--device", "cpu", "--dtype", "float32"]) == 2
     assert "error: the KV cache of 3 rows x 32 slots, " in capsys.readouterr().err

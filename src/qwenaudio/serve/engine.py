@@ -89,8 +89,8 @@ class _Job:
     """A submitted prompt, and while it holds a row, where its decoding stands."""
 
     reply: Reply
-    ids: Tensor  # [1, S] the prompt
-    clips: list[Tensor]
+    ids: Tensor  # [1, S] the prompt, on the CPU until admitted (a copy to the GPU would wait for the running step)
+    clips: list[Tensor]  # dropped once encoded
     config: GenerationConfig
     on_update: Callable[[Reply], None] | None
     generator: torch.Generator | None = None  # its own draws, seeded by config.seed
@@ -154,7 +154,7 @@ class Engine:
             raise InputError(f"the prompt's {len(ids)} tokens and max_new_tokens={config.max_new_tokens} do not fit "
                              f"the engine's context of {self.context} slots per row")
         waves = [as_waveform(c, source_name(c, i), self.model.encoder.min_samples) for i, c in enumerate(clips)]
-        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)], device=self.model.device), waves, config,
+        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)]), waves, config,
                    on_update)
         with self._lock:
             if self._closed:
@@ -180,7 +180,12 @@ class Engine:
         config = self.model.generation_config.replace(**settings)
         rows = []  # a loop, not a comprehension: the warning's stacklevel counts frames
         for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), waves):
-            rows.append((ids[real].tolist(), own, self._fit(config, int(real.sum()), warn)))
+            fitted = self.fit(config, int(real.sum()))
+            if warn and fitted is not config:
+                warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {fitted.max_new_tokens}: the prompt's "
+                              f"{int(real.sum())} tokens and the new ones must fit the engine's context of "
+                              f"{self.context} slots per row", stacklevel=2)
+            rows.append((ids[real].tolist(), own, fitted))
         replies = []
         try:
             for ids, own, fitted in rows:
@@ -202,6 +207,18 @@ class Engine:
         finally:  # a failed or interrupted call leaves no rows decoding for nobody
             for reply in replies:
                 reply.cancel()
+
+    def fit(self, config: GenerationConfig, prompt_tokens: int) -> GenerationConfig:
+        """`config` as a prompt of `prompt_tokens` tokens can run in a row: max_new_tokens (and min_new_tokens) cut to
+        the room it leaves, a budget being a most; InputError when the prompt fills the row. The one rule for the
+        library's prompts and the server's."""
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise InputError(f"the prompt's {prompt_tokens} tokens fill the engine's context of {self.context} slots "
+                             "per row: shorten it, or give the engine a longer context (--context)")
+        if config.max_new_tokens <= room:
+            return config
+        return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new prompts (EngineClosed), let the queued and running ones finish (`drain`) or cancel them, and
@@ -251,20 +268,6 @@ class Engine:
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify()
-
-    def _fit(self, config: GenerationConfig, prompt: int, warn: bool) -> GenerationConfig:
-        """`config` with max_new_tokens cut (with a warning where `warn`) to the room a `prompt`-token prompt leaves in
-        a row: the one rule for every batch of prompts, the library's and the server's."""
-        room = self.context - prompt
-        if room < 1:
-            raise InputError(f"the prompt's {prompt} tokens fill the engine's context of {self.context} slots per row: "
-                             "shorten it, or give the engine a longer context (--context)")
-        if config.max_new_tokens <= room:
-            return config
-        if warn:
-            warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and "
-                          f"the new ones must fit the engine's context of {self.context} slots per row", stacklevel=3)
-        return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
     # --- the engine thread ---------------------------------------------------------------------------------------
 
@@ -321,8 +324,10 @@ class Engine:
         only."""
         try:
             self._cache.valid[row] = False  # what an earlier prompt left there is not this one's
+            job.ids = job.ids.to(self.model.device)
             session = Session(self._window(slice(row, row + 1), job.ids.shape[1]))
             job.logits = prefill(self.model.decoder, session, job.ids, audio=self.model.encode_audio(job.clips))
+            job.clips = []
             if job.config.seed is not None:  # torch may refuse a seed the config takes (2**64)
                 job.generator = torch.Generator(self.model.device).manual_seed(job.config.seed)
         except Exception as error:
