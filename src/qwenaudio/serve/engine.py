@@ -154,8 +154,7 @@ class Engine:
             raise InputError(f"the prompt's {len(ids)} tokens and max_new_tokens={config.max_new_tokens} do not fit "
                              f"the engine's context of {self.context} slots per row")
         waves = [as_waveform(c, source_name(c, i), self.model.encoder.min_samples) for i, c in enumerate(clips)]
-        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)]), waves, config,
-                   on_update)
+        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)]), waves, config, on_update)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed: it takes no new prompts")
@@ -210,8 +209,8 @@ class Engine:
 
     def fit(self, config: GenerationConfig, prompt_tokens: int) -> GenerationConfig:
         """`config` as a prompt of `prompt_tokens` tokens can run in a row: max_new_tokens (and min_new_tokens) cut to
-        the room it leaves, a budget being a most; InputError when the prompt fills the row. The one rule for the
-        library's prompts and the server's."""
+        the room it leaves, since a budget is a bound, not a promise; InputError when the prompt fills the row. The
+        one rule for the library's prompts and the server's."""
         room = self.context - prompt_tokens
         if room < 1:
             raise InputError(f"the prompt's {prompt_tokens} tokens fill the engine's context of {self.context} slots "
