@@ -6,13 +6,18 @@ at known step boundaries, whatever the timing: prompts are submitted from an `on
 calls between steps.
 """
 
+import logging
+import re
 import threading
+import warnings
 
 import pytest
+import torch
 
-from qwenaudio import GenerationConfig, InputError, load_audio
+from qwenaudio import GenerationConfig, InputError, cli, load_audio
 from qwenaudio.core.model import load_model, prompt_batch
 from qwenaudio.serve import Engine, EngineClosed, EngineStats
+from qwenaudio.serve import engine as engine_module
 
 PROMPTS = {  # (text, which clips)
     "qwen-audio": [("<audio>a.flac</audio>what do you hear?", "a"), ("<audio>b.wav</audio>", "b"),
@@ -169,6 +174,43 @@ def test_each_row_keeps_its_own_settings(model, family, clips, engine):
     assert [r.finish_reason for r in replies][1:3] == ["stop", "stop"]
 
 
+def test_submit_prompts_queues_a_batch_and_hands_back_its_replies(v1, clips, engine):
+    """`submit_prompts` takes `generate`'s arguments and returns at once, a queued `Reply` per prompt (the engine is
+    not even started); on_update follows every row; a queued reply and a running one can be cancelled, the others
+    are `model.generate`'s ids. A batch with a prompt that fills a row queues nothing; `warn=False` cuts a budget
+    silently."""
+    work = prompts("qwen-audio", clips)[:4]
+    one = engine(v1, rows=2, context=128)
+    seen = {}
+
+    def follow(reply):
+        seen.setdefault(id(reply), []).append(len(reply.tokens))
+        if reply is replies[2] and len(reply.tokens) == 2:
+            reply.cancel()
+
+    replies = one.submit_prompts([t for t, _ in work], [c for _, c in work], on_update=follow, do_sample=False,
+                                 max_new_tokens=6, min_new_tokens=6)
+    assert [r.prompt_tokens for r in replies] == [len(ids_of(v1, t, c)) for t, c in work]
+    assert not any(r.done for r in replies) and one.stats().queued == 4
+    replies[1].cancel()
+    one.start()
+    ids = [r.wait(timeout=60) for r in replies]
+    settings = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert ids[0] == alone(v1, *work[0], **settings) and ids[3] == alone(v1, *work[3], **settings)
+    assert (ids[1], ids[2]) == ([], alone(v1, *work[2], **settings)[:2])
+    assert [r.finish_reason for r in replies] == ["length", "cancelled", "cancelled", "length"]
+    assert [seen.get(id(r)) for r in replies] == [[1, 2, 3, 4, 5, 6], [0], [1, 2, 2], [1, 2, 3, 4, 5, 6]]
+
+    with pytest.raises(InputError, match="the prompt's 161 tokens fill the engine's context of 128 slots per row: "
+                                         r"shorten it, or give the engine a longer context \(--context\)"):
+        one.submit_prompts(["hello", "the sea " * 80], max_new_tokens=8)
+    assert one.stats().queued == 0 and one.stats().prompts == 4  # the good prompt before it was not queued
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut, = one.submit_prompts(["hello"], warn=False, do_sample=False, max_new_tokens=1000, min_new_tokens=1000)
+        assert len(cut.wait(timeout=60)) == 127 and cut.finish_reason == "length"
+
+
 # --- cancelling, callbacks, failures, closing -----------------------------------------------------------------------
 
 def test_cancelled_prompts_free_their_rows(v1, clips, engine):
@@ -267,6 +309,88 @@ def test_a_failing_prefill_or_step_fails_only_its_replies(v1, clips, engine, mon
         [alone(v1, text, own, do_sample=False, max_new_tokens=5)]
 
 
+def test_a_row_whose_choice_fails_fails_alone(v1, clips, engine, monkeypatch):
+    """Choosing is per row: one row's settings that make `choose` raise (a top_p or temperature so small the
+    probabilities are NaN) fail that reply only; the row beside it gets `model.generate`'s ids."""
+    real = engine_module.choose
+
+    def choose(scores, config, generator=None):
+        if config.seed == 13:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(scores, config, generator)
+
+    monkeypatch.setattr(engine_module, "choose", choose)
+    (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
+    greedy = v1.generation_config.replace(do_sample=False, max_new_tokens=8)
+    one = engine(v1, rows=2)
+    victim = one.submit(ids_of(v1, text, own), own, greedy)
+    broken = one.submit(ids_of(v1, text2, own2), own2, greedy.replace(do_sample=True, seed=13))
+    one.start()
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        broken.wait(timeout=60)
+    assert broken.finish_reason == "error" and broken.tokens == []
+    assert victim.wait(timeout=60) == alone(v1, text, own, do_sample=False, max_new_tokens=8)
+
+
+def test_an_error_the_engine_did_not_expect_fails_its_replies_never_hangs_them(v1, engine):
+    """A seed torch refuses fails its own reply, and the engine goes on. An error outside any reply's work ends
+    the engine thread: every reply queued or running fails with it, new prompts are refused, and `running` says
+    so (the server's /health turns 503); no waiter is left hanging."""
+    one = engine(v1, rows=2)
+    one.start()
+    config = v1.generation_config.replace(max_new_tokens=3, min_new_tokens=3)
+    huge = one.submit([1, 2, 3], config=config.replace(do_sample=True, seed=2**64))
+    with pytest.raises(ValueError, match="Overflow"):
+        huge.wait(timeout=60)
+    assert one.submit(ids_of(v1, "hi", []), config=config.replace(do_sample=False)).wait(timeout=60) == \
+        alone(v1, "hi", [], do_sample=False, max_new_tokens=3, min_new_tokens=3) and one.running
+
+    def bug(*args):
+        raise KeyError("a bug in the engine")
+
+    failing = engine(v1, rows=2)
+    failing._admit = bug
+    replies = [failing.submit([1, 2, 3], config=config) for _ in range(3)]  # two rows and one queued
+    failing.start()
+    for reply in replies:
+        with pytest.raises(KeyError, match="a bug in the engine"):
+            reply.wait(timeout=60)
+        assert reply.finish_reason == "error"
+    failing._thread.join(timeout=60)
+    assert not failing.running and failing.stats().queued == 0
+    with pytest.raises(EngineClosed, match="the engine is closed"):
+        failing.submit([1, 2, 3])
+
+
+def test_submit_does_no_device_work_and_a_row_keeps_no_clips(v1, clips, engine, monkeypatch):
+    """`submit` runs on the caller's thread (the server's event loop): its ids stay on the CPU until the engine
+    admits them, since a copy to a GPU would wait for the step running there. Once encoded, a row's clips are
+    dropped, not kept for the whole reply."""
+    text, own = prompts("qwen-audio", clips)[0]
+    one = engine(v1, rows=1)
+    held = []
+    with monkeypatch.context() as patched:
+        patched.setattr(type(v1), "device", property(lambda model: torch.device("meta")))
+        reply = one.submit(ids_of(v1, text, own), own, v1.generation_config.replace(do_sample=False, max_new_tokens=4),
+                           on_update=lambda r: held.append(len(one._active[0].clips) if one._active[0] else None))
+        assert one._queue[0].ids.device.type == "cpu"
+    one.start()
+    assert reply.wait(timeout=60) == alone(v1, text, own, do_sample=False, max_new_tokens=4)
+    assert held == [0, 0, 0, None]  # the last call comes once the row is freed
+
+
+def test_fit_is_the_rule_for_a_budget(v1):
+    """`fit` cuts a budget (and its floor) to the room a prompt leaves in a row, keeps one that fits, and refuses a
+    prompt that fills the row; `submit_prompts` follows it."""
+    eight = Engine(v1, rows=1, context=64)
+    config = v1.generation_config.replace(max_new_tokens=100, min_new_tokens=80)
+    assert (eight.fit(config, 60).max_new_tokens, eight.fit(config, 60).min_new_tokens) == (4, 4)
+    small = config.replace(max_new_tokens=4, min_new_tokens=1)
+    assert eight.fit(small, 60) is small
+    with pytest.raises(InputError, match="the prompt's 64 tokens fill the engine's context of 64 slots per row"):
+        eight.fit(config, 64)
+
+
 def test_close_drains_or_cancels(v1, clips, engine):
     (text, own), (text2, own2) = prompts("qwen-audio", clips)[:2]
     config = v1.generation_config.replace(do_sample=False, max_new_tokens=6)
@@ -300,3 +424,64 @@ def test_stats_and_a_never_started_engine(v1):
     assert (reply.done, reply.finish_reason, idle.stats().prompts) == (True, "cancelled", 1)
     with pytest.raises(TimeoutError, match="the reply is not done after 0.01 s"):
         Engine(v1).submit([1, 2, 3]).wait(timeout=0.01)
+
+
+# --- the KV cache's memory ------------------------------------------------------------------------------------------
+
+def test_start_logs_the_cache_size_and_says_one_that_does_not_fit(v1, engine, monkeypatch, caplog):
+    """start() logs the size of what it allocated; an allocation that fails (CUDA's OutOfMemoryError, the CPU
+    allocator's RuntimeError) is an InputError naming the size and the options, and the engine can start later.
+    Another RuntimeError is not dressed as memory."""
+    fits = engine(v1, rows=2, context=64)
+    with caplog.at_level(logging.INFO, logger="qwenaudio.serve"):
+        fits.start()
+    cache = fits._cache
+    allocated = sum(t.nelement() * t.element_size() for t in [*cache.k, *cache.v])
+    assert [r.getMessage() for r in caplog.records] == [f"KV cache: 2 rows x 64 slots, {allocated / 2**30:.3g} GiB "
+                                                        "(float32 on cpu)"]
+    big = f"{allocated * 8 / 2**30:.3g} GiB"  # 8 rows x 128 slots: 8 times 2 x 64
+
+    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 40000000000000 bytes. Error code 12")]
+    for failure in failures:
+        def fail(*args, failure=failure):
+            raise failure
+
+        monkeypatch.setattr(engine_module, "KVCache", fail)
+        refused = engine(v1, rows=8, context=128)
+        with pytest.raises(InputError, match=re.escape(f"the KV cache of 8 rows x 128 slots, {big} (float32 on cpu), "
+                                                       "does not fit in memory: give fewer rows (--rows) or a shorter "
+                                                       "context (--context)")):
+            refused.start()
+        assert refused._thread is None
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine_module, "KVCache", broken)
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access was encountered$"):
+        engine(v1, rows=2).start()
+    monkeypatch.undo()
+    assert refused.generate(["hi"], do_sample=False, max_new_tokens=3) == \
+        [alone(v1, "hi", [], do_sample=False, max_new_tokens=3)]
+
+
+def test_serve_says_a_cache_that_does_not_fit_before_it_listens(tiny_ckpt, monkeypatch, capsys):
+    """`qwenaudio serve` allocates the cache before uvicorn starts: one that does not fit is an `error:` line and
+    exit status 2, and nothing listens."""
+    uvicorn = pytest.importorskip("uvicorn")
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def listen(self):
+        raise AssertionError("the server started listening")
+
+    monkeypatch.setattr(engine_module, "KVCache", out_of_memory)
+    monkeypatch.setattr(uvicorn.Server, "run", listen)
+    server_log = logging.getLogger("qwenaudio.serve")  # the command adds a handler on stderr (captured here)
+    monkeypatch.setattr(server_log, "handlers", list(server_log.handlers))
+    monkeypatch.setattr(server_log, "level", server_log.level)
+    assert cli.main(["serve", "--model", str(tiny_ckpt), "--port", "0", "--rows", "3", "--context", "32",
+                     "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "error: the KV cache of 3 rows x 32 slots, " in capsys.readouterr().err

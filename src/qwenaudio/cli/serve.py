@@ -38,6 +38,7 @@ class ServePlan(Plan):
     context: int | None
     max_pending: int | None
     max_upload_mb: float
+    max_audio_seconds: float
     request_timeout: float | None
     allow_remote_audio: bool
     max_new_tokens: int | None
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests admitted at once, running or queued; more get 429; default 4 x --rows")
     parser.add_argument("--max-upload-mb", type=_positive_number, default=25.0, metavar="MB",
                         help="the largest request body (an upload, a chat with inline clips); default 25")
+    parser.add_argument("--max-audio-seconds", type=_positive_number, default=3600.0, metavar="SECONDS",
+                        help="the longest clip taken, an upload or a chat clip (decoded, 64 KB a second: the upload "
+                             "limit bounds compressed bytes only); default 3600")
     parser.add_argument("--request-timeout", type=_positive_number, metavar="SECONDS",
                         help="cancel a request still running after this long (504); default none")
     parser.add_argument("--allow-remote-audio", action="store_true",
@@ -119,10 +123,11 @@ def run(model: QwenAudio, plan: ServePlan) -> int:
         logging.getLogger("qwenaudio.serve").warning(
             "serving on %s without an API key: anyone who can reach the port can use the model", plan.host)
     engine = Engine(model, rows=plan.rows, context=plan.context)
+    engine.start()  # the KV cache now: one that does not fit is an `error:` line, before anything listens
     app = create_app(engine, served_model_name=plan.served_model_name, api_key=plan.api_key,
                      max_upload_bytes=int(plan.max_upload_mb * 1024 * 1024), max_pending=plan.max_pending,
                      request_timeout=plan.request_timeout, allow_remote_audio=plan.allow_remote_audio,
-                     max_new_tokens=plan.max_new_tokens)
+                     max_new_tokens=plan.max_new_tokens, max_audio_seconds=plan.max_audio_seconds)
     server = uvicorn.Server(uvicorn.Config(app, host=plan.host, port=plan.port, access_log=False, log_level="info",
                                            lifespan="on"))
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # what uvicorn re-raises after draining

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import soundfile as sf
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -42,9 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import tasks
 from ..chat import DEFAULT_SYSTEM, Chat
 from ..core.audio import N_SAMPLES, SAMPLE_RATE, as_waveform
-from ..core.errors import AudioError, InputError, QwenAudioError
+from ..core.errors import AudioError, QwenAudioError
 from ..core.generate import cut_at_stop
-from ..core.model import prompt_batch
 from . import protocol
 from .engine import Engine, EngineClosed, Reply
 from .protocol import ApiError
@@ -53,7 +54,8 @@ log = logging.getLogger("qwenaudio.serve")
 access_log = logging.getLogger("qwenaudio.serve.access")
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's and vLLM's cap on an upload
-REMOTE_TIMEOUT = 10.0  # seconds to fetch a remote audio_url, where the operator allows them
+MAX_AUDIO_SECONDS = 3600.0  # the longest clip taken, decoded: an hour is 230 MB of samples
+REMOTE_TIMEOUT = 10.0  # seconds to fetch a remote audio_url's body, where the operator allows them
 RETRY_AFTER = "1"  # seconds a refused client is told to wait: a slot frees as soon as any request finishes
 FORM_LIMITS = {"max_files": 1, "max_fields": 16, "max_part_size": 64 * 1024}
 
@@ -61,15 +63,16 @@ FORM_LIMITS = {"max_files": 1, "max_fields": 16, "max_part_size": 64 * 1024}
 def create_app(engine: Engine, *, served_model_name: str, api_key: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: int | None = None,
                request_timeout: float | None = None, allow_remote_audio: bool = False,
-               max_new_tokens: int | None = None) -> FastAPI:
+               max_new_tokens: int | None = None, max_audio_seconds: float = MAX_AUDIO_SECONDS) -> FastAPI:
     """The app serving `engine`'s model as `served_model_name`. `api_key`: the Bearer token every /v1 request
     must carry (None: no key; /health and /metrics are always open); `max_pending`: requests admitted at once
     (default 4 x the engine's rows), more get 429; `request_timeout`: seconds before a request is cancelled (504);
-    `max_new_tokens`: the default budget of a reply (None: the task's own, or the checkpoint's for chat). The
+    `max_new_tokens`: the default budget of a reply (None: the task's own, or the checkpoint's for chat);
+    `max_audio_seconds`: the longest clip taken (an upload or a chat clip: decoded, it takes 64 KB a second). The
     engine is started with the app and not closed by it: its owner closes it (`qwenaudio serve` drains it on
     SIGTERM)."""
     server = _Server(engine, served_model_name, api_key, max_pending or 4 * engine.rows, request_timeout,
-                     allow_remote_audio, max_new_tokens, max_upload_bytes)
+                     allow_remote_audio, max_new_tokens, max_upload_bytes, max_audio_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,11 +122,7 @@ class _Rows:
                on_update: Callable[[Reply], None] | None = None) -> Reply:
         if self.cancelled:
             raise _Cancelled
-        reply = self.engine.submit(ids, clips, config, partial(self._update, on_update))
-        self.replies.append(reply)
-        if self.cancelled:  # cancelled while submitting (from the event loop)
-            reply.cancel()
-        return reply
+        return self._keep([self.engine.submit(ids, clips, config, partial(self._update, on_update))])[0]
 
     def _update(self, on_update: Callable[[Reply], None] | None, reply: Reply) -> None:
         if self.first_token is None and reply.tokens:
@@ -133,24 +132,24 @@ class _Rows:
 
     def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[torch.Tensor]], *,
                  on_update: Callable[[Reply], None] | None = None, **settings) -> list[list[int]]:
-        """`Engine.generate` (the `generate=` of `tasks.perform`), through `submit`: each prompt a row of its own,
-        its budget cut to the room it leaves in a row; `on_update` follows every row."""
-        model = self.engine.model
-        config = model.generation_config.replace(**settings)
-        batch = prompt_batch(model.tokenizer, list(prompts), clips, model.encoder.span_length)
-        replies = []
-        for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), clips):
-            room = self.engine.context - int(real.sum())
-            if room < 1:
-                raise InputError(f"the prompt's {int(real.sum())} tokens fill the server's context of "
-                                 f"{self.engine.context} tokens (--context)")
-            fitted = config.replace(max_new_tokens=min(config.max_new_tokens, room),
-                                    min_new_tokens=min(config.min_new_tokens, room))
-            replies.append(self.submit(ids[real].tolist(), own, fitted, on_update))
+        """`Engine.generate` (the `generate=` of `tasks.perform`) with its replies kept: `Engine.submit_prompts`,
+        then wait for them; `on_update` follows every row. A budget past a row's room is cut without a warning: it is
+        the task's or the operator's default, no client's choice, and a warning per request would only fill the log."""
+        if self.cancelled:
+            raise _Cancelled
+        replies = self._keep(self.engine.submit_prompts(prompts, clips, on_update=partial(self._update, on_update),
+                                                        warn=False, **settings))
         out = [reply.wait() for reply in replies]
         if self.cancelled:
             raise _Cancelled
         return out
+
+    def _keep(self, replies: list[Reply]) -> list[Reply]:
+        self.replies.extend(replies)
+        if self.cancelled:  # cancelled while submitting (from the event loop)
+            for reply in replies:
+                reply.cancel()
+        return replies
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -160,6 +159,31 @@ class _Rows:
     def usage(self) -> tuple[int, int]:
         """(prompt tokens, tokens made) over every row."""
         return sum(r.prompt_tokens for r in self.replies), sum(len(r.tokens) for r in self.replies)
+
+
+class _Updates:
+    """A stream's `on_update`: the engine thread's news of a reply handed to the event loop, coalesced. A step only
+    raises a flag (one wake-up pending at most, however many steps pass while the stream waits on a slow client) and
+    the stream reads the reply as it stands when it wakes: nothing queues, and the text is decoded once a wake-up, not
+    once a token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.event, self.scheduled = loop, asyncio.Event(), False
+        self.reply: Reply | None = None  # the latest reply that grew
+
+    def __call__(self, reply: Reply) -> None:  # on the engine thread
+        self.reply = reply
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.wake)
+
+    def wake(self) -> None:  # on the event loop
+        self.scheduled = False
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+        self.event.clear()
 
 
 @dataclass(eq=False)
@@ -174,6 +198,7 @@ class _Server:
     allow_remote_audio: bool
     max_new_tokens: int | None
     max_upload_bytes: int
+    max_audio_seconds: float
 
     def __post_init__(self) -> None:
         self.model, self.pending, self.started = self.engine.model, 0, int(time.time())
@@ -217,13 +242,24 @@ class _Server:
                 released, self.pending = True, self.pending - 1
         return release
 
-    async def work(self, function: Callable[[], Any]) -> Any:
-        """`function()` on a request's worker thread (model-side work that blocks: decoding audio, perform)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function)
+    async def work(self, request: Request, function: Callable[[], Any]) -> Any:
+        """`function()` on a request's worker thread (work that blocks: decoding audio, fetching it, building a
+        prompt), within the request's time limit (504; the thread finishes on its own, nothing waits for it)."""
+        done = asyncio.get_running_loop().run_in_executor(self.executor, function)
+        try:
+            await asyncio.wait([done], timeout=self.time_left(request))
+            if not done.done():
+                raise self.timed_out()
+            return done.result()
+        finally:
+            done.add_done_callback(_retrieved)
 
     # ------------------------------------------------------------------------------------------- routes
 
     async def health(self) -> dict:
+        """ok while the engine runs; 503 once it has stopped (a load balancer then sends requests elsewhere)."""
+        if not self.engine.running:
+            raise ApiError(503, "the model's engine is not running (the server's log says why)")
         return {"status": "ok"}
 
     async def metrics(self) -> Response:
@@ -245,15 +281,16 @@ class _Server:
             if kind != "multipart/form-data":
                 raise ApiError(400, "this endpoint reads a multipart/form-data body (curl -F file=@clip.wav), got "
                                     f"{kind or 'none'}")
-            form = await request.form(**FORM_LIMITS)
-            fields = {name: form.getlist(name) for name in form.keys()}
-            asked = protocol.parse_audio_request(fields, family=self.model.family, served=self.name,
-                                                 translation=translation)
-            upload = fields["file"][0]
-            data = await upload.read()
+            async with request.form(**FORM_LIMITS) as form:  # its spooled files closed once read
+                fields = {name: form.getlist(name) for name in form.keys()}
+                asked = protocol.parse_audio_request(fields, family=self.model.family, served=self.name,
+                                                     translation=translation)
+                upload = fields["file"][0]
+                data = await upload.read()
             if not data:
                 raise ApiError(400, f"the uploaded file {upload.filename!r} is empty", param="file")
-            wave = await self.work(partial(_decode, data, upload.filename or "file", self.model.encoder.min_samples))
+            wave = await self.work(request, partial(_decode, data, upload.filename or "file",
+                                                    self.model.encoder.min_samples, self.max_audio_seconds))
             rows = _Rows(self.engine)
             if asked.stream:
                 events = self.transcript_events(request, asked, wave, rows, release)
@@ -283,24 +320,24 @@ class _Server:
         """transcript.text.delta events as the text grows, then transcript.text.done with the whole text (the
         non-streaming answer's). A clip of up to 30 s streams token by token (the transcript read so far as
         `tasks.reply_text` reads it); a longer recording or an analysis comes as one delta when done."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        updates = _Updates(loop)
         prompt = tasks.task_prompt(self.model.family, asked.task, language=asked.language,
                                    target_language=asked.target_language)
         by_token = len(wave) <= N_SAMPLES and asked.task in ("transcribe", "translate")
-
-        def on_update(reply: Reply) -> None:
-            loop.call_soon_threadsafe(updates.put_nowait, list(reply.tokens))
-
         done = loop.run_in_executor(self.executor, partial(self.perform, asked, wave, rows,
-                                                           on_update if by_token else None))
-        done.add_done_callback(lambda _: updates.put_nowait(None))
+                                                           updates if by_token else None))
+        done.add_done_callback(lambda _: updates.wake())
         deltas = protocol.Deltas()
         try:
-            async with asyncio.timeout(self.request_timeout):
-                while (tokens := await updates.get()) is not None:
-                    piece = deltas.piece(tasks.reply_text(self.model, prompt, tokens, partial=True))
-                    if piece:
-                        yield protocol.transcript_delta(piece)
+            async with asyncio.timeout(self.time_left(request)):
+                while not done.done():
+                    await updates.wait()
+                    if updates.reply is not None and not done.done():
+                        text = tasks.reply_text(self.model, prompt, list(updates.reply.tokens), partial=True)
+                        piece = deltas.piece(text)
+                        if piece:
+                            yield protocol.transcript_delta(piece)
                 result = await done
             piece = deltas.piece(result.text, final=True)
             if piece:
@@ -321,17 +358,15 @@ class _Server:
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise ApiError(400, "the body is not valid JSON: it is nested too deeply to read") from None
             asked = protocol.parse_chat(body, family=self.model.family, served=self.name,
                                         context=self.engine.context)
-            ids, clips, config = await self.work(partial(self.chat_prompt, asked))
+            ids, clips, config = await self.work(request, partial(self.chat_prompt, asked))
             rows, id_ = _Rows(self.engine), protocol.completion_id()
             if asked.stream:
-                loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-
-                def on_update(reply: Reply) -> None:
-                    loop.call_soon_threadsafe(updates.put_nowait, (list(reply.tokens), reply.done))
-
-                reply = rows.submit(ids, clips, config, on_update)  # refused here: a status, not an event
+                updates = _Updates(asyncio.get_running_loop())
+                reply = rows.submit(ids, clips, config, updates)  # refused here: a status, not an event
                 events = self.chat_events(request, asked, config, rows, reply, updates, id_, release)
                 release = None  # the stream counts itself out when it ends
                 return _stream(events)
@@ -348,7 +383,8 @@ class _Server:
     def chat_prompt(self, asked: protocol.ChatRequest) -> tuple[list[int], list[torch.Tensor], Any]:
         """(ids, clips, settings) of a chat request (on a worker thread): its clips decoded, the conversation as
         `chat.Chat` renders it, the budget the room in a row allows."""
-        waves = {clip.name: _decode(self.clip_bytes(clip), clip.where, self.model.encoder.min_samples)
+        waves = {clip.name: _decode(self.clip_bytes(clip), clip.where, self.model.encoder.min_samples,
+                                    self.max_audio_seconds)
                  for clip in asked.clips}
         system = DEFAULT_SYSTEM if asked.system is None else asked.system
         conversation = Chat(self.model, system, asked.history, clips=waves)
@@ -362,11 +398,12 @@ class _Server:
                                 f"{self.engine.context} tokens: shorten it", param="messages")
         default = self.max_new_tokens or self.model.generation_config.max_new_tokens
         config = self.model.generation_config.replace(
-            stop_token_ids=conversation.stop_token_ids, max_new_tokens=asked.max_tokens or min(default, room),
+            stop_token_ids=conversation.stop_token_ids, max_new_tokens=asked.max_tokens or default,
             **asked.generation())
         if config.min_new_tokens > config.max_new_tokens:
             config = config.replace(min_new_tokens=config.max_new_tokens)
-        return rendered.ids, [conversation.clip(name) for name in rendered.clips], config
+        fitted = self.engine.fit(config, len(rendered.ids))  # a default budget cut to the room (max_tokens fits)
+        return rendered.ids, [conversation.clip(name) for name in rendered.clips], fitted
 
     def clip_bytes(self, clip: protocol.Clip) -> bytes:
         """A chat clip's file: sent inline, or fetched where the operator allows remote URLs (capped in size and
@@ -377,20 +414,25 @@ class _Server:
             raise ApiError(400, f"{clip.where}: remote audio URLs are disabled on this server (the operator enables "
                                 "them with --allow-remote-audio): send the clip inline, as input_audio or a data: URL",
                            param=clip.where)
+        deadline = time.monotonic() + REMOTE_TIMEOUT
         try:
             with _FETCH.open(clip.url, timeout=REMOTE_TIMEOUT) as remote:
-                data = remote.read(self.max_upload_bytes + 1)
+                data = bytearray()  # read as it comes, so that a server sending a byte at a time meets the deadline
+                while len(data) <= self.max_upload_bytes and (chunk := remote.read1(64 * 1024)):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"it took longer than {REMOTE_TIMEOUT:g} s")
+                    data += chunk
         except OSError as e:
             raise ApiError(400, f"{clip.where}: could not fetch {clip.url}: {e}", param=clip.where) from None
         if len(data) > self.max_upload_bytes:
             raise ApiError(400, f"{clip.where}: {clip.url} is larger than the server's upload limit of "
                                 f"{self.max_upload_bytes} bytes", param=clip.where)
-        return data
+        return bytes(data)
 
     async def chat_events(self, request: Request, asked: protocol.ChatRequest, config, rows: _Rows, reply: Reply,
-                          updates: asyncio.Queue, id_: str, release: Callable[[], None]) -> AsyncIterator[dict | str]:
+                          updates: _Updates, id_: str, release: Callable[[], None]) -> AsyncIterator[dict | str]:
         """chat.completion.chunk events: the role, the text as it grows, the finish reason, the usage if asked,
-        then [DONE]. `updates` get (tokens, done) from the engine thread."""
+        then [DONE]. `updates` wakes the stream when the reply has grown."""
         deltas = protocol.Deltas(config.stop_strings)
 
         def text(tokens: list[int]) -> str:
@@ -398,9 +440,10 @@ class _Server:
 
         try:
             yield protocol.chat_chunk(id_, self.name, {"role": "assistant", "content": ""})
-            async with asyncio.timeout(self.request_timeout):
-                while not (update := await updates.get())[1]:
-                    piece = deltas.piece(text(update[0]))
+            async with asyncio.timeout(self.time_left(request)):
+                while not reply.done:
+                    await updates.wait()
+                    piece = "" if reply.done else deltas.piece(text(list(reply.tokens)))
                     if piece:
                         yield protocol.chat_chunk(id_, self.name, {"content": piece})
             if reply.error is not None:
@@ -437,7 +480,7 @@ class _Server:
         done = loop.run_in_executor(self.executor, function)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async with asyncio.timeout(self.request_timeout):
+            async with asyncio.timeout(self.time_left(request)):
                 await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
             if done.done():
                 return done.result()
@@ -448,6 +491,13 @@ class _Server:
             gone.cancel()
             rows.cancel()  # nothing left to stop once done
             done.add_done_callback(_retrieved)
+
+    def time_left(self, request: Request) -> float | None:
+        """Seconds left of the request's time limit, counted from its start (None: no limit): one limit for all it
+        does, from reading its audio to its last token."""
+        if self.request_timeout is None:
+            return None
+        return self.request_timeout - (time.monotonic() - request.state.start)
 
     def timed_out(self) -> ApiError:
         return ApiError(504, f"the request took longer than the server's limit of {self.request_timeout:g} s "
@@ -478,12 +528,24 @@ def _submit_and_wait(rows: _Rows, ids: list[int], clips: list[torch.Tensor], con
     return reply
 
 
-def _decode(data: bytes, name: str, min_samples: int) -> torch.Tensor:
-    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload (the loader calls bytes <bytes>)."""
+def _decode(data: bytes, name: str, min_samples: int, max_seconds: float) -> torch.Tensor:
+    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload (the loader calls bytes <bytes>).
+    One longer than `max_seconds` is refused from its header, before it is decoded: the upload limit bounds the
+    compressed bytes only, and 25 MB of FLAC silence holds days of audio, tens of GB of samples."""
     try:
-        return as_waveform(data, name, min_samples)
-    except AudioError as e:
-        raise AudioError(str(e).replace("<bytes>", name, 1)) from None
+        seconds = sf.info(io.BytesIO(data)).duration
+    except (sf.SoundFileError, RuntimeError):  # not a file soundfile reads: the loader says so below
+        seconds = 0.0
+    if seconds <= max_seconds:
+        try:
+            wave = as_waveform(data, name, min_samples)
+        except AudioError as e:
+            raise AudioError(str(e).replace("<bytes>", name, 1)) from None
+        seconds = len(wave) / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise AudioError(f"{name}: {seconds:.1f} s of audio, longer than the server takes ({max_seconds:g} s, "
+                         "--max-audio-seconds)")
+    return wave
 
 
 async def _disconnected(request: Request) -> None:

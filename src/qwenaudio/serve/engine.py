@@ -89,8 +89,8 @@ class _Job:
     """A submitted prompt, and while it holds a row, where its decoding stands."""
 
     reply: Reply
-    ids: Tensor  # [1, S] the prompt
-    clips: list[Tensor]
+    ids: Tensor  # [1, S] the prompt, on the CPU until admitted (a copy to the GPU would wait for the running step)
+    clips: list[Tensor]  # dropped once encoded
     config: GenerationConfig
     on_update: Callable[[Reply], None] | None
     generator: torch.Generator | None = None  # its own draws, seeded by config.seed
@@ -124,12 +124,13 @@ class Engine:
     # --- any thread --------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Allocate the cache and start the engine thread (a daemon); a second call does nothing."""
+        """Allocate the cache and start the engine thread (a daemon); a second call does nothing. A cache the memory
+        cannot hold is an InputError naming its size, before anything runs."""
         with self._lock:
             if self._thread is not None or self._closed:
                 return
             decoder, device = self.model.decoder, self.model.device
-            self._cache = KVCache(decoder.config, self.rows, self.context, decoder.embedding.weight.dtype, device)
+            self._cache = self._allocate(decoder.embedding.weight.dtype, device)
             self._bases = decoder.rope_base(torch.ones(self.rows, 1, dtype=torch.bool, device=device))
             self._thread = threading.Thread(target=self._run, name="qwenaudio-engine", daemon=True)
             self._thread.start()
@@ -153,8 +154,7 @@ class Engine:
             raise InputError(f"the prompt's {len(ids)} tokens and max_new_tokens={config.max_new_tokens} do not fit "
                              f"the engine's context of {self.context} slots per row")
         waves = [as_waveform(c, source_name(c, i), self.model.encoder.min_samples) for i, c in enumerate(clips)]
-        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)], device=self.model.device), waves, config,
-                   on_update)
+        job = _Job(Reply(len(ids), self._wake), torch.tensor([list(ids)]), waves, config, on_update)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed: it takes no new prompts")
@@ -162,11 +162,14 @@ class Engine:
             self._lock.notify()
         return job.reply
 
-    def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
-                 **settings) -> list[list[int]]:
-        """`QwenAudio.generate` through the engine (its arguments, checks and result; it starts the engine): each
-        prompt is a row of its own, so the windows of a long recording decode beside other clients' prompts. A
-        max_new_tokens past the room a prompt leaves in a row is cut to it, with a warning."""
+    def submit_prompts(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
+                       *, on_update: Callable[[Reply], None] | None = None, warn: bool = True,
+                       **settings) -> list[Reply]:
+        """Queue a batch of `QwenAudio.generate`'s prompts (its arguments and checks) without waiting: each prompt a
+        row of its own, so the windows of a long recording decode beside other clients' prompts; a `Reply` each.
+        A max_new_tokens past the room a prompt leaves in a row is cut to it (with a warning where `warn`: a server,
+        whose budgets are defaults no client chose, passes False). Every prompt is checked before any is queued;
+        a submission that fails part-way cancels what it queued. They run once the engine is started."""
         expect(prompts, (list, tuple), "prompts", "a list of str (texts with <audio>PATH</audio> regions)")
         clips = [[] for _ in prompts] if clips is None else clips
         numbered = iter(range(sum(len(own) for own in clips)))
@@ -174,15 +177,47 @@ class Engine:
         waves = [[as_waveform(c, source_name(c, next(numbered)), min_samples) for c in own] for own in clips]
         batch = prompt_batch(self.model.tokenizer, prompts, waves, self.model.encoder.span_length)
         config = self.model.generation_config.replace(**settings)
-        self.start()
+        rows = []  # a loop, not a comprehension: the warning's stacklevel counts frames
+        for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), waves):
+            fitted = self.fit(config, int(real.sum()))
+            if warn and fitted is not config:
+                warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {fitted.max_new_tokens}: the prompt's "
+                              f"{int(real.sum())} tokens and the new ones must fit the engine's context of "
+                              f"{self.context} slots per row", stacklevel=2)
+            rows.append((ids[real].tolist(), own, fitted))
         replies = []
         try:
-            for ids, real, own in zip(batch.input_ids, batch.attention_mask.bool(), waves):
-                replies.append(self.submit(ids[real].tolist(), own, self._fit(config, int(real.sum()))))
+            for ids, own, fitted in rows:
+                replies.append(self.submit(ids, own, fitted, on_update))
+        except BaseException:  # closed, or interrupted, part-way: nothing queued for nobody
+            for reply in replies:
+                reply.cancel()
+            raise
+        return replies
+
+    def generate(self, prompts: Sequence[str], clips: Sequence[Sequence[Tensor | AudioSource]] | None = None,
+                 **settings) -> list[list[int]]:
+        """`QwenAudio.generate` through the engine (its arguments, checks and result; it starts the engine):
+        `submit_prompts`, then wait for every reply."""
+        self.start()
+        replies = self.submit_prompts(prompts, clips, **settings)
+        try:
             return [reply.wait() for reply in replies]
         finally:  # a failed or interrupted call leaves no rows decoding for nobody
             for reply in replies:
                 reply.cancel()
+
+    def fit(self, config: GenerationConfig, prompt_tokens: int) -> GenerationConfig:
+        """`config` as a prompt of `prompt_tokens` tokens can run in a row: max_new_tokens (and min_new_tokens) cut to
+        the room it leaves, since a budget is a bound, not a promise; InputError when the prompt fills the row. The
+        one rule for the library's prompts and the server's."""
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise InputError(f"the prompt's {prompt_tokens} tokens fill the engine's context of {self.context} slots "
+                             "per row: shorten it, or give the engine a longer context (--context)")
+        if config.max_new_tokens <= room:
+            return config
+        return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new prompts (EngineClosed), let the queued and running ones finish (`drain`) or cancel them, and
@@ -200,38 +235,68 @@ class Engine:
         elif thread is not threading.current_thread():  # an on_update may close it; the thread ends after the step
             thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive: started, and not ended by `close` or by an error."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         return EngineStats(queued=len(self._queue), active=sum(job is not None for job in self._active),
                            rows=self.rows, tokens=self._tokens, prompts=self._prompts, steps=self._steps)
+
+    def _allocate(self, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """The rows x context cache, its size logged; one that does not fit is said in the options that size it. The
+        InputError is raised outside the `except`, so that the allocator's error, and through its traceback what was
+        allocated before it, is freed first (a caller may retry with fewer rows)."""
+        config = self.model.decoder.config
+        per_slot = 2 * config.num_hidden_layers * config.num_attention_heads * config.kv_channels * dtype.itemsize
+        gib = self.rows * self.context * per_slot / 2**30
+        size = f"{gib:.3g} GiB ({str(dtype).removeprefix('torch.')} on {device})"
+        try:
+            cache = KVCache(config, self.rows, self.context, dtype, device)
+        except RuntimeError as error:  # torch.OutOfMemoryError on CUDA; the CPU allocator's is a plain RuntimeError
+            if not (isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error)):
+                raise
+            cache = None
+        if cache is None:
+            raise InputError(f"the KV cache of {self.rows} rows x {self.context} slots, {size}, does not fit in "
+                             "memory: give fewer rows (--rows) or a shorter context (--context)")
+        log.info("KV cache: %d rows x %d slots, %s", self.rows, self.context, size)
+        return cache
 
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify()
 
-    def _fit(self, config: GenerationConfig, prompt: int) -> GenerationConfig:
-        """`config` with max_new_tokens cut (with a warning) to the room a `prompt`-token prompt leaves in a row."""
-        room = self.context - prompt
-        if room < 1:
-            raise InputError(f"the prompt's {prompt} tokens fill the engine's context of {self.context} slots per row: "
-                             "shorten it")
-        if config.max_new_tokens <= room:
-            return config
-        warnings.warn(f"max_new_tokens={config.max_new_tokens} is cut to {room}: the prompt's {prompt} tokens and the "
-                      f"new ones must fit the engine's context of {self.context} slots per row", stacklevel=3)
-        return config.replace(max_new_tokens=room, min_new_tokens=min(config.min_new_tokens, room))
-
     # --- the engine thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         """Until closed with nothing left: at each step boundary free the cancelled rows and fill the free ones from
-        the queue, then run one step over the busy rows. Sleeps (no CPU) while there is no work."""
-        with torch.no_grad():
-            while (admitted := self._boundary()) is not None:
-                for row, job in admitted:
-                    self._admit(row, job)
-                if any(self._active):
-                    self._step()
-        self._cache = None  # the memory goes back once the engine is done
+        the queue, then run one step over the busy rows. Sleeps (no CPU) while there is no work. The work of each
+        reply fails that reply alone; an error outside it (a bug) closes the engine and fails every reply left,
+        since a thread that died quietly would leave their waiters hanging."""
+        try:
+            with torch.no_grad():
+                while (admitted := self._boundary()) is not None:
+                    for row, job in admitted:
+                        self._admit(row, job)
+                    if any(self._active):
+                        self._step()
+        except BaseException as error:
+            log.error("the engine failed and is closed: every reply left fails with this error", exc_info=error)
+            self._abandon(error)
+        finally:
+            self._cache = None  # the memory goes back once the engine is done
+
+    def _abandon(self, error: BaseException) -> None:
+        """Close the engine and fail every queued and running reply with `error`."""
+        with self._lock:
+            self._closed = True
+            left = [*self._queue, *(job for job in self._active if job is not None)]
+            self._queue, self._active = deque(), [None] * self.rows
+        for job in left:
+            if not job.reply.done:
+                self._finish(job, "error", error)
 
     def _boundary(self) -> list[tuple[int, _Job]] | None:
         """Wait for work; then drop the cancelled prompts and give queued ones the lowest free rows, (row, job) each.
@@ -258,16 +323,18 @@ class Engine:
         only."""
         try:
             self._cache.valid[row] = False  # what an earlier prompt left there is not this one's
+            job.ids = job.ids.to(self.model.device)
             session = Session(self._window(slice(row, row + 1), job.ids.shape[1]))
             job.logits = prefill(self.model.decoder, session, job.ids, audio=self.model.encode_audio(job.clips))
+            job.clips = []
+            if job.config.seed is not None:  # torch may refuse a seed the config takes (2**64)
+                job.generator = torch.Generator(self.model.device).manual_seed(job.config.seed)
         except Exception as error:
             self._active[row] = None
             self._finish(job, "error", error)
             return
         self._bases[row] = session.rope_base[0]
         job.slot, job.seen = job.ids.shape[1], job.ids
-        if job.config.seed is not None:
-            job.generator = torch.Generator(self.model.device).manual_seed(job.config.seed)
 
     def _step(self) -> None:
         """Every busy row chooses its next id (and may finish, freeing its row), then one forward over rows[:hi]
@@ -297,20 +364,26 @@ class Engine:
 
     def _choose(self, row: int, job: _Job) -> bool:
         """Choose the row's next id from its logits as `core.generate.generate` does for a batch of one, and stop
-        the row on a stop id, a stop string or its budget. Whether it goes on."""
+        the row on a stop id, a stop string or its budget. Whether it goes on. A failure here comes from this row's
+        own settings (a top_p or temperature so small the probabilities are NaN): it fails this reply only."""
         config, reply = job.config, job.reply
-        candidates = job.logits if config.full_vocab else job.logits[:, : len(self.model.tokenizer)]
-        scores = process_logits(candidates.float(), job.seen, len(reply.tokens), config)
-        token = int(choose(scores, config, job.generator)[0])
-        if token in config.stop_token_ids:
-            reason = "stop"
-        else:
-            reply.tokens.append(token)
-            self._tokens += 1
-            job.seen = torch.cat([job.seen, job.seen.new_tensor([[token]])], dim=1)
-            stopped = bool(config.stop_strings) and stop_string_ends(self.model.tokenizer, reply.tokens,
-                                                                     config.stop_strings)
-            reason = "stop" if stopped else "length" if len(reply.tokens) == config.max_new_tokens else None
+        try:
+            candidates = job.logits if config.full_vocab else job.logits[:, : len(self.model.tokenizer)]
+            scores = process_logits(candidates.float(), job.seen, len(reply.tokens), config)
+            token = int(choose(scores, config, job.generator)[0])
+            if token in config.stop_token_ids:
+                reason = "stop"
+            else:
+                reply.tokens.append(token)
+                self._tokens += 1
+                job.seen = torch.cat([job.seen, job.seen.new_tensor([[token]])], dim=1)
+                stopped = bool(config.stop_strings) and stop_string_ends(self.model.tokenizer, reply.tokens,
+                                                                         config.stop_strings)
+                reason = "stop" if stopped else "length" if len(reply.tokens) == config.max_new_tokens else None
+        except Exception as error:
+            self._active[row] = None
+            self._finish(job, "error", error)
+            return False
         if reason is None:
             self._notify(job)
             return True
