@@ -10,7 +10,7 @@ folder. Every request is the same chat completion: a 5.86 s LibriSpeech clip sen
 a question, greedy, `max_tokens` new tokens, streamed, so that each request has a time to first token. The random
 model rarely stops early, so each reply is about `max_tokens` long; tokens are counted from the server's `usage`.
 
-For each K in `--clients`, K clients each send requests back to back until 2 x K (at least 8) are done; K = 1 is the
+For each K in `--clients`, K clients each send requests back to back until K (at least 8) are done; K = 1 is the
 baseline, the same requests one at a time. Reported per K: requests/s, completion tokens/s and its ratio to K = 1,
 time to first token and latency (p50 / p95 / p99), failed requests, and the server's resident memory after the
 round. The largest K then runs `--rounds` more times: its memory after each round shows whether anything grows.
@@ -216,7 +216,7 @@ def main() -> None:
             print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'req/s':>9} {'tok/s':>9} {'ratio':>7} "
                   f"{'ttft p50':>9} {'lat p50':>8} {'lat p95':>8} {'lat p99':>8} {'RSS GiB':>8}")
             for clients in [*args.clients, *[max(args.clients)] * args.rounds]:
-                row = asyncio.run(round_of(server, clients, max(2 * clients, 8), body))
+                row = asyncio.run(round_of(server, clients, max(clients, 8), body))
                 rows.append(row)
                 show(row, rows[0]["tokens_per_s"])
         finally:
