@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from qwenaudio import GenerationConfig, InputError, cli, load_audio
+from qwenaudio import ConfigError, GenerationConfig, InputError, cli, load_audio
 from qwenaudio.core.model import load_model, prompt_batch
 from qwenaudio.serve import Engine, EngineClosed, EngineStats
 from qwenaudio.serve import engine as engine_module
@@ -333,15 +333,14 @@ def test_a_row_whose_choice_fails_fails_alone(v1, clips, engine, monkeypatch):
 
 
 def test_an_error_the_engine_did_not_expect_fails_its_replies_never_hangs_them(v1, engine):
-    """A seed torch refuses fails its own reply, and the engine goes on. An error outside any reply's work ends
-    the engine thread: every reply queued or running fails with it, new prompts are refused, and `running` says
-    so (the server's /health turns 503); no waiter is left hanging."""
+    """A seed torch would refuse never reaches the engine (GenerationConfig refuses it), and the engine goes on.
+    An error outside any reply's work ends the engine thread: every reply queued or running fails with it, new
+    prompts are refused, and `running` says so (the server's /health turns 503); no waiter is left hanging."""
     one = engine(v1, rows=2)
     one.start()
     config = v1.generation_config.replace(max_new_tokens=3, min_new_tokens=3)
-    huge = one.submit([1, 2, 3], config=config.replace(do_sample=True, seed=2**64))
-    with pytest.raises(ValueError, match="Overflow"):
-        huge.wait(timeout=60)
+    with pytest.raises(ConfigError, match="seed must be at most"):
+        config.replace(do_sample=True, seed=2**64)
     assert one.submit(ids_of(v1, "hi", []), config=config.replace(do_sample=False)).wait(timeout=60) == \
         alone(v1, "hi", [], do_sample=False, max_new_tokens=3, min_new_tokens=3) and one.running
 
