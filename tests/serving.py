@@ -4,6 +4,7 @@ session; `live` serves another app on the same engine (other limits, a key) for 
 
 from __future__ import annotations
 
+import http.server
 import io
 import socket
 import threading
@@ -80,6 +81,19 @@ def live(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def audio_host(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A plain HTTP server with `handler` on a free 127.0.0.1 port in a background thread (a remote audio URL's
+    host); its URL. Stopped on the way out."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @contextmanager

@@ -8,7 +8,6 @@ import http.server
 import json
 import random
 import socket
-import threading
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ import torch
 import qwenaudio
 from qwenaudio import tasks
 
-from .serving import MAX_NEW_TOKENS, live, wav_bytes
+from .serving import MAX_NEW_TOKENS, audio_host, live, wav_bytes
 
 TRANSCRIPTIONS, TRANSLATIONS, CHAT = "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/chat/completions"
 
@@ -314,13 +313,8 @@ def remote_audio(speech):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with audio_host(Files) as url:
+        yield url
 
 
 def test_remote_audio_where_the_operator_allows_it(served_v1, remote_audio, speech, good):

@@ -17,7 +17,7 @@ import soundfile as sf
 
 from qwenaudio.chat import Chat
 
-from .serving import MAX_NEW_TOKENS, live
+from .serving import MAX_NEW_TOKENS, audio_host, live
 
 CHAT = "/v1/chat/completions"
 
@@ -61,13 +61,8 @@ def dripping():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/slow.wav"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with audio_host(Drip) as url:
+        yield url + "/slow.wav"
 
 
 def remote(address: str) -> dict:
