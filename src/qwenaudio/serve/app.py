@@ -529,7 +529,7 @@ def _submit_and_wait(rows: _Rows, ids: list[int], clips: list[torch.Tensor], con
 
 
 def _decode(data: bytes, name: str, min_samples: int, max_seconds: float) -> torch.Tensor:
-    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload (the loader calls bytes <bytes>).
+    """An uploaded file as a 16 kHz waveform; AudioError (400) names the upload (`as_waveform` starts with `name`).
     One longer than `max_seconds` is refused from its header, before it is decoded: the upload limit bounds the
     compressed bytes only, and 25 MB of FLAC silence holds days of audio, tens of GB of samples."""
     try:
@@ -537,10 +537,7 @@ def _decode(data: bytes, name: str, min_samples: int, max_seconds: float) -> tor
     except (sf.SoundFileError, RuntimeError):  # not a file soundfile reads: the loader says so below
         seconds = 0.0
     if seconds <= max_seconds:
-        try:
-            wave = as_waveform(data, name, min_samples)
-        except AudioError as e:
-            raise AudioError(str(e).replace("<bytes>", name, 1)) from None
+        wave = as_waveform(data, name, min_samples)
         seconds = len(wave) / SAMPLE_RATE
     if seconds > max_seconds:
         raise AudioError(f"{name}: {seconds:.1f} s of audio, longer than the server takes ({max_seconds:g} s, "
