@@ -8,8 +8,11 @@ from torch._dynamo.utils import counters
 
 import qwenaudio
 from qwenaudio.core.generate import compile_decoding, generate
-from qwenaudio.core.int4 import Int4Linear, dequantize, quantize_weight
+from qwenaudio.core.int4 import Int4Linear, unpack_tinygemm
+from qwenaudio.core import linear as linear_forms
 from qwenaudio.core.int8 import Int8Linear
+
+from .test_linear_forms import quantized
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -25,20 +28,32 @@ def test_fp32_logits_on_the_gpu_equal_the_cpu_s(tiny_weights):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_layers_on_the_gpu_equal_their_dequantized_weights(bits):
-    linear = torch.nn.Linear(256, 200, bias=False).to("cuda", torch.bfloat16)
-    if bits == 8:
-        layer = Int8Linear.from_linear(linear)
-        weight = layer.weight.double() * layer.weight_scale.double()[:, None]
-    else:
-        levels, scales, zeros = quantize_weight(linear.weight, 64)
-        weight = dequantize(levels, scales.bfloat16(), zeros.bfloat16(), torch.float64)
-        layer = Int4Linear.from_linear(linear, 64)
+    layer, weight = quantized(torch.nn.Linear(256, 200, bias=False).to("cuda", torch.bfloat16), bits)
     for rows in (1, 8, 300):  # decoding's rows and prefill's
         x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             got = layer(x).double()
         expected = x.double() @ weight.T
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
+def test_tinygemm_layout_unpacks_to_the_levels_packed(inner_k_tiles):
+    """unpack_tinygemm, which int4's dequantized tiles read (prefill on a GPU), inverts torch's own packing."""
+    levels = torch.randint(0, 16, (64, 512), dtype=torch.uint8, device="cuda")
+    packed = torch._convert_weight_to_int4pack((levels[:, 0::2] << 4) | levels[:, 1::2], inner_k_tiles)
+    assert torch.equal(unpack_tinygemm(packed), levels)
+
+
+def test_int4_tiles_on_the_gpu_equal_tinygemm(monkeypatch):
+    monkeypatch.setattr(linear_forms, "TILE_ELEMENTS_CUDA", 4096 * 64)  # 16 tiles of 64 rows, the last one short
+    linear = torch.nn.Linear(4096, 1000, bias=False).to("cuda", torch.bfloat16)
+    layer = Int4Linear.from_linear(linear, 64)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x[:1])
+        kernel, tiles = layer.product(x, "kernel").double(), layer.product(x, "dequantize").double()
+    torch.testing.assert_close(tiles, kernel, rtol=2e-2, atol=2e-2 * float(kernel.abs().max()))
 
 
 def test_int8_decoding_compiled_on_the_gpu_equals_its_dequantized_weights():

@@ -35,24 +35,6 @@ def test_quantizing_in_chunks_equals_one_pass(monkeypatch):
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
-# bf16 rows: up to 32 go through torch's int8 kernel, more convert the weight; fp32: up to 2.
-@pytest.mark.parametrize("dtype,shape,form", [(torch.float32, (1, 96), "kernel"), (torch.float32, (2, 96), "kernel"),
-                                              (torch.float32, (3, 5, 96), "convert"),
-                                              (torch.bfloat16, (1, 96), "kernel"),
-                                              (torch.bfloat16, (4, 8, 96), "kernel"),
-                                              (torch.bfloat16, (5, 8, 96), "convert")])
-def test_int8_linear_matches_its_dequantized_weights(dtype, shape, form):
-    linear = torch.nn.Linear(96, 40).to(dtype)
-    layer = Int8Linear.from_linear(linear)
-    x = torch.randn(*shape).to(dtype)
-    assert Int8Linear.form(x, x.numel() // 96) == form
-    reference = x.double() @ (layer.weight.double() * layer.weight_scale.double()[:, None]).T + linear.bias.double()
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 output: 8 significant bits
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x).double(), reference, rtol=tolerance,
-                                   atol=tolerance * float(reference.abs().max()))
-
-
 @pytest.mark.slow  # torch.compile
 def test_one_compiled_row_is_a_fused_sum_equal_to_the_dequantized_weights():
     """Compiled, one row with fp32 activations (or any on CUDA) takes the products-and-sum form, which the compiler

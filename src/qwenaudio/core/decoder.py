@@ -41,6 +41,7 @@ from .config import QwenAudioConfig
 if TYPE_CHECKING:
     from .qwen2_audio import Qwen2AudioConfig
 from .errors import InputError
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -61,9 +62,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, width: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, width, bias=False)
-        self.w2 = nn.Linear(dim, width, bias=False)
-        self.c_proj = nn.Linear(width, dim, bias=False)
+        self.w1 = Linear(dim, width, bias=False)
+        self.w2 = Linear(dim, width, bias=False)
+        self.c_proj = Linear(width, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
@@ -131,8 +132,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int):
         super().__init__()
         self.n_head = n_head
-        self.c_attn = nn.Linear(dim, 3 * dim)  # q | k | v, with bias
-        self.c_proj = nn.Linear(dim, dim, bias=False)
+        self.c_attn = Linear(dim, 3 * dim)  # q | k | v, with bias
+        self.c_proj = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, logn: Tensor, mask: Tensor,
                 cache: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None) -> Tensor:
@@ -236,7 +237,7 @@ class Decoder(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def embedding(self) -> nn.Embedding:

@@ -26,6 +26,7 @@ from torch import Tensor
 from .config import GenerationConfig
 from .decoder import Decoder, KVCache, positions_and_mask
 from .errors import InputError
+from .linear import takes_gemv, without_onednn
 from .tokenizer import Tokenizer
 
 
@@ -134,8 +135,17 @@ Step = Callable[[Decoder, KVCache, Tensor, Tensor, Tensor], Tensor]  # `decode_o
 def compile_decoding(**options) -> Step:
     """`decode_one_token` compiled with `torch.compile(fullgraph=True)` (gpt-fast's --compile), for generation's
     `step=`; nothing else changes. On CUDA, pass mode="reduce-overhead" for CUDA graphs. It recompiles when the
-    batch size or cache capacity changes."""
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
+    batch size or cache capacity changes. A bf16 step of one row on a CPU runs with oneDNN off, so that the graph's
+    products take ATen's matrix-vector kernel, as eager ones do (core/linear.py)."""
+    compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **options)
+
+    def step(decoder: Decoder, cache: KVCache, ids: Tensor, slot: Tensor, base: Tensor) -> Tensor:
+        if not takes_gemv(ids.shape[0], cache.k[0].dtype, ids.device):
+            return compiled(decoder, cache, ids, slot, base)
+        with without_onednn():
+            return compiled(decoder, cache, ids, slot, base)
+
+    return step
 
 
 def extends(decoder: Decoder, session: Session, input_ids: Tensor, audio: Sequence[Tensor] = ()) -> bool:

@@ -18,6 +18,7 @@ writes one. The kernel's own packed layout differs per device, so it is made whe
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 from .errors import InputError
+from .linear import dequantized_product, max_rows, scratch, tile_rows
 
 METHOD = QUANTIZATION_METHODS["int4"]  # "int4-weight-only", the value of config.json's "quantization"
 GROUP_SIZES = INT4_GROUP_SIZES  # config.json's "quantization_group_size"
@@ -124,17 +126,44 @@ def unpack(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def unpack_tinygemm(packed: Tensor) -> Tensor:
+    """Levels uint8 [8 · tiles, in] from tinygemm's CUDA layout, int32 [tiles, in / (16 · k_tiles), 32, k_tiles / 2]
+    (torch's `_convert_weight_to_int4pack`, aten/src/ATen/native/cuda/int4mm.cu; its layout since torch 2.5).
+    Each tile holds 8 output rows; lane t of a tile serves row t // 4, and the int32 at [tile, o, t, j] holds 8
+    levels of two 16-input k-tiles starting at input 32 · (o · k_tiles / 2 + j): nibble 4h + s (h the high half)
+    is input 8s + 2 · (t % 4) + h from there. Only tiles of whole rows are ever unpacked, so a slice of tiles works."""
+    tiles, outer, lanes, half = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = ((packed[..., None] >> shifts) & 15).to(torch.uint8)  # [tiles, outer, lanes, half, 8]
+    # lanes = (row 8, column 4), nibbles = (h 2, s 4)  ->  [tile, row | outer, half, s, column, h]
+    nibbles = nibbles.view(tiles, outer, 8, 4, half, 2, 4).permute(0, 2, 1, 4, 6, 3, 5)
+    return nibbles.reshape(tiles * 8, outer * half * 32)
+
+
+@functools.cache
+def reads_cpu_layout() -> bool:
+    """Whether `Int4Linear._cpu_tile` reads the packing of the installed torch on this CPU. torch packs per vector
+    capability (AVX-512: blocks of 64 rows, row j in a byte's low nibble and row 32 + j in its high one; AVX2 and
+    others differ), so a known pattern is packed once and read back as `_cpu_tile` reads it."""
+    levels = torch.randint(0, 16, (64, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(levels, 1).view(128, 32)
+    return torch.equal(torch.cat([packed & 15, packed >> 4], dim=1).T.to(torch.int32), levels)
+
+
 class Int4Linear(nn.Module):
     """A drop-in for `nn.Linear` (inference only) holding int4 `weight` with per-group `weight_scale` and
     `weight_zero`.
 
     It loads the stored layout (`pack`'s) and, at its first product, swaps it for the layout the device's kernel
-    reads, keeping only that one, so the weight costs half a byte a parameter, not one and a half: the kernel
-    computes every product, decoding's rows and prefill's alike (on the 2-core CPU here, 758 rows take 1.2× a bf16
-    matmul's time; converting the weight first takes 1.3×). The swap waits for the first product because while the
-    model loads, the checkpoint's tensors are still held: converting then would hold both layouts of every layer at
-    once. The kernel's layout belongs to the installed torch, so a layer that has computed cannot be saved: int4
-    checkpoints are written from float weights by `qwenaudio quantize --bits 4`."""
+    reads, keeping only that one, so the weight costs half a byte a parameter, not one and a half. The swap waits
+    for the first product because while the model loads, the checkpoint's tensors are still held: converting then
+    would hold both layouts of every layer at once. The kernel's layout belongs to the installed torch, so a layer
+    that has computed cannot be saved: int4 checkpoints are written from float weights by
+    `qwenaudio quantize --bits 4`.
+
+    The kernel computes a few rows' products (decoding); for more (prefill), where it takes 2.5× a bf16 GEMM's time
+    on the CPU here (13× on an H200), the weight is dequantized from the kernel's layout one tile of rows at a time
+    into the float GEMM (`form`; core/linear.py's FORMS hold the crossovers)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
                  group_size: int = DEFAULT_GROUP_SIZE):
@@ -208,6 +237,14 @@ class Int4Linear(nn.Module):
         both[:, : self.out_features, 1] = self.weight_zero.T
         return both
 
+    def form(self, x: Tensor, rows: int) -> str:
+        """"kernel" (torch's weight-only kernel: few rows, always inside torch.compile, and on CPUs whose packing
+        `_cpu_tile` does not read) or "dequantize" (tile by tile into the float GEMM: many rows; core/linear.py's
+        FORMS)."""
+        if rows <= max_rows("int4", x.device) or torch.compiler.is_compiling():
+            return "kernel"
+        return "dequantize" if x.device.type != "cpu" or reads_cpu_layout() else "kernel"
+
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("int4 layers have no backward: fine-tune over an int8 (or float) base instead")
@@ -217,14 +254,53 @@ class Int4Linear(nn.Module):
             raise RuntimeError(f"int4 weights packed for {self.packed_for} cannot compute on {x.device.type}: load "
                                "the model onto the device it runs on instead of moving it")
         rows = x.reshape(-1, self.in_features)
-        if x.device.type == "cuda":
-            y = torch._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.group_size,
-                                          self.weight_scale).to(x.dtype)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
-                                                  self.weight_scale.to(x.dtype))
-        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        y = self.product(rows, self.form(x, rows.shape[0])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def product(self, rows: Tensor, form: str) -> Tensor:
+        """rows [M, in] · Wᵀ in the named form (`form`'s), without the bias; the layer holds the kernel's layout."""
+        if form == "kernel" and rows.device.type == "cuda":
+            return torch._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.group_size,
+                                             self.weight_scale).to(rows.dtype)[:, : self.out_features]
+        if form == "kernel":
+            return torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
+                                                     self.weight_scale.to(rows.dtype))[:, : self.out_features]
+        dequantize = self._cuda_tile if rows.device.type == "cuda" else self._cpu_tile
+        tile = tile_rows(self.in_features, rows.device, multiple=64)
+        return dequantized_product(rows.contiguous(), self.out_features, tile,
+                                   lambda start, stop: dequantize(start, stop, rows.dtype))
+
+    def _cpu_tile(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows start:stop of the weight, transposed [in, stop − start], in `dtype`, from the CPU kernel's layout on
+        AVX-512 (`reads_cpu_layout` checks it): each block of 64 rows is [in, 32] bytes, byte j of input k holding row j's level in its low nibble and row
+        32 + j's in its high one. The nibbles are split four bytes at a time, converted into the tile in [in, rows]
+        order, and one addcmul applies each group's scale and zero: w = q · scale + (zero − 8 · scale), computed in
+        fp32 and rounded once (that zero is rounded to `dtype` first, an error the size of a weight's rounding)."""
+        inputs, padded = self.in_features, -(-(stop - start) // 64) * 64  # blocks are whole, past out_features too
+        blocks, groups = padded // 64, self.in_features // self.group_size
+        words = self.weight[start : start + padded].view(blocks, inputs, 32).view(torch.int32)  # [blocks, in, 8]
+        levels = scratch("int4 levels", inputs * padded, torch.uint8, words.device).view(blocks, inputs, 2, 32)
+        low, high = levels.view(torch.int32).unbind(2)  # each [blocks, in, 8]: rows j's levels, then 32 + j's
+        torch.bitwise_and(words, 0x0F0F0F0F, out=low)
+        torch.bitwise_right_shift(words, 4, out=high)
+        high.bitwise_and_(0x0F0F0F0F)
+        weights = scratch("int4 tile", inputs * padded, dtype, words.device).view(inputs, blocks, 2, 32)
+        weights.copy_(levels.permute(1, 0, 2, 3))
+        both = self.weight_scale[:, start : start + padded].float()  # [groups, rows, (scale, zero)]
+        scale, zero = both[..., 0], both[..., 1] - 8 * both[..., 0]
+        grouped = weights.view(groups, self.group_size, padded)
+        torch.addcmul(zero.to(dtype)[:, None], grouped, scale.to(dtype)[:, None], out=grouped)
+        return weights.view(inputs, padded)[:, : stop - start]
+
+    def _cuda_tile(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows start:stop (a multiple of 8 from `start`) of the weight, transposed, in `dtype`, from tinygemm's
+        layout (`unpack_tinygemm`), with w = (q − 8) · scale + zero as the kernel computes it."""
+        first, last = start // 8, -(-stop // 8)
+        levels = unpack_tinygemm(self.weight[first:last])[: stop - start]  # [rows, in]
+        both = self.weight_scale[:, start:stop].float()  # bf16 [groups, rows, 2]
+        centred = levels.view(stop - start, -1, self.group_size).float() - 8
+        weights = centred * both[..., 0].T[..., None] + both[..., 1].T[..., None]
+        return weights.to(dtype).view(stop - start, self.in_features).T
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights in groups of " \

@@ -5,17 +5,14 @@ dtype, and since the scale is per output, y = (x · int8ᵀ) · scale. Int8 weig
 is what lets the whole model run at a 10.7 GiB peak instead of 15.5 (BENCHMARKS.md), and a one-token decoding step
 reads half the bytes.
 
-How a product is computed (`Int8Linear.form`) follows measurements on the 2-core AVX-512 CPU here (torch 2.13,
-a 4096 × 11008 layer, weights coming from memory as in decoding):
-- torch's kernel, `torch._weight_int8pack_mm`, with bf16 activations takes 2.3 ms for one row (a bf16 matmul:
-  5.0 ms) and 22 ms for 32, but 540 ms for 758, where converting the weight to bf16 first takes 200 ms. With fp32
-  activations it takes 20 ms for one row and 33 ms for two, against 52–54 ms for converting, and loses from three
-  rows on. `KERNEL_MAX_ROWS` holds these crossovers: few rows (decoding) use the kernel, longer inputs (prefill)
-  convert.
-- Under torch.compile, a single row can be written as products and a sum, which the compiler fuses into one pass
-  over the int8 weight: 3.4 ms with fp32 activations (the kernel: 20 ms), 3.8 ms with bf16 (the kernel: 2.3 ms).
-  CUDA has no int8 kernel, so there this form is what a compiled decoding step takes; converting instead ran at
-  94 tok/s on an H200, slower than bf16's 202.
+How a product is computed (`Int8Linear.form`) follows measurements (core/linear.py, FORMS): for a few rows on a
+CPU, torch's kernel, `torch._weight_int8pack_mm`, which reads the int8 weight once per four rows (on the AMD CPU
+here, one 11008 × 4096 layer: 2.0 ms for one row against a bf16 matmul's 4.9, but 540 ms for 758 rows against
+165); for more, the weight is converted to the activations' dtype one tile of rows at a time and multiplied by the
+float GEMM (`dequantized_product`: 758 rows in 1.08× bf16's time), scaled per output after. Under
+torch.compile, a single row is written as products and a sum, which the compiler fuses into one pass over the int8
+weight (3.4 ms with fp32 activations, where the kernel takes 20); CUDA has no int8 kernel, so there this form is
+what a compiled decoding step takes (converting instead ran at 94 tok/s on an H200, slower than bf16's 202).
 
 A quantized checkpoint stores each quantized `*.weight` as int8 next to its `*.weight_scale`, with
 `"quantization": "int8-weight-only"` in config.json; `load` reads it as it is (`qwenaudio.quantize` writes one).
@@ -30,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import QUANTIZATION_METHODS
+from .linear import dequantized_product, max_rows, scratch, tile_rows
 
 METHOD = QUANTIZATION_METHODS["int8"]  # "int8-weight-only", the value of config.json's "quantization"
-KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 2}  # up to here the CPU's kernel wins
 CHUNK_ROWS = 4096  # rows quantized at a time, so lm_head (155,947 rows) needs no full fp32 copy
 
 
@@ -78,27 +75,42 @@ class Int8Linear(nn.Module):
 
     @staticmethod
     def form(x: Tensor, rows: int) -> str:
-        """How `rows` rows of `x` are multiplied (measured: the module docstring): "kernel" (torch's, on CPUs, for
-        few rows; it has no backward, so not when x needs a gradient, as under LoRA), "sum" (products and a sum:
-        one row under torch.compile, unless the kernel is faster there) or "convert" (the weight in x's dtype)."""
-        one_compiled = rows == 1 and torch.compiler.is_compiling()
-        kernel = x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS.get(x.dtype, 0) and \
-            not (x.requires_grad and torch.is_grad_enabled())
-        if kernel and not (one_compiled and x.dtype == torch.float32):
+        """How `rows` rows of `x` are multiplied (the module docstring; core/linear.py's FORMS): "kernel" (torch's, on
+        CPUs, for few rows; it has no backward, so not when x needs a gradient, as under LoRA), "sum" (products and
+        a sum: one row under torch.compile, unless the kernel is faster there), "dequantize" (tile by tile into a
+        float GEMM) or "convert" (the whole weight in x's dtype: the form autograd and torch.compile can follow)."""
+        compiling = torch.compiler.is_compiling()
+        grad = x.requires_grad and torch.is_grad_enabled()
+        kernel_rows = max_rows("int8 fp32" if x.dtype == torch.float32 else "int8", x.device)
+        if x.device.type == "cpu" and not grad and rows <= kernel_rows and \
+                not (compiling and rows == 1 and x.dtype == torch.float32):
             return "kernel"
-        return "sum" if one_compiled else "convert"
+        if compiling and rows == 1:
+            return "sum"
+        return "convert" if grad or compiling else "dequantize"
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        form = self.form(x, rows.shape[0])
-        if form == "kernel":
-            y = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(x.dtype))
-        elif form == "sum":
-            y = ((rows.float() * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)[None]
-        else:
-            y = (rows @ self.weight.to(x.dtype).T) * self.weight_scale.to(x.dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        y = self.product(rows, self.form(x, rows.shape[0])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def product(self, rows: Tensor, form: str) -> Tensor:
+        """rows [M, in] · Wᵀ in the named form (`form`'s), without the bias."""
+        scale = self.weight_scale.to(rows.dtype)
+        if form == "kernel":
+            return torch._weight_int8pack_mm(rows, self.weight, scale)
+        if form == "sum":
+            return ((rows.float() * self.weight).sum(-1) * self.weight_scale.float()).to(rows.dtype)[None]
+        if form == "convert":
+            return (rows @ self.weight.to(rows.dtype).T) * scale
+        tile = tile_rows(self.in_features, rows.device)
+        weights = scratch("int8 tile", tile * self.in_features, rows.dtype, rows.device)
+
+        def dequantize(start: int, stop: int) -> Tensor:
+            part = weights[: (stop - start) * self.in_features].view(stop - start, self.in_features)
+            return part.copy_(self.weight[start:stop]).T
+
+        return dequantized_product(rows, self.out_features, tile, dequantize).mul_(scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"

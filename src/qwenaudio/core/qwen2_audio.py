@@ -36,6 +36,7 @@ from .checks import expect, shown, whole
 from .config import INT4_GROUP_SIZES, QUANTIZATION_METHODS, read_fields, read_json
 from .decoder import RMSNorm, apply_rotary, attend, positions_and_mask, rotary
 from .errors import ConfigError, InputError
+from .linear import Linear
 
 MODEL_TYPE = "qwen2_audio"
 
@@ -320,10 +321,10 @@ class Qwen2Attention(nn.Module):
     def __init__(self, dim: int, n_head: int):
         super().__init__()
         self.n_head = n_head
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.o_proj = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: tuple[Tensor, Tensor] | None = None,
                 slots: Tensor | None = None) -> Tensor:
@@ -340,9 +341,9 @@ class Qwen2MLP(nn.Module):
 
     def __init__(self, dim: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, width, bias=False)
-        self.up_proj = nn.Linear(dim, width, bias=False)
-        self.down_proj = nn.Linear(width, dim, bias=False)
+        self.gate_proj = Linear(dim, width, bias=False)
+        self.up_proj = Linear(dim, width, bias=False)
+        self.down_proj = Linear(width, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -380,7 +381,7 @@ class Qwen2Decoder(nn.Module):
         self.config = config
         self.activation_checkpointing = False
         self.model = Qwen2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def embedding(self) -> nn.Embedding:
