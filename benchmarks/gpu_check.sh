@@ -11,12 +11,16 @@
 #   3. the same for Qwen2-Audio (bench.py --family qwen2-audio: random full-size weights in the published layout,
 #      drawn on the GPU into a temporary folder, against transformers' Qwen2AudioForConditionalGeneration);
 #   4. where an eager decoding step spends its time (benchmarks/profile_decode.py, bf16, 4 layers at full width);
+#      and which form computes a product fastest per row count (benchmarks/linear_forms.py: tinygemm against
+#      int4 dequantized tile by tile into cuBLAS, int8 tiles, bf16), the crossovers core/linear.py's FORMS["cuda"]
+#      should hold;
 #   5. full-size random weights written in the official layout (drawn on the GPU), then one LoRA step of the
 #      full-size model on them (benchmarks/finetune_step.py, bf16 base, batch 8): load time, examples/s;
 #   6. `qwenaudio serve` on those weights under load (benchmarks/serve_load.py: 1, 8 and 64 concurrent streamed chat
 #      clients against the same requests one at a time; requests/s, tokens/s, time to first token, latency).
 # Every step runs even when an earlier one failed; the failures are listed at the end, and the exit status is 1.
-# Writes DATE-gpu-check.json, DATE-gpu-check-qwen2-audio.json, DATE-gpu-finetune.json and DATE-gpu-serve.json into
+# Writes DATE-gpu-check.json, DATE-gpu-check-qwen2-audio.json, DATE-gpu-linear-forms.json, DATE-gpu-finetune.json
+# and DATE-gpu-serve.json into
 # $GPU_CHECK_RESULTS
 # (default benchmarks/results).
 #
@@ -48,6 +52,7 @@ if [[ ${1:-} == --smoke ]]; then
   device=cpu
   size=(--tiny --decoder-layers 1 --encoder-layers 1 --decode-steps 2 --repeats 1)
   profile=(--tiny --layers 1 --steps 2)
+  forms=(--tiny --rows 1 16 --repeats 1)
   weights="from qwenaudio.testing import make_tiny_checkpoint as write; write(sys.argv[1])"
   training=(--batch-size 2 --steps 2 --new-tokens 8)
   load=(--tiny --clients 1 2 --max-tokens 2 --rounds 0)
@@ -55,6 +60,7 @@ else
   device=cuda
   size=(--decoder-layers 32 --encoder-layers 32 --decode-steps 32 --repeats 3)
   profile=(--layers 4 --steps 12)
+  forms=(--rows 1 2 4 8 16 32 64 128 758)
   weights="sys.path.insert(0, 'benchmarks'); import full_model; full_model.write_weights(sys.argv[1], 'cuda')"
   training=(--batch-size 8 --steps 3)
   load=(--clients 1 8 64 --max-tokens 32 --rounds 1)
@@ -69,6 +75,8 @@ step "bench.py" "$PYTHON" benchmarks/bench.py --device $device --dtypes bfloat16
 step "bench.py, Qwen2-Audio" "$PYTHON" benchmarks/bench.py --family qwen2-audio --device $device --dtypes bfloat16 \
   "${size[@]}" --compiled-batches 1 --json "$results/$day-gpu-check-qwen2-audio.json"
 step "profile" "$PYTHON" benchmarks/profile_decode.py --device $device "${profile[@]}"
+step "linear forms" "$PYTHON" benchmarks/linear_forms.py --device $device "${forms[@]}" \
+  --json "$results/$day-gpu-linear-forms.json"
 step "weights" "$PYTHON" -c "import sys; $weights" "$folder/weights"
 step "LoRA step" "$PYTHON" benchmarks/finetune_step.py --weights "$folder/weights" --device $device --bf16-base \
   "${training[@]}" --json "$results/$day-gpu-finetune.json"

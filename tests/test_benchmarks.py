@@ -33,6 +33,10 @@ def test_the_gpu_check_runs_in_smoke_mode(tmp_path):
         assert_gpu_check_rows(json.loads(path.read_text())["rows"])
     finetune = json.loads(finetune.read_text())
     assert finetune["examples_per_s"] > 0 and finetune["base"] == "bf16"
+    [forms] = tmp_path.glob("*-gpu-linear-forms.json")
+    forms = json.loads(forms.read_text())
+    assert {(r["format"], r["rows"]) for r in forms["forms"]} == {(f, n) for f in ("float", "int8", "int4") for n in (1, 16)}
+    assert all(ms > 0 for r in forms["forms"] for ms in r["ms"].values()) and set(forms["crossovers"]) >= {"int8", "int4"}
     [serve] = tmp_path.glob("*-gpu-serve.json")
     rows = json.loads(serve.read_text())["rows"]
     assert [r["clients"] for r in rows] == [1, 2] and all(r["failed"] == 0 and r["tokens_per_s"] > 0 for r in rows)
