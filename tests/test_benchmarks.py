@@ -67,6 +67,23 @@ def test_the_gpu_check_reports_a_failed_step_and_runs_the_rest(tmp_path):
         assert f"== {name}:" in done.stdout and f"FAILED: {name} (exit 127)" in done.stdout
 
 
+def test_the_serve_load_clip_is_noise_of_its_length_where_the_shared_recordings_are_absent(tmp_path, monkeypatch):
+    """A lent GPU gets the checkout without ../shared: the serve-load step of the GPU check must still run there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    serve_load = importlib.import_module("serve_load")
+    monkeypatch.setattr(serve_load, "CLIP", tmp_path / "absent.flac")
+    audio, rate, name = serve_load.clip()
+    assert (audio.shape, audio.dtype, rate, name) == ((93_680,), "float32", 16_000, "noise, 5.86 s")
+    assert serve_load.request_body(4, audio, rate)["messages"][0]["content"][0]["input_audio"]["format"] == "wav"
+
+
+def test_the_serve_load_noise_is_as_long_as_the_recording_it_stands_for(shared_audio, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    serve_load = importlib.import_module("serve_load")
+    audio, rate, name = serve_load.clip()
+    assert (audio.shape, rate, name) == ((93_680,), 16_000, serve_load.CLIP.name)
+
+
 @pytest.mark.slow
 def test_the_decoding_profile_runs_and_splits_the_step_into_products_attention_and_the_rest():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--tiny", "--layers", "1",
