@@ -28,8 +28,9 @@
 #   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU: the same steps with the tiny model's widths and
 #                                           one layer (tests/test_benchmarks.py runs this, so the script cannot rot)
 #
-# Needs the runtime packages and transformers and pytest; PYTHON picks the interpreter (default python3). Images
-# without soundfile need its wheel installed first (the device tool's README says how to carry wheels). The weights
+# Needs the runtime packages, the serve extra, transformers and pytest; PYTHON picks the interpreter (default
+# python3). The lent GPUs' image lacks soundfile and the serve extra: benchmarks/gpu_wheels.py fetches their wheels
+# beforehand (BENCHMARKS.md, "GPU", has the whole command). The weights
 # go to a new folder under $TMPDIR (17 GB at full size, each family in turn: /dev/shm is the fast choice where it has
 # the room).
 set -uo pipefail

@@ -4,6 +4,7 @@ computes what our model computes, so its rows compare equal work."""
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -82,6 +83,25 @@ def test_the_serve_load_noise_is_as_long_as_the_recording_it_stands_for(shared_a
     serve_load = importlib.import_module("serve_load")
     audio, rate, name = serve_load.clip()
     assert (audio.shape, rate, name) == ((93_680,), 16_000, serve_load.CLIP.name)
+
+
+def test_the_gpu_wheels_are_soundfile_and_the_serve_extra_with_all_they_require_but_numpy(monkeypatch):
+    """benchmarks/gpu_wheels.py's list for the lent GPU's image: nothing the serve stack imports may be missing there
+    (fastapi's opentelemetry-api and pydantic's core were, in the list BENCHMARKS.md gave by hand)."""
+    from packaging.requirements import Requirement
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu_wheels = importlib.import_module("gpu_wheels")
+    assert set(gpu_wheels.serve_extra()) == {"fastapi", "uvicorn", "python-multipart", "prometheus-client"}
+    pins = gpu_wheels.closure(gpu_wheels.ROOTS + gpu_wheels.serve_extra(), "3.12")
+    assert {"soundfile", "cffi", "fastapi", "starlette", "pydantic", "pydantic-core", "opentelemetry-api",
+            "uvicorn", "python-multipart", "prometheus-client"} <= set(pins) and "numpy" not in pins
+    for name, version in pins.items():
+        assert importlib.metadata.version(name) == version
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"python_version": "3.12", "extra": ""}):
+                assert requirement.name.lower().replace("_", "-") in set(pins) | {"numpy"}, (name, text)
 
 
 @pytest.mark.slow
