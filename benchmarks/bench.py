@@ -45,7 +45,6 @@ import argparse
 import copy
 import inspect
 import itertools
-import json
 import platform
 import resource
 import statistics
@@ -73,6 +72,7 @@ from qwenaudio.core.int8 import quantize_int8
 from qwenaudio.core.model import load_decoder, load_encoder
 from qwenaudio.core.qwen2_audio import Qwen2AudioConfig
 from qwenaudio.testing import OFFICIAL_QWEN2_CONFIG, make_tiny_qwen2_checkpoint, tiny_config
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests' name mapping
 from tests.peers import qwen2_audio_encoder_weights, qwen2_decoder_weights  # noqa: E402
@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--compiled-batches", type=int, nargs="*", default=[1, 8],
                         help="the decode batches also timed compiled (each compiles anew)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model's widths (a smoke run)")
-    parser.add_argument("--json", help="also write the rows and the setup here")
+    parser.add_argument("--json", type=json_path, help="also write the rows and the setup here")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -467,8 +467,7 @@ def main() -> None:
     print(f"{name:<32} {'':<11} {'GiB':<6} {peak:>10.2f}   (both implementations, shared weights)")
     table.rows.append({"benchmark": name, "unit": "GiB", "qwenaudio+transformers": peak})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "rows": table.rows}, f, indent=2)
+        write_json(args.json, {"setup": setup, "rows": table.rows})
 
 
 if __name__ == "__main__":

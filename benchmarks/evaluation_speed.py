@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO = ROOT.parent / "shared" / "audio"
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--full-new-tokens", type=int, default=32)
     parser.add_argument("--full-batch-size", type=int, default=5, help="5: the five clips in one left-padded batch")
     parser.add_argument("--full-modes", nargs="+", choices=("bf16", "int8"), default=["bf16", "int8"])
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_path, help="also write the results here")
     args = parser.parse_args()
 
     import qwenaudio
@@ -182,7 +183,7 @@ def main() -> None:
               f"{r['seconds']:.1f} s, "
               f"{r['examples_per_s']:.3f} examples/s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

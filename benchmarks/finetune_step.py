@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC = ROOT.parent / "shared" / "audio" / "music.wav"
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16-base", action="store_true", help="the base in bf16 instead of int8")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_path, help="also write the results here")
     args = parser.parse_args()
 
     import qwenaudio
@@ -81,7 +82,7 @@ def main() -> None:
           f"{result['examples_per_s']:.3g} examples/s; peak RSS {peak:.2f} GiB"
           + (f"; peak GPU memory {result['peak_gpu_gib']:.2f} GiB" if "gpu" in result else ""))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

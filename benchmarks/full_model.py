@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT.parent / "shared" / "audio" / "music.wav"
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="default: weights/random-full-size[-qwen2-audio]")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["bf16", "int8"])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--json", help="also write the rows and the setup here")
+    parser.add_argument("--json", type=json_path, help="also write the rows and the setup here")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one mode in this process
     args = parser.parse_args()
     weights = args.weights or ROOT / "weights" / WEIGHTS[args.family]
@@ -163,7 +164,7 @@ def main() -> None:
         rows.append(row)
         print(f"{mode:<6}" + "".join(f"{row[c]:>14.2f}" for c in columns), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"setup": setup, "rows": rows})
 
 
 def _memory_gib() -> float:

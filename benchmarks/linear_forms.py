@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ import bench  # its `timed` and `stream_bandwidth`, on the device main() sets
 from qwenaudio.core.int4 import Int4Linear
 from qwenaudio.core.int8 import Int8Linear
 from qwenaudio.core.linear import float_product, machine, takes_gemv, without_onednn
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 OUT, IN = 11008, 4096
 GEMV_ROWS = 8  # beyond it ATen's gemv is several times slower than the GEMM (4× at 8 rows): not timed
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paths", action="store_true", help="also every path for one bf16 row (CPU)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run: a 512 × 256 layer, figures meaning nothing")
-    parser.add_argument("--json", help="also write the rows and the setup here")
+    parser.add_argument("--json", type=json_path, help="also write the rows and the setup here")
     args = parser.parse_args()
     global DEVICE, OUT, IN
     DEVICE = bench.DEVICE = torch.device(args.device)
@@ -236,8 +236,7 @@ def main() -> None:
     print(f"# FORMS[{machine(DEVICE)!r}] measured: {found}")
     paths = paths_table(total, stream, args.repeats) if args.paths and DEVICE.type == "cpu" else []
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "forms": rows, "crossovers": found, "paths": paths}, f, indent=2)
+        write_json(args.json, {"setup": setup, "forms": rows, "crossovers": found, "paths": paths})
 
 
 if __name__ == "__main__":

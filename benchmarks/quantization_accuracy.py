@@ -34,6 +34,7 @@ from qwenaudio import load_audio
 from qwenaudio.core import int4
 from qwenaudio.core.generate import generate
 from qwenaudio.testing import make_tiny_checkpoint
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -53,7 +54,7 @@ def vocab_file() -> Path:
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", type=json_path, help="also write the rows here")
     args = parser.parse_args()
     cases = json.loads((GOLDEN / "generation_official.json").read_text(encoding="utf-8"))["generation"]
     path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", vocab_file=vocab_file())
@@ -95,8 +96,7 @@ def main() -> None:
     torch.manual_seed(0)  # the Student-t sample
     reconstruction = _reconstruction()
     if args.json:
-        Path(args.json).write_text(json.dumps({"variants": rows, "int4_reconstruction": reconstruction}, indent=2)
-                                   + "\n")
+        write_json(args.json, {"variants": rows, "int4_reconstruction": reconstruction})
 
 
 def _reconstruction() -> list[dict]:

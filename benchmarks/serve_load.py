@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 import torch
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT.parent / "shared" / "audio" / "1272-128104-0000.flac"
@@ -79,6 +80,13 @@ def write_weights(folder: Path, args) -> Path:
                                 num_hidden_layers=args.decoder_layers, n_layer=args.encoder_layers, **widths)
 
 
+def server_environment() -> dict[str, str]:
+    """This process's environment with the checkout's src/ first on PYTHONPATH and the caller's entries kept after
+    it: on a lent GPU the wheels its image lacks are installed aside and reached through PYTHONPATH."""
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 class Server:
     """`python -m qwenaudio serve` on `weights`, started and waited for; stopped with SIGTERM."""
 
@@ -88,7 +96,7 @@ class Server:
         command = [sys.executable, "-m", "qwenaudio", "serve", "--model", str(weights), "--port", str(self.port),
                    "--rows", str(args.rows), "--max-pending", str(4 * max(args.clients)),
                    "--served-model-name", "bench"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = server_environment()
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a pipe nobody reads fills and stalls the server
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 600
@@ -207,7 +215,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="extra rounds at the largest K (memory growth)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model's widths (a smoke run)")
     parser.add_argument("--weights", type=Path, help="serve this checkpoint instead of writing random weights")
-    parser.add_argument("--json", help="also write the rows and the setup here")
+    parser.add_argument("--json", type=json_path, help="also write the rows and the setup here")
     args = parser.parse_args()
     if 1 not in args.clients:
         args.clients = [1, *args.clients]
@@ -234,8 +242,7 @@ def main() -> None:
         finally:
             server.stop()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "rows": rows}, f, indent=2)
+        write_json(args.json, {"setup": setup, "rows": rows})
 
 
 if __name__ == "__main__":

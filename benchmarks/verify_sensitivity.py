@@ -16,7 +16,6 @@ Run from the repository root (the trace names its clips relative to it).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from quantization_accuracy import vocab_file  # a sibling script: the real vocab
 import qwenaudio
 from qwenaudio.testing import make_tiny_checkpoint
 from qwenaudio.trace import Trace, compare, isolate, record
+from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
 
 REFERENCE = Path("tests/golden/trace_official_full.safetensors")  # run from the repository root
 WEIGHTS = {"decoder": "decoder.h.1.mlp.w1.weight", "encoder": "encoder.blocks.1.mlp.0.weight"}
@@ -59,7 +59,7 @@ def smallest_flagged(model: qwenaudio.QwenAudio, reference: Trace, weight: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=REFERENCE, help="the trace to verify against")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", type=json_path, help="also write the rows here")
     args = parser.parse_args()
     reference = Trace.load(args.reference)
     path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", vocab_file=vocab_file())
@@ -77,8 +77,7 @@ def main() -> None:
         print(f"{row['dtype']:<6} " + " ".join(f"{row['noise'][c]:>17.1e}" for c in checks) + " | " +
               " ".join(f"{x:>17}" for x in caught))
     if args.json:
-        Path(args.json).write_text(json.dumps({"reference": str(args.reference), "weights": WEIGHTS,
-                                               "eps": EPS, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, {"reference": str(args.reference), "weights": WEIGHTS, "eps": EPS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -78,6 +78,16 @@ def test_the_serve_load_clip_is_noise_of_its_length_where_the_shared_recordings_
     assert serve_load.request_body(4, audio, rate)["messages"][0]["content"][0]["input_audio"]["format"] == "wav"
 
 
+def test_the_serve_load_server_keeps_the_callers_python_path(monkeypatch):
+    """The GPU check installs soundfile and the serve extra aside (benchmarks/gpu_wheels.py) and reaches them through
+    PYTHONPATH; the server the load runs against started with src/ alone and could not import soundfile there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    serve_load = importlib.import_module("serve_load")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", "/elsewhere"]))
+    assert serve_load.server_environment()["PYTHONPATH"].split(os.pathsep) == [str(ROOT / "src"), "/tmp/site",
+                                                                                "/elsewhere"]
+
+
 def test_the_serve_load_noise_is_as_long_as_the_recording_it_stands_for(shared_audio, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     serve_load = importlib.import_module("serve_load")
@@ -102,6 +112,34 @@ def test_the_gpu_wheels_are_soundfile_and_the_serve_extra_with_all_they_require_
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"python_version": "3.12", "extra": ""}):
                 assert requirement.name.lower().replace("_", "-") in set(pins) | {"numpy"}, (name, text)
+
+
+SCRIPTS_WITH_JSON = ["bench", "evaluation_speed", "finetune_step", "full_model", "linear_forms",
+                     "quantization_accuracy", "serve_load", "verify_sensitivity"]
+
+
+def test_a_json_path_is_checked_when_the_arguments_are_read_and_written_whole(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    json_output = importlib.import_module("json_output")
+    path = json_output.json_path(str(tmp_path / "new" / "deeper" / "out.json"))
+    assert path.parent.is_dir()  # made at once, not after the measuring
+    json_output.write_json(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]} and [p.name for p in path.parent.iterdir()] == ["out.json"]
+    (tmp_path / "a file").write_text("")
+    for bad, says in ((tmp_path / "a file" / "out.json", "is a file"), (tmp_path, "is a directory")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            json_output.json_path(str(bad))
+
+
+@pytest.mark.slow  # a process per script
+@pytest.mark.parametrize("script", SCRIPTS_WITH_JSON)
+def test_every_benchmark_refuses_an_unwritable_json_path_before_measuring(script, tmp_path):
+    (tmp_path / "a file").write_text("")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--json",
+                           str(tmp_path / "a file" / "out.json")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 2 and "--json" in done.stderr and "is a file, not a directory" in done.stderr, \
+        done.stderr[-2000:]
 
 
 @pytest.mark.slow
