@@ -3,6 +3,7 @@ finds it working: every benchmark row it promises is written, for both families.
 computes what our model computes, so its rows compare equal work."""
 
 import argparse
+import ast
 import importlib
 import importlib.metadata
 import json
@@ -131,15 +132,28 @@ def test_a_json_path_is_checked_when_the_arguments_are_read_and_written_whole(tm
             json_output.json_path(str(bad))
 
 
-@pytest.mark.slow  # a process per script
-@pytest.mark.parametrize("script", SCRIPTS_WITH_JSON)
-def test_every_benchmark_refuses_an_unwritable_json_path_before_measuring(script, tmp_path):
+def test_every_benchmark_takes_its_json_path_through_json_output():
+    """Each script's --json is parsed by json_path (checked before measuring) and its results leave through
+    write_json (atomic): no script opens the path itself."""
+    for script in SCRIPTS_WITH_JSON:
+        tree = ast.parse((ROOT / "benchmarks" / f"{script}.py").read_text())
+        options = [call for call in ast.walk(tree) if isinstance(call, ast.Call) and call.args
+                   and isinstance(call.args[0], ast.Constant) and call.args[0].value == "--json"]
+        assert [ast.unparse(k.value) for call in options for k in call.keywords if k.arg == "type"] == ["json_path"], \
+            script
+        uses = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and any(isinstance(a, ast.Attribute) and a.attr == "json" for a in node.args)]
+        assert uses and all(use.startswith("write_json(args.json") for use in uses), (script, uses)
+
+
+@pytest.mark.slow  # a process
+def test_a_benchmark_refuses_an_unwritable_json_path_before_measuring(tmp_path):
     (tmp_path / "a file").write_text("")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--json",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_forms.py"), "--json",
                            str(tmp_path / "a file" / "out.json")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert done.returncode == 2 and "--json" in done.stderr and "is a file, not a directory" in done.stderr, \
-        done.stderr[-2000:]
+    assert done.returncode == 2 and "argument --json: its folder" in done.stderr and \
+        "is a file, not a directory" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow
