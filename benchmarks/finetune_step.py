@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
+from recordings import recording  # a sibling: noise where ../shared is absent, as on a lent GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC = ROOT.parent / "shared" / "audio" / "music.wav"
@@ -47,12 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if MUSIC.exists():
-            audio, rate = sf.read(MUSIC)
-            audio = audio[: 30 * rate]
-        else:  # a machine without the shared recordings (a lent GPU): the prompt's length is what counts here
-            print(f"{MUSIC} is not here: the clip is 30 s of noise")
-            audio, rate = 0.1 * np.random.default_rng(0).standard_normal(30 * 16000), 16000
+        audio, rate, _ = recording(MUSIC, 30)
         sf.write(tmp / "clip.wav", audio, rate)
         start = time.perf_counter()
         model = qwenaudio.load(args.weights, dtype=torch.bfloat16, quantize=None if args.bf16_base else "int8", device=args.device,

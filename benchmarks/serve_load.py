@@ -42,9 +42,11 @@ import numpy as np
 import soundfile as sf
 import torch
 from json_output import json_path, write_json  # a sibling: --json checked first, written atomically
+from recordings import recording  # a sibling: noise where ../shared is absent, as on a lent GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT.parent / "shared" / "audio" / "1272-128104-0000.flac"
+CLIP_SECONDS = 5.855  # all of it: 93,680 samples at 16 kHz
 
 
 def free_port() -> int:
@@ -121,16 +123,6 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=120)
-
-
-def clip() -> tuple[np.ndarray, int, str]:
-    """The request's recording, its rate and its name: CLIP, or on a machine without the shared recordings (a lent
-    GPU, to which ../shared does not travel) noise of CLIP's length, 5.86 s, since only the prompt's length counts."""
-    if CLIP.exists():
-        audio, rate = sf.read(CLIP, dtype="float32")
-        return audio, rate, CLIP.name
-    print(f"{CLIP} is not here: the clip is 5.86 s of noise", flush=True)
-    return (0.1 * np.random.default_rng(0).standard_normal(93_680)).astype(np.float32), 16_000, "noise, 5.86 s"
 
 
 def request_body(max_tokens: int, audio: np.ndarray, rate: int) -> dict:
@@ -219,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     if 1 not in args.clients:
         args.clients = [1, *args.clients]
-    audio, rate, name = clip()
+    audio, rate, name = recording(CLIP, CLIP_SECONDS)
     setup = {"family": args.family, "machine": platform.machine(), "processor": platform.processor(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
              "decoder_layers": args.decoder_layers, "encoder_layers": args.encoder_layers, "rows": args.rows,

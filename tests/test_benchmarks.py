@@ -73,9 +73,8 @@ def test_the_serve_load_clip_is_noise_of_its_length_where_the_shared_recordings_
     """A lent GPU gets the checkout without ../shared: the serve-load step of the GPU check must still run there."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     serve_load = importlib.import_module("serve_load")
-    monkeypatch.setattr(serve_load, "CLIP", tmp_path / "absent.flac")
-    audio, rate, name = serve_load.clip()
-    assert (audio.shape, audio.dtype, rate, name) == ((93_680,), "float32", 16_000, "noise, 5.86 s")
+    audio, rate, name = serve_load.recording(tmp_path / "absent.flac", serve_load.CLIP_SECONDS)
+    assert (audio.shape, audio.dtype, rate, name) == ((93_680,), "float32", 16_000, "noise, 5.855 s")
     assert serve_load.request_body(4, audio, rate)["messages"][0]["content"][0]["input_audio"]["format"] == "wav"
 
 
@@ -92,8 +91,8 @@ def test_the_serve_load_server_keeps_the_callers_python_path(monkeypatch):
 def test_the_serve_load_noise_is_as_long_as_the_recording_it_stands_for(shared_audio, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     serve_load = importlib.import_module("serve_load")
-    audio, rate, name = serve_load.clip()
-    assert (audio.shape, rate, name) == ((93_680,), 16_000, serve_load.CLIP.name)
+    audio, rate, name = serve_load.recording(serve_load.CLIP, serve_load.CLIP_SECONDS)
+    assert (audio.shape, rate, name) == ((93_680,), 16_000, serve_load.CLIP.name)  # the whole recording
 
 
 def test_the_gpu_wheels_are_soundfile_and_the_serve_extra_with_all_they_require_but_numpy(monkeypatch):
