@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOTS = ["soundfile"]  # with the serve extra's requirements, read from qwenaudio's installed metadata
@@ -43,9 +44,10 @@ def closure(names: list[str], python_version: str) -> dict[str, str]:
     installed here: name -> version."""
     found: dict[str, str] = {}
     todo = list(names)
+    environment = {"python_version": python_version, "extra": ""}
     while todo:
         name = todo.pop()
-        key = name.lower().replace("_", "-")
+        key = canonicalize_name(name)
         if key in found or key in KEEP_THE_IMAGES:
             continue
         try:
@@ -55,7 +57,6 @@ def closure(names: list[str], python_version: str) -> dict[str, str]:
                              "is unknown: run this from the environment the tests run in") from None
         for text in metadata.requires(name) or []:
             requirement = Requirement(text)
-            environment = {"python_version": python_version, "extra": ""}
             if requirement.marker is None or requirement.marker.evaluate(environment):
                 todo.append(requirement.name)
     return found
@@ -68,8 +69,12 @@ def main() -> None:
     args = parser.parse_args()
     pins = closure(ROOTS + serve_extra(), args.python_version)
     args.into.mkdir(parents=True, exist_ok=True)
-    for wheel in list(args.into.glob("*.whl")):  # one version of each: two would stop the install there
-        if wheel.name.split("-")[0].lower().replace("_", "-") in pins:
+    try:
+        held = {wheel: parse_wheel_filename(wheel.name)[0] for wheel in args.into.glob("*.whl")}
+    except InvalidWheelFilename as e:
+        raise SystemExit(f"{args.into}: {e}; pip would refuse it on the GPU: move it out") from None
+    for wheel, name in held.items():  # one version of each: two would stop the install there
+        if name in pins:
             wheel.unlink()
     platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
     done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",

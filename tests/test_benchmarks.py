@@ -99,6 +99,7 @@ def test_the_gpu_wheels_are_soundfile_and_the_serve_extra_with_all_they_require_
     """benchmarks/gpu_wheels.py's list for the lent GPU's image: nothing the serve stack imports may be missing there
     (fastapi's opentelemetry-api and pydantic's core were, in the list BENCHMARKS.md gave by hand)."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     gpu_wheels = importlib.import_module("gpu_wheels")
@@ -111,7 +112,7 @@ def test_the_gpu_wheels_are_soundfile_and_the_serve_extra_with_all_they_require_
         for text in importlib.metadata.requires(name) or []:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"python_version": "3.12", "extra": ""}):
-                assert requirement.name.lower().replace("_", "-") in set(pins) | {"numpy"}, (name, text)
+                assert canonicalize_name(requirement.name) in set(pins) | {"numpy"}, (name, text)
 
 
 SCRIPTS_WITH_JSON = ["bench", "evaluation_speed", "finetune_step", "full_model", "linear_forms",
